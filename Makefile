@@ -1,0 +1,28 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench docker clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP) docker
+	$(VENV)/bin/baaaht-orchestrator $(ARGS)
+
+test: $(STAMP) docker
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP) docker
+	$(PY) bench/bus.py
+	$(PY) bench/containers.py
+	$(PY) bench/sessions.py
+
+docker:
+	bash scripts/ensure-docker.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

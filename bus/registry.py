@@ -1,0 +1,328 @@
+"""The broker's state, with no sockets in it: peers, service pools, in-flight
+requests, heartbeats and the event history. Every method that depends on time
+takes `now`, so liveness and expiry are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import msgspec
+
+from baaaht.bus.errors import BusError
+from baaaht.schemas.bus import (
+    Caller,
+    InstanceInfo,
+    PeerInfo,
+    Register,
+    ServiceInfo,
+    ServiceStats,
+    StampedEvent,
+)
+from baaaht.schemas.errors import ErrorCode
+
+PeerKey = tuple[int, bytes]  # (index of the socket it came through, routing id)
+
+SERVICES_SOCKET = "services"
+AGENTS_SOCKET = "agents"
+SERVICE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+@dataclass
+class Peer:
+    key: PeerKey
+    socket: str
+    caller: Caller
+    caller_frame: bytes
+    last_seen: float
+    messages: int = 0
+    instance: Instance | None = None
+
+
+@dataclass
+class Instance:
+    peer: Peer
+    service: str
+    instance_id: str
+    methods: frozenset[str]
+    schema_version: int
+    concurrency: int
+    healthy: bool = True
+    reason: str = ""
+    in_flight: int = 0
+    served: int = 0
+    tokens: set[bytes] = field(default_factory=set)
+
+
+@dataclass
+class InFlight:
+    token: bytes
+    client: PeerKey
+    request_id: str
+    target: str
+    deadline: float
+    instance: Instance
+
+
+@dataclass
+class Failure:
+    """A request the broker must answer with an error itself."""
+
+    request: InFlight
+    code: ErrorCode
+    message: str
+
+
+def parse_peer_address(address: str | None) -> tuple[int, int, int]:
+    """`localhost:UID:GID:PID` (ipc:// peer credentials) -> (uid, gid, pid); -1 when absent."""
+    if not address:
+        return -1, -1, -1
+    parts = address.rsplit(":", 3)
+    try:
+        return int(parts[1]), int(parts[2]), int(parts[3])
+    except (IndexError, ValueError):
+        return -1, -1, -1
+
+
+class Registry:
+    def __init__(self, heartbeat_interval: float, liveness: int, encode_caller):
+        self.heartbeat_interval = heartbeat_interval
+        self.expiry = heartbeat_interval * liveness
+        self._encode_caller = encode_caller
+        self.peers: dict[PeerKey, Peer] = {}
+        self.pools: dict[str, list[Instance]] = {}
+        self.in_flight: dict[bytes, InFlight] = {}
+        self._by_request: dict[tuple[PeerKey, str], bytes] = {}
+        self._tokens = itertools.count(1)
+        self.per_service: dict[str, ServiceStats] = collections.defaultdict(ServiceStats)
+
+    # -- peers --------------------------------------------------------------------------------
+
+    def touch(self, key: PeerKey, socket: str, peer_address: Callable[[], str | None], now: float) -> Peer:
+        """The peer a message came from; `peer_address` is asked only for a new peer."""
+        peer = self.peers.get(key)
+        if peer is None:
+            uid, gid, pid = parse_peer_address(peer_address())
+            caller = Caller(socket=socket, peer=key[1].hex(), uid=uid, gid=gid, pid=pid)
+            peer = Peer(key, socket, caller, self._encode_caller(caller), now)
+            self.peers[key] = peer
+        peer.last_seen = now
+        peer.messages += 1
+        return peer
+
+    def register(self, peer: Peer, reg: Register) -> Instance:
+        if peer.socket != SERVICES_SOCKET:
+            raise BusError(ErrorCode.PERMISSION_DENIED, "peers on the agent socket cannot register services")
+        if not reg.service or not set(reg.service) <= SERVICE_NAME_CHARS or reg.service == "bus":
+            raise BusError(ErrorCode.INVALID_ARGUMENT, f"invalid service name {reg.service!r}")
+        foreign = [m for m in reg.methods if not m.startswith(reg.service + ".")]
+        if foreign:
+            raise BusError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"methods outside service {reg.service!r}: {', '.join(foreign)}",
+                {"methods": foreign},
+            )
+        if peer.instance is not None:
+            self.drop_instance(peer, "re-registered")
+        instance = Instance(
+            peer=peer,
+            service=reg.service,
+            instance_id=reg.instance,
+            methods=frozenset(reg.methods),
+            schema_version=reg.schema_version,
+            concurrency=max(1, reg.concurrency),
+            healthy=reg.healthy,
+            reason=reg.reason,
+        )
+        peer.instance = instance
+        peer.caller = Caller(
+            socket=peer.caller.socket,
+            peer=peer.caller.peer,
+            service=reg.service,
+            uid=peer.caller.uid,
+            gid=peer.caller.gid,
+            pid=peer.caller.pid,
+        )
+        peer.caller_frame = self._encode_caller(peer.caller)
+        self.pools.setdefault(reg.service, []).append(instance)
+        return instance
+
+    def set_health(self, peer: Peer, healthy: bool, reason: str) -> None:
+        if peer.instance is not None:
+            peer.instance.healthy = healthy
+            peer.instance.reason = reason
+
+    def drop_instance(self, peer: Peer, reason: str) -> list[Failure]:
+        """Forget a service instance; its in-flight requests fail with UNAVAILABLE at once."""
+        instance = peer.instance
+        if instance is None:
+            return []
+        peer.instance = None
+        pool = self.pools.get(instance.service, [])
+        if instance in pool:
+            pool.remove(instance)
+        if not pool:
+            self.pools.pop(instance.service, None)
+        failures = []
+        for token in list(instance.tokens):
+            request = self._finish(token)
+            if request is not None:
+                message = f"service {instance.service} instance {instance.instance_id} {reason}"
+                failures.append(Failure(request, ErrorCode.UNAVAILABLE, message))
+        return failures
+
+    def drop_peer(self, key: PeerKey, reason: str) -> tuple[list[Failure], list[InFlight]]:
+        """Forget a peer: fail what it was serving, and return what it was waiting for (to cancel)."""
+        peer = self.peers.pop(key, None)
+        if peer is None:
+            return [], []
+        failures = self.drop_instance(peer, reason)
+        abandoned = [r for r in self.in_flight.values() if r.client == key]
+        for request in abandoned:
+            self._finish(request.token)
+        return failures, abandoned
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def route(self, client: Peer, request_id: str, target: str, deadline: float, now: float) -> InFlight:
+        service, _, method = target.partition(".")
+        if not method:
+            raise BusError(ErrorCode.INVALID_ARGUMENT, f"target {target!r} is not service.method")
+        if deadline <= now:
+            raise BusError(ErrorCode.TIMEOUT, f"deadline of {target} passed before delivery")
+        pool = self.pools.get(service)
+        if not pool:
+            raise BusError(ErrorCode.UNAVAILABLE, f"no instance of service {service!r} is registered")
+        candidates = [i for i in pool if target in i.methods]
+        if not candidates:
+            raise BusError(ErrorCode.NOT_FOUND, f"service {service!r} has no method {target!r}")
+        healthy = [i for i in candidates if i.healthy]
+        if not healthy:
+            reasons = "; ".join(sorted({i.reason for i in candidates if i.reason})) or "unhealthy"
+            raise BusError(ErrorCode.UNAVAILABLE, f"service {service!r} is unhealthy: {reasons}")
+        if (client.key, request_id) in self._by_request:
+            raise BusError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in flight")
+        instance = min(healthy, key=lambda i: (i.in_flight / i.concurrency, i.served))
+        token = str(next(self._tokens)).encode()
+        request = InFlight(token, client.key, request_id, target, deadline, instance)
+        self.in_flight[token] = request
+        self._by_request[(client.key, request_id)] = token
+        instance.tokens.add(token)
+        instance.in_flight += 1
+        self.per_service[service].requests += 1
+        return request
+
+    def complete(self, token: bytes, final: bool, error: str = "") -> InFlight | None:
+        request = self.in_flight.get(token)
+        if request is None or not final:
+            return request
+        request.instance.served += 1
+        stats = self.per_service[request.instance.service]
+        stats.replies += 1
+        if error:
+            stats.errors[error] = stats.errors.get(error, 0) + 1
+        return self._finish(token)
+
+    def cancel(self, client: PeerKey, request_id: str) -> InFlight | None:
+        token = self._by_request.get((client, request_id))
+        return self._finish(token) if token is not None else None
+
+    def _finish(self, token: bytes) -> InFlight | None:
+        request = self.in_flight.pop(token, None)
+        if request is None:
+            return None
+        self._by_request.pop((request.client, request.request_id), None)
+        request.instance.tokens.discard(token)
+        request.instance.in_flight -= 1
+        return request
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def expire(self, now: float) -> tuple[list[Failure], list[InFlight]]:
+        """Drop silent peers and answer overdue requests: (failures to answer, requests to cancel)."""
+        failures: list[Failure] = []
+        cancels: list[InFlight] = []
+        for key in [k for k, p in self.peers.items() if now - p.last_seen > self.expiry]:
+            dropped, abandoned = self.drop_peer(key, "missed its heartbeats")
+            failures += dropped
+            cancels += abandoned
+        for request in [r for r in self.in_flight.values() if r.deadline <= now]:
+            self._finish(request.token)
+            failures.append(Failure(request, ErrorCode.TIMEOUT, f"{request.target} did not answer in time"))
+            cancels.append(request)
+        return failures, cancels
+
+    # -- views for bus.* ----------------------------------------------------------------------
+
+    def services_view(self, now: float, only: str = "") -> list[ServiceInfo]:
+        return [
+            ServiceInfo(
+                name=name,
+                instances=[
+                    InstanceInfo(
+                        instance=i.instance_id,
+                        peer=i.peer.caller.peer,
+                        pid=i.peer.caller.pid,
+                        methods=sorted(i.methods),
+                        schema_version=i.schema_version,
+                        concurrency=i.concurrency,
+                        in_flight=i.in_flight,
+                        served=i.served,
+                        heartbeat_age=round(now - i.peer.last_seen, 3),
+                        healthy=i.healthy,
+                        reason=i.reason,
+                    )
+                    for i in pool
+                ],
+            )
+            for name, pool in sorted(self.pools.items())
+            if not only or name == only
+        ]
+
+    def peers_view(self, now: float) -> list[PeerInfo]:
+        return [
+            PeerInfo(
+                peer=p.caller.peer,
+                socket=p.socket,
+                service=p.caller.service,
+                uid=p.caller.uid,
+                gid=p.caller.gid,
+                pid=p.caller.pid,
+                last_seen_age=round(now - p.last_seen, 3),
+                messages=p.messages,
+            )
+            for p in self.peers.values()
+        ]
+
+
+class EventLog:
+    """The last N stamped events, for replay to late or lagging subscribers."""
+
+    def __init__(self, capacity: int):
+        self.events: collections.deque[StampedEvent] = collections.deque(maxlen=capacity)
+        self.last_seq = 0
+
+    def append(self, topic: str, source: str, body: bytes, now: float) -> StampedEvent:
+        self.last_seq += 1
+        event = StampedEvent(seq=self.last_seq, time=now, topic=topic, source=source, body=msgspec.Raw(body))
+        self.events.append(event)
+        return event
+
+    @property
+    def first_seq(self) -> int:
+        return self.events[0].seq if self.events else self.last_seq + 1
+
+    def replay(self, since: int, topics: list[str], limit: int) -> list[StampedEvent]:
+        if not self.events:
+            return []
+        start = max(0, since + 1 - self.events[0].seq)
+        found = []
+        for event in itertools.islice(self.events, start, None):
+            if not topics or any(event.topic.startswith(t) for t in topics):
+                found.append(event)
+                if len(found) >= limit:
+                    break
+        return found

@@ -1,0 +1,11 @@
+"""Every message type on the bus, one module per domain."""
+
+import importlib
+
+DOMAINS = ("bus", "config", "containers", "policy", "sessions")
+
+
+def load_all() -> None:
+    """Import every domain module, so that all schema types are known by tag."""
+    for domain in DOMAINS:
+        importlib.import_module(f"{__name__}.{domain}")

@@ -1,0 +1,93 @@
+"""The one configuration model for the whole host.
+
+Durations are written `30s`, `30m`, `1h`, `250ms` (a bare number means seconds);
+sizes `512MB`, `16MiB`, `1G` (a bare number means bytes). See baaaht.host.config
+for how file, environment and flags are merged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class Duration(float):
+    """Seconds; written as `30s`, `5m`, `1h`, `250ms`."""
+
+
+class Size(int):
+    """Bytes; written as `512MB`, `16MiB`, `1G`."""
+
+
+class Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Config is not a bus message: an unknown key is a typo and is refused."""
+
+
+class BusConfig(Section, kw_only=True):
+    run_dir: str = "/run/baaaht"
+    tcp_enabled: bool = False
+    tcp_host: str = "127.0.0.1"
+    tcp_port: int = 5555
+    heartbeat_interval: Duration = Duration(1.0)
+    heartbeat_liveness: int = 3
+    max_message_size: Size = Size(16 * 1024 * 1024)
+    event_history: int = 10_000
+    call_timeout: Duration = Duration(10.0)
+    socket_group: str = ""
+
+
+class RuntimeConfig(Section, kw_only=True):
+    type: str = "auto"
+    timeout: Duration = Duration(30.0)
+    max_concurrent_ops: int = 8
+
+
+class DockerConfig(Section, kw_only=True):
+    host: str = "unix:///var/run/docker.sock"
+    tls_verify: bool = True
+    tls_ca_cert: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+class LogConfig(Section, kw_only=True):
+    level: Literal["debug", "info", "warn", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class SessionConfig(Section, kw_only=True):
+    timeout: Duration = Duration(30 * 60.0)
+    max_sessions: int = 100
+    max_message_size: Size = Size(1024 * 1024)
+    sweep_interval: Duration = Duration(5.0)
+    close_timeout: Duration = Duration(30.0)
+
+
+class PolicyConfig(Section, kw_only=True):
+    path: str = ""
+    max_containers: int = 10
+    max_memory: Size = Size(512 * 1000 * 1000)
+    reload_interval: Duration = Duration(2.0)
+
+
+class ContainerConfig(Section, kw_only=True):
+    reconcile_interval: Duration = Duration(60.0)
+    orphan_grace: Duration = Duration(30.0)
+    agent_image: str = ""
+    # Hardened defaults for what a create request leaves unset (memory comes from policy.max_memory).
+    default_pids: int = 256
+    default_cpus: float = 1.0
+    # Path of the agents' bus directory inside agent containers (the host side is <bus.run_dir>/agent).
+    agent_bus_mount: str = "/run/baaaht/agent"
+
+
+class Config(Section, kw_only=True):
+    data_dir: str = "/var/lib/baaaht"
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    docker: DockerConfig = msgspec.field(default_factory=DockerConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    session: SessionConfig = msgspec.field(default_factory=SessionConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    container: ContainerConfig = msgspec.field(default_factory=ContainerConfig)

@@ -1,0 +1,363 @@
+"""Container manager messages (`container.*`) and the container spec the policy engine judges.
+
+Unset optional fields (None, empty) mean "the hardened default": the container manager fills them
+(see services/containers/hardening.py) before the policy engine sees the spec.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import msgspec
+
+from baaaht.schemas.base import Empty, Event, Request, Response
+
+
+class Mount(msgspec.Struct, kw_only=True, omit_defaults=True):
+    type: Literal["bind", "volume", "tmpfs"]
+    target: str
+    source: str = ""
+    read_only: bool = False
+    tmpfs_size: int = 0
+
+
+class PortBinding(msgspec.Struct, kw_only=True, omit_defaults=True):
+    container_port: int
+    host_port: int = 0
+    protocol: Literal["tcp", "udp"] = "tcp"
+    host_ip: str = "127.0.0.1"
+
+
+class Resources(msgspec.Struct, kw_only=True, omit_defaults=True):
+    cpus: float = 0.0
+    memory: int = 0
+    memory_swap: int = 0
+    pids: int = 0
+
+
+class Healthcheck(msgspec.Struct, kw_only=True, omit_defaults=True):
+    test: list[str]
+    interval: float = 30.0
+    timeout: float = 5.0
+    retries: int = 3
+    start_period: float = 0.0
+
+
+class ContainerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+    image: str
+    name: str = ""
+    entrypoint: list[str] | None = None
+    command: list[str] = []
+    args: list[str] = []
+    env: dict[str, str] = {}
+    working_dir: str = ""
+    labels: dict[str, str] = {}
+    mounts: list[Mount] = []
+    ports: list[PortBinding] = []
+    networks: list[str] = []
+    network_mode: str = ""
+    resources: Resources = msgspec.field(default_factory=Resources)
+    restart_policy: Literal["no", "always", "unless-stopped", "on-failure"] = "no"
+    restart_max_retries: int = 0
+    remove_on_stop: bool = False
+    read_only_rootfs: bool | None = None
+    user: str = ""
+    group_add: list[str] = []
+    cap_add: list[str] = []
+    cap_drop: list[str] = []
+    security_opt: list[str] = []
+    privileged: bool = False
+    init: bool | None = None
+    healthcheck: Healthcheck | None = None
+
+
+# -- shared shapes ---------------------------------------------------------------------------------
+
+ContainerState = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead", "unknown"]
+HealthStatus = Literal["healthy", "unhealthy", "starting", "unknown"]
+
+
+class ContainerSummary(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One row of `container.list`: what the engine's sparse listing knows without an inspect."""
+
+    id: str
+    name: str
+    image: str
+    state: ContainerState
+    status: str = ""
+    session_id: str = ""
+    role: str = ""
+    created: float = 0.0
+    labels: dict[str, str] = {}
+
+
+class LogLine(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True):
+    stream: Literal["stdout", "stderr"]
+    text: str
+    time: str = ""
+
+
+# -- responses (declared before the requests that name them) -----------------------------------------
+
+
+class CreateResult(Response, kw_only=True):
+    id: str
+    name: str
+    spec: ContainerSpec
+    warnings: list[str] = []
+
+
+class ContainerInfo(Response, kw_only=True):
+    id: str
+    name: str
+    image: str
+    state: ContainerState
+    session_id: str = ""
+    role: str = ""
+    labels: dict[str, str] = {}
+    created: str = ""
+    started_at: str = ""
+    finished_at: str = ""
+    exit_code: int | None = None
+    oom_killed: bool = False
+    error: str = ""
+    health: HealthStatus | None = None
+    pid: int = 0
+    restart_count: int = 0
+
+
+class ContainerList(Response, kw_only=True):
+    containers: list[ContainerSummary]
+
+
+class WaitResult(Response, kw_only=True):
+    exit_code: int
+    error: str = ""
+
+
+class LogChunk(Response, kw_only=True):
+    lines: list[LogLine]
+
+
+class StatsSample(Response, kw_only=True):
+    time: float
+    cpu_percent: float = 0.0
+    memory_usage: int = 0
+    memory_limit: int = 0
+    memory_percent: float = 0.0
+    net_rx: int = 0
+    net_tx: int = 0
+    block_read: int = 0
+    block_write: int = 0
+    pids: int = 0
+
+
+class HealthReport(Response, kw_only=True):
+    """`has_healthcheck=False`: the status is derived from the state (running = healthy, exit 0 = unknown)."""
+
+    status: HealthStatus
+    has_healthcheck: bool
+    failing_streak: int = 0
+    last_output: str = ""
+    state: ContainerState = "unknown"
+
+
+class ImageStatus(Response, kw_only=True):
+    exists: bool
+    id: str = ""
+
+
+class PullProgress(Response, kw_only=True):
+    status: str
+    layer: str = ""
+    current: int = 0
+    total: int = 0
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+
+class ContainerCreate(Request, tag="container.create", kw_only=True):
+    """Create (not start) a container for a session; unset spec fields get the hardened defaults.
+
+    `agent_bus`: mount the agents' bus directory read-only and hand its address in BAAAHT_BUS."""
+
+    response: ClassVar[type] = CreateResult
+
+    spec: ContainerSpec
+    session_id: str
+    role: str = "agent"
+    auto_pull: bool = False
+    agent_bus: bool = True
+
+
+class ContainerRef(Request, kw_only=True):
+    """Base of every request about one container: `id` is an id, an id prefix or a name."""
+
+    id: str
+
+
+class ContainerStart(ContainerRef, tag="container.start", kw_only=True):
+    response: ClassVar[type] = Empty
+
+
+class ContainerStop(ContainerRef, tag="container.stop", kw_only=True):
+    """`timeout`: seconds between SIGTERM and SIGKILL."""
+
+    response: ClassVar[type] = Empty
+
+    timeout: float = 10.0
+
+
+class ContainerRestart(ContainerRef, tag="container.restart", kw_only=True):
+    response: ClassVar[type] = Empty
+
+    timeout: float = 10.0
+
+
+class ContainerKill(ContainerRef, tag="container.kill", kw_only=True):
+    response: ClassVar[type] = Empty
+
+    signal: str = "SIGKILL"
+
+
+class ContainerPause(ContainerRef, tag="container.pause", kw_only=True):
+    response: ClassVar[type] = Empty
+
+
+class ContainerUnpause(ContainerRef, tag="container.unpause", kw_only=True):
+    response: ClassVar[type] = Empty
+
+
+class ContainerDestroy(ContainerRef, tag="container.destroy", kw_only=True):
+    response: ClassVar[type] = Empty
+
+    force: bool = False
+    remove_volumes: bool = False
+
+
+class ContainerWait(ContainerRef, tag="container.wait", kw_only=True):
+    """Block until the container stops; lasts as long as the call's deadline allows."""
+
+    response: ClassVar[type] = WaitResult
+
+
+class ContainerGet(ContainerRef, tag="container.get", kw_only=True):
+    response: ClassVar[type] = ContainerInfo
+
+
+class ContainerListQuery(Request, tag="container.list", kw_only=True):
+    """Containers of this installation; every given filter must match."""
+
+    response: ClassVar[type] = ContainerList
+
+    session_id: str = ""
+    labels: dict[str, str] = {}
+    states: list[ContainerState] = []
+
+
+class ContainerLogs(ContainerRef, tag="container.logs", kw_only=True):
+    """A streaming call: LogChunk partials. With `follow` it lasts until cancelled or the container ends.
+
+    `tail`: last N lines (-1 = all); `since`/`until`: unix times (0 = unbounded)."""
+
+    response: ClassVar[type] = LogChunk
+
+    follow: bool = False
+    tail: int = -1
+    since: float = 0.0
+    until: float = 0.0
+    timestamps: bool = False
+    stdout: bool = True
+    stderr: bool = True
+
+
+class ContainerStats(ContainerRef, tag="container.stats", kw_only=True):
+    response: ClassVar[type] = StatsSample
+
+
+class ContainerStatsStream(ContainerRef, tag="container.stats_stream", kw_only=True):
+    """A streaming call: one StatsSample every `interval` seconds until cancelled or the container ends."""
+
+    response: ClassVar[type] = StatsSample
+
+    interval: float = 1.0
+
+
+class ContainerHealth(ContainerRef, tag="container.health", kw_only=True):
+    response: ClassVar[type] = HealthReport
+
+
+class ContainerHealthWait(ContainerRef, tag="container.health_wait", kw_only=True):
+    """Poll up to `retries` times, `interval` apart; return at once when healthy or definitively unhealthy."""
+
+    response: ClassVar[type] = HealthReport
+
+    retries: int = 30
+    interval: float = 1.0
+
+
+class ImageExists(Request, tag="container.image_exists", kw_only=True):
+    response: ClassVar[type] = ImageStatus
+
+    image: str
+
+
+class ImagePull(Request, tag="container.pull", kw_only=True):
+    """A streaming call: PullProgress partials until the image is present."""
+
+    response: ClassVar[type] = PullProgress
+
+    image: str
+
+
+# -- events (topic = tag) ----------------------------------------------------------------------------
+
+
+class ContainerEvent(Event, kw_only=True):
+    """Fields every `container.*` event carries; `time` is the engine's, in unix seconds."""
+
+    container_id: str
+    name: str = ""
+    image: str = ""
+    session_id: str = ""
+    role: str = ""
+    time: float = 0.0
+
+
+class ContainerCreated(ContainerEvent, tag="container.created", kw_only=True):
+    pass
+
+
+class ContainerStarted(ContainerEvent, tag="container.started", kw_only=True):
+    pass
+
+
+class ContainerStopped(ContainerEvent, tag="container.stopped", kw_only=True):
+    pass
+
+
+class ContainerDied(ContainerEvent, tag="container.died", kw_only=True):
+    exit_code: int = -1
+    oom_killed: bool = False
+
+
+class ContainerRemoved(ContainerEvent, tag="container.removed", kw_only=True):
+    pass
+
+
+class ContainerPaused(ContainerEvent, tag="container.paused", kw_only=True):
+    pass
+
+
+class ContainerUnpaused(ContainerEvent, tag="container.unpaused", kw_only=True):
+    pass
+
+
+class ContainerHealthChanged(ContainerEvent, tag="container.health_changed", kw_only=True):
+    status: HealthStatus = "unknown"
+
+
+class ImagePulled(Event, tag="image.pulled", kw_only=True):
+    image: str
+    time: float = 0.0
