@@ -19,7 +19,6 @@ def make_host(tmp_path):
 
     def make(overrides: dict | None = None, start: bool = True) -> Host:
         made_host = Host(tmp_path / f"host{len(made)}", overrides)
-        made_host.tmp_path.mkdir(parents=True, exist_ok=True)
         made.append(made_host)
         if start:
             made_host.start_broker()

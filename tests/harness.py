@@ -46,6 +46,7 @@ def wait_for(check: Callable[[], Any], timeout: float = 10.0, interval: float = 
 class Host:
     def __init__(self, tmp_path: Path, overrides: dict | None = None):
         self.tmp_path = tmp_path
+        tmp_path.mkdir(parents=True, exist_ok=True)
         # ipc:// paths are limited to ~107 bytes: pytest's tmp_path is too long for the run directory.
         self.run_dir = tempfile.mkdtemp(prefix="bh-", dir="/tmp")
         self.data_dir = tmp_path / "data"

@@ -1,0 +1,324 @@
+"""The bus end to end: a real broker process, real service processes, real sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from baaaht.bus import wire
+from baaaht.bus.client import BusClient
+from baaaht.bus.endpoints import Endpoints
+from baaaht.bus.errors import BusError
+from baaaht.schemas.bus import EventsReplay, PeersQuery, Ping, ServicesQuery, StatsQuery
+from baaaht.schemas.errors import ErrorCode
+from tests.harness import wait_for
+from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
+
+ECHO = str(Path(__file__).parent / "services" / "echo.py")
+
+
+@pytest.fixture
+def echo(host):
+    host.start_service(ECHO, "echo")
+    return host
+
+
+def test_request_reply_carries_the_callers_identity(echo):
+    client = echo.client()
+    said = client.call(Say(text="hello"))
+    assert said.text == "hello"
+    assert said.caller_socket == "services"
+    assert said.caller_uid == os.getuid()  # from the kernel, not from anything the client wrote
+
+
+def test_errors_cross_the_wire_with_code_and_details(echo):
+    client = echo.client()
+    with pytest.raises(BusError) as caught:
+        client.call(Fail(code="FAILED_PRECONDITION"))
+    assert caught.value.code == ErrorCode.FAILED_PRECONDITION
+    assert caught.value.details == {"asked": "FAILED_PRECONDITION"}
+    with pytest.raises(BusError) as caught:
+        client.call(Fail())
+    assert caught.value.code == ErrorCode.INTERNAL and "RuntimeError: boom" in caught.value.message
+    assert client.call(Say(text="still serving")).text == "still serving"
+
+
+def test_invalid_body_names_the_field(echo):
+    client = echo.client()
+    with pytest.raises(BusError) as caught:
+        client.call_raw("echo.say", msgspec.msgpack.encode({"text": 42}))
+    assert caught.value.code == ErrorCode.INVALID_ARGUMENT
+    assert caught.value.details == {"path": "$.text"}
+
+
+def test_unknown_service_and_method(echo):
+    client = echo.client()
+    with pytest.raises(BusError) as caught:
+        client.call_raw("nosuch.method", b"\x80")
+    assert caught.value.code == ErrorCode.UNAVAILABLE
+    with pytest.raises(BusError) as caught:
+        client.call_raw("echo.nosuch", b"\x80")
+    assert caught.value.code == ErrorCode.NOT_FOUND
+
+
+def test_pool_spreads_load_over_instances(echo):
+    second = echo.start_service(ECHO, "echo2", service="echo")
+    client = echo.client()
+    pids = []
+    lock = threading.Lock()
+
+    def caller():
+        for _ in range(10):
+            pid = client.call(Say(text="x", delay=0.02)).pid
+            with lock:
+                pids.append(pid)
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(pids) == 80
+    first = echo.processes["echo"].pid
+    assert pids.count(first) >= 20 and pids.count(second.pid) >= 20
+
+
+def test_deadline_expires_with_timeout_and_the_handler_is_cancelled(echo):
+    client = echo.client()
+    started = time.monotonic()
+    with pytest.raises(BusError) as caught:
+        client.call(Say(text="slow", delay=30), timeout=0.5)
+    assert caught.value.code == ErrorCode.TIMEOUT
+    assert time.monotonic() - started < 5
+    # the handler saw the cancellation: the instance is free again
+    wait_for(lambda: client.call(ServicesQuery(service="echo")).services[0].instances[0].in_flight == 0)
+
+
+def test_stream_and_cancellation(echo):
+    client = echo.client()
+    assert [t.n for t in client.stream(Count(to=5))] == [0, 1, 2, 3, 4]
+    items = client.stream(Count(to=1000, interval=0.01))
+    assert next(items).n == 0
+    assert next(items).n == 1
+    items.close()
+    wait_for(lambda: client.call(SeenQuery()).cancelled_streams == 1, what="the handler to see the cancellation")
+
+
+def test_killed_service_fails_in_flight_calls_within_three_heartbeats(echo):
+    client = echo.client(timeout=30)
+    errors = []
+
+    def slow_call():
+        try:
+            client.call(Say(text="x", delay=20), timeout=30)
+        except BusError as exc:
+            errors.append((exc.code, time.monotonic()))
+
+    threads = [threading.Thread(target=slow_call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: client.call(ServicesQuery(service="echo")).services[0].instances[0].in_flight == 4)
+    killed_at = time.monotonic()
+    echo.kill("echo", signal.SIGKILL)
+    for thread in threads:
+        thread.join(10)
+    interval = float(echo.config.bus.heartbeat_interval)
+    assert [code for code, _ in errors] == [ErrorCode.UNAVAILABLE] * 4
+    # 3 missed heartbeats plus one broker tick of slack
+    assert all(at - killed_at <= interval * 5 for _, at in errors)
+    with pytest.raises(BusError) as caught:
+        client.call(Say(text="x"))
+    assert caught.value.code == ErrorCode.UNAVAILABLE
+
+
+def test_broker_restart_is_survived_without_restarting_anyone(echo):
+    client = echo.client(timeout=2)
+    assert client.call(Say(text="before")).text == "before"
+    echo.kill("broker", signal.SIGKILL)
+    echo.start_broker()
+    wait_for(lambda: client.call(Say(text="after")).text == "after", timeout=15, what="echo back after restart")
+    assert echo.processes["echo"].poll() is None
+
+
+def test_events_fan_out_and_replay_after_a_gap(echo):
+    client = echo.client()
+    subscription = client.subscribe(["echo."])
+    client.call(Emit(text="one", times=3))
+    got = [subscription.next(timeout=5) for _ in range(3)]
+    assert [d.event for d in got] == [Shout(text="one")] * 3
+    assert all(d.topic == "echo.shouted.loud" and d.source == "echo" for d in got)
+    assert [d.seq for d in got] == sorted(d.seq for d in got)
+    subscription.close()
+
+    # A subscriber that was away: it asks for everything after the last seq it saw.
+    last = got[-1].seq
+    client.call(Emit(text="missed", times=5))
+    with client.subscribe(["echo."], since=last) as late:
+        replayed = [late.next(timeout=5) for _ in range(5)]
+    assert [d.event.text for d in replayed] == ["missed"] * 5
+    assert [d.seq for d in replayed] == list(range(last + 1, last + 6))
+    # the service's own event handler saw them too
+    wait_for(lambda: client.call(SeenQuery()).topics.count("missed") == 5)
+
+
+def test_subscriber_sees_a_gap_and_fills_it(echo):
+    client = echo.client()
+    subscription = client.subscribe(["echo."])
+    client.call(Emit(text="a"))
+    first = subscription.next(timeout=5)
+    subscription.last_seq = first.seq - 3  # pretend the PUB dropped two events before this one
+    client.call(Emit(text="b"))
+    replayed = subscription.next(timeout=5)
+    live = subscription.next(timeout=5)
+    assert subscription.gaps == 1
+    # the matching event inside the gap comes back from the broker's history, in order, then the live one
+    assert (replayed.seq, replayed.event.text) == (first.seq, "a")
+    assert live.event.text == "b" and live.seq > first.seq
+    subscription.close()
+
+
+def test_replay_is_bounded_by_history(make_host):
+    host = make_host({"bus": {"event_history": 3}})
+    host.start_service(ECHO, "echo")
+    client = host.client()
+    client.call(Emit(text="x", times=10))
+    wait_for(lambda: client.call(StatsQuery()).last_event_seq >= 10)
+    result = client.call(EventsReplay(since=0))
+    assert len(result.events) == 3
+    assert result.first_seq == result.last_seq - 2
+
+
+def test_socket_files_and_run_directory_are_private(host):
+    endpoints = Endpoints.for_config(host.config.bus)
+    for endpoint in (endpoints.services, endpoints.events, endpoints.agents):
+        mode = os.stat(endpoint[len("ipc://") :]).st_mode
+        assert stat.S_IMODE(mode) == 0o660
+    assert stat.S_IMODE(os.stat(endpoints.run_dir).st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(endpoints.agent_dir).st_mode) == 0o750
+
+
+def test_agents_cannot_register_but_can_call(echo):
+    endpoints = Endpoints.for_config(echo.config.bus)
+    agent = BusClient(endpoints.agents, timeout=5)
+    try:
+        assert agent.call(Say(text="from an agent")).caller_socket == "agents"
+        context = zmq.Context.instance()
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(endpoints.agents)
+        body = msgspec.msgpack.encode({"service": "session", "instance": "evil", "methods": ["session.get"]})
+        dealer.send_multipart([wire.PROTOCOL, wire.REGISTER, body])
+        assert dealer.poll(5000)
+        protocol, kind, error = dealer.recv_multipart()
+        assert kind == wire.DISCONNECT
+        assert wire.error_body.decode(error).code == ErrorCode.PERMISSION_DENIED
+        dealer.close(0)
+        peers = echo.client().call(PeersQuery()).peers
+        assert any(p.socket == "agents" and p.pid == os.getpid() for p in peers)
+        assert "session" not in {s.name for s in echo.client().call(ServicesQuery()).services}
+    finally:
+        agent.close()
+
+
+def raw_dealer(host) -> zmq.Socket:
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(Endpoints.for_config(host.config.bus).services)
+    return dealer
+
+
+def test_oversized_message_gets_an_error_reply(make_host):
+    host = make_host({"bus": {"max_message_size": "1KiB"}})
+    dealer = raw_dealer(host)
+    try:
+        frames = wire.request_frames("big", "echo.say", time.time() + 5, "", False, b"x" * 4096)
+        dealer.send_multipart(frames)
+        assert dealer.poll(5000)
+        _, kind, header, body = dealer.recv_multipart()
+        assert wire.reply_header.decode(header) == wire.ReplyHeader("big", "RESOURCE_EXHAUSTED")
+        assert "exceeds the limit" in wire.error_body.decode(body).message
+    finally:
+        dealer.close(0)
+    assert host.client().call(Ping())
+
+
+frames_strategy = st.lists(st.binary(max_size=64), min_size=0, max_size=6)
+kinds = st.sampled_from([wire.REQUEST, wire.REPLY, wire.PARTIAL, wire.CANCEL, wire.REGISTER, wire.HEARTBEAT,
+                         wire.DISCONNECT, wire.EVENT, b"\x99", b""])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    garbage=st.one_of(
+        frames_strategy,
+        st.tuples(kinds, frames_strategy).map(lambda t: [wire.PROTOCOL, t[0], *t[1]]),
+    )
+)
+def test_malformed_frames_never_hurt_the_broker(host, garbage):
+    dealer = raw_dealer(host)
+    try:
+        if garbage:
+            dealer.send_multipart(garbage)
+        dealer.send_multipart(wire.request_frames("probe", "bus.ping", time.time() + 5, "", False, b"\x80"))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert dealer.poll(5000), "the broker stopped answering"
+            reply = dealer.recv_multipart()
+            if reply[1] == wire.REPLY and wire.reply_header.decode(reply[2]).id == "probe":
+                break
+        else:
+            pytest.fail("no answer to the probe")
+    finally:
+        dealer.close(0)
+
+
+def test_malformed_frames_are_counted_and_answered(host):
+    dealer = raw_dealer(host)
+    try:
+        dealer.send_multipart([b"junk"])
+        assert dealer.poll(5000)
+        _, kind, header, body = dealer.recv_multipart()
+        assert wire.reply_header.decode(header).error == "INVALID_ARGUMENT"
+        dealer.send_multipart([wire.PROTOCOL, wire.REQUEST, b"\xc1not msgpack", b""])
+        assert dealer.poll(5000)
+        assert "undecodable" in wire.error_body.decode(dealer.recv_multipart()[3]).message
+    finally:
+        dealer.close(0)
+    stats = host.client().call(StatsQuery())
+    assert stats.malformed >= 2 and stats.errors["INVALID_ARGUMENT"] >= 2
+
+
+def test_stats_and_services_views(echo):
+    client = echo.client()
+    for _ in range(5):
+        client.call(Say(text="x"))
+    with pytest.raises(BusError):
+        client.call(Fail(code="NOT_FOUND"))
+    stats = client.call(StatsQuery())
+    assert stats.per_service["echo"].requests >= 6
+    assert stats.per_service["echo"].errors == {"NOT_FOUND": 1}
+    instance = client.call(ServicesQuery(service="echo")).services[0].instances[0]
+    assert instance.served >= 6 and "echo.say" in instance.methods and instance.healthy
+
+
+def test_sigterm_drains_in_flight_work(echo):
+    client = echo.client(timeout=10)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(client.call(Say(text="finish me", delay=0.5))))
+    thread.start()
+    wait_for(lambda: client.call(ServicesQuery(service="echo")).services[0].instances[0].in_flight == 1)
+    process = echo.processes["echo"]
+    process.send_signal(signal.SIGTERM)
+    thread.join(10)
+    assert results and results[0].text == "finish me"
+    assert process.wait(10) == 0
+    wait_for(lambda: not client.call(ServicesQuery(service="echo")).services, what="the instance to unregister")

@@ -1,0 +1,171 @@
+"""The broker's registry without sockets: time is an argument, nothing sleeps."""
+
+import msgspec
+import pytest
+
+from baaaht.bus.errors import BusError
+from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Registry, parse_peer_address
+from baaaht.schemas.bus import Register
+from baaaht.schemas.errors import ErrorCode
+
+
+def make_registry() -> Registry:
+    return Registry(heartbeat_interval=1.0, liveness=3, encode_caller=msgspec.msgpack.encode)
+
+
+def add_instance(registry, ident: bytes, now=0.0, methods=("echo.say",), concurrency=1, service="echo"):
+    peer = registry.touch((0, ident), SERVICES_SOCKET, lambda: "localhost:1000:1000:42", now)
+    registry.register(peer, Register(service=service, instance=ident.decode(), methods=list(methods), concurrency=concurrency))
+    return peer
+
+
+def client(registry, ident=b"c", now=0.0, socket=SERVICES_SOCKET):
+    index = 0 if socket == SERVICES_SOCKET else 1
+    return registry.touch((index, ident), socket, lambda: None, now)
+
+
+def test_peer_credentials_come_from_the_connection():
+    assert parse_peer_address("localhost:1000:100:4242") == (1000, 100, 4242)
+    assert parse_peer_address("127.0.0.1") == (-1, -1, -1)
+    assert parse_peer_address(None) == (-1, -1, -1)
+    registry = make_registry()
+    peer = add_instance(registry, b"a")
+    assert (peer.caller.uid, peer.caller.pid, peer.caller.service) == (1000, 42, "echo")
+
+
+def test_least_loaded_instance_gets_the_request():
+    registry = make_registry()
+    add_instance(registry, b"a")
+    add_instance(registry, b"b")
+    caller = client(registry)
+    first = registry.route(caller, "1", "echo.say", deadline=10, now=0)
+    second = registry.route(caller, "2", "echo.say", deadline=10, now=0)
+    assert {first.instance.instance_id, second.instance.instance_id} == {"a", "b"}
+    registry.complete(first.token, final=True)
+    third = registry.route(caller, "3", "echo.say", deadline=10, now=0)
+    assert third.instance is first.instance
+
+
+def test_concurrency_weights_the_choice():
+    registry = make_registry()
+    add_instance(registry, b"small", concurrency=1)
+    add_instance(registry, b"big", concurrency=4)
+    caller = client(registry)
+    chosen = [registry.route(caller, str(n), "echo.say", 10, 0).instance.instance_id for n in range(5)]
+    assert chosen.count("big") == 4
+
+
+@pytest.mark.parametrize(
+    "target, code",
+    [("nosuch.method", ErrorCode.UNAVAILABLE), ("echo.nosuch", ErrorCode.NOT_FOUND), ("echo", ErrorCode.INVALID_ARGUMENT)],
+)
+def test_unroutable_targets_are_named(target, code):
+    registry = make_registry()
+    add_instance(registry, b"a")
+    with pytest.raises(BusError) as caught:
+        registry.route(client(registry), "1", target, 10, 0)
+    assert caught.value.code == code
+
+
+def test_expired_deadline_is_not_delivered():
+    registry = make_registry()
+    add_instance(registry, b"a")
+    with pytest.raises(BusError) as caught:
+        registry.route(client(registry), "1", "echo.say", deadline=5, now=6)
+    assert caught.value.code == ErrorCode.TIMEOUT
+
+
+def test_unhealthy_instances_are_skipped():
+    registry = make_registry()
+    sick = add_instance(registry, b"sick")
+    registry.set_health(sick, False, "engine down")
+    with pytest.raises(BusError) as caught:
+        registry.route(client(registry), "1", "echo.say", 10, 0)
+    assert caught.value.code == ErrorCode.UNAVAILABLE and "engine down" in caught.value.message
+    add_instance(registry, b"well")
+    assert registry.route(client(registry), "2", "echo.say", 10, 0).instance.instance_id == "well"
+
+
+def test_agents_cannot_register_services():
+    registry = make_registry()
+    agent = client(registry, b"agent", socket=AGENTS_SOCKET)
+    with pytest.raises(BusError) as caught:
+        registry.register(agent, Register(service="session", instance="x", methods=["session.get"]))
+    assert caught.value.code == ErrorCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("service, methods", [("bus", ["bus.ping"]), ("Bad Name", ["x.y"]), ("echo", ["other.say"])])
+def test_bad_registrations_are_refused(service, methods):
+    registry = make_registry()
+    peer = client(registry)
+    with pytest.raises(BusError) as caught:
+        registry.register(peer, Register(service=service, instance="x", methods=methods))
+    assert caught.value.code == ErrorCode.INVALID_ARGUMENT
+
+
+def test_silent_instance_dies_and_its_requests_fail_unavailable():
+    registry = make_registry()
+    add_instance(registry, b"a", now=0)
+    caller = client(registry, now=0)
+    request = registry.route(caller, "1", "echo.say", deadline=100, now=0)
+    caller.last_seen = 3.5
+    failures, cancels = registry.expire(now=3.5)  # 3 intervals of silence from the service
+    assert [f.request.request_id for f in failures] == [request.request_id]
+    assert failures[0].code == ErrorCode.UNAVAILABLE
+    assert cancels == []
+    assert "echo" not in registry.pools
+    with pytest.raises(BusError):
+        registry.route(caller, "2", "echo.say", deadline=100, now=3.5)
+
+
+def test_overdue_requests_time_out_and_are_cancelled():
+    registry = make_registry()
+    add_instance(registry, b"a")
+    request = registry.route(client(registry), "1", "echo.say", deadline=2, now=0)
+    failures, cancels = registry.expire(now=2.0)
+    assert [f.code for f in failures] == [ErrorCode.TIMEOUT]
+    assert cancels == [request]
+    assert registry.in_flight == {}
+
+
+def test_a_vanished_caller_cancels_its_requests():
+    registry = make_registry()
+    service = add_instance(registry, b"a")
+    request = registry.route(client(registry, now=0), "1", "echo.say", deadline=100, now=0)
+    service.last_seen = 3.5
+    failures, cancels = registry.expire(now=3.5)
+    assert failures == [] and cancels == [request]
+
+
+def test_cancel_and_duplicate_ids():
+    registry = make_registry()
+    add_instance(registry, b"a")
+    caller = client(registry)
+    request = registry.route(caller, "1", "echo.say", 10, 0)
+    with pytest.raises(BusError) as caught:
+        registry.route(caller, "1", "echo.say", 10, 0)
+    assert caught.value.code == ErrorCode.ALREADY_EXISTS
+    assert registry.cancel(caller.key, "1") is request
+    assert registry.cancel(caller.key, "1") is None
+    assert request.instance.in_flight == 0
+
+
+def test_partial_replies_keep_the_request_open():
+    registry = make_registry()
+    add_instance(registry, b"a")
+    request = registry.route(client(registry), "1", "echo.say", 10, 0)
+    assert registry.complete(request.token, final=False) is request
+    assert request.token in registry.in_flight
+    assert registry.complete(request.token, final=True, error="INTERNAL") is request
+    assert registry.per_service["echo"].errors == {"INTERNAL": 1}
+
+
+def test_event_log_keeps_the_last_n_and_replays_by_prefix():
+    log = EventLog(capacity=3)
+    for n in range(5):
+        log.append("container.started" if n % 2 else "session.created", "x", b"%d" % n, now=n)
+    assert log.first_seq == 3 and log.last_seq == 5
+    assert [e.seq for e in log.replay(0, [], 10)] == [3, 4, 5]
+    assert [e.seq for e in log.replay(3, ["container."], 10)] == [4]
+    assert [e.seq for e in log.replay(0, [], 2)] == [3, 4]
+    assert log.replay(5, [], 10) == []
