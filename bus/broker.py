@@ -170,6 +170,7 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket) -> None:
         index = self.sockets.index(sock)
+        now = time.time()  # one clock reading per batch
         for _ in range(BATCH):
             try:
                 ident = sock.recv(zmq.NOBLOCK, copy=False)
@@ -180,16 +181,15 @@ class Broker:
                 frames.append(sock.recv())
             self.counters["messages_in"] += 1
             self.counters["bytes_in"] += sum(map(len, frames))
-            self._handle(index, ident, frames)
+            self._handle(index, ident, frames, now)
 
-    def _handle(self, index: int, ident: zmq.Frame, frames: list[bytes]) -> None:
+    def _handle(self, index: int, ident: zmq.Frame, frames: list[bytes], now: float) -> None:
         key = (index, frames[0])
-        if len(frames) < 3 or frames[1] != wire.PROTOCOL:
-            self._malformed(key, "not a baaaht frame (expected protocol tag BHT1)")
+        kind = frames[1] if len(frames) > 1 else b""
+        if kind not in wire.KIND_NAMES:
+            self._malformed(key, "not a baaaht frame (expected BHT1 and a known kind)")
             return
-        kind = frames[2]
-        body = frames[3:]
-        now = time.time()
+        body = frames[2:]
         peer = self.registry.touch(key, self.socket_names[index], lambda: peer_address(ident), now)
         try:
             if kind == wire.REQUEST and len(body) == 2:
@@ -207,10 +207,9 @@ class Broker:
             elif kind == wire.DISCONNECT:
                 self._answer_all(*self.registry.drop_peer(key, "disconnected"))
             else:
-                name = wire.KIND_NAMES.get(kind, kind.hex())
-                self._malformed(key, f"unknown kind or wrong frame count: {name} with {len(body)} frames")
+                self._malformed(key, f"wrong frame count for {wire.KIND_NAMES[kind]}: {len(body)}")
         except msgspec.DecodeError as exc:
-            self._malformed(key, f"undecodable {wire.KIND_NAMES.get(kind, '?')} frame: {exc}")
+            self._malformed(key, f"undecodable {wire.KIND_NAMES[kind]} frame: {exc}")
 
     # -- handlers -----------------------------------------------------------------------------
 
@@ -235,7 +234,7 @@ class Broker:
             self._reply_error(peer.key, header.id, exc)
             return
         instance = request.instance
-        frames = [wire.PROTOCOL, wire.REQUEST, header_bytes, body, request.token, peer.caller_frame]
+        frames = [wire.REQUEST, header_bytes, body, request.token + peer.caller_frame]
         if not self._send(instance.peer.key, frames):
             self.registry.complete(request.token, final=True, error=ErrorCode.UNAVAILABLE.value)
             message = f"service {instance.service} cannot take more requests (queue full or gone)"
@@ -247,31 +246,21 @@ class Broker:
         request = self.registry.complete(token, final, error)
         if request is None:
             if not final:  # a stream whose caller is gone: tell the handler to stop
-                self._send(peer.key, [wire.PROTOCOL, wire.CANCEL, token])
+                self._send(peer.key, [wire.CANCEL, token])
             return
-        self._send(request.client, [wire.PROTOCOL, kind, header_bytes, body])
+        self._send(request.client, [kind, header_bytes, body])
 
     def _on_cancel(self, peer: Peer, request_id: str) -> None:
         request = self.registry.cancel(peer.key, request_id)
         if request is not None:
-            self._send(request.instance.peer.key, [wire.PROTOCOL, wire.CANCEL, request.token])
+            self._send(request.instance.peer.key, [wire.CANCEL, request.token])
 
     def _on_heartbeat(self, peer: Peer, body: list[bytes]) -> None:
         if not body:
             return
         if peer.instance is None:  # a service we do not know (we restarted, or expired it): re-register
-            self._send(
-                peer.key,
-                [
-                    wire.PROTOCOL,
-                    wire.DISCONNECT,
-                    wire.encode(
-                        ErrorBody(
-                            code=ErrorCode.UNAVAILABLE, message="unknown service instance: register again"
-                        )
-                    ),
-                ],
-            )
+            forgotten = ErrorBody(code=ErrorCode.UNAVAILABLE, message="unknown service instance: register again")
+            self._send(peer.key, [wire.DISCONNECT, wire.encode(forgotten)])
             return
         health = wire.health_body.decode(body[0])
         self.registry.set_health(peer, health.healthy, health.reason)
@@ -281,7 +270,7 @@ class Broker:
         try:
             instance = self.registry.register(peer, registration)
         except BusError as exc:
-            self._send(peer.key, [wire.PROTOCOL, wire.DISCONNECT, wire.encode(exc.body())])
+            self._send(peer.key, [wire.DISCONNECT, wire.encode(exc.body())])
             return
         log.info("service registered", extra={"service": instance.service, "instance": instance.instance_id})
         self.publish_own(ServiceUp(service=instance.service, instance=instance.instance_id))
@@ -298,7 +287,7 @@ class Broker:
         event = self.events.append(topic, source, body, now)
         stamp = wire.encode(wire.EventStamp(event.seq, now, source))
         # PUB never blocks: a subscriber past its high-water mark loses messages, sees a gap and replays.
-        self.pub.send_multipart([topic.encode(), wire.PROTOCOL, stamp, body])
+        self.pub.send_multipart([topic.encode(), wire.EVENT, stamp, body])
 
     # -- built-in bus.* methods ---------------------------------------------------------------
 
@@ -316,7 +305,7 @@ class Broker:
             return
         result = self._builtin_result(peer, request, now)
         reply = wire.encode(wire.ReplyHeader(header.id))
-        self._send(peer.key, [wire.PROTOCOL, wire.REPLY, reply, wire.encode(result)])
+        self._send(peer.key, [wire.REPLY, reply, wire.encode(result)])
 
     def _builtin_result(self, peer: Peer, request: Request, now: float):
         if isinstance(request, Ping):
@@ -357,7 +346,7 @@ class Broker:
                     )
                 )
         for key in list(self.registry.peers):
-            self._send(key, [wire.PROTOCOL, wire.HEARTBEAT])
+            self._send(key, [wire.HEARTBEAT])
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -367,13 +356,13 @@ class Broker:
                 failure.request.client, failure.request.request_id, BusError(failure.code, failure.message)
             )
         for request in cancels:
-            self._send(request.instance.peer.key, [wire.PROTOCOL, wire.CANCEL, request.token])
+            self._send(request.instance.peer.key, [wire.CANCEL, request.token])
 
     def _reply_error(self, key, request_id: str, error: BusError) -> None:
         code = error.code.value
         self.errors[code] = self.errors.get(code, 0) + 1
         header = wire.encode(wire.ReplyHeader(request_id, code))
-        self._send(key, [wire.PROTOCOL, wire.REPLY, header, wire.encode(error.body())])
+        self._send(key, [wire.REPLY, header, wire.encode(error.body())])
 
     def _malformed(self, key, message: str) -> None:
         self.counters["malformed"] += 1

@@ -120,7 +120,7 @@ class BusClient:
 
     def publish(self, event: Event, subtopic: str = "") -> None:
         topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
-        self.connection.send([wire.PROTOCOL, wire.EVENT, topic.encode(), _encode(event)])
+        self.connection.send([wire.EVENT, topic.encode(), _encode(event)])
 
     def subscribe(self, topics: list[str] | None = None, since: int | None = None) -> Subscription:
         """Live events whose topic starts with one of `topics` (all when empty); with `since`,
@@ -152,7 +152,7 @@ class _Call:
     def __exit__(self, *exc) -> None:
         self.connection.close_call(self.request_id)
         if not self.finished:
-            self.connection.send([wire.PROTOCOL, wire.CANCEL, self.request_id.encode()])
+            self.connection.send([wire.CANCEL, self.request_id.encode()])
 
     def next_reply(self):
         # A little grace past the deadline lets the broker's own TIMEOUT reply arrive first.

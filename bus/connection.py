@@ -113,7 +113,7 @@ class Connection:
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.connect(self.endpoint)
         if self._registration is not None:
-            dealer.send_multipart([wire.PROTOCOL, wire.REGISTER, self._registration()])
+            dealer.send_multipart([wire.REGISTER, self._registration()])
         return dealer
 
     def _run(self) -> None:
@@ -156,8 +156,8 @@ class Connection:
                 self._fail_one(frames, "the connection to the broker is backed up")
 
     def _fail_one(self, frames: list[bytes], message: str) -> None:
-        if frames[1] == wire.REQUEST:
-            request_id = wire.request_header.decode(frames[2]).id
+        if frames[0] == wire.REQUEST:
+            request_id = wire.request_header.decode(frames[1]).id
             self._deliver(request_id, _error_reply(request_id, ErrorCode.UNAVAILABLE, message))
 
     def _receive(self) -> None:
@@ -167,29 +167,27 @@ class Connection:
             except zmq.Again:
                 return
             self.broker_seen = time.time()
-            if len(frames) < 2 or frames[0] != wire.PROTOCOL:
-                log.warning("ignored a malformed frame from the broker")
-                continue
-            kind = frames[1]
+            kind = frames[0]
             if kind in (wire.REPLY, wire.PARTIAL):
-                header = wire.reply_header.decode(frames[2])
+                header = wire.reply_header.decode(frames[1])
                 if header.id:
-                    self._deliver(header.id, (kind, header, frames[3]))
+                    self._deliver(header.id, (kind, header, frames[2]))
                 else:
-                    log.warning(
-                        "the broker refused a message", extra={"error": wire.error_body.decode(frames[3])}
-                    )
+                    error = wire.error_body.decode(frames[2])
+                    log.warning("the broker refused a message", extra={"error": error.message})
             elif kind == wire.DISCONNECT:
-                self._on_disconnect(wire.error_body.decode(frames[2]))
+                self._on_disconnect(wire.error_body.decode(frames[1]))
             elif kind in (wire.REQUEST, wire.CANCEL) and self._on_message is not None:
-                self._on_message(kind, frames[2:])
+                self._on_message(kind, frames[1:])
+            elif kind != wire.HEARTBEAT:
+                log.warning("ignored a malformed message from the broker")
 
     def _on_disconnect(self, error: ErrorBody) -> None:
         if self._registration is None:
             return
         if error.code == ErrorCode.UNAVAILABLE:  # the broker forgot us: register again
             log.info("registering again", extra={"reason": error.message})
-            self._dealer.send_multipart([wire.PROTOCOL, wire.REGISTER, self._registration()])
+            self._dealer.send_multipart([wire.REGISTER, self._registration()])
         else:
             self.refused = error
             log.error("registration refused", extra={"code": error.code.value, "reason": error.message})
@@ -200,7 +198,7 @@ class Connection:
             replies.put(reply)
 
     def _heartbeat(self) -> None:
-        frames = [wire.PROTOCOL, wire.HEARTBEAT]
+        frames = [wire.HEARTBEAT]
         if self._health is not None:
             frames.append(self._health())
         try:

@@ -12,6 +12,8 @@ from typing import Callable
 
 import msgspec
 
+from baaaht.bus.wire import TOKEN_SIZE
+
 from baaaht.bus.errors import BusError
 from baaaht.schemas.bus import (
     Caller,
@@ -206,7 +208,7 @@ class Registry:
         if (client.key, request_id) in self._by_request:
             raise BusError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in flight")
         instance = min(healthy, key=lambda i: (i.in_flight / i.concurrency, i.served))
-        token = str(next(self._tokens)).encode()
+        token = next(self._tokens).to_bytes(TOKEN_SIZE, "big")
         request = InFlight(token, client.key, request_id, target, deadline, instance)
         self.in_flight[token] = request
         self._by_request[(client.key, request_id)] = token

@@ -126,7 +126,8 @@ class ServiceRunner:
             if context is not None:
                 context.cancelled.set()
             return
-        header_bytes, body, token, caller_bytes = frames
+        header_bytes, body, route = frames
+        token, caller_bytes = route[: wire.TOKEN_SIZE], route[wire.TOKEN_SIZE :]
         header = wire.request_header.decode(header_bytes)
         context = CallContext(
             request_id=header.id,
@@ -218,14 +219,14 @@ class ServiceRunner:
         while not self.stopped.wait(1.0):
             pass
         self.draining = True
-        self.connection.send([wire.PROTOCOL, wire.HEARTBEAT, self._health()])  # the broker stops routing here
+        self.connection.send([wire.HEARTBEAT, self._health()])  # the broker stops routing here
         deadline = time.monotonic() + self.drain_timeout
         while self.active and time.monotonic() < deadline:
             time.sleep(0.05)
         for context in self.active.values():
             context.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.connection.send([wire.PROTOCOL, wire.DISCONNECT])
+        self.connection.send([wire.DISCONNECT])
         if events is not None:
             events.join(2.0)
         self.service.stop()

@@ -1,7 +1,8 @@
 """Frame layout of the baaaht bus protocol (docs/PROTOCOL.md is the contract).
 
-Every message a peer sends is `[PROTOCOL, kind, ...]`; the ROUTER prepends the
-peer's routing id on the broker side. Headers are small msgpack arrays; bodies
+Every message starts with one frame naming the protocol and the kind (`BHT1`
+plus one byte), so a frame count stays small: in pyzmq each frame costs a call.
+The ROUTER prepends the peer's routing id on the broker side. Headers are small msgpack arrays; bodies
 are opaque bytes the broker never decodes (except for its own `bus.*` methods).
 """
 
@@ -15,15 +16,15 @@ from baaaht.schemas.errors import ErrorBody
 
 PROTOCOL = b"BHT1"
 
-# One byte per kind. Frames after [PROTOCOL, kind] for each direction:
-REQUEST = b"\x01"  # peer->broker: header, body | broker->service: header, body, token, caller
-REPLY = b"\x02"  # service->broker: reply header, body, token | broker->peer: reply header, body (final)
-PARTIAL = b"\x03"  # like REPLY, but more replies follow (streaming)
-CANCEL = b"\x04"  # peer->broker: request id | broker->service: token
-REGISTER = b"\x05"  # service->broker: Register body
-HEARTBEAT = b"\x06"  # peer->broker: [HealthReport body from a registered service] | broker->peer: nothing
-DISCONNECT = b"\x07"  # broker->peer: ErrorBody (registration refused or unknown: register again)
-EVENT = b"\x08"  # peer->broker: topic, body | PUB: [topic, PROTOCOL, stamp, body]
+# Frames after the kind frame, for each direction:
+REQUEST = PROTOCOL + b"\x01"  # peer->broker: header, body | broker->service: header, body, route (token + caller)
+REPLY = PROTOCOL + b"\x02"  # service->broker: reply header, body, token | broker->peer: reply header, body (final)
+PARTIAL = PROTOCOL + b"\x03"  # like REPLY, but more replies follow (streaming)
+CANCEL = PROTOCOL + b"\x04"  # peer->broker: request id | broker->service: token
+REGISTER = PROTOCOL + b"\x05"  # service->broker: Register body
+HEARTBEAT = PROTOCOL + b"\x06"  # peer->broker: [HealthReport body from a registered service] | broker->peer: nothing
+DISCONNECT = PROTOCOL + b"\x07"  # broker->peer: ErrorBody (registration refused or unknown: register again)
+EVENT = PROTOCOL + b"\x08"  # peer->broker: topic, body | PUB: [topic, EVENT, stamp, body]
 
 KIND_NAMES = {
     REQUEST: "request",
@@ -37,6 +38,7 @@ KIND_NAMES = {
 }
 
 FLAG_STREAM = 1
+TOKEN_SIZE = 8  # the broker's id for a request in flight: the first bytes of the route frame
 
 
 class RequestHeader(msgspec.Struct, array_like=True):
@@ -72,11 +74,11 @@ def request_frames(
     request_id: str, target: str, deadline: float, correlation: str, stream: bool, body: bytes
 ):
     header = encode(RequestHeader(request_id, target, deadline, correlation, FLAG_STREAM if stream else 0))
-    return [PROTOCOL, REQUEST, header, body]
+    return [REQUEST, header, body]
 
 
 def reply_frames(kind: bytes, request_id: str, body: bytes, token: bytes, error: str = "") -> list[bytes]:
-    return [PROTOCOL, kind, encode(ReplyHeader(request_id, error)), body, token]
+    return [kind, encode(ReplyHeader(request_id, error)), body, token]
 
 
 def raise_for_error(header: ReplyHeader, body: bytes) -> None:

@@ -73,7 +73,9 @@ class ContainerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 # -- shared shapes ---------------------------------------------------------------------------------
 
-ContainerState = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead", "unknown"]
+ContainerState = Literal[
+    "created", "running", "paused", "restarting", "removing", "exited", "dead", "unknown"
+]
 HealthStatus = Literal["healthy", "unhealthy", "starting", "unknown"]
 
 
@@ -309,6 +311,29 @@ class ImagePull(Request, tag="container.pull", kw_only=True):
     response: ClassVar[type] = PullProgress
 
     image: str
+
+
+class OrphanRemoval(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    name: str
+    session_id: str = ""
+    reason: str
+
+
+class ReconcileReport(Response, kw_only=True):
+    """`skipped` names why nothing was looked at or removed (e.g. the session service was unreachable)."""
+
+    removed: list[OrphanRemoval] = []
+    failed: list[str] = []
+    kept: int = 0
+    too_young: int = 0
+    skipped: str = ""
+
+
+class ContainerReconcile(Request, tag="container.reconcile", kw_only=True):
+    """Reconcile with the engine now (it also runs at start and every container.reconcile_interval)."""
+
+    response: ClassVar[type] = ReconcileReport
 
 
 # -- events (topic = tag) ----------------------------------------------------------------------------

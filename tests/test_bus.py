@@ -216,9 +216,9 @@ def test_agents_cannot_register_but_can_call(echo):
         dealer = context.socket(zmq.DEALER)
         dealer.connect(endpoints.agents)
         body = msgspec.msgpack.encode({"service": "session", "instance": "evil", "methods": ["session.get"]})
-        dealer.send_multipart([wire.PROTOCOL, wire.REGISTER, body])
+        dealer.send_multipart([wire.REGISTER, body])
         assert dealer.poll(5000)
-        protocol, kind, error = dealer.recv_multipart()
+        kind, error = dealer.recv_multipart()
         assert kind == wire.DISCONNECT
         assert wire.error_body.decode(error).code == ErrorCode.PERMISSION_DENIED
         dealer.close(0)
@@ -243,7 +243,7 @@ def test_oversized_message_gets_an_error_reply(make_host):
         frames = wire.request_frames("big", "echo.say", time.time() + 5, "", False, b"x" * 4096)
         dealer.send_multipart(frames)
         assert dealer.poll(5000)
-        _, kind, header, body = dealer.recv_multipart()
+        kind, header, body = dealer.recv_multipart()
         assert wire.reply_header.decode(header) == wire.ReplyHeader("big", "RESOURCE_EXHAUSTED")
         assert "exceeds the limit" in wire.error_body.decode(body).message
     finally:
@@ -253,14 +253,14 @@ def test_oversized_message_gets_an_error_reply(make_host):
 
 frames_strategy = st.lists(st.binary(max_size=64), min_size=0, max_size=6)
 kinds = st.sampled_from([wire.REQUEST, wire.REPLY, wire.PARTIAL, wire.CANCEL, wire.REGISTER, wire.HEARTBEAT,
-                         wire.DISCONNECT, wire.EVENT, b"\x99", b""])
+                         wire.DISCONNECT, wire.EVENT, wire.PROTOCOL + b"\x99", wire.PROTOCOL, b""])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     garbage=st.one_of(
         frames_strategy,
-        st.tuples(kinds, frames_strategy).map(lambda t: [wire.PROTOCOL, t[0], *t[1]]),
+        st.tuples(kinds, frames_strategy).map(lambda t: [t[0], *t[1]]),
     )
 )
 def test_malformed_frames_never_hurt_the_broker(host, garbage):
@@ -273,7 +273,7 @@ def test_malformed_frames_never_hurt_the_broker(host, garbage):
         while time.monotonic() < deadline:
             assert dealer.poll(5000), "the broker stopped answering"
             reply = dealer.recv_multipart()
-            if reply[1] == wire.REPLY and wire.reply_header.decode(reply[2]).id == "probe":
+            if reply[0] == wire.REPLY and wire.reply_header.decode(reply[1]).id == "probe":
                 break
         else:
             pytest.fail("no answer to the probe")
@@ -286,11 +286,11 @@ def test_malformed_frames_are_counted_and_answered(host):
     try:
         dealer.send_multipart([b"junk"])
         assert dealer.poll(5000)
-        _, kind, header, body = dealer.recv_multipart()
+        kind, header, body = dealer.recv_multipart()
         assert wire.reply_header.decode(header).error == "INVALID_ARGUMENT"
-        dealer.send_multipart([wire.PROTOCOL, wire.REQUEST, b"\xc1not msgpack", b""])
+        dealer.send_multipart([wire.REQUEST, b"\xc1not msgpack", b""])
         assert dealer.poll(5000)
-        assert "undecodable" in wire.error_body.decode(dealer.recv_multipart()[3]).message
+        assert "undecodable" in wire.error_body.decode(dealer.recv_multipart()[2]).message
     finally:
         dealer.close(0)
     stats = host.client().call(StatsQuery())

@@ -1,0 +1,119 @@
+"""Session benchmark: `session.send_message` round trips through the bus, each acknowledged only
+after its SQLite commit (WAL, synchronous=FULL: one fsync per message).
+
+Cases: 1 writer, 16 concurrent writers on 16 sessions, and 16 on one session (one order for all).
+Every writer is a thread with its own bus connection; broker and session service are their own
+processes. For scale, the same disk's raw SQLite commit rate with synchronous=FULL and NORMAL is
+measured in process: the gap is what durability against a power loss costs. Prints a table and
+writes bench/results/sessions.json. The machine is shared and noisy: compare within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))  # for tests.harness
+
+from baaaht.schemas.sessions import SessionCreate, SessionSendMessage  # noqa: E402
+from tests.harness import Host  # noqa: E402
+
+SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
+WARMUP = 0.5
+CONTENT = "x" * 301  # the bus benchmark's body size
+
+
+def writer(
+    host: Host, session_id: str, start: threading.Barrier, stop_at: list[float], latencies: list[float]
+):
+    client = host.client(timeout=30)
+    client.call(SessionSendMessage(session_id=session_id, content=CONTENT))  # connect before timing
+    start.wait(30)
+    measure_from = time.perf_counter() + WARMUP
+    while True:
+        began = time.perf_counter()
+        client.call(SessionSendMessage(session_id=session_id, content=CONTENT))
+        now = time.perf_counter()
+        if now >= stop_at[0]:
+            return
+        if began >= measure_from:
+            latencies.append(now - began)
+
+
+def send_rate(host: Host, session_ids: list[str]) -> dict:
+    start = threading.Barrier(len(session_ids) + 1)
+    stop_at = [float("inf")]
+    per_writer: list[list[float]] = [[] for _ in session_ids]
+    threads = [
+        threading.Thread(target=writer, args=(host, session_id, start, stop_at, latencies))
+        for session_id, latencies in zip(session_ids, per_writer, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    start.wait(30)
+    stop_at[0] = time.perf_counter() + WARMUP + SECONDS
+    for thread in threads:
+        thread.join(SECONDS + 60)
+    latencies = sorted(value for values in per_writer for value in values)
+    return {
+        "writers": len(session_ids),
+        "sessions": len(set(session_ids)),
+        "round_trips_per_s": len(latencies) / SECONDS,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+    }
+
+
+def raw_commit_rate(directory: str, synchronous: str) -> float:
+    """Single-row commits per second straight into SQLite, no bus, no service."""
+    path = os.path.join(directory, f"raw-{synchronous}.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute(f"PRAGMA synchronous = {synchronous}")
+    db.execute("CREATE TABLE messages (seq INTEGER PRIMARY KEY, body TEXT)")
+    done, stop_at = 0, time.perf_counter() + SECONDS
+    while time.perf_counter() < stop_at:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO messages (body) VALUES (?)", (CONTENT,))
+        db.execute("COMMIT")
+        done += 1
+    db.close()
+    return done / SECONDS
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
+    host = Host(work, {"log": {"level": "warn"}, "session": {"max_sessions": 100}})
+    rows = {}
+    try:
+        host.start_broker()
+        host.start_service("baaaht.services.sessions", "session")
+        client = host.client(timeout=30)
+        own = [client.call(SessionCreate(owner="bench", name=f"writer {n}")).id for n in range(16)]
+        rows["writers_1"] = send_rate(host, own[:1])
+        rows["writers_16"] = send_rate(host, own)
+        rows["writers_16_one_session"] = send_rate(host, own[:1] * 16)
+        raw = {mode: raw_commit_rate(str(work), mode) for mode in ("FULL", "NORMAL")}
+    finally:
+        host.stop()
+    print(f"{'case':<24} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, row in rows.items():
+        print(f"{name:<24} {row['round_trips_per_s']:>14.0f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}")
+    for mode, rate in raw.items():
+        print(f"raw SQLite commits/s, WAL synchronous={mode}: {rate:.0f}")
+    out = ROOT / "results" / "sessions.json"
+    out.parent.mkdir(exist_ok=True)
+    result = {"when": time.time(), "seconds": SECONDS, "rows": rows, "raw_sqlite_commits_per_s": raw}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""`baaaht-ctl policy ...` (the container policy) and `baaaht-ctl audit ...` (its decision log).
+
+`policy check` and the `audit` commands work without the bus: they read the file themselves, so
+they help most when the policy service refuses to serve (a bad policy file, a broken audit log).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import msgspec
+import orjson
+import typer
+import yaml
+
+from baaaht.ctl import common
+from baaaht.ctl.common import call, emit, fail, state
+from baaaht.schemas.containers import ContainerSpec
+from baaaht.schemas.policy import AuditRecord, PolicyExplain, PolicyGet, PolicyReload, Principal
+from baaaht.services.policy import audit, document
+from baaaht.services.policy.service import symlink_warnings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+audit_app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+FOLLOW_POLL = 0.5
+CHECK_COLUMNS = ["outcome", "rule", "message"]
+TAIL_COLUMNS = ["seq", "time", "action", "decision", "user", "session", "image", "rules", "policy"]
+
+
+def read_input(source: str) -> str:
+    """FILE, `-` for stdin, or the text itself when it starts with `{`."""
+    if source == "-":
+        return sys.stdin.read()
+    if source.lstrip().startswith("{"):
+        return source
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except OSError as error:
+        fail(f"cannot read {source}: {error.strerror}")
+
+
+def parse_override(text: str) -> dict:
+    if not text:
+        return {}
+    try:
+        return document.parse_text(read_input(text))
+    except document.DocumentError as error:
+        fail(f"--override: {error}")
+
+
+# --- policy ------------------------------------------------------------------------------------
+
+
+@app.command()
+def show(
+    override: str = typer.Option("", "--override", help="A session override (FILE, - or JSON) to apply."),
+) -> None:
+    """The policy in force (and its version), as YAML."""
+    info = call(PolicyGet(override=parse_override(override)))
+    if state.json:
+        emit(info)
+        return
+    loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.loaded_at))
+    typer.echo(f"# version {info.version}, from {info.source}, loaded {loaded}")
+    for refused in info.refused:
+        typer.echo(f"# override refused: {refused.path}: {refused.message}")
+    typer.echo(yaml.safe_dump(info.document, sort_keys=False).rstrip())
+    if info.narrowing:
+        typer.echo("# the session's own allow-lists, checked as well:")
+        typer.echo(yaml.safe_dump(info.narrowing, sort_keys=False).rstrip())
+
+
+@app.command()
+def check(file: str = typer.Argument(..., help="A policy document (YAML or JSON), or - for stdin.")) -> None:
+    """Check a policy document without loading it (no bus needed); exit 1 when it is refused."""
+    try:
+        loaded = document.load(
+            document.parse_text(read_input(file)), document.HostDefaults.for_config(state.config)
+        )
+    except document.DocumentError as error:
+        if state.json:
+            emit({"valid": False, "errors": error.errors})
+        else:
+            for problem in error.errors:
+                typer.echo(f"{problem.path or '(document)'}: {problem.message}", err=True)
+        raise typer.Exit(common.EXIT_ERROR) from None
+    warnings = symlink_warnings(loaded)
+    if state.json:
+        emit({"valid": True, "version": document.version_of(loaded), "warnings": warnings})
+        return
+    for warning in warnings:
+        typer.echo(f"warning: {warning.path}: {warning.message}", err=True)
+    typer.echo(f"{file}: valid, mode {loaded.mode}, version {document.version_of(loaded)}")
+
+
+GROUP_OPTION = typer.Option(None, "--group", help="The user's groups (repeatable).")
+
+
+@app.command()
+def explain(
+    spec: str = typer.Argument(..., help="A container spec as JSON: FILE, - for stdin, or the JSON itself."),
+    user: str = typer.Option("", "--user", help="On whose behalf (picks allowlist entries)."),
+    group: Optional[list[str]] = GROUP_OPTION,
+    session: str = typer.Option("", "--session", help="The session id."),
+    role: str = typer.Option("", "--role", help="The container's role, e.g. agent."),
+    override: str = typer.Option("", "--override", help="A session override (FILE, - or JSON)."),
+) -> None:
+    """Which rules pass, fail or fill in what, for one container spec (nothing is created or audited)."""
+    try:
+        container = msgspec.json.decode(read_input(spec), type=ContainerSpec)
+    except msgspec.DecodeError as error:
+        fail(f"not a container spec: {error}")
+    principal = Principal(user=user, groups=group or [], session_id=session, role=role)
+    explanation = call(PolicyExplain(spec=container, principal=principal, override=parse_override(override)))
+    if state.json:
+        emit(explanation)
+        return
+    decision = explanation.decision
+    typer.echo(common.table(common.to_builtins(explanation.checks), CHECK_COLUMNS))
+    for warning in decision.warnings:
+        typer.echo(f"warning {warning.rule}: {warning.message}")
+    typer.echo(f"\n{explanation.summary} (mode {decision.mode}, policy {decision.policy_version})")
+    if not decision.allowed:
+        raise typer.Exit(common.EXIT_ERROR)
+
+
+@app.command()
+def reload() -> None:
+    """Read the policy file again now (as SIGHUP does); a bad file is refused and changes nothing."""
+    result = call(PolicyReload())
+    if state.json:
+        emit(result)
+        return
+    change = (
+        f"{result.previous_version} -> {result.version}"
+        if result.changed
+        else f"unchanged ({result.version})"
+    )
+    typer.echo(f"policy from {result.source}: {change}")
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+def audit_path(file: Optional[str]) -> Path:
+    return Path(file) if file else audit.log_path(state.config.data_dir)
+
+
+def row(record: AuditRecord) -> dict:
+    return {
+        "seq": record.seq,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time)),
+        "action": record.action,
+        "decision": record.decision,
+        "user": record.principal.user,
+        "session": record.principal.session_id,
+        "image": record.image,
+        "rules": ",".join(record.rules),
+        "policy": record.policy_version,
+    }
+
+
+def show_records(records: list[AuditRecord], header: bool) -> None:
+    if state.json:
+        for record in records:
+            sys.stdout.write(orjson.dumps(common.to_builtins(record)).decode() + "\n")
+    elif records:
+        lines = common.table([row(r) for r in records], TAIL_COLUMNS).splitlines()
+        typer.echo("\n".join(lines if header else lines[1:]))
+    sys.stdout.flush()
+
+
+FILE_OPTION = typer.Option(None, "--file", help="The audit log (default: <data_dir>/audit/policy.jsonl).")
+
+
+@audit_app.command()
+def tail(
+    lines: int = typer.Option(20, "--lines", "-n", help="How many of the last records."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new records (Ctrl-C ends)."),
+    file: Optional[str] = FILE_OPTION,
+) -> None:
+    """The last decisions (one JSON record per line with --json)."""
+    path = audit_path(file)
+    if lines < 0:
+        fail(f"--lines must be 0 or more, not {lines}")
+    try:
+        records, offset = audit.read_tail(path, lines)
+        show_records(records, header=True)
+        while follow:
+            time.sleep(FOLLOW_POLL)
+            records, offset = audit.read_after(path, offset)
+            show_records(records, header=False)
+    except FileNotFoundError:
+        fail(f"no audit log at {path} (has the policy service run?)")
+    except ValueError as error:
+        fail(f"{path}: {error}; `baaaht-ctl audit verify` checks the whole log")
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+
+
+@audit_app.command()
+def verify(file: Optional[str] = FILE_OPTION) -> None:
+    """Check the hash chain: any edited, removed or reordered line is reported; exit 1 if so."""
+    report = audit.verify(audit_path(file))
+    if state.json:
+        emit(report)
+    else:
+        for problem in report.problems:
+            typer.echo(
+                f"{'line ' + str(problem.line) if problem.line else 'log'}: {problem.message}", err=True
+            )
+        for warning in report.warnings:
+            typer.echo(
+                f"warning: {'line ' + str(warning.line) if warning.line else 'log'}: {warning.message}"
+            )
+        verdict = "intact" if report.ok else "TAMPERED OR DAMAGED"
+        typer.echo(f"{report.path}: {verdict}, {report.records} records, last hash {report.last_hash[:16]}")
+    if not report.ok:
+        raise typer.Exit(common.EXIT_ERROR)

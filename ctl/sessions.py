@@ -1,0 +1,271 @@
+"""`baaaht-ctl sessions ...` and `baaaht-ctl send SESSION TEXT`: sessions and their conversations."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+import time
+from typing import Annotated, Iterator, Optional
+
+import orjson
+import typer
+
+from baaaht.bus.errors import BusError
+from baaaht.ctl import common
+from baaaht.ctl.common import call, emit, fail, state
+from baaaht.host.units import parse_duration
+from baaaht.schemas.bus import StatsQuery
+from baaaht.schemas.sessions import (
+    Message,
+    SessionClose,
+    SessionClosed,
+    SessionCreate,
+    SessionGet,
+    SessionInfo,
+    SessionList,
+    SessionMessage,
+    SessionMessages,
+    SessionSendMessage,
+    SessionSettings,
+    SessionState,
+)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+PAGE = 1000  # the service's largest page
+PREVIEW = 60  # characters of a message shown in a table
+
+
+def when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+def session_row(session: SessionInfo) -> dict:
+    return {
+        "id": session.id,
+        "state": session.state.value,
+        "owner": session.owner,
+        "name": session.name,
+        "messages": session.message_count,
+        "containers": len(session.containers),
+        "created": when(session.created_at),
+        "last_activity": when(session.last_activity_at),
+    }
+
+
+def message_row(message: Message) -> dict:
+    text = message.content.replace("\n", " ")
+    return {
+        "seq": message.seq,
+        "time": when(message.time),
+        "role": message.role,
+        "sender": message.sender,
+        "content": text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…",
+    }
+
+
+def parse_labels(pairs: list[str] | None) -> dict[str, str]:
+    labels = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--label {pair!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def seconds(option: str, text: Optional[str]) -> float:
+    if text is None:
+        return 0.0
+    try:
+        return float(parse_duration(text))
+    except ValueError as exc:
+        fail(f"{option} {text!r} {exc}")
+
+
+def all_messages(session_id: str, newest_first: bool = False, limit: int | None = None) -> Iterator[Message]:
+    """The conversation page by page, up to `limit` messages (all when None)."""
+    cursor, shown = 0, 0
+    while True:
+        size = PAGE if limit is None else min(PAGE, limit - shown)
+        order = "newest" if newest_first else "oldest"
+        page = call(SessionMessages(session_id=session_id, order=order, limit=size, cursor=cursor))
+        yield from page.messages
+        shown += len(page.messages)
+        cursor = page.next_cursor
+        if not cursor or (limit is not None and shown >= limit):
+            return
+
+
+@app.command("list")
+def list_sessions(
+    state_filter: Annotated[
+        Optional[list[SessionState]], typer.Option("--state", "-s", help="Only these states (repeatable).")
+    ] = None,
+    owner: str = typer.Option("", "--owner", help="Only this owner's sessions."),
+    label: Annotated[
+        Optional[list[str]], typer.Option("--label", "-l", help="KEY=VALUE that must match (repeatable).")
+    ] = None,
+    limit: int = typer.Option(100, "--limit", min=1, help="At most this many sessions, oldest first."),
+) -> None:
+    """Sessions, oldest first."""
+    found: list[SessionInfo] = []
+    cursor = 0
+    while len(found) < limit:
+        page = call(
+            SessionList(
+                states=state_filter or [],
+                owner=owner,
+                labels=parse_labels(label),
+                limit=min(PAGE, limit - len(found)),
+                cursor=cursor,
+            )
+        )
+        found += page.sessions
+        if not (cursor := page.next_cursor):
+            break
+    emit(found if state.json else [session_row(s) for s in found])
+
+
+@app.command()
+def get(session_id: str = typer.Argument(..., help="Session id.")) -> None:
+    """One session: state, limits, containers and clocks."""
+    emit(call(SessionGet(session_id=session_id)))
+
+
+@app.command()
+def create(
+    owner: str = typer.Option("", "--owner", help="Who the session is for (default: you)."),
+    name: str = typer.Option("", "--name"),
+    description: str = typer.Option("", "--description"),
+    label: Annotated[
+        Optional[list[str]], typer.Option("--label", "-l", help="KEY=VALUE (repeatable).")
+    ] = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Repeatable.")] = None,
+    max_containers: int = typer.Option(0, "--max-containers", min=0, help="0: the host limit."),
+    max_duration: Optional[str] = typer.Option(None, "--max-duration", help="e.g. 2h; closed after it."),
+    idle_timeout: Optional[str] = typer.Option(
+        None, "--idle-timeout", help="e.g. 10m (default: the host's)."
+    ),
+    image: Annotated[
+        Optional[list[str]], typer.Option("--image", help="An image the session may use (repeatable).")
+    ] = None,
+) -> None:
+    """Start a session."""
+    settings = SessionSettings(
+        max_containers=max_containers,
+        max_duration=seconds("--max-duration", max_duration),
+        idle_timeout=seconds("--idle-timeout", idle_timeout),
+        allowed_images=image or [],
+    )
+    request = SessionCreate(
+        owner=owner or getpass.getuser(),
+        name=name,
+        description=description,
+        labels=parse_labels(label),
+        tags=tag or [],
+        settings=settings,
+    )
+    session = call(request)
+    emit(session if state.json else session_row(session))
+
+
+@app.command()
+def close(
+    session_id: str = typer.Argument(..., help="Session id."),
+    reason: str = typer.Option("", "--reason"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until its containers are removed."),
+) -> None:
+    """Close a session: its containers are stopped and removed. Closing a closed session is fine."""
+    session = call(
+        SessionClose(session_id=session_id, reason=reason, wait=wait), timeout=max(state.timeout, 60.0)
+    )
+    if state.json:
+        emit(session)
+        return
+    emit(session_row(session))
+    if session.state is SessionState.CLOSING and wait:
+        typer.echo(
+            "still removing its containers: `baaaht-ctl sessions get` shows when it is closed", err=True
+        )
+
+
+@app.command()
+def messages(
+    session_id: str = typer.Argument(..., help="Session id."),
+    newest: bool = typer.Option(False, "--newest", help="Newest first."),
+    limit: int = typer.Option(50, "--limit", min=1, help="At most this many messages."),
+) -> None:
+    """A session's conversation (contents shortened in the table; --json or export for all of it)."""
+    found = list(all_messages(session_id, newest_first=newest, limit=limit))
+    emit(found if state.json else [message_row(m) for m in found])
+
+
+@app.command()
+def export(
+    session_id: str = typer.Argument(..., help="Session id."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="File to write (default: stdout)."),
+) -> None:
+    """The whole conversation as JSON lines, oldest first: one message per line."""
+    call(SessionGet(session_id=session_id))  # an unknown id is an error, not an empty file
+    try:
+        target = open(output, "x", encoding="utf-8") if output else sys.stdout
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}")
+    try:
+        for message in all_messages(session_id):
+            target.write(orjson.dumps(common.to_builtins(message)).decode() + "\n")
+    finally:
+        if output:
+            target.close()
+
+
+@app.command()
+def watch(
+    session_id: str = typer.Argument(..., help="Session id."),
+    history: int = typer.Option(10, "--history", min=0, help="First show this many recent messages."),
+) -> None:
+    """Follow a conversation live until the session closes (Ctrl-C stops)."""
+    since = call(StatsQuery()).last_event_seq  # events from here on are not missed
+    session = call(SessionGet(session_id=session_id))
+    if session.state is SessionState.CLOSED:
+        fail(f"session {session_id} is closed: `baaaht-ctl sessions messages` shows its conversation")
+    shown = 0
+    if history:
+        for message in reversed(list(all_messages(session_id, newest_first=True, limit=history))):
+            show_message(message)
+            shown = message.seq
+    try:
+        with state.client.subscribe(
+            [f"session.message.{session_id}", "session.closed"], since=since
+        ) as events:
+            for delivery in events:
+                event = delivery.event
+                if isinstance(event, SessionMessage) and event.message.seq > shown:  # not already in history
+                    show_message(event.message)
+                    shown = event.message.seq
+                elif isinstance(event, SessionClosed) and event.session_id == session_id:
+                    typer.echo(f"session closed: {event.reason}", err=True)
+                    return
+    except BusError as exc:
+        common.explain(exc)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+
+
+def show_message(message: Message) -> None:
+    if state.json:
+        sys.stdout.write(orjson.dumps(common.to_builtins(message)).decode() + "\n")
+    else:
+        typer.echo(f"[{when(message.time)}] #{message.seq} {message.role}: {message.content}")
+    sys.stdout.flush()
+
+
+def send(
+    session_id: str = typer.Argument(..., metavar="SESSION", help="Session id."),
+    text: str = typer.Argument(..., metavar="TEXT", help="The message; `-` reads it from stdin."),
+) -> None:
+    """Append a user message to a session's conversation."""
+    content = sys.stdin.read() if text == "-" else text
+    message = call(SessionSendMessage(session_id=session_id, content=content))
+    emit(message if state.json else {"id": message.id, "seq": message.seq, "time": when(message.time)})

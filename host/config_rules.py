@@ -1,0 +1,119 @@
+"""Which configuration values are allowed, beyond having the right type.
+
+Ranges (ports, positive limits and intervals), names that must exist (runtimes, groups)
+and pairs that only make sense together. Each rule says what is expected, so that the
+error a person sees tells them what to write instead.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+from baaaht.bus.endpoints import Endpoints, ipc_path
+from baaaht.schemas.config import BusConfig, Duration, Size
+
+RUNTIME_ENTRY_POINTS = "baaaht.runtimes"
+BUILTIN_RUNTIMES = ("auto", "docker", "apple")
+MAX_IPC_PATH = 107  # bytes in a unix socket path (sun_path, less its terminating NUL)
+
+
+def _known_runtimes() -> list[str]:
+    registered = sorted({entry.name for entry in entry_points(group=RUNTIME_ENTRY_POINTS)})
+    return [*BUILTIN_RUNTIMES, *(name for name in registered if name not in BUILTIN_RUNTIMES)]
+
+
+def _is_group(name: str) -> bool:
+    try:
+        grp.getgrgid(int(name)) if name.isdigit() else grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _is_port(value: int) -> bool:
+    return 1 <= value <= 65535
+
+
+def _is_positive(value: float) -> bool:
+    return value > 0
+
+
+def _is_not_empty(value: str) -> bool:
+    return bool(value.strip())
+
+
+def _longest_ipc_suffix() -> int:
+    """Bytes the longest ipc:// socket path adds to the run directory's path."""
+    endpoints = Endpoints.for_config(BusConfig(run_dir="/"))
+    return (
+        max(len(ipc_path(endpoint)) for endpoint in (endpoints.services, endpoints.events, endpoints.agents))
+        - 1
+    )
+
+
+MAX_RUN_DIR = MAX_IPC_PATH - _longest_ipc_suffix()
+
+
+def _is_run_dir(value: str) -> bool:
+    return _is_not_empty(value) and len(os.fsencode(value)) <= MAX_RUN_DIR
+
+
+_DOCKER_SCHEMES = ("unix://", "tcp://", "ssh://", "http://", "https://")
+
+# key -> (check, the problem when it fails). Durations and sizes not listed must be above zero.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data_dir": (_is_not_empty, "is empty (expected a directory path)"),
+    "bus.run_dir": (
+        _is_run_dir,
+        "is empty or too long (expected a directory path short enough for its ipc:// sockets, "
+        f"at most {MAX_RUN_DIR} bytes)",
+    ),
+    "bus.tcp_host": (_is_not_empty, "is empty (expected a host name or address to bind)"),
+    "bus.tcp_port": (_is_port, "is out of range (expected a port from 1 to 65535)"),
+    "bus.heartbeat_liveness": (_is_positive, "is out of range (expected at least 1 missed heartbeat)"),
+    "bus.event_history": (_is_positive, "is out of range (expected at least 1 event)"),
+    "bus.socket_group": (lambda name: not name or _is_group(name), "is not a group on this machine"),
+    "runtime.max_concurrent_ops": (_is_positive, "is out of range (expected at least 1)"),
+    "docker.host": (
+        lambda url: url.startswith(_DOCKER_SCHEMES),
+        f"is not a Docker URL (expected one starting {', '.join(_DOCKER_SCHEMES)})",
+    ),
+    "session.max_sessions": (_is_positive, "is out of range (expected at least 1)"),
+    "policy.max_containers": (_is_positive, "is out of range (expected at least 1)"),
+    "container.orphan_grace": (lambda grace: grace >= 0, "is out of range (expected 0s or more)"),
+    "container.default_pids": (_is_positive, "is out of range (expected at least 1)"),
+    "container.default_cpus": (_is_positive, "is out of range (expected a number of CPUs above zero)"),
+}
+
+
+def problems_in(values: Mapping[str, Any], types: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, problem) for every value that is not allowed; `types` gives each key's type."""
+    failed: list[tuple[str, str]] = []
+    for key, value in values.items():
+        if key in RULES:
+            check, problem = RULES[key]
+        elif types[key] in (Duration, Size):
+            check, problem = (
+                _is_positive,
+                f"is out of range (expected a {types[key].__name__.lower()} above zero)",
+            )
+        else:
+            continue
+        if not check(value):
+            failed.append((key, problem))
+    runtimes = _known_runtimes()
+    if values.get("runtime.type", "auto") not in runtimes:
+        failed.append(
+            (
+                "runtime.type",
+                f"is not a known runtime (expected {', '.join(runtimes)}; see {RUNTIME_ENTRY_POINTS})",
+            )
+        )
+    if bool(values.get("docker.tls_cert")) != bool(values.get("docker.tls_key")):
+        key = "docker.tls_cert" if values.get("docker.tls_cert") else "docker.tls_key"
+        failed.append((key, "is set alone (expected docker.tls_cert and docker.tls_key together)"))
+    return failed

@@ -1,0 +1,221 @@
+"""Session manager messages (`session.*`): sessions, their conversations and their events.
+
+Times are seconds since the epoch (wall clock, so that idle and expiry clocks continue across
+restarts); durations are seconds. Paged results carry `next_cursor`: pass it back as `cursor` for
+the next page; 0 means there is none.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from baaaht.schemas.base import Empty, Event, Request, Response
+
+
+class SessionState(str, enum.Enum):
+    """initializing -> active <-> idle -> closing -> closed (terminal); see services/sessions/states.py."""
+
+    INITIALIZING = "initializing"
+    ACTIVE = "active"
+    IDLE = "idle"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+Role = Literal["user", "assistant", "system", "tool"]
+ROLES: tuple[str, ...] = Role.__args__
+MessageOrder = Literal["oldest", "newest"]
+
+
+class SessionSettings(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Per-session limits, fixed at creation. 0 means the host default."""
+
+    max_containers: int = 0  # 0: the host's policy.max_containers; never more than it
+    max_duration: float = 0.0  # after this long the session is closed; 0: no limit
+    idle_timeout: float = 0.0  # 0: the host's session.timeout
+    allowed_images: list[str] = []  # empty: whatever the host policy allows
+    # Judged by the policy engine, which may only let it tighten the host policy.
+    policy_override: dict[str, Any] = {}
+
+
+class SessionContainer(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    attached_at: float
+    exited: bool = False  # set by `container.died`; the entry goes away on `container.removed`
+
+
+class SessionInfo(Response, kw_only=True):
+    id: str
+    state: SessionState
+    owner: str
+    name: str = ""
+    description: str = ""
+    labels: dict[str, str] = {}
+    tags: list[str] = []
+    settings: SessionSettings = msgspec.field(default_factory=SessionSettings)
+    created_at: float
+    updated_at: float
+    last_activity_at: float  # the last message; idleness is measured from here
+    expires_at: float = 0.0  # 0: never
+    closed_at: float = 0.0
+    close_reason: str = ""
+    containers: list[SessionContainer] = []
+    current_task_id: str = ""
+    task_history: list[str] = []  # earlier current_task_id values, oldest first
+    message_count: int = 0
+
+
+class MessageMetadata(msgspec.Struct, kw_only=True, omit_defaults=True):
+    tool_name: str = ""
+    tool_call_id: str = ""
+    container_id: str = ""
+    extra: dict[str, str] = {}
+
+
+class Message(Response, kw_only=True):
+    id: str
+    seq: int  # 1, 2, 3... in the one order every reader sees
+    time: float
+    role: Role
+    content: str
+    metadata: MessageMetadata = msgspec.field(default_factory=MessageMetadata)
+    sender: str = ""  # who sent it, as the broker saw the caller (never as the caller claims)
+
+
+class SessionPage(Response, kw_only=True):
+    sessions: list[SessionInfo]
+    next_cursor: int = 0
+
+
+class MessagePage(Response, kw_only=True):
+    messages: list[Message]
+    next_cursor: int = 0
+
+
+class SessionCreate(Request, tag="session.create", kw_only=True):
+    response: ClassVar[type] = SessionInfo
+
+    owner: str
+    name: str = ""
+    description: str = ""
+    labels: dict[str, str] = {}
+    tags: list[str] = []
+    settings: SessionSettings = msgspec.field(default_factory=SessionSettings)
+
+
+class SessionGet(Request, tag="session.get", kw_only=True):
+    response: ClassVar[type] = SessionInfo
+
+    session_id: str
+
+
+class SessionList(Request, tag="session.list", kw_only=True):
+    """Sessions oldest first, matching every filter given (labels: all must match)."""
+
+    response: ClassVar[type] = SessionPage
+
+    states: list[SessionState] = []
+    owner: str = ""
+    labels: dict[str, str] = {}
+    limit: int = 100
+    cursor: int = 0
+
+
+class SessionUpdate(Request, tag="session.update", kw_only=True):
+    """Change metadata and context; fields left out (None) stay as they are. A new
+    current_task_id moves the previous one to task_history."""
+
+    response: ClassVar[type] = SessionInfo
+
+    session_id: str
+    name: str | None = None
+    description: str | None = None
+    labels: dict[str, str] | None = None
+    tags: list[str] | None = None
+    current_task_id: str | None = None
+
+
+class SessionClose(Request, tag="session.close", kw_only=True):
+    """Idempotent. With `wait`, answers once the session is closed or the call's deadline is near
+    (then still `closing`: the removal of its containers goes on)."""
+
+    response: ClassVar[type] = SessionInfo
+
+    session_id: str
+    reason: str = ""
+    wait: bool = True
+
+
+class SessionDelete(Request, tag="session.delete", kw_only=True):
+    """Forget a closed session and its conversation."""
+
+    response: ClassVar[type] = Empty
+
+    session_id: str
+
+
+class SessionSendMessage(Request, tag="session.send_message", kw_only=True):
+    response: ClassVar[type] = Message
+
+    session_id: str
+    role: Role = "user"
+    content: str
+    metadata: MessageMetadata = msgspec.field(default_factory=MessageMetadata)
+
+
+class SessionMessages(Request, tag="session.messages", kw_only=True):
+    response: ClassVar[type] = MessagePage
+
+    session_id: str
+    order: MessageOrder = "oldest"
+    limit: int = 100
+    cursor: int = 0
+
+
+class SessionAttachContainer(Request, tag="session.attach_container", kw_only=True):
+    response: ClassVar[type] = SessionInfo
+
+    session_id: str
+    container_id: str
+
+
+class SessionDetachContainer(Request, tag="session.detach_container", kw_only=True):
+    response: ClassVar[type] = SessionInfo
+
+    session_id: str
+    container_id: str
+
+
+class SessionCreated(Event, tag="session.created", kw_only=True):
+    session: SessionInfo
+
+
+class SessionUpdated(Event, tag="session.updated", kw_only=True):
+    session: SessionInfo
+    change: Literal["state", "metadata", "containers"]
+    previous_state: SessionState | None = None
+
+
+class SessionIdle(Event, tag="session.idle", kw_only=True):
+    session_id: str
+    owner: str
+    last_activity_at: float
+
+
+class SessionClosed(Event, tag="session.closed", kw_only=True):
+    session_id: str
+    owner: str
+    reason: str
+    # Containers the container manager did not confirm as removed within session.close_timeout;
+    # its reconcile removes them later.
+    remaining_containers: list[str] = []
+
+
+class SessionMessage(Event, tag="session.message", kw_only=True):
+    """Published under `session.message.<session id>`, so one conversation can be followed."""
+
+    session_id: str
+    message: Message

@@ -1,0 +1,95 @@
+"""The services the container manager asks before acting: the policy service (before every create) and
+the session service (before reconcile removes anything). Both fail safe: an unreachable policy service
+refuses the create; an unreachable session service stops reconcile from removing anything."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from baaaht.bus.errors import BusError
+from baaaht.bus.service import Publisher
+from baaaht.schemas.containers import ContainerSpec
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.policy import Decision, PolicyEvaluate, Principal
+from baaaht.schemas.sessions import SessionGet, SessionState
+from baaaht.services.containers.reconcile import SessionVerdict
+
+# Answers from the policy service that are its judgement of the request, passed on as they are;
+# anything else means the policy could not be consulted.
+POLICY_VERDICT_CODES = (ErrorCode.INVALID_ARGUMENT, ErrorCode.PERMISSION_DENIED, ErrorCode.RESOURCE_EXHAUSTED)
+MAX_LISTED_VIOLATIONS = 5
+
+
+class PolicyGate(Protocol):
+    def evaluate(
+        self, spec: ContainerSpec, principal: Principal, host_containers: int, session_containers: int
+    ) -> ContainerSpec:
+        """The spec to create (the policy's enforced version); raises PERMISSION_DENIED naming the rules,
+        or UNAVAILABLE when the policy service cannot be asked."""
+
+
+class SessionDirectory(Protocol):
+    def verdict(self, session_id: str) -> SessionVerdict:
+        """open, closed or missing; raises BusError when the session service cannot be asked."""
+
+
+class BusPolicyGate:
+    def __init__(self, bus: Publisher, timeout: float):
+        self.bus = bus
+        self.timeout = timeout
+
+    def evaluate(
+        self, spec: ContainerSpec, principal: Principal, host_containers: int, session_containers: int
+    ) -> ContainerSpec:
+        request = PolicyEvaluate(
+            spec=spec,
+            principal=principal,
+            host_containers=host_containers,
+            session_containers=session_containers,
+        )
+        try:
+            decision = self.bus.call(request, timeout=self.timeout)
+        except BusError as exc:
+            if exc.code in POLICY_VERDICT_CODES:
+                raise
+            raise BusError(
+                ErrorCode.UNAVAILABLE,
+                f"container creation refused: the policy service could not be consulted ({exc.message})",
+                {"policy_error": exc.code.value},
+            ) from None
+        return enforced_or_denied(decision)
+
+
+def enforced_or_denied(decision: Decision) -> ContainerSpec:
+    if decision.allowed:
+        return decision.enforced
+    rules = sorted({v.rule for v in decision.violations})
+    shown = "; ".join(
+        f"{v.rule}" + (f" ({v.field})" if v.field else "") + f": {v.message}"
+        for v in decision.violations[:MAX_LISTED_VIOLATIONS]
+    )
+    more = len(decision.violations) - MAX_LISTED_VIOLATIONS
+    if more > 0:
+        shown += f"; and {more} more"
+    raise BusError(
+        ErrorCode.PERMISSION_DENIED,
+        f"policy denied the container: {shown or decision.outcome}",
+        {"rules": rules, "decision_id": decision.decision_id, "policy_version": decision.policy_version},
+    )
+
+
+class BusSessionDirectory:
+    def __init__(self, bus: Publisher, timeout: float):
+        self.bus = bus
+        self.timeout = timeout
+
+    def verdict(self, session_id: str) -> SessionVerdict:
+        try:
+            session = self.bus.call(SessionGet(session_id=session_id), timeout=self.timeout)
+        except BusError as exc:
+            # Only the session service's own "no such session" answer means missing (a broker NOT_FOUND
+            # for an unknown method does not).
+            if exc.code is ErrorCode.NOT_FOUND and exc.details.get("session_id") == session_id:
+                return "missing"
+            raise
+        return "closed" if session.state == SessionState.CLOSED else "open"

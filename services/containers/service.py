@@ -1,0 +1,570 @@
+"""The container manager: the only process that talks to the container engine, offering `container.*`.
+
+Every create is validated, hardened, counted against the quota and judged by the policy service before
+the engine sees it. Calls on different containers run concurrently; at most `runtime.max_concurrent_ops`
+engine operations are in progress at once (long waits and streams do not hold a slot). Background
+threads check the engine, reconcile orphans and republish the engine's events on the bus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Iterator
+
+from baaaht.bus.endpoints import Endpoints
+from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
+from baaaht.bus.service import CallContext, Service, rpc
+from baaaht.schemas.base import Empty
+from baaaht.schemas.config import Config
+from baaaht.schemas.containers import (
+    ContainerCreate,
+    ContainerDestroy,
+    ContainerGet,
+    ContainerHealth,
+    ContainerHealthWait,
+    ContainerInfo,
+    ContainerKill,
+    ContainerList,
+    ContainerListQuery,
+    ContainerLogs,
+    ContainerPause,
+    ContainerReconcile,
+    ContainerRestart,
+    ContainerStart,
+    ContainerStats,
+    ContainerStatsStream,
+    ContainerStop,
+    ContainerUnpause,
+    ContainerWait,
+    CreateResult,
+    HealthReport,
+    ImageExists,
+    ImagePull,
+    ImageStatus,
+    LogChunk,
+    OrphanRemoval,
+    PullProgress,
+    ReconcileReport,
+    StatsSample,
+    WaitResult,
+)
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.policy import Principal
+from baaaht.services.containers import reconcile, validation
+from baaaht.services.containers.events import EventTranslator
+from baaaht.services.containers.hardening import (
+    LABEL_INSTALL,
+    LABEL_MANAGED,
+    LABEL_SESSION,
+    Defaults,
+    Identity,
+    agent_bus_for,
+    attach_identity,
+    harden,
+)
+from baaaht.services.containers.install import load_or_create
+from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory, PolicyGate, SessionDirectory
+from baaaht.services.containers.runtime import Runtime, RuntimeConfigError, RuntimeUnavailable, select_runtime
+from baaaht.services.containers.watchdog import Watchdog
+
+log = logging.getLogger("baaaht.containers")
+
+LIVE_STATES = ("created", "running", "paused", "restarting")
+LOG_BATCH = 256
+REMEMBERED_IDS = 4096
+ENGINE_CHECK_INTERVAL = 2.0
+RECONCILE_RETRY = 5.0  # after a reconcile that had to be skipped
+ORPHAN_STOP_TIMEOUT = 5.0
+EVENTS_BACKOFF_MAX = 5.0
+SLOT_WAIT_MAX = 300.0
+# The engine samples stats about once a second; a requested interval is met within this slack.
+STATS_SLACK = 0.1
+
+
+class ContainerService(Service):
+    name = "container"
+    # Waits, log followers and stats streams each occupy a handler for their whole life; engine work
+    # itself is bounded by `runtime.max_concurrent_ops`, not by this.
+    concurrency = 64
+
+    def __init__(
+        self,
+        config: Config,
+        runtime: Runtime | None,
+        *,
+        install_id: str,
+        runtime_problem: str = "",
+        policy: PolicyGate | None = None,
+        sessions: SessionDirectory | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.runtime = runtime
+        self.runtime_problem = runtime_problem or "no container runtime"
+        self.install_id = install_id
+        self.policy = policy
+        self.sessions = sessions
+        self.clock = clock
+        self.defaults = Defaults.from_config(config)
+        self.max_containers = config.policy.max_containers
+        self.max_ops = config.runtime.max_concurrent_ops
+        self.peer_timeout = float(config.bus.call_timeout)
+        self.reconcile_interval = float(config.container.reconcile_interval)
+        self.orphan_grace = float(config.container.orphan_grace)
+        self.agent_dir = Endpoints.for_config(config.bus).agent_dir
+        self.agent_mount = config.container.agent_bus_mount
+        self.install_labels = {LABEL_MANAGED: "true", LABEL_INSTALL: install_id}
+        self.watchdog = Watchdog()
+        self._ops = threading.BoundedSemaphore(self.max_ops)
+        self._quota_lock = threading.Lock()
+        self._reserved = 0
+        self._reconcile_lock = threading.Lock()
+        self._owned_ids: OrderedDict[str, None] = OrderedDict()
+        self._owned_lock = threading.Lock()
+        self._engine_ok = False
+        self._engine_reason = "the engine has not been checked yet"
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._event_stream = None
+        self._translator = EventTranslator(install_id)
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.policy = self.policy or BusPolicyGate(self.bus, self.peer_timeout)
+        self.sessions = self.sessions or BusSessionDirectory(self.bus, self.peer_timeout)
+        self.watchdog.start()
+        for target, name in (
+            (self._maintain, "container-maintenance"),
+            (self._follow_events, "container-events"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._event_stream is not None:
+            self._event_stream.close()
+        for thread in self._threads:
+            thread.join(5.0)
+        self.watchdog.stop()
+        if self.runtime is not None:
+            self.runtime.close()
+
+    def health(self) -> tuple[bool, str]:
+        if self.runtime is None:
+            return False, self.runtime_problem
+        return self._engine_ok, self._engine_reason
+
+    def check_engine(self) -> bool:
+        """Ping the engine and record the outcome as this service's health."""
+        if self.runtime is None:
+            return False
+        try:
+            description = self.runtime.ping()
+        except BusError as exc:
+            if self._engine_ok or self._engine_reason != exc.message:
+                log.warning("container engine unavailable: %s", exc.message)
+            self._engine_ok, self._engine_reason = False, exc.message
+            return False
+        if not self._engine_ok:
+            log.info("container engine answers: %s", description)
+        self._engine_ok, self._engine_reason = True, ""
+        return True
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _runtime(self) -> Runtime:
+        if self.runtime is None:
+            raise unavailable(self.runtime_problem)
+        return self.runtime
+
+    @contextlib.contextmanager
+    def _engine(self, ctx: CallContext | None) -> Iterator[Runtime]:
+        """One engine operation slot, waited for no longer than the caller's deadline."""
+        runtime = self._runtime()
+        wait = SLOT_WAIT_MAX if ctx is None else max(0.0, min(ctx.remaining(), SLOT_WAIT_MAX))
+        if not self._ops.acquire(timeout=wait):
+            raise BusError(
+                ErrorCode.TIMEOUT,
+                f"no engine operation slot became free in time ({self.max_ops} operations in progress; "
+                "runtime.max_concurrent_ops)",
+            )
+        try:
+            yield runtime
+        finally:
+            self._ops.release()
+
+    def _remember(self, container_id: str) -> None:
+        with self._owned_lock:
+            self._owned_ids[container_id] = None
+            self._owned_ids.move_to_end(container_id)
+            while len(self._owned_ids) > REMEMBERED_IDS:
+                self._owned_ids.popitem(last=False)
+
+    def _forget(self, container_id: str) -> None:
+        with self._owned_lock:
+            self._owned_ids.pop(container_id, None)
+
+    def _owned_info(self, ref: str, runtime: Runtime) -> ContainerInfo:
+        if not ref:
+            raise invalid("id must name a container (an id, an id prefix or a name)", field="id")
+        info = runtime.inspect(ref)
+        if info.labels.get(LABEL_MANAGED) != "true" or info.labels.get(LABEL_INSTALL) != self.install_id:
+            # Not ours: as far as callers are concerned it does not exist.
+            raise not_found(f"no container {ref} managed by this installation", id=ref)
+        self._remember(info.id)
+        return info
+
+    def _owned(self, ref: str, runtime: Runtime) -> str:
+        """The full id of a container of this installation; labels never change, so a verified id
+        needs no second inspect."""
+        with self._owned_lock:
+            if ref in self._owned_ids:
+                return ref
+        return self._owned_info(ref, runtime).id
+
+    # -- create -----------------------------------------------------------------------------------
+
+    @rpc
+    def create(self, req: ContainerCreate, ctx: CallContext) -> CreateResult:
+        validation.validate_create(req)
+        spec = harden(req.spec, self.defaults)
+        bus = self._agent_bus() if req.agent_bus else None
+        if req.auto_pull:
+            self._ensure_image(spec.image, ctx)
+        with self._quota_reservation(ctx, req.session_id) as (host_containers, session_containers):
+            principal = Principal(session_id=req.session_id, role=req.role, user=ctx.caller.service)
+            spec = self.policy.evaluate(spec, principal, host_containers, session_containers)
+            spec = attach_identity(spec, Identity(self.install_id, req.session_id, req.role), bus)
+            with self._engine(ctx) as runtime:
+                container_id, warnings = runtime.create(spec)
+        self._remember(container_id)
+        log.info(
+            "container created",
+            extra={"container": container_id, "container_name": spec.name, "session": req.session_id},
+        )
+        return CreateResult(id=container_id, name=spec.name, spec=spec, warnings=warnings)
+
+    def _agent_bus(self):
+        try:
+            return agent_bus_for(self.agent_dir, self.agent_mount)
+        except FileNotFoundError:
+            raise precondition(
+                f"the agents' bus directory {self.agent_dir} does not exist (is the broker running?)",
+                path=self.agent_dir,
+            ) from None
+
+    @contextlib.contextmanager
+    def _quota_reservation(self, ctx: CallContext, session_id: str) -> Iterator[tuple[int, int]]:
+        """Counts the live containers of this installation and holds one place until the create is done.
+        Listing under the lock means two creates cannot both take the last place; a container that just
+        appeared in the engine may briefly count twice, which errs on the side of refusing."""
+        with self._quota_lock:
+            with self._engine(ctx) as runtime:
+                live = [c for c in runtime.list(self.install_labels) if c.state in LIVE_STATES]
+            host = len(live) + self._reserved
+            if host >= self.max_containers:
+                raise exhausted(
+                    f"container quota reached: {host} of {self.max_containers} containers of this "
+                    "installation are live (policy.max_containers)",
+                    live=host,
+                    limit=self.max_containers,
+                )
+            self._reserved += 1
+        try:
+            yield host, sum(1 for c in live if c.session_id == session_id)
+        finally:
+            with self._quota_lock:
+                self._reserved -= 1
+
+    def _ensure_image(self, image: str, ctx: CallContext) -> None:
+        with self._engine(ctx) as runtime:
+            if runtime.image_exists(image).exists:
+                return
+        for _progress in self._pull(image, ctx):
+            pass
+
+    # -- life-cycle operations ---------------------------------------------------------------------
+
+    @rpc
+    def start_container(self, req: ContainerStart, ctx: CallContext) -> Empty:
+        with self._engine(ctx) as runtime:
+            info = self._owned_info(req.id, runtime)
+        if info.state not in LIVE_STATES:
+            # Restarting a stopped container brings one more to life: it counts against the quota.
+            with self._quota_reservation(ctx, info.session_id), self._engine(ctx) as runtime:
+                runtime.start(info.id)
+        else:
+            with self._engine(ctx) as runtime:
+                runtime.start(info.id)
+        return Empty()
+
+    @rpc
+    def stop_container(self, req: ContainerStop, ctx: CallContext) -> Empty:
+        validation.require_non_negative("timeout", req.timeout)
+        with self._engine(ctx) as runtime:
+            runtime.stop(self._owned(req.id, runtime), req.timeout)
+        return Empty()
+
+    @rpc
+    def restart(self, req: ContainerRestart, ctx: CallContext) -> Empty:
+        validation.require_non_negative("timeout", req.timeout)
+        with self._engine(ctx) as runtime:
+            runtime.restart(self._owned(req.id, runtime), req.timeout)
+        return Empty()
+
+    @rpc
+    def kill(self, req: ContainerKill, ctx: CallContext) -> Empty:
+        if not req.signal:
+            raise invalid("signal must name a signal, e.g. SIGTERM or 15", field="signal")
+        with self._engine(ctx) as runtime:
+            runtime.kill(self._owned(req.id, runtime), req.signal)
+        return Empty()
+
+    @rpc
+    def pause(self, req: ContainerPause, ctx: CallContext) -> Empty:
+        with self._engine(ctx) as runtime:
+            runtime.pause(self._owned(req.id, runtime))
+        return Empty()
+
+    @rpc
+    def unpause(self, req: ContainerUnpause, ctx: CallContext) -> Empty:
+        with self._engine(ctx) as runtime:
+            runtime.unpause(self._owned(req.id, runtime))
+        return Empty()
+
+    @rpc
+    def destroy(self, req: ContainerDestroy, ctx: CallContext) -> Empty:
+        with self._engine(ctx) as runtime:
+            container_id = self._owned(req.id, runtime)
+            runtime.remove(container_id, req.force, req.remove_volumes)
+        self._forget(container_id)
+        return Empty()
+
+    @rpc
+    def wait(self, req: ContainerWait, ctx: CallContext) -> WaitResult:
+        with self._engine(ctx) as runtime:
+            stream = runtime.wait(self._owned(req.id, runtime))
+        with self.watchdog.guard(ctx, stream):
+            for result in stream:
+                return result
+        ctx.check()
+        raise unavailable(f"the engine ended the wait on {req.id} without an exit code")
+
+    # -- inspection ---------------------------------------------------------------------------------
+
+    @rpc
+    def get(self, req: ContainerGet, ctx: CallContext) -> ContainerInfo:
+        with self._engine(ctx) as runtime:
+            return self._owned_info(req.id, runtime)
+
+    @rpc
+    def list_containers(self, req: ContainerListQuery, ctx: CallContext) -> ContainerList:
+        labels = {**req.labels, **self.install_labels}
+        if req.session_id:
+            labels[LABEL_SESSION] = req.session_id
+        with self._engine(ctx) as runtime:
+            found = runtime.list(labels)
+        if req.states:
+            found = [c for c in found if c.state in req.states]
+        return ContainerList(containers=found)
+
+    @rpc(stream=True)
+    def logs(self, req: ContainerLogs, ctx: CallContext) -> Iterator[LogChunk]:
+        validation.validate_logs(req)
+        with self._engine(ctx) as runtime:
+            stream = runtime.logs(self._owned(req.id, runtime), req)
+        with self.watchdog.guard(ctx, stream):
+            batch = []
+            for line in stream:
+                batch.append(line)
+                # A follower wants each line as it comes; a plain read is sent in batches.
+                if req.follow or len(batch) >= LOG_BATCH:
+                    yield LogChunk(lines=batch)
+                    batch = []
+            if batch:
+                yield LogChunk(lines=batch)
+        ctx.check()
+
+    @rpc
+    def stats(self, req: ContainerStats, ctx: CallContext) -> StatsSample:
+        with self._engine(ctx) as runtime:
+            container_id = self._owned(req.id, runtime)
+        # Sampling takes the engine a second or two: it does not hold an operation slot.
+        return runtime.stats(container_id)
+
+    @rpc(stream=True)
+    def stats_stream(self, req: ContainerStatsStream, ctx: CallContext) -> Iterator[StatsSample]:
+        validation.validate_stats_stream(req)
+        with self._engine(ctx) as runtime:
+            stream = runtime.stats_stream(self._owned(req.id, runtime))
+        last_sent = 0.0
+        with self.watchdog.guard(ctx, stream):
+            for sample in stream:
+                now = time.monotonic()
+                if now - last_sent >= req.interval - STATS_SLACK:
+                    last_sent = now
+                    yield sample
+        ctx.check()
+
+    @rpc
+    def check_health(self, req: ContainerHealth, ctx: CallContext) -> HealthReport:
+        with self._engine(ctx) as runtime:
+            return runtime.health(self._owned(req.id, runtime))
+
+    @rpc
+    def health_wait(self, req: ContainerHealthWait, ctx: CallContext) -> HealthReport:
+        validation.validate_health_wait(req)
+        with self._engine(ctx) as runtime:
+            container_id = self._owned(req.id, runtime)
+        for attempt in range(req.retries):
+            with self._engine(ctx) as runtime:
+                report = runtime.health(container_id)
+            if report.status in ("healthy", "unhealthy") or attempt == req.retries - 1:
+                return report
+            if ctx.cancelled.wait(min(req.interval, max(0.0, ctx.remaining()))):
+                break
+            ctx.check()
+        ctx.check()
+        return report
+
+    # -- images -------------------------------------------------------------------------------------
+
+    @rpc
+    def image_exists(self, req: ImageExists, ctx: CallContext) -> ImageStatus:
+        if not req.image.strip():
+            raise invalid("image must name an image", field="image")
+        with self._engine(ctx) as runtime:
+            return runtime.image_exists(req.image)
+
+    @rpc(stream=True)
+    def pull(self, req: ImagePull, ctx: CallContext) -> Iterator[PullProgress]:
+        if not req.image.strip() or any(c.isspace() for c in req.image):
+            raise invalid("image must name an image, without spaces", field="image")
+        yield from self._pull(req.image, ctx)
+
+    def _pull(self, image: str, ctx: CallContext) -> Iterator[PullProgress]:
+        with self._engine(ctx) as runtime:
+            stream = runtime.pull(image)
+        with self.watchdog.guard(ctx, stream):
+            yield from stream
+        ctx.check()
+
+    # -- reconcile ----------------------------------------------------------------------------------
+
+    @rpc
+    def reconcile(self, req: ContainerReconcile, ctx: CallContext) -> ReconcileReport:
+        return self.reconcile_now()
+
+    def reconcile_now(self) -> ReconcileReport:
+        """Stop and remove this installation's orphans. Nothing is removed unless every session that
+        decides a container's fate could be looked up."""
+        with self._reconcile_lock:
+            runtime = self._runtime()
+            containers = runtime.list(self.install_labels)
+            now = self.clock()
+            try:
+                verdicts = {
+                    session: self.sessions.verdict(session)
+                    for session in reconcile.sessions_to_check(
+                        containers, self.install_id, now, self.orphan_grace
+                    )
+                }
+            except BusError as exc:
+                reason = (
+                    f"the session service could not be asked ({exc.code.value}: {exc.message}); "
+                    "nothing removed"
+                )
+                log.warning("reconcile skipped: %s", reason)
+                return ReconcileReport(skipped=reason)
+            decision = reconcile.plan(containers, self.install_id, verdicts, now, self.orphan_grace)
+            removed, failed = [], []
+            for removal in decision.remove:
+                container = removal.container
+                try:
+                    runtime.stop(container.id, ORPHAN_STOP_TIMEOUT)
+                    runtime.remove(container.id, force=True, volumes=True)
+                except BusError as exc:
+                    if exc.code is not ErrorCode.NOT_FOUND:  # gone already is what we wanted
+                        log.error("reconcile could not remove %s: %s", container.id, exc.message)
+                        failed.append(container.id)
+                        continue
+                self._forget(container.id)
+                log.info(
+                    "orphan removed",
+                    extra={
+                        "container": container.id,
+                        "container_name": container.name,
+                        "reason": removal.reason,
+                    },
+                )
+                removed.append(
+                    OrphanRemoval(
+                        id=container.id,
+                        name=container.name,
+                        session_id=container.session_id,
+                        reason=removal.reason,
+                    )
+                )
+            return ReconcileReport(
+                removed=removed, failed=failed, kept=decision.kept, too_young=decision.too_young
+            )
+
+    # -- background threads ---------------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        next_reconcile = 0.0
+        while not self._stopping.is_set():
+            if self.check_engine() and time.monotonic() >= next_reconcile:
+                try:
+                    report = self.reconcile_now()
+                except BusError as exc:
+                    log.warning("reconcile failed: %s", exc.message)
+                    report = ReconcileReport(skipped=exc.message)
+                delay = RECONCILE_RETRY if report.skipped else self.reconcile_interval
+                next_reconcile = time.monotonic() + min(delay, self.reconcile_interval)
+            self._stopping.wait(ENGINE_CHECK_INTERVAL)
+
+    def _follow_events(self) -> None:
+        """Republish the engine's events; after a broken feed, reconnect from the last event seen."""
+        since = self.clock()
+        seen_at_since: set[tuple[str, str]] = set()
+        backoff = 0.5
+        while not self._stopping.is_set():
+            if self.runtime is not None and self._engine_ok:
+                try:
+                    self._event_stream = self.runtime.events(since)
+                    for event in self._event_stream:
+                        backoff = 0.5
+                        key = (event.id, event.action)
+                        if event.time < since or (event.time == since and key in seen_at_since):
+                            continue  # replayed after a reconnect
+                        if event.time > since:
+                            since, seen_at_since = event.time, set()
+                        seen_at_since.add(key)
+                        published = self._translator.translate(event)
+                        if published is not None:
+                            self.bus.publish(published)
+                except BusError as exc:
+                    log.warning("engine event feed broke: %s", exc.message)
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, EVENTS_BACKOFF_MAX)
+
+
+def build(config: Config) -> ContainerService:
+    try:
+        runtime, problem = select_runtime(config), ""
+    except RuntimeConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    except RuntimeUnavailable as exc:
+        runtime, problem = None, str(exc)
+    service = ContainerService(
+        config, runtime, install_id=load_or_create(config.data_dir), runtime_problem=problem
+    )
+    service.check_engine()
+    return service

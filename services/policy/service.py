@@ -1,0 +1,470 @@
+"""The policy service: `policy.*` on the bus, hot reload, audit of every decision.
+
+The policy in force is one immutable LoadedPolicy behind one reference: a reload parses and
+checks a whole new document first and then swaps the reference, so a request sees either the old
+policy or the new one, never a mix. A document that fails its checks is refused and the old policy
+stays. Reloads happen on SIGHUP, on `policy.reload`, and when the file changes (polled).
+
+Fail closed: without a valid policy, or without a writable audit log, `policy.evaluate` answers
+UNAVAILABLE (so the container manager refuses to create) and the service reports itself unhealthy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from baaaht.bus.endpoints import Endpoints
+from baaaht.bus.errors import BusError, invalid, unavailable
+from baaaht.bus.service import Service, rpc
+from baaaht.schemas.config import Config
+from baaaht.schemas.containers import ContainerSpec
+from baaaht.schemas.policy import (
+    AuditRecord,
+    Decision,
+    Explanation,
+    FieldError,
+    PolicyEvaluate,
+    PolicyExplain,
+    PolicyGet,
+    PolicyInfo,
+    PolicyReload,
+    PolicyReloaded,
+    PolicyReloadFailed,
+    PolicyValidate,
+    PolicyViolation,
+    ReloadResult,
+    ValidationResult,
+    Violation,
+)
+from baaaht.services.policy import audit, document, engine, overrides
+from baaaht.services.policy.mounts import HostPaths
+
+log = logging.getLogger("baaaht.policy")
+
+CONFIG_DIR = "/etc/baaaht"
+DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
+REFUSED_RULE = "policy.override.refused"
+
+_spec_encoder = msgspec.json.Encoder()
+
+
+class PolicySource(Protocol):
+    """Where the policy document comes from: the file, in production."""
+
+    description: str
+
+    def fingerprint(self) -> object:
+        """Changes whenever the document may have changed; None when there is no document."""
+
+    def read(self) -> str | None:
+        """The document's text, or None when there is none (the built-in policy applies)."""
+
+
+class PolicyFile:
+    def __init__(self, path: str):
+        self.path = path
+        self.description = path or "built-in (no policy.path configured)"
+
+    def fingerprint(self) -> object:
+        if not self.path:
+            return None
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+    def read(self) -> str | None:
+        if not self.path:
+            return None
+        try:
+            return Path(self.path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+
+def host_paths_for(config: Config) -> HostPaths:
+    """The orchestrator's own files, which no container may see, and the agent bus directory."""
+    endpoints = Endpoints.for_config(config.bus)
+    protected = [config.data_dir, endpoints.run_dir, CONFIG_DIR, *DOCKER_SOCKETS]
+    if config.docker.host.startswith("unix://"):
+        protected.append(config.docker.host[len("unix://") :])
+    docker = config.docker
+    protected += [
+        path for path in (config.policy.path, docker.tls_ca_cert, docker.tls_cert, docker.tls_key) if path
+    ]
+    return HostPaths(
+        protected=tuple(dict.fromkeys(os.path.abspath(path) for path in protected)),
+        system_mounts=(endpoints.agent_dir,),
+    )
+
+
+def resource_digest(spec: ContainerSpec) -> str:
+    """What was judged, without the environment's values (which may be secrets)."""
+    redacted = msgspec.structs.replace(spec, env={name: "" for name in spec.env})
+    return "sha256:" + hashlib.sha256(_spec_encoder.encode(redacted)).hexdigest()
+
+
+def symlink_warnings(policy: document.PolicyDocument) -> list[FieldError]:
+    """Allowlist paths that are symlinks never match: sources are compared after resolving."""
+    warnings = []
+    for index, entry in enumerate(policy.mounts.allowlist):
+        resolved = os.path.realpath(entry.path)
+        if resolved != entry.path and "*" not in entry.path:
+            warnings.append(
+                FieldError(
+                    path=f"mounts.allowlist[{index}].path",
+                    message=f"resolves to {resolved}; sources are judged resolved, so write {resolved}",
+                )
+            )
+    return warnings
+
+
+@dataclass(frozen=True)
+class Loading:
+    """What one attempt to load the document did: `policy` is the one in force afterwards."""
+
+    previous: document.LoadedPolicy | None
+    policy: document.LoadedPolicy | None
+    source: str
+    error: document.DocumentError | None
+
+
+class PolicyService(Service):
+    name = "policy"
+
+    def __init__(
+        self,
+        source: PolicySource,
+        audit_path: str | Path,
+        defaults: document.HostDefaults,
+        host_paths: HostPaths,
+        *,
+        reload_interval: float = 2.0,
+    ):
+        self.source = source
+        self.audit_path = Path(audit_path)
+        self.defaults = defaults
+        self.host_paths = host_paths
+        self.reload_interval = reload_interval
+        self._policy: document.LoadedPolicy | None = None
+        self._load_problem = ""
+        self._fingerprint: object = object()  # matches nothing: the first check loads
+        self._reload_lock = threading.Lock()
+        self._audit: audit.AuditLog | None = None
+        self._audit_problem = ""
+        self._audit_lock = threading.Lock()
+        self._reload_requested = threading.Event()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._previous_sighup = None
+        self._sighup_installed = False
+
+        # Loaded before the runner registers the service, so it registers healthy; announced at start.
+        self._open_audit_quietly()
+        self._initial_load = self._swap(force=True)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._reload_lock:
+            self._announce(self._initial_load)
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+            self._sighup_installed = True
+        self._watcher = threading.Thread(target=self._watch, name="policy-watch", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        if self._sighup_installed and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
+            self._sighup_installed = False
+        self._stopping.set()
+        self._reload_requested.set()
+        if self._watcher is not None:
+            self._watcher.join(5.0)
+        with self._audit_lock:
+            if self._audit is not None:
+                self._audit.close()
+                self._audit = None
+
+    def health(self) -> tuple[bool, str]:
+        if self._policy is None:
+            return False, self._load_problem
+        if self._audit_problem:
+            return False, self._audit_problem
+        return True, ""
+
+    def _on_sighup(self, _signum, _frame) -> None:
+        self._reload_requested.set()
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            forced = self._reload_requested.wait(self.reload_interval)
+            self._reload_requested.clear()
+            if self._stopping.is_set():
+                return
+            self.reload_quietly(force=forced)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def reload_quietly(self, force: bool) -> None:
+        """Reload, reporting problems through events and health rather than raising."""
+        try:
+            self._reload(force)
+        except document.DocumentError:
+            pass  # published as policy.reload_failed; the old policy stays
+        except Exception:
+            log.exception("policy reload failed")
+
+    def _reload(self, force: bool) -> ReloadResult | None:
+        """Load the document if it changed (or when forced) and swap it in; None when unchanged.
+        Raises DocumentError (after announcing it) when the document is refused."""
+        with self._reload_lock:
+            loading = self._swap(force)
+            if loading is None:
+                return None
+            self._announce(loading)
+        if loading.error is not None:
+            raise loading.error
+        previous_version = loading.previous.version if loading.previous else ""
+        return ReloadResult(
+            version=loading.policy.version,
+            previous_version=previous_version,
+            changed=loading.policy.version != previous_version,
+            source=loading.source,
+        )
+
+    def _swap(self, force: bool) -> Loading | None:
+        """Read and check the document; swap it in when valid. Call under the reload lock (or
+        before the service is shared)."""
+        fingerprint = self.source.fingerprint()
+        if not force and fingerprint == self._fingerprint:
+            return None
+        self._fingerprint = fingerprint  # a bad file is not retried until it changes again
+        text = self.source.read()
+        source = self.source.description if text is not None else document.BUILTIN_SOURCE
+        previous = self._policy
+        try:
+            loaded = (
+                document.builtin(self.defaults)
+                if text is None
+                else document.load(document.parse_text(text), self.defaults)
+            )
+        except document.DocumentError as error:
+            self._load_problem = f"policy {source} is invalid: {error}"
+            return Loading(previous, previous, source, error)
+        self._policy = policy = document.LoadedPolicy.of(loaded, source, time.time())
+        self._load_problem = ""
+        return Loading(previous, policy, source, None)
+
+    def _announce(self, loading: Loading) -> None:
+        """Log, audit and publish what a load did."""
+        if loading.error is not None:
+            log.error("policy refused", extra={"source": loading.source, "error": str(loading.error)})
+            self._audit_reload("refused", loading.previous.version if loading.previous else "")
+            self.bus.publish(
+                PolicyReloadFailed(
+                    source=loading.source, error=str(loading.error), errors=loading.error.errors
+                )
+            )
+            return
+        previous_version = loading.previous.version if loading.previous else ""
+        if loading.policy.version == previous_version:
+            return
+        log.info("policy loaded", extra={"source": loading.source, "version": loading.policy.version})
+        self._audit_reload("applied", loading.policy.version)
+        self.bus.publish(
+            PolicyReloaded(
+                version=loading.policy.version, previous_version=previous_version, source=loading.source
+            )
+        )
+
+    def _current(self) -> document.LoadedPolicy:
+        policy = self._policy  # read once: a reload may swap it at any moment
+        if policy is None:
+            raise unavailable(f"no policy in force: {self._load_problem}")
+        return policy
+
+    def _effective(self, override: dict) -> tuple[overrides.EffectivePolicy, list[FieldError]]:
+        try:
+            return overrides.tighten(self._current(), override)
+        except document.DocumentError as error:
+            raise invalid(
+                f"invalid session override: {error}", errors=msgspec.to_builtins(error.errors)
+            ) from None
+
+    # -- audit --------------------------------------------------------------------------------
+
+    def _open_audit_quietly(self) -> None:
+        try:
+            self._open_audit()
+        except BusError:
+            pass  # reported by health(); every request tries again, so moving a bad log aside heals it
+
+    def _open_audit(self) -> audit.AuditLog:
+        with self._audit_lock:
+            if self._audit is None:
+                try:
+                    self._audit = audit.AuditLog(self.audit_path)
+                except (audit.AuditError, OSError) as error:
+                    self._audit_problem = f"audit log unusable: {error}"
+                    log.error("audit log unusable", extra={"path": str(self.audit_path), "error": str(error)})
+                    raise unavailable(
+                        f"{self._audit_problem}; no decision is made without a record"
+                    ) from None
+                self._audit_problem = ""
+            return self._audit
+
+    def _record(self, record: AuditRecord) -> AuditRecord:
+        log_file = self._open_audit()
+        try:
+            return log_file.append(record)
+        except OSError as error:
+            self._audit_problem = f"audit log unwritable: {error}"
+            raise unavailable(f"{self._audit_problem}; no decision is made without a record") from None
+
+    def _audit_reload(self, outcome: str, version: str) -> None:
+        try:
+            self._record(
+                AuditRecord(
+                    seq=0,
+                    time=time.time(),
+                    decision_id=uuid.uuid4().hex,
+                    action="policy.reload",
+                    decision=outcome,
+                    resource=self.source.description,
+                    policy_version=version,
+                )
+            )
+        except Exception as error:  # a reload is not refused for want of its audit line
+            log.error("reload not audited", extra={"error": str(error)})
+
+    # -- rpcs ---------------------------------------------------------------------------------
+
+    def _judge(self, request: PolicyEvaluate | PolicyExplain):
+        policy, refused = self._effective(request.override)
+        counts = engine.Counts(host=request.host_containers, session=request.session_containers)
+        judgement = engine.evaluate(request.spec, request.principal, policy, self.host_paths, counts)
+        refusals = [
+            Violation(
+                rule=REFUSED_RULE, message=f"session override {error.path}: {error.message}", field=error.path
+            )
+            for error in refused
+        ]
+        judgement.warnings[:0] = refusals
+        return policy, judgement
+
+    @staticmethod
+    def _decision(
+        decision_id: str, policy: overrides.EffectivePolicy, judgement: engine.Judgement
+    ) -> Decision:
+        return Decision(
+            decision_id=decision_id,
+            allowed=judgement.allowed,
+            outcome=judgement.outcome,
+            mode=policy.document.mode,
+            policy_version=policy.version,
+            violations=judgement.violations,
+            warnings=judgement.warnings,
+            enforced=judgement.enforced,
+        )
+
+    @rpc
+    def evaluate(self, request: PolicyEvaluate) -> Decision:
+        policy, judgement = self._judge(request)
+        decision = self._decision(uuid.uuid4().hex, policy, judgement)
+        self._record(
+            AuditRecord(
+                seq=0,
+                time=time.time(),
+                decision_id=decision.decision_id,
+                action=request.action,
+                decision=decision.outcome,
+                principal=request.principal,
+                resource=resource_digest(request.spec),
+                image=request.spec.image,
+                env_names=sorted(request.spec.env),
+                rules=list(dict.fromkeys(v.rule for v in decision.violations)),
+                policy_version=policy.version,
+            )
+        )
+        if decision.violations:
+            self.bus.publish(
+                PolicyViolation(
+                    decision_id=decision.decision_id,
+                    outcome=decision.outcome,
+                    principal=request.principal,
+                    image=request.spec.image,
+                    rules=list(dict.fromkeys(v.rule for v in decision.violations)),
+                    violations=decision.violations,
+                    policy_version=policy.version,
+                )
+            )
+        return decision
+
+    @rpc
+    def explain(self, request: PolicyExplain) -> Explanation:
+        policy, judgement = self._judge(request)
+        return Explanation(
+            decision=self._decision("", policy, judgement), checks=judgement.checks, summary=judgement.summary
+        )
+
+    @rpc
+    def get(self, request: PolicyGet) -> PolicyInfo:
+        loaded = self._current()
+        policy, refused = self._effective(request.override)
+        return PolicyInfo(
+            version=policy.version,
+            source=loaded.source,
+            mode=policy.document.mode,
+            loaded_at=loaded.loaded_at,
+            document=document.to_data(policy.document),
+            narrowing=overrides.narrowing_data(policy),
+            refused=refused,
+        )
+
+    @rpc
+    def reload(self, request: PolicyReload) -> ReloadResult:
+        try:
+            return self._reload(force=True)
+        except document.DocumentError as error:
+            raise invalid(
+                f"policy {self.source.description} refused, the current policy stays: {error}",
+                errors=msgspec.to_builtins(error.errors),
+            ) from None
+
+    @rpc
+    def validate(self, request: PolicyValidate) -> ValidationResult:
+        try:
+            data = document.parse_text(request.text)
+            if request.as_override:
+                policy, refused = overrides.tighten(self._current(), data)
+                return ValidationResult(valid=not refused, errors=refused, version=policy.version)
+            loaded = document.load(data, self.defaults)
+        except document.DocumentError as error:
+            return ValidationResult(valid=False, errors=error.errors)
+        return ValidationResult(
+            valid=True, warnings=symlink_warnings(loaded), version=document.version_of(loaded)
+        )
+
+
+def build(config: Config) -> PolicyService:
+    return PolicyService(
+        source=PolicyFile(config.policy.path),
+        audit_path=audit.log_path(config.data_dir),
+        defaults=document.HostDefaults.for_config(config),
+        host_paths=host_paths_for(config),
+        reload_interval=float(config.policy.reload_interval),
+    )

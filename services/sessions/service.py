@@ -1,0 +1,551 @@
+"""The session manager: sessions, their conversations, idleness, expiry and session-scoped cleanup.
+
+Every change is one store transaction, answered only after its commit; its events are published
+right after the commit, in commit order. Clocks are wall-clock times kept in the store, so idle
+and expiry clocks continue across restarts, and a session caught in `closing` by a crash finishes
+closing after the restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from typing import Callable
+
+import msgspec
+
+from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
+from baaaht.bus.service import CallContext, Service, on_event, rpc
+from baaaht.schemas.base import Empty, Event
+from baaaht.schemas.bus import Caller
+from baaaht.schemas.config import Config
+from baaaht.schemas.containers import ContainerDied, ContainerListQuery, ContainerRemoved
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.policy import PolicyValidate
+from baaaht.schemas.sessions import (
+    Message,
+    MessagePage,
+    SessionAttachContainer,
+    SessionClose,
+    SessionClosed,
+    SessionContainer,
+    SessionCreate,
+    SessionCreated,
+    SessionDelete,
+    SessionDetachContainer,
+    SessionGet,
+    SessionIdle,
+    SessionInfo,
+    SessionList,
+    SessionMessage,
+    SessionMessages,
+    SessionPage,
+    SessionSendMessage,
+    SessionState,
+    SessionUpdate,
+    SessionUpdated,
+)
+from baaaht.services.sessions import states, validation
+from baaaht.services.sessions.publisher import OrderedPublisher
+from baaaht.services.sessions.reaper import ContainerReaper
+from baaaht.services.sessions.states import ACTIVE, CLOSED, CLOSING, IDLE, INITIALIZING, LIVE
+from baaaht.services.sessions.store import SessionStore, Transaction
+
+log = logging.getLogger("baaaht.session")
+
+EXPIRED = "expired: max_duration reached"
+CLOSED_ON_REQUEST = "closed on request"
+STOP_TIMEOUT = 5.0  # seconds stop() gives background work to finish
+POLICY_CHECK_TIMEOUT = 5.0
+RECONCILE_TIMEOUT = 5.0
+
+_encode_json = msgspec.json.Encoder().encode
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+def sender_of(caller: Caller) -> str:
+    """Who sent a message, from the broker's stamp: `services/<service>` or `agents/uid=<uid>`."""
+    if not caller.socket:
+        return ""
+    return f"{caller.socket}/{caller.service}" if caller.service else f"{caller.socket}/uid={caller.uid}"
+
+
+class SessionService(Service):
+    name = "session"
+    concurrency = 16  # closes may wait for container removal; keep threads free for everything else
+
+    def __init__(self, store: SessionStore, config: Config, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.limits = config.session
+        self.host_max_containers = config.policy.max_containers
+        self.clock = clock
+        self._stopping = threading.Event()
+        self.reaper = ContainerReaper(float(self.limits.close_timeout), self._stopping)
+        self.events = OrderedPublisher(lambda event, subtopic: self.bus.publish(event, subtopic))
+        self._closers: dict[str, threading.Thread] = {}
+        self._closers_lock = threading.Lock()
+        self._sweeper: threading.Thread | None = None
+        self._sweep_problem = ""
+        self._containers_reconciled = False
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="session-sweep", daemon=True)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.reaper.wake()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        with self._closers_lock:
+            workers = list(self._closers.values())
+        for worker in [self._sweeper, *workers]:
+            if worker is not None:
+                worker.join(max(0.0, deadline - time.monotonic()))
+        self.events.close(STOP_TIMEOUT)
+        self.store.close()
+
+    def health(self) -> tuple[bool, str]:
+        return (False, self._sweep_problem) if self._sweep_problem else (True, "")
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    @rpc
+    def create(self, req: SessionCreate, ctx: CallContext) -> SessionInfo:
+        validation.text("owner", req.owner, validation.MAX_OWNER, required=True)
+        validation.text("name", req.name, validation.MAX_NAME)
+        validation.text("description", req.description, validation.MAX_DESCRIPTION, prose=True)
+        validation.labels(req.labels)
+        validation.tags(req.tags)
+        validation.settings(req.settings, self.host_max_containers)
+        if req.settings.policy_override:
+            self._check_policy_override(req.settings.policy_override, ctx)
+        now = self.clock()
+        session_id = new_id()
+        session = SessionInfo(
+            id=session_id,
+            state=states.move(session_id, INITIALIZING, ACTIVE, "create a session"),
+            owner=req.owner,
+            name=req.name,
+            description=req.description,
+            labels=req.labels,
+            tags=req.tags,
+            settings=req.settings,
+            created_at=now,
+            updated_at=now,
+            last_activity_at=now,
+            expires_at=now + req.settings.max_duration if req.settings.max_duration else 0.0,
+        )
+        with self.store.write() as tx:
+            open_sessions = tx.count_not_closed()
+            if open_sessions >= self.limits.max_sessions:
+                raise exhausted(
+                    f"{open_sessions} sessions are not closed, the limit session.max_sessions is"
+                    f" {self.limits.max_sessions}: close one first",
+                    limit=self.limits.max_sessions,
+                )
+            tx.insert(session)
+            self._publish_after(tx, SessionCreated(session=session))
+        log.info("session created", extra={"session_id": session_id, "owner": req.owner})
+        return session
+
+    def _check_policy_override(self, override: dict, ctx: CallContext) -> None:
+        """Ask the policy engine whether the override fits: it may only tighten the host policy."""
+        check = PolicyValidate(text=_encode_json(override).decode(), as_override=True)
+        try:
+            result = self.bus.call(check, timeout=max(0.1, min(ctx.remaining(), POLICY_CHECK_TIMEOUT)))
+        except BusError as exc:
+            raise unavailable(
+                f"cannot check settings.policy_override with the policy engine: {exc.message}"
+            ) from None
+        if not result.valid:
+            problems = "; ".join(f"{error.path}: {error.message}" for error in result.errors)
+            raise invalid(
+                f"settings.policy_override is refused by the policy engine: {problems}",
+                field="settings.policy_override",
+                errors=[{"path": error.path, "message": error.message} for error in result.errors],
+            )
+
+    @rpc
+    def get(self, req: SessionGet) -> SessionInfo:
+        return self._existing(req.session_id)
+
+    @rpc
+    def list(self, req: SessionList) -> SessionPage:
+        validation.labels(req.labels)
+        sessions, next_cursor = self.store.list(
+            req.states, req.owner, req.labels, validation.page_limit(req.limit), validation.cursor(req.cursor)
+        )
+        return SessionPage(sessions=sessions, next_cursor=next_cursor)
+
+    @rpc
+    def update(self, req: SessionUpdate) -> SessionInfo:
+        validation.identifier("session_id", req.session_id)
+        if req.name is not None:
+            validation.text("name", req.name, validation.MAX_NAME)
+        if req.description is not None:
+            validation.text("description", req.description, validation.MAX_DESCRIPTION, prose=True)
+        if req.labels is not None:
+            validation.labels(req.labels)
+        if req.tags is not None:
+            validation.tags(req.tags)
+        if req.current_task_id is not None:
+            validation.text("current_task_id", req.current_task_id, validation.MAX_ID)
+        with self.store.write() as tx:
+            session = self._for_change(tx, req.session_id)
+            if session.state not in LIVE:
+                raise precondition(
+                    f"cannot update session {session.id}: it is {session.state.value}",
+                    session_id=session.id,
+                    state=session.state.value,
+                )
+            for field in ("name", "description", "labels", "tags"):
+                value = getattr(req, field)
+                if value is not None:
+                    setattr(session, field, value)
+            if req.current_task_id is not None and req.current_task_id != session.current_task_id:
+                if session.current_task_id:
+                    session.task_history.append(session.current_task_id)
+                session.current_task_id = req.current_task_id
+            session.updated_at = self.clock()
+            tx.put(session)
+            self._announce(tx, session, "metadata")
+        return session
+
+    @rpc
+    def close(self, req: SessionClose, ctx: CallContext) -> SessionInfo:
+        validation.text("reason", req.reason, validation.MAX_DESCRIPTION, prose=True)
+        session = self.begin_close(req.session_id, req.reason or CLOSED_ON_REQUEST)
+        if session.state is CLOSED or not req.wait:
+            return session
+        worker = self._closer(session.id)
+        # Leave a moment before the caller's deadline to answer with the state reached so far.
+        worker.join(max(0.0, min(ctx.remaining() - 0.5, self.limits.close_timeout + STOP_TIMEOUT)))
+        return self._existing(session.id)
+
+    @rpc
+    def delete(self, req: SessionDelete) -> Empty:
+        validation.identifier("session_id", req.session_id)
+        with self.store.write() as tx:
+            session = self._for_change(tx, req.session_id)
+            if session.state is not CLOSED:
+                raise precondition(
+                    f"cannot delete session {session.id}: it is {session.state.value}, close it first",
+                    session_id=session.id,
+                    state=session.state.value,
+                )
+            tx.delete(session.id)
+        log.info("session deleted", extra={"session_id": session.id})
+        return Empty()
+
+    # -- conversation -------------------------------------------------------------------------
+
+    @rpc
+    def send_message(self, req: SessionSendMessage, ctx: CallContext) -> Message:
+        validation.identifier("session_id", req.session_id)
+        validation.message_size(req.content, req.metadata, int(self.limits.max_message_size))
+        for field in ("tool_name", "tool_call_id", "container_id"):
+            validation.text(f"metadata.{field}", getattr(req.metadata, field), validation.MAX_ID)
+        now = self.clock()
+        with self.store.write() as tx:
+            session = self._for_change(tx, req.session_id)
+            expired = session.state in LIVE and 0 < session.expires_at <= now
+            if not expired:
+                message = self._append(tx, session, req, now, sender_of(ctx.caller))
+        if expired:
+            # The sweep has not got to it yet: close it now rather than let the conversation go on.
+            self.begin_close(session.id, EXPIRED)
+            raise precondition(
+                f"cannot add a message: session {session.id} expired (max_duration"
+                f" {session.settings.max_duration:g}s) and is being closed",
+                session_id=session.id,
+                state=CLOSING.value,
+            )
+        return message
+
+    def _append(
+        self, tx: Transaction, session: SessionInfo, req: SessionSendMessage, now: float, sender: str
+    ) -> Message:
+        previous = session.state
+        if previous is not ACTIVE:
+            session.state = states.move(session.id, previous, ACTIVE, "add a message")
+        message = Message(
+            id=new_id(),
+            seq=session.message_count + 1,
+            time=now,
+            role=req.role,
+            content=req.content,
+            metadata=req.metadata,
+            sender=sender,
+        )
+        session.message_count = message.seq
+        session.last_activity_at = session.updated_at = now
+        tx.put(session)
+        tx.append_message(session.id, message)
+        self._publish_after(tx, SessionMessage(session_id=session.id, message=message), subtopic=session.id)
+        if previous is not ACTIVE:
+            self._announce(tx, session, "state", previous)
+        return message
+
+    @rpc
+    def messages(self, req: SessionMessages) -> MessagePage:
+        session = self._existing(req.session_id)
+        found, next_cursor = self.store.messages(
+            session.id,
+            newest_first=req.order == "newest",
+            limit=validation.page_limit(req.limit),
+            cursor=validation.cursor(req.cursor),
+        )
+        return MessagePage(messages=found, next_cursor=next_cursor)
+
+    # -- containers ---------------------------------------------------------------------------
+
+    @rpc
+    def attach_container(self, req: SessionAttachContainer) -> SessionInfo:
+        validation.identifier("session_id", req.session_id)
+        validation.identifier("container_id", req.container_id)
+        with self.store.write() as tx:
+            session = self._for_change(tx, req.session_id)
+            if session.state not in LIVE:
+                raise precondition(
+                    f"cannot attach a container to session {session.id}: it is {session.state.value}",
+                    session_id=session.id,
+                    state=session.state.value,
+                )
+            if any(c.id == req.container_id for c in session.containers):
+                raise BusError(
+                    ErrorCode.ALREADY_EXISTS,
+                    f"container {req.container_id} is already attached to session {session.id}",
+                    {"session_id": session.id, "container_id": req.container_id},
+                )
+            limit = self.max_containers(session)
+            if len(session.containers) >= limit:
+                raise exhausted(
+                    f"session {session.id} already has {len(session.containers)} containers,"
+                    f" its limit max_containers is {limit}",
+                    session_id=session.id,
+                    limit=limit,
+                )
+            session.containers.append(SessionContainer(id=req.container_id, attached_at=self.clock()))
+            session.updated_at = self.clock()
+            tx.put(session)
+            self._announce(tx, session, "containers")
+        return session
+
+    @rpc
+    def detach_container(self, req: SessionDetachContainer) -> SessionInfo:
+        validation.identifier("session_id", req.session_id)
+        validation.identifier("container_id", req.container_id)
+        with self.store.write() as tx:
+            session = self._for_change(tx, req.session_id)
+            if not self._drop_container(tx, session, req.container_id):
+                raise not_found(
+                    f"container {req.container_id} is not attached to session {session.id}",
+                    session_id=session.id,
+                    container_id=req.container_id,
+                )
+        return session
+
+    def max_containers(self, session: SessionInfo) -> int:
+        """The session's own limit, never above the host's current one."""
+        return min(session.settings.max_containers or self.host_max_containers, self.host_max_containers)
+
+    @on_event("container.removed")
+    def on_container_removed(self, event: ContainerRemoved) -> None:
+        with self.store.write() as tx:
+            for session in tx.holding_container(event.container_id):
+                self._drop_container(tx, session, event.container_id)
+        self.reaper.removed(event.container_id)
+
+    @on_event("container.died")
+    def on_container_died(self, event: ContainerDied) -> None:
+        with self.store.write() as tx:
+            for session in tx.holding_container(event.container_id):
+                for container in session.containers:
+                    if container.id == event.container_id and not container.exited:
+                        container.exited = True
+                        session.updated_at = self.clock()
+                        tx.put(session)
+                        self._announce(tx, session, "containers")
+
+    def _drop_container(self, tx: Transaction, session: SessionInfo, container_id: str) -> bool:
+        kept = [c for c in session.containers if c.id != container_id]
+        if len(kept) == len(session.containers):
+            return False
+        session.containers = kept
+        session.updated_at = self.clock()
+        tx.put(session)
+        self._announce(tx, session, "containers")
+        return True
+
+    # -- idleness, expiry and closing ---------------------------------------------------------
+
+    def sweep(self) -> None:
+        """One pass: idle sessions go idle, expired ones are closed, interrupted closings resume,
+        and (until it has worked once) containers removed while we were down are forgotten."""
+        if not self._containers_reconciled:
+            self._containers_reconciled = self._reconcile_containers()
+        now = self.clock()
+        for session in self.store.in_states((ACTIVE, IDLE, CLOSING)):
+            if session.state is CLOSING:
+                self._closer(session.id)
+            elif session.expires_at and now >= session.expires_at:
+                self.begin_close(session.id, EXPIRED)
+            elif session.state is ACTIVE and now - session.last_activity_at >= self.idle_timeout(session):
+                self._go_idle(session.id)
+
+    def _reconcile_containers(self) -> bool:
+        """Drop attached containers the container manager no longer has: their `container.removed`
+        events went by while this service was not listening. False if it could not be asked."""
+        for session in self.store.in_states(LIVE):
+            if not session.containers:
+                continue
+            asked_at = self.clock()
+            try:
+                listed = self.bus.call(ContainerListQuery(session_id=session.id), timeout=RECONCILE_TIMEOUT)
+            except BusError as exc:
+                log.info("container list not reconciled yet", extra={"reason": exc.message})
+                return False
+            present = {container.id for container in listed.containers}
+            with self.store.write() as tx:
+                current = tx.get(session.id)
+                if current is None:
+                    continue
+                # Containers attached after the question was asked are not in its answer.
+                gone = [c.id for c in current.containers if c.id not in present and c.attached_at < asked_at]
+                for container_id in gone:
+                    self._drop_container(tx, current, container_id)
+        return True
+
+    def idle_timeout(self, session: SessionInfo) -> float:
+        return session.settings.idle_timeout or float(self.limits.timeout)
+
+    def _sweep_loop(self) -> None:
+        while True:
+            try:
+                self.sweep()
+                self._sweep_problem = ""
+            except Exception as exc:
+                log.exception("session sweep failed")
+                self._sweep_problem = f"sweep failed: {type(exc).__name__}: {exc}"
+            if self._stopping.wait(float(self.limits.sweep_interval)):
+                return
+
+    def _go_idle(self, session_id: str) -> None:
+        with self.store.write() as tx:
+            session = tx.get(session_id)
+            # Re-checked inside the transaction: a message may have arrived since the sweep looked.
+            now = self.clock()
+            if session is None or session.state is not ACTIVE:
+                return
+            if now - session.last_activity_at < self.idle_timeout(session):
+                return
+            session.state = states.move(session.id, ACTIVE, IDLE, "mark the session idle")
+            session.updated_at = now
+            tx.put(session)
+            idle = SessionIdle(
+                session_id=session.id, owner=session.owner, last_activity_at=session.last_activity_at
+            )
+            self._publish_after(tx, idle)
+            self._announce(tx, session, "state", ACTIVE)
+        log.info("session idle", extra={"session_id": session_id})
+
+    def begin_close(self, session_id: str, reason: str) -> SessionInfo:
+        """Move the session to closing (no change if it is closing or closed already) and make
+        sure the removal of its containers runs."""
+        validation.identifier("session_id", session_id)
+        with self.store.write() as tx:
+            session = self._for_change(tx, session_id)
+            if session.state in (CLOSING, CLOSED):
+                return session
+            previous = session.state
+            session.state = states.move(session.id, previous, CLOSING, "close the session")
+            session.close_reason = reason
+            session.updated_at = self.clock()
+            tx.put(session)
+            self._announce(tx, session, "state", previous)
+        log.info("session closing", extra={"session_id": session_id, "reason": reason})
+        self._closer(session_id)
+        return session
+
+    def _closer(self, session_id: str) -> threading.Thread:
+        """The one thread finishing this session's closing, started if none runs."""
+        with self._closers_lock:
+            worker = self._closers.get(session_id)
+            if worker is None:
+                worker = threading.Thread(
+                    target=self._finish_close,
+                    args=(session_id,),
+                    name=f"session-close-{session_id[:8]}",
+                    daemon=True,
+                )
+                self._closers[session_id] = worker
+                worker.start()
+            return worker
+
+    def _finish_close(self, session_id: str) -> None:
+        try:
+            session = self.store.get(session_id)
+            if session is None or session.state is not CLOSING:
+                return
+            remaining = self.reaper.remove_all(self.bus, session_id, [c.id for c in session.containers])
+            if self._stopping.is_set():
+                return  # shutting down: the next start resumes the closing
+            with self.store.write() as tx:
+                session = tx.get(session_id)
+                if session is None or session.state is not CLOSING:
+                    return
+                session.state = states.move(session.id, CLOSING, CLOSED, "finish closing")
+                session.closed_at = session.updated_at = self.clock()
+                session.containers = [c for c in session.containers if c.id in remaining]
+                tx.put(session)
+                self._announce(tx, session, "state", CLOSING)
+                closed = SessionClosed(
+                    session_id=session.id,
+                    owner=session.owner,
+                    reason=session.close_reason,
+                    remaining_containers=remaining,
+                )
+                self._publish_after(tx, closed)
+            log.info("session closed", extra={"session_id": session_id, "remaining_containers": remaining})
+        except Exception:
+            # Left in closing: the next sweep tries again.
+            log.exception("closing a session failed", extra={"session_id": session_id})
+        finally:
+            with self._closers_lock:
+                self._closers.pop(session_id, None)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _existing(self, session_id: str) -> SessionInfo:
+        validation.identifier("session_id", session_id)
+        session = self.store.get(session_id)
+        if session is None:
+            raise not_found(f"no session {session_id}", session_id=session_id)
+        return session
+
+    @staticmethod
+    def _for_change(tx: Transaction, session_id: str) -> SessionInfo:
+        session = tx.get(session_id)
+        if session is None:
+            raise not_found(f"no session {session_id}", session_id=session_id)
+        return session
+
+    def _announce(
+        self, tx: Transaction, session: SessionInfo, change: str, previous: SessionState | None = None
+    ) -> None:
+        self._publish_after(tx, SessionUpdated(session=session, change=change, previous_state=previous))
+
+    def _publish_after(self, tx: Transaction, event: Event, subtopic: str = "") -> None:
+        """Queue the event once the change is committed, in commit order (the store's lock is held)."""
+        tx.after_commit(lambda: self.events.publish(event, subtopic))
+
+
+def build(config: Config) -> SessionService:
+    return SessionService(SessionStore.in_data_dir(config.data_dir), config)

@@ -1,0 +1,303 @@
+"""Written fakes for the container service's outside world: the runtime, the policy and session peers,
+and the bus it publishes on. They keep state like the real things, so tests can check outcomes."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from typing import Any
+
+import msgspec
+
+from baaaht.bus.errors import BusError, not_found
+from baaaht.bus.service import CallContext
+from baaaht.schemas.containers import (
+    ContainerInfo,
+    ContainerLogs,
+    ContainerSpec,
+    ContainerSummary,
+    HealthReport,
+    ImageStatus,
+    LogLine,
+    PullProgress,
+    StatsSample,
+    WaitResult,
+)
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.policy import Principal
+from baaaht.services.containers.hardening import LABEL_ROLE, LABEL_SESSION
+from baaaht.services.containers.runtime import EngineEvent
+
+_END = object()
+
+
+class FakeStream:
+    """A closable stream fed by the test (`put`, `end`); iteration blocks like an engine response."""
+
+    def __init__(self, items: list | None = None, ended: bool = False):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = threading.Event()
+        for item in items or []:
+            self._queue.put(item)
+        if ended:
+            self.end()
+
+    def put(self, item) -> None:
+        self._queue.put(item)
+
+    def end(self) -> None:
+        self._queue.put(_END)
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is _END or self.closed.is_set():
+                return
+            yield item
+
+    def close(self) -> None:
+        self.closed.set()
+        self._queue.put(_END)
+
+
+class FakeRuntime:
+    name = "fake"
+
+    def __init__(self, images: tuple[str, ...] = ("busybox:1",)):
+        self.images = set(images)
+        self.containers: dict[str, dict[str, Any]] = {}
+        self.waits: dict[str, list[FakeStream]] = {}
+        self.log_streams: list[FakeStream] = []
+        self.event_streams: list[FakeStream] = []
+        self.down_reason = ""
+        self.health_script: list[HealthReport] = []
+        self.calls: list[tuple[str, str]] = []
+        self.gate: threading.Event | None = None  # when set, start() blocks until the gate opens
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # helpers for tests
+    def add(self, labels: dict[str, str], state: str = "running", created: float | None = None) -> str:
+        container_id = f"{next(self._ids):064x}"
+        self.containers[container_id] = dict(
+            spec=ContainerSpec(image="busybox:1", labels=labels),
+            name=f"c{container_id[-4:]}",
+            state=state,
+            labels=labels,
+            created=time.time() if created is None else created,
+        )
+        return container_id
+
+    def exit(self, container_id: str, code: int) -> None:
+        self.containers[container_id]["state"] = "exited"
+        for stream in self.waits.pop(container_id, []):
+            stream.put(WaitResult(exit_code=code))
+
+    def _get(self, ref: str) -> tuple[str, dict]:
+        self._check_up()
+        for container_id, c in self.containers.items():
+            if ref in (container_id, c["name"]) or (len(ref) >= 4 and container_id.startswith(ref)):
+                return container_id, c
+        raise not_found(f"No such container: {ref}")
+
+    def _check_up(self) -> None:
+        if self.down_reason:
+            raise BusError(ErrorCode.UNAVAILABLE, self.down_reason)
+
+    def _record(self, op: str, target: str) -> None:
+        with self._lock:
+            self.calls.append((op, target))
+
+    # Runtime protocol
+    def ping(self) -> str:
+        self._check_up()
+        return "fake engine"
+
+    def create(self, spec: ContainerSpec) -> tuple[str, list[str]]:
+        self._check_up()
+        self._record("create", spec.name)
+        if spec.image not in self.images:
+            raise not_found(f"No such image: {spec.image}")
+        if any(c["name"] == spec.name for c in self.containers.values()):
+            raise BusError(ErrorCode.ALREADY_EXISTS, f"name {spec.name} in use")
+        container_id = self.add(dict(spec.labels), state="created")
+        self.containers[container_id].update(spec=spec, name=spec.name)
+        return container_id, []
+
+    def start(self, container: str) -> None:
+        container_id, c = self._get(container)
+        self._record("start", container_id)
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                assert self.gate.wait(10), "test gate never opened"
+            c["state"] = "running"
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def stop(self, container: str, timeout: float) -> None:
+        container_id, c = self._get(container)
+        self._record("stop", container_id)
+        if c["state"] == "running":
+            self.exit(container_id, 143)
+
+    def restart(self, container: str, timeout: float) -> None:
+        self._get(container)[1]["state"] = "running"
+
+    def kill(self, container: str, signal: str) -> None:
+        container_id, _ = self._get(container)
+        self.exit(container_id, 137)
+
+    def pause(self, container: str) -> None:
+        self._get(container)[1]["state"] = "paused"
+
+    def unpause(self, container: str) -> None:
+        self._get(container)[1]["state"] = "running"
+
+    def remove(self, container: str, force: bool, volumes: bool) -> None:
+        container_id, c = self._get(container)
+        self._record("remove", container_id)
+        if c["state"] == "running" and not force:
+            raise BusError(ErrorCode.FAILED_PRECONDITION, "cannot remove a running container")
+        del self.containers[container_id]
+
+    def wait(self, container: str) -> FakeStream:
+        container_id, c = self._get(container)
+        stream = FakeStream()
+        if c["state"] == "exited":
+            stream.put(WaitResult(exit_code=0))
+        else:
+            self.waits.setdefault(container_id, []).append(stream)
+        return stream
+
+    def inspect(self, container: str) -> ContainerInfo:
+        container_id, c = self._get(container)
+        labels = c["labels"]
+        return ContainerInfo(
+            id=container_id,
+            name=c["name"],
+            image=c["spec"].image,
+            state=c["state"],
+            labels=labels,
+            session_id=labels.get(LABEL_SESSION, ""),
+            role=labels.get(LABEL_ROLE, ""),
+        )
+
+    def health(self, container: str) -> HealthReport:
+        self._get(container)
+        if self.health_script:
+            return self.health_script.pop(0)
+        return HealthReport(status="starting", has_healthcheck=True, state="running")
+
+    def list(self, labels: dict[str, str]) -> list[ContainerSummary]:
+        self._check_up()
+        return [
+            ContainerSummary(
+                id=container_id,
+                name=c["name"],
+                image=c["spec"].image,
+                state=c["state"],
+                labels=c["labels"],
+                session_id=c["labels"].get(LABEL_SESSION, ""),
+                created=c["created"],
+            )
+            for container_id, c in self.containers.items()
+            if all(c["labels"].get(k) == v for k, v in labels.items())
+        ]
+
+    def logs(self, container: str, options: ContainerLogs) -> FakeStream:
+        self._get(container)
+        stream = FakeStream([LogLine(stream="stdout", text=f"line {i}") for i in range(3)])
+        if not options.follow:
+            stream.end()
+        self.log_streams.append(stream)
+        return stream
+
+    def stats(self, container: str) -> StatsSample:
+        self._get(container)
+        return StatsSample(time=time.time(), pids=1)
+
+    def stats_stream(self, container: str) -> FakeStream:
+        self._get(container)
+        return FakeStream([StatsSample(time=float(i), pids=1) for i in range(3)], ended=True)
+
+    def image_exists(self, image: str) -> ImageStatus:
+        self._check_up()
+        return ImageStatus(exists=image in self.images, id="sha256:x" if image in self.images else "")
+
+    def pull(self, image: str) -> FakeStream:
+        self._check_up()
+        self.images.add(image)
+        return FakeStream([PullProgress(status="Downloaded")], ended=True)
+
+    def events(self, since: float) -> FakeStream:
+        self._check_up()
+        stream = FakeStream()
+        self.event_streams.append(stream)
+        return stream
+
+    def close(self) -> None:
+        pass
+
+
+class FakePolicy:
+    """Allows everything (returning the spec, optionally changed by `enforce`) unless told otherwise."""
+
+    def __init__(self):
+        self.seen: list[tuple[ContainerSpec, Principal, int, int]] = []
+        self.error: BusError | None = None
+        self.enforce = None
+
+    def evaluate(self, spec, principal, host_containers, session_containers) -> ContainerSpec:
+        self.seen.append((spec, principal, host_containers, session_containers))
+        if self.error is not None:
+            raise self.error
+        return self.enforce(spec) if self.enforce else spec
+
+
+class FakeSessions:
+    def __init__(self, verdicts: dict[str, str] | None = None):
+        self.verdicts = verdicts or {}
+        self.error: BusError | None = None
+
+    def verdict(self, session_id: str) -> str:
+        if self.error is not None:
+            raise self.error
+        return self.verdicts.get(session_id, "missing")
+
+
+class FakeBus:
+    """Records published events; `call` answers from a handler the test installs."""
+
+    def __init__(self, answer=None):
+        self.published: list = []
+        self.answer = answer
+        self.requests: list = []
+
+    def publish(self, event, subtopic: str = "") -> None:
+        self.published.append(event)
+
+    def call(self, request, timeout=None, correlation_id=""):
+        self.requests.append(request)
+        return self.answer(request)
+
+
+def context(timeout: float = 10.0) -> CallContext:
+    return CallContext(deadline=time.time() + timeout)
+
+
+def engine_event(action: str, container_id: str, labels: dict[str, str], **attrs: str) -> EngineEvent:
+    return EngineEvent(
+        kind="container", action=action, id=container_id, time=time.time(), attributes={**labels, **attrs}
+    )
+
+
+def replace(spec: ContainerSpec, **changes) -> ContainerSpec:
+    return msgspec.structs.replace(spec, **changes)

@@ -1,0 +1,282 @@
+"""The container manager as a real service process on a real broker, with the real policy and session
+services, against the real Docker engine."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from baaaht.bus.errors import BusError
+from baaaht.schemas.bus import ServicesQuery
+from baaaht.schemas.containers import (
+    ContainerCreate,
+    ContainerDestroy,
+    ContainerGet,
+    ContainerHealthWait,
+    ContainerKill,
+    ContainerListQuery,
+    ContainerLogs,
+    ContainerReconcile,
+    ContainerSpec,
+    ContainerStart,
+    ContainerStatsStream,
+    ContainerStop,
+    ContainerWait,
+    Healthcheck,
+    ImageExists,
+)
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.sessions import SessionCreate
+from baaaht.services.containers.hardening import LABEL_INSTALL, LABEL_MANAGED, LABEL_ROLE, LABEL_SESSION
+from baaaht.services.containers.install import FILE_NAME as INSTALL_FILE
+from tests import container_support
+from tests.harness import wait_for
+
+pytestmark = pytest.mark.docker
+
+docker_client, busybox = container_support.docker_client, container_support.busybox
+
+SETTINGS = {
+    "policy": {"max_containers": 3},
+    "container": {"orphan_grace": "0s", "reconcile_interval": "1h"},
+}
+
+
+class Orchestrator:
+    """A broker plus the policy, session and container services; removes its containers at the end."""
+
+    def __init__(self, host, docker_client, with_sessions: bool = True):
+        self.host = host
+        self.docker = docker_client
+        host.start_service("baaaht.services.policy", service="policy")
+        if with_sessions:
+            host.start_service("baaaht.services.sessions", service="session")
+        host.start_service("baaaht.services.containers", service="container")
+        self.install_id = (host.data_dir / INSTALL_FILE).read_text().strip()
+        self.bus = host.client(timeout=30)
+
+    def session(self) -> str:
+        return self.bus.call(SessionCreate(owner="tester")).id
+
+    def create(self, session: str, image: str, script: str, **spec) -> str:
+        request = ContainerCreate(
+            spec=ContainerSpec(image=image, command=["sh", "-c", script], **spec), session_id=session
+        )
+        return self.bus.call(request).id
+
+    def run(self, session: str, image: str, script: str) -> tuple[int, list[str]]:
+        container = self.create(session, image, script)
+        self.bus.call(ContainerStart(id=container))
+        exit_code = self.bus.call(ContainerWait(id=container)).exit_code
+        lines = [line.text for chunk in self.bus.stream(ContainerLogs(id=container)) for line in chunk.lines]
+        return exit_code, lines
+
+    def cleanup(self) -> None:
+        container_support.remove_labelled(self.docker, f"{LABEL_INSTALL}={self.install_id}")
+
+
+@pytest.fixture
+def orchestrator(make_host, docker_client, busybox):
+    made = Orchestrator(make_host(SETTINGS), docker_client)
+    yield made
+    made.cleanup()
+
+
+def code_of(call) -> ErrorCode:
+    with pytest.raises(BusError) as caught:
+        call()
+    return caught.value.code
+
+
+def test_full_lifecycle_with_events(orchestrator, busybox):
+    bus = orchestrator.bus
+    session = orchestrator.session()
+    with bus.subscribe(["container."]) as events:
+        container = orchestrator.create(session, busybox, "echo hello; echo oops >&2; exit 3")
+        info = bus.call(ContainerGet(id=container))
+        assert info.state == "created" and info.session_id == session
+        assert info.labels[LABEL_MANAGED] == "true" and info.labels[LABEL_INSTALL] == orchestrator.install_id
+        assert info.labels[LABEL_ROLE] == "agent" and info.name.startswith("baaaht-agent-")
+        listed = bus.call(ContainerListQuery(session_id=session)).containers
+        assert [c.id for c in listed] == [container]
+        bus.call(ContainerStart(id=container))
+        assert bus.call(ContainerWait(id=container)).exit_code == 3
+        chunks = list(bus.stream(ContainerLogs(id=container)))
+        # Each stream keeps its order; between the two the engine promises none.
+        assert sorted((line.stream, line.text) for chunk in chunks for line in chunk.lines) == [
+            ("stderr", "oops"),
+            ("stdout", "hello"),
+        ]
+        assert bus.call(ContainerGet(id=container)).exit_code == 3
+        bus.call(ContainerDestroy(id=container))
+        assert code_of(lambda: bus.call(ContainerGet(id=container))) is ErrorCode.NOT_FOUND
+        topics = []
+
+        def seen_all():
+            delivery = events.next(timeout=0.5)
+            if delivery is not None and delivery.event.container_id == container:
+                topics.append(delivery.topic)
+            return topics[-1:] == ["container.removed"]
+
+        wait_for(seen_all, timeout=15, interval=0, what="the container's events")
+    assert topics == ["container.created", "container.started", "container.died", "container.removed"]
+
+
+def test_hardened_defaults_hold_inside_the_container(orchestrator, busybox):
+    script = (
+        "id -u; grep CapEff /proc/self/status; "
+        "touch /probe 2>/dev/null && echo root-writable || echo root-read-only; "
+        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; "
+        'echo "$BAAAHT_BUS"; test -S /run/baaaht/agent/bus.sock && echo bus-socket-visible; '
+        "touch /run/baaaht/agent/x 2>/dev/null && echo bus-dir-writable || echo bus-dir-read-only"
+    )
+    exit_code, lines = orchestrator.run(orchestrator.session(), busybox, script)
+    assert exit_code == 0
+    assert lines == [
+        "1000",
+        "CapEff:\t0000000000000000",
+        "root-read-only",
+        "lo",
+        "ipc:///run/baaaht/agent/bus.sock",
+        "bus-socket-visible",
+        "bus-dir-read-only",
+    ]
+
+
+def test_logs_follow_and_stats_stream_end_when_cancelled(orchestrator, busybox):
+    bus = orchestrator.bus
+    container = orchestrator.create(orchestrator.session(), busybox, "echo one; echo two; sleep 600")
+    bus.call(ContainerStart(id=container))
+    follower = bus.stream(ContainerLogs(id=container, follow=True), timeout=600)
+    texts = []
+    for chunk in follower:
+        texts += [line.text for line in chunk.lines]
+        if len(texts) == 2:
+            break
+    follower.close()  # cancels the call on the service
+    assert texts == ["one", "two"]
+    samples = bus.stream(ContainerStatsStream(id=container, interval=0.5), timeout=600)
+    first, second = next(samples), next(samples)
+    samples.close()
+    assert first.pids >= 1 and first.memory_limit > 0 and second.time > first.time
+    # The service is free again: nothing is left holding the container.
+    bus.call(ContainerStop(id=container, timeout=5))
+    assert bus.call(ContainerGet(id=container)).state == "exited"
+
+
+def test_health_wait_returns_once_healthy(orchestrator, busybox):
+    bus = orchestrator.bus
+    check = Healthcheck(test=["CMD-SHELL", "test -e /tmp/ready"], interval=0.2, timeout=2, retries=20)
+    container = orchestrator.create(
+        orchestrator.session(), busybox, "sleep 1; touch /tmp/ready; sleep 600", healthcheck=check
+    )
+    bus.call(ContainerStart(id=container))
+    report = bus.call(ContainerHealthWait(id=container, retries=100, interval=0.2))
+    assert report.status == "healthy" and report.has_healthcheck
+
+
+def test_a_container_killed_behind_our_back_yields_died(orchestrator, busybox, docker_client):
+    bus = orchestrator.bus
+    container = orchestrator.create(orchestrator.session(), busybox, "sleep 600")
+    with bus.subscribe(["container.died"]) as events:
+        bus.call(ContainerStart(id=container))
+        docker_client.api.kill(container, signal="SIGKILL")  # straight at the engine
+        died = wait_for(lambda: events.next(timeout=0.5), timeout=15, interval=0, what="container.died")
+    assert died.event.container_id == container and died.event.exit_code == 137
+
+
+def test_the_quota_refuses_a_fourth_container(orchestrator, busybox):
+    bus = orchestrator.bus
+    session = orchestrator.session()
+    made = [orchestrator.create(session, busybox, "sleep 600") for _ in range(3)]
+    with pytest.raises(BusError) as caught:
+        orchestrator.create(session, busybox, "sleep 600")
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED and "3 of 3" in caught.value.message
+    bus.call(ContainerDestroy(id=made[0], force=True))
+    orchestrator.create(session, busybox, "true")
+
+
+def test_the_policy_denies_root_and_unpinned_images(orchestrator, busybox):
+    session = orchestrator.session()
+    with pytest.raises(BusError) as caught:
+        orchestrator.create(session, busybox, "true", user="0:0")
+    assert (
+        caught.value.code is ErrorCode.PERMISSION_DENIED and "security.root" in caught.value.details["rules"]
+    )
+    with pytest.raises(BusError) as caught:
+        orchestrator.create(session, "busybox", "true")
+    assert (
+        caught.value.code is ErrorCode.PERMISSION_DENIED
+        and "image.latest_tag" in caught.value.details["rules"]
+    )
+    assert orchestrator.bus.call(ContainerListQuery(session_id=session)).containers == []
+
+
+def test_without_the_policy_service_nothing_is_created(orchestrator, busybox):
+    orchestrator.host.kill("baaaht.services.policy")
+    with pytest.raises(BusError) as caught:
+        orchestrator.create(orchestrator.session(), busybox, "true")
+    assert caught.value.code is ErrorCode.UNAVAILABLE and "policy service" in caught.value.message
+    assert orchestrator.bus.call(ContainerListQuery()).containers == []
+
+
+def test_reconcile_removes_orphans_of_this_install_only(orchestrator, busybox, docker_client):
+    bus = orchestrator.bus
+    kept = orchestrator.create(orchestrator.session(), busybox, "sleep 600")
+    # Left behind by a crash: ours, but its session no longer exists.
+    orphan = docker_client.containers.create(
+        busybox,
+        ["sleep", "600"],
+        labels={LABEL_MANAGED: "true", LABEL_INSTALL: orchestrator.install_id, LABEL_SESSION: "gone"},
+        network_mode="none",
+    )
+    orphan.start()
+    foreign = docker_client.containers.create(
+        busybox,
+        ["sleep", "600"],
+        labels={LABEL_MANAGED: "true", LABEL_INSTALL: uuid.uuid4().hex, LABEL_SESSION: "gone"},
+        network_mode="none",
+    )
+    try:
+        report = bus.call(ContainerReconcile())
+        assert report.skipped == "" and [r.id for r in report.removed] == [orphan.id]
+        assert "session gone does not exist" in report.removed[0].reason
+        assert code_of(lambda: bus.call(ContainerGet(id=orphan.id))) is ErrorCode.NOT_FOUND
+        assert bus.call(ContainerGet(id=kept)).state == "created"
+        foreign.reload()  # still there, untouched
+        assert foreign.status == "created"
+    finally:
+        foreign.remove(force=True)
+
+
+def test_reconcile_removes_nothing_without_the_session_service(make_host, docker_client, busybox):
+    orchestrator = Orchestrator(make_host(SETTINGS), docker_client, with_sessions=False)
+    try:
+        orphan = docker_client.containers.create(
+            busybox,
+            ["true"],
+            labels={LABEL_MANAGED: "true", LABEL_INSTALL: orchestrator.install_id, LABEL_SESSION: "gone"},
+            network_mode="none",
+        )
+        report = orchestrator.bus.call(ContainerReconcile())
+        assert "session service could not be asked" in report.skipped and report.removed == []
+        orphan.reload()
+        assert "reconcile skipped" in orchestrator.host.log("baaaht.services.containers")
+    finally:
+        orchestrator.cleanup()
+
+
+def test_an_engine_that_is_not_there_gives_unavailable_not_a_hang(make_host):
+    host = make_host({"docker": {"host": "unix:///tmp/baaaht-no-engine.sock"}})
+    host.start_service("baaaht.services.containers", service="container")
+    bus = host.client(timeout=10)
+    started = time.monotonic()
+    for request in (ContainerListQuery(), ImageExists(image="x:1"), ContainerKill(id="abc")):
+        with pytest.raises(BusError) as caught:
+            bus.call(request)
+        assert caught.value.code is ErrorCode.UNAVAILABLE and "baaaht-no-engine.sock" in caught.value.message
+    assert time.monotonic() - started < 10  # each call answered before its own deadline
+    [service] = bus.call(ServicesQuery(service="container")).services
+    assert not service.instances[0].healthy and "baaaht-no-engine.sock" in service.instances[0].reason

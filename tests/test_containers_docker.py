@@ -1,0 +1,202 @@
+"""The Docker runtime adapter against the real engine: hardening in effect, no client-side caps on waits
+and followers, cancellation, error codes, events."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import pytest
+
+from baaaht.bus.errors import BusError
+from baaaht.schemas.config import Config, DockerConfig, RuntimeConfig
+from baaaht.schemas.containers import ContainerLogs, ContainerSpec, Healthcheck, Resources
+from baaaht.schemas.errors import ErrorCode
+from baaaht.services.containers.docker_runtime import DockerRuntime
+from baaaht.services.containers.hardening import Defaults, harden
+from tests import container_support
+from tests.harness import wait_for
+
+docker_client, busybox, test_label = (
+    container_support.docker_client,
+    container_support.busybox,
+    container_support.test_label,
+)
+
+pytestmark = pytest.mark.docker
+
+DEFAULTS = Defaults(memory=64 * 1024 * 1024, cpus=0.5, pids=64)
+
+
+@pytest.fixture
+def runtime():
+    engine = DockerRuntime(Config(runtime=RuntimeConfig(timeout=1.0)))  # short: long calls must not care
+    yield engine
+    engine.close()
+
+
+def spec_for(image: str, labels: dict, script: str, **changes) -> ContainerSpec:
+    return harden(
+        ContainerSpec(image=image, command=["sh", "-c", script], labels=labels, **changes), DEFAULTS
+    )
+
+
+def run_to_end(runtime: DockerRuntime, spec: ContainerSpec) -> tuple[int, list]:
+    container, _ = runtime.create(spec)
+    runtime.start(container)
+    [result] = list(runtime.wait(container))
+    lines = list(runtime.logs(container, ContainerLogs(id=container)))
+    return result.exit_code, lines
+
+
+def test_hardened_defaults_are_in_effect_inside_the_container(runtime, busybox, test_label):
+    script = (
+        "id -u; id -g; grep CapEff /proc/self/status; "
+        "touch /probe 2>/dev/null && echo root-writable || echo root-read-only; "
+        "touch /tmp/probe && echo tmp-writable; "
+        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"
+    )
+    exit_code, lines = run_to_end(runtime, spec_for(busybox, test_label, script))
+    out = [line.text for line in lines if line.stream == "stdout"]
+    assert exit_code == 0
+    assert out == ["1000", "1000", "CapEff:\t0000000000000000", "root-read-only", "tmp-writable", "lo"]
+
+
+def test_limits_and_options_reach_the_engine(runtime, busybox, test_label, docker_client):
+    spec = spec_for(busybox, test_label, "true", resources=Resources(pids=33))
+    container, _ = runtime.create(spec)
+    host = docker_client.api.inspect_container(container)["HostConfig"]
+    assert host["PidsLimit"] == 33 and host["Memory"] == DEFAULTS.memory and host["NanoCpus"] == 500_000_000
+    assert host["ReadonlyRootfs"] and host["Init"] and host["CapDrop"] == ["ALL"]
+    assert host["SecurityOpt"] == ["no-new-privileges:true"] and host["NetworkMode"] == "none"
+
+
+def test_wait_and_log_follow_outlive_the_client_timeout(runtime, busybox, test_label):
+    # runtime.timeout is 1 s: a wait of 3 s must still return the exit code.
+    container, _ = runtime.create(spec_for(busybox, test_label, "echo start; sleep 3; echo end >&2; exit 7"))
+    runtime.start(container)
+    lines = list(runtime.logs(container, ContainerLogs(id=container, follow=True)))
+    assert [(line.stream, line.text) for line in lines] == [("stdout", "start"), ("stderr", "end")]
+    [result] = list(runtime.wait(container))
+    assert result.exit_code == 7
+
+
+def test_closing_a_stream_ends_it_at_once(runtime, busybox, test_label):
+    container, _ = runtime.create(spec_for(busybox, test_label, "echo ready; sleep 600"))
+    runtime.start(container)
+    follower = runtime.logs(container, ContainerLogs(id=container, follow=True, timestamps=True))
+    waiter = runtime.wait(container)
+    stats = runtime.stats_stream(container)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        followed = pool.submit(list, follower)
+        waited = pool.submit(list, waiter)
+        sampled = pool.submit(list, stats)
+        wait_for(lambda: followed.running() and waited.running(), what="the readers to block")
+        for stream in (follower, waiter, stats):
+            stream.close()
+        lines = followed.result(timeout=10)
+        assert [line.text for line in lines] == ["ready"] and lines[0].time.startswith("20")
+        assert waited.result(timeout=10) == []
+        sampled.result(timeout=10)
+
+
+def test_stats_stream_ends_with_the_container(runtime, busybox, test_label):
+    container, _ = runtime.create(spec_for(busybox, test_label, "sleep 2"))
+    runtime.start(container)
+    samples = list(runtime.stats_stream(container))
+    assert samples and all(s.pids >= 1 and s.memory_limit == DEFAULTS.memory for s in samples)
+    one = runtime.stats(container)
+    assert one.pids == 0  # stopped by now
+
+
+def test_engine_errors_map_to_bus_codes(runtime, busybox, test_label):
+    spec = spec_for(busybox, test_label, "sleep 60", name=f"baaaht-test-{test_label['baaaht.test'][:12]}")
+    container, _ = runtime.create(spec)
+    cases = [
+        (lambda: runtime.create(spec), ErrorCode.ALREADY_EXISTS),
+        (lambda: runtime.inspect("no-such-container"), ErrorCode.NOT_FOUND),
+        (lambda: runtime.create(spec_for("baaaht-test/missing:1", test_label, "true")), ErrorCode.NOT_FOUND),
+        (lambda: runtime.pause(container), ErrorCode.FAILED_PRECONDITION),
+        (lambda: runtime.unpause(container), ErrorCode.FAILED_PRECONDITION),
+        (lambda: runtime.kill(container, "SIGKILL"), ErrorCode.FAILED_PRECONDITION),
+        (lambda: list(runtime.wait("no-such-container")), ErrorCode.NOT_FOUND),
+        (lambda: list(runtime.pull("localhost:1/nothing:1")), ErrorCode.UNAVAILABLE),
+    ]
+    for call, code in cases:
+        with pytest.raises(BusError) as caught:
+            call()
+        assert caught.value.code is code, caught.value
+    runtime.start(container)
+    with pytest.raises(BusError) as caught:
+        runtime.kill(container, "SIGNOPE")
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    with pytest.raises(BusError) as caught:
+        runtime.remove(container, force=False, volumes=False)
+    assert caught.value.code is ErrorCode.FAILED_PRECONDITION
+
+
+def test_pause_unpause_restart_and_stop_with_init_are_quick(runtime, busybox, test_label):
+    container, _ = runtime.create(spec_for(busybox, test_label, "sleep 600"))
+    runtime.start(container)
+    runtime.pause(container)
+    assert runtime.inspect(container).state == "paused"
+    runtime.unpause(container)
+    runtime.restart(container, timeout=30)
+    assert runtime.inspect(container).state == "running"
+    runtime.stop(container, timeout=30)  # the init process forwards SIGTERM: no 30 s wait-out
+    info = runtime.inspect(container)
+    assert info.state == "exited" and info.exit_code == 143 and info.finished_at
+    runtime.remove(container, force=False, volumes=True)
+    assert runtime.list(test_label) == []
+
+
+def test_health_follows_the_healthcheck(runtime, busybox, test_label):
+    check = Healthcheck(test=["CMD-SHELL", "test -e /tmp/ready"], interval=0.2, timeout=1, retries=2)
+    container, _ = runtime.create(
+        spec_for(busybox, test_label, "touch /tmp/ready; sleep 600", healthcheck=check)
+    )
+    runtime.start(container)
+    report = wait_for(
+        lambda: (r := runtime.health(container)).status == "healthy" and r,
+        what="the container to become healthy",
+    )
+    assert report.has_healthcheck and report.state == "running"
+
+
+def test_listing_filters_by_label(runtime, busybox, test_label):
+    made = {runtime.create(spec_for(busybox, {**test_label, "n": str(i)}, "true"))[0] for i in range(3)}
+    assert {c.id for c in runtime.list(test_label)} == made
+    [only] = runtime.list({**test_label, "n": "1"})
+    assert only.state == "created" and only.labels["n"] == "1" and only.created > 0
+
+
+def test_events_report_a_container_killed_behind_our_back(runtime, busybox, test_label, docker_client):
+    events = runtime.events(time.time() - 1)
+    seen = []
+    reader = threading.Thread(
+        target=lambda: seen.extend(e for e in events if e.kind == "container"), daemon=True
+    )
+    reader.start()
+    try:
+        container, _ = runtime.create(spec_for(busybox, test_label, "sleep 600"))
+        runtime.start(container)
+        docker_client.api.kill(container)  # not through the runtime
+        wait_for(
+            lambda: any(e.id == container and e.action == "die" for e in seen),
+            what="the die event for the kill",
+        )
+    finally:
+        events.close()
+        reader.join(10)
+    die = next(e for e in seen if e.id == container and e.action == "die")
+    assert die.attributes["exitCode"] == "137" and die.attributes["baaaht.test"] == test_label["baaaht.test"]
+    assert [e.action for e in seen if e.id == container][:2] == ["create", "start"]
+
+
+def test_an_absent_engine_is_unavailable_at_once():
+    absent = DockerRuntime(Config(docker=DockerConfig(host="unix:///tmp/baaaht-no-docker.sock")))
+    for call in (absent.ping, lambda: absent.list({}), lambda: absent.inspect("x")):
+        with pytest.raises(BusError) as caught:
+            call()
+        assert caught.value.code is ErrorCode.UNAVAILABLE and "baaaht-no-docker.sock" in caught.value.message

@@ -1,0 +1,394 @@
+"""The container service against written fakes of the engine, the policy and the session service."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+
+import pytest
+
+from baaaht.bus.errors import BusError, unavailable
+from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConfig, RuntimeConfig
+from baaaht.schemas.containers import (
+    ContainerCreate,
+    ContainerDestroy,
+    ContainerGet,
+    ContainerHealthWait,
+    ContainerListQuery,
+    ContainerLogs,
+    ContainerSpec,
+    ContainerStart,
+    ContainerStarted,
+    ContainerStatsStream,
+    ContainerStop,
+    ContainerWait,
+    HealthReport,
+    ImagePull,
+    Resources,
+)
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.policy import Decision, Violation
+from baaaht.services.containers.hardening import BUS_ENV, LABEL_INSTALL, LABEL_MANAGED, LABEL_SESSION
+from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory
+from baaaht.services.containers.service import ContainerService
+from tests.container_fakes import (
+    FakeBus,
+    FakePolicy,
+    FakeRuntime,
+    FakeSessions,
+    context,
+    engine_event,
+    replace,
+)
+from tests.harness import wait_for
+
+INSTALL = "c" * 32
+OURS = {LABEL_MANAGED: "true", LABEL_INSTALL: INSTALL}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    agent = tmp_path / "run" / "agent"
+    agent.mkdir(parents=True)
+    return tmp_path / "run"
+
+
+def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0.0, started=False, **kw):
+    config = Config(
+        bus=BusConfig(run_dir=str(run_dir)),
+        policy=PolicyConfig(max_containers=max_containers),
+        runtime=RuntimeConfig(max_concurrent_ops=max_ops),
+        container=ContainerConfig(orphan_grace=grace, reconcile_interval=3600),
+    )
+    service = ContainerService(
+        config,
+        FakeRuntime() if runtime is None else runtime,
+        install_id=INSTALL,
+        policy=kw.pop("policy", FakePolicy()),
+        sessions=kw.pop("sessions", FakeSessions()),
+        **kw,
+    )
+    service.bus = FakeBus()
+    service.check_engine()
+    if started:
+        service.start()
+    return service
+
+
+def create(service, session="s1", **spec):
+    spec.setdefault("image", "busybox:1")
+    return service.create(ContainerCreate(spec=ContainerSpec(**spec), session_id=session), context())
+
+
+def code_of(call) -> ErrorCode:
+    with pytest.raises(BusError) as caught:
+        call()
+    return caught.value.code
+
+
+def test_create_hardens_asks_the_policy_and_labels_the_container(run_dir):
+    policy = FakePolicy()
+    policy.enforce = lambda spec: replace(spec, resources=replace(spec.resources, memory=64 * 1024 * 1024))
+    service = make_service(run_dir, policy=policy)
+    result = create(service, session="s1")
+    judged, principal, host_count, session_count = policy.seen[0]
+    assert judged.user == "1000:1000" and judged.cap_drop == ["ALL"] and judged.network_mode == "none"
+    assert (principal.session_id, principal.role, host_count, session_count) == ("s1", "agent", 0, 0)
+    made = service.runtime.containers[result.id]["spec"]
+    assert made.resources.memory == 64 * 1024 * 1024  # the policy's enforced spec is what gets created
+    assert made.labels == {**OURS, LABEL_SESSION: "s1", "baaaht.role": "agent"}
+    assert made.env[BUS_ENV] == "ipc:///run/baaaht/agent/bus.sock"
+    assert made.group_add == [str(os.stat(run_dir / "agent").st_gid)]
+    assert any(m.source == str(run_dir / "agent") and m.read_only for m in made.mounts)
+    second = create(service, session="s1")
+    assert second.name != result.name and policy.seen[1][2:] == (1, 1)
+
+
+def test_a_policy_denial_creates_nothing(run_dir):
+    policy = FakePolicy()
+    policy.error = BusError(ErrorCode.PERMISSION_DENIED, "policy denied", {"rules": ["image.denied"]})
+    service = make_service(run_dir, policy=policy)
+    assert code_of(lambda: create(service)) is ErrorCode.PERMISSION_DENIED
+    assert service.runtime.containers == {}
+
+
+def denial(request) -> Decision:
+    return Decision(
+        decision_id="d",
+        allowed=False,
+        outcome="deny",
+        mode="strict",
+        policy_version="1",
+        violations=[Violation(rule="security.root", message="root")],
+        enforced=request.spec,
+    )
+
+
+def test_an_unreachable_policy_service_refuses_the_create(run_dir):
+    def no_policy(request):
+        raise unavailable("no instance of service 'policy' is registered")
+
+    bus = FakeBus(answer=no_policy)
+    service = make_service(run_dir, policy=BusPolicyGate(bus, 1.0))
+    with pytest.raises(BusError) as caught:
+        create(service)
+    assert caught.value.code is ErrorCode.UNAVAILABLE
+    assert "policy service could not be consulted" in caught.value.message
+    assert service.runtime.containers == {}
+    denied = make_service(run_dir, policy=BusPolicyGate(FakeBus(answer=denial), 1.0))
+    with pytest.raises(BusError) as caught:
+        create(denied)
+    assert caught.value.code is ErrorCode.PERMISSION_DENIED and caught.value.details["rules"] == [
+        "security.root"
+    ]
+
+
+def test_the_quota_counts_live_containers_of_this_install(run_dir):
+    runtime = FakeRuntime()
+    runtime.add({LABEL_MANAGED: "true", LABEL_INSTALL: "other"})  # another install: not counted
+    service = make_service(run_dir, runtime, max_containers=2)
+    first = create(service)
+    create(service)
+    with pytest.raises(BusError) as caught:
+        create(service)
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED and "2 of 2" in caught.value.message
+    service.start_container(ContainerStart(id=first.id), context())  # already counted since its create
+    service.stop_container(ContainerStop(id=first.id), context())  # exited: no longer counted
+    third = create(service)
+    # Bringing the exited one back would make three live containers.
+    assert code_of(lambda: service.start_container(ContainerStart(id=first.id), context())) is (
+        ErrorCode.RESOURCE_EXHAUSTED
+    )
+    service.start_container(ContainerStart(id=third.id), context())
+
+
+def test_concurrent_creates_never_exceed_the_quota(run_dir):
+    service = make_service(run_dir, max_containers=5)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(lambda _: _outcome(lambda: create(service)), range(12)))
+    assert outcomes.count("ok") == 5 and outcomes.count(ErrorCode.RESOURCE_EXHAUSTED) == 7
+
+
+def _outcome(call):
+    try:
+        call()
+        return "ok"
+    except BusError as exc:
+        return exc.code
+
+
+def test_containers_of_other_installs_are_invisible(run_dir):
+    runtime = FakeRuntime()
+    foreign = runtime.add({LABEL_MANAGED: "true", LABEL_INSTALL: "other"})
+    unmanaged = runtime.add({})
+    service = make_service(run_dir, runtime)
+    for container in (foreign, unmanaged):
+        assert code_of(lambda c=container: service.get(ContainerGet(id=c), context())) is ErrorCode.NOT_FOUND
+        assert code_of(
+            lambda c=container: service.destroy(ContainerDestroy(id=c, force=True), context())
+        ) is (ErrorCode.NOT_FOUND)
+    assert service.list_containers(ContainerListQuery(), context()).containers == []
+    assert set(runtime.containers) == {foreign, unmanaged}
+
+
+def test_engine_operations_run_concurrently_up_to_the_limit(run_dir):
+    runtime = FakeRuntime()
+    service = make_service(run_dir, runtime, max_ops=3)
+    ids = [create(service).id for _ in range(8)]
+    runtime.gate = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(service.start_container, ContainerStart(id=i), context()) for i in ids]
+        wait_for(lambda: runtime.in_flight == 3, what="three starts in flight at once")
+        runtime.gate.set()
+        for future in futures:
+            future.result(timeout=10)
+    assert runtime.max_in_flight == 3
+
+
+def test_waiting_for_an_engine_slot_ends_at_the_deadline(run_dir):
+    runtime = FakeRuntime()
+    service = make_service(run_dir, runtime, max_ops=1)
+    first, second = create(service).id, create(service).id
+    runtime.gate = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(service.start_container, ContainerStart(id=first), context())
+        wait_for(lambda: runtime.in_flight == 1, what="the first start to hold the slot")
+        with pytest.raises(BusError) as caught:
+            service.start_container(ContainerStart(id=second), context(timeout=0.2))
+        assert caught.value.code is ErrorCode.TIMEOUT and "max_concurrent_ops" in caught.value.message
+        runtime.gate.set()
+        blocked.result(timeout=10)
+
+
+def test_wait_lasts_until_the_container_exits_or_the_caller_gives_up(run_dir):
+    runtime = FakeRuntime()
+    service = make_service(run_dir, runtime, started=True)
+    try:
+        container = create(service).id
+        service.start_container(ContainerStart(id=container), context())
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waiting = pool.submit(service.wait, ContainerWait(id=container), context(timeout=3600))
+            wait_for(lambda: runtime.waits.get(container), what="the wait to reach the engine")
+            runtime.exit(container, 3)
+            assert waiting.result(timeout=10).exit_code == 3
+
+            other = create(service).id
+            service.start_container(ContainerStart(id=other), context())
+            ctx = context(timeout=3600)
+            cancelled = pool.submit(service.wait, ContainerWait(id=other), ctx)
+            wait_for(lambda: runtime.waits.get(other), what="the second wait to reach the engine")
+            ctx.cancelled.set()
+            assert code_of(lambda: cancelled.result(timeout=10)) is ErrorCode.CANCELLED
+            assert (
+                code_of(lambda: service.wait(ContainerWait(id=other), context(timeout=0.2)))
+                is ErrorCode.TIMEOUT
+            )
+    finally:
+        service.stop()
+
+
+def test_a_log_follower_ends_when_its_caller_cancels(run_dir):
+    runtime = FakeRuntime()
+    service = make_service(run_dir, runtime, started=True)
+    try:
+        container = create(service).id
+        ctx = context(timeout=3600)
+        chunks = service.logs(ContainerLogs(id=container, follow=True), ctx)
+        assert [next(chunks).lines[0].text for _ in range(3)] == ["line 0", "line 1", "line 2"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            rest = pool.submit(list, chunks)
+            ctx.cancelled.set()
+            assert code_of(lambda: rest.result(timeout=10)) is ErrorCode.CANCELLED
+        assert runtime.log_streams[0].closed.is_set()
+        batch = list(service.logs(ContainerLogs(id=container), context()))
+        assert len(batch) == 1 and len(batch[0].lines) == 3  # a plain read comes in batches
+    finally:
+        service.stop()
+
+
+def test_stats_stream_and_pull_pass_through(run_dir):
+    service = make_service(run_dir, started=True)
+    try:
+        container = create(service).id
+        samples = list(service.stats_stream(ContainerStatsStream(id=container, interval=0.01), context()))
+        assert len(samples) == 3
+        assert [p.status for p in service.pull(ImagePull(image="new:1"), context())] == ["Downloaded"]
+        assert create(service, image="new:1").id
+    finally:
+        service.stop()
+
+
+def test_health_wait_returns_as_soon_as_the_outcome_is_known(run_dir):
+    runtime = FakeRuntime()
+    service = make_service(run_dir, runtime)
+    container = create(service).id
+    starting = HealthReport(status="starting", has_healthcheck=True, state="running")
+    runtime.health_script = [
+        starting,
+        starting,
+        HealthReport(status="healthy", has_healthcheck=True),
+        starting,
+    ]
+    report = service.health_wait(ContainerHealthWait(id=container, retries=10, interval=0.01), context())
+    assert report.status == "healthy" and runtime.health_script == [starting]
+    runtime.health_script = [HealthReport(status="unhealthy", has_healthcheck=True)]
+    assert (
+        service.health_wait(ContainerHealthWait(id=container, interval=0.01), context()).status == "unhealthy"
+    )
+    last = service.health_wait(ContainerHealthWait(id=container, retries=2, interval=0.01), context())
+    assert last.status == "starting"
+
+
+def test_reconcile_removes_orphans_and_nothing_when_sessions_cannot_be_asked(run_dir):
+    runtime = FakeRuntime()
+    orphan = runtime.add({**OURS, LABEL_SESSION: "gone"}, created=0)
+    closed = runtime.add({**OURS, LABEL_SESSION: "done"}, created=0)
+    alive = runtime.add({**OURS, LABEL_SESSION: "live"}, created=0)
+    foreign = runtime.add({LABEL_MANAGED: "true", LABEL_INSTALL: "other", LABEL_SESSION: "gone"}, created=0)
+    sessions = FakeSessions({"live": "open", "done": "closed"})
+    sessions.error = unavailable("no instance of service 'session' is registered")
+    service = make_service(run_dir, runtime, sessions=sessions)
+    report = service.reconcile_now()
+    assert "session service could not be asked" in report.skipped and report.removed == []
+    assert set(runtime.containers) == {orphan, closed, alive, foreign}
+    sessions.error = None
+    report = service.reconcile_now()
+    assert sorted(r.id for r in report.removed) == sorted([orphan, closed])
+    assert set(runtime.containers) == {alive, foreign}
+    assert [op for op, target in runtime.calls if target == orphan] == ["stop", "remove"]
+
+
+def test_the_session_directory_tells_missing_from_unreachable():
+    def answer(request):
+        raise BusError(
+            ErrorCode.NOT_FOUND, f"no session {request.session_id}", {"session_id": request.session_id}
+        )
+
+    assert BusSessionDirectory(FakeBus(answer=answer), 1.0).verdict("s9") == "missing"
+
+    def no_method(request):
+        raise BusError(ErrorCode.NOT_FOUND, "service 'session' has no method 'session.get'")
+
+    with pytest.raises(BusError):
+        BusSessionDirectory(FakeBus(answer=no_method), 1.0).verdict("s9")
+
+
+def test_without_a_runtime_the_service_is_unhealthy_and_answers_unavailable(run_dir):
+    service = make_service(run_dir, None, runtime_problem="apple runtime is not supported on this host")
+    service.runtime = None
+    assert service.health() == (False, "apple runtime is not supported on this host")
+    with pytest.raises(BusError) as caught:
+        create(service)
+    assert caught.value.code is ErrorCode.UNAVAILABLE and "apple runtime" in caught.value.message
+
+
+def test_an_engine_that_goes_down_makes_the_service_unhealthy(run_dir):
+    runtime = FakeRuntime()
+    service = make_service(run_dir, runtime)
+    assert service.health() == (True, "")
+    runtime.down_reason = "the docker engine at unix:///nowhere is unreachable"
+    assert not service.check_engine()
+    assert service.health() == (False, runtime.down_reason)
+    assert code_of(lambda: create(service)) is ErrorCode.UNAVAILABLE
+
+
+def test_engine_events_are_republished(run_dir):
+    runtime = FakeRuntime()
+    service = make_service(run_dir, runtime, started=True)
+    try:
+        wait_for(lambda: runtime.event_streams, what="the event follower to subscribe")
+        labels = {**OURS, LABEL_SESSION: "s1"}
+        first = engine_event("start", "c1", labels)
+        runtime.event_streams[0].put(first)
+        runtime.event_streams[0].put(engine_event("start", "c2", {**labels, LABEL_INSTALL: "other"}))
+        published = wait_for(lambda: service.bus.published, what="an event on the bus")
+        assert isinstance(published[0], ContainerStarted) and published[0].container_id == "c1"
+        # A broken feed is reopened from the last event seen, and a replayed event is not published twice.
+        runtime.event_streams[0].end()
+        wait_for(lambda: len(runtime.event_streams) == 2, what="the follower to reconnect")
+        runtime.event_streams[1].put(first)
+        runtime.event_streams[1].put(engine_event("die", "c1", labels, exitCode="0"))
+        wait_for(lambda: len(service.bus.published) == 2, what="the die event")
+        assert [type(e).__name__ for e in service.bus.published] == ["ContainerStarted", "ContainerDied"]
+    finally:
+        service.stop()
+
+
+def test_the_agent_bus_needs_the_broker_directory(tmp_path):
+    service = make_service(tmp_path / "no-run-dir")
+    with pytest.raises(BusError) as caught:
+        create(service)
+    assert caught.value.code is ErrorCode.FAILED_PRECONDITION and "broker" in caught.value.message
+    no_bus = service.create(
+        ContainerCreate(spec=ContainerSpec(image="busybox:1"), session_id="s1", agent_bus=False), context()
+    )
+    assert BUS_ENV not in no_bus.spec.env
+
+
+def test_resources_requested_explicitly_reach_the_policy(run_dir):
+    policy = FakePolicy()
+    service = make_service(run_dir, policy=policy)
+    create(service, resources=Resources(memory=32 * 1024 * 1024, pids=16))
+    judged = policy.seen[0][0]
+    assert (judged.resources.memory, judged.resources.pids) == (32 * 1024 * 1024, 16)

@@ -1,0 +1,82 @@
+"""`baaaht-ctl config show`: the host's effective config and the source of every value."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import orjson
+import pytest
+import typer
+from baaaht.ctl import config_cmd
+from baaaht.ctl.common import state
+from baaaht.host.config import dump_config, load_config, write_effective_config
+from typer.testing import CliRunner
+
+ctl = typer.Typer()
+ctl.add_typer(config_cmd.app, name="config")
+
+
+@pytest.fixture
+def run_dir():
+    path = Path(tempfile.mkdtemp(prefix="bcc-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ctl_config(tmp_path, run_dir, monkeypatch):
+    """baaaht-ctl's own config: it only tells where the run directory is."""
+    path = tmp_path / "ctl.json"
+    path.write_text(json.dumps({"bus": {"run_dir": str(run_dir)}}))
+    monkeypatch.setattr(state, "config_path", str(path))
+    return path
+
+
+def show(monkeypatch, as_json: bool):
+    monkeypatch.setattr(state, "json", as_json)
+    result = CliRunner().invoke(ctl, ["config", "show"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_show_reports_the_hosts_config_with_its_sources(monkeypatch, run_dir, ctl_config):
+    host_config, host_sources = load_config(
+        None,
+        env={"ORCHESTRATOR_SESSION__TIMEOUT": "45m"},
+        flags={"bus.run_dir": str(run_dir), "policy.max_memory": "1G"},
+    )
+    written = write_effective_config(host_config, host_sources, run_dir)
+    monkeypatch.setenv("ORCHESTRATOR_LOG__LEVEL", "debug")  # baaaht-ctl's environment is not the host's
+
+    shown = orjson.loads(show(monkeypatch, as_json=True).stdout)
+    assert shown["origin"] == str(written)
+    assert shown["config"] == dump_config(host_config)
+    assert shown["sources"]["session.timeout"] == "env:ORCHESTRATOR_SESSION__TIMEOUT"
+    assert shown["sources"]["policy.max_memory"] == "flag"
+    assert shown["sources"]["log.level"] == "default"
+    assert shown["config"]["log"]["level"] == "info"
+
+    rows = show(monkeypatch, as_json=False).stdout.splitlines()
+    assert rows[0].split() == ["KEY", "VALUE", "SOURCE"]
+    assert ["session.timeout", "45m", "env:ORCHESTRATOR_SESSION__TIMEOUT"] in [row.split() for row in rows]
+    assert ["policy.max_memory", "1GiB", "flag"] in [row.split() for row in rows]
+
+
+def test_show_without_a_host_resolves_the_config_here_and_says_so(monkeypatch, ctl_config):
+    monkeypatch.setenv("ORCHESTRATOR_SESSION__TIMEOUT", "20m")
+    shown = orjson.loads(show(monkeypatch, as_json=True).stdout)
+    assert shown["origin"].startswith("resolved here")
+    assert shown["config"]["session"]["timeout"] == "20m"
+    assert shown["sources"]["session.timeout"] == "env:ORCHESTRATOR_SESSION__TIMEOUT"
+    assert shown["sources"]["bus.run_dir"] == f"file:{ctl_config}"
+
+
+def test_show_with_a_bad_config_fails_with_the_problem(monkeypatch, ctl_config):
+    monkeypatch.setenv("ORCHESTRATOR_SESSION__TIMEOUT", "5x")
+    monkeypatch.setattr(state, "json", False)
+    result = CliRunner().invoke(ctl, ["config", "show"])
+    assert result.exit_code == 1
+    assert "session.timeout: '5x' is not a duration" in result.output

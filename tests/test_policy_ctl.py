@@ -1,0 +1,162 @@
+"""`baaaht-ctl policy ...` and `baaaht-ctl audit ...` against a real broker and policy service."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from baaaht.ctl import policy
+from baaaht.ctl.common import state
+from baaaht.schemas.containers import ContainerSpec
+from baaaht.schemas.policy import PolicyEvaluate
+from baaaht.services.policy import audit
+from tests.harness import wait_for
+
+ctl = typer.Typer()
+ctl.add_typer(policy.app, name="policy")
+ctl.add_typer(policy.audit_app, name="audit")
+
+ALLOWED = '{"image": "busybox:1.36", "user": "1000:1000", "read_only_rootfs": true}'
+DENIED = '{"image": "busybox", "user": "0", "privileged": true}'
+
+
+@pytest.fixture
+def cli_state(monkeypatch):
+    """Point the CLI at a host's config; leave no client or config behind."""
+
+    def use(host) -> None:
+        monkeypatch.setattr(state, "config_path", str(host.config_path))
+        monkeypatch.setattr(state, "_config", None)
+        monkeypatch.setattr(state, "_client", None)
+
+    yield use
+    state.close()
+
+
+@pytest.fixture
+def host(make_host, cli_state):
+    made = make_host()
+    made.start_service("baaaht.services.policy", "policy", service="policy")
+    client = made.client(timeout=1)
+    wait_for(lambda: client.call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36"))), what="the policy")
+    cli_state(made)
+    return made
+
+
+def run(monkeypatch, *args: str, as_json: bool = False, expect: int = 0, stdin: str | None = None):
+    monkeypatch.setattr(state, "json", as_json)
+    result = CliRunner().invoke(ctl, list(args), input=stdin)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def test_show(host, monkeypatch):
+    shown = run(monkeypatch, "policy", "show").stdout
+    assert shown.startswith("# version ") and "from built-in" in shown
+    assert "mode: strict" in shown and "allow_bind: false" in shown and "max_memory: 512MB" in shown
+    data = json.loads(run(monkeypatch, "policy", "show", as_json=True).stdout)
+    assert data["source"] == "built-in" and data["document"]["security"]["allow_privileged"] is False
+    tightened = run(
+        monkeypatch, "policy", "show", "--override", '{"quotas": {"max_pids": 10, "max_cpus": 64}}'
+    )
+    assert "max_pids: 10" in tightened.stdout
+    assert "# override refused: quotas.max_cpus: would loosen the host policy" in tightened.stdout
+    bad = run(monkeypatch, "policy", "show", "--override", '{"quotas": {"max_pidz": 1}}', expect=1)
+    assert "quotas.max_pidz: unknown field" in bad.stderr
+
+
+def test_explain(host, monkeypatch):
+    denied = run(monkeypatch, "policy", "explain", DENIED, expect=1).stdout
+    assert denied.splitlines()[0].split() == ["OUTCOME", "RULE", "MESSAGE"]
+    assert "violation  security.privileged" in denied
+    assert "denied by image.latest_tag, security.privileged, security.root" in denied
+    allowed = run(monkeypatch, "policy", "explain", "-", stdin=ALLOWED).stdout
+    assert "enforce    network.disabled" in allowed and "allowed: every rule passed" in allowed
+    data = json.loads(run(monkeypatch, "policy", "explain", ALLOWED, as_json=True).stdout)
+    assert data["decision"]["enforced"]["network_mode"] == "none"
+    assert "not a container spec" in run(monkeypatch, "policy", "explain", '{"image": 5}', expect=1).stderr
+    assert audit.read_tail(audit.log_path(host.data_dir), 100)[0][-1].action == "policy.reload"  # not audited
+
+
+def test_reload(host, monkeypatch):
+    assert "policy from built-in: unchanged" in run(monkeypatch, "policy", "reload").stdout
+
+
+def test_check_needs_no_bus(make_host, cli_state, monkeypatch, tmp_path):
+    cli_state(make_host(start=False))  # no broker, no service
+    good = tmp_path / "good.yaml"
+    good.write_text("mode: permissive\nquotas:\n  max_pids: 64\n")
+    assert (
+        "good.yaml: valid, mode permissive, version " in run(monkeypatch, "policy", "check", str(good)).stdout
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mode: strict\nquotas:\n  max_pids: 0\nsecurity:\n  allow_rot: true\n")
+    result = run(monkeypatch, "policy", "check", str(bad), expect=1)
+    assert "quotas.max_pids: Expected int >= 1" in result.stderr
+    result = run(monkeypatch, "policy", "check", str(bad), as_json=True, expect=1)
+    assert json.loads(result.stdout)["valid"] is False
+    missing = run(monkeypatch, "policy", "check", str(tmp_path / "nope.yaml"), expect=1)
+    assert "cannot read" in missing.stderr
+
+
+def test_audit_tail_and_verify(host, monkeypatch):
+    client = host.client()
+    client.call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36", user="1000", read_only_rootfs=True)))
+    client.call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36", user="0")))
+    table = run(monkeypatch, "audit", "tail").stdout.splitlines()
+    assert table[0].split() == [
+        "SEQ",
+        "TIME",
+        "ACTION",
+        "DECISION",
+        "USER",
+        "SESSION",
+        "IMAGE",
+        "RULES",
+        "POLICY",
+    ]
+    assert [line.split()[0] for line in table[1:]] == ["1", "2", "3"]
+    assert "security.root" in table[-1]
+    last = run(monkeypatch, "audit", "tail", "-n", "1", as_json=True).stdout.splitlines()
+    assert [json.loads(line)["decision"] for line in last] == ["deny"]
+    assert "intact, 3 records" in run(monkeypatch, "audit", "verify").stdout
+
+    log_path = audit.log_path(host.data_dir)
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"deny"', b'"allow"')
+    log_path.write_bytes(b"".join(lines))
+    result = run(monkeypatch, "audit", "verify", expect=1)
+    assert "line 3: its content does not match its hash" in result.stderr
+    assert "TAMPERED OR DAMAGED" in result.stdout
+    report = json.loads(run(monkeypatch, "audit", "verify", as_json=True, expect=1).stdout)
+    assert report["ok"] is False and report["problems"][0]["line"] == 3
+
+
+def test_audit_tail_follow_ends_cleanly_on_ctrl_c(host):
+    code = (
+        "import sys; from baaaht.ctl.common import state; from baaaht.ctl import policy; "
+        "state.config_path = sys.argv[1]; policy.audit_app(['tail', '-f', '-n', '0'])"
+    )
+    follower = subprocess.Popen(
+        [sys.executable, "-c", code, str(host.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        host.client().call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36", user="0")))
+        line = wait_for(lambda: follower.stdout.readline(), what="the followed record")
+        assert line.split()[0] == "2" and "security.root" in line
+        follower.send_signal(signal.SIGINT)
+        _out, err = follower.communicate(timeout=15)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(5)
+    assert follower.returncode == 0 and "interrupted" in err and "Traceback" not in err

@@ -1,0 +1,326 @@
+"""PolicyService called directly: a real policy file and audit log under tmp_path, a fake bus."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import msgspec
+import pytest
+
+from baaaht.bus.errors import BusError
+from baaaht.schemas.containers import ContainerSpec, Resources
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.policy import (
+    PolicyEvaluate,
+    PolicyExplain,
+    PolicyGet,
+    PolicyReload,
+    PolicyReloaded,
+    PolicyReloadFailed,
+    PolicyValidate,
+    PolicyViolation,
+    Principal,
+)
+from baaaht.services.policy import audit
+from baaaht.services.policy.document import HostDefaults
+from baaaht.services.policy.mounts import HostPaths
+from baaaht.services.policy.service import PolicyFile, PolicyService
+from tests.harness import wait_for
+from tests.session_doubles import FakeBus
+
+DEFAULTS = HostDefaults(max_memory=512 * 1024 * 1024, max_containers=10)
+SPEC = ContainerSpec(
+    image="busybox:1.36",
+    user="1000:1000",
+    read_only_rootfs=True,
+    network_mode="none",
+    env={"API_KEY": "hunter2-secret-value"},
+    resources=Resources(pids=150),
+)
+ALICE = Principal(user="alice", session_id="s1", role="agent")
+PIDS_100 = "mode: strict\nquotas:\n  max_pids: 100\n"
+PIDS_200 = "mode: strict\nquotas:\n  max_pids: 200\n"
+
+
+class World:
+    def __init__(self, tmp_path, text: str | None = None):
+        self.policy_path = tmp_path / "policy.yaml"
+        if text is not None:
+            self.policy_path.write_text(text)
+        self.audit_path = tmp_path / "data" / "audit" / "policy.jsonl"
+        self.bus = FakeBus()
+        self.service: PolicyService | None = None
+
+    def make(self, reload_interval: float = 0.05) -> PolicyService:
+        service = PolicyService(
+            PolicyFile(str(self.policy_path)),
+            self.audit_path,
+            DEFAULTS,
+            HostPaths(),
+            reload_interval=reload_interval,
+        )
+        service.bus = self.bus
+        return service
+
+    def write(self, text: str) -> None:
+        partial = self.policy_path.with_suffix(".tmp")
+        partial.write_text(text)
+        os.replace(partial, self.policy_path)  # what editors and config tools do
+
+    def records(self):
+        return audit.read_tail(self.audit_path, 1000)[0]
+
+
+@pytest.fixture
+def world(tmp_path):
+    made = World(tmp_path)
+    yield made
+    if made.service is not None:
+        made.service.stop()
+
+
+def started(world: World, text: str | None = None, reload_interval: float = 0.05) -> PolicyService:
+    if text is not None:
+        world.write(text)
+    world.service = world.make(reload_interval)
+    world.service.start()
+    return world.service
+
+
+def error_of(call) -> BusError:
+    with pytest.raises(BusError) as caught:
+        call()
+    return caught.value
+
+
+def test_without_a_file_the_builtin_policy_is_in_force(world):
+    service = started(world)
+    info = service.get(PolicyGet())
+    assert (info.source, info.mode) == ("built-in", "strict")
+    assert service.health() == (True, "")
+    assert not world.policy_path.exists()  # never auto-written
+    (event,) = world.bus.events(PolicyReloaded)
+    assert (event.version, event.previous_version) == (info.version, "")
+
+
+def test_the_policy_is_loaded_before_start_and_announced_at_start(world):
+    """The runner registers the service before `start`: it must already be able to serve."""
+    world.write(PIDS_100)
+    world.service = world.make()
+    assert world.service.health() == (True, "")
+    assert world.bus.published == [] and world.records() == []
+    world.service.start()
+    assert [type(event) for _, event in world.bus.published] == [PolicyReloaded]
+    assert [(r.action, r.decision) for r in world.records()] == [("policy.reload", "applied")]
+
+
+def test_every_decision_is_audited_without_environment_values(world):
+    service = started(world, PIDS_200)
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE))
+    assert decision.allowed and decision.outcome == "allow"
+    (reload, record) = world.records()
+    assert (reload.action, reload.decision) == ("policy.reload", "applied")
+    assert (record.decision_id, record.action, record.decision) == (
+        decision.decision_id,
+        "container.create",
+        "allow",
+    )
+    assert (record.principal, record.image, record.env_names) == (ALICE, "busybox:1.36", ["API_KEY"])
+    assert record.policy_version == decision.policy_version and record.resource.startswith("sha256:")
+    assert b"hunter2" not in world.audit_path.read_bytes()
+    assert world.bus.events(PolicyViolation) == []
+
+
+def test_a_denial_is_audited_and_published(world):
+    service = started(world, PIDS_100)
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE))
+    assert (decision.allowed, decision.outcome) == (False, "deny")
+    assert [v.rule for v in decision.violations] == ["quota.pids.max"]
+    assert (world.records()[-1].decision, world.records()[-1].rules) == ("deny", ["quota.pids.max"])
+    (event,) = world.bus.events(PolicyViolation)
+    assert (event.decision_id, event.outcome, event.rules) == (
+        decision.decision_id,
+        "deny",
+        ["quota.pids.max"],
+    )
+
+
+def test_permissive_violations_are_published_and_audited_as_such(world):
+    service = started(world, PIDS_100.replace("strict", "permissive"))
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE))
+    assert (decision.allowed, decision.outcome) == (True, "permissive")
+    assert world.records()[-1].decision == "permissive"
+    assert world.bus.events(PolicyViolation)[0].outcome == "permissive"
+
+
+def test_disabled_is_audited_as_disabled(world):
+    service = started(world, "mode: disabled\n")
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE))
+    assert (decision.allowed, decision.outcome) == (True, "disabled")
+    assert world.records()[-1].decision == "disabled"
+
+
+def test_session_overrides_tighten_and_report_refusals(world):
+    service = started(world, PIDS_200)
+    override = {"quotas": {"max_pids": 120}, "security": {"allow_privileged": True}}
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE, override=override))
+    assert [v.rule for v in decision.violations] == ["quota.pids.max"]
+    assert [(w.rule, w.field) for w in decision.warnings] == [
+        ("policy.override.refused", "security.allow_privileged")
+    ]
+    assert "+" in decision.policy_version
+    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC, override={"quotas": {"max_pid": 1}})))
+    assert error.code == ErrorCode.INVALID_ARGUMENT and "quotas.max_pid: unknown field" in error.message
+    info = service.get(PolicyGet(override={"images": {"allowed": ["ghcr.io/*"]}, "mode": "disabled"}))
+    assert info.narrowing == {"images.allowed": ["ghcr.io/*"]}
+    assert [r.path for r in info.refused] == ["mode"] and info.mode == "strict"
+
+
+def test_a_bad_file_at_start_fails_closed_until_fixed(world):
+    service = started(world, "mode: strict\nquotas: {max_pids: 0}\n")
+    healthy, reason = service.health()
+    assert not healthy and "quotas.max_pids" in reason
+    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC)))
+    assert error.code == ErrorCode.UNAVAILABLE and "quotas.max_pids" in error.message
+    (failure,) = world.bus.events(PolicyReloadFailed)
+    assert [e.path for e in failure.errors] == ["quotas.max_pids"]
+    world.write(PIDS_200)
+    wait_for(lambda: service.health()[0], what="the fixed file to be loaded")
+    assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
+
+
+def test_a_bad_reload_keeps_the_policy_in_force(world):
+    service = started(world, PIDS_200)
+    version = service.get(PolicyGet()).version
+    world.write("mode: strict\nquotas:\n  max_pids: 200\n  mystery: 1\n")
+    error = error_of(lambda: service.reload(PolicyReload()))
+    assert error.code == ErrorCode.INVALID_ARGUMENT
+    assert error.details["errors"] == [{"path": "quotas.mystery", "message": "unknown field"}]
+    assert service.get(PolicyGet()).version == version
+    assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
+    assert service.health() == (True, "")
+    assert world.records()[-1].decision == "allow"
+    assert any(r.action == "policy.reload" and r.decision == "refused" for r in world.records())
+
+
+def test_file_changes_are_picked_up_by_polling(world):
+    service = started(world, PIDS_100)
+    first = service.get(PolicyGet()).version
+    world.write(PIDS_200)
+    wait_for(lambda: service.get(PolicyGet()).version != first, what="the changed file to be loaded")
+    assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
+    reloaded = world.bus.events(PolicyReloaded)[-1]
+    assert reloaded.previous_version == first
+    world.policy_path.unlink()
+    wait_for(lambda: service.get(PolicyGet()).source == "built-in", what="the built-in policy after removal")
+
+
+def test_sighup_reloads_at_once(world):
+    service = started(world, PIDS_100, reload_interval=3600.0)  # only the signal can trigger a reload
+    first = service.get(PolicyGet()).version
+    world.write(PIDS_200)
+    os.kill(os.getpid(), signal.SIGHUP)
+    wait_for(lambda: service.get(PolicyGet()).version != first, what="SIGHUP to reload")
+    service.stop()
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+def test_reload_answers_with_the_versions(world):
+    service = started(world, PIDS_100)
+    first = service.get(PolicyGet()).version
+    same = service.reload(PolicyReload())
+    assert (same.changed, same.version, same.source) == (False, first, str(world.policy_path))
+    world.write(PIDS_200)
+    changed = service.reload(PolicyReload())
+    assert (changed.changed, changed.previous_version) == (True, first)
+
+
+def more_decisions(decisions: list, seen: int):
+    return lambda: len(decisions) > seen + 5
+
+
+def test_no_request_sees_a_half_loaded_policy(world):
+    """While two policies swap back and forth, every decision matches the version it names."""
+    service = started(world, PIDS_100)
+    strict_version = service.get(PolicyGet()).version
+    stop = threading.Event()
+    decisions = []
+
+    def evaluate_forever():
+        while not stop.is_set():
+            decisions.append(service.evaluate(PolicyEvaluate(spec=SPEC)))
+
+    workers = [threading.Thread(target=evaluate_forever) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        for text in [PIDS_200, PIDS_100, "mode: [broken", PIDS_200, PIDS_100] * 3:
+            world.write(text)
+            service.reload_quietly(force=True)
+            wait_for(more_decisions(decisions, len(decisions)), what="decisions under the new policy")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+    assert len({d.policy_version for d in decisions}) == 2
+    for decision in decisions:
+        assert decision.allowed == (decision.policy_version != strict_version)
+    assert audit.verify(world.audit_path).ok
+
+
+def test_no_decision_without_an_audit_record(world):
+    world.audit_path.parent.mkdir(parents=True)
+    world.audit_path.write_bytes(b'{"seq":1,"not":"a record"}\n')
+    service = started(world, PIDS_200)
+    healthy, reason = service.health()
+    assert not healthy and "audit log unusable" in reason
+    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC)))
+    assert error.code == ErrorCode.UNAVAILABLE and "no decision is made without a record" in error.message
+    world.audit_path.rename(world.audit_path.with_suffix(".jsonl.bad"))  # the operator moves it aside
+    assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
+    assert service.health() == (True, "")
+
+
+def test_a_restarted_service_continues_the_chain(world):
+    service = started(world, PIDS_200)
+    service.evaluate(PolicyEvaluate(spec=SPEC))
+    service.stop()
+    started(world).evaluate(PolicyEvaluate(spec=SPEC))
+    report = audit.verify(world.audit_path)
+    assert (report.ok, report.records) == (True, 4)  # each process start audits the policy it loads
+
+
+def test_explain_is_not_audited(world):
+    service = started(world, PIDS_100)
+    before = len(world.records())
+    explanation = service.explain(PolicyExplain(spec=SPEC, principal=ALICE))
+    assert explanation.summary.startswith("denied by quota.pids.max")
+    assert explanation.decision.outcome == "deny" and explanation.decision.decision_id == ""
+    assert any(c.rule == "quota.pids.max" and c.outcome == "violation" for c in explanation.checks)
+    assert len(world.records()) == before
+
+
+def test_validate(world, tmp_path):
+    service = started(world, PIDS_200)
+    good = service.validate(PolicyValidate(text=PIDS_100))
+    assert good.valid and good.version and good.errors == []
+    bad = service.validate(PolicyValidate(text="mode: lax\nimages: {allowed: ['Bad Image']}\n"))
+    assert not bad.valid and [e.path for e in bad.errors] == ["mode"]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    linked = service.validate(
+        PolicyValidate(
+            text=msgspec.json.encode(
+                {"mounts": {"allowlist": [{"path": str(tmp_path / "link"), "mode": "readonly"}]}}
+            ).decode()
+        )
+    )
+    assert linked.valid and linked.warnings[0].path == "mounts.allowlist[0].path"
+    tighter = service.validate(PolicyValidate(text="quotas: {max_pids: 50}\n", as_override=True))
+    assert tighter.valid
+    looser = service.validate(PolicyValidate(text="quotas: {max_pids: 5000}\n", as_override=True))
+    assert not looser.valid and [e.path for e in looser.errors] == ["quotas.max_pids"]
+    unknown = service.validate(PolicyValidate(text="{max_memory: 64GB}", as_override=True))
+    assert not unknown.valid and unknown.errors[0].message == "unknown field"

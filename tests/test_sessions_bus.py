@@ -1,0 +1,303 @@
+"""The session manager end to end: a real broker, the real session service process, and a test
+double of the container manager on the bus (tests/services/fake_containers.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgspec
+import pytest
+
+from baaaht.bus.errors import BusError
+from baaaht.schemas.containers import ContainerCreate, ContainerListQuery, ContainerSpec
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.sessions import (
+    SessionAttachContainer,
+    SessionClose,
+    SessionCreate,
+    SessionDelete,
+    SessionGet,
+    SessionList,
+    SessionMessages,
+    SessionSendMessage,
+    SessionSettings,
+    SessionState,
+    SessionUpdate,
+)
+from tests.harness import wait_for
+from tests.session_doubles import SESSIONS, start_sessions_host
+
+S = SessionState
+
+
+@pytest.fixture
+def sessions(make_host):
+    """The session service and the container double; sessions go idle after the default 30m."""
+    return start_sessions_host(make_host)
+
+
+def error_of(call) -> BusError:
+    with pytest.raises(BusError) as caught:
+        call()
+    return caught.value
+
+
+def state_of(client, session_id: str) -> SessionState:
+    return client.call(SessionGet(session_id=session_id)).state
+
+
+def transitions(client) -> list[tuple[str, str]]:
+    """(from, to) of every `session.updated` state change published so far, in order."""
+    with client.subscribe(["session.updated"], since=0) as subscription:
+        seen = []
+        while (delivery := subscription.next(timeout=0.3)) is not None:
+            event = delivery.event
+            if event.change == "state":
+                seen.append((event.previous_state.value, event.session.state.value))
+        return seen
+
+
+def create_container(client, session_id: str, name: str = "") -> str:
+    spec = ContainerSpec(image="busybox:1", name=name)
+    return client.call(ContainerCreate(spec=spec, session_id=session_id)).id
+
+
+def test_every_valid_transition_and_every_refused_one(make_host):
+    host = start_sessions_host(make_host, {"timeout": "300ms"})
+    client = host.client()
+    # initializing -> active
+    session_id = client.call(SessionCreate(owner="alice")).id
+    assert state_of(client, session_id) is S.ACTIVE
+    # active -> idle (the sweep) and idle -> active (a message)
+    wait_for(lambda: state_of(client, session_id) is S.IDLE, what="the session to go idle")
+    client.call(SessionSendMessage(session_id=session_id, content="wake up"))
+    assert state_of(client, session_id) is S.ACTIVE
+    # active -> closing -> closed, with a container that will not go away
+    stuck = create_container(client, session_id, name="stuck-1")
+    client.call(SessionAttachContainer(session_id=session_id, container_id=stuck))
+    assert client.call(SessionClose(session_id=session_id, wait=False)).state is S.CLOSING
+    # closing -> active is refused
+    error = error_of(lambda: client.call(SessionSendMessage(session_id=session_id, content="x")))
+    assert error.code is ErrorCode.FAILED_PRECONDITION
+    assert f"session {session_id} cannot go from closing to active" in error.message
+    wait_for(lambda: state_of(client, session_id) is S.CLOSED, what="the session to close")
+    # closed -> active is refused; closed -> closing is not a transition: close is idempotent
+    error = error_of(lambda: client.call(SessionSendMessage(session_id=session_id, content="x")))
+    assert (error.code, error.details["state"], error.details["target_state"]) == (
+        ErrorCode.FAILED_PRECONDITION,
+        "closed",
+        "active",
+    )
+    assert client.call(SessionClose(session_id=session_id)).state is S.CLOSED
+    # idle -> closing -> closed
+    other = client.call(SessionCreate(owner="alice")).id
+    wait_for(lambda: state_of(client, other) is S.IDLE, what="the second session to go idle")
+    assert client.call(SessionClose(session_id=other)).state is S.CLOSED
+    assert transitions(client) == [
+        ("active", "idle"),
+        ("idle", "active"),
+        ("active", "closing"),
+        ("closing", "closed"),
+        ("active", "idle"),
+        ("idle", "closing"),
+        ("closing", "closed"),
+    ]
+
+
+def test_closing_removes_the_sessions_containers_and_reports_what_would_not_go(sessions):
+    client = sessions.client()
+    session_id = client.call(SessionCreate(owner="alice")).id
+    keep = client.call(SessionCreate(owner="bob")).id
+    attached = create_container(client, session_id)
+    client.call(SessionAttachContainer(session_id=session_id, container_id=attached))
+    unattached = create_container(client, session_id)  # found by container.list, not attached
+    bystander = create_container(client, keep)
+    info = client.call(SessionClose(session_id=session_id, reason="done"), timeout=10)
+    assert (info.state, info.close_reason, info.containers) == (S.CLOSED, "done", [])
+    assert client.call(ContainerListQuery(session_id=session_id)).containers == []
+    assert [c.id for c in client.call(ContainerListQuery()).containers] == [bystander]
+    with client.subscribe(["container.removed", "session.closed"], since=0) as subscription:
+        seen = [subscription.next(timeout=2) for _ in range(3)]
+    removed = {d.event.container_id for d in seen if d.topic == "container.removed"}
+    assert removed == {attached, unattached}
+    assert [
+        (d.event.session_id, d.event.remaining_containers) for d in seen if d.topic == "session.closed"
+    ] == [(session_id, [])]
+    # A container that does not go away is reported and left to the container manager's reconcile.
+    stuck_session = client.call(SessionCreate(owner="carol")).id
+    stuck = create_container(client, stuck_session, name="stuck-1")
+    info = client.call(SessionClose(session_id=stuck_session), timeout=10)
+    assert info.state is S.CLOSED
+    assert [c.id for c in client.call(ContainerListQuery(session_id=stuck_session)).containers] == [stuck]
+
+
+def test_limits_on_sessions_and_containers(sessions):
+    client = sessions.client()
+    created = [client.call(SessionCreate(owner="alice")).id for _ in range(4)]
+    error = error_of(lambda: client.call(SessionCreate(owner="alice")))
+    assert error.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert "session.max_sessions is 4" in error.message
+    client.call(SessionClose(session_id=created[0]))
+    session_id = client.call(SessionCreate(owner="alice")).id
+    for n in range(2):
+        client.call(SessionAttachContainer(session_id=session_id, container_id=f"c{n}"))
+    error = error_of(lambda: client.call(SessionAttachContainer(session_id=session_id, container_id="c2")))
+    assert error.code is ErrorCode.RESOURCE_EXHAUSTED
+    error = error_of(
+        lambda: client.call(SessionCreate(owner="a", settings=SessionSettings(max_containers=3)))
+    )
+    assert error.code is ErrorCode.INVALID_ARGUMENT
+    assert "policy.max_containers=2" in error.message
+
+
+def test_paging_sessions_and_messages(sessions):
+    client = sessions.client()
+    session_ids = [client.call(SessionCreate(owner="alice", labels={"n": str(n)})).id for n in range(4)]
+    seen, cursor = [], 0
+    while True:
+        page = client.call(SessionList(limit=3, cursor=cursor))
+        seen += [s.id for s in page.sessions]
+        if not (cursor := page.next_cursor):
+            break
+    assert seen == session_ids
+    assert [s.id for s in client.call(SessionList(labels={"n": "2"})).sessions] == [session_ids[2]]
+    for n in range(7):
+        client.call(SessionSendMessage(session_id=session_ids[0], content=f"m{n}"))
+    newest, cursor = [], 0
+    while True:
+        page = client.call(SessionMessages(session_id=session_ids[0], order="newest", limit=2, cursor=cursor))
+        newest += [m.content for m in page.messages]
+        if not (cursor := page.next_cursor):
+            break
+    assert newest == [f"m{n}" for n in reversed(range(7))]
+
+
+def test_expiry_closes_the_session_and_removes_its_containers(sessions):
+    client = sessions.client()
+    session_id = client.call(SessionCreate(owner="alice", settings=SessionSettings(max_duration=0.5))).id
+    container_id = create_container(client, session_id)
+    client.call(SessionAttachContainer(session_id=session_id, container_id=container_id))
+    info = wait_for(
+        lambda: (found := client.call(SessionGet(session_id=session_id))).state is S.CLOSED and found,
+        what="the session to expire",
+    )
+    assert info.close_reason.startswith("expired")
+    assert client.call(ContainerListQuery(session_id=session_id)).containers == []
+
+
+def test_bad_input_gets_a_clear_error_and_changes_nothing(sessions):
+    client = sessions.client()
+    session_id = client.call(SessionCreate(owner="alice", name="keep")).id
+    client.call(SessionSendMessage(session_id=session_id, content="first"))
+    before = client.call(SessionGet(session_id=session_id))
+
+    error = error_of(
+        lambda: client.call_raw(
+            "session.send_message",
+            msgspec.msgpack.encode({"session_id": session_id, "role": "root", "content": "x"}),
+        )
+    )
+    assert (error.code, error.details) == (ErrorCode.INVALID_ARGUMENT, {"path": "$.role"})
+    assert "Invalid enum value 'root'" in error.message
+    error = error_of(lambda: client.call(SessionSendMessage(session_id=session_id, content="x" * 5000)))
+    assert error.code is ErrorCode.INVALID_ARGUMENT
+    assert "more than session.max_message_size=4096" in error.message
+    error = error_of(lambda: client.call(SessionSendMessage(session_id="no-such-session", content="x")))
+    assert (error.code, error.message) == (ErrorCode.NOT_FOUND, "no session no-such-session")
+    error = error_of(lambda: client.call(SessionUpdate(session_id=session_id, labels={"": "x"})))
+    assert error.code is ErrorCode.INVALID_ARGUMENT
+    error = error_of(lambda: client.call(SessionDelete(session_id=session_id)))
+    assert error.code is ErrorCode.FAILED_PRECONDITION
+    error = error_of(lambda: client.call_raw("session.get", msgspec.msgpack.encode({"session_id": 7})))
+    assert (error.code, error.details) == (ErrorCode.INVALID_ARGUMENT, {"path": "$.session_id"})
+
+    assert client.call(SessionGet(session_id=session_id)) == before
+    messages = client.call(SessionMessages(session_id=session_id)).messages
+    assert [m.content for m in messages] == ["first"]
+
+
+def test_concurrent_writers_keep_one_order_and_followers_see_it(sessions):
+    session_id = sessions.client().call(SessionCreate(owner="alice")).id
+    writers, each = 8, 15
+    acknowledged: dict[int, list[int]] = {}
+
+    def write(writer: int) -> None:
+        client = sessions.client()
+        acknowledged[writer] = [
+            client.call(SessionSendMessage(session_id=session_id, content=f"{writer}:{n}")).seq
+            for n in range(each)
+        ]
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    total = writers * each
+    stored = sessions.client().call(SessionMessages(session_id=session_id, limit=1000)).messages
+    assert [m.seq for m in stored] == list(range(1, total + 1))
+    for writer, seqs in acknowledged.items():
+        assert [stored[seq - 1].content for seq in seqs] == [f"{writer}:{n}" for n in range(each)]
+    with sessions.client().subscribe([f"session.message.{session_id}"], since=0) as subscription:
+        followed = [subscription.next(timeout=2).event.message.seq for _ in range(total)]
+    assert followed == list(range(1, total + 1))
+
+
+def test_kill_9_mid_write_loses_nothing_acknowledged_and_leaves_nothing_half_written(make_host):
+    host = start_sessions_host(make_host, {"timeout": "1s"}, with_containers=False)
+    setup = host.client()
+    session_id = setup.call(SessionCreate(owner="alice")).id
+    idle_one = setup.call(SessionCreate(owner="bob")).id
+    setup.call(SessionSendMessage(session_id=idle_one, content="before"))
+    wait_for(lambda: state_of(setup, idle_one) is S.IDLE, what="the second session to go idle")
+    writers = 8
+    acknowledged: dict[str, int] = {}
+    attempted: set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def write(writer: int) -> None:
+        client = host.client(timeout=2)
+        n = 0
+        while not stop.is_set():
+            content = f"writer {writer} message {n} " + "x" * (n % 97)
+            with lock:
+                attempted.add(content)
+            try:
+                message = client.call(SessionSendMessage(session_id=session_id, content=content))
+            except BusError:
+                return  # the service is gone: what was not acknowledged may or may not be stored
+            with lock:
+                acknowledged[content] = message.seq
+            n += 1
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(acknowledged) >= 200, what="writers to get going")
+    host.kill("session")  # SIGKILL while writes are in flight
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    host.start_service(SESSIONS, "session")
+    client = host.client()
+    stored = client.call(SessionMessages(session_id=session_id, limit=1000)).messages
+    while len(stored) % 1000 == 0 and stored:
+        stored += client.call(
+            SessionMessages(session_id=session_id, limit=1000, cursor=stored[-1].seq)
+        ).messages
+    by_content = {m.content: m.seq for m in stored}
+    assert len(acknowledged) >= 200
+    assert all(by_content.get(content) == seq for content, seq in acknowledged.items())
+    assert [m.seq for m in stored] == list(range(1, len(stored) + 1))
+    assert {m.content for m in stored} <= attempted
+    info = client.call(SessionGet(session_id=session_id))
+    assert info.message_count == len(stored)
+    # State and clocks came back: the idle session is still idle, the busy one goes idle on time.
+    assert state_of(client, idle_one) is S.IDLE
+    wait_for(lambda: state_of(client, session_id) is S.IDLE, what="the written session to go idle")
+    assert [m.content for m in client.call(SessionMessages(session_id=idle_one)).messages] == ["before"]
+    # And the service takes writes again.
+    assert client.call(SessionSendMessage(session_id=session_id, content="after")).seq == len(stored) + 1
+    assert time.time() >= info.last_activity_at
