@@ -41,28 +41,31 @@ def echo_router(endpoint: str) -> None:
     sock = zmq.Context().socket(zmq.ROUTER)
     sock.bind(endpoint)
     while True:
-        ident, _kind, header, body = sock.recv_multipart()
-        request_id = wire.request_header.decode(header).id
-        sock.send_multipart([ident, wire.REPLY, wire.encode(wire.ReplyHeader(request_id)), body])
+        ident, envelope = sock.recv_multipart()
+        header, body = wire.split(envelope)
+        sock.send_multipart([ident, wire.reply(wire.REPLY, wire.request_header.decode(header).id, body)])
 
 
 def echo_service(endpoint: str) -> None:
     """The same work behind the broker: a registered service instance (with heartbeats)."""
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(endpoint)
-    register = Register(service="bench", instance=f"bench-{os.getpid()}", methods=["bench.echo"], concurrency=1)
-    sock.send_multipart([wire.REGISTER, msgspec.msgpack.encode(register)])
+    register = Register(
+        service="bench", instance=f"bench-{os.getpid()}", methods=["bench.echo"], concurrency=1
+    )
+    sock.send(wire.pack(wire.REGISTER, body=msgspec.msgpack.encode(register)))
     health = msgspec.msgpack.encode({"healthy": True})
     next_beat = 0.0
     while True:
         if sock.poll(100):
             frames = sock.recv_multipart()
-            if frames[0] == wire.REQUEST:
-                _kind, header, body, route = frames
+            if wire.kind_of(frames[0]) == wire.REQUEST:
+                envelope, route = frames
+                header, body = wire.split(envelope)
                 request_id = wire.request_header.decode(header).id
-                sock.send_multipart(wire.reply_frames(wire.REPLY, request_id, body, route[: wire.TOKEN_SIZE]))
+                sock.send(wire.reply(wire.REPLY, request_id, body, token=route[: wire.TOKEN_SIZE]))
         if time.monotonic() >= next_beat:
-            sock.send_multipart([wire.HEARTBEAT, health])
+            sock.send(wire.pack(wire.HEARTBEAT, body=health))
             next_beat = time.monotonic() + 0.5
 
 
@@ -97,7 +100,7 @@ def round_trips(endpoint: str, target: str, outstanding: int, seconds: float) ->
         counter += 1
         request_id = format(counter, "x")
         sent_at[request_id] = time.perf_counter()
-        sock.send_multipart(wire.request_frames(request_id, target, time.time() + 30, "", False, BODY))
+        sock.send(wire.request(request_id, target, time.time() + 30, "", False, BODY))
 
     for _ in range(outstanding):
         send()
@@ -107,11 +110,11 @@ def round_trips(endpoint: str, target: str, outstanding: int, seconds: float) ->
     while True:
         if not sock.poll(5000):
             raise RuntimeError(f"no reply from {endpoint}")
-        frames = sock.recv_multipart()
-        if frames[0] != wire.REPLY:
+        envelope = sock.recv()
+        if wire.kind_of(envelope) != wire.REPLY:
             continue  # the broker's heartbeats
         now = time.perf_counter()
-        header = frames[1]
+        header = wire.header_of(envelope)
         reply = wire.reply_header.decode(header)
         if reply.error:
             raise RuntimeError(f"error reply {reply.error}")
@@ -137,7 +140,9 @@ def round_trips(endpoint: str, target: str, outstanding: int, seconds: float) ->
 def fan_out(publish_endpoint: str, events_endpoint: str, subscribers: int) -> dict:
     spawn = multiprocessing.get_context("spawn")
     results = spawn.Queue()
-    procs = [spawn.Process(target=subscriber, args=(events_endpoint, EVENTS, results)) for _ in range(subscribers)]
+    procs = [
+        spawn.Process(target=subscriber, args=(events_endpoint, EVENTS, results)) for _ in range(subscribers)
+    ]
     for proc in procs:
         proc.start()
     for _ in procs:
@@ -148,7 +153,7 @@ def fan_out(publish_endpoint: str, events_endpoint: str, subscribers: int) -> di
     sock.connect(publish_endpoint)
     body = msgspec.msgpack.encode({"type": "bench.tick", "n": 0})
     for _ in range(EVENTS):
-        sock.send_multipart([wire.EVENT, b"bench.tick", body])
+        sock.send(wire.pack(wire.EVENT, b"bench.tick", body))
     counts = [results.get(timeout=120) for _ in procs]
     for proc in procs:
         proc.join(10)
@@ -166,13 +171,17 @@ def fan_out(publish_endpoint: str, events_endpoint: str, subscribers: int) -> di
 def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="bh-bench-")
     config = Path(run_dir) / "config.json"
-    config.write_text(json.dumps({"data_dir": run_dir, "bus": {"run_dir": run_dir}, "log": {"level": "warn"}}))
+    config.write_text(
+        json.dumps({"data_dir": run_dir, "bus": {"run_dir": run_dir}, "log": {"level": "warn"}})
+    )
     services = f"ipc://{run_dir}/bus.sock"
     direct = f"ipc://{run_dir}/direct.sock"
     broker = subprocess.Popen([sys.executable, "-m", "baaaht.bus.broker", "--config", str(config)])
     spawn = multiprocessing.get_context("spawn")
-    peers = [spawn.Process(target=echo_router, args=(direct,), daemon=True),
-             spawn.Process(target=echo_service, args=(services,), daemon=True)]
+    peers = [
+        spawn.Process(target=echo_router, args=(direct,), daemon=True),
+        spawn.Process(target=echo_service, args=(services,), daemon=True),
+    ]
     for peer in peers:
         peer.start()
     time.sleep(1.5)
@@ -190,7 +199,8 @@ def main() -> None:
         broker.wait(10)
         shutil.rmtree(run_dir, ignore_errors=True)
     ratios = {
-        f"broker_vs_direct_{n}": rows[f"broker_{n}"]["round_trips_per_s"] / rows[f"direct_{n}"]["round_trips_per_s"]
+        f"broker_vs_direct_{n}": rows[f"broker_{n}"]["round_trips_per_s"]
+        / rows[f"direct_{n}"]["round_trips_per_s"]
         for n in (1, 100)
     }
     targets = {
@@ -201,18 +211,24 @@ def main() -> None:
     for n in (1, 100):
         for path in ("direct", "broker"):
             r = rows[f"{path}_{n}"]
-            print(f"{path:<12} {n:>11} {r['round_trips_per_s']:>14.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f}")
+            print(
+                f"{path:<12} {n:>11} {r['round_trips_per_s']:>14.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f}"
+            )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
     for count in (1, 4):
         r = rows[f"fanout_{count}"]
-        print(f"fan-out to {count}: {r['delivered_per_s']:.0f} events/s delivered "
-              f"({r['per_subscriber_per_s']:.0f} per subscriber, {r['lost_pct']:.1f}% lost at the HWM)")
+        print(
+            f"fan-out to {count}: {r['delivered_per_s']:.0f} events/s delivered "
+            f"({r['per_subscriber_per_s']:.0f} per subscriber, {r['lost_pct']:.1f}% lost at the HWM)"
+        )
     for name, met in targets.items():
         print(f"target {name}: {'met' if met else 'NOT met'}")
     out = ROOT / "results" / "bus.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"when": time.time(), "rows": rows, "ratios": ratios, "targets": targets}, indent=2))
+    out.write_text(
+        json.dumps({"when": time.time(), "rows": rows, "ratios": ratios, "targets": targets}, indent=2)
+    )
 
 
 if __name__ == "__main__":

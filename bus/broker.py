@@ -48,6 +48,14 @@ HEADER_SLACK = 64 * 1024  # ZMQ_MAXMSGSIZE is per frame: leave room so an oversi
 BUILTINS: dict[str, type[Request]] = {
     t.__struct_config__.tag: t for t in (Ping, ServicesQuery, PeersQuery, StatsQuery, EventsReplay)
 }
+# Plain ints and the backend's send: pyzmq's flag enums and its Python-level send
+# wrapper cost more per call than the send itself.
+_send = zmq.backend.Socket.send
+_get = zmq.backend.Socket.get
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+RCVMORE = int(zmq.RCVMORE)
+HEARTBEAT = wire.pack(wire.HEARTBEAT)
 _builtin_decoders = {tag: msgspec.msgpack.Decoder(t) for tag, t in BUILTINS.items()}
 _event_encoder = msgspec.msgpack.Encoder()
 
@@ -171,62 +179,68 @@ class Broker:
     def _drain(self, sock: zmq.Socket) -> None:
         index = self.sockets.index(sock)
         now = time.time()  # one clock reading per batch
+        recv = sock.recv
+        peers = self.registry.peers
         for _ in range(BATCH):
             try:
-                ident = sock.recv(zmq.NOBLOCK, copy=False)
+                ident = recv(NOBLOCK)
             except zmq.Again:
                 return
-            frames = [ident.bytes]
-            while sock.getsockopt(zmq.RCVMORE):
-                frames.append(sock.recv())
+            key = (index, ident)
+            address = None
+            if key in peers:
+                envelope = recv(NOBLOCK)  # a ROUTER message always has a frame after the routing id
+            else:  # a new peer: read its kernel credentials off the frame
+                frame = recv(NOBLOCK, copy=False)
+                envelope, address = frame.bytes, peer_address(frame)
+            extra = 0
+            while _get(sock, RCVMORE):
+                recv(NOBLOCK)
+                extra += 1
             self.counters["messages_in"] += 1
-            self.counters["bytes_in"] += sum(map(len, frames))
-            self._handle(index, ident, frames, now)
+            self.counters["bytes_in"] += len(envelope)
+            self._handle(key, envelope, extra, address, now)
 
-    def _handle(self, index: int, ident: zmq.Frame, frames: list[bytes], now: float) -> None:
-        key = (index, frames[0])
-        kind = frames[1] if len(frames) > 1 else b""
-        if kind not in wire.KIND_NAMES:
-            self._malformed(key, "not a baaaht frame (expected BHT1 and a known kind)")
+    def _handle(self, key, envelope: bytes, extra: int, address: str | None, now: float) -> None:
+        kind = wire.kind_of(envelope)
+        if not kind or extra:
+            self._malformed(
+                key, "not a baaaht message (expected one envelope: BHT1, a kind, a header length)"
+            )
             return
-        body = frames[2:]
-        peer = self.registry.touch(key, self.socket_names[index], lambda: peer_address(ident), now)
+        peer = self.registry.touch(key, self.socket_names[key[0]], address, now)
         try:
-            if kind == wire.REQUEST and len(body) == 2:
-                self._on_request(peer, body[0], body[1], now)
-            elif kind in (wire.REPLY, wire.PARTIAL) and len(body) == 3:
-                self._on_reply(peer, kind, body[0], body[1], body[2])
-            elif kind == wire.HEARTBEAT and len(body) <= 1:
-                self._on_heartbeat(peer, body)
-            elif kind == wire.CANCEL and len(body) == 1:
-                self._on_cancel(peer, body[0].decode(errors="replace"))
-            elif kind == wire.EVENT and len(body) == 2:
-                self._on_event(peer, body[0], body[1], now)
-            elif kind == wire.REGISTER and len(body) == 1:
-                self._on_register(peer, body[0])
+            if kind == wire.REQUEST:
+                self._on_request(peer, envelope, now)
+            elif kind in (wire.REPLY, wire.PARTIAL):
+                self._on_reply(peer, kind, envelope)
+            elif kind == wire.HEARTBEAT:
+                self._on_heartbeat(peer, wire.split(envelope)[1])
+            elif kind == wire.CANCEL:
+                self._on_cancel(peer, wire.split(envelope)[1].decode(errors="replace"))
+            elif kind == wire.EVENT:
+                self._on_event(peer, *wire.split(envelope), now)
+            elif kind == wire.REGISTER:
+                self._on_register(peer, wire.split(envelope)[1])
             elif kind == wire.DISCONNECT:
                 self._answer_all(*self.registry.drop_peer(key, "disconnected"))
             else:
-                self._malformed(key, f"wrong frame count for {wire.KIND_NAMES[kind]}: {len(body)}")
-        except msgspec.DecodeError as exc:
-            self._malformed(key, f"undecodable {wire.KIND_NAMES[kind]} frame: {exc}")
+                self._malformed(key, f"a peer may not send a {wire.KIND_NAMES[kind]}")
+        except (msgspec.DecodeError, wire.MalformedFrame) as exc:
+            self._malformed(key, f"undecodable {wire.KIND_NAMES[kind]}: {exc}")
 
     # -- handlers -----------------------------------------------------------------------------
 
-    def _on_request(self, peer: Peer, header_bytes: bytes, body: bytes, now: float) -> None:
+    def _on_request(self, peer: Peer, envelope: bytes, now: float) -> None:
+        header_bytes = wire.header_of(envelope)
         header = wire.request_header.decode(header_bytes)
-        if len(body) > self.max_message:
-            self._reply_error(
-                peer.key,
-                header.id,
-                BusError(
-                    ErrorCode.RESOURCE_EXHAUSTED,
-                    f"message body of {len(body)} bytes exceeds the limit of {self.max_message} bytes",
-                ),
-            )
+        size = len(envelope) - wire.PREFIX - len(header_bytes)
+        if size > self.max_message:
+            message = f"message body of {size} bytes exceeds the limit of {self.max_message} bytes"
+            self._reply_error(peer.key, header.id, BusError(ErrorCode.RESOURCE_EXHAUSTED, message))
             return
         if header.target.startswith("bus."):
-            self._builtin(peer, header, body, now)
+            self._builtin(peer, header, wire.split(envelope)[1], now)
             return
         try:
             request = self.registry.route(peer, header.id, header.target, header.deadline, now)
@@ -234,35 +248,36 @@ class Broker:
             self._reply_error(peer.key, header.id, exc)
             return
         instance = request.instance
-        frames = [wire.REQUEST, header_bytes, body, request.token + peer.caller_frame]
-        if not self._send(instance.peer.key, frames):
+        if not self._send(instance.peer.key, envelope, request.token + peer.caller_frame):
             self.registry.complete(request.token, final=True, error=ErrorCode.UNAVAILABLE.value)
             message = f"service {instance.service} cannot take more requests (queue full or gone)"
             self._reply_error(peer.key, header.id, BusError(ErrorCode.UNAVAILABLE, message))
 
-    def _on_reply(self, peer: Peer, kind: bytes, header_bytes: bytes, body: bytes, token: bytes) -> None:
+    def _on_reply(self, peer: Peer, kind: bytes, envelope: bytes) -> None:
         final = kind == wire.REPLY
-        error = wire.reply_header.decode(header_bytes).error if final else ""
-        request = self.registry.complete(token, final, error)
+        header = wire.reply_header.decode(wire.header_of(envelope))
+        request = self.registry.complete(header.token, final, header.error)
         if request is None:
             if not final:  # a stream whose caller is gone: tell the handler to stop
-                self._send(peer.key, [wire.CANCEL, token])
+                self._send(peer.key, wire.pack(wire.CANCEL, body=header.token))
             return
-        self._send(request.client, [kind, header_bytes, body])
+        self._send(request.client, envelope)
 
     def _on_cancel(self, peer: Peer, request_id: str) -> None:
         request = self.registry.cancel(peer.key, request_id)
         if request is not None:
-            self._send(request.instance.peer.key, [wire.CANCEL, request.token])
+            self._send(request.instance.peer.key, wire.pack(wire.CANCEL, body=request.token))
 
-    def _on_heartbeat(self, peer: Peer, body: list[bytes]) -> None:
+    def _on_heartbeat(self, peer: Peer, body: bytes) -> None:
         if not body:
             return
         if peer.instance is None:  # a service we do not know (we restarted, or expired it): re-register
-            forgotten = ErrorBody(code=ErrorCode.UNAVAILABLE, message="unknown service instance: register again")
-            self._send(peer.key, [wire.DISCONNECT, wire.encode(forgotten)])
+            forgotten = ErrorBody(
+                code=ErrorCode.UNAVAILABLE, message="unknown service instance: register again"
+            )
+            self._send(peer.key, wire.pack(wire.DISCONNECT, body=wire.encode(forgotten)))
             return
-        health = wire.health_body.decode(body[0])
+        health = wire.health_body.decode(body)
         self.registry.set_health(peer, health.healthy, health.reason)
 
     def _on_register(self, peer: Peer, body: bytes) -> None:
@@ -270,7 +285,7 @@ class Broker:
         try:
             instance = self.registry.register(peer, registration)
         except BusError as exc:
-            self._send(peer.key, [wire.DISCONNECT, wire.encode(exc.body())])
+            self._send(peer.key, wire.pack(wire.DISCONNECT, body=wire.encode(exc.body())))
             return
         log.info("service registered", extra={"service": instance.service, "instance": instance.instance_id})
         self.publish_own(ServiceUp(service=instance.service, instance=instance.instance_id))
@@ -287,7 +302,7 @@ class Broker:
         event = self.events.append(topic, source, body, now)
         stamp = wire.encode(wire.EventStamp(event.seq, now, source))
         # PUB never blocks: a subscriber past its high-water mark loses messages, sees a gap and replays.
-        self.pub.send_multipart([topic.encode(), wire.EVENT, stamp, body])
+        self.pub.send_multipart([topic.encode(), wire.pack(wire.EVENT, stamp, body)])
 
     # -- built-in bus.* methods ---------------------------------------------------------------
 
@@ -304,8 +319,7 @@ class Broker:
             self._reply_error(peer.key, header.id, BusError(ErrorCode.INVALID_ARGUMENT, str(exc)))
             return
         result = self._builtin_result(peer, request, now)
-        reply = wire.encode(wire.ReplyHeader(header.id))
-        self._send(peer.key, [wire.REPLY, reply, wire.encode(result)])
+        self._send(peer.key, wire.reply(wire.REPLY, header.id, wire.encode(result)))
 
     def _builtin_result(self, peer: Peer, request: Request, now: float):
         if isinstance(request, Ping):
@@ -346,7 +360,7 @@ class Broker:
                     )
                 )
         for key in list(self.registry.peers):
-            self._send(key, [wire.HEARTBEAT])
+            self._send(key, HEARTBEAT)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -356,23 +370,28 @@ class Broker:
                 failure.request.client, failure.request.request_id, BusError(failure.code, failure.message)
             )
         for request in cancels:
-            self._send(request.instance.peer.key, [wire.CANCEL, request.token])
+            self._send(request.instance.peer.key, wire.pack(wire.CANCEL, body=request.token))
 
     def _reply_error(self, key, request_id: str, error: BusError) -> None:
         code = error.code.value
         self.errors[code] = self.errors.get(code, 0) + 1
-        header = wire.encode(wire.ReplyHeader(request_id, code))
-        self._send(key, [wire.REPLY, header, wire.encode(error.body())])
+        self._send(key, wire.error_reply(request_id, error))
 
     def _malformed(self, key, message: str) -> None:
         self.counters["malformed"] += 1
         log.warning("malformed message", extra={"peer": key[1].hex(), "problem": message})
         self._reply_error(key, "", BusError(ErrorCode.INVALID_ARGUMENT, message))
 
-    def _send(self, key, frames: list[bytes]) -> bool:
+    def _send(self, key, envelope: bytes, route: bytes | None = None) -> bool:
         """Send to a peer; False when it is gone or its queue is full (never blocks the loop)."""
+        sock = self.sockets[key[0]]
         try:
-            self.sockets[key[0]].send_multipart([key[1], *frames], zmq.NOBLOCK)
+            _send(sock, key[1], SNDMORE_NOBLOCK)
+            if route is None:
+                _send(sock, envelope, NOBLOCK)
+            else:
+                _send(sock, envelope, SNDMORE_NOBLOCK)
+                _send(sock, route, NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
@@ -380,7 +399,7 @@ class Broker:
             self.errors[reason] = self.errors.get(reason, 0) + 1
             return False
         self.counters["messages_out"] += 1
-        self.counters["bytes_out"] += sum(map(len, frames))
+        self.counters["bytes_out"] += len(envelope)
         return True
 
 

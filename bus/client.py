@@ -120,7 +120,7 @@ class BusClient:
 
     def publish(self, event: Event, subtopic: str = "") -> None:
         topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
-        self.connection.send([wire.EVENT, topic.encode(), _encode(event)])
+        self.connection.send([wire.pack(wire.EVENT, topic.encode(), _encode(event))])
 
     def subscribe(self, topics: list[str] | None = None, since: int | None = None) -> Subscription:
         """Live events whose topic starts with one of `topics` (all when empty); with `since`,
@@ -142,9 +142,7 @@ class _Call:
         self.deadline = time.time() + timeout
         self.replies = connection.open_call(self.request_id)
         self.finished = False
-        connection.send(
-            wire.request_frames(self.request_id, target, self.deadline, correlation, stream, body)
-        )
+        connection.send([wire.request(self.request_id, target, self.deadline, correlation, stream, body)])
 
     def __enter__(self) -> "_Call":
         return self
@@ -152,7 +150,7 @@ class _Call:
     def __exit__(self, *exc) -> None:
         self.connection.close_call(self.request_id)
         if not self.finished:
-            self.connection.send([wire.CANCEL, self.request_id.encode()])
+            self.connection.send([wire.pack(wire.CANCEL, body=self.request_id.encode())])
 
     def next_reply(self):
         # A little grace past the deadline lets the broker's own TIMEOUT reply arrive first.

@@ -30,7 +30,7 @@ _connection_ids = itertools.count(1)
 class Connection:
     """Thread-safe sending and per-call reply queues over one broker connection.
 
-    `on_message(kind, frames)` receives REQUEST and CANCEL frames (services only);
+    `on_message(kind, envelope, extra)` receives REQUEST and CANCEL messages (services only);
     `registration()` returns a REGISTER body to (re)send after each (re)connect;
     `health()` returns a HEARTBEAT body for registered services.
     """
@@ -113,7 +113,7 @@ class Connection:
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.connect(self.endpoint)
         if self._registration is not None:
-            dealer.send_multipart([wire.REGISTER, self._registration()])
+            dealer.send(wire.pack(wire.REGISTER, body=self._registration()))
         return dealer
 
     def _run(self) -> None:
@@ -156,8 +156,8 @@ class Connection:
                 self._fail_one(frames, "the connection to the broker is backed up")
 
     def _fail_one(self, frames: list[bytes], message: str) -> None:
-        if frames[0] == wire.REQUEST:
-            request_id = wire.request_header.decode(frames[1]).id
+        if wire.kind_of(frames[0]) == wire.REQUEST:
+            request_id = wire.request_header.decode(wire.header_of(frames[0])).id
             self._deliver(request_id, _error_reply(request_id, ErrorCode.UNAVAILABLE, message))
 
     def _receive(self) -> None:
@@ -167,18 +167,20 @@ class Connection:
             except zmq.Again:
                 return
             self.broker_seen = time.time()
-            kind = frames[0]
+            envelope = frames[0]
+            kind = wire.kind_of(envelope)
             if kind in (wire.REPLY, wire.PARTIAL):
-                header = wire.reply_header.decode(frames[1])
+                header_bytes, body = wire.split(envelope)
+                header = wire.reply_header.decode(header_bytes)
                 if header.id:
-                    self._deliver(header.id, (kind, header, frames[2]))
+                    self._deliver(header.id, (kind, header, body))
                 else:
-                    error = wire.error_body.decode(frames[2])
+                    error = wire.error_body.decode(body)
                     log.warning("the broker refused a message", extra={"error": error.message})
             elif kind == wire.DISCONNECT:
-                self._on_disconnect(wire.error_body.decode(frames[1]))
+                self._on_disconnect(wire.error_body.decode(wire.split(envelope)[1]))
             elif kind in (wire.REQUEST, wire.CANCEL) and self._on_message is not None:
-                self._on_message(kind, frames[1:])
+                self._on_message(kind, envelope, frames[1:])
             elif kind != wire.HEARTBEAT:
                 log.warning("ignored a malformed message from the broker")
 
@@ -187,7 +189,7 @@ class Connection:
             return
         if error.code == ErrorCode.UNAVAILABLE:  # the broker forgot us: register again
             log.info("registering again", extra={"reason": error.message})
-            self._dealer.send_multipart([wire.REGISTER, self._registration()])
+            self._dealer.send(wire.pack(wire.REGISTER, body=self._registration()))
         else:
             self.refused = error
             log.error("registration refused", extra={"code": error.code.value, "reason": error.message})
@@ -198,11 +200,9 @@ class Connection:
             replies.put(reply)
 
     def _heartbeat(self) -> None:
-        frames = [wire.HEARTBEAT]
-        if self._health is not None:
-            frames.append(self._health())
+        beat = wire.pack(wire.HEARTBEAT, body=self._health() if self._health is not None else b"")
         try:
-            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            self._dealer.send(beat, zmq.NOBLOCK)
         except zmq.Again:
             pass  # the broker is not draining us: liveness will notice
 

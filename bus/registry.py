@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import collections
 import itertools
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import msgspec
 
-from baaaht.bus.wire import TOKEN_SIZE
-
 from baaaht.bus.errors import BusError
+from baaaht.bus.wire import TOKEN_SIZE
 from baaaht.schemas.bus import (
     Caller,
     InstanceInfo,
@@ -33,7 +31,7 @@ AGENTS_SOCKET = "agents"
 SERVICE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
-@dataclass
+@dataclass(slots=True)
 class Peer:
     key: PeerKey
     socket: str
@@ -44,7 +42,7 @@ class Peer:
     instance: Instance | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Instance:
     peer: Peer
     service: str
@@ -52,14 +50,17 @@ class Instance:
     methods: frozenset[str]
     schema_version: int
     concurrency: int
+    stats: ServiceStats
     healthy: bool = True
     reason: str = ""
     in_flight: int = 0
     served: int = 0
-    tokens: set[bytes] = field(default_factory=set)
+
+    def load(self) -> tuple[float, int]:
+        return self.in_flight / self.concurrency, self.served
 
 
-@dataclass
+@dataclass(slots=True)
 class InFlight:
     token: bytes
     client: PeerKey
@@ -99,15 +100,16 @@ class Registry:
         self.in_flight: dict[bytes, InFlight] = {}
         self._by_request: dict[tuple[PeerKey, str], bytes] = {}
         self._tokens = itertools.count(1)
+        self._routes: dict[str, list[Instance]] = {}  # target -> healthy instances offering it
         self.per_service: dict[str, ServiceStats] = collections.defaultdict(ServiceStats)
 
     # -- peers --------------------------------------------------------------------------------
 
-    def touch(self, key: PeerKey, socket: str, peer_address: Callable[[], str | None], now: float) -> Peer:
-        """The peer a message came from; `peer_address` is asked only for a new peer."""
+    def touch(self, key: PeerKey, socket: str, peer_address: str | None, now: float) -> Peer:
+        """The peer a message came from; `peer_address` (kernel credentials) matters only for a new one."""
         peer = self.peers.get(key)
         if peer is None:
-            uid, gid, pid = parse_peer_address(peer_address())
+            uid, gid, pid = parse_peer_address(peer_address)
             caller = Caller(socket=socket, peer=key[1].hex(), uid=uid, gid=gid, pid=pid)
             peer = Peer(key, socket, caller, self._encode_caller(caller), now)
             self.peers[key] = peer
@@ -136,6 +138,7 @@ class Registry:
             methods=frozenset(reg.methods),
             schema_version=reg.schema_version,
             concurrency=max(1, reg.concurrency),
+            stats=self.per_service[reg.service],
             healthy=reg.healthy,
             reason=reg.reason,
         )
@@ -150,12 +153,15 @@ class Registry:
         )
         peer.caller_frame = self._encode_caller(peer.caller)
         self.pools.setdefault(reg.service, []).append(instance)
+        self._routes.clear()
         return instance
 
     def set_health(self, peer: Peer, healthy: bool, reason: str) -> None:
-        if peer.instance is not None:
-            peer.instance.healthy = healthy
-            peer.instance.reason = reason
+        instance = peer.instance
+        if instance is not None and (instance.healthy, instance.reason) != (healthy, reason):
+            instance.healthy = healthy
+            instance.reason = reason
+            self._routes.clear()
 
     def drop_instance(self, peer: Peer, reason: str) -> list[Failure]:
         """Forget a service instance; its in-flight requests fail with UNAVAILABLE at once."""
@@ -168,13 +174,12 @@ class Registry:
             pool.remove(instance)
         if not pool:
             self.pools.pop(instance.service, None)
-        failures = []
-        for token in list(instance.tokens):
-            request = self._finish(token)
-            if request is not None:
-                message = f"service {instance.service} instance {instance.instance_id} {reason}"
-                failures.append(Failure(request, ErrorCode.UNAVAILABLE, message))
-        return failures
+        self._routes.clear()
+        message = f"service {instance.service} instance {instance.instance_id} {reason}"
+        served_here = [r for r in self.in_flight.values() if r.instance is instance]
+        for request in served_here:
+            self._finish(request.token)
+        return [Failure(request, ErrorCode.UNAVAILABLE, message) for request in served_here]
 
     def drop_peer(self, key: PeerKey, reason: str) -> tuple[list[Failure], list[InFlight]]:
         """Forget a peer: fail what it was serving, and return what it was waiting for (to cancel)."""
@@ -190,11 +195,28 @@ class Registry:
     # -- requests -----------------------------------------------------------------------------
 
     def route(self, client: Peer, request_id: str, target: str, deadline: float, now: float) -> InFlight:
+        """Pick the least loaded healthy instance for `target` and record the request in flight."""
+        instances = self._routes.get(target) or self._find_route(target)
+        if deadline <= now:
+            raise BusError(ErrorCode.TIMEOUT, f"deadline of {target} passed before delivery")
+        key = (client.key, request_id)
+        if key in self._by_request:
+            raise BusError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in flight")
+        instance = instances[0] if len(instances) == 1 else min(instances, key=Instance.load)
+        token = next(self._tokens).to_bytes(TOKEN_SIZE, "big")
+        request = InFlight(token, client.key, request_id, target, deadline, instance)
+        self.in_flight[token] = request
+        self._by_request[key] = token
+        instance.in_flight += 1
+        instance.stats.requests += 1
+        return request
+
+    def _find_route(self, target: str) -> list[Instance]:
+        """Healthy instances offering `target` (cached until a registration or health change),
+        or the error that says why there are none."""
         service, _, method = target.partition(".")
         if not method:
             raise BusError(ErrorCode.INVALID_ARGUMENT, f"target {target!r} is not service.method")
-        if deadline <= now:
-            raise BusError(ErrorCode.TIMEOUT, f"deadline of {target} passed before delivery")
         pool = self.pools.get(service)
         if not pool:
             raise BusError(ErrorCode.UNAVAILABLE, f"no instance of service {service!r} is registered")
@@ -205,27 +227,18 @@ class Registry:
         if not healthy:
             reasons = "; ".join(sorted({i.reason for i in candidates if i.reason})) or "unhealthy"
             raise BusError(ErrorCode.UNAVAILABLE, f"service {service!r} is unhealthy: {reasons}")
-        if (client.key, request_id) in self._by_request:
-            raise BusError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in flight")
-        instance = min(healthy, key=lambda i: (i.in_flight / i.concurrency, i.served))
-        token = next(self._tokens).to_bytes(TOKEN_SIZE, "big")
-        request = InFlight(token, client.key, request_id, target, deadline, instance)
-        self.in_flight[token] = request
-        self._by_request[(client.key, request_id)] = token
-        instance.tokens.add(token)
-        instance.in_flight += 1
-        self.per_service[service].requests += 1
-        return request
+        self._routes[target] = healthy
+        return healthy
 
     def complete(self, token: bytes, final: bool, error: str = "") -> InFlight | None:
         request = self.in_flight.get(token)
         if request is None or not final:
             return request
-        request.instance.served += 1
-        stats = self.per_service[request.instance.service]
-        stats.replies += 1
+        instance = request.instance
+        instance.served += 1
+        instance.stats.replies += 1
         if error:
-            stats.errors[error] = stats.errors.get(error, 0) + 1
+            instance.stats.errors[error] = instance.stats.errors.get(error, 0) + 1
         return self._finish(token)
 
     def cancel(self, client: PeerKey, request_id: str) -> InFlight | None:
@@ -237,7 +250,6 @@ class Registry:
         if request is None:
             return None
         self._by_request.pop((request.client, request.request_id), None)
-        request.instance.tokens.discard(token)
         request.instance.in_flight -= 1
         return request
 

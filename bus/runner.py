@@ -64,7 +64,9 @@ class ServiceRunner:
         self.concurrency = concurrency
         self.drain_timeout = drain_timeout
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
-        self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=f"{service.name}-rpc")
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            concurrency, thread_name_prefix=f"{service.name}-rpc"
+        )
         self.active: dict[bytes, CallContext] = {}
         self.draining = False
         self.stopped = threading.Event()
@@ -77,7 +79,9 @@ class ServiceRunner:
             registration=self._registration,
             health=self._health,
         )
-        self.client = BusClient(endpoints.services, events_endpoint=endpoints.events, connection=self.connection)
+        self.client = BusClient(
+            endpoints.services, events_endpoint=endpoints.events, connection=self.connection
+        )
         service.bus = self.client
 
     @classmethod
@@ -120,13 +124,14 @@ class ServiceRunner:
 
     # -- requests (called on the connection's I/O thread) -------------------------------------
 
-    def _on_message(self, kind: bytes, frames: list[bytes]) -> None:
+    def _on_message(self, kind: bytes, envelope: bytes, extra: list[bytes]) -> None:
+        header_bytes, body = wire.split(envelope)
         if kind == wire.CANCEL:
-            context = self.active.get(frames[0])
+            context = self.active.get(body)
             if context is not None:
                 context.cancelled.set()
             return
-        header_bytes, body, route = frames
+        route = extra[0]
         token, caller_bytes = route[: wire.TOKEN_SIZE], route[wire.TOKEN_SIZE :]
         header = wire.request_header.decode(header_bytes)
         context = CallContext(
@@ -177,7 +182,7 @@ class ServiceRunner:
         self._reply(wire.REPLY, context, _EMPTY, token)
 
     def _reply(self, kind: bytes, context: CallContext, body: bytes, token: bytes, error: str = "") -> None:
-        self.connection.send(wire.reply_frames(kind, context.request_id, body, token, error))
+        self.connection.send([wire.reply(kind, context.request_id, body, error, token)])
 
     # -- events -------------------------------------------------------------------------------
 
@@ -213,20 +218,24 @@ class ServiceRunner:
         self.service.start()
         events = None
         if self.event_handlers:
-            events = threading.Thread(target=self._follow_events, name=f"{self.service.name}-events", daemon=True)
+            events = threading.Thread(
+                target=self._follow_events, name=f"{self.service.name}-events", daemon=True
+            )
             events.start()
         log.info("serving", extra={"service": self.service.name, "methods": sorted(self.rpcs)})
         while not self.stopped.wait(1.0):
             pass
         self.draining = True
-        self.connection.send([wire.HEARTBEAT, self._health()])  # the broker stops routing here
+        self.connection.send(
+            [wire.pack(wire.HEARTBEAT, body=self._health())]
+        )  # the broker stops routing here
         deadline = time.monotonic() + self.drain_timeout
         while self.active and time.monotonic() < deadline:
             time.sleep(0.05)
         for context in self.active.values():
             context.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.connection.send([wire.DISCONNECT])
+        self.connection.send([wire.pack(wire.DISCONNECT)])
         if events is not None:
             events.join(2.0)
         self.service.stop()

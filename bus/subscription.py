@@ -98,7 +98,8 @@ class Subscription:
         while not self._backlog:
             if not self._sub.poll(timeout * 1000):
                 return None
-            topic, _kind, stamp_bytes, body = self._sub.recv_multipart()
+            topic, envelope = self._sub.recv_multipart()
+            stamp_bytes, body = wire.split(envelope)
             stamp = wire.event_stamp.decode(stamp_bytes)
             if self.last_seq is not None and stamp.seq <= self.last_seq:
                 continue  # already delivered by a replay

@@ -1,9 +1,13 @@
 """Frame layout of the baaaht bus protocol (docs/PROTOCOL.md is the contract).
 
-Every message starts with one frame naming the protocol and the kind (`BHT1`
-plus one byte), so a frame count stays small: in pyzmq each frame costs a call.
-The ROUTER prepends the peer's routing id on the broker side. Headers are small msgpack arrays; bodies
-are opaque bytes the broker never decodes (except for its own `bus.*` methods).
+A message is one envelope frame, plus a route frame where the broker needs one:
+
+    envelope = b"BHT1" | kind (1 byte) | header length (2 bytes, big-endian) | header | body
+
+In pyzmq every frame costs a Python call on each side, so the broker reads one
+envelope, decodes only its small header, and forwards the same bytes on: the
+body is never decoded or copied on the way through. The ROUTER adds the peer's
+routing id in front on the broker side.
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ from baaaht.schemas.bus import Caller, HealthReport, Register
 from baaaht.schemas.errors import ErrorBody
 
 PROTOCOL = b"BHT1"
+PREFIX = len(PROTOCOL) + 1 + 2  # protocol, kind, header length
 
-# Frames after the kind frame, for each direction:
-REQUEST = PROTOCOL + b"\x01"  # peer->broker: header, body | broker->service: header, body, route (token + caller)
-REPLY = PROTOCOL + b"\x02"  # service->broker: reply header, body, token | broker->peer: reply header, body (final)
+# Kinds, with what header and body carry and the frames that follow the envelope.
+REQUEST = PROTOCOL + b"\x01"  # RequestHeader, request body | broker->service: + route (token + Caller)
+REPLY = PROTOCOL + b"\x02"  # ReplyHeader (with the broker's token from a service), result or ErrorBody
 PARTIAL = PROTOCOL + b"\x03"  # like REPLY, but more replies follow (streaming)
-CANCEL = PROTOCOL + b"\x04"  # peer->broker: request id | broker->service: token
-REGISTER = PROTOCOL + b"\x05"  # service->broker: Register body
-HEARTBEAT = PROTOCOL + b"\x06"  # peer->broker: [HealthReport body from a registered service] | broker->peer: nothing
-DISCONNECT = PROTOCOL + b"\x07"  # broker->peer: ErrorBody (registration refused or unknown: register again)
-EVENT = PROTOCOL + b"\x08"  # peer->broker: topic, body | PUB: [topic, EVENT, stamp, body]
+CANCEL = PROTOCOL + b"\x04"  # body: the request id (peer->broker) or the token (broker->service)
+REGISTER = PROTOCOL + b"\x05"  # body: Register
+HEARTBEAT = PROTOCOL + b"\x06"  # body: HealthReport from a registered service, else empty
+DISCONNECT = PROTOCOL + b"\x07"  # body: ErrorBody (broker->peer: refused, or unknown so register again)
+EVENT = PROTOCOL + b"\x08"  # header: the topic (UTF-8); on PUB: [topic, envelope with an EventStamp header]
 
 KIND_NAMES = {
     REQUEST: "request",
@@ -39,6 +44,11 @@ KIND_NAMES = {
 
 FLAG_STREAM = 1
 TOKEN_SIZE = 8  # the broker's id for a request in flight: the first bytes of the route frame
+MAX_HEADER = 0xFFFF
+
+
+class MalformedFrame(ValueError):
+    pass
 
 
 class RequestHeader(msgspec.Struct, array_like=True):
@@ -52,6 +62,7 @@ class RequestHeader(msgspec.Struct, array_like=True):
 class ReplyHeader(msgspec.Struct, array_like=True):
     id: str
     error: str = ""  # an ErrorCode value when the body is an ErrorBody
+    token: bytes = b""  # service->broker: the route's token, so every message is one envelope
 
 
 class EventStamp(msgspec.Struct, array_like=True):
@@ -70,15 +81,44 @@ health_body = msgspec.msgpack.Decoder(HealthReport)
 caller_body = msgspec.msgpack.Decoder(Caller)
 
 
-def request_frames(
+def pack(kind: bytes, header: bytes = b"", body: bytes = b"") -> bytes:
+    if len(header) > MAX_HEADER:
+        raise MalformedFrame(f"header of {len(header)} bytes is over {MAX_HEADER}")
+    return b"".join((kind, len(header).to_bytes(2, "big"), header, body))
+
+
+def kind_of(envelope: bytes) -> bytes:
+    """The kind, or b"" when this is not a baaaht envelope."""
+    kind = envelope[:5]
+    return kind if kind in KIND_NAMES and len(envelope) >= PREFIX else b""
+
+
+def header_of(envelope: bytes) -> bytes:
+    size = int.from_bytes(envelope[5:PREFIX], "big")
+    if PREFIX + size > len(envelope):
+        raise MalformedFrame(f"header length {size} runs past the end of the frame")
+    return envelope[PREFIX : PREFIX + size]
+
+
+def split(envelope: bytes) -> tuple[bytes, bytes]:
+    """(header, body) of an envelope."""
+    header = header_of(envelope)
+    return header, envelope[PREFIX + len(header) :]
+
+
+def request(
     request_id: str, target: str, deadline: float, correlation: str, stream: bool, body: bytes
-):
+) -> bytes:
     header = encode(RequestHeader(request_id, target, deadline, correlation, FLAG_STREAM if stream else 0))
-    return [REQUEST, header, body]
+    return pack(REQUEST, header, body)
 
 
-def reply_frames(kind: bytes, request_id: str, body: bytes, token: bytes, error: str = "") -> list[bytes]:
-    return [kind, encode(ReplyHeader(request_id, error)), body, token]
+def reply(kind: bytes, request_id: str, body: bytes, error: str = "", token: bytes = b"") -> bytes:
+    return pack(kind, encode(ReplyHeader(request_id, error, token)), body)
+
+
+def error_reply(request_id: str, error: BusError) -> bytes:
+    return reply(REPLY, request_id, encode(error.body()), error.code.value)
 
 
 def raise_for_error(header: ReplyHeader, body: bytes) -> None:

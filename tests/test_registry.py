@@ -14,14 +14,17 @@ def make_registry() -> Registry:
 
 
 def add_instance(registry, ident: bytes, now=0.0, methods=("echo.say",), concurrency=1, service="echo"):
-    peer = registry.touch((0, ident), SERVICES_SOCKET, lambda: "localhost:1000:1000:42", now)
-    registry.register(peer, Register(service=service, instance=ident.decode(), methods=list(methods), concurrency=concurrency))
+    peer = registry.touch((0, ident), SERVICES_SOCKET, "localhost:1000:1000:42", now)
+    registry.register(
+        peer,
+        Register(service=service, instance=ident.decode(), methods=list(methods), concurrency=concurrency),
+    )
     return peer
 
 
 def client(registry, ident=b"c", now=0.0, socket=SERVICES_SOCKET):
     index = 0 if socket == SERVICES_SOCKET else 1
-    return registry.touch((index, ident), socket, lambda: None, now)
+    return registry.touch((index, ident), socket, None, now)
 
 
 def test_peer_credentials_come_from_the_connection():
@@ -57,7 +60,11 @@ def test_concurrency_weights_the_choice():
 
 @pytest.mark.parametrize(
     "target, code",
-    [("nosuch.method", ErrorCode.UNAVAILABLE), ("echo.nosuch", ErrorCode.NOT_FOUND), ("echo", ErrorCode.INVALID_ARGUMENT)],
+    [
+        ("nosuch.method", ErrorCode.UNAVAILABLE),
+        ("echo.nosuch", ErrorCode.NOT_FOUND),
+        ("echo", ErrorCode.INVALID_ARGUMENT),
+    ],
 )
 def test_unroutable_targets_are_named(target, code):
     registry = make_registry()
@@ -94,7 +101,9 @@ def test_agents_cannot_register_services():
     assert caught.value.code == ErrorCode.PERMISSION_DENIED
 
 
-@pytest.mark.parametrize("service, methods", [("bus", ["bus.ping"]), ("Bad Name", ["x.y"]), ("echo", ["other.say"])])
+@pytest.mark.parametrize(
+    "service, methods", [("bus", ["bus.ping"]), ("Bad Name", ["x.y"]), ("echo", ["other.say"])]
+)
 def test_bad_registrations_are_refused(service, methods):
     registry = make_registry()
     peer = client(registry)
