@@ -19,7 +19,7 @@ import zmq
 
 from baaaht.bus import wire
 from baaaht.schemas.base import Event, all_subclasses
-from baaaht.schemas.bus import EventsReplay
+from baaaht.schemas.bus import EventsReplay, ReplayResult
 
 REPLAY_PAGE = 1000
 
@@ -60,20 +60,76 @@ def matches(topics: list[str], topic: str) -> bool:
     return not topics or any(topic.startswith(t) for t in topics)
 
 
+class EventOrder:
+    """Sequencing without I/O, shared by the blocking and asyncio subscriptions: which
+    events to deliver, in order and once, and which history to replay for a gap."""
+
+    def __init__(self, topics: list[str], last_seq: int | None):
+        self.topics = topics
+        self.last_seq = last_seq
+        self.gaps = 0
+        self.backlog: collections.deque[Delivery] = collections.deque()
+
+    def take_live(self, topic: bytes, envelope: bytes) -> tuple[tuple[int, int] | None, Delivery | None]:
+        """(gap to fill first as (since, until), the delivery) for one PUB message."""
+        stamp_bytes, body = wire.split(envelope)
+        stamp = wire.event_stamp.decode(stamp_bytes)
+        if self.last_seq is not None and stamp.seq <= self.last_seq:
+            return None, None  # already delivered by a replay
+        gap = None
+        if self.last_seq is not None and stamp.seq > self.last_seq + 1:
+            self.gaps += 1
+            gap = (self.last_seq, stamp.seq)
+        return gap, Delivery(stamp.seq, stamp.time, topic.decode(), stamp.source, body)
+
+    def accept(self, delivery: Delivery) -> None:
+        self.last_seq = delivery.seq
+        if matches(self.topics, delivery.topic):
+            self.backlog.append(delivery)
+
+    def replay_request(self, since: int) -> EventsReplay:
+        return EventsReplay(since=since, topics=self.topics, limit=REPLAY_PAGE)
+
+    def take_replay(self, result: ReplayResult, until: int | None) -> int | None:
+        """Queue one page of history; the `since` of the next page, or None when done."""
+        for event in result.events:
+            if until is not None and event.seq >= until:
+                break
+            self.backlog.append(Delivery(event.seq, event.time, event.topic, event.source, bytes(event.body)))
+        since = result.events[-1].seq if result.events else result.last_seq
+        if len(result.events) < REPLAY_PAGE or (until is not None and since >= until - 1):
+            # What the broker no longer keeps is gone for good; carry on after it.
+            self.last_seq = until - 1 if until is not None else max(since, result.last_seq)
+            return None
+        return since
+
+
+def sub_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 100_000)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    return sub
+
+
 class Subscription:
     def __init__(self, client: BusClient, endpoint: str, topics: list[str], since: int | None):
         self.client = client
-        self.topics = topics
-        self.last_seq = since
-        self.gaps = 0
-        self._backlog: collections.deque[Delivery] = collections.deque()
-        self._sub = client.connection.context.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.RCVHWM, 100_000)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.connect(endpoint)
+        self.order = EventOrder(topics, since)
+        self._sub = sub_socket(
+            client.connection.context, endpoint
+        )  # before the replay: nothing slips between
         if since is not None:
-            self._replay_after(since, until=None)
+            self._fill(since, until=None)
+
+    @property
+    def gaps(self) -> int:
+        return self.order.gaps
+
+    @property
+    def last_seq(self) -> int | None:
+        return self.order.last_seq
 
     def __iter__(self):
         return self
@@ -95,34 +151,16 @@ class Subscription:
 
     def next(self, timeout: float) -> Delivery | None:
         """The next matching event, or None when none came within `timeout` seconds."""
-        while not self._backlog:
+        while not self.order.backlog:
             if not self._sub.poll(timeout * 1000):
                 return None
-            topic, envelope = self._sub.recv_multipart()
-            stamp_bytes, body = wire.split(envelope)
-            stamp = wire.event_stamp.decode(stamp_bytes)
-            if self.last_seq is not None and stamp.seq <= self.last_seq:
-                continue  # already delivered by a replay
-            if self.last_seq is not None and stamp.seq > self.last_seq + 1:
-                self.gaps += 1
-                self._replay_after(self.last_seq, until=stamp.seq)
-            self.last_seq = stamp.seq
-            if matches(self.topics, topic.decode()):
-                self._backlog.append(Delivery(stamp.seq, stamp.time, topic.decode(), stamp.source, body))
-        return self._backlog.popleft()
+            gap, delivery = self.order.take_live(*self._sub.recv_multipart())
+            if gap is not None:
+                self._fill(*gap)
+            if delivery is not None:
+                self.order.accept(delivery)
+        return self.order.backlog.popleft()
 
-    def _replay_after(self, since: int, until: int | None) -> None:
-        """Queue the kept events after `since` (and before `until`) from the broker's history."""
-        while True:
-            result = self.client.call(EventsReplay(since=since, topics=self.topics, limit=REPLAY_PAGE))
-            for event in result.events:
-                if until is not None and event.seq >= until:
-                    break
-                self._backlog.append(
-                    Delivery(event.seq, event.time, event.topic, event.source, bytes(event.body))
-                )
-            since = result.events[-1].seq if result.events else result.last_seq
-            if len(result.events) < REPLAY_PAGE or (until is not None and since >= until - 1):
-                # What the broker no longer keeps is gone for good; carry on after it.
-                self.last_seq = until - 1 if until is not None else max(since, result.last_seq)
-                return
+    def _fill(self, since: int | None, until: int | None) -> None:
+        while since is not None:
+            since = self.order.take_replay(self.client.call(self.order.replay_request(since)), until)

@@ -180,7 +180,7 @@ def test_subscriber_sees_a_gap_and_fills_it(echo):
     subscription = client.subscribe(["echo."])
     client.call(Emit(text="a"))
     first = subscription.next(timeout=5)
-    subscription.last_seq = first.seq - 3  # pretend the PUB dropped two events before this one
+    subscription.order.last_seq = first.seq - 3  # pretend the PUB dropped two events before this one
     client.call(Emit(text="b"))
     replayed = subscription.next(timeout=5)
     live = subscription.next(timeout=5)

@@ -1,0 +1,80 @@
+"""The asyncio client against a real broker and a real service process."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from baaaht.bus.aio import AsyncBusClient
+from baaaht.bus.errors import BusError
+from baaaht.schemas.bus import Ping
+from baaaht.schemas.errors import ErrorCode
+from tests.harness import wait_for
+from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
+
+ECHO = str(Path(__file__).parent / "services" / "echo.py")
+
+
+@pytest.fixture
+def echo(host):
+    host.start_service(ECHO, "echo")
+    return host
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 30))
+
+
+def test_calls_errors_and_concurrency(echo):
+    async def scenario():
+        async with AsyncBusClient.for_config(echo.config) as bus:
+            assert (await bus.call(Ping())).caller.socket == "services"
+            said = await asyncio.gather(*(bus.call(Say(text=str(n), delay=0.05)) for n in range(20)))
+            assert [s.text for s in said] == [str(n) for n in range(20)]
+            with pytest.raises(BusError) as caught:
+                await bus.call(Fail(code="PERMISSION_DENIED"))
+            assert caught.value.code == ErrorCode.PERMISSION_DENIED
+            with pytest.raises(BusError) as caught:
+                await bus.call(Say(text="slow", delay=10), timeout=0.3)
+            assert caught.value.code == ErrorCode.TIMEOUT
+
+    run(scenario())
+
+
+def test_stream_and_cancel(echo):
+    async def scenario():
+        async with AsyncBusClient.for_config(echo.config) as bus:
+            assert [t.n async for t in bus.stream(Count(to=4))] == [0, 1, 2, 3]
+            items = bus.stream(Count(to=1000, interval=0.01))
+            assert (await items.__anext__()).n == 0
+            await items.aclose()
+
+    run(scenario())
+    client = echo.client()
+    wait_for(
+        lambda: client.call(SeenQuery()).cancelled_streams == 1, what="the handler to see the cancellation"
+    )
+
+
+def test_subscribe_with_replay(echo):
+    async def scenario():
+        async with AsyncBusClient.for_config(echo.config) as bus:
+            await bus.call(Emit(text="early", times=2))
+            events = bus.subscribe(["echo."], since=0)
+            got = [await events.__anext__() for _ in range(2)]
+            assert [d.event for d in got] == [Shout(text="early")] * 2
+            await bus.call(Emit(text="live"))
+            assert (await events.__anext__()).event == Shout(text="live")
+            await events.aclose()
+
+    run(scenario())
+
+
+def test_unreachable_broker_times_out(tmp_path):
+    async def scenario():
+        async with AsyncBusClient(f"ipc://{tmp_path}/nobody.sock", timeout=0.3) as bus:
+            with pytest.raises(BusError) as caught:
+                await bus.call(Ping())
+            assert caught.value.code == ErrorCode.TIMEOUT
+
+    run(scenario())
