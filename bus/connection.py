@@ -1,8 +1,10 @@
 """One DEALER connection to the broker, owned by a single I/O thread.
 
-ZeroMQ sockets are not thread-safe, so callers never touch the DEALER: each
-calling thread gets its own inproc PUSH socket into the I/O thread, which
-forwards to the broker and hands replies back through per-call queues. The
+ZeroMQ sockets are not thread-safe, so callers never touch the DEALER: they
+put messages on one FIFO queue and wake the I/O thread through a pipe; it
+forwards them to the broker in that order (so two events published one after
+the other from different threads reach the broker in that order) and hands
+replies back through per-call queues. The
 same thread sends heartbeats, notices a silent broker, rebuilds the socket
 (Paranoid Pirate) and registers again, so neither clients nor services need a
 restart when the broker comes back.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,9 +26,6 @@ from baaaht.bus import wire
 from baaaht.schemas.errors import ErrorBody, ErrorCode
 
 log = logging.getLogger("baaaht.bus")
-
-_connection_ids = itertools.count(1)
-
 
 class Connection:
     """Thread-safe sending and per-call reply queues over one broker connection.
@@ -55,12 +55,8 @@ class Connection:
         self._health = health
         self._pending: dict[str, queue.SimpleQueue] = {}
         self._ids = itertools.count(1)
-        self._local = threading.local()
-        self._pushes: list[zmq.Socket] = []
-        self._pushes_lock = threading.Lock()
-        self._inbox_address = f"inproc://baaaht-connection-{id(self)}-{next(_connection_ids)}"
-        self._inbox = self.context.socket(zmq.PULL)
-        self._inbox.bind(self._inbox_address)
+        self._outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closing = threading.Event()
         self.broker_seen = 0.0  # when the broker last spoke to us; 0 until it has
         self.refused: ErrorBody | None = None
@@ -82,25 +78,22 @@ class Connection:
         self._pending.pop(request_id, None)
 
     def send(self, frames: list[bytes]) -> None:
-        push = getattr(self._local, "push", None)
-        if push is None:
-            push = self.context.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(self._inbox_address)
-            self._local.push = push
-            with self._pushes_lock:
-                self._pushes.append(push)
-        push.send_multipart(frames)
+        self._outbox.put(frames)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the I/O thread is on its way
 
     def close(self, timeout: float = 2.0) -> None:
         if self._closing.is_set():
             return
         self._closing.set()
         self._thread.join(timeout)
-        with self._pushes_lock:
-            for push in self._pushes:
-                push.close(linger=0)
-        self._inbox.close(linger=0)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
     # -- I/O thread ---------------------------------------------------------------------------
 
@@ -119,13 +112,13 @@ class Connection:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._inbox, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         last_heard = time.monotonic()
         next_beat = 0.0
         while not self._closing.is_set():
             timeout = max(0.0, min(next_beat - time.monotonic(), 0.1))
             for sock, _ in poller.poll(timeout * 1000):
-                if sock is self._inbox:
+                if sock == self._wake_read:
                     self._forward_outgoing()
                 else:
                     last_heard = time.monotonic()
@@ -145,15 +138,20 @@ class Connection:
         self._fail_pending(ErrorCode.CANCELLED, "the connection was closed")
 
     def _forward_outgoing(self) -> None:
-        for _ in range(256):
+        try:
+            os.read(self._wake_read, 65536)
+        except BlockingIOError:
+            pass
+        for _ in range(1024):
             try:
-                frames = self._inbox.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+                frames = self._outbox.get_nowait()
+            except queue.Empty:
                 return
             try:
                 self._dealer.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
                 self._fail_one(frames, "the connection to the broker is backed up")
+        self._wake()  # more is queued: come back to it after reading replies
 
     def _fail_one(self, frames: list[bytes], message: str) -> None:
         if wire.kind_of(frames[0]) == wire.REQUEST:

@@ -333,3 +333,24 @@ def test_sigterm_drains_in_flight_work(echo):
     wait_for(
         lambda: not client.call(ServicesQuery(service="echo")).services, what="the instance to unregister"
     )
+
+
+def test_events_published_in_order_from_many_threads_arrive_in_that_order(host):
+    client = host.client()
+    subscription = client.subscribe(["echo."])
+    lock = threading.Lock()
+    counter = iter(range(400))
+
+    def publisher():
+        for _ in range(100):
+            with lock:  # the order the publishers agree on
+                client.publish(Shout(text=str(next(counter))))
+
+    threads = [threading.Thread(target=publisher) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    received = [int(subscription.next(timeout=5).event.text) for _ in range(400)]
+    subscription.close()
+    assert received == list(range(400))
