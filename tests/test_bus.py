@@ -354,3 +354,26 @@ def test_events_published_in_order_from_many_threads_arrive_in_that_order(host):
     received = [int(subscription.next(timeout=5).event.text) for _ in range(400)]
     subscription.close()
     assert received == list(range(400))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_tcp_is_off_by_default_and_loopback_when_on(make_host):
+    host = make_host()
+    assert not Endpoints.for_config(host.config.bus).tcp_services
+    port = free_port()
+    tcp_host = make_host({"bus": {"tcp_enabled": True, "tcp_port": port}})
+    endpoints = Endpoints.for_config(tcp_host.config.bus)
+    assert endpoints.tcp_services == f"tcp://127.0.0.1:{port}"
+    client = BusClient(endpoints.tcp_services, timeout=5)
+    try:
+        pong = client.call(Ping())
+        assert pong.caller.socket == "services" and pong.caller.uid == -1  # no kernel credentials over TCP
+    finally:
+        client.close()
