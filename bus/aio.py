@@ -25,8 +25,7 @@ import zmq
 import zmq.asyncio
 
 from baaaht.bus import wire
-from baaaht.bus.client import decoder_for, response_type_of
-from baaaht.bus.endpoints import Endpoints
+from baaaht.bus.client import client_settings, decoder_for, response_type_of
 from baaaht.bus.errors import BusError
 from baaaht.bus.subscription import Delivery, EventOrder, sub_socket
 from baaaht.schemas.base import Event, Request, target_of, topic_of
@@ -60,14 +59,7 @@ class AsyncBusClient:
 
     @classmethod
     def for_config(cls, config: Config, *, timeout: float | None = None) -> "AsyncBusClient":
-        endpoints = Endpoints.for_config(config.bus)
-        return cls(
-            endpoints.services,
-            events_endpoint=endpoints.events,
-            timeout=float(config.bus.call_timeout) if timeout is None else timeout,
-            heartbeat_interval=float(config.bus.heartbeat_interval),
-            liveness=config.bus.heartbeat_liveness,
-        )
+        return cls(**client_settings(config, timeout))
 
     async def __aenter__(self) -> "AsyncBusClient":
         return self

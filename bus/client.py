@@ -39,6 +39,18 @@ def decoder_for(response_type: type) -> msgspec.msgpack.Decoder:
     return decoder
 
 
+def client_settings(config: Config, timeout: float | None = None) -> dict:
+    """A host client's arguments from the config: the services socket and the event stream."""
+    endpoints = Endpoints.for_config(config.bus)
+    return {
+        "endpoint": endpoints.services,
+        "events_endpoint": endpoints.events,
+        "timeout": float(config.bus.call_timeout) if timeout is None else timeout,
+        "heartbeat_interval": float(config.bus.heartbeat_interval),
+        "liveness": config.bus.heartbeat_liveness,
+    }
+
+
 def response_type_of(request: Request) -> type:
     response = type(request).response
     return Empty if response is type(None) else response
@@ -64,14 +76,7 @@ class BusClient:
 
     @classmethod
     def for_config(cls, config: Config, *, timeout: float | None = None) -> "BusClient":
-        endpoints = Endpoints.for_config(config.bus)
-        return cls(
-            endpoints.services,
-            events_endpoint=endpoints.events,
-            timeout=float(config.bus.call_timeout) if timeout is None else timeout,
-            heartbeat_interval=float(config.bus.heartbeat_interval),
-            liveness=config.bus.heartbeat_liveness,
-        )
+        return cls(**client_settings(config, timeout))
 
     def __enter__(self) -> "BusClient":
         return self

@@ -27,6 +27,7 @@ from baaaht.schemas.errors import ErrorBody, ErrorCode
 
 log = logging.getLogger("baaaht.bus")
 
+
 class Connection:
     """Thread-safe sending and per-call reply queues over one broker connection.
 

@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from tests.harness import Host
+
+ECHO_SERVICE = str(Path(__file__).parent / "services" / "echo.py")
 
 
 @pytest.fixture
@@ -10,6 +14,13 @@ def host(tmp_path):
     running.start_broker()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def echo(host):
+    """A host with the test echo service (tests/services/echo.py) registered."""
+    host.start_service(ECHO_SERVICE, "echo")
+    return host
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import signal
 import stat
 import threading
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -21,16 +20,9 @@ from baaaht.bus.endpoints import Endpoints
 from baaaht.bus.errors import BusError
 from baaaht.schemas.bus import EventsReplay, PeersQuery, Ping, ServicesQuery, StatsQuery
 from baaaht.schemas.errors import ErrorCode
+from tests.conftest import ECHO_SERVICE
 from tests.harness import wait_for
 from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
-
-ECHO = str(Path(__file__).parent / "services" / "echo.py")
-
-
-@pytest.fixture
-def echo(host):
-    host.start_service(ECHO, "echo")
-    return host
 
 
 def test_request_reply_carries_the_callers_identity(echo):
@@ -72,7 +64,7 @@ def test_unknown_service_and_method(echo):
 
 
 def test_pool_spreads_load_over_instances(echo):
-    second = echo.start_service(ECHO, "echo2", service="echo")
+    second = echo.start_service(ECHO_SERVICE, "echo2", service="echo")
     client = echo.client()
     pids = []
     lock = threading.Lock()
@@ -193,7 +185,7 @@ def test_subscriber_sees_a_gap_and_fills_it(echo):
 
 def test_replay_is_bounded_by_history(make_host):
     host = make_host({"bus": {"event_history": 3}})
-    host.start_service(ECHO, "echo")
+    host.start_service(ECHO_SERVICE, "echo")
     client = host.client()
     client.call(Emit(text="x", times=10))
     wait_for(lambda: client.call(StatsQuery()).last_event_seq >= 10)

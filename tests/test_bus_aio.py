@@ -1,7 +1,6 @@
 """The asyncio client against a real broker and a real service process."""
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
@@ -11,14 +10,6 @@ from baaaht.schemas.bus import Ping
 from baaaht.schemas.errors import ErrorCode
 from tests.harness import wait_for
 from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
-
-ECHO = str(Path(__file__).parent / "services" / "echo.py")
-
-
-@pytest.fixture
-def echo(host):
-    host.start_service(ECHO, "echo")
-    return host
 
 
 def run(coroutine):

@@ -8,24 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.services.echo import Emit
 
 CTL = str(Path(sys.executable).parent / "baaaht-ctl")
-ECHO = str(Path(__file__).parent / "services" / "echo.py")
 
 
 def ctl(host, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
         [CTL, "--config", str(host.config_path), *args], capture_output=True, text=True, timeout=timeout
     )
-
-
-@pytest.fixture
-def echo(host):
-    host.start_service(ECHO, "echo")
-    return host
 
 
 def test_ping_and_status(echo):
