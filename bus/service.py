@@ -125,30 +125,28 @@ class Service:
     @classmethod
     def rpcs(cls) -> dict[str, RpcSpec]:
         found = {}
-        for method_name, fn in inspect.getmembers(cls, inspect.isfunction):
-            marker = getattr(fn, "__baaaht_rpc__", None)
-            if marker is None:
-                continue
-            hints = typing.get_type_hints(fn)
-            params = list(inspect.signature(fn).parameters)[1:]
-            request_type = hints.get(params[0]) if params else None
-            if not (isinstance(request_type, type) and issubclass(request_type, Request)):
+        for method_name, marker, argument_type, arity in cls._marked("__baaaht_rpc__"):
+            if not (isinstance(argument_type, type) and issubclass(argument_type, Request)):
                 raise TypeError(f"{cls.__name__}.{method_name}: first argument must be a Request type")
-            target = target_of(request_type)
+            target = target_of(argument_type)
             if not target.startswith(cls.name + "."):
                 raise TypeError(f"{cls.__name__}.{method_name}: {target} is not in service {cls.name!r}")
-            found[target] = RpcSpec(target, method_name, request_type, marker["stream"], len(params) > 1)
+            found[target] = RpcSpec(target, method_name, argument_type, marker["stream"], arity > 1)
         return found
 
     @classmethod
     def event_handlers(cls) -> list[EventSpec]:
-        found = []
+        return [
+            EventSpec(tuple(patterns), method_name, argument_type)
+            for method_name, patterns, argument_type, _arity in cls._marked("__baaaht_events__")
+        ]
+
+    @classmethod
+    def _marked(cls, marker_name: str):
+        """(name, marker, type of the first argument, number of arguments) of each marked method."""
         for method_name, fn in inspect.getmembers(cls, inspect.isfunction):
-            patterns = getattr(fn, "__baaaht_events__", None)
-            if patterns is None:
-                continue
-            hints = typing.get_type_hints(fn)
-            params = list(inspect.signature(fn).parameters)[1:]
-            event_type = hints.get(params[0]) if params else None
-            found.append(EventSpec(tuple(patterns), method_name, event_type))
-        return found
+            marker = getattr(fn, marker_name, None)
+            if marker is not None:
+                params = list(inspect.signature(fn).parameters)[1:]
+                argument_type = typing.get_type_hints(fn).get(params[0]) if params else None
+                yield method_name, marker, argument_type, len(params)
