@@ -7,11 +7,11 @@ import itertools
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
-from baaaht.bus.errors import BusError, not_found
+from baaaht.bus.errors import BusError, exhausted, not_found, precondition
 from baaaht.bus.service import CallContext
 from baaaht.schemas.containers import (
     ContainerInfo,
@@ -27,6 +27,7 @@ from baaaht.schemas.containers import (
 )
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Principal
+from baaaht.schemas.sessions import SessionContainer, SessionInfo, SessionSettings, SessionState
 from baaaht.services.containers.hardening import LABEL_ROLE, LABEL_SESSION
 from baaaht.services.containers.runtime import EngineEvent
 
@@ -251,26 +252,75 @@ class FakePolicy:
     """Allows everything (returning the spec, optionally changed by `enforce`) unless told otherwise."""
 
     def __init__(self):
-        self.seen: list[tuple[ContainerSpec, Principal, int, int]] = []
+        self.seen: list[tuple[ContainerSpec, Principal, int, int, dict[str, Any]]] = []
         self.error: BusError | None = None
         self.enforce = None
 
-    def evaluate(self, spec, principal, host_containers, session_containers) -> ContainerSpec:
-        self.seen.append((spec, principal, host_containers, session_containers))
+    def evaluate(self, spec, principal, host_containers, session_containers, override) -> ContainerSpec:
+        self.seen.append((spec, principal, host_containers, session_containers, override))
         if self.error is not None:
             raise self.error
         return self.enforce(spec) if self.enforce else spec
 
 
+def session_info(
+    session_id: str = "s1", state: SessionState = SessionState.ACTIVE, owner: str = "alice", **settings
+) -> SessionInfo:
+    return SessionInfo(
+        id=session_id,
+        state=state,
+        owner=owner,
+        settings=SessionSettings(**settings),
+        created_at=0.0,
+        updated_at=0.0,
+        last_activity_at=0.0,
+    )
+
+
 class FakeSessions:
-    def __init__(self, verdicts: dict[str, str] | None = None):
-        self.verdicts = verdicts or {}
+    """The session service's answers: sessions by id; attaching follows its rules (active or idle
+    sessions only, at most max_containers, 0 meaning no limit here). `error` is raised by every call
+    (the service cannot be asked); `before_attach` runs first in `attach`, for what happens meanwhile."""
+
+    def __init__(self, *sessions: SessionInfo):
+        self.sessions = {s.id: s for s in sessions}
         self.error: BusError | None = None
+        self.before_attach: Callable[[], None] | None = None
 
     def verdict(self, session_id: str) -> str:
         if self.error is not None:
             raise self.error
-        return self.verdicts.get(session_id, "missing")
+        found = self.sessions.get(session_id)
+        if found is None:
+            return "missing"
+        return "closed" if found.state is SessionState.CLOSED else "open"
+
+    def session(self, session_id: str) -> SessionInfo:
+        if self.error is not None:
+            raise self.error
+        if session_id not in self.sessions:
+            raise not_found(f"no session {session_id}", session_id=session_id)
+        return self.sessions[session_id]
+
+    def attach(self, session_id: str, container_id: str) -> None:
+        if self.before_attach is not None:
+            self.before_attach()
+        found = self.session(session_id)
+        if found.state not in (SessionState.ACTIVE, SessionState.IDLE):
+            raise precondition(
+                f"cannot attach a container to session {session_id}: it is {found.state.value}",
+                session_id=session_id,
+                state=found.state.value,
+            )
+        limit = found.settings.max_containers
+        if limit and len(found.containers) >= limit:
+            raise exhausted(
+                f"session {session_id} already has {len(found.containers)} containers, its limit "
+                f"max_containers is {limit}",
+                session_id=session_id,
+                limit=limit,
+            )
+        self.sessions[session_id].containers.append(SessionContainer(id=container_id, attached_at=0.0))
 
 
 class FakeBus:

@@ -3,6 +3,7 @@ services, against the real Docker engine."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -28,7 +29,7 @@ from baaaht.schemas.containers import (
     ImageExists,
 )
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.sessions import SessionCreate
+from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionGet, SessionSettings, SessionState
 from baaaht.services.containers.hardening import LABEL_INSTALL, LABEL_MANAGED, LABEL_ROLE, LABEL_SESSION
 from baaaht.services.containers.install import FILE_NAME as INSTALL_FILE
 from tests import container_support
@@ -57,8 +58,8 @@ class Orchestrator:
         self.install_id = (host.data_dir / INSTALL_FILE).read_text().strip()
         self.bus = host.client(timeout=30)
 
-    def session(self) -> str:
-        return self.bus.call(SessionCreate(owner="tester")).id
+    def session(self, **settings) -> str:
+        return self.bus.call(SessionCreate(owner="tester", settings=SessionSettings(**settings))).id
 
     def create(self, session: str, image: str, script: str, **spec) -> str:
         request = ContainerCreate(
@@ -72,6 +73,13 @@ class Orchestrator:
         exit_code = self.bus.call(ContainerWait(id=container)).exit_code
         lines = [line.text for chunk in self.bus.stream(ContainerLogs(id=container)) for line in chunk.lines]
         return exit_code, lines
+
+    def on_engine(self, session: str) -> list[str]:
+        """The ids of the session's containers as the engine itself lists them."""
+        listed = self.docker.containers.list(
+            all=True, sparse=True, filters={"label": f"{LABEL_SESSION}={session}"}
+        )
+        return [container.id for container in listed]
 
     def cleanup(self) -> None:
         container_support.remove_labelled(self.docker, f"{LABEL_INSTALL}={self.install_id}")
@@ -195,7 +203,46 @@ def test_the_quota_refuses_a_fourth_container(orchestrator, busybox):
         orchestrator.create(session, busybox, "sleep 600")
     assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED and "3 of 3" in caught.value.message
     bus.call(ContainerDestroy(id=made[0], force=True))
+    # The session forgets the container on `container.removed`; until then it still counts there.
+    wait_for(lambda: len(bus.call(SessionGet(session_id=session)).containers) == 2, what="the detach")
     orchestrator.create(session, busybox, "true")
+
+
+def test_a_session_gets_at_most_max_containers_and_none_once_closed(orchestrator, busybox):
+    bus = orchestrator.bus
+    session = orchestrator.session(max_containers=1)
+    first = orchestrator.create(session, busybox, "sleep 600")
+    assert [c.id for c in bus.call(SessionGet(session_id=session)).containers] == [first]
+    with pytest.raises(BusError) as caught:
+        orchestrator.create(session, busybox, "sleep 600")
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED and "max_containers is 1" in caught.value.message
+    assert orchestrator.on_engine(session) == [first]  # the refused container was removed before the answer
+    assert bus.call(SessionClose(session_id=session), timeout=60).state is SessionState.CLOSED
+    assert orchestrator.on_engine(session) == []
+    with pytest.raises(BusError) as caught:
+        orchestrator.create(session, busybox, "true")
+    assert caught.value.code is ErrorCode.FAILED_PRECONDITION
+    assert f"session {session} is closed" in caught.value.message
+    assert orchestrator.on_engine(session) == []
+    with pytest.raises(BusError) as caught:
+        orchestrator.create("no-such-session", busybox, "true")
+    assert caught.value.code is ErrorCode.NOT_FOUND and "no session no-such-session" in caught.value.message
+
+
+def test_the_policy_judges_as_the_sessions_owner_under_its_allowed_images(orchestrator, busybox):
+    session = orchestrator.session(allowed_images=["elsewhere.example/only/*"])
+    with pytest.raises(BusError) as caught:
+        orchestrator.create(session, busybox, "true")
+    assert (
+        caught.value.code is ErrorCode.PERMISSION_DENIED
+        and "image.not_allowed" in caught.value.details["rules"]
+    )
+    assert orchestrator.on_engine(session) == []
+    audit_log = orchestrator.host.data_dir / "audit" / "policy.jsonl"
+    decisions = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    assert [d["principal"] for d in decisions if d["action"] == "container.create"] == [
+        {"user": "tester", "session_id": session, "role": "agent"}
+    ]
 
 
 def test_the_policy_denies_root_and_unpinned_images(orchestrator, busybox):

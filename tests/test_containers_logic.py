@@ -26,7 +26,7 @@ from baaaht.schemas.containers import (
 )
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Decision, Violation
-from baaaht.services.containers import install, reconcile, validation
+from baaaht.services.containers import install, reconcile, session_scope, validation
 from baaaht.services.containers.apple import AppleRuntime
 from baaaht.services.containers.docker_runtime import (
     DockerRuntime,
@@ -59,7 +59,7 @@ from baaaht.services.containers.runtime import (
     runtime_factories,
     select_runtime,
 )
-from tests.container_fakes import engine_event, replace
+from tests.container_fakes import engine_event, replace, session_info
 
 DEFAULTS = Defaults(memory=256 * 1024 * 1024, cpus=1.5, pids=128)
 INSTALL = "a" * 32
@@ -378,6 +378,40 @@ def test_a_denial_names_the_rules():
         decision, allowed=True, outcome="allow", violations=[], enforced=ContainerSpec(image="j")
     )
     assert enforced_or_denied(allowed).image == "j"
+
+
+# -- session settings as policy overrides -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, override",
+    [
+        ({}, {}),
+        ({"policy_override": {"mode": "strict"}}, {"mode": "strict"}),
+        ({"allowed_images": ["busybox:*"]}, {"images": {"allowed": ["busybox:*"]}}),
+        (
+            {"allowed_images": ["busybox:*"], "policy_override": {"images": None}},
+            {"images": {"allowed": ["busybox:*"]}},
+        ),
+        (
+            {"allowed_images": ["a:1"], "policy_override": {"images": {"allow_latest": False}}},
+            {"images": {"allow_latest": False, "allowed": ["a:1"]}},
+        ),
+    ],
+)
+def test_a_sessions_allowed_images_become_its_image_allow_list(settings, override):
+    assert session_scope.policy_override(session_info(**settings)) == override
+
+
+@pytest.mark.parametrize("images", [{"allowed": ["other:*"]}, ["not", "a", "section"]])
+def test_a_second_session_image_allow_list_is_never_dropped(images):
+    info = session_info(allowed_images=["busybox:*"], policy_override={"images": images})
+    with pytest.raises(BusError) as caught:
+        session_scope.policy_override(info)
+    assert (
+        caught.value.code is ErrorCode.FAILED_PRECONDITION
+        and "settings.allowed_images" in caught.value.message
+    )
 
 
 # -- TLS ----------------------------------------------------------------------------------------------

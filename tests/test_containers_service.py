@@ -28,7 +28,8 @@ from baaaht.schemas.containers import (
     Resources,
 )
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.policy import Decision, Violation
+from baaaht.schemas.policy import Decision, Principal, Violation
+from baaaht.schemas.sessions import SessionState
 from baaaht.services.containers.hardening import BUS_ENV, LABEL_INSTALL, LABEL_MANAGED, LABEL_SESSION
 from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory
 from baaaht.services.containers.service import ContainerService
@@ -40,6 +41,7 @@ from tests.container_fakes import (
     context,
     engine_event,
     replace,
+    session_info,
 )
 from tests.harness import wait_for
 
@@ -66,7 +68,7 @@ def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0
         FakeRuntime() if runtime is None else runtime,
         install_id=INSTALL,
         policy=kw.pop("policy", FakePolicy()),
-        sessions=kw.pop("sessions", FakeSessions()),
+        sessions=kw.pop("sessions", FakeSessions(session_info("s1"))),
         **kw,
     )
     service.bus = FakeBus()
@@ -92,9 +94,10 @@ def test_create_hardens_asks_the_policy_and_labels_the_container(run_dir):
     policy.enforce = lambda spec: replace(spec, resources=replace(spec.resources, memory=64 * 1024 * 1024))
     service = make_service(run_dir, policy=policy)
     result = create(service, session="s1")
-    judged, principal, host_count, session_count = policy.seen[0]
+    judged, principal, host_count, session_count, override = policy.seen[0]
     assert judged.user == "1000:1000" and judged.cap_drop == ["ALL"] and judged.network_mode == "none"
-    assert (principal.session_id, principal.role, host_count, session_count) == ("s1", "agent", 0, 0)
+    assert (principal.user, principal.session_id, principal.role) == ("alice", "s1", "agent")
+    assert (host_count, session_count, override) == (0, 0, {})
     made = service.runtime.containers[result.id]["spec"]
     assert made.resources.memory == 64 * 1024 * 1024  # the policy's enforced spec is what gets created
     assert made.labels == {**OURS, LABEL_SESSION: "s1", "baaaht.role": "agent"}
@@ -102,7 +105,7 @@ def test_create_hardens_asks_the_policy_and_labels_the_container(run_dir):
     assert made.group_add == [str(os.stat(run_dir / "agent").st_gid)]
     assert any(m.source == str(run_dir / "agent") and m.read_only for m in made.mounts)
     second = create(service, session="s1")
-    assert second.name != result.name and policy.seen[1][2:] == (1, 1)
+    assert second.name != result.name and policy.seen[1][2:4] == (1, 1)
 
 
 def test_a_policy_denial_creates_nothing(run_dir):
@@ -306,7 +309,7 @@ def test_reconcile_removes_orphans_and_nothing_when_sessions_cannot_be_asked(run
     closed = runtime.add({**OURS, LABEL_SESSION: "done"}, created=0)
     alive = runtime.add({**OURS, LABEL_SESSION: "live"}, created=0)
     foreign = runtime.add({LABEL_MANAGED: "true", LABEL_INSTALL: "other", LABEL_SESSION: "gone"}, created=0)
-    sessions = FakeSessions({"live": "open", "done": "closed"})
+    sessions = FakeSessions(session_info("live"), session_info("done", SessionState.CLOSED))
     sessions.error = unavailable("no instance of service 'session' is registered")
     service = make_service(run_dir, runtime, sessions=sessions)
     report = service.reconcile_now()
@@ -392,3 +395,206 @@ def test_resources_requested_explicitly_reach_the_policy(run_dir):
     create(service, resources=Resources(memory=32 * 1024 * 1024, pids=16))
     judged = policy.seen[0][0]
     assert (judged.resources.memory, judged.resources.pids) == (32 * 1024 * 1024, 16)
+
+
+# -- creates belong to a session ------------------------------------------------------------------
+
+
+def refusal(call) -> BusError:
+    with pytest.raises(BusError) as caught:
+        call()
+    return caught.value
+
+
+def test_a_create_for_an_unknown_session_is_refused_before_anything_happens(run_dir):
+    policy = FakePolicy()
+    service = make_service(run_dir, policy=policy)
+    error = refusal(lambda: create(service, session="nope"))
+    assert error.code is ErrorCode.NOT_FOUND and "no session nope" in error.message
+    assert error.details["session_id"] == "nope"
+    assert policy.seen == [] and service.runtime.calls == []
+
+
+@pytest.mark.parametrize("state", [SessionState.CLOSING, SessionState.CLOSED, SessionState.INITIALIZING])
+def test_a_create_for_a_session_that_is_not_active_or_idle_is_refused(run_dir, state):
+    policy = FakePolicy()
+    service = make_service(run_dir, policy=policy, sessions=FakeSessions(session_info("s1", state)))
+    error = refusal(lambda: create(service))
+    assert error.code is ErrorCode.FAILED_PRECONDITION and f"session s1 is {state.value}" in error.message
+    assert error.details == {"session_id": "s1", "state": state.value}
+    assert policy.seen == [] and service.runtime.calls == []
+
+
+def test_an_idle_session_gets_its_container(run_dir):
+    sessions = FakeSessions(session_info("s1", SessionState.IDLE))
+    service = make_service(run_dir, sessions=sessions)
+    made = create(service)
+    assert [c.id for c in sessions.sessions["s1"].containers] == [made.id]
+
+
+def test_without_the_session_service_nothing_is_created(run_dir):
+    def no_sessions(request):
+        raise unavailable("no instance of service 'session' is registered")
+
+    policy = FakePolicy()
+    service = make_service(
+        run_dir, policy=policy, sessions=BusSessionDirectory(FakeBus(answer=no_sessions), 1.0)
+    )
+    error = refusal(lambda: create(service))
+    assert error.code is ErrorCode.UNAVAILABLE
+    assert error.message.startswith("container creation refused: the session service could not be consulted")
+    assert "no instance of service 'session'" in error.message
+    assert policy.seen == [] and service.runtime.calls == []
+
+
+def test_the_policy_judges_on_behalf_of_the_session_under_its_settings(run_dir):
+    tighter = {"quotas": {"max_memory": "64MB"}, "images": {"denied": ["evil/*"]}}
+    sessions = FakeSessions(
+        session_info("plain", owner="bob"),
+        session_info("tight", owner="carol", policy_override=tighter, allowed_images=["busybox:*"]),
+    )
+    policy = FakePolicy()
+    service = make_service(run_dir, policy=policy, sessions=sessions)
+    create(service, session="plain")
+    service.create(
+        ContainerCreate(spec=ContainerSpec(image="busybox:1"), session_id="tight", role="tool"), context()
+    )
+    (_, plain_principal, *_, plain_override), (_, principal, *_, override) = policy.seen
+    assert (plain_principal.user, plain_principal.session_id, plain_override) == ("bob", "plain", {})
+    assert (principal.user, principal.session_id, principal.role) == ("carol", "tight", "tool")
+    assert override == {
+        "quotas": {"max_memory": "64MB"},
+        "images": {"denied": ["evil/*"], "allowed": ["busybox:*"]},
+    }
+    assert sessions.sessions["tight"].settings.policy_override == tighter  # the session's own is untouched
+
+
+def test_two_session_image_allow_lists_refuse_the_create(run_dir):
+    override = {"images": {"allowed": ["busybox:1"]}}
+    sessions = FakeSessions(
+        session_info("same", policy_override=override, allowed_images=["busybox:1"]),
+        session_info("both", policy_override=override, allowed_images=["busybox:*"]),
+    )
+    policy = FakePolicy()
+    service = make_service(run_dir, policy=policy, sessions=sessions)
+    create(service, session="same")
+    assert policy.seen[0][4] == override  # the same list twice is one list
+    error = refusal(lambda: create(service, session="both"))
+    assert error.code is ErrorCode.FAILED_PRECONDITION and "policy engine takes one" in error.message
+    assert error.details["field"] == "settings.allowed_images"
+    assert len(policy.seen) == 1 and len(service.runtime.containers) == 1
+
+
+def test_a_session_full_of_containers_gets_none_more_and_nothing_stays_behind(run_dir):
+    sessions = FakeSessions(session_info("s1", max_containers=1))
+    service = make_service(run_dir, sessions=sessions)
+    first = create(service)
+    assert [c.id for c in sessions.sessions["s1"].containers] == [first.id]
+    error = refusal(lambda: create(service))
+    assert error.code is ErrorCode.RESOURCE_EXHAUSTED and "max_containers is 1" in error.message
+    assert error.message.endswith("the new container was removed") and error.details["limit"] == 1
+    assert list(service.runtime.containers) == [first.id]
+    assert [op for op, _ in service.runtime.calls] == ["create", "create", "remove"]
+
+
+def test_a_session_that_begins_closing_during_the_create_does_not_keep_the_container(run_dir):
+    sessions = FakeSessions(session_info("s1"))
+    sessions.before_attach = lambda: setattr(sessions.sessions["s1"], "state", SessionState.CLOSING)
+    service = make_service(run_dir, sessions=sessions)
+    error = refusal(lambda: create(service))
+    assert error.code is ErrorCode.FAILED_PRECONDITION and "it is closing" in error.message
+    assert service.runtime.containers == {} and sessions.sessions["s1"].containers == []
+
+
+def test_a_container_the_close_step_removed_already_counts_as_removed(run_dir):
+    runtime = FakeRuntime()
+    sessions = FakeSessions(session_info("s1"))
+
+    def closed_meanwhile():
+        sessions.sessions["s1"].state = SessionState.CLOSED
+        runtime.containers.clear()  # the close step listed the new container and destroyed it
+
+    sessions.before_attach = closed_meanwhile
+    service = make_service(run_dir, runtime, sessions=sessions)
+    error = refusal(lambda: create(service))
+    assert error.code is ErrorCode.FAILED_PRECONDITION and "the new container was removed" in error.message
+    assert runtime.containers == {}
+
+
+def test_the_session_service_lost_after_the_create_leaves_no_container(run_dir):
+    sessions = FakeSessions(session_info("s1"))
+
+    def session_service_gone():
+        sessions.error = unavailable("the session service could not be consulted about session s1")
+
+    sessions.before_attach = session_service_gone
+    service = make_service(run_dir, sessions=sessions)
+    error = refusal(lambda: create(service))
+    assert error.code is ErrorCode.UNAVAILABLE and "the new container was removed" in error.message
+    assert service.runtime.containers == {}
+
+
+def test_a_refused_container_the_engine_cannot_remove_is_named(run_dir):
+    runtime = FakeRuntime()
+    sessions = FakeSessions(session_info("s1", max_containers=1))
+    service = make_service(run_dir, runtime, sessions=sessions)
+    create(service)
+
+    def engine_down():
+        runtime.down_reason = "the docker engine stopped answering"
+
+    sessions.before_attach = engine_down
+    error = refusal(lambda: create(service))
+    left = error.details["container_id"]
+    assert error.code is ErrorCode.RESOURCE_EXHAUSTED and left in runtime.containers
+    assert f"the new container {left} could not be removed" in error.message
+    assert "the docker engine stopped answering" in error.message
+
+
+def test_the_session_directory_passes_on_the_session_services_own_refusals():
+    def full(request):
+        raise BusError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"session {request.session_id} already has 1 containers, its limit max_containers is 1",
+            {"session_id": request.session_id, "limit": 1},
+        )
+
+    directory = BusSessionDirectory(FakeBus(answer=full), 1.0)
+    with pytest.raises(BusError) as caught:
+        directory.attach("s1", "c" * 64)
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED and caught.value.details["limit"] == 1
+
+    def slow(request):
+        raise BusError(ErrorCode.TIMEOUT, "session.attach_container did not answer in time")
+
+    bus = FakeBus(answer=slow)
+    with pytest.raises(BusError) as caught:
+        BusSessionDirectory(bus, 1.0).attach("s1", "c" * 64)
+    assert caught.value.code is ErrorCode.UNAVAILABLE and "did not answer in time" in caught.value.message
+    assert (bus.requests[0].session_id, bus.requests[0].container_id) == ("s1", "c" * 64)
+
+
+def test_the_policy_gate_sends_the_session_override():
+    bus = FakeBus(answer=lambda request: replace_decision(request))
+    spec = ContainerSpec(image="busybox:1")
+    override = {"images": {"allowed": ["busybox:*"]}}
+    principal = Principal(user="alice", session_id="s1", role="agent")
+    assert BusPolicyGate(bus, 1.0).evaluate(spec, principal, 2, 1, override) == spec
+    sent = bus.requests[0]
+    assert (sent.override, sent.principal, sent.host_containers, sent.session_containers) == (
+        override,
+        principal,
+        2,
+        1,
+    )
+
+
+def replace_decision(request) -> Decision:
+    return Decision(
+        decision_id="d",
+        allowed=True,
+        outcome="allow",
+        mode="strict",
+        policy_version="1",
+        enforced=request.spec,
+    )

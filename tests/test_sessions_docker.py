@@ -12,7 +12,7 @@ from baaaht.schemas.containers import (
     ContainerSpec,
     ContainerStart,
 )
-from baaaht.schemas.sessions import SessionAttachContainer, SessionClose, SessionCreate, SessionState
+from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionGet, SessionState
 from baaaht.services.containers.hardening import LABEL_INSTALL, LABEL_SESSION
 from baaaht.services.containers.install import FILE_NAME as INSTALL_FILE
 from tests import container_support
@@ -50,7 +50,8 @@ def test_closing_a_session_stops_and_removes_its_containers_from_the_engine(host
 
     running, created_only, bystander = create(session_id), create(session_id), create(other_session)
     bus.call(ContainerStart(id=running))
-    bus.call(SessionAttachContainer(session_id=session_id, container_id=running))
+    attached = {c.id for c in bus.call(SessionGet(session_id=session_id)).containers}
+    assert attached == {running, created_only}
 
     info = bus.call(SessionClose(session_id=session_id, reason="done"), timeout=60)
 

@@ -1,17 +1,18 @@
 """The services the container manager asks before acting: the policy service (before every create) and
-the session service (before reconcile removes anything). Both fail safe: an unreachable policy service
-refuses the create; an unreachable session service stops reconcile from removing anything."""
+the session service (before every create, after it to record the container, and before reconcile removes
+anything). Both fail safe: an unreachable policy or session service refuses the create; an unreachable
+session service stops reconcile from removing anything."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from baaaht.bus.errors import BusError
 from baaaht.bus.service import Publisher
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Decision, PolicyEvaluate, Principal
-from baaaht.schemas.sessions import SessionGet, SessionState
+from baaaht.schemas.sessions import SessionAttachContainer, SessionGet, SessionInfo, SessionState
 from baaaht.services.containers.reconcile import SessionVerdict
 
 # Answers from the policy service that are its judgement of the request, passed on as they are;
@@ -22,15 +23,30 @@ MAX_LISTED_VIOLATIONS = 5
 
 class PolicyGate(Protocol):
     def evaluate(
-        self, spec: ContainerSpec, principal: Principal, host_containers: int, session_containers: int
+        self,
+        spec: ContainerSpec,
+        principal: Principal,
+        host_containers: int,
+        session_containers: int,
+        override: dict[str, Any],
     ) -> ContainerSpec:
-        """The spec to create (the policy's enforced version); raises PERMISSION_DENIED naming the rules,
-        or UNAVAILABLE when the policy service cannot be asked."""
+        """The spec to create (the policy's enforced version, under the host policy tightened by the
+        session's `override`); raises PERMISSION_DENIED naming the rules, or UNAVAILABLE when the policy
+        service cannot be asked."""
 
 
 class SessionDirectory(Protocol):
     def verdict(self, session_id: str) -> SessionVerdict:
         """open, closed or missing; raises BusError when the session service cannot be asked."""
+
+    def session(self, session_id: str) -> SessionInfo:
+        """The session; raises NOT_FOUND naming it, or UNAVAILABLE when the session service cannot be
+        asked."""
+
+    def attach(self, session_id: str, container_id: str) -> None:
+        """Record the container as the session's. The session service's refusal (the session is not
+        live, its max_containers is reached, it is gone) is raised as it is; UNAVAILABLE when the
+        session service cannot be asked."""
 
 
 class BusPolicyGate:
@@ -39,11 +55,17 @@ class BusPolicyGate:
         self.timeout = timeout
 
     def evaluate(
-        self, spec: ContainerSpec, principal: Principal, host_containers: int, session_containers: int
+        self,
+        spec: ContainerSpec,
+        principal: Principal,
+        host_containers: int,
+        session_containers: int,
+        override: dict[str, Any],
     ) -> ContainerSpec:
         request = PolicyEvaluate(
             spec=spec,
             principal=principal,
+            override=override,
             host_containers=host_containers,
             session_containers=session_containers,
         )
@@ -85,11 +107,30 @@ class BusSessionDirectory:
 
     def verdict(self, session_id: str) -> SessionVerdict:
         try:
-            session = self.bus.call(SessionGet(session_id=session_id), timeout=self.timeout)
+            session = self.session(session_id)
         except BusError as exc:
-            # Only the session service's own "no such session" answer means missing (a broker NOT_FOUND
-            # for an unknown method does not).
-            if exc.code is ErrorCode.NOT_FOUND and exc.details.get("session_id") == session_id:
+            if exc.code is ErrorCode.NOT_FOUND:
                 return "missing"
             raise
         return "closed" if session.state == SessionState.CLOSED else "open"
+
+    def session(self, session_id: str) -> SessionInfo:
+        return self._ask(SessionGet(session_id=session_id), session_id)
+
+    def attach(self, session_id: str, container_id: str) -> None:
+        self._ask(SessionAttachContainer(session_id=session_id, container_id=container_id), session_id)
+
+    def _ask(self, request: SessionGet | SessionAttachContainer, session_id: str) -> SessionInfo:
+        try:
+            return self.bus.call(request, timeout=self.timeout)
+        except BusError as exc:
+            # The session service's own answers about a session name it; anything else (no instance
+            # registered, a broker NOT_FOUND for an unknown method, a timeout) means it was not consulted.
+            if exc.details.get("session_id") == session_id:
+                raise
+            raise BusError(
+                ErrorCode.UNAVAILABLE,
+                f"the session service could not be consulted about session {session_id} "
+                f"({exc.code.value}: {exc.message})",
+                {"session_error": exc.code.value},
+            ) from None

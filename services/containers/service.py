@@ -1,9 +1,12 @@
 """The container manager: the only process that talks to the container engine, offering `container.*`.
 
-Every create is validated, hardened, counted against the quota and judged by the policy service before
-the engine sees it. Calls on different containers run concurrently; at most `runtime.max_concurrent_ops`
-engine operations are in progress at once (long waits and streams do not hold a slot). Background
-threads check the engine, reconcile orphans and republish the engine's events on the bus.
+Every create is validated, checked against its session (which must exist and be active or idle),
+hardened, counted against the quota and judged by the policy service (on behalf of the session's owner,
+under the session's settings) before the engine sees it; the new container is then attached to its
+session, and removed again if the session refuses it. Calls on different containers run concurrently;
+at most `runtime.max_concurrent_ops` engine operations are in progress at once (long waits and streams
+do not hold a slot). Background threads check the engine, reconcile orphans and republish the engine's
+events on the bus.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ from baaaht.schemas.containers import (
     WaitResult,
 )
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.policy import Principal
-from baaaht.services.containers import reconcile, validation
+from baaaht.schemas.sessions import SessionInfo
+from baaaht.services.containers import reconcile, session_scope, validation
 from baaaht.services.containers.events import EventTranslator
 from baaaht.services.containers.hardening import (
     LABEL_INSTALL,
@@ -233,22 +236,71 @@ class ContainerService(Service):
     @rpc
     def create(self, req: ContainerCreate, ctx: CallContext) -> CreateResult:
         validation.validate_create(req)
+        session = self._open_session(req.session_id)
+        override = session_scope.policy_override(session)
         spec = harden(req.spec, self.defaults)
         bus = self._agent_bus() if req.agent_bus else None
         if req.auto_pull:
             self._ensure_image(spec.image, ctx)
         with self._quota_reservation(ctx, req.session_id) as (host_containers, session_containers):
-            principal = Principal(session_id=req.session_id, role=req.role, user=ctx.caller.service)
-            spec = self.policy.evaluate(spec, principal, host_containers, session_containers)
+            principal = session_scope.principal_for(session, req.role)
+            spec = self.policy.evaluate(spec, principal, host_containers, session_containers, override)
             spec = attach_identity(spec, Identity(self.install_id, req.session_id, req.role), bus)
             with self._engine(ctx) as runtime:
                 container_id, warnings = runtime.create(spec)
         self._remember(container_id)
+        self._attach_or_remove(req.session_id, container_id)
         log.info(
             "container created",
             extra={"container": container_id, "container_name": spec.name, "session": req.session_id},
         )
         return CreateResult(id=container_id, name=spec.name, spec=spec, warnings=warnings)
+
+    def _open_session(self, session_id: str) -> SessionInfo:
+        """The session the container is for; refused unless it exists and is active or idle. Without the
+        session service nothing is created (fail closed)."""
+        try:
+            session = self.sessions.session(session_id)
+        except BusError as exc:
+            raise BusError(exc.code, f"container creation refused: {exc.message}", exc.details) from None
+        session_scope.require_open(session)
+        return session
+
+    def _attach_or_remove(self, session_id: str, container_id: str) -> None:
+        """Record the new container as its session's. If the session refuses it (its max_containers is
+        reached, it began closing meanwhile) or cannot be asked, the container is removed again and
+        the refusal is the create's answer."""
+        try:
+            self.sessions.attach(session_id, container_id)
+            return
+        except BusError as exc:
+            refusal = exc
+        problem = self._discard(container_id)
+        if problem:
+            log.error(
+                "a container refused by its session could not be removed",
+                extra={"container": container_id, "session": session_id, "error": problem},
+            )
+            outcome = (
+                f"the new container {container_id} could not be removed ({problem}): the session's "
+                "close or reconcile removes it"
+            )
+            details = {**refusal.details, "container_id": container_id}
+        else:
+            outcome, details = "the new container was removed", refusal.details
+        raise BusError(refusal.code, f"container creation refused: {refusal.message}; {outcome}", details)
+
+    def _discard(self, container_id: str) -> str:
+        """Remove a container that must not stay; "" once it is gone, else why it is not."""
+        try:
+            # Not bounded by the caller's deadline: the container must go even if the caller gave up.
+            with self._engine(None) as runtime:
+                runtime.remove(container_id, force=True, volumes=True)
+        except BusError as exc:
+            if exc.code is not ErrorCode.NOT_FOUND:  # gone already (the session's close) is what we want
+                return exc.message
+        self._forget(container_id)
+        return ""
 
     def _agent_bus(self):
         try:
