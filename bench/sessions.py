@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -104,6 +105,7 @@ def main() -> None:
         raw = {mode: raw_commit_rate(str(work), mode) for mode in ("FULL", "NORMAL")}
     finally:
         host.stop()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"{'case':<24} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8}")
     for name, row in rows.items():
         print(f"{name:<24} {row['round_trips_per_s']:>14.0f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}")

@@ -181,11 +181,12 @@ class Broker:
         now = time.time()  # one clock reading per batch
         recv = sock.recv
         peers = self.registry.peers
+        received = size = 0
         for _ in range(BATCH):
             try:
                 ident = recv(NOBLOCK)
             except zmq.Again:
-                return
+                break
             key = (index, ident)
             address = None
             if key in peers:
@@ -197,9 +198,15 @@ class Broker:
             while _get(sock, RCVMORE):
                 recv(NOBLOCK)
                 extra += 1
-            self.counters["messages_in"] += 1
-            self.counters["bytes_in"] += len(envelope)
-            self._handle(key, envelope, extra, address, now)
+            received += 1
+            size += len(envelope)
+            try:
+                self._handle(key, envelope, extra, address, now)
+            except Exception:  # a bug must cost one message, never the broker
+                log.exception("failed to handle a message", extra={"peer": ident.hex()})
+                self.errors["INTERNAL"] = self.errors.get("INTERNAL", 0) + 1
+        self.counters["messages_in"] += received
+        self.counters["bytes_in"] += size
 
     def _handle(self, key, envelope: bytes, extra: int, address: str | None, now: float) -> None:
         kind = wire.kind_of(envelope)

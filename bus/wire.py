@@ -94,7 +94,7 @@ def kind_of(envelope: bytes) -> bytes:
 
 
 def header_of(envelope: bytes) -> bytes:
-    size = int.from_bytes(envelope[5:PREFIX], "big")
+    size = envelope[5] << 8 | envelope[6]
     if PREFIX + size > len(envelope):
         raise MalformedFrame(f"header length {size} runs past the end of the frame")
     return envelope[PREFIX : PREFIX + size]

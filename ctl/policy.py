@@ -21,7 +21,7 @@ from baaaht.ctl.common import call, emit, fail, state
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.policy import AuditRecord, PolicyExplain, PolicyGet, PolicyReload, Principal
 from baaaht.services.policy import audit, document
-from baaaht.services.policy.service import symlink_warnings
+from baaaht.services.policy.mounts import allowlist_symlink_warnings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 audit_app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -88,7 +88,7 @@ def check(file: str = typer.Argument(..., help="A policy document (YAML or JSON)
             for problem in error.errors:
                 typer.echo(f"{problem.path or '(document)'}: {problem.message}", err=True)
         raise typer.Exit(common.EXIT_ERROR) from None
-    warnings = symlink_warnings(loaded)
+    warnings = allowlist_symlink_warnings(loaded.mounts.allowlist)
     if state.json:
         emit({"valid": True, "version": document.version_of(loaded), "warnings": warnings})
         return

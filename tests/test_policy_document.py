@@ -113,6 +113,7 @@ def test_capabilities_are_normalized():
             "clean and absolute",
         ),
         ({"mounts": {"blocked_patterns": [" "]}}, "mounts.blocked_patterns[0]", "empty"),
+        ({"mounts": {"max_tmpfs_size": 0}}, "mounts.max_tmpfs_size", "above zero"),
         ({"images": {"allowed": ["ok", "Bad Pattern"]}}, "images.allowed[1]", "image pattern"),
         ({"images": {"denied": ["img@sha256:zz"]}}, "images.denied[0]", "invalid digest"),
         ({"network": {"allowed_networks": [""]}}, "network.allowed_networks[0]", "empty"),

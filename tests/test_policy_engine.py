@@ -269,6 +269,11 @@ def test_the_hardened_spec_is_allowed_by_the_builtin_policy():
         ({"security_opt": ["no-new-privileges:false"]}, None, {"security.no_new_privileges.required"}),
         ({"security_opt": ["no-new-privileges=false"]}, None, {"security.no_new_privileges.required"}),
         (
+            {"security_opt": ["no-new-privileges:true", "no-new-privileges:false"]},
+            None,
+            {"security.no_new_privileges.required"},
+        ),
+        (
             {"security_opt": ["no-new-privileges:false"]},
             {"security": {"require_no_new_privileges": False}},
             set(),

@@ -279,3 +279,21 @@ def test_a_session_override_never_loosens(host, spec, data, override, principal,
     for name in ("cpus", "memory", "pids"):
         if getattr(spec.resources, name) == 0 and before.outcome != "disabled":
             assert getattr(after.enforced.resources, name) <= getattr(before.enforced.resources, name)
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+SECTIONS = ["mode", "quotas", "mounts", "images", "network", "security", "labels", "nope"]
+
+
+@SETTINGS
+@given(override=st.dictionaries(st.sampled_from(SECTIONS), JSONISH | DOCUMENTS, max_size=4))
+def test_malformed_documents_and_overrides_are_refused_never_a_crash(override):
+    for attempt in (lambda: overrides.tighten(load({}), override), lambda: document.load(override, DEFAULTS)):
+        try:
+            attempt()
+        except DocumentError as error:
+            assert error.errors and all(isinstance(e.path, str) and e.message for e in error.errors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -205,6 +206,20 @@ def test_a_bad_reload_keeps_the_policy_in_force(world):
     assert any(r.action == "policy.reload" and r.decision == "refused" for r in world.records())
 
 
+@pytest.mark.parametrize("break_file", ["directory", "not utf-8"])
+def test_an_unreadable_file_is_refused_never_taken_for_a_missing_one(world, break_file):
+    service = started(world, PIDS_100)
+    version = service.get(PolicyGet()).version
+    world.policy_path.unlink()
+    if break_file == "directory":
+        world.policy_path.mkdir()
+    else:
+        world.policy_path.write_bytes(b"mode: \xff\xfe\n")
+    error = error_of(lambda: service.reload(PolicyReload()))
+    assert error.code == ErrorCode.INVALID_ARGUMENT and "cannot be read" in error.message
+    assert service.get(PolicyGet()).version == version and service.get(PolicyGet()).source != "built-in"
+
+
 def test_file_changes_are_picked_up_by_polling(world):
     service = started(world, PIDS_100)
     first = service.get(PolicyGet()).version
@@ -279,8 +294,30 @@ def test_no_decision_without_an_audit_record(world):
     error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC)))
     assert error.code == ErrorCode.UNAVAILABLE and "no decision is made without a record" in error.message
     world.audit_path.rename(world.audit_path.with_suffix(".jsonl.bad"))  # the operator moves it aside
+    assert service.health() == (True, "")  # found at the next heartbeat: no restart needed
     assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
+
+
+def test_a_failed_audit_write_leaves_no_half_line_and_heals(world, monkeypatch):
+    service = started(world, PIDS_200)
+    audit_fd = service._audit._fd
+    real_write = os.write
+
+    def disk_fills_up(fd, data):
+        if fd != audit_fd:
+            return real_write(fd, data)
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_fills_up)
+    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC)))
+    assert error.code == ErrorCode.UNAVAILABLE and "No space left on device" in error.message
+    monkeypatch.setattr(os, "write", real_write)
+    assert world.audit_path.read_bytes().endswith(b"\n")  # the half line was taken back at once
     assert service.health() == (True, "")
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC))
+    assert world.records()[-1].decision_id == decision.decision_id
+    assert audit.verify(world.audit_path).ok
 
 
 def test_a_restarted_service_continues_the_chain(world):

@@ -115,7 +115,8 @@ def test_watch_shows_history_then_live_messages_once_each_until_closed(host, cap
 
 def test_baaaht_ctl_main_has_the_sessions_commands(host):
     # What the baaaht-ctl script runs (pyproject: baaaht.ctl.main:main), as its own process.
-    ctl = [sys.executable, "-c", "from baaaht.ctl.main import main; main()", "--config", str(host.config_path)]
+    entry_point = "from baaaht.ctl.main import main; main()"
+    ctl = [sys.executable, "-c", entry_point, "--config", str(host.config_path)]
 
     def run_ctl(*args: str) -> str:
         done = subprocess.run([*ctl, *args], capture_output=True, text=True, timeout=60)

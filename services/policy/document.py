@@ -64,7 +64,8 @@ class SwapLimit(int):
 
 
 UNLIMITED = SwapLimit(-1)
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+MAX_CPUS = 4096  # far above any host; keeps `.inf` and the like out of a policy
+Cpus = Annotated[float, msgspec.Meta(gt=0, le=MAX_CPUS)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Id = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -74,9 +75,9 @@ class Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Quotas(Section, kw_only=True):
-    max_cpus: Annotated[float, msgspec.Meta(gt=0)] = 4.0
-    min_cpus: NonNegative = 0.0
-    default_cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    max_cpus: Cpus = 4.0
+    min_cpus: Annotated[float, msgspec.Meta(ge=0, le=MAX_CPUS)] = 0.0
+    default_cpus: Cpus = 1.0
     max_memory: Size | None = None  # None: config `policy.max_memory`
     min_memory: Size = Size(6 * 1024 * 1024)  # the engine's own floor
     default_memory: Size | None = None  # None: max_memory
@@ -286,6 +287,9 @@ def check_fields(document: PolicyDocument) -> list[FieldError]:
     def problem(path: str, message: str) -> None:
         errors.append(FieldError(path=path, message=message))
 
+    if document.mounts.max_tmpfs_size == 0:
+        # A tmpfs without a size limit may fill the host's memory: 0 cannot mean "no limit" here.
+        problem("mounts.max_tmpfs_size", "must be above zero (allow_tmpfs: false forbids tmpfs mounts)")
     for index, entry in enumerate(document.mounts.allowlist):
         path = f"mounts.allowlist[{index}]"
         if not is_clean_absolute(entry.path):

@@ -22,7 +22,12 @@ import msgspec
 from baaaht.host.units import render_size
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.policy import Check, Outcome, Principal, Violation
-from baaaht.services.policy.document import DEFAULT_BLOCKED_PATTERNS, UNLIMITED, normalize_capability
+from baaaht.services.policy.document import (
+    DEFAULT_BLOCKED_PATTERNS,
+    UNLIMITED,
+    PolicyDocument,
+    normalize_capability,
+)
 from baaaht.services.policy.images import ImageError, matching, parse_pattern, parse_reference
 from baaaht.services.policy.mounts import HostPaths, judge_bind
 from baaaht.services.policy.overrides import EffectivePolicy
@@ -67,7 +72,7 @@ class _Judge:
     warnings: list[Violation] = field(default_factory=list)
 
     @property
-    def document(self):
+    def document(self) -> PolicyDocument:
         return self.policy.document
 
     def ok(self, rule: str, message: str) -> None:
@@ -78,7 +83,7 @@ class _Judge:
     ) -> None:
         self.checks.append(Check(rule=rule, outcome="violation", message=message))
         self.violations.append(
-            Violation(rule=rule, message=message, field=field, value=str(value), limit=str(limit))
+            Violation(rule=rule, message=message, field=field, value=_text(value), limit=_text(limit))
         )
 
     def warning(
@@ -86,11 +91,26 @@ class _Judge:
     ) -> None:
         self.checks.append(Check(rule=rule, outcome="warning", message=message))
         self.warnings.append(
-            Violation(rule=rule, message=message, field=field, value=str(value), limit=str(limit))
+            Violation(rule=rule, message=message, field=field, value=_text(value), limit=_text(limit))
         )
 
     def enforce(self, rule: str, message: str) -> None:
         self.checks.append(Check(rule=rule, outcome="enforce", message=message))
+
+
+def _text(value: object) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _name_refusal(name: str, denied: list[str], allow_lists: list[list[str]]) -> str:
+    """Why a volume or network name is refused (a deny pattern wins; every allow-list must match),
+    or "" when it is allowed."""
+    for pattern in denied:
+        if fnmatchcase(name, pattern):
+            return f"matches the denied pattern {pattern!r}"
+    if not all(any(fnmatchcase(name, pattern) for pattern in patterns) for patterns in allow_lists):
+        return "matches no allowed pattern"
+    return ""
 
 
 # --- quotas ------------------------------------------------------------------------------------
@@ -111,11 +131,13 @@ def _quota(
         judge.enforce(f"quota.{name}.default", f"{field_path} is unset: the default {show(default)} applies")
         return default
     if not (math.isfinite(requested) and requested > 0):
+        unlimited = requested < 0 or math.isinf(requested)
         judge.violation(
             f"quota.{name}.max",
-            f"{field_path} asks for no limit; the policy allows at most {show(high)}",
+            f"{field_path} {'asks for no limit' if unlimited else 'is not a number'}; "
+            f"the policy allows at most {show(high)}",
             field=field_path,
-            value="unlimited" if requested < 0 else requested,
+            value="unlimited" if unlimited else requested,
             limit=show(high),
         )
     elif requested > high:
@@ -310,20 +332,13 @@ def _volume(judge: _Judge, index: int) -> None:
     if not mount.source:
         judge.ok("mount.volume.not_allowed", f"{where}: an anonymous volume")
         return
-    denied = next((p for p in mounts.denied_volumes if fnmatchcase(mount.source, p)), None)
-    refused = denied or next(
-        (
-            patterns
-            for patterns in judge.policy.allow_lists("mounts.allowed_volumes")
-            if not any(fnmatchcase(mount.source, p) for p in patterns)
-        ),
-        None,
+    refusal = _name_refusal(
+        mount.source, mounts.denied_volumes, judge.policy.allow_lists("mounts.allowed_volumes")
     )
-    if refused is not None:
-        reason = f"matches the denied pattern {denied!r}" if denied else "matches no allowed pattern"
+    if refusal:
         judge.violation(
             "mount.volume.not_allowed",
-            f"{where}: volume {mount.source!r} {reason}",
+            f"{where}: volume {mount.source!r} {refusal}",
             field=f"{where}.source",
             value=mount.source,
         )
@@ -366,14 +381,13 @@ def check_mounts(judge: _Judge) -> None:
 
 def _network_name(judge: _Judge, where: str, name: str) -> None:
     network = judge.document.network
-    denied = next((p for p in network.denied_networks if fnmatchcase(name, p)), None)
-    allowed = all(
-        any(fnmatchcase(name, p) for p in patterns)
-        for patterns in judge.policy.allow_lists("network.allowed_networks")
+    refusal = _name_refusal(
+        name, network.denied_networks, judge.policy.allow_lists("network.allowed_networks")
     )
-    if denied or not allowed:
-        reason = f"matches the denied pattern {denied!r}" if denied else "matches no allowed pattern"
-        judge.violation("network.not_allowed", f"{where}: network {name!r} {reason}", field=where, value=name)
+    if refusal:
+        judge.violation(
+            "network.not_allowed", f"{where}: network {name!r} {refusal}", field=where, value=name
+        )
     else:
         judge.ok("network.not_allowed", f"{where}: network {name!r} is allowed")
 
@@ -530,11 +544,11 @@ def _capabilities(judge: _Judge) -> None:
 
 def _security_opts(judge: _Judge) -> None:
     security = judge.document.security
-    no_new_privileges: bool | None = None
+    no_new_privileges: list[str] = []  # the values given, e.g. "" (bare), "true", "false"
     for index, option in enumerate(judge.spec.security_opt):
         key, value = (_OPTION_SEPARATOR.split(option, maxsplit=1) + [""])[:2]
         if key == NO_NEW_PRIVILEGES:
-            no_new_privileges = value in ("", "true")
+            no_new_privileges.append(value)
         elif not security.allow_security_opt:
             judge.violation(
                 "security.security_opt",
@@ -544,15 +558,16 @@ def _security_opts(judge: _Judge) -> None:
             )
     if not security.require_no_new_privileges:
         return
-    if no_new_privileges is False:
+    switched_off = [value for value in no_new_privileges if value not in ("", "true")]
+    if switched_off:
         judge.violation(
             "security.no_new_privileges.required",
             "no-new-privileges is switched off",
             field="security_opt",
-            value="no-new-privileges:false",
-            limit="no-new-privileges:true",
+            value=f"{NO_NEW_PRIVILEGES}:{switched_off[0]}",
+            limit=f"{NO_NEW_PRIVILEGES}:true",
         )
-    elif no_new_privileges is None:
+    elif not no_new_privileges:
         judge.enforced.security_opt = [*judge.spec.security_opt, f"{NO_NEW_PRIVILEGES}:true"]
         judge.enforce("security.no_new_privileges.required", "no-new-privileges added")
     else:

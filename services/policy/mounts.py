@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Sequence
 
+from baaaht.schemas.policy import FieldError
 from baaaht.services.policy.document import AllowEntry
 
 ACCESS_ORDER = {"denied": 0, "readonly": 1, "readwrite": 2}
@@ -143,3 +144,18 @@ def judge_bind(
     return BindJudgement(
         resolved, access, "mount.bind.source_not_allowed" if access == "denied" else "", reason
     )
+
+
+def allowlist_symlink_warnings(entries: Sequence[AllowEntry]) -> list[FieldError]:
+    """Allowlist paths that are symlinks never match: sources are compared after resolving."""
+    warnings = []
+    for index, entry in enumerate(entries):
+        resolved = os.path.realpath(entry.path)
+        if resolved != entry.path and not _GLOB_CHARS & set(entry.path):
+            warnings.append(
+                FieldError(
+                    path=f"mounts.allowlist[{index}].path",
+                    message=f"resolves to {resolved}; sources are judged resolved, so write {resolved}",
+                )
+            )
+    return warnings

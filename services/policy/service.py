@@ -48,7 +48,7 @@ from baaaht.schemas.policy import (
     Violation,
 )
 from baaaht.services.policy import audit, document, engine, overrides
-from baaaht.services.policy.mounts import HostPaths
+from baaaht.services.policy.mounts import HostPaths, allowlist_symlink_warnings
 
 log = logging.getLogger("baaaht.policy")
 
@@ -83,6 +83,8 @@ class PolicyFile:
             stat = os.stat(self.path)
         except FileNotFoundError:
             return None
+        except OSError as error:  # unreadable: `read` will say why
+            return "unreadable", error.errno
         return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
     def read(self) -> str | None:
@@ -114,21 +116,6 @@ def resource_digest(spec: ContainerSpec) -> str:
     """What was judged, without the environment's values (which may be secrets)."""
     redacted = msgspec.structs.replace(spec, env={name: "" for name in spec.env})
     return "sha256:" + hashlib.sha256(_spec_encoder.encode(redacted)).hexdigest()
-
-
-def symlink_warnings(policy: document.PolicyDocument) -> list[FieldError]:
-    """Allowlist paths that are symlinks never match: sources are compared after resolving."""
-    warnings = []
-    for index, entry in enumerate(policy.mounts.allowlist):
-        resolved = os.path.realpath(entry.path)
-        if resolved != entry.path and "*" not in entry.path:
-            warnings.append(
-                FieldError(
-                    path=f"mounts.allowlist[{index}].path",
-                    message=f"resolves to {resolved}; sources are judged resolved, so write {resolved}",
-                )
-            )
-    return warnings
 
 
 @dataclass(frozen=True)
@@ -200,6 +187,10 @@ class PolicyService(Service):
                 self._audit = None
 
     def health(self) -> tuple[bool, str]:
+        """Asked at every heartbeat. An unhealthy service gets no requests, so this is also where an
+        audit log that was moved aside, or a disk that has room again, is found usable again."""
+        if self._audit_problem:
+            self._open_audit_quietly()
         if self._policy is None:
             return False, self._load_problem
         if self._audit_problem:
@@ -253,21 +244,30 @@ class PolicyService(Service):
         if not force and fingerprint == self._fingerprint:
             return None
         self._fingerprint = fingerprint  # a bad file is not retried until it changes again
-        text = self.source.read()
-        source = self.source.description if text is not None else document.BUILTIN_SOURCE
         previous = self._policy
+        source = self.source.description
         try:
-            loaded = (
-                document.builtin(self.defaults)
-                if text is None
-                else document.load(document.parse_text(text), self.defaults)
-            )
+            text = self.source.read()
+            if text is None:
+                source = document.BUILTIN_SOURCE
+                loaded = document.builtin(self.defaults)
+            else:
+                loaded = document.load(document.parse_text(text), self.defaults)
+        except (OSError, UnicodeDecodeError) as error:
+            # An unreadable file is refused like an invalid one: never mistaken for a missing one.
+            unreadable = document.DocumentError([FieldError(path="", message=f"cannot be read: {error}")])
+            return self._refused(previous, source, unreadable)
         except document.DocumentError as error:
-            self._load_problem = f"policy {source} is invalid: {error}"
-            return Loading(previous, previous, source, error)
+            return self._refused(previous, source, error)
         self._policy = policy = document.LoadedPolicy.of(loaded, source, time.time())
         self._load_problem = ""
         return Loading(previous, policy, source, None)
+
+    def _refused(
+        self, previous: document.LoadedPolicy | None, source: str, error: document.DocumentError
+    ) -> Loading:
+        self._load_problem = f"policy {source} is invalid: {error}"
+        return Loading(previous, previous, source, error)
 
     def _announce(self, loading: Loading) -> None:
         """Log, audit and publish what a load did."""
@@ -319,8 +319,12 @@ class PolicyService(Service):
                 try:
                     self._audit = audit.AuditLog(self.audit_path)
                 except (audit.AuditError, OSError) as error:
-                    self._audit_problem = f"audit log unusable: {error}"
-                    log.error("audit log unusable", extra={"path": str(self.audit_path), "error": str(error)})
+                    problem = f"audit log unusable: {error}"
+                    if problem != self._audit_problem:  # health() retries at every heartbeat
+                        log.error(
+                            "audit log unusable", extra={"path": str(self.audit_path), "error": str(error)}
+                        )
+                    self._audit_problem = problem
                     raise unavailable(
                         f"{self._audit_problem}; no decision is made without a record"
                     ) from None
@@ -333,6 +337,10 @@ class PolicyService(Service):
             return log_file.append(record)
         except OSError as error:
             self._audit_problem = f"audit log unwritable: {error}"
+            with self._audit_lock:
+                if self._audit is log_file:  # reopened (and its end checked again) once health() retries
+                    log_file.close()
+                    self._audit = None
             raise unavailable(f"{self._audit_problem}; no decision is made without a record") from None
 
     def _audit_reload(self, outcome: str, version: str) -> None:
@@ -353,7 +361,9 @@ class PolicyService(Service):
 
     # -- rpcs ---------------------------------------------------------------------------------
 
-    def _judge(self, request: PolicyEvaluate | PolicyExplain):
+    def _judge(
+        self, request: PolicyEvaluate | PolicyExplain
+    ) -> tuple[overrides.EffectivePolicy, engine.Judgement]:
         policy, refused = self._effective(request.override)
         counts = engine.Counts(host=request.host_containers, session=request.session_containers)
         judgement = engine.evaluate(request.spec, request.principal, policy, self.host_paths, counts)
@@ -385,6 +395,7 @@ class PolicyService(Service):
     def evaluate(self, request: PolicyEvaluate) -> Decision:
         policy, judgement = self._judge(request)
         decision = self._decision(uuid.uuid4().hex, policy, judgement)
+        rules = list(dict.fromkeys(v.rule for v in decision.violations))
         self._record(
             AuditRecord(
                 seq=0,
@@ -396,7 +407,7 @@ class PolicyService(Service):
                 resource=resource_digest(request.spec),
                 image=request.spec.image,
                 env_names=sorted(request.spec.env),
-                rules=list(dict.fromkeys(v.rule for v in decision.violations)),
+                rules=rules,
                 policy_version=policy.version,
             )
         )
@@ -407,7 +418,7 @@ class PolicyService(Service):
                     outcome=decision.outcome,
                     principal=request.principal,
                     image=request.spec.image,
-                    rules=list(dict.fromkeys(v.rule for v in decision.violations)),
+                    rules=rules,
                     violations=decision.violations,
                     policy_version=policy.version,
                 )
@@ -456,7 +467,9 @@ class PolicyService(Service):
         except document.DocumentError as error:
             return ValidationResult(valid=False, errors=error.errors)
         return ValidationResult(
-            valid=True, warnings=symlink_warnings(loaded), version=document.version_of(loaded)
+            valid=True,
+            warnings=allowlist_symlink_warnings(loaded.mounts.allowlist),
+            version=document.version_of(loaded),
         )
 
 

@@ -58,6 +58,8 @@ log = logging.getLogger("baaaht.session")
 EXPIRED = "expired: max_duration reached"
 CLOSED_ON_REQUEST = "closed on request"
 STOP_TIMEOUT = 5.0  # seconds stop() gives background work to finish
+CLOSE_SLACK = 5.0  # seconds a waiting close allows beyond session.close_timeout (final listing, commit)
+ANSWER_MARGIN = 0.5  # seconds before the caller's deadline when a waiting close answers anyway
 POLICY_CHECK_TIMEOUT = 5.0
 RECONCILE_TIMEOUT = 5.0
 
@@ -225,8 +227,8 @@ class SessionService(Service):
         if session.state is CLOSED or not req.wait:
             return session
         worker = self._closer(session.id)
-        # Leave a moment before the caller's deadline to answer with the state reached so far.
-        worker.join(max(0.0, min(ctx.remaining() - 0.5, self.limits.close_timeout + STOP_TIMEOUT)))
+        # Answer with the state reached so far rather than let the caller time out.
+        worker.join(max(0.0, min(ctx.remaining() - ANSWER_MARGIN, self.limits.close_timeout + CLOSE_SLACK)))
         return self._existing(session.id)
 
     @rpc
