@@ -20,9 +20,9 @@ import zmq
 
 from baaaht.bus import wire
 from baaaht.bus.endpoints import Endpoints, ipc_path
-from baaaht.bus.errors import BusError
+from baaaht.bus.errors import BusError, validation_error
 from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Failure, InFlight, Peer, Registry
-from baaaht.schemas.base import Request
+from baaaht.schemas.base import Request, target_of, topic_of
 from baaaht.schemas.bus import (
     BrokerStarted,
     BusStats,
@@ -45,9 +45,6 @@ log = logging.getLogger("baaaht.broker")
 
 BATCH = 256  # messages drained from one socket before looking at the others
 HEADER_SLACK = 64 * 1024  # ZMQ_MAXMSGSIZE is per frame: leave room so an oversized body still gets a reply
-BUILTINS: dict[str, type[Request]] = {
-    t.__struct_config__.tag: t for t in (Ping, ServicesQuery, PeersQuery, StatsQuery, EventsReplay)
-}
 # Plain ints and the backend's send: pyzmq's flag enums and its Python-level send
 # wrapper cost more per call than the send itself.
 _send = zmq.backend.Socket.send
@@ -56,8 +53,8 @@ NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
 HEARTBEAT = wire.pack(wire.HEARTBEAT)
-_builtin_decoders = {tag: msgspec.msgpack.Decoder(t) for tag, t in BUILTINS.items()}
-_event_encoder = msgspec.msgpack.Encoder()
+BUILTINS = (Ping, ServicesQuery, PeersQuery, StatsQuery, EventsReplay)
+_builtin_decoders = {target_of(t): msgspec.msgpack.Decoder(t) for t in BUILTINS}
 
 
 class Broker:
@@ -302,8 +299,7 @@ class Broker:
         self._publish(topic.decode(errors="replace"), source, body, now)
 
     def publish_own(self, event) -> None:
-        topic = event.__struct_config__.tag
-        self._publish(topic, "bus", _event_encoder.encode(event), time.time())
+        self._publish(topic_of(type(event)), "bus", wire.encode(event), time.time())
 
     def _publish(self, topic: str, source: str, body: bytes, now: float) -> None:
         event = self.events.append(topic, source, body, now)
@@ -322,8 +318,8 @@ class Broker:
             return
         try:
             request = decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            self._reply_error(peer.key, header.id, BusError(ErrorCode.INVALID_ARGUMENT, str(exc)))
+        except msgspec.DecodeError as exc:
+            self._reply_error(peer.key, header.id, validation_error(header.target, exc))
             return
         result = self._builtin_result(peer, request, now)
         self._send(peer.key, wire.reply(wire.REPLY, header.id, wire.encode(result)))

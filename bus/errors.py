@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import msgspec
+
 from baaaht.schemas.errors import ErrorBody, ErrorCode
+
+_PATH = re.compile(r" - at `(\$[^`]*)`$")
 
 
 class BusError(Exception):
@@ -22,6 +27,13 @@ class BusError(Exception):
     @classmethod
     def from_body(cls, body: ErrorBody) -> "BusError":
         return cls(body.code, body.message, body.details)
+
+
+def validation_error(target: str, exc: msgspec.DecodeError) -> BusError:
+    """INVALID_ARGUMENT naming the failing field path, e.g. `$.spec.image`."""
+    match = _PATH.search(str(exc))
+    details = {"path": match.group(1)} if match else {}
+    return BusError(ErrorCode.INVALID_ARGUMENT, f"invalid {target} request: {exc}", details)
 
 
 def invalid(message: str, **details: Any) -> BusError:

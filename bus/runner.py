@@ -13,7 +13,6 @@ import argparse
 import concurrent.futures
 import logging
 import os
-import re
 import signal
 import socket
 import threading
@@ -26,7 +25,7 @@ from baaaht.bus import wire
 from baaaht.bus.client import BusClient
 from baaaht.bus.connection import Connection
 from baaaht.bus.endpoints import Endpoints
-from baaaht.bus.errors import BusError
+from baaaht.bus.errors import BusError, validation_error
 from baaaht.bus.service import CallContext, RpcSpec, Service, topic_matches
 from baaaht.schemas.base import Empty
 from baaaht.schemas.bus import HealthReport, Register
@@ -36,14 +35,6 @@ from baaaht.schemas.errors import ErrorCode
 log = logging.getLogger("baaaht.service")
 _encode = msgspec.msgpack.Encoder().encode
 _EMPTY = _encode(Empty())
-_PATH = re.compile(r" - at `(\$[^`]*)`$")
-
-
-def validation_error(target: str, exc: msgspec.DecodeError) -> BusError:
-    """INVALID_ARGUMENT naming the failing field path, e.g. `$.spec.image`."""
-    match = _PATH.search(str(exc))
-    details = {"path": match.group(1)} if match else {}
-    return BusError(ErrorCode.INVALID_ARGUMENT, f"invalid {target} request: {exc}", details)
 
 
 class ServiceRunner:

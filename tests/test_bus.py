@@ -53,6 +53,16 @@ def test_invalid_body_names_the_field(echo):
     assert caught.value.details == {"path": "$.text"}
 
 
+def test_builtin_methods_validate_their_bodies_too(host):
+    with pytest.raises(BusError) as caught:
+        host.client().call_raw("bus.events.replay", msgspec.msgpack.encode({"since": "yesterday"}))
+    assert caught.value.code == ErrorCode.INVALID_ARGUMENT
+    assert caught.value.details == {"path": "$.since"}
+    with pytest.raises(BusError) as caught:
+        host.client().call_raw("bus.nosuch", b"\x80")
+    assert caught.value.code == ErrorCode.NOT_FOUND
+
+
 def test_unknown_service_and_method(echo):
     client = echo.client()
     with pytest.raises(BusError) as caught:
