@@ -68,6 +68,7 @@ class Broker:
         self.events = EventLog(config.bus.event_history)
         self.context = context or zmq.Context.instance()
         self.started_at = time.time()
+        self.epoch = int(self.started_at * 1000)
         self.running = False
         self.counters = dict(messages_in=0, messages_out=0, bytes_in=0, bytes_out=0, malformed=0)
         self.errors: dict[str, int] = {}
@@ -303,7 +304,7 @@ class Broker:
 
     def _publish(self, topic: str, source: str, body: bytes, now: float) -> None:
         event = self.events.append(topic, source, body, now)
-        stamp = wire.encode(wire.EventStamp(event.seq, now, source))
+        stamp = wire.encode(wire.EventStamp(event.seq, now, source, self.epoch))
         # PUB never blocks: a subscriber past its high-water mark loses messages, sees a gap and replays.
         self.pub.send_multipart([topic.encode(), wire.pack(wire.EVENT, stamp, body)])
 
@@ -347,7 +348,9 @@ class Broker:
                 **self.counters,
             )
         events = self.events.replay(request.since, request.topics, max(1, min(request.limit, 10_000)))
-        return ReplayResult(events=events, first_seq=self.events.first_seq, last_seq=self.events.last_seq)
+        return ReplayResult(
+            events=events, first_seq=self.events.first_seq, last_seq=self.events.last_seq, epoch=self.epoch
+        )
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -364,6 +367,8 @@ class Broker:
                 )
         for key in list(self.registry.peers):
             self._send(key, HEARTBEAT)
+        stamp = wire.EventStamp(self.events.last_seq, now, "bus", self.epoch)
+        self.pub.send_multipart([b"", wire.pack(wire.HEARTBEAT, wire.encode(stamp))])
 
     # -- sending ------------------------------------------------------------------------------
 

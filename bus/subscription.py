@@ -67,6 +67,7 @@ class EventOrder:
     def __init__(self, topics: list[str], last_seq: int | None):
         self.topics = topics
         self.last_seq = last_seq
+        self.epoch: int | None = None
         self.gaps = 0
         self.backlog: collections.deque[Delivery] = collections.deque()
 
@@ -74,6 +75,17 @@ class EventOrder:
         """(gap to fill first as (since, until), the delivery) for one PUB message."""
         stamp_bytes, body = wire.split(envelope)
         stamp = wire.event_stamp.decode(stamp_bytes)
+        if self.epoch is not None and stamp.epoch != self.epoch:
+            self.last_seq = 0  # a restarted broker numbers from 1 again: replay all it has kept
+        self.epoch = stamp.epoch
+        if wire.kind_of(envelope) == wire.HEARTBEAT:
+            # The broker's last seq, published every interval: a loss is seen even when all is quiet.
+            if self.last_seq is None:
+                self.last_seq = stamp.seq
+            elif stamp.seq > self.last_seq:
+                self.gaps += 1
+                return (self.last_seq, stamp.seq + 1), None
+            return None, None
         if self.last_seq is not None and stamp.seq <= self.last_seq:
             return None, None  # already delivered by a replay
         gap = None
@@ -92,6 +104,7 @@ class EventOrder:
 
     def take_replay(self, result: ReplayResult, until: int | None) -> int | None:
         """Queue one page of history; the `since` of the next page, or None when done."""
+        self.epoch = result.epoch
         for event in result.events:
             if until is not None and event.seq >= until:
                 break

@@ -69,6 +69,7 @@ class EventStamp(msgspec.Struct, array_like=True):
     seq: int
     time: float
     source: str
+    epoch: int = 0  # the broker's start time (ms): numbering starts again when it changes
 
 
 encode = msgspec.msgpack.Encoder().encode

@@ -138,6 +138,7 @@ class ReplayResult(Response, kw_only=True):
     events: list[StampedEvent]
     first_seq: int
     last_seq: int
+    epoch: int = 0  # as in every EventStamp: which broker's numbering these are
 
 
 class EventsReplay(Request, tag="bus.events.replay", kw_only=True):

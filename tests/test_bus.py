@@ -156,6 +156,19 @@ def test_broker_restart_is_survived_without_restarting_anyone(echo):
     assert echo.processes["echo"].poll() is None
 
 
+def test_subscription_survives_a_broker_restart(echo):
+    client = echo.client(timeout=2)
+    subscription = client.subscribe(["echo."])
+    client.call(Emit(text="before", times=3))
+    assert [subscription.next(timeout=5).event.text for _ in range(3)] == ["before"] * 3
+    echo.kill("broker", signal.SIGKILL)
+    echo.start_broker()
+    wait_for(lambda: client.call(Emit(text="after", times=2)) or True, timeout=15, what="the echo service back")
+    # the new broker numbers from 1 again: nothing it publishes is mistaken for already seen
+    assert [subscription.next(timeout=5).event.text for _ in range(2)] == ["after"] * 2
+    subscription.close()
+
+
 def test_events_fan_out_and_replay_after_a_gap(echo):
     client = echo.client()
     subscription = client.subscribe(["echo."])
