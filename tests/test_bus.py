@@ -163,7 +163,7 @@ def test_subscription_survives_a_broker_restart(echo):
     assert [subscription.next(timeout=5).event.text for _ in range(3)] == ["before"] * 3
     echo.kill("broker", signal.SIGKILL)
     echo.start_broker()
-    wait_for(lambda: client.call(Emit(text="after", times=2)) or True, timeout=15, what="the echo service back")
+    wait_for(lambda: client.call(Emit(text="after", times=2)) or True, timeout=15, what="echo to come back")
     # the new broker numbers from 1 again: nothing it publishes is mistaken for already seen
     assert [subscription.next(timeout=5).event.text for _ in range(2)] == ["after"] * 2
     subscription.close()
