@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
 from baaaht.ctl.common import emit, fail, state
 from baaaht.host.config import (
     EFFECTIVE_CONFIG_NAME,

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import msgspec
 import orjson
+
 from baaaht.host.config_rules import problems_in
 from baaaht.host.units import dec_hook, enc_hook, is_number, parse_duration, parse_size
 from baaaht.schemas.config import Config, Duration, Size

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 import orjson
+
 from baaaht.schemas.config import LogConfig
 
 _HANDLER_NAME = "baaaht.structured"

@@ -28,7 +28,9 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+def wait_for(
+    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+):
     """Poll `check` until it returns something truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -81,7 +83,9 @@ class Host:
         probe = self.client(timeout=0.5)
         wait_for(lambda: probe.call(Ping()), what="the broker to answer bus.ping")
 
-    def start_service(self, target: str, name: str | None = None, *, service: str | None = None, wait: bool = True):
+    def start_service(
+        self, target: str, name: str | None = None, *, service: str | None = None, wait: bool = True
+    ):
         """Start `python -m MODULE` (or a script path) and wait until it is registered."""
         name = name or target
         argv = [target] if target.endswith(".py") else ["-m", target]

@@ -12,6 +12,9 @@ import msgspec
 import orjson
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
 from baaaht.host import config_rules
 from baaaht.host.config import (
     LEAF_TYPES,
@@ -24,8 +27,6 @@ from baaaht.host.config import (
 )
 from baaaht.host.units import dec_hook, parse_duration, parse_size, render_duration, render_size
 from baaaht.schemas.config import Config
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def write_config(directory: Path, document: dict, suffix: str = ".yaml") -> Path:

@@ -10,10 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 import typer
+from typer.testing import CliRunner
+
 from baaaht.ctl import config_cmd
 from baaaht.ctl.common import state
 from baaaht.host.config import dump_config, load_config, write_effective_config
-from typer.testing import CliRunner
 
 ctl = typer.Typer()
 ctl.add_typer(config_cmd.app, name="config")

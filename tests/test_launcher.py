@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from supervisor.options import ClientOptions, ServerOptions
+
 from baaaht.bus.client import BusClient
 from baaaht.host.config import ConfigError, load_config
 from baaaht.host.launcher import (
@@ -24,8 +26,6 @@ from baaaht.host.launcher import (
     render_supervisord_conf,
 )
 from baaaht.schemas.bus import Ping
-from supervisor.options import ClientOptions, ServerOptions
-
 from tests.harness import wait_for
 
 PROGRAMS = {

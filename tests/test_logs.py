@@ -7,6 +7,7 @@ import logging
 
 import orjson
 import pytest
+
 from baaaht.host.logs import setup_logging
 from baaaht.schemas.config import LogConfig
 

@@ -78,7 +78,12 @@ class EchoService(Service):
         while time.monotonic() < deadline:
             context.check()
             time.sleep(0.01)
-        return Said(text=request.text, pid=os.getpid(), caller_socket=context.caller.socket, caller_uid=context.caller.uid)
+        return Said(
+            text=request.text,
+            pid=os.getpid(),
+            caller_socket=context.caller.socket,
+            caller_uid=context.caller.uid,
+        )
 
     @rpc(stream=True)
     def count(self, request: Count, context: CallContext) -> Iterator[Tick]:
