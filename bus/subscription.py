@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -164,8 +165,10 @@ class Subscription:
 
     def next(self, timeout: float) -> Delivery | None:
         """The next matching event, or None when none came within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
         while not self.order.backlog:
-            if not self._sub.poll(timeout * 1000):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sub.poll(remaining * 1000):
                 return None
             gap, delivery = self.order.take_live(*self._sub.recv_multipart())
             if gap is not None:

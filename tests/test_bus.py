@@ -392,3 +392,10 @@ def test_tcp_is_off_by_default_and_loopback_when_on(make_host):
         assert pong.caller.socket == "services" and pong.caller.uid == -1  # no kernel credentials over TCP
     finally:
         client.close()
+
+
+def test_next_returns_none_after_its_timeout_even_while_heartbeats_flow(host):
+    with host.client().subscribe(["nothing."]) as subscription:
+        started = time.monotonic()
+        assert subscription.next(timeout=1.0) is None  # broker heartbeats arrive every 200 ms meanwhile
+        assert time.monotonic() - started < 5
