@@ -27,7 +27,7 @@ import zmq.asyncio
 from baaaht.bus import wire
 from baaaht.bus.client import client_settings, decoder_for, response_type_of
 from baaaht.bus.errors import BusError
-from baaaht.bus.subscription import Delivery, EventOrder, sub_socket
+from baaaht.bus.subscription import NOW, Delivery, EventOrder, sub_socket
 from baaaht.schemas.base import Event, Request, target_of, topic_of
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorBody, ErrorCode
@@ -150,11 +150,10 @@ class AsyncBusClient:
         """Matching events in order, with gaps and `since` filled from the broker's history."""
         if not self.events_endpoint:
             raise BusError(ErrorCode.FAILED_PRECONDITION, "this client has no events endpoint")
-        order = EventOrder(topics or [], since)
+        order = EventOrder(topics or [])
         sub = sub_socket(self.context, self.events_endpoint)
         try:
-            if since is not None:
-                await self._fill(order, since, None)
+            await self._fill(order, (await self.call(NOW)).last_seq if since is None else since, None)
             while True:
                 while order.backlog:
                     yield order.backlog.popleft()

@@ -330,7 +330,7 @@ class EventLog:
         return self.events[0].seq if self.events else self.last_seq + 1
 
     def replay(self, since: int, topics: list[str], limit: int) -> list[StampedEvent]:
-        if not self.events:
+        if not self.events or limit <= 0:
             return []
         start = max(0, since + 1 - self.events[0].seq)
         found = []

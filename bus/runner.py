@@ -184,14 +184,21 @@ class ServiceRunner:
             spec.method: msgspec.msgpack.Decoder(spec.event_type) if spec.event_type else None
             for spec in self.event_handlers
         }
-        with self.client.subscribe(prefixes) as subscription:
-            while not self.stopped.is_set():
-                delivery = subscription.next(timeout=0.2)
-                if delivery is None:
-                    continue
-                for spec in self.event_handlers:
-                    if any(topic_matches(p, delivery.topic) for p in spec.patterns):
-                        self._handle_event(spec.method, decoders[spec.method], delivery)
+        while not self.stopped.is_set():
+            try:
+                subscription = self.client.subscribe(prefixes)
+            except BusError as exc:  # the broker is not up yet: keep trying until it is
+                log.warning("cannot subscribe to events yet", extra={"reason": exc.message})
+                self.stopped.wait(self.connection.heartbeat_interval)
+                continue
+            with subscription:
+                while not self.stopped.is_set():
+                    delivery = subscription.next(timeout=0.2)
+                    if delivery is None:
+                        continue
+                    for spec in self.event_handlers:
+                        if any(topic_matches(p, delivery.topic) for p in spec.patterns):
+                            self._handle_event(spec.method, decoders[spec.method], delivery)
 
     def _handle_event(self, method: str, decoder, delivery) -> None:
         try:

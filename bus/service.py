@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
 from baaaht.bus.errors import BusError
-from baaaht.schemas.base import Event, Request, target_of
+from baaaht.schemas.base import SCHEMA_VERSION, Event, Request, target_of
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.errors import ErrorCode
 
@@ -108,7 +108,7 @@ class Service:
     """Base for bus services. `bus` is set by the runner before `start`."""
 
     name: ClassVar[str] = ""
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = SCHEMA_VERSION  # registered with the broker, shown by `bus.services`
     concurrency: ClassVar[int] = 8  # handlers run at once; the broker balances on in-flight / this
     bus: Publisher
 

@@ -23,6 +23,9 @@ from baaaht.schemas.base import Event, all_subclasses
 from baaaht.schemas.bus import EventsReplay, ReplayResult
 
 REPLAY_PAGE = 1000
+# "From now" is the broker's last seq when the subscription starts: the SUB socket connects
+# asynchronously, so events published before it is connected would otherwise be lost.
+NOW = EventsReplay(limit=0)
 
 if TYPE_CHECKING:
     from baaaht.bus.client import BusClient
@@ -65,9 +68,9 @@ class EventOrder:
     """Sequencing without I/O, shared by the blocking and asyncio subscriptions: which
     events to deliver, in order and once, and which history to replay for a gap."""
 
-    def __init__(self, topics: list[str], last_seq: int | None):
+    def __init__(self, topics: list[str]):
         self.topics = topics
-        self.last_seq = last_seq
+        self.last_seq = 0  # set by the first replay: the caller's `since`, or the broker's "now"
         self.epoch: int | None = None
         self.gaps = 0
         self.backlog: collections.deque[Delivery] = collections.deque()
@@ -81,16 +84,14 @@ class EventOrder:
         self.epoch = stamp.epoch
         if wire.kind_of(envelope) == wire.HEARTBEAT:
             # The broker's last seq, published every interval: a loss is seen even when all is quiet.
-            if self.last_seq is None:
-                self.last_seq = stamp.seq
-            elif stamp.seq > self.last_seq:
+            if stamp.seq > self.last_seq:
                 self.gaps += 1
                 return (self.last_seq, stamp.seq + 1), None
             return None, None
-        if self.last_seq is not None and stamp.seq <= self.last_seq:
+        if stamp.seq <= self.last_seq:
             return None, None  # already delivered by a replay
         gap = None
-        if self.last_seq is not None and stamp.seq > self.last_seq + 1:
+        if stamp.seq > self.last_seq + 1:
             self.gaps += 1
             gap = (self.last_seq, stamp.seq)
         return gap, Delivery(stamp.seq, stamp.time, topic.decode(), stamp.source, body)
@@ -130,19 +131,21 @@ def sub_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
 class Subscription:
     def __init__(self, client: BusClient, endpoint: str, topics: list[str], since: int | None):
         self.client = client
-        self.order = EventOrder(topics, since)
-        self._sub = sub_socket(
-            client.connection.context, endpoint
-        )  # before the replay: nothing slips between
-        if since is not None:
-            self._fill(since, until=None)
+        self.order = EventOrder(topics)
+        # Connect before the replay, so that nothing slips between the two.
+        self._sub = sub_socket(client.connection.context, endpoint)
+        try:
+            self._fill(self.client.call(NOW).last_seq if since is None else since, until=None)
+        except BaseException:
+            self._sub.close(linger=0)
+            raise
 
     @property
     def gaps(self) -> int:
         return self.order.gaps
 
     @property
-    def last_seq(self) -> int | None:
+    def last_seq(self) -> int:
         return self.order.last_seq
 
     def __iter__(self):

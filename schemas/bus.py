@@ -142,7 +142,8 @@ class ReplayResult(Response, kw_only=True):
 
 
 class EventsReplay(Request, tag="bus.events.replay", kw_only=True):
-    """Events with seq > since, oldest first, whose topic starts with one of `topics`."""
+    """Events with seq > since, oldest first, whose topic starts with one of `topics`.
+    With limit 0, just the numbers: where the kept history starts and ends."""
 
     response: ClassVar[type] = ReplayResult
 
