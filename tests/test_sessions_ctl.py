@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from baaaht.ctl import sessions
 from baaaht.ctl.common import state
 from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionGet, SessionSendMessage, SessionState
+from tests.harness import wait_for
 from tests.session_doubles import start_sessions_host
 
 cli = typer.Typer()
@@ -101,15 +102,25 @@ def test_watch_shows_history_then_live_messages_once_each_until_closed(host, cap
     client.call(SessionSendMessage(session_id=session_id, content="earlier"))
     watcher = threading.Thread(target=sessions.watch, args=(session_id, 10))
     watcher.start()
+    out, err = [], []
+
+    def history_shown() -> bool:
+        captured = capsys.readouterr()
+        out.append(captured.out)
+        err.append(captured.err)
+        return "earlier" in "".join(out)
+
+    # The session must still be open when watch looks it up; live messages may come at any time after.
+    wait_for(history_shown, what="watch to show the history")
     for n in range(3):
         client.call(SessionSendMessage(session_id=session_id, content=f"live {n}"))
     client.call(SessionClose(session_id=session_id))
     watcher.join(15)
     assert not watcher.is_alive()
     captured = capsys.readouterr()
-    shown = [line.split("] ", 1)[1] for line in captured.out.splitlines()]
+    shown = [line.split("] ", 1)[1] for line in ("".join(out) + captured.out).splitlines()]
     assert shown == ["#1 user: earlier", "#2 user: live 0", "#3 user: live 1", "#4 user: live 2"]
-    assert "session closed: closed on request" in captured.err
+    assert "session closed: closed on request" in "".join(err) + captured.err
     assert client.call(SessionGet(session_id=session_id)).state is SessionState.CLOSED
 
 
