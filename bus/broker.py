@@ -44,6 +44,9 @@ from baaaht.schemas.errors import ErrorBody, ErrorCode
 log = logging.getLogger("baaaht.broker")
 
 BATCH = 256  # messages drained from one socket before looking at the others
+SERVICES, AGENTS = 0, 1  # indexes of the two ROUTER sockets
+AGENT_TOPICS = "agent."  # the only event topics agents may publish
+AGENT_BUILTINS = ("bus.ping",)
 HEADER_SLACK = 64 * 1024  # ZMQ_MAXMSGSIZE is per frame: leave room so an oversized body still gets a reply
 # Plain ints and the backend's send: pyzmq's flag enums and its Python-level send
 # wrapper cost more per call than the send itself.
@@ -62,10 +65,11 @@ class Broker:
         self.config = config
         self.endpoints = Endpoints.for_config(config.bus)
         self.max_message = int(config.bus.max_message_size)
+        self.max_event = int(config.bus.max_event_size)
         self.registry = Registry(
             float(config.bus.heartbeat_interval), config.bus.heartbeat_liveness, wire.encode
         )
-        self.events = EventLog(config.bus.event_history)
+        self.events = EventLog(config.bus.event_history, int(config.bus.event_history_bytes))
         self.context = context or zmq.Context.instance()
         self.started_at = time.time()
         self.epoch = int(self.started_at * 1000)
@@ -187,9 +191,12 @@ class Broker:
                 break
             key = (index, ident)
             address = None
-            if key in peers:
+            if index == SERVICES and key in peers:
                 envelope = recv(NOBLOCK)  # a ROUTER message always has a frame after the routing id
-            else:  # a new peer: read its kernel credentials off the frame
+            else:
+                # A new peer, or an agent: read the kernel credentials off the frame. For agents this
+                # is done on every message, so a new connection that chose a departed agent's routing
+                # id is seen as the new peer it is.
                 frame = recv(NOBLOCK, copy=False)
                 envelope, address = frame.bytes, peer_address(frame)
             extra = 0
@@ -213,6 +220,9 @@ class Broker:
                 key, "not a baaaht message (expected one envelope: BHT1, a kind, a header length)"
             )
             return
+        known = self.registry.peers.get(key)
+        if known is not None and address is not None and address != known.address:
+            self._answer_all(*self.registry.drop_peer(key, "was replaced by another connection"))
         peer = self.registry.touch(key, self.socket_names[key[0]], address, now)
         try:
             if kind == wire.REQUEST:
@@ -254,14 +264,17 @@ class Broker:
             return
         instance = request.instance
         if not self._send(instance.peer.key, envelope, request.token + peer.caller_frame):
-            self.registry.complete(request.token, final=True, error=ErrorCode.UNAVAILABLE.value)
+            self.registry.complete(instance.peer, request.token, True, ErrorCode.UNAVAILABLE.value)
             message = f"service {instance.service} cannot take more requests (queue full or gone)"
             self._reply_error(peer.key, header.id, BusError(ErrorCode.UNAVAILABLE, message))
 
     def _on_reply(self, peer: Peer, kind: bytes, envelope: bytes) -> None:
         final = kind == wire.REPLY
         header = wire.reply_header.decode(wire.header_of(envelope))
-        request = self.registry.complete(header.token, final, header.error)
+        if peer.instance is None:
+            self._malformed(peer.key, "only a registered service instance may reply")
+            return
+        request = self.registry.complete(peer, header.token, final, header.error)
         if request is None:
             if not final:  # a stream whose caller is gone: tell the handler to stop
                 self._send(peer.key, wire.pack(wire.CANCEL, body=header.token))
@@ -295,9 +308,17 @@ class Broker:
         log.info("service registered", extra={"service": instance.service, "instance": instance.instance_id})
         self.publish_own(ServiceUp(service=instance.service, instance=instance.instance_id))
 
-    def _on_event(self, peer: Peer, topic: bytes, body: bytes, now: float) -> None:
-        source = peer.caller.service or f"{peer.socket}:{peer.caller.peer}"
-        self._publish(topic.decode(errors="replace"), source, body, now)
+    def _on_event(self, peer: Peer, topic_bytes: bytes, body: bytes, now: float) -> None:
+        topic = topic_bytes.decode(errors="replace")
+        if peer.socket == AGENTS_SOCKET and not topic.startswith(AGENT_TOPICS):
+            message = f"agents may publish only {AGENT_TOPICS}* topics, not {topic!r}"
+            self._reply_error(peer.key, "", BusError(ErrorCode.PERMISSION_DENIED, message))
+            return
+        if len(body) > self.max_event:
+            message = f"event of {len(body)} bytes exceeds the limit of {self.max_event} bytes"
+            self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, message))
+            return
+        self._publish(topic, peer.caller.service or f"{peer.socket}:{peer.caller.peer}", body, now)
 
     def publish_own(self, event) -> None:
         self._publish(topic_of(type(event)), "bus", wire.encode(event), time.time())
@@ -312,6 +333,11 @@ class Broker:
 
     def _builtin(self, peer: Peer, header: wire.RequestHeader, body: bytes, now: float) -> None:
         decoder = _builtin_decoders.get(header.target)
+        if peer.socket == AGENTS_SOCKET and header.target not in AGENT_BUILTINS:
+            # The event history and the peer list would show agents everything on the host.
+            message = f"agents may call only {', '.join(AGENT_BUILTINS)} of the bus.* methods"
+            self._reply_error(peer.key, header.id, BusError(ErrorCode.PERMISSION_DENIED, message))
+            return
         if decoder is None:
             self._reply_error(
                 peer.key, header.id, BusError(ErrorCode.NOT_FOUND, f"no method {header.target!r}")

@@ -127,12 +127,15 @@ class BusClient:
         topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
         self.connection.send([wire.pack(wire.EVENT, topic.encode(), _encode(event))])
 
-    def subscribe(self, topics: list[str] | None = None, since: int | None = None) -> Subscription:
+    def subscribe(
+        self, topics: list[str] | None = None, since: int | None = None, epoch: int | None = None
+    ) -> Subscription:
         """Live events whose topic starts with one of `topics` (all when empty); with `since`,
-        first every kept event after that sequence number. Gaps are filled by replay."""
+        first every kept event after that sequence number (of the broker `epoch`, when given: a
+        restarted broker's history is then replayed whole). Gaps are filled by replay."""
         if not self.events_endpoint:
             raise BusError(ErrorCode.FAILED_PRECONDITION, "this client has no events endpoint")
-        return Subscription(self, self.events_endpoint, topics or [], since)
+        return Subscription(self, self.events_endpoint, topics or [], since, epoch)
 
 
 class _Call:

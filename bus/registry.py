@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 from dataclasses import dataclass
 
 import msgspec
@@ -35,6 +36,7 @@ SERVICE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 class Peer:
     key: PeerKey
     socket: str
+    address: str | None  # the connection's Peer-Address, kernel credentials on ipc://
     caller: Caller
     caller_frame: bytes
     last_seen: float
@@ -111,7 +113,7 @@ class Registry:
         if peer is None:
             uid, gid, pid = parse_peer_address(peer_address)
             caller = Caller(socket=socket, peer=key[1].hex(), uid=uid, gid=gid, pid=pid)
-            peer = Peer(key, socket, caller, self._encode_caller(caller), now)
+            peer = Peer(key, socket, peer_address, caller, self._encode_caller(caller), now)
             self.peers[key] = peer
         peer.last_seen = now
         peer.messages += 1
@@ -197,6 +199,8 @@ class Registry:
     def route(self, client: Peer, request_id: str, target: str, deadline: float, now: float) -> InFlight:
         """Pick the least loaded healthy instance for `target` and record the request in flight."""
         instances = self._routes.get(target) or self._find_route(target)
+        if not math.isfinite(deadline):
+            raise BusError(ErrorCode.INVALID_ARGUMENT, f"deadline of {target} is not a finite time")
         if deadline <= now:
             raise BusError(ErrorCode.TIMEOUT, f"deadline of {target} passed before delivery")
         key = (client.key, request_id)
@@ -230,9 +234,13 @@ class Registry:
         self._routes[target] = healthy
         return healthy
 
-    def complete(self, token: bytes, final: bool, error: str = "") -> InFlight | None:
+    def complete(self, sender: Peer, token: bytes, final: bool, error: str = "") -> InFlight | None:
+        """The request a reply answers, if `sender` is the instance it was routed to: nobody else
+        can answer it, whatever token they learnt or guessed."""
         request = self.in_flight.get(token)
-        if request is None or not final:
+        if request is None or request.instance.peer is not sender:
+            return None
+        if not final:
             return request
         instance = request.instance
         instance.served += 1
@@ -313,16 +321,23 @@ class Registry:
 
 
 class EventLog:
-    """The last N stamped events, for replay to late or lagging subscribers."""
+    """The last N stamped events (and at most `max_bytes` of bodies), for replay to late or
+    lagging subscribers."""
 
-    def __init__(self, capacity: int):
-        self.events: collections.deque[StampedEvent] = collections.deque(maxlen=capacity)
+    def __init__(self, capacity: int, max_bytes: int):
+        self.events: collections.deque[StampedEvent] = collections.deque()
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.last_seq = 0
 
     def append(self, topic: str, source: str, body: bytes, now: float) -> StampedEvent:
         self.last_seq += 1
         event = StampedEvent(seq=self.last_seq, time=now, topic=topic, source=source, body=msgspec.Raw(body))
         self.events.append(event)
+        self.bytes += len(body)
+        while len(self.events) > self.capacity or (self.bytes > self.max_bytes and len(self.events) > 1):
+            self.bytes -= len(self.events.popleft().body)
         return event
 
     @property

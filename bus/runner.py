@@ -184,21 +184,21 @@ class ServiceRunner:
             spec.method: msgspec.msgpack.Decoder(spec.event_type) if spec.event_type else None
             for spec in self.event_handlers
         }
+        since = epoch = None  # from the broker's "now" at first; after a failure, from the last seen
         while not self.stopped.is_set():
             try:
-                subscription = self.client.subscribe(prefixes)
-            except BusError as exc:  # the broker is not up yet: keep trying until it is
-                log.warning("cannot subscribe to events yet", extra={"reason": exc.message})
+                with self.client.subscribe(prefixes, since=since, epoch=epoch) as subscription:
+                    while not self.stopped.is_set():
+                        delivery = subscription.next(timeout=0.2)
+                        since, epoch = subscription.last_seq, subscription.epoch
+                        if delivery is None:
+                            continue
+                        for spec in self.event_handlers:
+                            if any(topic_matches(p, delivery.topic) for p in spec.patterns):
+                                self._handle_event(spec.method, decoders[spec.method], delivery)
+            except BusError as exc:  # the broker is away (not up yet, or restarting): subscribe again
+                log.warning("event subscription interrupted", extra={"reason": exc.message})
                 self.stopped.wait(self.connection.heartbeat_interval)
-                continue
-            with subscription:
-                while not self.stopped.is_set():
-                    delivery = subscription.next(timeout=0.2)
-                    if delivery is None:
-                        continue
-                    for spec in self.event_handlers:
-                        if any(topic_matches(p, delivery.topic) for p in spec.patterns):
-                            self._handle_event(spec.method, decoders[spec.method], delivery)
 
     def _handle_event(self, method: str, decoder, delivery) -> None:
         try:
@@ -230,7 +230,7 @@ class ServiceRunner:
         deadline = time.monotonic() + self.drain_timeout
         while self.active and time.monotonic() < deadline:
             time.sleep(0.05)
-        for context in self.active.values():
+        for context in list(self.active.values()):  # handlers still finishing remove themselves
             context.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.connection.send([wire.pack(wire.DISCONNECT)])

@@ -106,6 +106,9 @@ class EventOrder:
 
     def take_replay(self, result: ReplayResult, until: int | None) -> int | None:
         """Queue one page of history; the `since` of the next page, or None when done."""
+        if self.epoch is not None and result.epoch != self.epoch:
+            self.epoch = result.epoch
+            return 0  # a restarted broker: `since` counted another broker's events; take all it kept
         self.epoch = result.epoch
         for event in result.events:
             if until is not None and event.seq >= until:
@@ -129,9 +132,12 @@ def sub_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
 
 
 class Subscription:
-    def __init__(self, client: BusClient, endpoint: str, topics: list[str], since: int | None):
+    def __init__(
+        self, client: BusClient, endpoint: str, topics: list[str], since: int | None, epoch: int | None = None
+    ):
         self.client = client
         self.order = EventOrder(topics)
+        self.order.epoch = epoch
         # Connect before the replay, so that nothing slips between the two.
         self._sub = sub_socket(client.connection.context, endpoint)
         try:
@@ -147,6 +153,10 @@ class Subscription:
     @property
     def last_seq(self) -> int:
         return self.order.last_seq
+
+    @property
+    def epoch(self) -> int | None:
+        return self.order.epoch
 
     def __iter__(self):
         return self

@@ -18,6 +18,7 @@ from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
 from baaaht.host.config import ConfigError, load_config
 from baaaht.schemas.base import Request
+from baaaht.schemas.bus import Ping
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode
 
@@ -81,6 +82,7 @@ def call(request: Request, timeout: float | None = None) -> Any:
 
 def stream(request: Request, timeout: float | None = None) -> Iterator[Any]:
     """Partial results until the call ends; Ctrl-C ends it cleanly (the call is cancelled)."""
+    call(Ping(), timeout=state.timeout)  # a long stream must not hide an unreachable host
     items = state.client.stream(request, timeout=timeout)
     try:
         yield from items

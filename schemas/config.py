@@ -33,6 +33,8 @@ class BusConfig(Section, kw_only=True):
     heartbeat_liveness: int = 3
     max_message_size: Size = Size(16 * 1024 * 1024)
     event_history: int = 10_000
+    event_history_bytes: Size = Size(64 * 1024 * 1024)
+    max_event_size: Size = Size(2 * 1024 * 1024)
     call_timeout: Duration = Duration(10.0)
     socket_group: str = ""
 

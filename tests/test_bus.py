@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -167,6 +169,8 @@ def test_subscription_survives_a_broker_restart(echo):
     # the new broker numbers from 1 again: nothing it publishes is mistaken for already seen
     assert [subscription.next(timeout=5).event.text for _ in range(2)] == ["after"] * 2
     subscription.close()
+    # and the service's own @on_event handler follows the new broker too
+    wait_for(lambda: "after" in client.call(SeenQuery()).topics, timeout=15, what="echo to see events again")
 
 
 def test_events_fan_out_and_replay_after_a_gap(echo):
@@ -248,25 +252,123 @@ def test_agents_cannot_register_but_can_call(echo):
         agent.close()
 
 
-def raw_dealer(host) -> zmq.Socket:
+def raw_dealer(host, socket: str = "services", routing_id: bytes = b"") -> zmq.Socket:
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(Endpoints.for_config(host.config.bus).services)
+    if routing_id:
+        dealer.setsockopt(zmq.ROUTING_ID, routing_id)
+    dealer.connect(getattr(Endpoints.for_config(host.config.bus), socket))
     return dealer
 
 
-def test_oversized_message_gets_an_error_reply(make_host):
-    host = make_host({"bus": {"max_message_size": "1KiB"}})
+def next_reply(dealer: zmq.Socket, request_id: str) -> tuple[wire.ReplyHeader, bytes]:
+    """The reply with this id, skipping the broker's heartbeats."""
+    while True:
+        assert dealer.poll(5000), f"no reply {request_id!r}"
+        envelope = dealer.recv()
+        if wire.kind_of(envelope) == wire.REPLY:
+            header_bytes, body = wire.split(envelope)
+            header = wire.reply_header.decode(header_bytes)
+            if header.id == request_id:
+                return header, body
+
+
+def test_an_agent_cannot_answer_calls_it_was_not_given(echo):
+    operator = echo.client(timeout=10)
+    agent = raw_dealer(echo, "agents")
+    try:
+        said = operator.call(Say(text="learn a token", delay=0))
+        assert said.text == "learn a token"
+        results = []
+        thread = threading.Thread(
+            target=lambda: results.append(operator.call(Say(text="genuine", delay=0.5)))
+        )
+        thread.start()
+        wait_for(lambda: operator.call(ServicesQuery(service="echo")).services[0].instances[0].in_flight == 1)
+        # An agent guesses every plausible token and request id: none of its replies is delivered.
+        for token in range(1, 64):
+            forged = wire.reply(
+                wire.REPLY,
+                format(token, "x"),
+                msgspec.msgpack.encode({"text": "FORGED"}),
+                token=token.to_bytes(wire.TOKEN_SIZE, "big"),
+            )
+            agent.send(forged)
+        header, body = next_reply(agent, "")
+        assert header.error == "INVALID_ARGUMENT" and b"only a registered service" in body
+        thread.join(10)
+        assert results[0].text == "genuine"
+    finally:
+        agent.close(0)
+
+
+def test_agents_publish_only_agent_topics_and_see_no_history(echo):
+    agent = raw_dealer(echo, "agents")
+    operator = echo.client()
+    try:
+        subscription = operator.subscribe(["echo.", "agent."])
+        agent.send(
+            wire.pack(
+                wire.EVENT, b"echo.shouted", msgspec.msgpack.encode({"type": "echo.shouted", "text": "x"})
+            )
+        )
+        header, body = next_reply(agent, "")
+        assert header.error == "PERMISSION_DENIED" and b"agent." in body
+        agent.send(wire.pack(wire.EVENT, b"agent.progress", msgspec.msgpack.encode({"done": 1})))
+        delivery = subscription.next(timeout=5)
+        assert delivery.topic == "agent.progress" and delivery.source.startswith("agents:")
+        subscription.close()
+        for target in ("bus.events.replay", "bus.peers", "bus.services", "bus.stats"):
+            agent.send(wire.request(target, target, time.time() + 5, "", False, b"\x80"))
+            header, _ = next_reply(agent, target)
+            assert header.error == "PERMISSION_DENIED", target
+        agent.send(wire.request("ping", "bus.ping", time.time() + 5, "", False, b"\x80"))
+        assert next_reply(agent, "ping")[0].error == ""
+    finally:
+        agent.close(0)
+
+
+def test_oversized_events_are_refused(make_host):
+    host = make_host({"bus": {"max_event_size": "1KiB"}})
     dealer = raw_dealer(host)
     try:
-        dealer.send(wire.request("big", "echo.say", time.time() + 5, "", False, b"x" * 4096))
-        assert dealer.poll(5000)
-        header, body = wire.split(dealer.recv())
-        assert wire.reply_header.decode(header) == wire.ReplyHeader("big", "RESOURCE_EXHAUSTED")
-        assert "exceeds the limit" in wire.error_body.decode(body).message
+        dealer.send(wire.pack(wire.EVENT, b"echo.big", b"x" * 2048))
+        header, body = next_reply(dealer, "")
+        assert header.error == "RESOURCE_EXHAUSTED"
     finally:
         dealer.close(0)
-    assert host.client().call(Ping())
+    assert host.client().call(EventsReplay(limit=0)).last_seq == 1  # only bus.started
+
+
+AGENT_PING = """
+import sys, time, msgspec, zmq
+from baaaht.bus import wire
+dealer = zmq.Context.instance().socket(zmq.DEALER)
+dealer.setsockopt(zmq.ROUTING_ID, b"chosen-id")
+dealer.connect(sys.argv[1])
+dealer.send(wire.request("p", "bus.ping", time.time() + 5, "", False, b"\\x80"))
+while True:
+    assert dealer.poll(5000)
+    envelope = dealer.recv()
+    if wire.kind_of(envelope) == wire.REPLY:
+        print(msgspec.msgpack.decode(wire.split(envelope)[1])["caller"]["pid"])
+        break
+dealer.close(0)
+"""
+
+
+def test_an_agent_reusing_a_departed_agents_routing_id_is_seen_as_itself(host):
+    agents = Endpoints.for_config(host.config.bus).agents
+    for _ in range(2):  # the second process connects with the first one's routing id, within its liveness
+        with subprocess.Popen(
+            [sys.executable, "-c", AGENT_PING, agents],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as agent:
+            out, err = agent.communicate(timeout=30)
+            assert agent.returncode == 0, err
+            assert int(out) == agent.pid  # its own kernel credentials, not the departed process's
 
 
 frames_strategy = st.lists(st.binary(max_size=64), min_size=0, max_size=6)

@@ -44,7 +44,7 @@ def test_least_loaded_instance_gets_the_request():
     first = registry.route(caller, "1", "echo.say", deadline=10, now=0)
     second = registry.route(caller, "2", "echo.say", deadline=10, now=0)
     assert {first.instance.instance_id, second.instance.instance_id} == {"a", "b"}
-    registry.complete(first.token, final=True)
+    registry.complete(first.instance.peer, first.token, final=True)
     third = registry.route(caller, "3", "echo.say", deadline=10, now=0)
     assert third.instance is first.instance
 
@@ -163,14 +163,36 @@ def test_partial_replies_keep_the_request_open():
     registry = make_registry()
     add_instance(registry, b"a")
     request = registry.route(client(registry), "1", "echo.say", 10, 0)
-    assert registry.complete(request.token, final=False) is request
+    server = request.instance.peer
+    assert registry.complete(server, request.token, final=False) is request
     assert request.token in registry.in_flight
-    assert registry.complete(request.token, final=True, error="INTERNAL") is request
+    assert registry.complete(server, request.token, final=True, error="INTERNAL") is request
     assert registry.per_service["echo"].errors == {"INTERNAL": 1}
 
 
+def test_only_the_instance_a_request_went_to_can_answer_it():
+    registry = make_registry()
+    add_instance(registry, b"a")
+    other = add_instance(registry, b"b", service="other", methods=("other.x",))
+    caller = client(registry)
+    request = registry.route(caller, "1", "echo.say", 10, 0)
+    for impostor in (caller, other):
+        assert registry.complete(impostor, request.token, final=True) is None
+    assert request.token in registry.in_flight
+
+
+@pytest.mark.parametrize("deadline", [float("nan"), float("inf")])
+def test_deadlines_must_be_finite(deadline):
+    registry = make_registry()
+    add_instance(registry, b"a")
+    with pytest.raises(BusError) as caught:
+        registry.route(client(registry), "1", "echo.say", deadline, 0)
+    assert caught.value.code == ErrorCode.INVALID_ARGUMENT
+    assert registry.in_flight == {}
+
+
 def test_event_log_keeps_the_last_n_and_replays_by_prefix():
-    log = EventLog(capacity=3)
+    log = EventLog(capacity=3, max_bytes=1000)
     for n in range(5):
         log.append("container.started" if n % 2 else "session.created", "x", b"%d" % n, now=n)
     assert log.first_seq == 3 and log.last_seq == 5
@@ -178,3 +200,12 @@ def test_event_log_keeps_the_last_n_and_replays_by_prefix():
     assert [e.seq for e in log.replay(3, ["container."], 10)] == [4]
     assert [e.seq for e in log.replay(0, [], 2)] == [3, 4]
     assert log.replay(5, [], 10) == []
+
+
+def test_event_log_keeps_at_most_max_bytes_of_bodies():
+    log = EventLog(capacity=100, max_bytes=10)
+    for n in range(5):
+        log.append("x", "s", b"1234", now=n)
+    assert [e.seq for e in log.events] == [4, 5] and log.bytes == 8
+    log.append("x", "s", b"a" * 50, now=6)  # one body over the cap is still kept, alone
+    assert [e.seq for e in log.events] == [6]
