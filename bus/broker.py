@@ -373,6 +373,7 @@ class Broker:
                 per_service=dict(self.registry.per_service),
                 **self.counters,
             )
+        assert isinstance(request, EventsReplay)  # the last of BUILTINS
         events = self.events.replay(request.since, request.topics, min(request.limit, 10_000))
         return ReplayResult(
             events=events, first_seq=self.events.first_seq, last_seq=self.events.last_seq, epoch=self.epoch

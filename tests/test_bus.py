@@ -140,7 +140,7 @@ def test_killed_service_fails_in_flight_calls_within_three_heartbeats(echo):
         thread.join(10)
     interval = float(echo.config.bus.heartbeat_interval)
     assert [code for code, _ in errors] == [ErrorCode.UNAVAILABLE] * 4
-    # 3 missed heartbeats plus one broker tick of slack
+    # The bound, not a performance target: 3 missed heartbeats plus one broker tick of slack
     assert all(at - killed_at <= interval * 5 for _, at in errors)
     with pytest.raises(BusError) as caught:
         client.call(Say(text="x"))

@@ -169,7 +169,13 @@ def test_logs_follow_and_stats_stream_end_when_cancelled(orchestrator, busybox):
     first, second = next(samples), next(samples)
     samples.close()
     assert first.pids >= 1 and first.memory_limit > 0 and second.time > first.time
-    # The service is free again: nothing is left holding the container.
+
+    def nothing_in_flight() -> bool:
+        services = bus.call(ServicesQuery(service="container")).services
+        return all(instance.in_flight == 0 for service in services for instance in service.instances)
+
+    # Both handlers saw the cancellation and ended: the follow would otherwise last 600 s.
+    wait_for(nothing_in_flight, what="the cancelled streams to end on the service")
     bus.call(ContainerStop(id=container, timeout=5))
     assert bus.call(ContainerGet(id=container)).state == "exited"
 

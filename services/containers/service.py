@@ -516,6 +516,8 @@ class ContainerService(Service):
     def reconcile_now(self) -> ReconcileReport:
         """Stop and remove this installation's orphans. Nothing is removed unless every session that
         decides a container's fate could be looked up."""
+        # Not bounded by runtime.max_concurrent_ops: reconcile runs one at a time (the lock) and must
+        # not wait behind a full queue of callers' operations to remove what nobody owns.
         with self._reconcile_lock:
             runtime = self._runtime()
             containers = runtime.list(self.install_labels)

@@ -48,7 +48,6 @@ from baaaht.schemas.sessions import (
     SessionUpdated,
 )
 from baaaht.services.sessions import states, validation
-from baaaht.services.sessions.publisher import OrderedPublisher
 from baaaht.services.sessions.reaper import ContainerReaper
 from baaaht.services.sessions.states import ACTIVE, CLOSED, CLOSING, IDLE, INITIALIZING, LIVE
 from baaaht.services.sessions.store import SessionStore, Transaction
@@ -88,7 +87,6 @@ class SessionService(Service):
         self.clock = clock
         self._stopping = threading.Event()
         self.reaper = ContainerReaper(float(self.limits.close_timeout), self._stopping)
-        self.events = OrderedPublisher(lambda event, subtopic: self.bus.publish(event, subtopic))
         self._closers: dict[str, threading.Thread] = {}
         self._closers_lock = threading.Lock()
         self._sweeper: threading.Thread | None = None
@@ -110,7 +108,6 @@ class SessionService(Service):
         for worker in [self._sweeper, *workers]:
             if worker is not None:
                 worker.join(max(0.0, deadline - time.monotonic()))
-        self.events.close(STOP_TIMEOUT)
         self.store.close()
 
     def health(self) -> tuple[bool, str]:
@@ -545,8 +542,9 @@ class SessionService(Service):
         self._publish_after(tx, SessionUpdated(session=session, change=change, previous_state=previous))
 
     def _publish_after(self, tx: Transaction, event: Event, subtopic: str = "") -> None:
-        """Queue the event once the change is committed, in commit order (the store's lock is held)."""
-        tx.after_commit(lambda: self.events.publish(event, subtopic))
+        """Publish the event once the change is committed. The store's lock is still held then and
+        the bus connection sends in the order it is given messages, so events leave in commit order."""
+        tx.after_commit(lambda: self.bus.publish(event, subtopic))
 
 
 def build(config: Config) -> SessionService:
