@@ -4,10 +4,9 @@ ZeroMQ sockets are not thread-safe, so callers never touch the DEALER: they
 put messages on one FIFO queue and wake the I/O thread through a pipe; it
 forwards them to the broker in that order (so two events published one after
 the other from different threads reach the broker in that order) and hands
-replies back through per-call queues. The
-same thread sends heartbeats, notices a silent broker, rebuilds the socket
-(Paranoid Pirate) and registers again, so neither clients nor services need a
-restart when the broker comes back.
+replies back through per-call queues. The same thread sends heartbeats, notices
+a silent broker, rebuilds the socket (Paranoid Pirate) and registers again, so
+neither clients nor services need a restart when the broker comes back.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ class Connection:
         heartbeat_interval: float = 1.0,
         liveness: int = 3,
         context: zmq.Context | None = None,
-        on_message: Callable[[bytes, list[bytes]], None] | None = None,
+        on_message: Callable[[bytes, bytes, list[bytes]], None] | None = None,
         registration: Callable[[], bytes] | None = None,
         health: Callable[[], bytes] | None = None,
     ):
@@ -60,7 +59,7 @@ class Connection:
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closing = threading.Event()
         self.broker_seen = 0.0  # when the broker last spoke to us; 0 until it has
-        self.refused: ErrorBody | None = None
+        self.refused: ErrorBody | None = None  # set when the broker refused our registration for good
         self._dealer = self._new_dealer()
         self._thread = threading.Thread(target=self._run, name="baaaht-bus-io", daemon=True)
         self._thread.start()

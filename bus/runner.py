@@ -222,11 +222,11 @@ class ServiceRunner:
             events.start()
         log.info("serving", extra={"service": self.service.name, "methods": sorted(self.rpcs)})
         while not self.stopped.wait(1.0):
-            pass
+            if self.connection.refused is not None:
+                self.stop()  # a refused registration will not succeed by retrying: leave, non-zero
         self.draining = True
-        self.connection.send(
-            [wire.pack(wire.HEARTBEAT, body=self._health())]
-        )  # the broker stops routing here
+        # Unhealthy from now on: the broker routes nothing new here.
+        self.connection.send([wire.pack(wire.HEARTBEAT, body=self._health())])
         deadline = time.monotonic() + self.drain_timeout
         while self.active and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -239,6 +239,8 @@ class ServiceRunner:
         self.service.stop()
         self.connection.close()
         log.info("stopped", extra={"service": self.service.name})
+        if self.connection.refused is not None:
+            raise SystemExit(f"{self.service.name}: registration refused: {self.connection.refused.message}")
 
     def stop(self, *_args) -> None:
         self.stopped.set()

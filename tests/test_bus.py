@@ -20,6 +20,8 @@ from baaaht.bus import wire
 from baaaht.bus.client import BusClient
 from baaaht.bus.endpoints import Endpoints
 from baaaht.bus.errors import BusError
+from baaaht.bus.runner import ServiceRunner
+from baaaht.bus.service import Service
 from baaaht.schemas.bus import EventsReplay, PeersQuery, Ping, ServicesQuery, StatsQuery
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
@@ -501,3 +503,14 @@ def test_next_returns_none_after_its_timeout_even_while_heartbeats_flow(host):
         started = time.monotonic()
         assert subscription.next(timeout=1.0) is None  # broker heartbeats arrive every 200 ms meanwhile
         assert time.monotonic() - started < 5
+
+
+class Impostor(Service):
+    name = "bus"  # the broker's own namespace: refused
+
+
+def test_a_refused_registration_ends_the_service_with_an_error(host):
+    runner = ServiceRunner(Impostor(), Endpoints.for_config(host.config.bus), heartbeat_interval=0.2)
+    with pytest.raises(SystemExit) as caught:
+        runner.run()
+    assert "registration refused" in str(caught.value) and "invalid service name 'bus'" in str(caught.value)
