@@ -198,12 +198,7 @@ class SessionService(Service):
             validation.text("current_task_id", req.current_task_id, validation.MAX_ID)
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
-            if session.state not in LIVE:
-                raise precondition(
-                    f"cannot update session {session.id}: it is {session.state.value}",
-                    session_id=session.id,
-                    state=session.state.value,
-                )
+            require_live(session, "update")
             for field in ("name", "description", "labels", "tags"):
                 value = getattr(req, field)
                 if value is not None:
@@ -311,12 +306,7 @@ class SessionService(Service):
         validation.identifier("container_id", req.container_id)
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
-            if session.state not in LIVE:
-                raise precondition(
-                    f"cannot attach a container to session {session.id}: it is {session.state.value}",
-                    session_id=session.id,
-                    state=session.state.value,
-                )
+            require_live(session, "attach a container to")
             if any(c.id == req.container_id for c in session.containers):
                 raise BusError(
                     ErrorCode.ALREADY_EXISTS,
@@ -545,6 +535,16 @@ class SessionService(Service):
         """Publish the event once the change is committed. The store's lock is still held then and
         the bus connection sends in the order it is given messages, so events leave in commit order."""
         tx.after_commit(lambda: self.bus.publish(event, subtopic))
+
+
+def require_live(session: SessionInfo, action: str) -> None:
+    """FAILED_PRECONDITION naming the session and its state unless it is active or idle."""
+    if session.state not in LIVE:
+        raise precondition(
+            f"cannot {action} session {session.id}: it is {session.state.value}",
+            session_id=session.id,
+            state=session.state.value,
+        )
 
 
 def build(config: Config) -> SessionService:
