@@ -17,6 +17,7 @@ from baaaht.schemas.containers import (
     ContainerHealthWait,
     ContainerListQuery,
     ContainerLogs,
+    ContainerRestart,
     ContainerSpec,
     ContainerStart,
     ContainerStarted,
@@ -159,8 +160,11 @@ def test_the_quota_counts_live_containers_of_this_install(run_dir):
     service.start_container(ContainerStart(id=first.id), context())  # already counted since its create
     service.stop_container(ContainerStop(id=first.id), context())  # exited: no longer counted
     third = create(service)
-    # Bringing the exited one back would make three live containers.
+    # Bringing the exited one back, by start or by restart, would make three live containers.
     assert code_of(lambda: service.start_container(ContainerStart(id=first.id), context())) is (
+        ErrorCode.RESOURCE_EXHAUSTED
+    )
+    assert code_of(lambda: service.restart(ContainerRestart(id=first.id), context())) is (
         ErrorCode.RESOURCE_EXHAUSTED
     )
     service.start_container(ContainerStart(id=third.id), context())

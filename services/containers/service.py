@@ -345,16 +345,19 @@ class ContainerService(Service):
 
     @rpc
     def start_container(self, req: ContainerStart, ctx: CallContext) -> Empty:
+        self._bring_to_life(req.id, ctx, lambda runtime, container_id: runtime.start(container_id))
+        return Empty()
+
+    def _bring_to_life(self, ref: str, ctx: CallContext, operation: Callable[[Runtime, str], None]) -> None:
         with self._engine(ctx) as runtime:
-            info = self._owned_info(req.id, runtime)
+            info = self._owned_info(ref, runtime)
         if info.state not in LIVE_STATES:
-            # Restarting a stopped container brings one more to life: it counts against the quota.
+            # Starting a stopped container brings one more to life: it counts against the quota.
             with self._quota_reservation(ctx, info.session_id), self._engine(ctx) as runtime:
-                runtime.start(info.id)
+                operation(runtime, info.id)
         else:
             with self._engine(ctx) as runtime:
-                runtime.start(info.id)
-        return Empty()
+                operation(runtime, info.id)
 
     @rpc
     def stop_container(self, req: ContainerStop, ctx: CallContext) -> Empty:
@@ -366,8 +369,10 @@ class ContainerService(Service):
     @rpc
     def restart(self, req: ContainerRestart, ctx: CallContext) -> Empty:
         validation.require_non_negative("timeout", req.timeout)
-        with self._engine(ctx) as runtime:
-            runtime.restart(self._owned(req.id, runtime), req.timeout)
+        # A restart starts a stopped container too: the same quota as start.
+        self._bring_to_life(
+            req.id, ctx, lambda runtime, container_id: runtime.restart(container_id, req.timeout)
+        )
         return Empty()
 
     @rpc
