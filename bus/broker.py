@@ -19,9 +19,9 @@ import msgspec
 import zmq
 
 from baaaht.bus import wire
-from baaaht.bus.endpoints import Endpoints, ipc_path
 from baaaht.bus.errors import BusError, validation_error
 from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Failure, InFlight, Peer, Registry
+from baaaht.common.endpoints import Endpoints, ipc_path
 from baaaht.schemas.base import Request, target_of, topic_of
 from baaaht.schemas.bus import (
     BrokerStarted,
@@ -446,8 +446,8 @@ def peer_address(frame: zmq.Frame) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from baaaht.host.config import load_config
-    from baaaht.host.logs import setup_logging
+    from baaaht.common.config import load_config
+    from baaaht.common.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="baaaht-broker", description="Run the baaaht bus broker.")
     parser.add_argument("--config", default=os.environ.get("BAAAHT_CONFIG"))

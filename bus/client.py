@@ -21,9 +21,9 @@ import msgspec
 
 from baaaht.bus import wire
 from baaaht.bus.connection import Connection
-from baaaht.bus.endpoints import Endpoints
 from baaaht.bus.errors import BusError
 from baaaht.bus.subscription import Subscription
+from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty, Event, Request, target_of, topic_of
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode

@@ -24,9 +24,9 @@ import msgspec
 from baaaht.bus import wire
 from baaaht.bus.client import BusClient
 from baaaht.bus.connection import Connection
-from baaaht.bus.endpoints import Endpoints
 from baaaht.bus.errors import BusError, validation_error
 from baaaht.bus.service import CallContext, RpcSpec, Service, topic_matches
+from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty
 from baaaht.schemas.bus import HealthReport, Register
 from baaaht.schemas.config import Config
@@ -248,8 +248,8 @@ class ServiceRunner:
 
 def main(build: Callable[[Config], Service], argv: list[str] | None = None) -> None:
     """Entry point of a service process: `python -m baaaht.services.NAME --config FILE`."""
-    from baaaht.host.config import load_config
-    from baaaht.host.logs import setup_logging
+    from baaaht.common.config import load_config
+    from baaaht.common.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="Run a baaaht bus service.")
     parser.add_argument("--config", default=os.environ.get("BAAAHT_CONFIG"))

@@ -16,7 +16,7 @@ import typer
 
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
-from baaaht.host.config import ConfigError, load_config
+from baaaht.common.config import ConfigError, load_config
 from baaaht.schemas.base import Request
 from baaaht.schemas.bus import Ping
 from baaaht.schemas.config import Config

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import typer
 
-from baaaht.ctl.common import emit, fail, state
-from baaaht.host.config import (
+from baaaht.common.config import (
     EFFECTIVE_CONFIG_NAME,
     ConfigError,
     dump_config,
@@ -22,6 +21,7 @@ from baaaht.host.config import (
     load_config,
     read_effective_sources,
 )
+from baaaht.ctl.common import emit, fail, state
 from baaaht.schemas.config import Config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)

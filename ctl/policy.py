@@ -1,7 +1,8 @@
 """`baaaht-ctl policy ...` (the container policy) and `baaaht-ctl audit ...` (its decision log).
 
-`policy check` and the `audit` commands work without the bus: they read the file themselves, so
-they help most when the policy service refuses to serve (a bad policy file, a broken audit log).
+`policy check` works without the bus: it reads the file itself, so it helps most when the policy
+service refuses a bad policy file. The `audit` commands ask the policy service, which reads the
+running host's log wherever its data directory is.
 """
 
 from __future__ import annotations
@@ -16,17 +17,25 @@ import orjson
 import typer
 import yaml
 
+from baaaht.common.policy import document
+from baaaht.common.policy.document import allowlist_symlink_warnings
 from baaaht.ctl import common
 from baaaht.ctl.common import call, emit, fail, state
 from baaaht.schemas.containers import ContainerSpec
-from baaaht.schemas.policy import AuditRecord, PolicyExplain, PolicyGet, PolicyReload, Principal
-from baaaht.services.policy import audit, document
-from baaaht.services.policy.mounts import allowlist_symlink_warnings
+from baaaht.schemas.policy import (
+    AuditRecord,
+    PolicyAuditTail,
+    PolicyAuditVerify,
+    PolicyExplain,
+    PolicyGet,
+    PolicyReload,
+    Principal,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 audit_app = typer.Typer(no_args_is_help=True, add_completion=False)
 
-FOLLOW_POLL = 0.5
+FOLLOW_TIMEOUT = 7 * 24 * 3600.0  # a follower runs until Ctrl-C; the stream still needs a deadline
 CHECK_COLUMNS = ["outcome", "rule", "message"]
 TAIL_COLUMNS = ["seq", "time", "action", "decision", "user", "session", "image", "rules", "policy"]
 
@@ -41,6 +50,10 @@ def read_input(source: str) -> str:
         return Path(source).read_text(encoding="utf-8")
     except OSError as error:
         fail(f"cannot read {source}: {error.strerror}")
+
+
+def local_time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 def parse_override(text: str) -> dict:
@@ -64,8 +77,13 @@ def show(
     if state.json:
         emit(info)
         return
-    loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.loaded_at))
-    typer.echo(f"# version {info.version}, from {info.source}, loaded {loaded}")
+    typer.echo(f"# version {info.version}, from {info.source}, loaded {local_time(info.loaded_at)}")
+    last = info.last_reload
+    if last is not None and last.ok:
+        typer.echo(f"# last reload: ok, {local_time(last.time)}, from {last.source}")
+    elif last is not None:
+        typer.echo(f"# last reload: FAILED, {local_time(last.time)}, from {last.source}: {last.error}")
+        typer.echo("# the policy below stays in force until the file is fixed")
     for refused in info.refused:
         typer.echo(f"# override refused: {refused.path}: {refused.message}")
     typer.echo(yaml.safe_dump(info.document, sort_keys=False).rstrip())
@@ -146,14 +164,10 @@ def reload() -> None:
 # --- audit -------------------------------------------------------------------------------------
 
 
-def audit_path(file: Optional[str]) -> Path:
-    return Path(file) if file else audit.log_path(state.config.data_dir)
-
-
 def row(record: AuditRecord) -> dict:
     return {
         "seq": record.seq,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.time)),
+        "time": local_time(record.time),
         "action": record.action,
         "decision": record.decision,
         "user": record.principal.user,
@@ -174,38 +188,26 @@ def show_records(records: list[AuditRecord], header: bool) -> None:
     sys.stdout.flush()
 
 
-FILE_OPTION = typer.Option(None, "--file", help="The audit log (default: <data_dir>/audit/policy.jsonl).")
-
-
 @audit_app.command()
 def tail(
     lines: int = typer.Option(20, "--lines", "-n", help="How many of the last records."),
+    since: int = typer.Option(0, "--since", help="Only records after this sequence number."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new records (Ctrl-C ends)."),
-    file: Optional[str] = FILE_OPTION,
 ) -> None:
-    """The last decisions (one JSON record per line with --json)."""
-    path = audit_path(file)
+    """The host's last decisions (one JSON record per line with --json)."""
     if lines < 0:
         fail(f"--lines must be 0 or more, not {lines}")
-    try:
-        records, offset = audit.read_tail(path, lines)
-        show_records(records, header=True)
-        while follow:
-            time.sleep(FOLLOW_POLL)
-            records, offset = audit.read_after(path, offset)
-            show_records(records, header=False)
-    except FileNotFoundError:
-        fail(f"no audit log at {path} (has the policy service run?)")
-    except ValueError as error:
-        fail(f"{path}: {error}; `baaaht-ctl audit verify` checks the whole log")
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    if since < 0:
+        fail(f"--since must be 0 or more, not {since}")
+    request = PolicyAuditTail(limit=lines, since=since, follow=follow)
+    for index, batch in enumerate(common.stream(request, timeout=FOLLOW_TIMEOUT if follow else None)):
+        show_records(batch.records, header=index == 0)
 
 
 @audit_app.command()
-def verify(file: Optional[str] = FILE_OPTION) -> None:
-    """Check the hash chain: any edited, removed or reordered line is reported; exit 1 if so."""
-    report = audit.verify(audit_path(file))
+def verify() -> None:
+    """Check the host's hash chain: any edited, removed or reordered line is reported; exit 1 if so."""
+    report = call(PolicyAuditVerify())
     if state.json:
         emit(report)
     else:

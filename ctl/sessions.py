@@ -11,9 +11,9 @@ import orjson
 import typer
 
 from baaaht.bus.errors import BusError
+from baaaht.common.units import parse_duration
 from baaaht.ctl import common
 from baaaht.ctl.common import call, emit, fail, state
-from baaaht.host.units import parse_duration
 from baaaht.schemas.bus import StatsQuery
 from baaaht.schemas.sessions import (
     Message,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from baaaht.host.config import (
+from baaaht.common.config import (
     ENV_PREFIX,
     ConfigError,
     dump_flat,
@@ -29,7 +29,7 @@ from baaaht.host.config import (
     write_effective_config,
     write_private_file,
 )
-from baaaht.host.logs import setup_logging
+from baaaht.common.logs import setup_logging
 from baaaht.schemas.config import Config
 
 log = logging.getLogger("baaaht.launcher")

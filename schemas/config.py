@@ -1,7 +1,7 @@
 """The one configuration model for the whole host.
 
 Durations are written `30s`, `30m`, `1h`, `250ms` (a bare number means seconds);
-sizes `512MB`, `16MiB`, `1G` (a bare number means bytes). See baaaht.host.config
+sizes `512MB`, `16MiB`, `1G` (a bare number means bytes). See baaaht.common.config
 for how file, environment and flags are merged.
 """
 

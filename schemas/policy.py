@@ -7,7 +7,7 @@ path), which bus messages must never do.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -98,6 +98,18 @@ class PolicyExplain(Request, tag="policy.explain", kw_only=True):
     session_containers: int | None = None
 
 
+class LastReload(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The latest attempt to load the policy document (at start, on SIGHUP, `policy.reload` or a file
+    change). A refused document leaves the policy before it in force; `error` says why."""
+
+    ok: bool
+    time: float
+    source: str
+    version: str = ""  # the version in force after the attempt
+    error: str = ""
+    errors: list[FieldError] = []
+
+
 class PolicyInfo(Response, kw_only=True):
     version: str
     source: str  # the policy file's path, or `built-in`
@@ -107,6 +119,7 @@ class PolicyInfo(Response, kw_only=True):
     # With an override: the session's own allow-lists, checked in addition to the host's.
     narrowing: dict[str, Any] = {}
     refused: list[FieldError] = []  # override fields that would have loosened the policy
+    last_reload: LastReload | None = None
 
 
 class PolicyGet(Request, tag="policy.get", kw_only=True):
@@ -145,7 +158,7 @@ class PolicyValidate(Request, tag="policy.validate", kw_only=True):
     as_override: bool = False
 
 
-# -- the audit log's line format (a file read by the service and by baaaht-ctl, not a bus message) --
+# -- the audit log: its line format (a file only the policy service reads) and the RPCs that read it --
 
 
 class AuditRecord(msgspec.Struct, kw_only=True):
@@ -172,13 +185,42 @@ class AuditProblem(msgspec.Struct, kw_only=True):
     message: str
 
 
-class AuditReport(msgspec.Struct, kw_only=True):
-    path: str
-    ok: bool
+class AuditReport(Response, kw_only=True):
+    path: str  # the log on the host
+    ok: bool  # intact: every line sealed and linked, nothing removed from the end
     records: int
     last_hash: str = ""
+    first_bad_line: int = 0  # the first line with a problem; 0 when none is (or only the log as a whole)
     problems: list[AuditProblem] = []
     warnings: list[AuditProblem] = []
+
+
+class PolicyAuditVerify(Request, tag="policy.audit_verify", kw_only=True):
+    """Check the host's audit log (hash chain and head file). NOT_FOUND when there is no log."""
+
+    response: ClassVar[type] = AuditReport
+
+
+class AuditRecords(Response, kw_only=True):
+    """Records of the host's audit log, oldest first (one batch of the `policy.audit_tail` stream)."""
+
+    path: str
+    records: list[AuditRecord] = []
+
+
+MAX_AUDIT_TAIL = 10_000
+
+
+class PolicyAuditTail(Request, tag="policy.audit_tail", kw_only=True):
+    """The last `limit` records after record `since`; with `follow`, then each new record as it is
+    written until the caller cancels or the deadline passes. Streams AuditRecords; NOT_FOUND when
+    there is no log."""
+
+    response: ClassVar[type] = AuditRecords
+
+    limit: Annotated[int, msgspec.Meta(ge=0, le=MAX_AUDIT_TAIL)] = 20
+    since: Annotated[int, msgspec.Meta(ge=0)] = 0  # a record's seq
+    follow: bool = False
 
 
 class PolicyReloaded(Event, tag="policy.reloaded", kw_only=True):

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
-from baaaht.host.config import load_config
+from baaaht.common.config import load_config
 from baaaht.schemas.bus import Ping, ServicesQuery
 
 TEST_BUS = {"heartbeat_interval": "200ms", "heartbeat_liveness": 3, "call_timeout": "5s"}

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from baaaht.bus import wire
 from baaaht.bus.client import BusClient
-from baaaht.bus.endpoints import Endpoints
 from baaaht.bus.errors import BusError
 from baaaht.bus.runner import ServiceRunner
 from baaaht.bus.service import Service
+from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.bus import EventsReplay, PeersQuery, Ping, ServicesQuery, StatsQuery
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE

@@ -15,8 +15,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from baaaht.host import config_rules
-from baaaht.host.config import (
+from baaaht.common import config_rules
+from baaaht.common.config import (
     LEAF_TYPES,
     ConfigError,
     dump_config,
@@ -25,7 +25,7 @@ from baaaht.host.config import (
     read_effective_sources,
     write_effective_config,
 )
-from baaaht.host.units import dec_hook, parse_duration, parse_size, render_duration, render_size
+from baaaht.common.units import dec_hook, parse_duration, parse_size, render_duration, render_size
 from baaaht.schemas.config import Config
 
 

@@ -12,9 +12,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from baaaht.common.config import dump_config, load_config, write_effective_config
 from baaaht.ctl import config_cmd
 from baaaht.ctl.common import state
-from baaaht.host.config import dump_config, load_config, write_effective_config
 
 ctl = typer.Typer()
 ctl.add_typer(config_cmd.app, name="config")

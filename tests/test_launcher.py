@@ -16,7 +16,7 @@ import pytest
 from supervisor.options import ClientOptions, ServerOptions
 
 from baaaht.bus.client import BusClient
-from baaaht.host.config import ConfigError, load_config
+from baaaht.common.config import ConfigError, load_config
 from baaaht.host.launcher import (
     HostAlreadyRunning,
     build_parser,

@@ -8,7 +8,7 @@ import logging
 import orjson
 import pytest
 
-from baaaht.host.logs import setup_logging
+from baaaht.common.logs import setup_logging
 from baaaht.schemas.config import LogConfig
 
 

@@ -141,6 +141,46 @@ def test_audit_tail_and_verify(host, monkeypatch):
     assert report["ok"] is False and report["problems"][0]["line"] == 3
 
 
+def test_audit_commands_read_the_hosts_log_wherever_ctl_thinks_data_lives(host, monkeypatch, tmp_path):
+    """ctl's own config names another data_dir (its default, say): the host's log is still the one read."""
+    ctl_config = tmp_path / "ctl.json"
+    ctl_config.write_text(
+        json.dumps({"data_dir": str(tmp_path / "not-the-host"), "bus": {"run_dir": host.run_dir}})
+    )
+    monkeypatch.setattr(state, "config_path", str(ctl_config))
+    host.client().call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36", user="0")))
+    host_log = str(audit.log_path(host.data_dir))
+
+    report = json.loads(run(monkeypatch, "audit", "verify", as_json=True).stdout)
+    assert report["path"] == host_log and report["ok"] is True and report["records"] == 2
+    records = run(monkeypatch, "audit", "tail", as_json=True).stdout.splitlines()
+    assert [json.loads(line)["action"] for line in records] == ["policy.reload", "container.create"]
+    since = run(monkeypatch, "audit", "tail", "--since", "1", as_json=True).stdout.splitlines()
+    assert [json.loads(line)["seq"] for line in since] == [2]
+
+
+def test_a_missing_audit_log_is_an_error_naming_it(host, monkeypatch):
+    log_path = audit.log_path(host.data_dir)
+    log_path.unlink()
+    audit.head_path(log_path).unlink()
+    verify = run(monkeypatch, "audit", "verify", expect=1)
+    assert f"NOT_FOUND: no audit log at {log_path}" in verify.stderr and "intact" not in verify.stdout
+    tail = run(monkeypatch, "audit", "tail", expect=1)
+    assert f"no audit log at {log_path}" in tail.stderr
+
+
+def test_audit_verify_names_the_first_bad_line(host, monkeypatch):
+    client = host.client()
+    for _ in range(3):
+        client.call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36", user="0")))
+    log_path = audit.log_path(host.data_dir)
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    del lines[2]
+    log_path.write_bytes(b"".join(lines))
+    report = json.loads(run(monkeypatch, "audit", "verify", as_json=True, expect=1).stdout)
+    assert report["ok"] is False and report["first_bad_line"] == 3
+
+
 def test_audit_tail_follow_ends_cleanly_on_ctrl_c(host):
     code = (
         "import sys; from baaaht.ctl.common import state; from baaaht.ctl import policy; "

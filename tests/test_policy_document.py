@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from baaaht.common.policy import document
+from baaaht.common.policy.document import UNLIMITED, DocumentError, HostDefaults
 from baaaht.schemas.config import Config, PolicyConfig, Size
-from baaaht.services.policy import document
-from baaaht.services.policy.document import UNLIMITED, DocumentError, HostDefaults
 
 DEFAULTS = HostDefaults(max_memory=512_000_000, max_containers=10)
 

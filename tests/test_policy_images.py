@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from baaaht.services.policy.images import ImageError, parse_pattern, parse_reference
+from baaaht.common.policy.images import ImageError, parse_pattern, parse_reference
 
 DIGEST = "sha256:" + "a" * 64
 

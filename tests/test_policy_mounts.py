@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from baaaht.services.policy.document import DEFAULT_BLOCKED_PATTERNS, AllowEntry
+from baaaht.common.policy.document import DEFAULT_BLOCKED_PATTERNS, AllowEntry
 from baaaht.services.policy.mounts import HostPaths, judge_bind, resolve_access
 
 

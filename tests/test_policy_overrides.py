@@ -5,10 +5,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from baaaht.common.policy import document
+from baaaht.common.policy.document import DocumentError, HostDefaults, PolicyDocument, Section
 from baaaht.schemas.containers import ContainerSpec, Mount, Resources
 from baaaht.schemas.policy import Principal
-from baaaht.services.policy import document, engine, overrides
-from baaaht.services.policy.document import DocumentError, HostDefaults, PolicyDocument, Section
+from baaaht.services.policy import engine, overrides
 from baaaht.services.policy.mounts import HostPaths
 
 DEFAULTS = HostDefaults(max_memory=512 * 1024 * 1024, max_containers=10)

@@ -7,10 +7,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from baaaht.common.policy import document
+from baaaht.common.policy.document import CAPABILITIES, DocumentError, HostDefaults
 from baaaht.schemas.containers import ContainerSpec, Mount, PortBinding, Resources
 from baaaht.schemas.policy import Principal
-from baaaht.services.policy import document, engine, overrides
-from baaaht.services.policy.document import CAPABILITIES, DocumentError, HostDefaults
+from baaaht.services.policy import engine, overrides
 from baaaht.services.policy.mounts import HostPaths
 
 DEFAULTS = HostDefaults(max_memory=512 * 1024 * 1024, max_containers=10)

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from baaaht.bus.errors import BusError
+from baaaht.common.policy.document import HostDefaults
 from baaaht.schemas.containers import ContainerSpec, Resources
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import (
@@ -25,7 +26,6 @@ from baaaht.schemas.policy import (
     Principal,
 )
 from baaaht.services.policy import audit
-from baaaht.services.policy.document import HostDefaults
 from baaaht.services.policy.mounts import HostPaths
 from baaaht.services.policy.service import PolicyFile, PolicyService
 from tests.harness import wait_for

@@ -18,9 +18,9 @@ import time
 from collections import OrderedDict
 from typing import Callable, Iterator
 
-from baaaht.bus.endpoints import Endpoints
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
 from baaaht.bus.service import CallContext, Service, rpc
+from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import (

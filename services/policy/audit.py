@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from baaaht.host.config import write_private_file
+from baaaht.common.config import write_private_file
 from baaaht.schemas.policy import AuditProblem, AuditRecord, AuditReport
 
 GENESIS = "0" * 64
@@ -200,12 +200,13 @@ class AuditLog:
         os.close(self._fd)
 
 
-def read_tail(path: str | Path, count: int) -> tuple[list[AuditRecord], int]:
-    """The last `count` complete records, oldest first, and the byte offset to follow from.
-    Raises ValueError for a line that is not a record (`verify` says more)."""
+def read_tail(path: str | Path, count: int, since: int = 0) -> tuple[list[AuditRecord], int]:
+    """The last `count` complete records after record `since`, oldest first, and the byte offset to
+    follow from. Raises ValueError for a line that is not a record (`verify` says more)."""
     with open(path, "rb") as stream:
         end = _complete_length(stream, stream.seek(0, os.SEEK_END))
-        return [decode_line(line) for line in _last_lines(stream, end, count)], end
+        records = [decode_line(line) for line in _last_lines(stream, end, count)]
+        return [record for record in records if record.seq > since], end
 
 
 def read_after(path: str | Path, offset: int) -> tuple[list[AuditRecord], int]:
@@ -218,7 +219,8 @@ def read_after(path: str | Path, offset: int) -> tuple[list[AuditRecord], int]:
 
 
 def verify(path: str | Path) -> AuditReport:
-    """Check every line's hash and its link to the previous one, and the end against the head file."""
+    """Check every line's hash and its link to the previous one, and the end against the head file.
+    Raises FileNotFoundError when there is no log and the head file says none was written."""
     path = Path(path)
     problems: list[AuditProblem] = []
     warnings: list[AuditProblem] = []
@@ -233,11 +235,12 @@ def verify(path: str | Path) -> AuditReport:
     try:
         stream = open(path, "rb")
     except FileNotFoundError:
-        if head is not None and head.seq > 0:
-            problems.append(
-                AuditProblem(line=0, message=f"the log is missing but {head.seq} records were written")
-            )
-        return AuditReport(path=str(path), ok=not problems, records=0, problems=problems)
+        if head is None or head.seq == 0:
+            raise
+        problems.append(
+            AuditProblem(line=0, message=f"the log is missing but {head.seq} records were written")
+        )
+        return AuditReport(path=str(path), ok=False, records=0, problems=problems)
     with stream:
         for number, raw in enumerate(stream, start=1):
             if not raw.endswith(b"\n"):
@@ -292,6 +295,7 @@ def verify(path: str | Path) -> AuditReport:
         ok=not problems,
         records=count,
         last_hash=last_hash,
+        first_bad_line=min((problem.line for problem in problems if problem.line), default=0),
         problems=problems,
         warnings=warnings,
     )

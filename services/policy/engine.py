@@ -19,16 +19,16 @@ from typing import Callable
 
 import msgspec
 
-from baaaht.host.units import render_size
-from baaaht.schemas.containers import ContainerSpec
-from baaaht.schemas.policy import Check, Outcome, Principal, Violation
-from baaaht.services.policy.document import (
+from baaaht.common.policy.document import (
     DEFAULT_BLOCKED_PATTERNS,
     UNLIMITED,
     PolicyDocument,
     normalize_capability,
 )
-from baaaht.services.policy.images import ImageError, matching, parse_pattern, parse_reference
+from baaaht.common.policy.images import ImageError, matching, parse_pattern, parse_reference
+from baaaht.common.units import render_size
+from baaaht.schemas.containers import ContainerSpec
+from baaaht.schemas.policy import Check, Outcome, Principal, Violation
 from baaaht.services.policy.mounts import HostPaths, judge_bind
 from baaaht.services.policy.overrides import EffectivePolicy
 

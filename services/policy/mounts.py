@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Sequence
 
-from baaaht.schemas.policy import FieldError
-from baaaht.services.policy.document import AllowEntry
+from baaaht.common.policy.document import GLOB_CHARS, AllowEntry
 
 ACCESS_ORDER = {"denied": 0, "readonly": 1, "readwrite": 2}
-_GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ def _rank(
     entry_parts = components(entry.path)
     if len(entry_parts) > len(parts) or not _overlaps(parts, entry_parts, glob=True):
         return None
-    literal = sum(1 for part in entry_parts if not _GLOB_CHARS & set(part))
+    literal = sum(1 for part in entry_parts if not GLOB_CHARS & set(part))
     return audience, len(entry_parts), literal
 
 
@@ -144,18 +142,3 @@ def judge_bind(
     return BindJudgement(
         resolved, access, "mount.bind.source_not_allowed" if access == "denied" else "", reason
     )
-
-
-def allowlist_symlink_warnings(entries: Sequence[AllowEntry]) -> list[FieldError]:
-    """Allowlist paths that are symlinks never match: sources are compared after resolving."""
-    warnings = []
-    for index, entry in enumerate(entries):
-        resolved = os.path.realpath(entry.path)
-        if resolved != entry.path and not _GLOB_CHARS & set(entry.path):
-            warnings.append(
-                FieldError(
-                    path=f"mounts.allowlist[{index}].path",
-                    message=f"resolves to {resolved}; sources are judged resolved, so write {resolved}",
-                )
-            )
-    return warnings

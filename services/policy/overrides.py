@@ -15,8 +15,7 @@ from typing import Any, Callable, Mapping
 
 import msgspec
 
-from baaaht.schemas.policy import FieldError
-from baaaht.services.policy.document import (
+from baaaht.common.policy.document import (
     UNLIMITED,
     DocumentError,
     LoadedPolicy,
@@ -27,6 +26,7 @@ from baaaht.services.policy.document import (
     enc_hook,
     normalize,
 )
+from baaaht.schemas.policy import FieldError
 
 MODE_STRICTNESS = {"disabled": 0, "permissive": 1, "strict": 2}
 

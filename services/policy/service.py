@@ -20,20 +20,26 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import msgspec
 
-from baaaht.bus.endpoints import Endpoints
-from baaaht.bus.errors import BusError, invalid, unavailable
-from baaaht.bus.service import Service, rpc
+from baaaht.bus.errors import BusError, invalid, not_found, precondition, unavailable
+from baaaht.bus.service import CallContext, Service, rpc
+from baaaht.common.endpoints import Endpoints
+from baaaht.common.policy import document
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.policy import (
     AuditRecord,
+    AuditRecords,
+    AuditReport,
     Decision,
     Explanation,
     FieldError,
+    LastReload,
+    PolicyAuditTail,
+    PolicyAuditVerify,
     PolicyEvaluate,
     PolicyExplain,
     PolicyGet,
@@ -47,14 +53,16 @@ from baaaht.schemas.policy import (
     ValidationResult,
     Violation,
 )
-from baaaht.services.policy import audit, document, engine, overrides
-from baaaht.services.policy.mounts import HostPaths, allowlist_symlink_warnings
+from baaaht.services.policy import audit, engine, overrides
+from baaaht.services.policy.mounts import HostPaths
 
 log = logging.getLogger("baaaht.policy")
 
 CONFIG_DIR = "/etc/baaaht"
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
 REFUSED_RULE = "policy.override.refused"
+AUDIT_FOLLOW_POLL = 0.5  # seconds between looks at the audit log for `policy.audit_tail` followers
+AUDIT_BATCH = 500  # records per streamed batch, far below the bus's message size limit
 
 _spec_encoder = msgspec.json.Encoder()
 
@@ -130,6 +138,8 @@ class Loading:
 
 class PolicyService(Service):
     name = "policy"
+    # Audit followers each hold a handler for their whole life; decisions must still find one free.
+    concurrency = 32
 
     def __init__(
         self,
@@ -147,6 +157,7 @@ class PolicyService(Service):
         self.reload_interval = reload_interval
         self._policy: document.LoadedPolicy | None = None
         self._load_problem = ""
+        self._last_reload: LastReload | None = None
         self._fingerprint: object = object()  # matches nothing: the first check loads
         self._reload_lock = threading.Lock()
         self._audit: audit.AuditLog | None = None
@@ -270,7 +281,15 @@ class PolicyService(Service):
         return Loading(previous, previous, source, error)
 
     def _announce(self, loading: Loading) -> None:
-        """Log, audit and publish what a load did."""
+        """Log, audit and publish what a load did, and keep it for `policy.get`."""
+        self._last_reload = LastReload(
+            ok=loading.error is None,
+            time=time.time(),
+            source=loading.source,
+            version=loading.policy.version if loading.policy else "",
+            error=str(loading.error) if loading.error else "",
+            errors=loading.error.errors if loading.error else [],
+        )
         if loading.error is not None:
             log.error("policy refused", extra={"source": loading.source, "error": str(loading.error)})
             self._audit_reload("refused", loading.previous.version if loading.previous else "")
@@ -444,6 +463,7 @@ class PolicyService(Service):
             document=document.to_data(policy.document),
             narrowing=overrides.narrowing_data(policy),
             refused=refused,
+            last_reload=self._last_reload,
         )
 
     @rpc
@@ -457,6 +477,39 @@ class PolicyService(Service):
             ) from None
 
     @rpc
+    def audit_verify(self, request: PolicyAuditVerify) -> AuditReport:
+        try:
+            return audit.verify(self.audit_path)
+        except FileNotFoundError:
+            raise self._no_audit_log() from None
+
+    @rpc(stream=True)
+    def audit_tail(self, request: PolicyAuditTail, ctx: CallContext) -> Iterator[AuditRecords]:
+        path = str(self.audit_path)
+        try:
+            records, offset = audit.read_tail(self.audit_path, request.limit, request.since)
+            yield from self._batches(records)
+            while request.follow:
+                ctx.cancelled.wait(AUDIT_FOLLOW_POLL)
+                ctx.check()
+                records, offset = audit.read_after(self.audit_path, offset)
+                yield from self._batches(records)
+        except FileNotFoundError:
+            raise self._no_audit_log() from None
+        except ValueError as error:
+            raise precondition(
+                f"{path}: {error}; policy.audit_verify checks the whole log", path=path
+            ) from None
+
+    def _batches(self, records: list[AuditRecord]) -> Iterator[AuditRecords]:
+        for start in range(0, len(records), AUDIT_BATCH):
+            yield AuditRecords(path=str(self.audit_path), records=records[start : start + AUDIT_BATCH])
+
+    def _no_audit_log(self) -> BusError:
+        path = str(self.audit_path)
+        return not_found(f"no audit log at {path}", path=path)
+
+    @rpc
     def validate(self, request: PolicyValidate) -> ValidationResult:
         try:
             data = document.parse_text(request.text)
@@ -468,7 +521,7 @@ class PolicyService(Service):
             return ValidationResult(valid=False, errors=error.errors)
         return ValidationResult(
             valid=True,
-            warnings=allowlist_symlink_warnings(loaded.mounts.allowlist),
+            warnings=document.allowlist_symlink_warnings(loaded.mounts.allowlist),
             version=document.version_of(loaded),
         )
 

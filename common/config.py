@@ -6,7 +6,7 @@
   top-level key has no section (`ORCHESTRATOR_DATA_DIR`).
 - Flags: dotted keys (`{"session.timeout": "45m"}`); a value of None means "not given".
 
-Durations (`30s`, `5m`, `1h`) and sizes (`512MB`, `16MiB`, `1G`) are read by baaaht.host.units.
+Durations (`30s`, `5m`, `1h`) and sizes (`512MB`, `16MiB`, `1G`) are read by baaaht.common.units.
 
 Nothing is ignored quietly: an unknown key, a malformed value or a value out of range
 is refused at start, naming the key, the value, what is expected and where it came
@@ -27,8 +27,8 @@ from typing import Any, Literal
 import msgspec
 import orjson
 
-from baaaht.host.config_rules import problems_in
-from baaaht.host.units import dec_hook, enc_hook, is_number, parse_duration, parse_size
+from baaaht.common.config_rules import problems_in
+from baaaht.common.units import dec_hook, enc_hook, is_number, parse_duration, parse_size
 from baaaht.schemas.config import Config, Duration, Size
 
 ENV_PREFIX = "ORCHESTRATOR_"

@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from baaaht.host import units
+from baaaht.common import units
+from baaaht.common.policy.images import ImageError, parse_pattern
 from baaaht.schemas.config import Config, Size
 from baaaht.schemas.policy import FieldError
-from baaaht.services.policy.images import ImageError, parse_pattern
 
 Mode = Literal["strict", "permissive", "disabled"]
 Access = Literal["denied", "readonly", "readwrite"]
@@ -450,3 +450,21 @@ class LoadedPolicy:
     @classmethod
     def of(cls, document: PolicyDocument, source: str, loaded_at: float) -> "LoadedPolicy":
         return cls(document, version_of(document), source, loaded_at)
+
+
+GLOB_CHARS = frozenset("*?[")
+
+
+def allowlist_symlink_warnings(entries: list[AllowEntry]) -> list[FieldError]:
+    """Allowlist paths that are symlinks never match: sources are compared after resolving."""
+    warnings = []
+    for index, entry in enumerate(entries):
+        resolved = os.path.realpath(entry.path)
+        if resolved != entry.path and not GLOB_CHARS & set(entry.path):
+            warnings.append(
+                FieldError(
+                    path=f"mounts.allowlist[{index}].path",
+                    message=f"resolves to {resolved}; sources are judged resolved, so write {resolved}",
+                )
+            )
+    return warnings

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from baaaht.bus.endpoints import Endpoints, ipc_path
+from baaaht.common.endpoints import Endpoints, ipc_path
 from baaaht.schemas.config import BusConfig, Duration, Size
 
 RUNTIME_ENTRY_POINTS = "baaaht.runtimes"
