@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench docker clean
+.PHONY: run test bench docs docker clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,9 @@ bench: $(STAMP) docker
 	$(PY) bench/bus.py
 	$(PY) bench/containers.py
 	$(PY) bench/sessions.py
+
+docs: $(STAMP)
+	$(PY) -m baaaht.bus.reference docs/WIRE-TYPES.md
 
 docker:
 	bash scripts/ensure-docker.sh
