@@ -1,6 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: run test bench docs docker clean
 
@@ -16,7 +17,12 @@ run: $(STAMP) docker
 test: $(STAMP) docker
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP) docker
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) docker
+	bash bench/ensure-nats.sh
 	$(PY) bench/bus.py
 	$(PY) bench/containers.py
 	$(PY) bench/sessions.py

@@ -1,19 +1,28 @@
-"""Bus benchmark: the broker against a direct DEALER-to-ROUTER baseline, in one run.
+"""Bus benchmark: the broker against a direct DEALER-to-ROUTER baseline and NATS, in one run.
 
-Round trips of a trivial request (301-byte body, as in verified-facts.md) with 1
-and 100 outstanding, through the broker and directly; then event fan-out to 1 and
-4 subscribers. Every peer is its own process (as in production), so the numbers
-include no GIL contention between the peers. Prints a table and writes
-bench/results/bus.json, ratios included. Ratios matter more than absolute
-numbers: the machine is shared and noisy.
+Round trips of a trivial request (301-byte body, as in verified-facts.md) with 1 and 100
+outstanding, directly, through the broker and through a NATS server; then event fan-out to
+1 and 4 subscribers, through the broker (raw SUB sockets, and baaaht's own client with its
+sequence check) and through NATS. Every peer is its own process (as in production), so the
+numbers include no GIL contention between peers.
+
+The machine is shared and noisy, so every measurement is taken in each of BENCH_ROUNDS rounds,
+the paths alternating within a round (their order rotating from round to round), and compared
+round by round: a ratio of neighbouring measurements holds up better than two separate
+averages. Reported: the median of the rounds and their spread (min-max), for the figures and
+for the ratios. NATS (Debian's nats-server, the nats-py client) listens on 127.0.0.1 only,
+with no cluster and no monitoring port; where either is missing its rows are skipped with the
+reason printed (`make bench` installs both). Writes bench/results/bus.json.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -25,16 +34,32 @@ import msgspec
 import zmq
 
 from baaaht.bus import wire
-from baaaht.schemas.bus import Register
+from baaaht.bus.client import BusClient
+from baaaht.schemas.base import Event
+from baaaht.schemas.bus import Ping, Register
 
 ROOT = Path(__file__).resolve().parent
 BODY = b"x" * 301
 ROUND_SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
+WARMUP_SECONDS = 0.5
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
-EVENTS = int(os.environ.get("BENCH_EVENTS", "50000"))
+EVENTS = int(os.environ.get("BENCH_EVENTS", "100000"))
+QUIET_SECONDS = 2.0  # a subscriber that hears nothing this long has had all it will get
+FIRST_EVENT_SECONDS = 30.0  # the other subscribers may still be starting
+ROUND_TRIP_PATHS = ("direct", "broker", "nats")
+FAN_OUT_PATHS = ("broker", "broker_client", "nats")
+TOPIC = "bench.tick"
+spawn = multiprocessing.get_context("spawn")
 
 
-# -- peers (each runs in its own process) ---------------------------------------------------------
+class Tick(Event, tag=TOPIC, kw_only=True):
+    n: int
+
+
+TICK = msgspec.msgpack.encode(Tick(n=0))
+
+
+# -- baaaht peers (each runs in its own process) ----------------------------------------------------
 
 
 def echo_router(endpoint: str) -> None:
@@ -70,25 +95,149 @@ def echo_service(endpoint: str) -> None:
             next_beat = time.monotonic() + 0.5
 
 
-def subscriber(endpoint: str, expected: int, results) -> None:
+class Arrivals:
+    """A subscriber's count and the span from its first event to its last."""
+
+    def __init__(self) -> None:
+        self.received, self.first, self.last = 0, 0.0, 0.0
+
+    def add(self) -> None:
+        self.received += 1
+        self.last = time.perf_counter()
+        self.first = self.first or self.last
+
+    def patience(self) -> float:
+        """How long to wait for the next event before concluding there are no more."""
+        return QUIET_SECONDS if self.received else FIRST_EVENT_SECONDS
+
+    def result(self) -> tuple[int, float]:
+        return self.received, self.last - self.first
+
+
+def raw_subscriber(endpoints: dict, expected: int, results) -> None:
+    """What the PUB socket delivers, with nothing decoded: the transport's ceiling."""
     sock = zmq.Context().socket(zmq.SUB)
     sock.setsockopt(zmq.SUBSCRIBE, b"bench.")
     sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.connect(endpoint)
+    sock.connect(endpoints["events"])
     results.put("ready")
-    received, first, last = 0, 0.0, 0.0
-    while received < expected and sock.poll(2000):
+    arrivals = Arrivals()
+    while arrivals.received < expected and sock.poll(arrivals.patience() * 1000):
         sock.recv_multipart()
-        received += 1
-        last = time.perf_counter()
-        first = first or last
-    results.put((received, last - first))
+        arrivals.add()
+    results.put(arrivals.result())
 
 
-# -- the driver ----------------------------------------------------------------------------------
+def client_subscriber(endpoints: dict, expected: int, results) -> None:
+    """What a service gets: baaaht's own subscription, stamps decoded and sequence checked."""
+    with BusClient(endpoints["services"], events_endpoint=endpoints["events"]) as bus:
+        with bus.subscribe([f"{TOPIC}"]) as events:
+            results.put("ready")
+            arrivals = Arrivals()
+            while arrivals.received < expected and events.next(timeout=arrivals.patience()) is not None:
+                arrivals.add()
+    results.put(arrivals.result())
 
 
-def round_trips(endpoint: str, target: str, outstanding: int, seconds: float) -> dict:
+# -- NATS peers ---------------------------------------------------------------------------------
+
+
+def nats_missing() -> str:
+    """Why NATS cannot be measured here, or "" when it can."""
+    if shutil.which("nats-server") is None:
+        return "nats-server is not installed (make bench installs Debian's package with apt-get)"
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        return "the nats-py client is not installed (make bench installs the `bench` extra)"
+    return ""
+
+
+def start_nats(log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A NATS server on a free loopback port: no cluster, no monitoring port, nothing persisted."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            ["nats-server", "--addr", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"nats://127.0.0.1:{port}"
+        except OSError:
+            if server.poll() is not None:
+                break
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError(f"nats-server did not start: {log_path.read_text(errors='replace')[-500:]}")
+
+
+async def _connect(url: str):
+    import nats
+
+    return await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+
+
+def nats_echo(url: str, ready) -> None:
+    """The NATS responder: one subscription answering each request with its body."""
+
+    async def serve() -> None:
+        nc = await _connect(url)
+
+        async def answer(msg) -> None:
+            await msg.respond(msg.data)
+
+        await nc.subscribe("bench.echo", cb=answer)
+        await nc.flush()
+        ready.put("ready")
+        await asyncio.Event().wait()  # until terminated
+
+    asyncio.run(serve())
+
+
+def nats_subscriber(url: str, expected: int, results) -> None:
+    async def receive() -> tuple[int, float]:
+        nc = await _connect(url)
+        arrivals = Arrivals()
+        everything = asyncio.Event()
+
+        async def on_event(msg) -> None:
+            arrivals.add()
+            if arrivals.received >= expected:
+                everything.set()
+
+        await nc.subscribe(TOPIC, cb=on_event)
+        await nc.flush()
+        results.put("ready")
+        while not everything.is_set():
+            heard = arrivals.received
+            try:
+                await asyncio.wait_for(everything.wait(), arrivals.patience())
+            except TimeoutError:
+                if arrivals.received == heard:
+                    break
+        await nc.close()
+        return arrivals.result()
+
+    results.put(asyncio.run(receive()))
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+
+def summary(latencies: list[float], done: int, elapsed: float) -> dict:
+    latencies.sort()
+    return {
+        "round_trips_per_s": done / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+    }
+
+
+def zmq_round_trips(endpoint: str, outstanding: int) -> dict:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
@@ -101,11 +250,11 @@ def round_trips(endpoint: str, target: str, outstanding: int, seconds: float) ->
         counter += 1
         request_id = format(counter, "x")
         sent_at[request_id] = time.perf_counter()
-        sock.send(wire.request(request_id, target, time.time() + 30, "", False, BODY))
+        sock.send(wire.request(request_id, "bench.echo", time.time() + 30, "", False, BODY))
 
     for _ in range(outstanding):
         send()
-    warmup_until = time.perf_counter() + 0.5
+    warmup_until = time.perf_counter() + WARMUP_SECONDS
     started = stop_at = None
     done = 0
     while True:
@@ -115,13 +264,12 @@ def round_trips(endpoint: str, target: str, outstanding: int, seconds: float) ->
         if wire.kind_of(envelope) != wire.REPLY:
             continue  # the broker's heartbeats
         now = time.perf_counter()
-        header = wire.header_of(envelope)
-        reply = wire.reply_header.decode(header)
+        reply = wire.reply_header.decode(wire.header_of(envelope))
         if reply.error:
             raise RuntimeError(f"error reply {reply.error}")
         began = sent_at.pop(reply.id)
         if started is None and now >= warmup_until:
-            started, stop_at = now, now + seconds
+            started, stop_at = now, now + ROUND_SECONDS
         if started is not None:
             latencies.append(now - began)
             done += 1
@@ -130,43 +278,185 @@ def round_trips(endpoint: str, target: str, outstanding: int, seconds: float) ->
         send()
     elapsed = time.perf_counter() - started
     sock.close(0)
-    latencies.sort()
-    return {
-        "round_trips_per_s": done / elapsed,
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
-    }
+    return summary(latencies, done, elapsed)
 
 
-def fan_out(publish_endpoint: str, events_endpoint: str, subscribers: int) -> dict:
-    spawn = multiprocessing.get_context("spawn")
+def nats_round_trips(url: str, outstanding: int) -> dict:
+    """`outstanding` requests in flight at all times, each through nats-py's request()."""
+
+    async def run() -> dict:
+        nc = await _connect(url)
+        latencies: list[float] = []
+        started = time.perf_counter() + WARMUP_SECONDS
+        stop_at = started + ROUND_SECONDS
+
+        async def caller() -> None:
+            while True:
+                began = time.perf_counter()
+                await nc.request("bench.echo", BODY, timeout=5)
+                now = time.perf_counter()
+                if now >= stop_at:
+                    return
+                if now >= started:
+                    latencies.append(now - began)
+
+        await asyncio.gather(*(caller() for _ in range(outstanding)))
+        await nc.close()
+        return summary(latencies, len(latencies), ROUND_SECONDS)
+
+    return asyncio.run(run())
+
+
+def publish_raw(endpoints: dict) -> None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.LINGER, 60_000)  # closing waits until every event is with the broker
+    sock.connect(endpoints["services"])
+    frame = wire.pack(wire.EVENT, TOPIC.encode(), TICK)
+    for _ in range(EVENTS):
+        sock.send(frame)
+    sock.close()
+
+
+def publish_client(endpoints: dict) -> None:
+    with BusClient(endpoints["services"]) as bus:
+        for n in range(EVENTS):
+            bus.publish(Tick(n=n))
+        bus.call(Ping())  # answered only after every event before it reached the broker
+
+
+def publish_nats(url: str) -> None:
+    async def run() -> None:
+        nc = await _connect(url)
+        for _ in range(EVENTS):
+            await nc.publish(TOPIC, TICK)
+        await nc.flush(timeout=60)
+        await nc.close()
+
+    asyncio.run(run())
+
+
+def fan_out(subscriber, where, publish, subscribers: int) -> dict:
     results = spawn.Queue()
-    procs = [
-        spawn.Process(target=subscriber, args=(events_endpoint, EVENTS, results)) for _ in range(subscribers)
-    ]
+    procs = [spawn.Process(target=subscriber, args=(where, EVENTS, results)) for _ in range(subscribers)]
     for proc in procs:
         proc.start()
     for _ in procs:
         results.get(timeout=30)
     time.sleep(0.5)  # let the SUB connections complete their subscription
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.connect(publish_endpoint)
-    body = msgspec.msgpack.encode({"type": "bench.tick", "n": 0})
-    for _ in range(EVENTS):
-        sock.send(wire.pack(wire.EVENT, b"bench.tick", body))
+    publish(where)
     counts = [results.get(timeout=120) for _ in procs]
     for proc in procs:
         proc.join(10)
-    sock.close(0)
-    received = sum(c for c, _ in counts)
-    slowest = max(s for _, s in counts) or 1e-9
+    received = sum(count for count, _ in counts)
+    slowest = max(span for _, span in counts) or 1e-9
     return {
-        "subscribers": subscribers,
         "delivered_per_s": received / slowest,
         "per_subscriber_per_s": received / subscribers / slowest,
         "lost_pct": 100.0 * (1 - received / (EVENTS * subscribers)),
     }
+
+
+class Bench:
+    """One measurement per path and scenario per round, paths alternating."""
+
+    def __init__(self, endpoints: dict, direct: str, nats_url: str):
+        self.round_trip = {
+            "direct": lambda n: zmq_round_trips(direct, n),
+            "broker": lambda n: zmq_round_trips(endpoints["services"], n),
+        }
+        self.fan_out = {
+            "broker": lambda n: fan_out(raw_subscriber, endpoints, publish_raw, n),
+            "broker_client": lambda n: fan_out(client_subscriber, endpoints, publish_client, n),
+        }
+        if nats_url:
+            self.round_trip["nats"] = lambda n: nats_round_trips(nats_url, n)
+            self.fan_out["nats"] = lambda n: fan_out(nats_subscriber, nats_url, publish_nats, n)
+        self.samples: dict[str, dict[str, list[dict]]] = {}
+
+    def run(self, rounds: int) -> None:
+        for index in range(rounds):
+            for scenario, paths, measure in self._scenarios():
+                turn = index % len(paths)
+                for path in paths[turn:] + paths[:turn]:
+                    sample = measure[path](int(scenario.rsplit("_", 1)[1]))
+                    self.samples.setdefault(scenario, {}).setdefault(path, []).append(sample)
+            print(f"round {index + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+
+    def _scenarios(self):
+        for outstanding in (1, 100):
+            yield (
+                f"round_trips_{outstanding}",
+                [p for p in ROUND_TRIP_PATHS if p in self.round_trip],
+                self.round_trip,
+            )
+        for subscribers in (1, 4):
+            yield f"fan_out_{subscribers}", [p for p in FAN_OUT_PATHS if p in self.fan_out], self.fan_out
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
+
+
+def report(samples: dict[str, dict[str, list[dict]]]) -> dict:
+    """Medians and spreads of every figure, and of the ratios taken round by round."""
+    rows = {
+        scenario: {
+            path: {key: spread([run[key] for run in runs]) for key in runs[0]} for path, runs in paths.items()
+        }
+        for scenario, paths in samples.items()
+    }
+    comparisons = {
+        "round_trips": [("broker", "direct"), ("broker", "nats"), ("nats", "direct")],
+        "fan_out": [("broker", "nats"), ("broker_client", "nats"), ("broker_client", "broker")],
+    }
+    ratios = {}
+    for scenario, paths in samples.items():
+        kind, count = scenario.rsplit("_", 1)
+        key = "round_trips_per_s" if kind == "round_trips" else "delivered_per_s"
+        for ours, theirs in comparisons[kind]:
+            if ours in paths and theirs in paths:
+                per_round = [a[key] / b[key] for a, b in zip(paths[ours], paths[theirs], strict=True)]
+                ratios[f"{kind}_{count}: {ours}/{theirs}"] = spread(per_round)
+    return {"rows": rows, "ratios": ratios}
+
+
+def print_report(result: dict) -> None:
+    def span(figure: dict, fmt: str) -> str:
+        return f"{figure['median']:{fmt}} ({figure['min']:{fmt}}-{figure['max']:{fmt}})"
+
+    rows = result["rows"]
+    print(f"{'round trips':<30} {'per s: median (min-max)':>26} {'p50 ms':>22} {'p99 ms':>22}")
+    for scenario in ("round_trips_1", "round_trips_100"):
+        for path, row in rows[scenario].items():
+            label = f"{path}, {scenario.rsplit('_', 1)[1]} outstanding"
+            print(
+                f"{label:<30} {span(row['round_trips_per_s'], '.0f'):>26} "
+                f"{span(row['p50_ms'], '.3f'):>22} {span(row['p99_ms'], '.3f'):>22}"
+            )
+    print(f"{'fan-out':<30} {'delivered/s: median (min-max)':>30} {'lost %':>18}")
+    for scenario in ("fan_out_1", "fan_out_4"):
+        for path, row in rows[scenario].items():
+            label = f"{path}, {scenario.rsplit('_', 1)[1]} subscriber(s)"
+            print(f"{label:<30} {span(row['delivered_per_s'], '.0f'):>30} {span(row['lost_pct'], '.1f'):>18}")
+    print("ratios, round by round: median (min-max)")
+    for name, ratio in result["ratios"].items():
+        print(f"  {name:<38} {span(ratio, '.2f')}")
+    for name, met in result["targets"].items():
+        print(f"target {name}: {'met' if met else 'NOT met'}")
+
+
+def targets(result: dict) -> dict:
+    rows, ratios = result["rows"], result["ratios"]
+    found = {
+        "broker/direct at 100 outstanding >= 0.6": ratios["round_trips_100: broker/direct"]["median"] >= 0.6,
+        "broker p99 at 1 outstanding < 1 ms": rows["round_trips_1"]["broker"]["p99_ms"]["median"] < 1.0,
+    }
+    for count in (1, 4):  # issue 9 item 14: fan-out at least NATS's, sequence checks included
+        name = f"fan_out_{count}: broker_client/nats"
+        if name in ratios:
+            found[f"{name} >= 1"] = ratios[name]["median"] >= 1.0
+    return found
 
 
 def main() -> None:
@@ -175,70 +465,54 @@ def main() -> None:
     config.write_text(
         json.dumps({"data_dir": run_dir, "bus": {"run_dir": run_dir}, "log": {"level": "warn"}})
     )
-    services = f"ipc://{run_dir}/bus.sock"
+    endpoints = {"services": f"ipc://{run_dir}/bus.sock", "events": f"ipc://{run_dir}/events.sock"}
     direct = f"ipc://{run_dir}/direct.sock"
+    skipped = nats_missing()
+    if skipped:
+        print(f"NATS skipped: {skipped}", file=sys.stderr)
+    load_before = os.getloadavg()
     broker = subprocess.Popen([sys.executable, "-m", "baaaht.bus.broker", "--config", str(config)])
-    spawn = multiprocessing.get_context("spawn")
+    nats_server, nats_url, nats_version = None, "", ""
     peers = [
         spawn.Process(target=echo_router, args=(direct,), daemon=True),
-        spawn.Process(target=echo_service, args=(services,), daemon=True),
+        spawn.Process(target=echo_service, args=(endpoints["services"],), daemon=True),
     ]
-    for peer in peers:
-        peer.start()
-    time.sleep(1.5)
-    rows = {}
-    rounds: dict[int, list[float]] = {1: [], 100: []}
     try:
-        for outstanding in (1, 100):
-            # Alternate the two paths and compare each pair: the machine is shared and noisy, and a
-            # ratio taken from neighbouring rounds holds up better than two separate averages.
-            samples = {"direct": [], "broker": []}
-            for _ in range(ROUNDS):
-                samples["direct"].append(round_trips(direct, "bench.echo", outstanding, ROUND_SECONDS))
-                samples["broker"].append(round_trips(services, "bench.echo", outstanding, ROUND_SECONDS))
-                rounds[outstanding].append(
-                    samples["broker"][-1]["round_trips_per_s"] / samples["direct"][-1]["round_trips_per_s"]
-                )
-            for path, runs in samples.items():
-                rows[f"{path}_{outstanding}"] = {
-                    key: statistics.median(run[key] for run in runs) for key in runs[0]
-                }
-        for count in (1, 4):
-            rows[f"fanout_{count}"] = fan_out(services, f"ipc://{run_dir}/events.sock", count)
+        if not skipped:
+            nats_version = subprocess.run(
+                ["nats-server", "--version"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            nats_server, nats_url = start_nats(Path(run_dir) / "nats.log")
+            ready = spawn.Queue()
+            peers.append(spawn.Process(target=nats_echo, args=(nats_url, ready), daemon=True))
+        for peer in peers:
+            peer.start()
+        if nats_url:
+            ready.get(timeout=30)
+        time.sleep(1.5)  # the broker is up and the echo service registered
+        bench = Bench(endpoints, direct, nats_url)
+        bench.run(ROUNDS)
     finally:
         for peer in peers:
-            peer.terminate()
+            if peer.pid is not None:
+                peer.terminate()
+        if nats_server is not None:
+            nats_server.terminate()
+            nats_server.wait(10)
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(run_dir, ignore_errors=True)
-    ratios = {f"broker_vs_direct_{n}": statistics.median(rounds[n]) for n in (1, 100)}
-    targets = {
-        "broker_vs_direct_100 >= 0.6": ratios["broker_vs_direct_100"] >= 0.6,
-        "broker p99 at 1 outstanding < 1 ms": rows["broker_1"]["p99_ms"] < 1.0,
-    }
-    print(f"{'path':<12} {'outstanding':>11} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8}")
-    for n in (1, 100):
-        for path in ("direct", "broker"):
-            r = rows[f"{path}_{n}"]
-            print(
-                f"{path:<12} {n:>11} {r['round_trips_per_s']:>14.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f}"
-            )
-    for name, value in ratios.items():
-        each = ", ".join(f"{r:.2f}" for r in rounds[int(name.rsplit("_", 1)[1])])
-        print(f"{name}: {value:.2f} (median of rounds: {each})")
-    for count in (1, 4):
-        r = rows[f"fanout_{count}"]
-        print(
-            f"fan-out to {count}: {r['delivered_per_s']:.0f} events/s delivered "
-            f"({r['per_subscriber_per_s']:.0f} per subscriber, {r['lost_pct']:.1f}% lost at the HWM)"
-        )
-    for name, met in targets.items():
-        print(f"target {name}: {'met' if met else 'NOT met'}")
+    result = report(bench.samples)
+    result["targets"] = targets(result)
+    print_report(result)
     out = ROOT / "results" / "bus.json"
     out.parent.mkdir(exist_ok=True)
+    settings = {"rounds": ROUNDS, "round_seconds": ROUND_SECONDS, "events": EVENTS, "body_bytes": len(BODY)}
+    machine = {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()}
+    nats_info = {"server": nats_version, "skipped": skipped}
     out.write_text(
         json.dumps(
-            {"when": time.time(), "rows": rows, "ratios": ratios, "ratio_rounds": rounds, "targets": targets},
+            {"when": time.time(), "settings": settings, "machine": machine, "nats": nats_info, **result},
             indent=2,
         )
     )
