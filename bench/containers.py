@@ -33,8 +33,8 @@ from baaaht.schemas.containers import (  # noqa: E402
     ContainerWait,
 )
 from baaaht.schemas.sessions import SessionCreate  # noqa: E402
-from baaaht.services.containers.docker_runtime import create_args  # noqa: E402
-from baaaht.services.containers.hardening import LABEL_INSTALL  # noqa: E402
+from baaaht.services.containers.docker_runtime.spec import create_args  # noqa: E402
+from baaaht.services.containers.ownership import LABEL_INSTALL  # noqa: E402
 from tests.container_images import ensure_busybox_image  # noqa: E402
 from tests.harness import Host  # noqa: E402
 

@@ -313,6 +313,38 @@ class ImagePull(Request, tag="container.pull", kw_only=True):
     image: str
 
 
+class VolumeInfo(Response, kw_only=True):
+    """A named volume the orchestrator made for a session. Mount it in that session's containers with
+    `Mount(type="volume", source=name)`; it is removed when the session is deleted."""
+
+    name: str
+    session_id: str = ""
+    labels: dict[str, str] = {}
+    created: float = 0.0  # unix seconds
+
+
+class VolumeList(Response, kw_only=True):
+    volumes: list[VolumeInfo]
+
+
+class VolumeCreate(Request, tag="container.volume_create", kw_only=True):
+    """Make the session's volume `name` (1-32 lower-case letters and digits), or return it when it exists.
+    The session must be active or idle."""
+
+    response: ClassVar[type] = VolumeInfo
+
+    session_id: str
+    name: str = "workspace"
+
+
+class VolumeListQuery(Request, tag="container.volume_list", kw_only=True):
+    """This installation's session volumes, of one session when `session_id` is given."""
+
+    response: ClassVar[type] = VolumeList
+
+    session_id: str = ""
+
+
 class OrphanRemoval(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     name: str
@@ -321,13 +353,16 @@ class OrphanRemoval(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class ReconcileReport(Response, kw_only=True):
-    """`skipped` names why nothing was looked at or removed (e.g. the session service was unreachable)."""
+    """`skipped` names why nothing was looked at or removed (e.g. the session service was unreachable).
+    `removed_volumes`, `failed_volumes`: session volumes whose session no longer exists."""
 
     removed: list[OrphanRemoval] = []
     failed: list[str] = []
     kept: int = 0
     too_young: int = 0
     skipped: str = ""
+    removed_volumes: list[str] = []
+    failed_volumes: list[str] = []
 
 
 class ContainerReconcile(Request, tag="container.reconcile", kw_only=True):

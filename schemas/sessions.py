@@ -214,6 +214,13 @@ class SessionClosed(Event, tag="session.closed", kw_only=True):
     remaining_containers: list[str] = []
 
 
+class SessionDeleted(Event, tag="session.deleted", kw_only=True):
+    """The session and its conversation are gone; the container manager removes its volumes."""
+
+    session_id: str
+    owner: str
+
+
 class SessionMessage(Event, tag="session.message", kw_only=True):
     """Published under `session.message.<session id>`, so one conversation can be followed."""
 

@@ -23,13 +23,19 @@ from baaaht.schemas.containers import (
     LogLine,
     PullProgress,
     StatsSample,
+    VolumeInfo,
     WaitResult,
 )
-from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Principal
 from baaaht.schemas.sessions import SessionContainer, SessionInfo, SessionSettings, SessionState
-from baaaht.services.containers.hardening import LABEL_ROLE, LABEL_SESSION
-from baaaht.services.containers.runtime import EngineEvent
+from baaaht.services.containers.ownership import LABEL_ROLE, LABEL_SESSION
+from baaaht.services.containers.runtime import (
+    Conflict,
+    EngineEvent,
+    EngineUnavailable,
+    NotFound,
+    WrongState,
+)
 
 _END = object()
 
@@ -69,6 +75,7 @@ class FakeRuntime:
     def __init__(self, images: tuple[str, ...] = ("busybox:1",)):
         self.images = set(images)
         self.containers: dict[str, dict[str, Any]] = {}
+        self.volumes: dict[str, VolumeInfo] = {}
         self.waits: dict[str, list[FakeStream]] = {}
         self.log_streams: list[FakeStream] = []
         self.event_streams: list[FakeStream] = []
@@ -103,11 +110,11 @@ class FakeRuntime:
         for container_id, c in self.containers.items():
             if ref in (container_id, c["name"]) or (len(ref) >= 4 and container_id.startswith(ref)):
                 return container_id, c
-        raise not_found(f"No such container: {ref}")
+        raise NotFound(f"No such container: {ref}", target=ref)
 
     def _check_up(self) -> None:
         if self.down_reason:
-            raise BusError(ErrorCode.UNAVAILABLE, self.down_reason)
+            raise EngineUnavailable(self.down_reason)
 
     def _record(self, op: str, target: str) -> None:
         with self._lock:
@@ -122,9 +129,9 @@ class FakeRuntime:
         self._check_up()
         self._record("create", spec.name)
         if spec.image not in self.images:
-            raise not_found(f"No such image: {spec.image}")
+            raise NotFound(f"No such image: {spec.image}", target=spec.image)
         if any(c["name"] == spec.name for c in self.containers.values()):
-            raise BusError(ErrorCode.ALREADY_EXISTS, f"name {spec.name} in use")
+            raise Conflict(f"name {spec.name} in use", target=spec.name)
         container_id = self.add(dict(spec.labels), state="created")
         self.containers[container_id].update(spec=spec, name=spec.name)
         return container_id, []
@@ -166,7 +173,7 @@ class FakeRuntime:
         container_id, c = self._get(container)
         self._record("remove", container_id)
         if c["state"] == "running" and not force:
-            raise BusError(ErrorCode.FAILED_PRECONDITION, "cannot remove a running container")
+            raise WrongState("cannot remove a running container", target=container)
         del self.containers[container_id]
 
     def wait(self, container: str) -> FakeStream:
@@ -237,6 +244,30 @@ class FakeRuntime:
         self._check_up()
         self.images.add(image)
         return FakeStream([PullProgress(status="Downloaded")], ended=True)
+
+    def create_volume(self, name: str, labels: dict[str, str]) -> VolumeInfo:
+        self._check_up()
+        # Like the engine: an existing volume of that name is returned as it is.
+        return self.volumes.setdefault(
+            name, VolumeInfo(name=name, labels=dict(labels), session_id=labels.get(LABEL_SESSION, ""))
+        )
+
+    def inspect_volume(self, name: str) -> VolumeInfo:
+        self._check_up()
+        if name not in self.volumes:
+            raise NotFound(f"no such volume: {name}", target=name)
+        return self.volumes[name]
+
+    def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]:
+        self._check_up()
+        return [v for v in self.volumes.values() if all(v.labels.get(k) == val for k, val in labels.items())]
+
+    def remove_volume(self, name: str) -> None:
+        self.inspect_volume(name)
+        self._record("remove volume", name)
+        if any(m.source == name for c in self.containers.values() for m in c["spec"].mounts):
+            raise WrongState(f"volume {name} is in use", target=name)
+        del self.volumes[name]
 
     def events(self, since: float) -> FakeStream:
         self._check_up()

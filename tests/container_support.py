@@ -41,6 +41,18 @@ def remove_labelled(client: docker.DockerClient, label: str) -> None:
             pass  # removed meanwhile (auto-remove)
 
 
+def remove_volume(client: docker.DockerClient, name: str) -> None:
+    try:
+        client.api.remove_volume(name, force=True)
+    except docker.errors.NotFound:
+        pass  # never made, or removed by the test
+
+
+def remove_labelled_volumes(client: docker.DockerClient, label: str) -> None:
+    for volume in client.api.volumes(filters={"label": label}).get("Volumes") or []:
+        remove_volume(client, volume["Name"])
+
+
 @pytest.fixture
 def test_label(docker_client):
     """A label unique to this test; its containers are removed afterwards."""

@@ -27,11 +27,27 @@ from baaaht.schemas.containers import (
     ContainerWait,
     Healthcheck,
     ImageExists,
+    Mount,
+    VolumeCreate,
+    VolumeListQuery,
 )
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionGet, SessionSettings, SessionState
-from baaaht.services.containers.hardening import LABEL_INSTALL, LABEL_MANAGED, LABEL_ROLE, LABEL_SESSION
+from baaaht.schemas.sessions import (
+    SessionClose,
+    SessionCreate,
+    SessionDelete,
+    SessionGet,
+    SessionSettings,
+    SessionState,
+)
 from baaaht.services.containers.install import FILE_NAME as INSTALL_FILE
+from baaaht.services.containers.ownership import (
+    LABEL_INSTALL,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_ROLE,
+    LABEL_SESSION,
+)
 from tests import container_support
 from tests.harness import wait_for
 
@@ -81,8 +97,13 @@ class Orchestrator:
         )
         return [container.id for container in listed]
 
+    def volumes_on_engine(self, session: str) -> list[str]:
+        listed = self.docker.api.volumes(filters={"label": f"{LABEL_SESSION}={session}"})
+        return [volume["Name"] for volume in listed.get("Volumes") or []]
+
     def cleanup(self) -> None:
         container_support.remove_labelled(self.docker, f"{LABEL_INSTALL}={self.install_id}")
+        container_support.remove_labelled_volumes(self.docker, f"{LABEL_INSTALL}={self.install_id}")
 
 
 @pytest.fixture
@@ -278,14 +299,19 @@ def test_without_the_policy_service_nothing_is_created(orchestrator, busybox):
 def test_reconcile_removes_orphans_of_this_install_only(orchestrator, busybox, docker_client):
     bus = orchestrator.bus
     kept = orchestrator.create(orchestrator.session(), busybox, "sleep 600")
+    ours = {LABEL_MANAGED: "true", LABEL_INSTALL: orchestrator.install_id}
     # Left behind by a crash: ours, but its session no longer exists.
     orphan = docker_client.containers.create(
-        busybox,
-        ["sleep", "600"],
-        labels={LABEL_MANAGED: "true", LABEL_INSTALL: orchestrator.install_id, LABEL_SESSION: "gone"},
-        network_mode="none",
+        busybox, ["sleep", "600"], labels={**ours, LABEL_SESSION: "gone"}, network_mode="none"
     )
     orphan.start()
+    # A warm-pool slot and a system container have no session, and are not orphans for that.
+    pooled, system = (
+        docker_client.containers.create(
+            busybox, ["sleep", "600"], labels={**ours, LABEL_OWNER: kind}, network_mode="none"
+        )
+        for kind in ("pool", "system")
+    )
     foreign = docker_client.containers.create(
         busybox,
         ["sleep", "600"],
@@ -298,10 +324,69 @@ def test_reconcile_removes_orphans_of_this_install_only(orchestrator, busybox, d
         assert "session gone does not exist" in report.removed[0].reason
         assert code_of(lambda: bus.call(ContainerGet(id=orphan.id))) is ErrorCode.NOT_FOUND
         assert bus.call(ContainerGet(id=kept)).state == "created"
+        assert report.kept == 3  # the session's container, the pool slot, the system container
+        listed = {c.id for c in bus.call(ContainerListQuery()).containers}
+        assert listed == {kept, pooled.id, system.id}
         foreign.reload()  # still there, untouched
         assert foreign.status == "created"
     finally:
         foreign.remove(force=True)
+
+
+def test_a_session_mounts_only_the_volumes_made_for_it(orchestrator, busybox, docker_client):
+    bus = orchestrator.bus
+    mine, other = orchestrator.session(), orchestrator.session()
+    volume = bus.call(VolumeCreate(session_id=mine)).name
+    assert bus.call(VolumeCreate(session_id=mine)).name == volume  # made once
+    assert orchestrator.volumes_on_engine(mine) == [volume]
+    assert [v.name for v in bus.call(VolumeListQuery(session_id=mine)).volumes] == [volume]
+
+    # At /tmp the engine gives the new volume the image's /tmp mode (1777), so the agent user may write.
+    workspace = Mount(type="volume", source=volume, target="/tmp")
+    for script in ("echo kept > /tmp/file", "cat /tmp/file"):
+        container = orchestrator.create(mine, busybox, script, mounts=[workspace])
+        bus.call(ContainerStart(id=container))
+        assert bus.call(ContainerWait(id=container)).exit_code == 0
+    assert [line.text for chunk in bus.stream(ContainerLogs(id=container)) for line in chunk.lines] == [
+        "kept"
+    ]
+
+    with pytest.raises(BusError) as caught:
+        orchestrator.create(other, busybox, "cat /tmp/file", mounts=[workspace])
+    assert caught.value.code is ErrorCode.PERMISSION_DENIED and "another session" in caught.value.message
+    # A volume the orchestrator did not make is the policy's, which allows none by default; the
+    # engine never gets to make it on the fly.
+    free = f"baaaht-test-{uuid.uuid4().hex}"
+    with pytest.raises(BusError) as caught:
+        orchestrator.create(mine, busybox, "true", mounts=[Mount(type="volume", source=free, target="/x")])
+    assert (
+        caught.value.code is ErrorCode.PERMISSION_DENIED
+        and "mount.volume.not_allowed" in caught.value.message
+    )
+    assert docker_client.api.volumes(filters={"name": free}).get("Volumes") in (None, [])
+
+
+def test_session_volumes_are_removed_with_their_session(orchestrator, busybox, docker_client):
+    bus = orchestrator.bus
+    session = orchestrator.session()
+    volume = bus.call(VolumeCreate(session_id=session, name="scratch")).name
+    user = orchestrator.create(
+        session, busybox, "true", mounts=[Mount(type="volume", source=volume, target="/s")]
+    )
+    assert bus.call(SessionClose(session_id=session), timeout=60).state is SessionState.CLOSED
+    assert orchestrator.volumes_on_engine(session) == [volume]  # its files outlive the close
+    assert code_of(lambda: bus.call(ContainerGet(id=user))) is ErrorCode.NOT_FOUND
+    bus.call(SessionDelete(session_id=session))
+    wait_for(lambda: orchestrator.volumes_on_engine(session) == [], what="the deleted session's volume to go")
+
+    # Missed while the container manager was away: reconcile removes what a gone session left.
+    left = docker_client.api.create_volume(
+        name=f"baaaht-test-{uuid.uuid4().hex}",
+        labels={LABEL_MANAGED: "true", LABEL_INSTALL: orchestrator.install_id, LABEL_SESSION: "gone"},
+    )["Name"]
+    report = bus.call(ContainerReconcile())
+    assert report.removed_volumes == [left] and report.failed_volumes == []
+    assert docker_client.api.volumes(filters={"name": left}).get("Volumes") in (None, [])
 
 
 def test_reconcile_removes_nothing_without_the_session_service(make_host, docker_client, busybox):

@@ -28,29 +28,28 @@ from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Decision, Violation
 from baaaht.services.containers import install, reconcile, session_scope, validation
 from baaaht.services.containers.apple import AppleRuntime
-from baaaht.services.containers.docker_runtime import (
-    DockerRuntime,
-    LogDemuxer,
-    create_args,
-    demux_frames,
-    health_report,
-    sample_is_live,
-    stats_sample,
-    tls_config,
-)
+from baaaht.services.containers.docker_runtime import DockerRuntime
+from baaaht.services.containers.docker_runtime.connection import tls_config
+from baaaht.services.containers.docker_runtime.inspection import health_report
+from baaaht.services.containers.docker_runtime.logs import LogDemuxer, demux_frames
+from baaaht.services.containers.docker_runtime.spec import create_args
+from baaaht.services.containers.docker_runtime.stats import sample_is_live, stats_sample
 from baaaht.services.containers.events import EventTranslator
 from baaaht.services.containers.hardening import (
     BUS_ENV,
-    LABEL_INSTALL,
-    LABEL_MANAGED,
-    LABEL_ROLE,
-    LABEL_SESSION,
     AgentBus,
     Defaults,
     Identity,
     attach_identity,
     harden,
     unique_name,
+)
+from baaaht.services.containers.ownership import (
+    LABEL_INSTALL,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_ROLE,
+    LABEL_SESSION,
 )
 from baaaht.services.containers.peers import enforced_or_denied
 from baaaht.services.containers.runtime import (
@@ -117,6 +116,7 @@ def test_attach_identity_sets_authoritative_labels_unique_names_and_the_bus():
         "app": "x",
         LABEL_MANAGED: "true",
         LABEL_INSTALL: INSTALL,
+        LABEL_OWNER: "session",
         LABEL_SESSION: "s1",
         LABEL_ROLE: "agent",
     }
@@ -207,7 +207,7 @@ def test_reconcile_removes_orphans_of_this_install_only():
     assert reconcile.sessions_to_check(containers, INSTALL, now, grace=30) == {"closed", "gone", "open"}
     verdicts = {"closed": "closed", "gone": "missing", "open": "open"}
     result = reconcile.plan(containers, INSTALL, verdicts, now, grace=30)
-    assert [r.container for r in result.remove] == [closed, gone, unlabelled]
+    assert [r.target for r in result.remove] == [closed, gone, unlabelled]
     assert "closed" in result.remove[0].reason and "does not exist" in result.remove[1].reason
     assert (result.kept, result.too_young, result.foreign) == (1, 1, 2)
 

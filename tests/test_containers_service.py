@@ -26,13 +26,21 @@ from baaaht.schemas.containers import (
     ContainerWait,
     HealthReport,
     ImagePull,
+    LogLine,
+    Mount,
     Resources,
+    VolumeCreate,
+    VolumeInfo,
+    VolumeListQuery,
 )
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Decision, Principal, Violation
-from baaaht.schemas.sessions import SessionState
-from baaaht.services.containers.hardening import BUS_ENV, LABEL_INSTALL, LABEL_MANAGED, LABEL_SESSION
+from baaaht.schemas.sessions import SessionDeleted, SessionState
+from baaaht.services.containers import session_volumes
+from baaaht.services.containers.hardening import BUS_ENV
+from baaaht.services.containers.ownership import LABEL_INSTALL, LABEL_MANAGED, LABEL_OWNER, LABEL_SESSION
 from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory
+from baaaht.services.containers.runtime import EngineUnavailable
 from baaaht.services.containers.service import ContainerService
 from tests.container_fakes import (
     FakeBus,
@@ -101,7 +109,7 @@ def test_create_hardens_asks_the_policy_and_labels_the_container(run_dir):
     assert (host_count, session_count, override) == (0, 0, {})
     made = service.runtime.containers[result.id]["spec"]
     assert made.resources.memory == 64 * 1024 * 1024  # the policy's enforced spec is what gets created
-    assert made.labels == {**OURS, LABEL_SESSION: "s1", "baaaht.role": "agent"}
+    assert made.labels == {**OURS, "baaaht.owner": "session", LABEL_SESSION: "s1", "baaaht.role": "agent"}
     assert made.env[BUS_ENV] == "ipc:///run/baaaht/agent/bus.sock"
     assert made.group_add == [str(os.stat(run_dir / "agent").st_gid)]
     assert any(m.source == str(run_dir / "agent") and m.read_only for m in made.mounts)
@@ -602,3 +610,102 @@ def replace_decision(request) -> Decision:
         policy_version="1",
         enforced=request.spec,
     )
+
+
+# -- ownership, engine errors, session volumes ---------------------------------------------------------
+
+
+def test_pool_and_system_containers_are_ours_to_list_and_operate_but_never_orphans(run_dir):
+    runtime = FakeRuntime()
+    pooled = runtime.add({**OURS, LABEL_OWNER: "pool"}, created=0)
+    system = runtime.add({**OURS, LABEL_OWNER: "system"}, created=0)
+    unknown = runtime.add({**OURS, LABEL_OWNER: "future-kind"}, created=0)
+    service = make_service(run_dir, runtime)
+    report = service.reconcile_now()
+    assert report.removed == [] and report.kept == 2
+    listed = {c.id for c in service.list_containers(ContainerListQuery(), context()).containers}
+    assert listed == {pooled, system}
+    assert service.get(ContainerGet(id=pooled), context()).id == pooled
+    assert code_of(lambda: service.get(ContainerGet(id=unknown), context())) is ErrorCode.NOT_FOUND
+
+
+def test_engine_errors_reach_callers_as_codes_also_in_the_middle_of_a_stream(run_dir):
+    runtime = FakeRuntime()
+    service = make_service(run_dir, runtime)
+    container = create(service).id
+
+    def broken_logs(ref, options):
+        yield LogLine(stream="stdout", text="first")
+        raise EngineUnavailable("logs: the engine connection broke")
+
+    runtime.logs = broken_logs
+    stream = service.logs(ContainerLogs(id=container), context())
+    with pytest.raises(BusError) as caught:
+        list(stream)
+    assert caught.value.code is ErrorCode.UNAVAILABLE and "connection broke" in caught.value.message
+    runtime.containers[container]["state"] = "running"
+    with pytest.raises(BusError) as caught:
+        service.destroy(ContainerDestroy(id=container), context())
+    assert caught.value.code is ErrorCode.FAILED_PRECONDITION and caught.value.details["target"] == container
+
+
+def test_a_session_mounts_its_own_volumes_unjudged_and_never_another_sessions(run_dir):
+    policy = FakePolicy()
+    sessions = FakeSessions(session_info("s1"), session_info("s2"))
+    service = make_service(run_dir, policy=policy, sessions=sessions)
+    mine = service.volume_create(VolumeCreate(session_id="s1"), context())
+    assert mine.session_id == "s1" and mine.labels[LABEL_OWNER] == "session"
+    assert service.volume_create(VolumeCreate(session_id="s1"), context()) == mine
+    workspace = Mount(type="volume", source=mine.name, target="/work")
+    result = create(service, "s1", mounts=[workspace])
+    judged = policy.seen[-1][0]
+    assert workspace not in judged.mounts  # the orchestrator made it for this session: not the policy's
+    assert (
+        workspace in result.spec.mounts and workspace in service.runtime.containers[result.id]["spec"].mounts
+    )
+    shared = Mount(type="volume", source="shared", target="/shared")
+    create(service, "s1", mounts=[shared])
+    assert shared in policy.seen[-1][0].mounts  # any other volume is judged
+    assert code_of(lambda: create(service, "s2", mounts=[workspace])) is ErrorCode.PERMISSION_DENIED
+    listed = service.volume_list(VolumeListQuery(session_id="s1"), context()).volumes
+    assert listed == [mine] and service.volume_list(VolumeListQuery(session_id="s2"), context()).volumes == []
+
+
+def test_a_volume_is_made_only_for_an_open_session_and_never_taken_over(run_dir):
+    runtime = FakeRuntime()
+    sessions = FakeSessions(session_info("s1"), session_info("done", SessionState.CLOSED))
+    service = make_service(run_dir, runtime, sessions=sessions)
+    assert code_of(lambda: service.volume_create(VolumeCreate(session_id="done"), context())) is (
+        ErrorCode.FAILED_PRECONDITION
+    )
+    assert code_of(lambda: service.volume_create(VolumeCreate(session_id="nope"), context())) is (
+        ErrorCode.NOT_FOUND
+    )
+    assert code_of(lambda: service.volume_create(VolumeCreate(session_id="s1", name="a-b"), context())) is (
+        ErrorCode.INVALID_ARGUMENT
+    )
+    name = session_volumes.volume_name(INSTALL, "s1", "workspace")
+    runtime.volumes[name] = VolumeInfo(name=name, labels={"made": "by hand"})
+    with pytest.raises(BusError) as caught:
+        service.volume_create(VolumeCreate(session_id="s1"), context())
+    assert caught.value.code is ErrorCode.ALREADY_EXISTS and name in caught.value.message
+    assert runtime.volumes == {name: VolumeInfo(name=name, labels={"made": "by hand"})}
+
+
+def test_a_deleted_sessions_volumes_are_removed_and_reconcile_removes_what_was_missed(run_dir):
+    runtime = FakeRuntime()
+    sessions = FakeSessions(session_info("s1"), session_info("s2"), session_info("s3"))
+    service = make_service(run_dir, runtime, sessions=sessions)
+    for session in ("s1", "s2", "s3"):
+        service.volume_create(VolumeCreate(session_id=session), context())
+    foreign = VolumeInfo(name="foreign", labels={LABEL_MANAGED: "true", LABEL_INSTALL: "o" * 32})
+    runtime.volumes["foreign"] = foreign
+    del sessions.sessions["s1"]
+    service.on_session_deleted(SessionDeleted(session_id="s1", owner="alice"))
+    assert sorted(v.session_id for v in runtime.volumes.values()) == ["", "s2", "s3"]
+    # s2 was deleted while nobody listened; s3 is closed, and its files outlive the close.
+    del sessions.sessions["s2"]
+    sessions.sessions["s3"].state = SessionState.CLOSED
+    report = service.reconcile_now()
+    assert report.removed_volumes == [session_volumes.volume_name(INSTALL, "s2", "workspace")]
+    assert sorted(v.session_id for v in runtime.volumes.values()) == ["", "s3"]

@@ -13,8 +13,8 @@ from baaaht.schemas.containers import (
     ContainerStart,
 )
 from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionGet, SessionState
-from baaaht.services.containers.hardening import LABEL_INSTALL, LABEL_SESSION
 from baaaht.services.containers.install import FILE_NAME as INSTALL_FILE
+from baaaht.services.containers.ownership import LABEL_INSTALL, LABEL_SESSION
 from tests import container_support
 from tests.session_doubles import SESSION_LIMITS
 

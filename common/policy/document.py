@@ -105,7 +105,7 @@ class Mounts(Section, kw_only=True):
     # component of the resolved source, an absolute path against the source and its parents.
     blocked_patterns: list[str] = []
     allow_volumes: bool = True
-    allowed_volumes: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    allowed_volumes: list[str] = []  # a session mounts only its own volumes (container.volume_create)
     denied_volumes: list[str] = []
     allow_tmpfs: bool = True
     max_tmpfs_size: Size = Size(256 * 1024 * 1024)

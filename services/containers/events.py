@@ -16,7 +16,7 @@ from baaaht.schemas.containers import (
     ContainerUnpaused,
     ImagePulled,
 )
-from baaaht.services.containers.hardening import LABEL_INSTALL, LABEL_MANAGED, LABEL_ROLE, LABEL_SESSION
+from baaaht.services.containers.ownership import owner_of
 from baaaht.services.containers.runtime import EngineEvent
 
 SIMPLE = {
@@ -43,16 +43,15 @@ class EventTranslator:
         if event.kind == "image":
             return ImagePulled(image=event.id, time=event.time) if event.action == "pull" else None
         attrs = event.attributes
-        if event.kind != "container" or attrs.get(LABEL_MANAGED) != "true":
-            return None
-        if attrs.get(LABEL_INSTALL) != self.install_id:
+        owner = owner_of(attrs, self.install_id)
+        if event.kind != "container" or not owner.ours:
             return None
         common = dict(
             container_id=event.id,
             name=attrs.get("name", ""),
             image=attrs.get("image", ""),
-            session_id=attrs.get(LABEL_SESSION, ""),
-            role=attrs.get(LABEL_ROLE, ""),
+            session_id=owner.session_id,
+            role=owner.role,
             time=event.time,
         )
         action = event.action

@@ -16,12 +16,7 @@ import msgspec
 
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import ContainerSpec, Mount
-
-LABEL_MANAGED = "baaaht.managed"
-LABEL_INSTALL = "baaaht.install"
-LABEL_SESSION = "baaaht.session"
-LABEL_ROLE = "baaaht.role"
-RESERVED_LABEL_PREFIX = "baaaht."
+from baaaht.services.containers.ownership import OwnerKind, owner_labels
 
 NON_ROOT_USER = "1000:1000"
 NO_NEW_PRIVILEGES = "no-new-privileges:true"
@@ -50,6 +45,7 @@ class Identity:
     install_id: str
     session_id: str
     role: str
+    kind: OwnerKind = OwnerKind.SESSION
 
 
 @dataclass(frozen=True)
@@ -102,10 +98,7 @@ def attach_identity(spec: ContainerSpec, identity: Identity, bus: AgentBus | Non
     request chose one, and, for `bus`, the read-only bus mount, its group and its address."""
     labels = {
         **spec.labels,
-        LABEL_MANAGED: "true",
-        LABEL_INSTALL: identity.install_id,
-        LABEL_SESSION: identity.session_id,
-        LABEL_ROLE: identity.role,
+        **owner_labels(identity.install_id, identity.kind, identity.session_id, identity.role),
     }
     spec = msgspec.structs.replace(
         spec, labels=labels, name=spec.name or unique_name(identity.role, identity.session_id)

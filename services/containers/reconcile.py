@@ -1,75 +1,112 @@
-"""Which of this installation's containers are orphans (pure decision logic; the service acts on it).
+"""Which of this installation's containers and volumes are orphans (pure decision logic; the service acts
+on it).
 
-A container is an orphan when its session no longer exists or is closed, and it is older than the grace
-period (a fresh container's session may not be visible yet). Containers of other installations, or not
-managed by baaaht, are never candidates, whatever the listing returned.
+Only what `owner_of` calls a session's is judged by its session: a container is an orphan when its
+session is closed or no longer exists (or it has no session label); a session volume outlives the close
+(its files may still be read) and is an orphan once its session no longer exists. Both must be older than
+the grace period (a fresh object's session may not be visible yet). Pool and system containers are kept:
+their owners reconcile them. Other installations' objects, or objects not managed by baaaht, are never
+candidates, whatever the listing returned.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import Generic, Literal, Mapping, Protocol, Sequence, TypeVar
 
-from baaaht.schemas.containers import ContainerSummary
-from baaaht.services.containers.hardening import LABEL_INSTALL, LABEL_MANAGED, LABEL_SESSION
+from baaaht.services.containers.ownership import owner_of
 
 SessionVerdict = Literal["open", "closed", "missing"]
 
 
+class Labelled(Protocol):
+    @property
+    def labels(self) -> dict[str, str]: ...
+
+    @property
+    def created(self) -> float: ...
+
+
+L = TypeVar("L", bound=Labelled)
+
+
 @dataclass(frozen=True)
-class Removal:
-    container: ContainerSummary
+class Removal(Generic[L]):
+    target: L
     reason: str
 
 
 @dataclass
-class ReconcilePlan:
-    remove: list[Removal] = field(default_factory=list)
+class ReconcilePlan(Generic[L]):
+    remove: list[Removal[L]] = field(default_factory=list)
     kept: int = 0
     too_young: int = 0
     foreign: int = 0
 
 
-def is_ours(container: ContainerSummary, install_id: str) -> bool:
-    labels = container.labels
-    return labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_INSTALL) == install_id
-
-
-def sessions_to_check(
-    containers: Sequence[ContainerSummary], install_id: str, now: float, grace: float
-) -> set[str]:
-    """The session ids whose state decides the fate of some container."""
-    return {
-        c.labels.get(LABEL_SESSION, "")
-        for c in containers
-        if is_ours(c, install_id) and now - c.created >= grace and c.labels.get(LABEL_SESSION)
-    }
+def sessions_to_check(objects: Sequence[Labelled], install_id: str, now: float, grace: float) -> set[str]:
+    """The session ids whose state decides the fate of some container or volume."""
+    found = set()
+    for item in objects:
+        owner = owner_of(item.labels, install_id)
+        if owner.follows_session and owner.session_id and now - item.created >= grace:
+            found.add(owner.session_id)
+    return found
 
 
 def plan(
-    containers: Sequence[ContainerSummary],
+    containers: Sequence[L],
     install_id: str,
     sessions: Mapping[str, SessionVerdict],
     now: float,
     grace: float,
-) -> ReconcilePlan:
-    """`sessions` must hold a verdict for every id from `sessions_to_check`; a container whose session
-    has no verdict is kept (when in doubt, nothing is removed)."""
-    result = ReconcilePlan()
-    for container in containers:
-        if not is_ours(container, install_id):
+) -> ReconcilePlan[L]:
+    """Containers to remove. `sessions` must hold a verdict for every id from `sessions_to_check`; a
+    container whose session has no verdict is kept (when in doubt, nothing is removed)."""
+    return _plan(containers, install_id, sessions, now, grace, ending=("closed", "missing"))
+
+
+def volume_plan(
+    volumes: Sequence[L],
+    install_id: str,
+    sessions: Mapping[str, SessionVerdict],
+    now: float,
+    grace: float,
+) -> ReconcilePlan[L]:
+    """Session volumes to remove: those whose session no longer exists (deleted, or never recorded)."""
+    return _plan(volumes, install_id, sessions, now, grace, ending=("missing",))
+
+
+def _plan(
+    objects: Sequence[L],
+    install_id: str,
+    sessions: Mapping[str, SessionVerdict],
+    now: float,
+    grace: float,
+    ending: tuple[SessionVerdict, ...],
+) -> ReconcilePlan[L]:
+    result: ReconcilePlan[L] = ReconcilePlan()
+    for item in objects:
+        owner = owner_of(item.labels, install_id)
+        if not owner.ours:
             result.foreign += 1
             continue
-        if now - container.created < grace:
+        if not owner.follows_session:
+            result.kept += 1  # a pool or system container: its owner decides
+            continue
+        if now - item.created < grace:
             result.too_young += 1
             continue
-        session = container.labels.get(LABEL_SESSION, "")
+        session = owner.session_id
         verdict = sessions.get(session) if session else "missing"
-        if verdict == "closed":
-            result.remove.append(Removal(container, f"session {session} is closed"))
-        elif verdict == "missing":
-            what = f"session {session} does not exist" if session else "it has no session label"
-            result.remove.append(Removal(container, what))
+        if verdict in ending:
+            if not session:
+                why = "it has no session label"
+            elif verdict == "closed":
+                why = f"session {session} is closed"
+            else:
+                why = f"session {session} does not exist"
+            result.remove.append(Removal(item, why))
         else:
             result.kept += 1
     return result

@@ -1,7 +1,8 @@
 """The container runtime seam: what the container service needs from an engine, and how one is chosen.
 
-A runtime raises `BusError` with the bus code that fits (NOT_FOUND, ALREADY_EXISTS, INVALID_ARGUMENT,
-FAILED_PRECONDITION, UNAVAILABLE, TIMEOUT, INTERNAL), so the service passes engine errors through as data.
+A runtime knows nothing of the bus: it raises the `EngineError` kinds below (not found, conflict, wrong
+state, invalid, unavailable, timeout, failure), and the container service maps them to bus codes in one
+place (services/containers/engine_errors.py).
 Long-lived answers (wait, logs, stats, pull, events) come back as a `Stream`: an iterator that another
 thread may `close()` to end it at once, which is how caller cancellation and deadlines reach the engine.
 """
@@ -25,6 +26,7 @@ from baaaht.schemas.containers import (
     LogLine,
     PullProgress,
     StatsSample,
+    VolumeInfo,
     WaitResult,
 )
 
@@ -33,6 +35,45 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "baaaht.runtimes"
 
 T = TypeVar("T", covariant=True)
+
+
+class EngineError(Exception):
+    """Base of everything a runtime raises about an operation; `target` names what it was about (a
+    container, image or volume), `details` adds facts the engine gave (e.g. its HTTP status)."""
+
+    def __init__(self, message: str, *, target: str = "", details: dict[str, object] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.target = target
+        self.details = details or {}
+
+
+class NotFound(EngineError):
+    """No such container, image or volume."""
+
+
+class Conflict(EngineError):
+    """The name is taken (a container or volume of that name exists)."""
+
+
+class WrongState(EngineError):
+    """The object is not in the state the operation needs (not running, already paused, in use)."""
+
+
+class Invalid(EngineError):
+    """The engine refused the request as malformed (a bad signal, option or reference)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached, the connection broke, or what it needs elsewhere (a registry) is away."""
+
+
+class EngineTimeout(EngineError):
+    """The engine did not answer within `runtime.timeout`."""
+
+
+class EngineFailure(EngineError):
+    """The engine failed in a way none of the above describes."""
 
 
 class Stream(Protocol[T]):
@@ -57,7 +98,7 @@ class Runtime(Protocol):
     name: str
 
     def ping(self) -> str:
-        """A one-line description of the engine; raises UNAVAILABLE when it does not answer."""
+        """A one-line description of the engine; raises EngineUnavailable when it does not answer."""
 
     def create(self, spec: ContainerSpec) -> tuple[str, list[str]]:
         """Create (not start) a container exactly as specified; returns (id, engine warnings)."""
@@ -96,6 +137,17 @@ class Runtime(Protocol):
     def image_exists(self, image: str) -> ImageStatus: ...
 
     def pull(self, image: str) -> Stream[PullProgress]: ...
+
+    def create_volume(self, name: str, labels: dict[str, str]) -> VolumeInfo:
+        """A named local volume; raises Conflict when the name is taken by a volume with other labels."""
+
+    def inspect_volume(self, name: str) -> VolumeInfo: ...
+
+    def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]:
+        """Every volume carrying all of `labels`."""
+
+    def remove_volume(self, name: str) -> None:
+        """Raises WrongState while a container uses it."""
 
     def events(self, since: float) -> Stream[EngineEvent]:
         """Container and image events from `since` (unix time, 0 = from now) on, until closed."""

@@ -18,8 +18,10 @@ import time
 from collections import OrderedDict
 from typing import Callable, Iterator
 
+import msgspec
+
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
-from baaaht.bus.service import CallContext, Service, rpc
+from baaaht.bus.service import CallContext, Service, on_event, rpc
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config
@@ -37,6 +39,7 @@ from baaaht.schemas.containers import (
     ContainerPause,
     ContainerReconcile,
     ContainerRestart,
+    ContainerSpec,
     ContainerStart,
     ContainerStats,
     ContainerStatsStream,
@@ -53,25 +56,29 @@ from baaaht.schemas.containers import (
     PullProgress,
     ReconcileReport,
     StatsSample,
+    VolumeCreate,
+    VolumeInfo,
+    VolumeList,
+    VolumeListQuery,
     WaitResult,
 )
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.sessions import SessionInfo
-from baaaht.services.containers import reconcile, session_scope, validation
+from baaaht.schemas.sessions import SessionDeleted, SessionInfo
+from baaaht.services.containers import reconcile, session_scope, session_volumes, validation
+from baaaht.services.containers.engine_errors import maps_engine_errors
 from baaaht.services.containers.events import EventTranslator
-from baaaht.services.containers.hardening import (
-    LABEL_INSTALL,
-    LABEL_MANAGED,
-    LABEL_SESSION,
-    Defaults,
-    Identity,
-    agent_bus_for,
-    attach_identity,
-    harden,
-)
+from baaaht.services.containers.hardening import Defaults, Identity, agent_bus_for, attach_identity, harden
 from baaaht.services.containers.install import load_or_create
+from baaaht.services.containers.ownership import LABEL_SESSION, install_labels, owner_of
 from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory, PolicyGate, SessionDirectory
-from baaaht.services.containers.runtime import Runtime, RuntimeConfigError, RuntimeUnavailable, select_runtime
+from baaaht.services.containers.runtime import (
+    EngineError,
+    NotFound,
+    Runtime,
+    RuntimeConfigError,
+    RuntimeUnavailable,
+    select_runtime,
+)
 from baaaht.services.containers.watchdog import Watchdog
 
 log = logging.getLogger("baaaht.containers")
@@ -88,6 +95,7 @@ SLOT_WAIT_MAX = 300.0
 STATS_SLACK = 0.1
 
 
+@maps_engine_errors
 class ContainerService(Service):
     name = "container"
     # Waits, log followers and stats streams each occupy a handler for their whole life; engine work
@@ -119,7 +127,7 @@ class ContainerService(Service):
         self.orphan_grace = float(config.container.orphan_grace)
         self.agent_dir = Endpoints.for_config(config.bus).agent_dir
         self.agent_mount = config.container.agent_bus_mount
-        self.install_labels = {LABEL_MANAGED: "true", LABEL_INSTALL: install_id}
+        self.install_labels = install_labels(install_id)
         self.watchdog = Watchdog()
         self._ops = threading.BoundedSemaphore(self.max_ops)
         self._quota_lock = threading.Lock()
@@ -169,7 +177,7 @@ class ContainerService(Service):
             return False
         try:
             description = self.runtime.ping()
-        except BusError as exc:
+        except EngineError as exc:
             if self._engine_ok or self._engine_reason != exc.message:
                 log.warning("container engine unavailable: %s", exc.message)
             self._engine_ok, self._engine_reason = False, exc.message
@@ -217,7 +225,7 @@ class ContainerService(Service):
         if not ref:
             raise invalid("id must name a container (an id, an id prefix or a name)", field="id")
         info = runtime.inspect(ref)
-        if info.labels.get(LABEL_MANAGED) != "true" or info.labels.get(LABEL_INSTALL) != self.install_id:
+        if not owner_of(info.labels, self.install_id).ours:
             # Not ours: as far as callers are concerned it does not exist.
             raise not_found(f"no container {ref} managed by this installation", id=ref)
         self._remember(info.id)
@@ -238,13 +246,15 @@ class ContainerService(Service):
         validation.validate_create(req)
         session = self._open_session(req.session_id)
         override = session_scope.policy_override(session)
-        spec = harden(req.spec, self.defaults)
+        # The session's own volumes are the orchestrator's to allow, so the policy does not judge them.
+        spec, own_volumes = self._own_volumes(harden(req.spec, self.defaults), req.session_id, ctx)
         bus = self._agent_bus() if req.agent_bus else None
         if req.auto_pull:
             self._ensure_image(spec.image, ctx)
         with self._quota_reservation(ctx, req.session_id) as (host_containers, session_containers):
             principal = session_scope.principal_for(session, req.role)
             spec = self.policy.evaluate(spec, principal, host_containers, session_containers, override)
+            spec = msgspec.structs.replace(spec, mounts=[*spec.mounts, *own_volumes])
             spec = attach_identity(spec, Identity(self.install_id, req.session_id, req.role), bus)
             with self._engine(ctx) as runtime:
                 container_id, warnings = runtime.create(spec)
@@ -256,15 +266,30 @@ class ContainerService(Service):
         )
         return CreateResult(id=container_id, name=spec.name, spec=spec, warnings=warnings)
 
-    def _open_session(self, session_id: str) -> SessionInfo:
-        """The session the container is for; refused unless it exists and is active or idle. Without the
-        session service nothing is created (fail closed)."""
+    def _open_session(self, session_id: str, what: str = "container") -> SessionInfo:
+        """The session the container (or volume) is for; refused unless it exists and is active or idle.
+        Without the session service nothing is created (fail closed)."""
         try:
             session = self.sessions.session(session_id)
         except BusError as exc:
-            raise BusError(exc.code, f"container creation refused: {exc.message}", exc.details) from None
-        session_scope.require_open(session)
+            raise BusError(exc.code, f"{what} creation refused: {exc.message}", exc.details) from None
+        session_scope.require_open(session, what)
         return session
+
+    def _own_volumes(self, spec: ContainerSpec, session_id: str, ctx: CallContext):
+        """(the spec without the session's own volume mounts, those mounts); another session's volume
+        is refused."""
+        if not any(m.type == "volume" and m.source for m in spec.mounts):
+            return spec, []
+        with self._engine(ctx) as runtime:
+
+            def lookup(name: str) -> VolumeInfo | None:
+                try:
+                    return runtime.inspect_volume(name)
+                except NotFound:
+                    return None
+
+            return session_volumes.split_own_volumes(spec, self.install_id, session_id, lookup)
 
     def _attach_or_remove(self, session_id: str, container_id: str) -> None:
         """Record the new container as its session's. If the session refuses it (its max_containers is
@@ -296,9 +321,10 @@ class ContainerService(Service):
             # Not bounded by the caller's deadline: the container must go even if the caller gave up.
             with self._engine(None) as runtime:
                 runtime.remove(container_id, force=True, volumes=True)
-        except BusError as exc:
-            if exc.code is not ErrorCode.NOT_FOUND:  # gone already (the session's close) is what we want
-                return exc.message
+        except NotFound:
+            pass  # gone already (the session's close) is what we want
+        except (BusError, EngineError) as exc:
+            return exc.message
         self._forget(container_id)
         return ""
 
@@ -318,7 +344,7 @@ class ContainerService(Service):
         appeared in the engine may briefly count twice, which errs on the side of refusing."""
         with self._quota_lock:
             with self._engine(ctx) as runtime:
-                live = [c for c in runtime.list(self.install_labels) if c.state in LIVE_STATES]
+                live = [c for c in self._listed(runtime, {}) if c.state in LIVE_STATES]
             host = len(live) + self._reserved
             if host >= self.max_containers:
                 raise exhausted(
@@ -422,14 +448,20 @@ class ContainerService(Service):
 
     @rpc
     def list_containers(self, req: ContainerListQuery, ctx: CallContext) -> ContainerList:
-        labels = {**req.labels, **self.install_labels}
+        labels = dict(req.labels)
         if req.session_id:
             labels[LABEL_SESSION] = req.session_id
         with self._engine(ctx) as runtime:
-            found = runtime.list(labels)
+            found = self._listed(runtime, labels)
         if req.states:
             found = [c for c in found if c.state in req.states]
         return ContainerList(containers=found)
+
+    def _listed(self, runtime: Runtime, labels: dict[str, str]) -> list:
+        """This installation's containers carrying `labels`: the engine filters by label, the ownership
+        rule decides."""
+        found = runtime.list({**labels, **self.install_labels})
+        return [c for c in found if owner_of(c.labels, self.install_id).ours]
 
     @rpc(stream=True)
     def logs(self, req: ContainerLogs, ctx: CallContext) -> Iterator[LogChunk]:
@@ -512,6 +544,50 @@ class ContainerService(Service):
             yield from stream
         ctx.check()
 
+    # -- session volumes ----------------------------------------------------------------------------
+
+    @rpc
+    def volume_create(self, req: VolumeCreate, ctx: CallContext) -> VolumeInfo:
+        validation.validate_session_id(req.session_id)
+        name = session_volumes.volume_name(self.install_id, req.session_id, req.name)
+        self._open_session(req.session_id, "volume")
+        labels = session_volumes.volume_labels(self.install_id, req.session_id, req.name)
+        with self._engine(ctx) as runtime:
+            volume = runtime.create_volume(name, labels)
+        # The engine hands back an existing volume of that name whatever its labels.
+        if not session_volumes.is_session_volume(volume, self.install_id, req.session_id):
+            raise BusError(
+                ErrorCode.ALREADY_EXISTS,
+                f"a volume named {name} exists and was not made by this orchestrator for session "
+                f"{req.session_id}",
+                {"name": name},
+            )
+        log.info("session volume created", extra={"volume": name, "session": req.session_id})
+        return volume
+
+    @rpc
+    def volume_list(self, req: VolumeListQuery, ctx: CallContext) -> VolumeList:
+        labels = {LABEL_SESSION: req.session_id} if req.session_id else {}
+        with self._engine(ctx) as runtime:
+            return VolumeList(volumes=self._session_volumes(runtime, labels))
+
+    def _session_volumes(self, runtime: Runtime, labels: dict[str, str]) -> list[VolumeInfo]:
+        found = runtime.list_volumes({**labels, **self.install_labels})
+        return [v for v in found if owner_of(v.labels, self.install_id).follows_session]
+
+    @on_event("session.deleted")
+    def on_session_deleted(self, event: SessionDeleted) -> None:
+        """The session's volumes go with it. One still in use (a container its close could not remove)
+        stays until reconcile, which removes the container and then the volume."""
+        if self.runtime is None:
+            return
+        try:
+            volumes = self._session_volumes(self.runtime, {LABEL_SESSION: event.session_id})
+        except EngineError as exc:
+            log.warning("volumes of deleted session %s not removed: %s", event.session_id, exc.message)
+            return
+        self._remove_volumes(self.runtime, volumes)
+
     # -- reconcile ----------------------------------------------------------------------------------
 
     @rpc
@@ -526,12 +602,13 @@ class ContainerService(Service):
         with self._reconcile_lock:
             runtime = self._runtime()
             containers = runtime.list(self.install_labels)
+            volumes = runtime.list_volumes(self.install_labels)
             now = self.clock()
             try:
                 verdicts = {
                     session: self.sessions.verdict(session)
                     for session in reconcile.sessions_to_check(
-                        containers, self.install_id, now, self.orphan_grace
+                        [*containers, *volumes], self.install_id, now, self.orphan_grace
                     )
                 }
             except BusError as exc:
@@ -544,15 +621,16 @@ class ContainerService(Service):
             decision = reconcile.plan(containers, self.install_id, verdicts, now, self.orphan_grace)
             removed, failed = [], []
             for removal in decision.remove:
-                container = removal.container
+                container = removal.target
                 try:
                     runtime.stop(container.id, ORPHAN_STOP_TIMEOUT)
                     runtime.remove(container.id, force=True, volumes=True)
-                except BusError as exc:
-                    if exc.code is not ErrorCode.NOT_FOUND:  # gone already is what we wanted
-                        log.error("reconcile could not remove %s: %s", container.id, exc.message)
-                        failed.append(container.id)
-                        continue
+                except NotFound:
+                    pass  # gone already is what we wanted
+                except EngineError as exc:
+                    log.error("reconcile could not remove %s: %s", container.id, exc.message)
+                    failed.append(container.id)
+                    continue
                 self._forget(container.id)
                 log.info(
                     "orphan removed",
@@ -570,9 +648,35 @@ class ContainerService(Service):
                         reason=removal.reason,
                     )
                 )
-            return ReconcileReport(
-                removed=removed, failed=failed, kept=decision.kept, too_young=decision.too_young
+            # After the containers: a volume an orphan container used is free by now.
+            orphan_volumes = reconcile.volume_plan(volumes, self.install_id, verdicts, now, self.orphan_grace)
+            removed_volumes, failed_volumes = self._remove_volumes(
+                runtime, [removal.target for removal in orphan_volumes.remove]
             )
+            return ReconcileReport(
+                removed=removed,
+                failed=failed,
+                kept=decision.kept,
+                too_young=decision.too_young,
+                removed_volumes=removed_volumes,
+                failed_volumes=failed_volumes,
+            )
+
+    def _remove_volumes(self, runtime: Runtime, volumes: list[VolumeInfo]) -> tuple[list[str], list[str]]:
+        """(removed, failed) volume names; one still in use by a container fails until that is gone."""
+        removed, failed = [], []
+        for volume in volumes:
+            try:
+                runtime.remove_volume(volume.name)
+            except NotFound:
+                pass  # gone already is what we wanted
+            except EngineError as exc:
+                log.error("could not remove volume %s: %s", volume.name, exc.message)
+                failed.append(volume.name)
+                continue
+            log.info("session volume removed", extra={"volume": volume.name, "session": volume.session_id})
+            removed.append(volume.name)
+        return removed, failed
 
     # -- background threads ---------------------------------------------------------------------------
 
@@ -582,7 +686,7 @@ class ContainerService(Service):
             if self.check_engine() and time.monotonic() >= next_reconcile:
                 try:
                     report = self.reconcile_now()
-                except BusError as exc:
+                except (BusError, EngineError) as exc:
                     log.warning("reconcile failed: %s", exc.message)
                     report = ReconcileReport(skipped=exc.message)
                 delay = RECONCILE_RETRY if report.skipped else self.reconcile_interval
@@ -609,7 +713,7 @@ class ContainerService(Service):
                         published = self._translator.translate(event)
                         if published is not None:
                             self.bus.publish(published)
-                except BusError as exc:
+                except EngineError as exc:
                     log.warning("engine event feed broke: %s", exc.message)
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, EVENTS_BACKOFF_MAX)

@@ -14,10 +14,10 @@ from baaaht.schemas.sessions import SessionInfo, SessionState
 OPEN_STATES = frozenset({SessionState.ACTIVE, SessionState.IDLE})
 
 
-def require_open(session: SessionInfo) -> None:
+def require_open(session: SessionInfo, what: str = "container") -> None:
     if session.state not in OPEN_STATES:
         raise precondition(
-            f"container creation refused: session {session.id} is {session.state.value}; containers "
+            f"{what} creation refused: session {session.id} is {session.state.value}; {what}s "
             "are created only for active or idle sessions",
             session_id=session.id,
             state=session.state.value,

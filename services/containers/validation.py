@@ -12,7 +12,7 @@ from baaaht.schemas.containers import (
     ContainerSpec,
     ContainerStatsStream,
 )
-from baaaht.services.containers.hardening import RESERVED_LABEL_PREFIX
+from baaaht.services.containers.ownership import RESERVED_LABEL_PREFIX
 
 NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -22,17 +22,19 @@ ENGINE_MIN_MEMORY = 6 * 1024 * 1024  # Docker refuses less
 
 
 def validate_create(request: ContainerCreate) -> None:
-    if not SESSION_ID.match(request.session_id):
-        raise invalid(
-            "session_id must be 1-128 letters, digits, '_', '.' or '-'",
-            field="session_id",
-            value=request.session_id,
-        )
+    validate_session_id(request.session_id)
     if not ROLE.match(request.role):
         raise invalid(
             "role must be lower-case letters, digits, '_' or '-' (max 32)", field="role", value=request.role
         )
     validate_spec(request.spec)
+
+
+def validate_session_id(session_id: str) -> None:
+    if not SESSION_ID.match(session_id):
+        raise invalid(
+            "session_id must be 1-128 letters, digits, '_', '.' or '-'", field="session_id", value=session_id
+        )
 
 
 def validate_spec(spec: ContainerSpec) -> None:

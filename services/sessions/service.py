@@ -34,6 +34,7 @@ from baaaht.schemas.sessions import (
     SessionCreate,
     SessionCreated,
     SessionDelete,
+    SessionDeleted,
     SessionDetachContainer,
     SessionGet,
     SessionIdle,
@@ -235,6 +236,7 @@ class SessionService(Service):
                     state=session.state.value,
                 )
             tx.delete(session.id)
+            self._publish_after(tx, SessionDeleted(session_id=session.id, owner=session.owner))
         log.info("session deleted", extra={"session_id": session.id})
         return Empty()
 
