@@ -101,7 +101,7 @@ def test_session_volumes_outlive_the_close_but_not_the_session():
     volumes = [gone, closed, alive, young, pooled, foreign]
     assert reconcile.sessions_to_check(volumes, INSTALL, now=100.0, grace=30) == {"gone", "closed", "open"}
     verdicts = {"gone": "missing", "closed": "closed", "open": "open"}
-    plan = reconcile.volume_plan(volumes, INSTALL, verdicts, now=100.0, grace=30)
+    plan = reconcile.plan(volumes, INSTALL, verdicts, now=100.0, grace=30, ending=reconcile.VOLUME_ENDS)
     assert [r.target for r in plan.remove] == [gone] and "does not exist" in plan.remove[0].reason
     assert (plan.kept, plan.too_young, plan.foreign) == (3, 1, 1)
 

@@ -54,37 +54,22 @@ def sessions_to_check(objects: Sequence[Labelled], install_id: str, now: float, 
     return found
 
 
+# The session verdicts that end a container, and a session volume (whose files outlive the close).
+CONTAINER_ENDS: tuple[SessionVerdict, ...] = ("closed", "missing")
+VOLUME_ENDS: tuple[SessionVerdict, ...] = ("missing",)
+
+
 def plan(
-    containers: Sequence[L],
-    install_id: str,
-    sessions: Mapping[str, SessionVerdict],
-    now: float,
-    grace: float,
-) -> ReconcilePlan[L]:
-    """Containers to remove. `sessions` must hold a verdict for every id from `sessions_to_check`; a
-    container whose session has no verdict is kept (when in doubt, nothing is removed)."""
-    return _plan(containers, install_id, sessions, now, grace, ending=("closed", "missing"))
-
-
-def volume_plan(
-    volumes: Sequence[L],
-    install_id: str,
-    sessions: Mapping[str, SessionVerdict],
-    now: float,
-    grace: float,
-) -> ReconcilePlan[L]:
-    """Session volumes to remove: those whose session no longer exists (deleted, or never recorded)."""
-    return _plan(volumes, install_id, sessions, now, grace, ending=("missing",))
-
-
-def _plan(
     objects: Sequence[L],
     install_id: str,
     sessions: Mapping[str, SessionVerdict],
     now: float,
     grace: float,
-    ending: tuple[SessionVerdict, ...],
+    ending: tuple[SessionVerdict, ...] = CONTAINER_ENDS,
 ) -> ReconcilePlan[L]:
+    """What to remove: session-owned objects whose session's verdict is in `ending`. `sessions` must hold
+    a verdict for every id from `sessions_to_check`; an object whose session has no verdict is kept (when
+    in doubt, nothing is removed)."""
     result: ReconcilePlan[L] = ReconcilePlan()
     for item in objects:
         owner = owner_of(item.labels, install_id)

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 from typing import Callable, Iterator
 
 import msgspec
@@ -622,13 +623,12 @@ class ContainerService(Service):
             removed, failed = [], []
             for removal in decision.remove:
                 container = removal.target
-                try:
+
+                def remove_orphan(container=container) -> None:
                     runtime.stop(container.id, ORPHAN_STOP_TIMEOUT)
                     runtime.remove(container.id, force=True, volumes=True)
-                except NotFound:
-                    pass  # gone already is what we wanted
-                except EngineError as exc:
-                    log.error("reconcile could not remove %s: %s", container.id, exc.message)
+
+                if not removed_from_engine(remove_orphan, f"orphan {container.id}"):
                     failed.append(container.id)
                     continue
                 self._forget(container.id)
@@ -649,7 +649,9 @@ class ContainerService(Service):
                     )
                 )
             # After the containers: a volume an orphan container used is free by now.
-            orphan_volumes = reconcile.volume_plan(volumes, self.install_id, verdicts, now, self.orphan_grace)
+            orphan_volumes = reconcile.plan(
+                volumes, self.install_id, verdicts, now, self.orphan_grace, reconcile.VOLUME_ENDS
+            )
             removed_volumes, failed_volumes = self._remove_volumes(
                 runtime, [removal.target for removal in orphan_volumes.remove]
             )
@@ -666,12 +668,7 @@ class ContainerService(Service):
         """(removed, failed) volume names; one still in use by a container fails until that is gone."""
         removed, failed = [], []
         for volume in volumes:
-            try:
-                runtime.remove_volume(volume.name)
-            except NotFound:
-                pass  # gone already is what we wanted
-            except EngineError as exc:
-                log.error("could not remove volume %s: %s", volume.name, exc.message)
+            if not removed_from_engine(partial(runtime.remove_volume, volume.name), f"volume {volume.name}"):
                 failed.append(volume.name)
                 continue
             log.info("session volume removed", extra={"volume": volume.name, "session": volume.session_id})
@@ -717,6 +714,18 @@ class ContainerService(Service):
                     log.warning("engine event feed broke: %s", exc.message)
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, EVENTS_BACKOFF_MAX)
+
+
+def removed_from_engine(remove: Callable[[], None], what: str) -> bool:
+    """Run a removal; True once the thing is gone (gone already is what was wanted), else False, logged."""
+    try:
+        remove()
+    except NotFound:
+        pass
+    except EngineError as exc:
+        log.error("could not remove %s: %s", what, exc.message)
+        return False
+    return True
 
 
 def build(config: Config) -> ContainerService:
