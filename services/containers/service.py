@@ -710,7 +710,7 @@ class ContainerService(Service):
                         published = self._translator.translate(event)
                         if published is not None:
                             self.bus.publish(published)
-                except EngineError as exc:
+                except (BusError, EngineError) as exc:
                     log.warning("engine event feed broke: %s", exc.message)
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, EVENTS_BACKOFF_MAX)
