@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import msgspec
 
 from baaaht.schemas.errors import ErrorBody, ErrorCode
 
-_PATH = re.compile(r" - at `(\$[^`]*)`$")
+# msgspec (0.23) puts the location of a failure only in its message, "<problem> - at `<path>`", and
+# leaves the suffix out at the top level; a missing field is named in the problem, not the path.
+# Paths are built from field names, `[index]` and `[...]` (dict values): never a backtick, so the
+# last " - at `" starts the location even when the problem quotes the caller's data.
+_LOCATION = " - at `"
+_MISSING = "Object missing required field `"
 
 
 class BusError(Exception):
@@ -30,10 +34,22 @@ class BusError(Exception):
 
 
 def validation_error(target: str, exc: msgspec.DecodeError) -> BusError:
-    """INVALID_ARGUMENT naming the failing field path, e.g. `$.spec.image`."""
-    match = _PATH.search(str(exc))
-    details = {"path": match.group(1)} if match else {}
+    """INVALID_ARGUMENT naming the failing field path, e.g. `$.spec.image` (also for a missing field).
+    A body that is not msgpack at all has no path."""
+    details = {"path": failing_path(exc)} if isinstance(exc, msgspec.ValidationError) else {}
     return BusError(ErrorCode.INVALID_ARGUMENT, f"invalid {target} request: {exc}", details)
+
+
+def failing_path(exc: msgspec.ValidationError) -> str:
+    """The path of the value a validation failed on; for a missing field, the field's own path."""
+    problem, found, location = str(exc).rpartition(_LOCATION)
+    if found and location.endswith("`"):
+        path = location[:-1]
+    else:
+        problem, path = str(exc), "$"
+    if problem.startswith(_MISSING) and problem.endswith("`"):
+        path += "." + problem[len(_MISSING) : -1]
+    return path
 
 
 def invalid(message: str, **details: Any) -> BusError:
