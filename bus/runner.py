@@ -1,5 +1,5 @@
-"""Runs a Service on the bus: registration, decoding, bounded concurrency,
-streaming, cancellation, event handlers and graceful shutdown.
+"""Runs a Service on the bus: registration, its life cycle and signals, decoding, bounded
+concurrency, streaming, cancellation, event handlers, background work and graceful shutdown.
 
 Handlers run on a thread pool rather than an event loop: the docker SDK,
 sqlite3 and file I/O all block, and a pool bounds how many run at once (the
@@ -17,11 +17,11 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable
 
 import msgspec
 
 from baaaht.bus import wire
+from baaaht.bus.background import Background, Stopping, Task
 from baaaht.bus.client import BusClient
 from baaaht.bus.connection import Connection
 from baaaht.bus.errors import BusError, validation_error
@@ -35,32 +35,48 @@ from baaaht.schemas.errors import ErrorCode
 log = logging.getLogger("baaaht.service")
 _encode = msgspec.msgpack.Encoder().encode
 _EMPTY = _encode(Empty())
+STARTING = "starting"  # the health reason of an instance registered but not started yet
 
 
 class ServiceRunner:
+    """Connects and registers a service of `service_type` at once (unhealthy, STARTING, so nothing
+    is routed to it yet), offering `bus` for the service's publisher and peers; `run(service)` serves
+    it. The order, on the way up and down:
+
+        on_start -> healthy -> background work -> ... stop() ... -> unhealthy -> in-flight calls
+        finish (up to the drain timeout) -> background work stops -> DISCONNECT -> on_stop
+    """
+
     def __init__(
         self,
-        service: Service,
+        service_type: type[Service],
         endpoints: Endpoints,
         *,
-        concurrency: int = 8,
         heartbeat_interval: float = 1.0,
         liveness: int = 3,
         drain_timeout: float = 10.0,
     ):
-        self.service = service
-        self.rpcs = type(service).rpcs()
+        self.service_type = service_type
+        self.name = service_type.name
+        self.rpcs = service_type.rpcs()
         self.decoders = {t: msgspec.msgpack.Decoder(spec.request_type) for t, spec in self.rpcs.items()}
-        self.event_handlers = type(service).event_handlers()
-        self.concurrency = concurrency
+        self.event_handlers = service_type.event_handlers()
+        self.concurrency = service_type.concurrency
         self.drain_timeout = drain_timeout
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            concurrency, thread_name_prefix=f"{service.name}-rpc"
+            self.concurrency, thread_name_prefix=f"{self.name}-rpc"
         )
         self.active: dict[bytes, CallContext] = {}
+        self.service: Service | None = None
+        self.background: Background | None = None
+        self.starting = True
         self.draining = False
         self.stopped = threading.Event()
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._events_since: int | None = None  # where the event follower resumes
+        self._events_epoch: int | None = None
         self.endpoints = endpoints
         self.connection = Connection(
             endpoints.services,
@@ -70,17 +86,13 @@ class ServiceRunner:
             registration=self._registration,
             health=self._health,
         )
-        self.client = BusClient(
-            endpoints.services, events_endpoint=endpoints.events, connection=self.connection
-        )
-        service.bus = self.client
+        self.bus = BusClient(endpoints.services, events_endpoint=endpoints.events, connection=self.connection)
 
     @classmethod
-    def for_config(cls, service: Service, config: Config) -> "ServiceRunner":
+    def for_config(cls, service_type: type[Service], config: Config) -> "ServiceRunner":
         return cls(
-            service,
+            service_type,
             Endpoints.for_config(config.bus),
-            concurrency=service.concurrency,
             heartbeat_interval=float(config.bus.heartbeat_interval),
             liveness=config.bus.heartbeat_liveness,
         )
@@ -91,10 +103,10 @@ class ServiceRunner:
         healthy, reason = self._health_state()
         return _encode(
             Register(
-                service=self.service.name,
+                service=self.name,
                 instance=self.instance_id,
                 methods=sorted(self.rpcs),
-                schema_version=self.service.version,
+                schema_version=self.service_type.version,
                 concurrency=self.concurrency,
                 healthy=healthy,
                 reason=reason,
@@ -104,14 +116,25 @@ class ServiceRunner:
     def _health_state(self) -> tuple[bool, str]:
         if self.draining:
             return False, "shutting down"
+        if self.starting or self.service is None:
+            return False, STARTING
         try:
-            return self.service.health()
+            healthy, reason = self.service.health_report()
         except Exception as exc:  # a broken health check is itself a health problem
-            return False, f"health check failed: {exc}"
+            healthy, reason = False, f"health check failed: {exc}"
+        if self.background is not None:
+            tasks_healthy, tasks_reason = self.background.health()
+            healthy = healthy and tasks_healthy
+            reason = "; ".join(part for part in (reason, tasks_reason) if part)
+        return healthy, reason
 
     def _health(self) -> bytes:
         healthy, reason = self._health_state()
         return _encode(HealthReport(healthy=healthy, reason=reason))
+
+    def _report_health(self) -> None:
+        """Tell the broker now rather than at the next heartbeat."""
+        self.connection.send([wire.pack(wire.HEARTBEAT, body=self._health())])
 
     # -- requests (called on the connection's I/O thread) -------------------------------------
 
@@ -138,7 +161,9 @@ class ServiceRunner:
         try:
             spec = self.rpcs.get(target)
             if spec is None:
-                raise BusError(ErrorCode.NOT_FOUND, f"service {self.service.name!r} has no method {target!r}")
+                raise BusError(ErrorCode.NOT_FOUND, f"service {self.name!r} has no method {target!r}")
+            if self.service is None:  # routed before the start was reported: not ready to serve
+                raise BusError(ErrorCode.UNAVAILABLE, f"service {self.name!r} is starting")
             context.check()
             try:
                 request = self.decoders[target].decode(body)
@@ -177,20 +202,23 @@ class ServiceRunner:
 
     # -- events -------------------------------------------------------------------------------
 
-    def _follow_events(self) -> None:
+    def _follow_events(self, stopping: Stopping) -> None:
+        """Long-running background work of the runner: deliver subscribed events to the handlers."""
         patterns = [p for spec in self.event_handlers for p in spec.patterns]
         prefixes = [] if "*" in patterns else [p[:-1] if p.endswith(".*") else p for p in patterns]
         decoders = {
             spec.method: msgspec.msgpack.Decoder(spec.event_type) if spec.event_type else None
             for spec in self.event_handlers
         }
-        since = epoch = None  # from the broker's "now" at first; after a failure, from the last seen
-        while not self.stopped.is_set():
+        # From the broker's "now" at first; after an interruption, from the last event seen.
+        while not stopping.is_set():
             try:
-                with self.client.subscribe(prefixes, since=since, epoch=epoch) as subscription:
-                    while not self.stopped.is_set():
+                with self.bus.subscribe(
+                    prefixes, since=self._events_since, epoch=self._events_epoch
+                ) as subscription:
+                    while not stopping.is_set():
                         delivery = subscription.next(timeout=0.2)
-                        since, epoch = subscription.last_seq, subscription.epoch
+                        self._events_since, self._events_epoch = subscription.last_seq, subscription.epoch
                         if delivery is None:
                             continue
                         for spec in self.event_handlers:
@@ -198,7 +226,7 @@ class ServiceRunner:
                                 self._handle_event(spec.method, decoders[spec.method], delivery)
             except BusError as exc:  # the broker is away (not up yet, or restarting): subscribe again
                 log.warning("event subscription interrupted", extra={"reason": exc.message})
-                self.stopped.wait(self.connection.heartbeat_interval)
+                stopping.wait(self.connection.heartbeat_interval)
 
     def _handle_event(self, method: str, decoder, delivery) -> None:
         try:
@@ -211,53 +239,94 @@ class ServiceRunner:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until `stop()`; then finish in-flight work (up to the drain timeout) and leave."""
-        self.service.start()
-        events = None
-        if self.event_handlers:
-            events = threading.Thread(
-                target=self._follow_events, name=f"{self.service.name}-events", daemon=True
-            )
-            events.start()
-        log.info("serving", extra={"service": self.service.name, "methods": sorted(self.rpcs)})
-        while not self.stopped.wait(1.0):
-            if self.connection.refused is not None:
-                self.stop()  # a refused registration will not succeed by retrying: leave, non-zero
+    def run(self, service: Service) -> None:
+        """Serve `service` until `stop()`; then finish in-flight work (up to the drain timeout) and leave."""
+        if not isinstance(service, self.service_type):
+            raise TypeError(f"a {self.service_type.__name__} runner cannot serve a {type(service).__name__}")
+        events = [Task("events", self._follow_events)] if self.event_handlers else []
+        self.background = Background.of_service(service, *events)
+        try:
+            service.on_start()
+        except BaseException:
+            self.close()
+            raise
+        self.service = service
+        self.starting = False
+        self._report_health()
+        self.background.start()
+        log.info("serving", extra={"service": self.name, "methods": sorted(self.rpcs)})
+        self._serve_until_stopped()
         self.draining = True
-        # Unhealthy from now on: the broker routes nothing new here.
-        self.connection.send([wire.pack(wire.HEARTBEAT, body=self._health())])
+        self._report_health()  # unhealthy from now on: the broker routes nothing new here
         deadline = time.monotonic() + self.drain_timeout
         while self.active and time.monotonic() < deadline:
             time.sleep(0.05)
         for context in list(self.active.values()):  # handlers still finishing remove themselves
             context.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.background.stop()
         self.connection.send([wire.pack(wire.DISCONNECT)])
-        if events is not None:
-            events.join(2.0)
-        self.service.stop()
+        service.on_stop()
         self.connection.close()
-        log.info("stopped", extra={"service": self.service.name})
+        log.info("stopped", extra={"service": self.name})
         if self.connection.refused is not None:
-            raise SystemExit(f"{self.service.name}: registration refused: {self.connection.refused.message}")
+            raise SystemExit(f"{self.name}: registration refused: {self.connection.refused.message}")
 
-    def stop(self, *_args) -> None:
+    def _serve_until_stopped(self) -> None:
+        while not self.stopped.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._reload_requested and not self.stopped.is_set():
+                self._reload_requested = False
+                self._reload()
+            if self.connection.refused is not None:
+                self.stop()  # a refused registration will not succeed by retrying: leave, non-zero
+
+    def _reload(self) -> None:
+        log.info("reloading", extra={"service": self.name})
+        try:
+            self.service.on_reload()
+        except Exception:
+            log.exception("reload failed", extra={"service": self.name})
+
+    def stop(self, *_signal) -> None:
         self.stopped.set()
+        self._wake.set()
+
+    def request_reload(self, *_signal) -> None:
+        """Run the service's `on_reload` on the runner's thread (not inside a signal handler)."""
+        self._reload_requested = True
+        self._wake.set()
+
+    def close(self) -> None:
+        """Leave without having served (the service could not be built or started)."""
+        self.connection.send([wire.pack(wire.DISCONNECT)])
+        self.connection.close()
+        self.pool.shutdown(wait=False)
+
+    def handle_signals(self) -> None:
+        """SIGTERM and SIGINT stop the service, SIGHUP reloads it. Call from the main thread."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
 
 
-def main(build: Callable[[Config], Service], argv: list[str] | None = None) -> None:
-    """Entry point of a service process: `python -m baaaht.services.NAME --config FILE`."""
+def main(service_type: type[Service], argv: list[str] | None = None) -> None:
+    """Entry point of a service process: `python -m baaaht.services.NAME --config FILE`. The service
+    is built by its `from_config(config, bus)` with the runner's bus for its publisher and peers."""
     from baaaht.common.config import load_config
     from baaaht.common.logs import setup_logging
 
-    parser = argparse.ArgumentParser(description="Run a baaaht bus service.")
+    parser = argparse.ArgumentParser(description=f"Run the baaaht {service_type.name} service.")
     parser.add_argument("--config", default=os.environ.get("BAAAHT_CONFIG"))
     args = parser.parse_args(argv)
     config, _sources = load_config(args.config)
-    service = build(config)
-    setup_logging(config.log, service.name)
-    runner = ServiceRunner.for_config(service, config)
-    signal.signal(signal.SIGTERM, runner.stop)
-    signal.signal(signal.SIGINT, runner.stop)
-    runner.run()
+    setup_logging(config.log, service_type.name)
+    runner = ServiceRunner.for_config(service_type, config)
+    runner.handle_signals()
+    try:
+        service = service_type.from_config(config, runner.bus)
+    except BaseException:
+        runner.close()
+        raise
+    runner.run(service)

@@ -3,6 +3,11 @@
     class SessionService(Service):
         name = "session"
 
+        def __init__(self, store: SessionStore, *, events: Publisher, containers: Peer): ...
+
+        @classmethod
+        def from_config(cls, config: Config, bus: BusClient) -> "SessionService": ...
+
         @rpc
         def create(self, req: SessionCreate, ctx: CallContext) -> SessionInfo: ...
 
@@ -12,9 +17,18 @@
         @on_event("container.removed", "container.died")
         def on_container_gone(self, event: ContainerRemoved) -> None: ...
 
+        @background(every=lambda self: self.sweep_interval)
+        def sweep(self) -> None: ...
+
 The bus target of an RPC is the tag of its request type (`session.create`), so
-the schema, the handler and every client agree on one name. Handlers run on a
-thread pool (see docs/PROTOCOL.md, "Threads"): they may block.
+the schema, the handler and every client agree on one name, and a method may be
+called what it does (`start`, `list`). Handlers run on a thread pool (see
+docs/PROTOCOL.md, "Threads"): they may block.
+
+The life cycle is a separate set of hooks (`on_start`, `on_stop`, `on_reload`,
+`health_report`) that the runner calls; none of them can be an RPC, an event
+handler or background work. A constructor takes the service's adapters, its peers
+and its publisher and does no I/O; `from_config` builds the real ones.
 """
 
 from __future__ import annotations
@@ -24,8 +38,9 @@ import threading
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Callable, ClassVar
 
+from baaaht.bus.background import BackgroundSpec
 from baaaht.bus.errors import BusError
 from baaaht.schemas.base import SCHEMA_VERSION, Event, Request, target_of
 from baaaht.schemas.bus import Caller
@@ -70,11 +85,9 @@ class EventSpec:
 
 
 class Publisher(typing.Protocol):
+    """Where a service publishes its events: the runner's bus client, a recorder in unit tests."""
+
     def publish(self, event: Event, subtopic: str = "") -> None: ...
-
-    def call(self, request: Request, timeout: float | None = None, correlation_id: str = "") -> Any: ...
-
-    def stream(self, request: Request, timeout: float | None = None) -> Iterator[Any]: ...
 
 
 def rpc(fn: Callable | None = None, *, stream: bool = False):
@@ -104,21 +117,37 @@ def topic_matches(pattern: str, topic: str) -> bool:
     return topic == pattern or topic.startswith(pattern + ".")
 
 
+LIFECYCLE_HOOKS = ("on_start", "on_stop", "on_reload", "health_report")
+_MARKERS = ("__baaaht_rpc__", "__baaaht_events__", "__baaaht_background__")
+
+
 class Service:
-    """Base for bus services. `bus` is set by the runner before `start`."""
+    """Base for bus services; `bus/runner.py` calls the hooks in this order: `on_start`, then
+    requests, events and background work, then `on_stop`; `on_reload` on SIGHUP; `health_report`
+    at every heartbeat."""
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = SCHEMA_VERSION  # registered with the broker, shown by `bus.services`
     concurrency: ClassVar[int] = 8  # handlers run at once; the broker balances on in-flight / this
-    bus: Publisher
 
-    def start(self) -> None:
-        """Called once connected, before the first request is served."""
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for hook in LIFECYCLE_HOOKS:
+            fn = cls.__dict__.get(hook)
+            if fn is not None and any(hasattr(fn, marker) for marker in _MARKERS):
+                raise TypeError(f"{cls.__name__}.{hook} is a life-cycle hook: it cannot also be bus work")
 
-    def stop(self) -> None:
-        """Called after the last in-flight request finished or timed out."""
+    def on_start(self) -> None:
+        """Registered (as unhealthy "starting", so nothing is routed here yet), before the first
+        request, event or background run: do the I/O that makes the service ready."""
 
-    def health(self) -> tuple[bool, str]:
+    def on_stop(self) -> None:
+        """After the last request, event handler and background task finished: release adapters."""
+
+    def on_reload(self) -> None:
+        """SIGHUP: take up what can change without a restart (a policy file, say)."""
+
+    def health_report(self) -> tuple[bool, str]:
         """(healthy, reason) as shown by `bus.services` and `baaaht-ctl status`."""
         return True, ""
 
@@ -140,6 +169,10 @@ class Service:
             EventSpec(tuple(patterns), method_name, argument_type)
             for method_name, patterns, argument_type, _arity in cls._marked("__baaaht_events__")
         ]
+
+    @classmethod
+    def background_tasks(cls) -> list[BackgroundSpec]:
+        return [marker for _name, marker, _type, _arity in cls._marked("__baaaht_background__")]
 
     @classmethod
     def _marked(cls, marker_name: str):

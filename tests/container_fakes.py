@@ -287,7 +287,9 @@ class FakePolicy:
         self.error: BusError | None = None
         self.enforce = None
 
-    def evaluate(self, spec, principal, host_containers, session_containers, override) -> ContainerSpec:
+    def evaluate(
+        self, spec, principal, host_containers, session_containers, override, ctx=None
+    ) -> ContainerSpec:
         self.seen.append((spec, principal, host_containers, session_containers, override))
         if self.error is not None:
             raise self.error
@@ -326,14 +328,14 @@ class FakeSessions:
             return "missing"
         return "closed" if found.state is SessionState.CLOSED else "open"
 
-    def session(self, session_id: str) -> SessionInfo:
+    def session(self, session_id: str, ctx=None) -> SessionInfo:
         if self.error is not None:
             raise self.error
         if session_id not in self.sessions:
             raise not_found(f"no session {session_id}", session_id=session_id)
         return self.sessions[session_id]
 
-    def attach(self, session_id: str, container_id: str) -> None:
+    def attach(self, session_id: str, container_id: str, ctx=None) -> None:
         if self.before_attach is not None:
             self.before_attach()
         found = self.session(session_id)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
+from baaaht.bus.runner import STARTING
 from baaaht.common.config import load_config
 from baaaht.schemas.bus import Ping, ServicesQuery
 
@@ -86,7 +87,7 @@ class Host:
     def start_service(
         self, target: str, name: str | None = None, *, service: str | None = None, wait: bool = True
     ):
-        """Start `python -m MODULE` (or a script path) and wait until it is registered."""
+        """Start `python -m MODULE` (or a script path) and wait until it is registered and started."""
         name = name or target
         argv = [target] if target.endswith(".py") else ["-m", target]
         process = self.spawn(name, argv)
@@ -99,9 +100,9 @@ class Host:
 
         def registered():
             services = probe.call(ServicesQuery(service=service)).services
-            return any(i.pid == pid for s in services for i in s.instances)
+            return any(i.pid == pid and i.reason != STARTING for s in services for i in s.instances)
 
-        wait_for(registered, what=f"service {service} (pid {pid}) to register", timeout=15)
+        wait_for(registered, what=f"service {service} (pid {pid}) to register and start", timeout=15)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         process = self.processes.pop(name)

@@ -510,7 +510,7 @@ class Impostor(Service):
 
 
 def test_a_refused_registration_ends_the_service_with_an_error(host):
-    runner = ServiceRunner(Impostor(), Endpoints.for_config(host.config.bus), heartbeat_interval=0.2)
+    runner = ServiceRunner(Impostor, Endpoints.for_config(host.config.bus), heartbeat_interval=0.2)
     with pytest.raises(SystemExit) as caught:
-        runner.run()
+        runner.run(Impostor())
     assert "registration refused" in str(caught.value) and "invalid service name 'bus'" in str(caught.value)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
 
 import pytest
 
+from baaaht.bus.background import Background
 from baaaht.bus.errors import BusError, unavailable
 from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConfig, RuntimeConfig
 from baaaht.schemas.containers import (
@@ -65,7 +67,7 @@ def run_dir(tmp_path):
     return tmp_path / "run"
 
 
-def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0.0, started=False, **kw):
+def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0.0, **kw):
     config = Config(
         bus=BusConfig(run_dir=str(run_dir)),
         policy=PolicyConfig(max_containers=max_containers),
@@ -76,15 +78,26 @@ def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0
         config,
         FakeRuntime() if runtime is None else runtime,
         install_id=INSTALL,
+        events=FakeBus(),
         policy=kw.pop("policy", FakePolicy()),
         sessions=kw.pop("sessions", FakeSessions(session_info("s1"))),
         **kw,
     )
-    service.bus = FakeBus()
     service.check_engine()
-    if started:
-        service.start()
     return service
+
+
+@contextlib.contextmanager
+def serving(service: ContainerService):
+    """What the runner does around the requests: on_start and the background work, then on_stop."""
+    service.on_start()
+    background = Background.of_service(service)
+    background.start()
+    try:
+        yield service
+    finally:
+        background.stop()
+        service.on_stop()
 
 
 def create(service, session="s1", **spec):
@@ -165,17 +178,17 @@ def test_the_quota_counts_live_containers_of_this_install(run_dir):
     with pytest.raises(BusError) as caught:
         create(service)
     assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED and "2 of 2" in caught.value.message
-    service.start_container(ContainerStart(id=first.id), context())  # already counted since its create
-    service.stop_container(ContainerStop(id=first.id), context())  # exited: no longer counted
+    service.start(ContainerStart(id=first.id), context())  # already counted since its create
+    service.stop(ContainerStop(id=first.id), context())  # exited: no longer counted
     third = create(service)
     # Bringing the exited one back, by start or by restart, would make three live containers.
-    assert code_of(lambda: service.start_container(ContainerStart(id=first.id), context())) is (
+    assert code_of(lambda: service.start(ContainerStart(id=first.id), context())) is (
         ErrorCode.RESOURCE_EXHAUSTED
     )
     assert code_of(lambda: service.restart(ContainerRestart(id=first.id), context())) is (
         ErrorCode.RESOURCE_EXHAUSTED
     )
-    service.start_container(ContainerStart(id=third.id), context())
+    service.start(ContainerStart(id=third.id), context())
 
 
 def test_concurrent_creates_never_exceed_the_quota(run_dir):
@@ -203,7 +216,7 @@ def test_containers_of_other_installs_are_invisible(run_dir):
         assert code_of(
             lambda c=container: service.destroy(ContainerDestroy(id=c, force=True), context())
         ) is (ErrorCode.NOT_FOUND)
-    assert service.list_containers(ContainerListQuery(), context()).containers == []
+    assert service.list(ContainerListQuery(), context()).containers == []
     assert set(runtime.containers) == {foreign, unmanaged}
 
 
@@ -213,7 +226,7 @@ def test_engine_operations_run_concurrently_up_to_the_limit(run_dir):
     ids = [create(service).id for _ in range(8)]
     runtime.gate = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(service.start_container, ContainerStart(id=i), context()) for i in ids]
+        futures = [pool.submit(service.start, ContainerStart(id=i), context()) for i in ids]
         wait_for(lambda: runtime.in_flight == 3, what="three starts in flight at once")
         runtime.gate.set()
         for future in futures:
@@ -227,10 +240,10 @@ def test_waiting_for_an_engine_slot_ends_at_the_deadline(run_dir):
     first, second = create(service).id, create(service).id
     runtime.gate = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        blocked = pool.submit(service.start_container, ContainerStart(id=first), context())
+        blocked = pool.submit(service.start, ContainerStart(id=first), context())
         wait_for(lambda: runtime.in_flight == 1, what="the first start to hold the slot")
         with pytest.raises(BusError) as caught:
-            service.start_container(ContainerStart(id=second), context(timeout=0.2))
+            service.start(ContainerStart(id=second), context(timeout=0.2))
         assert caught.value.code is ErrorCode.TIMEOUT and "max_concurrent_ops" in caught.value.message
         runtime.gate.set()
         blocked.result(timeout=10)
@@ -238,10 +251,10 @@ def test_waiting_for_an_engine_slot_ends_at_the_deadline(run_dir):
 
 def test_wait_lasts_until_the_container_exits_or_the_caller_gives_up(run_dir):
     runtime = FakeRuntime()
-    service = make_service(run_dir, runtime, started=True)
-    try:
+    service = make_service(run_dir, runtime)
+    with serving(service):
         container = create(service).id
-        service.start_container(ContainerStart(id=container), context())
+        service.start(ContainerStart(id=container), context())
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             waiting = pool.submit(service.wait, ContainerWait(id=container), context(timeout=3600))
             wait_for(lambda: runtime.waits.get(container), what="the wait to reach the engine")
@@ -249,7 +262,7 @@ def test_wait_lasts_until_the_container_exits_or_the_caller_gives_up(run_dir):
             assert waiting.result(timeout=10).exit_code == 3
 
             other = create(service).id
-            service.start_container(ContainerStart(id=other), context())
+            service.start(ContainerStart(id=other), context())
             ctx = context(timeout=3600)
             cancelled = pool.submit(service.wait, ContainerWait(id=other), ctx)
             wait_for(lambda: runtime.waits.get(other), what="the second wait to reach the engine")
@@ -259,14 +272,12 @@ def test_wait_lasts_until_the_container_exits_or_the_caller_gives_up(run_dir):
                 code_of(lambda: service.wait(ContainerWait(id=other), context(timeout=0.2)))
                 is ErrorCode.TIMEOUT
             )
-    finally:
-        service.stop()
 
 
 def test_a_log_follower_ends_when_its_caller_cancels(run_dir):
     runtime = FakeRuntime()
-    service = make_service(run_dir, runtime, started=True)
-    try:
+    service = make_service(run_dir, runtime)
+    with serving(service):
         container = create(service).id
         ctx = context(timeout=3600)
         chunks = service.logs(ContainerLogs(id=container, follow=True), ctx)
@@ -278,20 +289,16 @@ def test_a_log_follower_ends_when_its_caller_cancels(run_dir):
         assert runtime.log_streams[0].closed.is_set()
         batch = list(service.logs(ContainerLogs(id=container), context()))
         assert len(batch) == 1 and len(batch[0].lines) == 3  # a plain read comes in batches
-    finally:
-        service.stop()
 
 
 def test_stats_stream_and_pull_pass_through(run_dir):
-    service = make_service(run_dir, started=True)
-    try:
+    service = make_service(run_dir)
+    with serving(service):
         container = create(service).id
         samples = list(service.stats_stream(ContainerStatsStream(id=container, interval=0.01), context()))
         assert len(samples) == 3
         assert [p.status for p in service.pull(ImagePull(image="new:1"), context())] == ["Downloaded"]
         assert create(service, image="new:1").id
-    finally:
-        service.stop()
 
 
 def test_health_wait_returns_as_soon_as_the_outcome_is_known(run_dir):
@@ -352,7 +359,7 @@ def test_the_session_directory_tells_missing_from_unreachable():
 def test_without_a_runtime_the_service_is_unhealthy_and_answers_unavailable(run_dir):
     service = make_service(run_dir, None, runtime_problem="apple runtime is not supported on this host")
     service.runtime = None
-    assert service.health() == (False, "apple runtime is not supported on this host")
+    assert service.health_report() == (False, "apple runtime is not supported on this host")
     with pytest.raises(BusError) as caught:
         create(service)
     assert caught.value.code is ErrorCode.UNAVAILABLE and "apple runtime" in caught.value.message
@@ -361,33 +368,31 @@ def test_without_a_runtime_the_service_is_unhealthy_and_answers_unavailable(run_
 def test_an_engine_that_goes_down_makes_the_service_unhealthy(run_dir):
     runtime = FakeRuntime()
     service = make_service(run_dir, runtime)
-    assert service.health() == (True, "")
+    assert service.health_report() == (True, "")
     runtime.down_reason = "the docker engine at unix:///nowhere is unreachable"
     assert not service.check_engine()
-    assert service.health() == (False, runtime.down_reason)
+    assert service.health_report() == (False, runtime.down_reason)
     assert code_of(lambda: create(service)) is ErrorCode.UNAVAILABLE
 
 
 def test_engine_events_are_republished(run_dir):
     runtime = FakeRuntime()
-    service = make_service(run_dir, runtime, started=True)
-    try:
+    service = make_service(run_dir, runtime)
+    with serving(service):
         wait_for(lambda: runtime.event_streams, what="the event follower to subscribe")
         labels = {**OURS, LABEL_SESSION: "s1"}
         first = engine_event("start", "c1", labels)
         runtime.event_streams[0].put(first)
         runtime.event_streams[0].put(engine_event("start", "c2", {**labels, LABEL_INSTALL: "other"}))
-        published = wait_for(lambda: service.bus.published, what="an event on the bus")
+        published = wait_for(lambda: service.events.published, what="an event on the bus")
         assert isinstance(published[0], ContainerStarted) and published[0].container_id == "c1"
         # A broken feed is reopened from the last event seen, and a replayed event is not published twice.
         runtime.event_streams[0].end()
         wait_for(lambda: len(runtime.event_streams) == 2, what="the follower to reconnect")
         runtime.event_streams[1].put(first)
         runtime.event_streams[1].put(engine_event("die", "c1", labels, exitCode="0"))
-        wait_for(lambda: len(service.bus.published) == 2, what="the die event")
-        assert [type(e).__name__ for e in service.bus.published] == ["ContainerStarted", "ContainerDied"]
-    finally:
-        service.stop()
+        wait_for(lambda: len(service.events.published) == 2, what="the die event")
+        assert [type(e).__name__ for e in service.events.published] == ["ContainerStarted", "ContainerDied"]
 
 
 def test_the_agent_bus_needs_the_broker_directory(tmp_path):
@@ -623,7 +628,7 @@ def test_pool_and_system_containers_are_ours_to_list_and_operate_but_never_orpha
     service = make_service(run_dir, runtime)
     report = service.reconcile_now()
     assert report.removed == [] and report.kept == 2
-    listed = {c.id for c in service.list_containers(ContainerListQuery(), context()).containers}
+    listed = {c.id for c in service.list(ContainerListQuery(), context()).containers}
     assert listed == {pooled, system}
     assert service.get(ContainerGet(id=pooled), context()).id == pooled
     assert code_of(lambda: service.get(ContainerGet(id=unknown), context())) is ErrorCode.NOT_FOUND

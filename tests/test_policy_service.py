@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import threading
 
 import msgspec
 import pytest
 
+from baaaht.bus.background import Background
 from baaaht.bus.errors import BusError
 from baaaht.common.policy.document import HostDefaults
 from baaaht.schemas.containers import ContainerSpec, Resources
@@ -53,17 +53,32 @@ class World:
         self.audit_path = tmp_path / "data" / "audit" / "policy.jsonl"
         self.bus = FakeBus()
         self.service: PolicyService | None = None
+        self.background: Background | None = None
 
     def make(self, reload_interval: float = 0.05) -> PolicyService:
-        service = PolicyService(
+        return PolicyService(
             PolicyFile(str(self.policy_path)),
             self.audit_path,
             DEFAULTS,
             HostPaths(),
+            events=self.bus,
             reload_interval=reload_interval,
         )
-        service.bus = self.bus
+
+    def start(self, service: PolicyService) -> PolicyService:
+        """What the runner does: on_start, then the background work."""
+        self.stop()
+        self.service = service
+        service.on_start()
+        self.background = Background.of_service(service)
+        self.background.start()
         return service
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.background.stop()
+            self.service.on_stop()
+            self.service = None
 
     def write(self, text: str) -> None:
         partial = self.policy_path.with_suffix(".tmp")
@@ -78,16 +93,13 @@ class World:
 def world(tmp_path):
     made = World(tmp_path)
     yield made
-    if made.service is not None:
-        made.service.stop()
+    made.stop()
 
 
 def started(world: World, text: str | None = None, reload_interval: float = 0.05) -> PolicyService:
     if text is not None:
         world.write(text)
-    world.service = world.make(reload_interval)
-    world.service.start()
-    return world.service
+    return world.start(world.make(reload_interval))
 
 
 def error_of(call) -> BusError:
@@ -100,19 +112,19 @@ def test_without_a_file_the_builtin_policy_is_in_force(world):
     service = started(world)
     info = service.get(PolicyGet())
     assert (info.source, info.mode) == ("built-in", "strict")
-    assert service.health() == (True, "")
+    assert service.health_report() == (True, "")
     assert not world.policy_path.exists()  # never auto-written
     (event,) = world.bus.events(PolicyReloaded)
     assert (event.version, event.previous_version) == (info.version, "")
 
 
-def test_the_policy_is_loaded_before_start_and_announced_at_start(world):
-    """The runner registers the service before `start`: it must already be able to serve."""
+def test_the_policy_is_loaded_and_announced_at_start_not_in_the_constructor(world):
+    """The runner reports the service healthy only once `on_start` returned."""
     world.write(PIDS_100)
-    world.service = world.make()
-    assert world.service.health() == (True, "")
-    assert world.bus.published == [] and world.records() == []
-    world.service.start()
+    service = world.make()
+    assert world.bus.published == [] and not world.audit_path.exists()
+    world.start(service)
+    assert service.health_report() == (True, "")
     assert [type(event) for _, event in world.bus.published] == [PolicyReloaded]
     assert [(r.action, r.decision) for r in world.records()] == [("policy.reload", "applied")]
 
@@ -181,14 +193,14 @@ def test_session_overrides_tighten_and_report_refusals(world):
 
 def test_a_bad_file_at_start_fails_closed_until_fixed(world):
     service = started(world, "mode: strict\nquotas: {max_pids: 0}\n")
-    healthy, reason = service.health()
+    healthy, reason = service.health_report()
     assert not healthy and "quotas.max_pids" in reason
     error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC)))
     assert error.code == ErrorCode.UNAVAILABLE and "quotas.max_pids" in error.message
     (failure,) = world.bus.events(PolicyReloadFailed)
     assert [e.path for e in failure.errors] == ["quotas.max_pids"]
     world.write(PIDS_200)
-    wait_for(lambda: service.health()[0], what="the fixed file to be loaded")
+    wait_for(lambda: service.health_report()[0], what="the fixed file to be loaded")
     assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
 
 
@@ -201,7 +213,7 @@ def test_a_bad_reload_keeps_the_policy_in_force(world):
     assert error.details["errors"] == [{"path": "quotas.mystery", "message": "unknown field"}]
     assert service.get(PolicyGet()).version == version
     assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
-    assert service.health() == (True, "")
+    assert service.health_report() == (True, "")
     assert world.records()[-1].decision == "allow"
     assert any(r.action == "policy.reload" and r.decision == "refused" for r in world.records())
 
@@ -232,14 +244,14 @@ def test_file_changes_are_picked_up_by_polling(world):
     wait_for(lambda: service.get(PolicyGet()).source == "built-in", what="the built-in policy after removal")
 
 
-def test_sighup_reloads_at_once(world):
-    service = started(world, PIDS_100, reload_interval=3600.0)  # only the signal can trigger a reload
+def test_the_reload_hook_reloads_at_once(world):
+    """The runner calls it on SIGHUP (tests/test_policy_bus.py sends the signal to the process)."""
+    service = started(world, PIDS_100, reload_interval=3600.0)  # no polling to speak of
     first = service.get(PolicyGet()).version
     world.write(PIDS_200)
-    os.kill(os.getpid(), signal.SIGHUP)
-    wait_for(lambda: service.get(PolicyGet()).version != first, what="SIGHUP to reload")
-    service.stop()
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    service.on_reload()
+    assert service.get(PolicyGet()).version != first
+    assert world.bus.events(PolicyReloaded)[-1].previous_version == first
 
 
 def test_reload_answers_with_the_versions(world):
@@ -289,12 +301,12 @@ def test_no_decision_without_an_audit_record(world):
     world.audit_path.parent.mkdir(parents=True)
     world.audit_path.write_bytes(b'{"seq":1,"not":"a record"}\n')
     service = started(world, PIDS_200)
-    healthy, reason = service.health()
+    healthy, reason = service.health_report()
     assert not healthy and "audit log unusable" in reason
     error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC)))
     assert error.code == ErrorCode.UNAVAILABLE and "no decision is made without a record" in error.message
     world.audit_path.rename(world.audit_path.with_suffix(".jsonl.bad"))  # the operator moves it aside
-    assert service.health() == (True, "")  # found at the next heartbeat: no restart needed
+    assert service.health_report() == (True, "")  # found at the next heartbeat: no restart needed
     assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
 
 
@@ -314,7 +326,7 @@ def test_a_failed_audit_write_leaves_no_half_line_and_heals(world, monkeypatch):
     assert error.code == ErrorCode.UNAVAILABLE and "No space left on device" in error.message
     monkeypatch.setattr(os, "write", real_write)
     assert world.audit_path.read_bytes().endswith(b"\n")  # the half line was taken back at once
-    assert service.health() == (True, "")
+    assert service.health_report() == (True, "")
     decision = service.evaluate(PolicyEvaluate(spec=SPEC))
     assert world.records()[-1].decision_id == decision.decision_id
     assert audit.verify(world.audit_path).ok
@@ -323,7 +335,7 @@ def test_a_failed_audit_write_leaves_no_half_line_and_heals(world, monkeypatch):
 def test_a_restarted_service_continues_the_chain(world):
     service = started(world, PIDS_200)
     service.evaluate(PolicyEvaluate(spec=SPEC))
-    service.stop()
+    world.stop()
     started(world).evaluate(PolicyEvaluate(spec=SPEC))
     report = audit.verify(world.audit_path)
     assert (report.ok, report.records) == (True, 4)  # each process start audits the policy it loads

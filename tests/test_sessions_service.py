@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from baaaht.bus.errors import BusError
+from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.config import Config, Duration, PolicyConfig, SessionConfig, Size
@@ -44,6 +45,7 @@ S = SessionState
 IDLE_TIMEOUT = 60.0
 MAX_MESSAGE = 1000
 HOST_MAX_CONTAINERS = 3
+PEER_TIMEOUT = 5.0
 
 
 class World:
@@ -70,11 +72,14 @@ class World:
         )
 
     def _build(self) -> SessionService:
-        service = SessionService(
-            SessionStore.in_data_dir(self.config.data_dir), self.config, clock=self.clock
+        return SessionService(
+            SessionStore.in_data_dir(self.config.data_dir),
+            self.config,
+            events=self.bus,
+            policy=Peer(self.bus, "policy", timeout=PEER_TIMEOUT),
+            containers=Peer(self.bus, "container", timeout=PEER_TIMEOUT),
+            clock=self.clock,
         )
-        service.bus = self.bus
-        return service
 
     def events(self, event_type):
         return self.bus.events(event_type)
@@ -83,7 +88,7 @@ class World:
         return self.bus.topics()
 
     def restart(self) -> None:
-        self.service.stop()
+        self.service.on_stop()
         self.service = self._build()
 
     def create(self, **fields) -> str:
@@ -123,7 +128,7 @@ def error_of(call) -> BusError:
 def world(tmp_path):
     made = World(tmp_path)
     yield made
-    made.service.stop()
+    made.service.on_stop()
 
 
 # -- create, get, list --------------------------------------------------------------------------
@@ -190,7 +195,7 @@ def test_max_sessions_counts_only_sessions_that_are_not_closed(tmp_path):
         assert world.close(first).state is S.CLOSED
         world.create()
     finally:
-        world.service.stop()
+        world.service.on_stop()
 
 
 def test_unknown_and_empty_ids(world):

@@ -1,7 +1,7 @@
 """`python -m baaaht.services.containers --config FILE`: the container manager as its own process."""
 
 from baaaht.bus.runner import main
-from baaaht.services.containers.service import build
+from baaaht.services.containers.service import ContainerService
 
 if __name__ == "__main__":
-    main(build)
+    main(ContainerService)

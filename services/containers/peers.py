@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from baaaht.bus.errors import BusError
-from baaaht.bus.service import Publisher
+from baaaht.bus.peers import Calls, Peer
+from baaaht.bus.service import CallContext
+from baaaht.schemas.base import Request
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.policy import Decision, PolicyEvaluate, Principal
-from baaaht.schemas.sessions import SessionAttachContainer, SessionGet, SessionInfo, SessionState
+from baaaht.schemas.policy import Decision, Principal
+from baaaht.schemas.sessions import SessionInfo, SessionState
 from baaaht.services.containers.reconcile import SessionVerdict
 
 # Answers from the policy service that are its judgement of the request, passed on as they are;
@@ -29,30 +31,40 @@ class PolicyGate(Protocol):
         host_containers: int,
         session_containers: int,
         override: dict[str, Any],
+        ctx: CallContext | None = None,
     ) -> ContainerSpec:
         """The spec to create (the policy's enforced version, under the host policy tightened by the
         session's `override`); raises PERMISSION_DENIED naming the rules, or UNAVAILABLE when the policy
-        service cannot be asked."""
+        service cannot be asked (TIMEOUT when the caller's deadline passed meanwhile)."""
 
 
 class SessionDirectory(Protocol):
     def verdict(self, session_id: str) -> SessionVerdict:
         """open, closed or missing; raises BusError when the session service cannot be asked."""
 
-    def session(self, session_id: str) -> SessionInfo:
+    def session(self, session_id: str, ctx: CallContext | None = None) -> SessionInfo:
         """The session; raises NOT_FOUND naming it, or UNAVAILABLE when the session service cannot be
         asked."""
 
-    def attach(self, session_id: str, container_id: str) -> None:
+    def attach(self, session_id: str, container_id: str, ctx: CallContext | None = None) -> None:
         """Record the container as the session's. The session service's refusal (the session is not
         live, its max_containers is reached, it is gone) is raised as it is; UNAVAILABLE when the
         session service cannot be asked."""
 
 
+def is_policy_verdict(error: BusError, _request: Request) -> bool:
+    return error.code in POLICY_VERDICT_CODES
+
+
+def is_about_the_session(error: BusError, request: Request) -> bool:
+    """The session service's own answers about a session name it; anything else (no instance
+    registered, a broker NOT_FOUND for an unknown method, a timeout) means it was not consulted."""
+    return error.details.get("session_id") == getattr(request, "session_id", None)
+
+
 class BusPolicyGate:
-    def __init__(self, bus: Publisher, timeout: float):
-        self.bus = bus
-        self.timeout = timeout
+    def __init__(self, bus: Calls, timeout: float):
+        self.policy = Peer(bus, "policy", timeout=timeout, answered=is_policy_verdict)
 
     def evaluate(
         self,
@@ -61,24 +73,21 @@ class BusPolicyGate:
         host_containers: int,
         session_containers: int,
         override: dict[str, Any],
+        ctx: CallContext | None = None,
     ) -> ContainerSpec:
-        request = PolicyEvaluate(
-            spec=spec,
-            principal=principal,
-            override=override,
-            host_containers=host_containers,
-            session_containers=session_containers,
-        )
         try:
-            decision = self.bus.call(request, timeout=self.timeout)
+            decision = self.policy.evaluate(
+                ctx,
+                spec=spec,
+                principal=principal,
+                override=override,
+                host_containers=host_containers,
+                session_containers=session_containers,
+            )
         except BusError as exc:
             if exc.code in POLICY_VERDICT_CODES:
                 raise
-            raise BusError(
-                ErrorCode.UNAVAILABLE,
-                f"container creation refused: the policy service could not be consulted ({exc.message})",
-                {"policy_error": exc.code.value},
-            ) from None
+            raise BusError(exc.code, f"container creation refused: {exc.message}", exc.details) from None
         return enforced_or_denied(decision)
 
 
@@ -101,9 +110,8 @@ def enforced_or_denied(decision: Decision) -> ContainerSpec:
 
 
 class BusSessionDirectory:
-    def __init__(self, bus: Publisher, timeout: float):
-        self.bus = bus
-        self.timeout = timeout
+    def __init__(self, bus: Calls, timeout: float):
+        self.sessions = Peer(bus, "session", timeout=timeout, answered=is_about_the_session)
 
     def verdict(self, session_id: str) -> SessionVerdict:
         try:
@@ -114,23 +122,8 @@ class BusSessionDirectory:
             raise
         return "closed" if session.state == SessionState.CLOSED else "open"
 
-    def session(self, session_id: str) -> SessionInfo:
-        return self._ask(SessionGet(session_id=session_id), session_id)
+    def session(self, session_id: str, ctx: CallContext | None = None) -> SessionInfo:
+        return self.sessions.get(ctx, session_id=session_id)
 
-    def attach(self, session_id: str, container_id: str) -> None:
-        self._ask(SessionAttachContainer(session_id=session_id, container_id=container_id), session_id)
-
-    def _ask(self, request: SessionGet | SessionAttachContainer, session_id: str) -> SessionInfo:
-        try:
-            return self.bus.call(request, timeout=self.timeout)
-        except BusError as exc:
-            # The session service's own answers about a session name it; anything else (no instance
-            # registered, a broker NOT_FOUND for an unknown method, a timeout) means it was not consulted.
-            if exc.details.get("session_id") == session_id:
-                raise
-            raise BusError(
-                ErrorCode.UNAVAILABLE,
-                f"the session service could not be consulted about session {session_id} "
-                f"({exc.code.value}: {exc.message})",
-                {"session_error": exc.code.value},
-            ) from None
+    def attach(self, session_id: str, container_id: str, ctx: CallContext | None = None) -> None:
+        self.sessions.attach_container(ctx, session_id=session_id, container_id=container_id)

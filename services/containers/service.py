@@ -5,8 +5,8 @@ hardened, counted against the quota and judged by the policy service (on behalf 
 under the session's settings) before the engine sees it; the new container is then attached to its
 session, and removed again if the session refuses it. Calls on different containers run concurrently;
 at most `runtime.max_concurrent_ops` engine operations are in progress at once (long waits and streams
-do not hold a slot). Background threads check the engine, reconcile orphans and republish the engine's
-events on the bus.
+do not hold a slot). Background work (run by the service runner) checks the engine, reconciles
+orphans, republishes the engine's events on the bus and closes streams whose caller has gone.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from typing import Callable, Iterator
 
 import msgspec
 
+from baaaht.bus.background import Stopping, background
+from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
-from baaaht.bus.service import CallContext, Service, on_event, rpc
+from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config
@@ -80,7 +82,7 @@ from baaaht.services.containers.runtime import (
     RuntimeUnavailable,
     select_runtime,
 )
-from baaaht.services.containers.watchdog import Watchdog
+from baaaht.services.containers.watchdog import TICK, Watchdog
 
 log = logging.getLogger("baaaht.containers")
 
@@ -90,7 +92,6 @@ REMEMBERED_IDS = 4096
 ENGINE_CHECK_INTERVAL = 2.0
 RECONCILE_RETRY = 5.0  # after a reconcile that had to be skipped
 ORPHAN_STOP_TIMEOUT = 5.0
-EVENTS_BACKOFF_MAX = 5.0
 SLOT_WAIT_MAX = 300.0
 # The engine samples stats about once a second; a requested interval is met within this slack.
 STATS_SLACK = 0.1
@@ -109,21 +110,22 @@ class ContainerService(Service):
         runtime: Runtime | None,
         *,
         install_id: str,
+        events: Publisher,
+        policy: PolicyGate,
+        sessions: SessionDirectory,
         runtime_problem: str = "",
-        policy: PolicyGate | None = None,
-        sessions: SessionDirectory | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.runtime = runtime
         self.runtime_problem = runtime_problem or "no container runtime"
         self.install_id = install_id
+        self.events = events
         self.policy = policy
         self.sessions = sessions
         self.clock = clock
         self.defaults = Defaults.from_config(config)
         self.max_containers = config.policy.max_containers
         self.max_ops = config.runtime.max_concurrent_ops
-        self.peer_timeout = float(config.bus.call_timeout)
         self.reconcile_interval = float(config.container.reconcile_interval)
         self.orphan_grace = float(config.container.orphan_grace)
         self.agent_dir = Endpoints.for_config(config.bus).agent_dir
@@ -138,36 +140,40 @@ class ContainerService(Service):
         self._owned_lock = threading.Lock()
         self._engine_ok = False
         self._engine_reason = "the engine has not been checked yet"
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._event_stream = None
+        self._next_reconcile = 0.0
         self._translator = EventTranslator(install_id)
+        self._events_since = clock()  # the engine's events are republished from here on
+        self._seen_at_since: set[tuple[str, str]] = set()
+
+    @classmethod
+    def from_config(cls, config: Config, bus: BusClient) -> "ContainerService":
+        try:
+            runtime, problem = select_runtime(config), ""
+        except RuntimeConfigError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
+        except RuntimeUnavailable as exc:
+            runtime, problem = None, str(exc)
+        timeout = float(config.bus.call_timeout)
+        return cls(
+            config,
+            runtime,
+            install_id=load_or_create(config.data_dir),
+            events=bus,
+            policy=BusPolicyGate(bus, timeout),
+            sessions=BusSessionDirectory(bus, timeout),
+            runtime_problem=problem,
+        )
 
     # -- life cycle -------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self.policy = self.policy or BusPolicyGate(self.bus, self.peer_timeout)
-        self.sessions = self.sessions or BusSessionDirectory(self.bus, self.peer_timeout)
-        self.watchdog.start()
-        for target, name in (
-            (self._maintain, "container-maintenance"),
-            (self._follow_events, "container-events"),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    def on_start(self) -> None:
+        self.check_engine()  # registered healthy at once when the engine answers
 
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._event_stream is not None:
-            self._event_stream.close()
-        for thread in self._threads:
-            thread.join(5.0)
-        self.watchdog.stop()
+    def on_stop(self) -> None:
         if self.runtime is not None:
             self.runtime.close()
 
-    def health(self) -> tuple[bool, str]:
+    def health_report(self) -> tuple[bool, str]:
         if self.runtime is None:
             return False, self.runtime_problem
         return self._engine_ok, self._engine_reason
@@ -245,7 +251,7 @@ class ContainerService(Service):
     @rpc
     def create(self, req: ContainerCreate, ctx: CallContext) -> CreateResult:
         validation.validate_create(req)
-        session = self._open_session(req.session_id)
+        session = self._open_session(req.session_id, ctx)
         override = session_scope.policy_override(session)
         # The session's own volumes are the orchestrator's to allow, so the policy does not judge them.
         spec, own_volumes = self._own_volumes(harden(req.spec, self.defaults), req.session_id, ctx)
@@ -254,24 +260,24 @@ class ContainerService(Service):
             self._ensure_image(spec.image, ctx)
         with self._quota_reservation(ctx, req.session_id) as (host_containers, session_containers):
             principal = session_scope.principal_for(session, req.role)
-            spec = self.policy.evaluate(spec, principal, host_containers, session_containers, override)
+            spec = self.policy.evaluate(spec, principal, host_containers, session_containers, override, ctx)
             spec = msgspec.structs.replace(spec, mounts=[*spec.mounts, *own_volumes])
             spec = attach_identity(spec, Identity(self.install_id, req.session_id, req.role), bus)
             with self._engine(ctx) as runtime:
                 container_id, warnings = runtime.create(spec)
         self._remember(container_id)
-        self._attach_or_remove(req.session_id, container_id)
+        self._attach_or_remove(req.session_id, container_id, ctx)
         log.info(
             "container created",
             extra={"container": container_id, "container_name": spec.name, "session": req.session_id},
         )
         return CreateResult(id=container_id, name=spec.name, spec=spec, warnings=warnings)
 
-    def _open_session(self, session_id: str, what: str = "container") -> SessionInfo:
+    def _open_session(self, session_id: str, ctx: CallContext, what: str = "container") -> SessionInfo:
         """The session the container (or volume) is for; refused unless it exists and is active or idle.
         Without the session service nothing is created (fail closed)."""
         try:
-            session = self.sessions.session(session_id)
+            session = self.sessions.session(session_id, ctx)
         except BusError as exc:
             raise BusError(exc.code, f"{what} creation refused: {exc.message}", exc.details) from None
         session_scope.require_open(session, what)
@@ -292,12 +298,12 @@ class ContainerService(Service):
 
             return session_volumes.split_own_volumes(spec, self.install_id, session_id, lookup)
 
-    def _attach_or_remove(self, session_id: str, container_id: str) -> None:
+    def _attach_or_remove(self, session_id: str, container_id: str, ctx: CallContext) -> None:
         """Record the new container as its session's. If the session refuses it (its max_containers is
         reached, it began closing meanwhile) or cannot be asked, the container is removed again and
         the refusal is the create's answer."""
         try:
-            self.sessions.attach(session_id, container_id)
+            self.sessions.attach(session_id, container_id, ctx)
             return
         except BusError as exc:
             refusal = exc
@@ -371,7 +377,7 @@ class ContainerService(Service):
     # -- life-cycle operations ---------------------------------------------------------------------
 
     @rpc
-    def start_container(self, req: ContainerStart, ctx: CallContext) -> Empty:
+    def start(self, req: ContainerStart, ctx: CallContext) -> Empty:
         self._bring_to_life(req.id, ctx, lambda runtime, container_id: runtime.start(container_id))
         return Empty()
 
@@ -387,7 +393,7 @@ class ContainerService(Service):
                 operation(runtime, info.id)
 
     @rpc
-    def stop_container(self, req: ContainerStop, ctx: CallContext) -> Empty:
+    def stop(self, req: ContainerStop, ctx: CallContext) -> Empty:
         validation.require_non_negative("timeout", req.timeout)
         with self._engine(ctx) as runtime:
             runtime.stop(self._owned(req.id, runtime), req.timeout)
@@ -448,7 +454,7 @@ class ContainerService(Service):
             return self._owned_info(req.id, runtime)
 
     @rpc
-    def list_containers(self, req: ContainerListQuery, ctx: CallContext) -> ContainerList:
+    def list(self, req: ContainerListQuery, ctx: CallContext) -> ContainerList:
         labels = dict(req.labels)
         if req.session_id:
             labels[LABEL_SESSION] = req.session_id
@@ -503,7 +509,7 @@ class ContainerService(Service):
         ctx.check()
 
     @rpc
-    def check_health(self, req: ContainerHealth, ctx: CallContext) -> HealthReport:
+    def health(self, req: ContainerHealth, ctx: CallContext) -> HealthReport:
         with self._engine(ctx) as runtime:
             return runtime.health(self._owned(req.id, runtime))
 
@@ -551,7 +557,7 @@ class ContainerService(Service):
     def volume_create(self, req: VolumeCreate, ctx: CallContext) -> VolumeInfo:
         validation.validate_session_id(req.session_id)
         name = session_volumes.volume_name(self.install_id, req.session_id, req.name)
-        self._open_session(req.session_id, "volume")
+        self._open_session(req.session_id, ctx, "volume")
         labels = session_volumes.volume_labels(self.install_id, req.session_id, req.name)
         with self._engine(ctx) as runtime:
             volume = runtime.create_volume(name, labels)
@@ -675,45 +681,45 @@ class ContainerService(Service):
             removed.append(volume.name)
         return removed, failed
 
-    # -- background threads ---------------------------------------------------------------------------
+    # -- background work ------------------------------------------------------------------------------
 
-    def _maintain(self) -> None:
-        next_reconcile = 0.0
-        while not self._stopping.is_set():
-            if self.check_engine() and time.monotonic() >= next_reconcile:
-                try:
-                    report = self.reconcile_now()
-                except (BusError, EngineError) as exc:
-                    log.warning("reconcile failed: %s", exc.message)
-                    report = ReconcileReport(skipped=exc.message)
-                delay = RECONCILE_RETRY if report.skipped else self.reconcile_interval
-                next_reconcile = time.monotonic() + min(delay, self.reconcile_interval)
-            self._stopping.wait(ENGINE_CHECK_INTERVAL)
+    @background(every=ENGINE_CHECK_INTERVAL)
+    def maintain(self) -> None:
+        """Check the engine; while it answers, reconcile every `container.reconcile_interval` (sooner
+        again after a reconcile that had to be skipped)."""
+        if not self.check_engine() or time.monotonic() < self._next_reconcile:
+            return
+        try:
+            report = self.reconcile_now()
+        except (BusError, EngineError) as exc:
+            log.warning("reconcile failed: %s", exc.message)
+            report = ReconcileReport(skipped=exc.message)
+        delay = RECONCILE_RETRY if report.skipped else self.reconcile_interval
+        self._next_reconcile = time.monotonic() + min(delay, self.reconcile_interval)
 
-    def _follow_events(self) -> None:
-        """Republish the engine's events; after a broken feed, reconnect from the last event seen."""
-        since = self.clock()
-        seen_at_since: set[tuple[str, str]] = set()
-        backoff = 0.5
-        while not self._stopping.is_set():
-            if self.runtime is not None and self._engine_ok:
-                try:
-                    self._event_stream = self.runtime.events(since)
-                    for event in self._event_stream:
-                        backoff = 0.5
-                        key = (event.id, event.action)
-                        if event.time < since or (event.time == since and key in seen_at_since):
-                            continue  # replayed after a reconnect
-                        if event.time > since:
-                            since, seen_at_since = event.time, set()
-                        seen_at_since.add(key)
-                        published = self._translator.translate(event)
-                        if published is not None:
-                            self.bus.publish(published)
-                except (BusError, EngineError) as exc:
-                    log.warning("engine event feed broke: %s", exc.message)
-            self._stopping.wait(backoff)
-            backoff = min(backoff * 2, EVENTS_BACKOFF_MAX)
+    @background(every=TICK)
+    def close_abandoned_streams(self) -> None:
+        self.watchdog.close_abandoned()
+
+    @background
+    def republish_engine_events(self, stopping: Stopping) -> None:
+        """Republish the engine's events; a broken feed raises and is followed again (with backoff)
+        from the last event seen. While the engine is down there is nothing to follow."""
+        if self.runtime is None or not self._engine_ok:
+            return
+        with stopping.closing(self.runtime.events(self._events_since)) as stream:
+            for event in stream:
+                key = (event.id, event.action)
+                if event.time < self._events_since or (
+                    event.time == self._events_since and key in self._seen_at_since
+                ):
+                    continue  # replayed after a reconnect
+                if event.time > self._events_since:
+                    self._events_since, self._seen_at_since = event.time, set()
+                self._seen_at_since.add(key)
+                published = self._translator.translate(event)
+                if published is not None:
+                    self.events.publish(published)
 
 
 def removed_from_engine(remove: Callable[[], None], what: str) -> bool:
@@ -726,17 +732,3 @@ def removed_from_engine(remove: Callable[[], None], what: str) -> bool:
         log.error("could not remove %s: %s", what, exc.message)
         return False
     return True
-
-
-def build(config: Config) -> ContainerService:
-    try:
-        runtime, problem = select_runtime(config), ""
-    except RuntimeConfigError as exc:
-        raise SystemExit(f"configuration error: {exc}") from None
-    except RuntimeUnavailable as exc:
-        runtime, problem = None, str(exc)
-    service = ContainerService(
-        config, runtime, install_id=load_or_create(config.data_dir), runtime_problem=problem
-    )
-    service.check_engine()
-    return service

@@ -1,5 +1,6 @@
-"""Ends engine streams whose caller has gone: one thread closes every guarded stream whose call was
-cancelled or whose deadline passed, which unblocks the handler reading it."""
+"""Ends engine streams whose caller has gone: `close_abandoned` (run every TICK as the container
+manager's background work) closes every guarded stream whose call was cancelled or whose deadline
+passed, which unblocks the handler reading it."""
 
 from __future__ import annotations
 
@@ -15,22 +16,10 @@ TICK = 0.05
 
 
 class Watchdog:
-    def __init__(self, tick: float = TICK):
-        self.tick = tick
+    def __init__(self):
         self._guarded: dict[int, tuple[CallContext, Stream]] = {}
         self._keys = itertools.count()
         self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="container-watchdog", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread is not None:
-            self._thread.join(2.0)
 
     @contextlib.contextmanager
     def guard(self, ctx: CallContext, stream: Stream) -> Iterator[Stream]:
@@ -46,11 +35,10 @@ class Watchdog:
                 self._guarded.pop(key, None)
             stream.close()
 
-    def _run(self) -> None:
-        while not self._stopped.wait(self.tick):
-            with self._lock:
-                expired = [
-                    s for ctx, s in self._guarded.values() if ctx.cancelled.is_set() or ctx.remaining() <= 0
-                ]
-            for stream in expired:
-                stream.close()
+    def close_abandoned(self) -> None:
+        with self._lock:
+            expired = [
+                s for ctx, s in self._guarded.values() if ctx.cancelled.is_set() or ctx.remaining() <= 0
+            ]
+        for stream in expired:
+            stream.close()

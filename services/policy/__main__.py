@@ -1,7 +1,7 @@
 """`python -m baaaht.services.policy --config FILE`: the policy engine service process."""
 
 from baaaht.bus.runner import main
-from baaaht.services.policy.service import build
+from baaaht.services.policy.service import PolicyService
 
 if __name__ == "__main__":
-    main(build)
+    main(PolicyService)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 import threading
 import time
 import uuid
@@ -24,8 +23,10 @@ from typing import Iterator, Protocol
 
 import msgspec
 
+from baaaht.bus.background import background
+from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, invalid, not_found, precondition, unavailable
-from baaaht.bus.service import CallContext, Service, rpc
+from baaaht.bus.service import CallContext, Publisher, Service, rpc
 from baaaht.common.endpoints import Endpoints
 from baaaht.common.policy import document
 from baaaht.schemas.config import Config
@@ -148,8 +149,10 @@ class PolicyService(Service):
         defaults: document.HostDefaults,
         host_paths: HostPaths,
         *,
+        events: Publisher,
         reload_interval: float = 2.0,
     ):
+        self.events = events
         self.source = source
         self.audit_path = Path(audit_path)
         self.defaults = defaults
@@ -163,41 +166,40 @@ class PolicyService(Service):
         self._audit: audit.AuditLog | None = None
         self._audit_problem = ""
         self._audit_lock = threading.Lock()
-        self._reload_requested = threading.Event()
-        self._stopping = threading.Event()
-        self._watcher: threading.Thread | None = None
-        self._previous_sighup = None
-        self._sighup_installed = False
 
-        # Loaded before the runner registers the service, so it registers healthy; announced at start.
-        self._open_audit_quietly()
-        self._initial_load = self._swap(force=True)
+    @classmethod
+    def from_config(cls, config: Config, bus: BusClient) -> "PolicyService":
+        return cls(
+            source=PolicyFile(config.policy.path),
+            audit_path=audit.log_path(config.data_dir),
+            defaults=document.HostDefaults.for_config(config),
+            host_paths=host_paths_for(config),
+            events=bus,
+            reload_interval=float(config.policy.reload_interval),
+        )
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def on_start(self) -> None:
+        """Open the audit log and load the policy: the runner reports the service healthy only after."""
+        self._open_audit_quietly()
         with self._reload_lock:
-            self._announce(self._initial_load)
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
-            self._sighup_installed = True
-        self._watcher = threading.Thread(target=self._watch, name="policy-watch", daemon=True)
-        self._watcher.start()
+            self._announce(self._swap(force=True))
 
-    def stop(self) -> None:
-        if self._sighup_installed and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
-            self._sighup_installed = False
-        self._stopping.set()
-        self._reload_requested.set()
-        if self._watcher is not None:
-            self._watcher.join(5.0)
+    def on_reload(self) -> None:
+        self.reload_quietly(force=True)
+
+    @background(every=lambda self: self.reload_interval)
+    def watch_file(self) -> None:
+        self.reload_quietly(force=False)
+
+    def on_stop(self) -> None:
         with self._audit_lock:
             if self._audit is not None:
                 self._audit.close()
                 self._audit = None
 
-    def health(self) -> tuple[bool, str]:
+    def health_report(self) -> tuple[bool, str]:
         """Asked at every heartbeat. An unhealthy service gets no requests, so this is also where an
         audit log that was moved aside, or a disk that has room again, is found usable again."""
         if self._audit_problem:
@@ -207,17 +209,6 @@ class PolicyService(Service):
         if self._audit_problem:
             return False, self._audit_problem
         return True, ""
-
-    def _on_sighup(self, _signum, _frame) -> None:
-        self._reload_requested.set()
-
-    def _watch(self) -> None:
-        while not self._stopping.is_set():
-            forced = self._reload_requested.wait(self.reload_interval)
-            self._reload_requested.clear()
-            if self._stopping.is_set():
-                return
-            self.reload_quietly(force=forced)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -293,7 +284,7 @@ class PolicyService(Service):
         if loading.error is not None:
             log.error("policy refused", extra={"source": loading.source, "error": str(loading.error)})
             self._audit_reload("refused", loading.previous.version if loading.previous else "")
-            self.bus.publish(
+            self.events.publish(
                 PolicyReloadFailed(
                     source=loading.source, error=str(loading.error), errors=loading.error.errors
                 )
@@ -304,7 +295,7 @@ class PolicyService(Service):
             return
         log.info("policy loaded", extra={"source": loading.source, "version": loading.policy.version})
         self._audit_reload("applied", loading.policy.version)
-        self.bus.publish(
+        self.events.publish(
             PolicyReloaded(
                 version=loading.policy.version, previous_version=previous_version, source=loading.source
             )
@@ -431,7 +422,7 @@ class PolicyService(Service):
             )
         )
         if decision.violations:
-            self.bus.publish(
+            self.events.publish(
                 PolicyViolation(
                     decision_id=decision.decision_id,
                     outcome=decision.outcome,
@@ -524,13 +515,3 @@ class PolicyService(Service):
             warnings=document.allowlist_symlink_warnings(loaded.mounts.allowlist),
             version=document.version_of(loaded),
         )
-
-
-def build(config: Config) -> PolicyService:
-    return PolicyService(
-        source=PolicyFile(config.policy.path),
-        audit_path=audit.log_path(config.data_dir),
-        defaults=document.HostDefaults.for_config(config),
-        host_paths=host_paths_for(config),
-        reload_interval=float(config.policy.reload_interval),
-    )

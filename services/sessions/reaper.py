@@ -14,8 +14,8 @@ import time
 from typing import Iterable
 
 from baaaht.bus.errors import BusError
-from baaaht.bus.service import Publisher
-from baaaht.schemas.containers import ContainerDestroy, ContainerListQuery
+from baaaht.bus.peers import Peer
+from baaaht.bus.service import CallContext
 from baaaht.schemas.errors import ErrorCode
 
 log = logging.getLogger("baaaht.session.reaper")
@@ -24,9 +24,10 @@ RETRY_INTERVAL = 0.5  # between attempts while the container manager is unavaila
 
 
 class ContainerReaper:
-    def __init__(self, timeout: float, stopping: threading.Event):
+    def __init__(self, timeout: float, stopping: threading.Event, containers: Peer):
         self.timeout = timeout
         self.stopping = stopping
+        self.containers = containers
         self._changed = threading.Condition()
         self._watches: list[set[str]] = []  # ids removed since each running removal started
 
@@ -42,7 +43,7 @@ class ContainerReaper:
         with self._changed:
             self._changed.notify_all()
 
-    def remove_all(self, bus: Publisher, session_id: str, known: Iterable[str]) -> list[str]:
+    def remove_all(self, session_id: str, known: Iterable[str]) -> list[str]:
         """Destroy every container of the session (those the container manager lists plus those
         `known` to the session); return the ids not confirmed removed within the timeout."""
         deadline = time.monotonic() + self.timeout
@@ -51,10 +52,10 @@ class ContainerReaper:
             # Watch before listing, so a removal that happens meanwhile is not missed.
             self._watches.append(seen)
         try:
-            listed = self._listed(bus, session_id, deadline)
+            listed = self._listed(session_id, deadline)
             pending = set(known) | (listed or set())
             for container_id in sorted(pending):
-                if self._destroy(bus, container_id, deadline):
+                if self._destroy(container_id, deadline):
                     seen.add(container_id)
             with self._changed:
                 self._changed.wait_for(
@@ -67,7 +68,7 @@ class ContainerReaper:
                 self._watches.remove(seen)
         if remaining:
             # An event may have been lost or not yet arrived: ask once more what is really left.
-            still_listed = self._listed(bus, session_id, time.monotonic() + RETRY_INTERVAL)
+            still_listed = self._listed(session_id, time.monotonic() + RETRY_INTERVAL)
             if still_listed is not None:
                 remaining &= still_listed
         if remaining:
@@ -77,11 +78,11 @@ class ContainerReaper:
             )
         return sorted(remaining)
 
-    def _listed(self, bus: Publisher, session_id: str, deadline: float) -> set[str] | None:
+    def _listed(self, session_id: str, deadline: float) -> set[str] | None:
         """The container ids the container manager has for the session; None if it never answered."""
         while True:
             try:
-                reply = bus.call(ContainerListQuery(session_id=session_id), timeout=self._left(deadline))
+                reply = self.containers.list(self._within(deadline), session_id=session_id)
                 return {container.id for container in reply.containers}
             except BusError as exc:
                 if not self._retry(exc, deadline):
@@ -91,11 +92,11 @@ class ContainerReaper:
                     )
                     return None
 
-    def _destroy(self, bus: Publisher, container_id: str, deadline: float) -> bool:
+    def _destroy(self, container_id: str, deadline: float) -> bool:
         """Ask for removal; True if the container is known to be gone already."""
         while True:
             try:
-                bus.call(ContainerDestroy(id=container_id, force=True), timeout=self._left(deadline))
+                self.containers.destroy(self._within(deadline), id=container_id, force=True)
                 return False
             except BusError as exc:
                 if exc.code is ErrorCode.NOT_FOUND:
@@ -114,5 +115,6 @@ class ContainerReaper:
         return pause > 0 and not self.stopping.wait(pause)
 
     @staticmethod
-    def _left(deadline: float) -> float:
-        return max(0.1, deadline - time.monotonic())
+    def _within(deadline: float) -> CallContext:
+        """A call bounded by the removal's (monotonic) deadline, given at least a moment."""
+        return CallContext(deadline=time.time() + max(0.1, deadline - time.monotonic()))

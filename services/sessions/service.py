@@ -16,14 +16,16 @@ from typing import Callable
 
 import msgspec
 
-from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
-from baaaht.bus.service import CallContext, Service, on_event, rpc
+from baaaht.bus.background import background
+from baaaht.bus.client import BusClient
+from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition
+from baaaht.bus.peers import Peer
+from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.schemas.base import Empty, Event
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.config import Config
-from baaaht.schemas.containers import ContainerDied, ContainerListQuery, ContainerRemoved
+from baaaht.schemas.containers import ContainerDied, ContainerRemoved
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.policy import PolicyValidate
 from baaaht.schemas.sessions import (
     Message,
     MessagePage,
@@ -57,11 +59,9 @@ log = logging.getLogger("baaaht.session")
 
 EXPIRED = "expired: max_duration reached"
 CLOSED_ON_REQUEST = "closed on request"
-STOP_TIMEOUT = 5.0  # seconds stop() gives background work to finish
+STOP_TIMEOUT = 5.0  # seconds on_stop gives closings in progress to finish
 CLOSE_SLACK = 5.0  # seconds a waiting close allows beyond session.close_timeout (final listing, commit)
 ANSWER_MARGIN = 0.5  # seconds before the caller's deadline when a waiting close answers anyway
-POLICY_CHECK_TIMEOUT = 5.0
-RECONCILE_TIMEOUT = 5.0
 
 _encode_json = msgspec.json.Encoder().encode
 
@@ -81,38 +81,51 @@ class SessionService(Service):
     name = "session"
     concurrency = 16  # closes may wait for container removal; keep threads free for everything else
 
-    def __init__(self, store: SessionStore, config: Config, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        store: SessionStore,
+        config: Config,
+        *,
+        events: Publisher,
+        policy: Peer,
+        containers: Peer,
+        clock: Callable[[], float] = time.time,
+    ):
         self.store = store
         self.limits = config.session
         self.host_max_containers = config.policy.max_containers
+        self.events = events
+        self.policy = policy
+        self.containers = containers
         self.clock = clock
         self._stopping = threading.Event()
-        self.reaper = ContainerReaper(float(self.limits.close_timeout), self._stopping)
+        self.reaper = ContainerReaper(float(self.limits.close_timeout), self._stopping, containers)
         self._closers: dict[str, threading.Thread] = {}
         self._closers_lock = threading.Lock()
-        self._sweeper: threading.Thread | None = None
-        self._sweep_problem = ""
         self._containers_reconciled = False
+
+    @classmethod
+    def from_config(cls, config: Config, bus: BusClient) -> "SessionService":
+        timeout = float(config.bus.call_timeout)
+        return cls(
+            SessionStore.in_data_dir(config.data_dir),
+            config,
+            events=bus,
+            policy=Peer(bus, "policy", timeout=timeout),
+            containers=Peer(bus, "container", timeout=timeout),
+        )
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._sweeper = threading.Thread(target=self._sweep_loop, name="session-sweep", daemon=True)
-        self._sweeper.start()
-
-    def stop(self) -> None:
+    def on_stop(self) -> None:
         self._stopping.set()
         self.reaper.wake()
         deadline = time.monotonic() + STOP_TIMEOUT
         with self._closers_lock:
             workers = list(self._closers.values())
-        for worker in [self._sweeper, *workers]:
-            if worker is not None:
-                worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
-
-    def health(self) -> tuple[bool, str]:
-        return (False, self._sweep_problem) if self._sweep_problem else (True, "")
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -157,12 +170,11 @@ class SessionService(Service):
 
     def _check_policy_override(self, override: dict, ctx: CallContext) -> None:
         """Ask the policy engine whether the override fits: it may only tighten the host policy."""
-        check = PolicyValidate(text=_encode_json(override).decode(), as_override=True)
         try:
-            result = self.bus.call(check, timeout=max(0.1, min(ctx.remaining(), POLICY_CHECK_TIMEOUT)))
+            result = self.policy.validate(ctx, text=_encode_json(override).decode(), as_override=True)
         except BusError as exc:
-            raise unavailable(
-                f"cannot check settings.policy_override with the policy engine: {exc.message}"
+            raise BusError(
+                exc.code, f"cannot check settings.policy_override: {exc.message}", exc.details
             ) from None
         if not result.valid:
             problems = "; ".join(f"{error.path}: {error.message}" for error in result.errors)
@@ -377,6 +389,7 @@ class SessionService(Service):
 
     # -- idleness, expiry and closing ---------------------------------------------------------
 
+    @background(every=lambda self: float(self.limits.sweep_interval), marks_unhealthy=True)
     def sweep(self) -> None:
         """One pass: idle sessions go idle, expired ones are closed, interrupted closings resume,
         and (until it has worked once) containers removed while we were down are forgotten."""
@@ -399,7 +412,7 @@ class SessionService(Service):
                 continue
             asked_at = self.clock()
             try:
-                listed = self.bus.call(ContainerListQuery(session_id=session.id), timeout=RECONCILE_TIMEOUT)
+                listed = self.containers.list(None, session_id=session.id)
             except BusError as exc:
                 log.info("container list not reconciled yet", extra={"reason": exc.message})
                 return False
@@ -416,17 +429,6 @@ class SessionService(Service):
 
     def idle_timeout(self, session: SessionInfo) -> float:
         return session.settings.idle_timeout or float(self.limits.timeout)
-
-    def _sweep_loop(self) -> None:
-        while True:
-            try:
-                self.sweep()
-                self._sweep_problem = ""
-            except Exception as exc:
-                log.exception("session sweep failed")
-                self._sweep_problem = f"sweep failed: {type(exc).__name__}: {exc}"
-            if self._stopping.wait(float(self.limits.sweep_interval)):
-                return
 
     def _go_idle(self, session_id: str) -> None:
         with self.store.write() as tx:
@@ -485,7 +487,7 @@ class SessionService(Service):
             session = self.store.get(session_id)
             if session is None or session.state is not CLOSING:
                 return
-            remaining = self.reaper.remove_all(self.bus, session_id, [c.id for c in session.containers])
+            remaining = self.reaper.remove_all(session_id, [c.id for c in session.containers])
             if self._stopping.is_set():
                 return  # shutting down: the next start resumes the closing
             with self.store.write() as tx:
@@ -536,7 +538,7 @@ class SessionService(Service):
     def _publish_after(self, tx: Transaction, event: Event, subtopic: str = "") -> None:
         """Publish the event once the change is committed. The store's lock is still held then and
         the bus connection sends in the order it is given messages, so events leave in commit order."""
-        tx.after_commit(lambda: self.bus.publish(event, subtopic))
+        tx.after_commit(lambda: self.events.publish(event, subtopic))
 
 
 def require_live(session: SessionInfo, action: str) -> None:
@@ -547,7 +549,3 @@ def require_live(session: SessionInfo, action: str) -> None:
             session_id=session.id,
             state=session.state.value,
         )
-
-
-def build(config: Config) -> SessionService:
-    return SessionService(SessionStore.in_data_dir(config.data_dir), config)

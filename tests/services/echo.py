@@ -11,10 +11,12 @@ from typing import ClassVar, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a checkout
 
+from baaaht.bus.client import BusClient  # noqa: E402
 from baaaht.bus.errors import BusError  # noqa: E402
 from baaaht.bus.runner import main  # noqa: E402
-from baaaht.bus.service import CallContext, Service, on_event, rpc  # noqa: E402
+from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc  # noqa: E402
 from baaaht.schemas.base import Event, Request, Response  # noqa: E402
+from baaaht.schemas.config import Config  # noqa: E402
 from baaaht.schemas.errors import ErrorCode  # noqa: E402
 
 
@@ -57,6 +59,7 @@ class Emit(Request, tag="echo.emit", kw_only=True):
 class Seen(Response, kw_only=True):
     topics: list[str]
     cancelled_streams: int
+    reloads: int = 0
 
 
 class SeenQuery(Request, tag="echo.seen", kw_only=True):
@@ -67,10 +70,20 @@ class EchoService(Service):
     name = "echo"
     concurrency = 16
 
-    def __init__(self):
+    def __init__(self, events: Publisher):
+        self.events = events
         self.seen: list[str] = []
         self.cancelled_streams = 0
+        self.reloads = 0
         self.lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config, bus: BusClient) -> "EchoService":
+        return cls(events=bus)
+
+    def on_reload(self) -> None:
+        with self.lock:
+            self.reloads += 1
 
     @rpc
     def say(self, request: Say, context: CallContext) -> Said:
@@ -105,12 +118,14 @@ class EchoService(Service):
     @rpc
     def emit(self, request: Emit) -> None:
         for _ in range(request.times):
-            self.bus.publish(Shout(text=request.text), subtopic="loud")
+            self.events.publish(Shout(text=request.text), subtopic="loud")
 
     @rpc
     def seen_query(self, request: SeenQuery) -> Seen:
         with self.lock:
-            return Seen(topics=list(self.seen), cancelled_streams=self.cancelled_streams)
+            return Seen(
+                topics=list(self.seen), cancelled_streams=self.cancelled_streams, reloads=self.reloads
+            )
 
     @on_event("echo.*")
     def on_shout(self, event: Shout) -> None:
@@ -119,4 +134,4 @@ class EchoService(Service):
 
 
 if __name__ == "__main__":
-    main(lambda config: EchoService())
+    main(EchoService)

@@ -14,10 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a checkout
 
+from baaaht.bus.client import BusClient  # noqa: E402
 from baaaht.bus.errors import not_found  # noqa: E402
 from baaaht.bus.runner import main  # noqa: E402
-from baaaht.bus.service import Service, rpc  # noqa: E402
+from baaaht.bus.service import Publisher, Service, rpc  # noqa: E402
 from baaaht.schemas.base import Empty  # noqa: E402
+from baaaht.schemas.config import Config  # noqa: E402
 from baaaht.schemas.containers import (  # noqa: E402
     ContainerCreate,
     ContainerCreated,
@@ -36,9 +38,14 @@ class FakeContainerService(Service):
     name = "container"
     concurrency = 8
 
-    def __init__(self):
+    def __init__(self, events: Publisher):
+        self.events = events
         self.containers: dict[str, ContainerSummary] = {}
         self.lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config, bus: BusClient) -> "FakeContainerService":
+        return cls(events=bus)
 
     @rpc
     def create(self, request: ContainerCreate) -> CreateResult:
@@ -53,7 +60,7 @@ class FakeContainerService(Service):
         )
         with self.lock:
             self.containers[container_id] = summary
-        self.bus.publish(
+        self.events.publish(
             ContainerCreated(container_id=container_id, name=name, session_id=request.session_id)
         )
         return CreateResult(id=container_id, name=name, spec=request.spec)
@@ -77,11 +84,11 @@ class FakeContainerService(Service):
             if summary.name.startswith(STUCK_PREFIX):
                 return Empty()
             del self.containers[request.id]
-        self.bus.publish(
+        self.events.publish(
             ContainerRemoved(container_id=summary.id, name=summary.name, session_id=summary.session_id)
         )
         return Empty()
 
 
 if __name__ == "__main__":
-    main(lambda config: FakeContainerService())
+    main(FakeContainerService)
