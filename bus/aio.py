@@ -1,4 +1,4 @@
-"""The asyncio bus client: the blocking client's contract on an event loop.
+"""The asyncio face of the connection core: the blocking client's contract on an event loop.
 
     async with AsyncBusClient.for_config(config) as bus:
         session = await bus.call(SessionGet(id=sid))
@@ -7,32 +7,32 @@
         async for delivery in bus.subscribe(["session.message."]):
             ...
 
-One task owns the DEALER: it reads replies, sends heartbeats and rebuilds the
-socket when the broker falls silent, as the blocking client's I/O thread does.
+The connection is the blocking client's (bus/connection.py: an I/O thread driving
+bus/protocol.py's ClientCore), so reconnecting, heartbeats, liveness and the
+bookkeeping of calls exist once; this face only hands replies over to the event loop.
+Calls, cancels and events never block the loop: they are queued for the I/O thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import msgspec
-import zmq
 import zmq.asyncio
 
 from baaaht.bus import wire
-from baaaht.bus.client import client_settings, decoder_for, response_type_of
+from baaaht.bus.client import PendingCall, client_settings, decoder_for, response_type_of
+from baaaht.bus.connection import Connection
 from baaaht.bus.errors import BusError
-from baaaht.bus.subscription import NOW, Delivery, EventOrder, sub_socket
+from baaaht.bus.protocol import Reply
+from baaaht.bus.subscription import Delivery, EventOrder, sub_socket
 from baaaht.schemas.base import Event, Request, target_of, topic_of
 from baaaht.schemas.config import Config
-from baaaht.schemas.errors import ErrorBody, ErrorCode
+from baaaht.schemas.errors import ErrorCode
 
-log = logging.getLogger("baaaht.bus")
 _encode = msgspec.msgpack.Encoder().encode
 
 
@@ -45,21 +45,24 @@ class AsyncBusClient:
         timeout: float = 10.0,
         heartbeat_interval: float = 1.0,
         liveness: int = 3,
+        connection: Connection | None = None,
     ):
         self.endpoint = endpoint
         self.events_endpoint = events_endpoint
         self.timeout = timeout
-        self.heartbeat_interval = heartbeat_interval
-        self.liveness = liveness
-        self.context = zmq.asyncio.Context.instance()
-        self._pending: dict[str, asyncio.Queue] = {}
-        self._ids = itertools.count(1)
-        self._dealer = self._new_dealer()
-        self._task: asyncio.Task | None = None
+        self.context = zmq.asyncio.Context.instance()  # for the subscriptions' SUB sockets
+        self.connection = connection or Connection(
+            endpoint, heartbeat_interval=heartbeat_interval, liveness=liveness
+        )
 
     @classmethod
     def for_config(cls, config: Config, *, timeout: float | None = None) -> "AsyncBusClient":
         return cls(**client_settings(config, timeout))
+
+    @property
+    def connected(self) -> bool:
+        """Whether a broker is connected now (the socket monitor's view, and liveness)."""
+        return self.connection.core.connected
 
     async def __aenter__(self) -> "AsyncBusClient":
         return self
@@ -68,12 +71,8 @@ class AsyncBusClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        self._dealer.close(linger=0)
-        self._fail_pending(ErrorCode.CANCELLED, "the connection was closed")
+        """DISCONNECT from the broker; calls still open get CANCELLED."""
+        await asyncio.to_thread(self.connection.close)
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -84,134 +83,74 @@ class AsyncBusClient:
     async def call_raw(
         self, target: str, body: bytes, timeout: float | None = None, correlation_id: str = ""
     ) -> bytes:
-        request_id, deadline = await self._send_request(target, body, timeout, correlation_id, stream=False)
-        try:
-            _kind, _header, result = await self._next_reply(request_id, target, deadline)
-            return result
-        finally:
-            self._pending.pop(request_id, None)
+        call, replies = self._open(target, body, timeout, correlation_id, stream=False)
+        with call:
+            return (await _next_reply(call, replies))[2]
 
     async def stream(
         self, request: Request, timeout: float | None = None, correlation_id: str = ""
     ) -> AsyncIterator[Any]:
         """Partial results; closing the generator (or leaving the loop early) cancels the call."""
         decode = decoder_for(response_type_of(request)).decode
-        target = target_of(type(request))
-        request_id, deadline = await self._send_request(
-            target, _encode(request), timeout, correlation_id, True
-        )
-        finished = False
-        try:
+        call, replies = self._open(target_of(type(request)), _encode(request), timeout, correlation_id, True)
+        with call:
             while True:
-                kind, _header, body = await self._next_reply(request_id, target, deadline)
+                kind, _header, body = await _next_reply(call, replies)
                 if kind == wire.REPLY:
-                    finished = True
                     return
                 yield decode(body)
-        except BusError:
-            finished = True
-            raise
-        finally:
-            self._pending.pop(request_id, None)
-            if not finished:
-                await self._dealer.send(wire.pack(wire.CANCEL, body=request_id.encode()))
 
-    async def _send_request(self, target: str, body: bytes, timeout, correlation_id: str, stream: bool):
-        self._ensure_running()
-        request_id = format(next(self._ids), "x")
-        deadline = time.time() + (self.timeout if timeout is None else timeout)
-        self._pending[request_id] = asyncio.Queue()
-        correlation = correlation_id or uuid.uuid4().hex
-        await self._dealer.send(wire.request(request_id, target, deadline, correlation, stream, body))
-        return request_id, deadline
-
-    async def _next_reply(self, request_id: str, target: str, deadline: float):
-        replies = self._pending[request_id]
-        try:
-            # A little grace past the deadline lets the broker's own TIMEOUT reply arrive first.
-            kind, header, body = await asyncio.wait_for(replies.get(), max(0.0, deadline - time.time() + 0.5))
-        except asyncio.TimeoutError:
-            raise BusError(
-                ErrorCode.TIMEOUT, f"no answer to {target} from the broker at {self.endpoint}"
-            ) from None
-        wire.raise_for_error(header, body)
-        return kind, header, body
+    def _open(self, target: str, body: bytes, timeout: float | None, correlation_id: str, stream: bool):
+        timeout = self.timeout if timeout is None else timeout
+        replies: asyncio.Queue[Reply] = asyncio.Queue()
+        deliver = _handed_to(asyncio.get_running_loop(), replies)
+        call = self.connection.core.new_call(
+            target, body, timeout, correlation_id or uuid.uuid4().hex, stream, deliver, time.monotonic()
+        )
+        return PendingCall(self.connection, call), replies
 
     # -- events -------------------------------------------------------------------------------
 
     async def publish(self, event: Event, subtopic: str = "") -> None:
-        self._ensure_running()
         topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
-        await self._dealer.send(wire.pack(wire.EVENT, topic.encode(), _encode(event)))
+        self.connection.send([wire.pack(wire.EVENT, topic.encode(), _encode(event))])
 
     async def subscribe(
-        self, topics: list[str] | None = None, since: int | None = None
+        self, topics: list[str] | None = None, since: int | None = None, epoch: int | None = None
     ) -> AsyncIterator[Delivery]:
-        """Matching events in order, with gaps and `since` filled from the broker's history."""
+        """Matching events in order, with gaps and `since` filled from the broker's history
+        (as BusClient.subscribe)."""
         if not self.events_endpoint:
             raise BusError(ErrorCode.FAILED_PRECONDITION, "this client has no events endpoint")
-        order = EventOrder(topics or [])
-        sub = sub_socket(self.context, self.events_endpoint)
+        order = EventOrder(topics or [], since, epoch)
+        sub = sub_socket(self.context, self.events_endpoint)  # before the replay: nothing slips between
         try:
-            await self._fill(order, (await self.call(NOW)).last_seq if since is None else since, None)
             while True:
+                while (replay := order.next_replay()) is not None:
+                    order.take_replay(await self.call(replay))
                 while order.backlog:
                     yield order.backlog.popleft()
-                gap, delivery = order.take_live(*await sub.recv_multipart())
-                if gap is not None:
-                    await self._fill(order, *gap)
-                if delivery is not None:
-                    order.accept(delivery)
+                order.take_live(*await sub.recv_multipart())
         finally:
             sub.close(linger=0)
 
-    async def _fill(self, order: EventOrder, since: int | None, until: int | None) -> None:
-        while since is not None:
-            since = order.take_replay(await self.call(order.replay_request(since)), until)
 
-    # -- the connection task ------------------------------------------------------------------
+async def _next_reply(call: PendingCall, replies: asyncio.Queue) -> Reply:
+    try:
+        async with asyncio.timeout(call.wait_time()):
+            reply = await replies.get()
+    except TimeoutError:
+        raise call.expired() from None
+    return call.take(reply)
 
-    def _new_dealer(self) -> zmq.asyncio.Socket:
-        dealer = self.context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        dealer.connect(self.endpoint)
-        return dealer
 
-    def _ensure_running(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="baaaht-bus-io")
+def _handed_to(loop: asyncio.AbstractEventLoop, replies: asyncio.Queue) -> Callable[[Reply], None]:
+    """A delivery from the I/O thread onto the loop's queue."""
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        heard_at, broker_seen, next_beat = loop.time(), False, 0.0
-        while True:
-            timeout = max(0.0, min(next_beat - loop.time(), self.heartbeat_interval))
-            if await self._dealer.poll(timeout * 1000):
-                heard_at, broker_seen = loop.time(), True
-                self._dispatch(await self._dealer.recv())
-            now = loop.time()
-            if now >= next_beat:
-                await self._dealer.send(wire.pack(wire.HEARTBEAT))
-                next_beat = now + self.heartbeat_interval
-            if broker_seen and now - heard_at > self.heartbeat_interval * self.liveness:
-                log.warning("broker silent: reconnecting", extra={"endpoint": self.endpoint})
-                self._fail_pending(ErrorCode.UNAVAILABLE, f"lost the broker at {self.endpoint}")
-                self._dealer.close(linger=0)
-                self._dealer, broker_seen = self._new_dealer(), False
+    def deliver(reply: Reply) -> None:
+        try:
+            loop.call_soon_threadsafe(replies.put_nowait, reply)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
 
-    def _dispatch(self, envelope: bytes) -> None:
-        kind = wire.kind_of(envelope)
-        if kind not in (wire.REPLY, wire.PARTIAL):
-            return  # heartbeats; a client gets nothing else
-        header_bytes, body = wire.split(envelope)
-        header = wire.reply_header.decode(header_bytes)
-        replies = self._pending.get(header.id)
-        if replies is not None:
-            replies.put_nowait((kind, header, body))
-
-    def _fail_pending(self, code: ErrorCode, message: str) -> None:
-        body = wire.encode(ErrorBody(code=code, message=message))
-        for request_id, replies in self._pending.items():
-            replies.put_nowait((wire.REPLY, wire.ReplyHeader(request_id, code.value), body))
+    return deliver

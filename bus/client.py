@@ -22,6 +22,7 @@ import msgspec
 from baaaht.bus import wire
 from baaaht.bus.connection import Connection
 from baaaht.bus.errors import BusError
+from baaaht.bus.protocol import Call, Reply
 from baaaht.bus.subscription import Subscription
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty, Event, Request, target_of, topic_of
@@ -98,9 +99,9 @@ class BusClient:
         self, target: str, body: bytes, timeout: float | None = None, correlation_id: str = ""
     ) -> bytes:
         """A call with an already encoded body; returns the encoded result."""
-        with self._open(target, body, timeout, correlation_id, stream=False) as call:
-            kind, header, result = call.next_reply()
-            return result
+        call, replies = self._open(target, body, timeout, correlation_id, stream=False)
+        with call:
+            return _next_reply(call, replies)[2]
 
     def stream(
         self, request: Request, timeout: float | None = None, correlation_id: str = ""
@@ -108,18 +109,21 @@ class BusClient:
         """Iterate a streaming call's partial results. Closing the iterator cancels the call;
         `timeout` bounds the wait for each next item as well as the whole call's deadline."""
         decode = decoder_for(response_type_of(request)).decode
-        with self._open(
-            target_of(type(request)), _encode(request), timeout, correlation_id, stream=True
-        ) as call:
+        call, replies = self._open(target_of(type(request)), _encode(request), timeout, correlation_id, True)
+        with call:
             while True:
-                kind, header, body = call.next_reply()
+                kind, _header, body = _next_reply(call, replies)
                 if kind == wire.REPLY:
                     return
                 yield decode(body)
 
     def _open(self, target: str, body: bytes, timeout: float | None, correlation_id: str, stream: bool):
         timeout = self.timeout if timeout is None else timeout
-        return _Call(self.connection, target, body, timeout, correlation_id or uuid.uuid4().hex, stream)
+        replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
+        call = self.connection.core.new_call(
+            target, body, timeout, correlation_id or uuid.uuid4().hex, stream, replies.put, time.monotonic()
+        )
+        return PendingCall(self.connection, call), replies
 
     # -- events -------------------------------------------------------------------------------
 
@@ -138,39 +142,41 @@ class BusClient:
         return Subscription(self, self.events_endpoint, topics or [], since, epoch)
 
 
-class _Call:
-    """One request's life on a connection: send, wait for replies, cancel if abandoned."""
+def _next_reply(call: PendingCall, replies: queue.SimpleQueue) -> Reply:
+    try:
+        return call.take(replies.get(timeout=call.wait_time()))
+    except queue.Empty:
+        raise call.expired() from None
 
-    def __init__(
-        self, connection: Connection, target: str, body: bytes, timeout: float, correlation: str, stream: bool
-    ):
+
+class PendingCall:
+    """One request's life on a connection, for both faces: send it, take its replies (which
+    the call's `deliver` hands to the waiting face), cancel it if abandoned."""
+
+    def __init__(self, connection: Connection, call: Call):
         self.connection = connection
-        self.target = target
-        self.request_id = connection.next_id()
-        self.deadline = time.time() + timeout
-        self.replies = connection.open_call(self.request_id)
+        self.call = call
         self.finished = False
-        connection.send([wire.request(self.request_id, target, self.deadline, correlation, stream, body)])
+        connection.start(call)
 
-    def __enter__(self) -> "_Call":
+    def __enter__(self) -> "PendingCall":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.connection.close_call(self.request_id)
-        if not self.finished:
-            self.connection.send([wire.pack(wire.CANCEL, body=self.request_id.encode())])
+        if not self.finished:  # given up, cancelled or left early: the broker cancels it at the service
+            self.connection.abandon(self.call)
 
-    def next_reply(self):
-        # A little grace past the deadline lets the broker's own TIMEOUT reply arrive first.
-        wait = self.deadline - time.time() + 0.5
-        try:
-            kind, header, body = self.replies.get(timeout=max(0.0, wait))
-        except queue.Empty:
-            self.finished = True
-            raise BusError(
-                ErrorCode.TIMEOUT, f"no answer to {self.target} from the broker at {self.connection.endpoint}"
-            ) from None
+    def wait_time(self) -> float:
+        """Seconds left to wait for the next reply."""
+        return max(0.0, self.call.expires - time.monotonic())
+
+    def expired(self) -> BusError:
+        return self.connection.core.give_up(self.call)
+
+    def take(self, reply: Reply) -> Reply:
+        """A reply as received: an error reply raises its BusError."""
+        kind, header, body = reply
         if kind == wire.REPLY:
             self.finished = True
         wire.raise_for_error(header, body)
-        return kind, header, body
+        return reply

@@ -1,17 +1,17 @@
-"""One DEALER connection to the broker, owned by a single I/O thread.
+"""The I/O driver of the connection core: one DEALER owned by a single I/O thread.
 
-ZeroMQ sockets are not thread-safe, so callers never touch the DEALER: they
-put messages on one FIFO queue and wake the I/O thread through a pipe; it
-forwards them to the broker in that order (so two events published one after
-the other from different threads reach the broker in that order) and hands
-replies back through per-call queues. The same thread sends heartbeats, notices
-a silent broker, rebuilds the socket (Paranoid Pirate) and registers again, so
-neither clients nor services need a restart when the broker comes back.
+Both client faces sit on it: bus/client.py (blocking) and bus/aio.py (asyncio).
+
+ZeroMQ sockets are not thread-safe, so callers never touch the DEALER: they put
+messages and calls on one FIFO queue and wake the I/O thread through a pipe; it
+forwards them to the broker in that order (so two events published one after the
+other from different threads reach the broker in that order). Everything else —
+heartbeats, liveness, registration, which call a reply belongs to, what fails when
+the broker goes away — is bus/protocol.py's ClientCore, which this thread drives.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
@@ -21,19 +21,24 @@ from typing import Callable
 
 import zmq
 
-from baaaht.bus import wire
+from baaaht.bus.dealer import close_dealer, monitor_event, new_dealer
+from baaaht.bus.errors import BusError
+from baaaht.bus.protocol import Call, ClientCore
 from baaaht.schemas.errors import ErrorBody, ErrorCode
 
 log = logging.getLogger("baaaht.bus")
+BATCH = 256  # messages read per wake-up before looking at the outbox again
+
+
+class _Abandon:
+    __slots__ = ("call",)
+
+    def __init__(self, call: Call):
+        self.call = call
 
 
 class Connection:
-    """Thread-safe sending and per-call reply queues over one broker connection.
-
-    `on_message(kind, envelope, extra)` receives REQUEST and CANCEL messages (services only);
-    `registration()` returns a REGISTER body to (re)send after each (re)connect;
-    `health()` returns a HEARTBEAT body for registered services.
-    """
+    """Thread-safe calls and sends over one broker connection (arguments as ClientCore's)."""
 
     def __init__(
         self,
@@ -48,37 +53,40 @@ class Connection:
     ):
         self.endpoint = endpoint
         self.heartbeat_interval = heartbeat_interval
-        self.liveness = liveness
         self.context = context or zmq.Context.instance()
-        self._on_message = on_message
-        self._registration = registration
-        self._health = health
-        self._pending: dict[str, queue.SimpleQueue] = {}
-        self._ids = itertools.count(1)
-        self._outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self.core = ClientCore(
+            endpoint,
+            heartbeat_interval=heartbeat_interval,
+            liveness=liveness,
+            on_message=on_message,
+            registration=registration,
+            health=health,
+        )
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # frame lists, Calls, _Abandons
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closing = threading.Event()
-        self.broker_seen = 0.0  # when the broker last spoke to us; 0 until it has
-        self.refused: ErrorBody | None = None  # set when the broker refused our registration for good
-        self._dealer = self._new_dealer()
+        self._dealer, self._monitor = new_dealer(self.context, endpoint)
         self._thread = threading.Thread(target=self._run, name="baaaht-bus-io", daemon=True)
         self._thread.start()
 
+    @property
+    def refused(self) -> ErrorBody | None:
+        """Set when the broker refused our registration for good."""
+        return self.core.refused
+
     # -- caller side (any thread) -------------------------------------------------------------
 
-    def next_id(self) -> str:
-        return format(next(self._ids), "x")
-
-    def open_call(self, request_id: str) -> queue.SimpleQueue:
-        replies: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending[request_id] = replies
-        return replies
-
-    def close_call(self, request_id: str) -> None:
-        self._pending.pop(request_id, None)
-
     def send(self, frames: list[bytes]) -> None:
-        self._outbox.put(frames)
+        self._put(frames)
+
+    def start(self, call: Call) -> None:
+        self._put(call)
+
+    def abandon(self, call: Call) -> None:
+        self._put(_Abandon(call))
+
+    def _put(self, item) -> None:
+        self._outbox.put(item)
         self._wake()
 
     def _wake(self) -> None:
@@ -88,135 +96,96 @@ class Connection:
             pass  # the pipe is full of wake-ups already: the I/O thread is on its way
 
     def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued, then DISCONNECT, and stop; calls still open get CANCELLED."""
         if self._closing.is_set():
             return
         self._closing.set()
+        self._wake()
         self._thread.join(timeout)
         os.close(self._wake_read)
         os.close(self._wake_write)
 
     # -- I/O thread ---------------------------------------------------------------------------
 
-    def _new_dealer(self) -> zmq.Socket:
-        dealer = self.context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.SNDHWM, 100_000)
-        dealer.setsockopt(zmq.RCVHWM, 100_000)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        dealer.connect(self.endpoint)
-        if self._registration is not None:
-            dealer.send(wire.pack(wire.REGISTER, body=self._registration()))
-        return dealer
-
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._wake_read, zmq.POLLIN)
-        last_heard = time.monotonic()
-        next_beat = 0.0
+        core = self.core
+        poller = self._poller()
         while not self._closing.is_set():
-            timeout = max(0.0, min(next_beat - time.monotonic(), 0.1))
-            for sock, _ in poller.poll(timeout * 1000):
+            now = time.monotonic()
+            for sock, _ in poller.poll(core.next_timer(now) * 1000):
                 if sock == self._wake_read:
                     self._forward_outgoing()
+                elif sock is self._monitor:
+                    self._on_monitor(time.monotonic())
                 else:
-                    last_heard = time.monotonic()
                     self._receive()
-            now = time.monotonic()
-            if now >= next_beat:
-                self._heartbeat()
-                next_beat = now + self.heartbeat_interval
-            # Only a broker we have heard from can go silent; before that, ZeroMQ keeps connecting.
-            if self.broker_seen and now - last_heard > self.heartbeat_interval * self.liveness:
-                poller.unregister(self._dealer)
-                self._reconnect()
-                poller.register(self._dealer, zmq.POLLIN)
-                last_heard = time.monotonic()
+            beats, replace = core.tick(time.monotonic())
+            self._send_all(beats)
+            if replace:
+                close_dealer(self._dealer, self._monitor)
+                self._dealer, self._monitor = new_dealer(self.context, self.endpoint)
+                poller = self._poller()
         self._forward_outgoing()  # what was sent before close() still goes out
-        self._dealer.close(linger=500)
-        self._fail_pending(ErrorCode.CANCELLED, "the connection was closed")
+        self._send_all(core.close())
+        close_dealer(self._dealer, self._monitor, linger_ms=500)
+
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        return poller
+
+    def _on_monitor(self, now: float) -> None:
+        while self._monitor.poll(0):
+            event = monitor_event(self._monitor.recv_multipart())
+            if event == zmq.EVENT_CONNECTED:
+                self._send_all(self.core.on_connected(now))
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.core.on_disconnected(now)
 
     def _forward_outgoing(self) -> None:
         try:
             os.read(self._wake_read, 65536)
         except BlockingIOError:
             pass
+        core, send = self.core, self._dealer.send
         for _ in range(1024):
             try:
-                frames = self._outbox.get_nowait()
+                item = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            try:
-                self._dealer.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                self._fail_one(frames, "the connection to the broker is backed up")
+            if type(item) is Call:
+                try:
+                    send(core.start(item), zmq.NOBLOCK)
+                except zmq.Again:
+                    core.fail(
+                        item, BusError(ErrorCode.UNAVAILABLE, "the connection to the broker is backed up")
+                    )
+            elif type(item) is _Abandon:
+                cancel = core.abandon(item.call)
+                if cancel is not None:
+                    self._send_all((cancel,))
+            else:
+                try:
+                    self._dealer.send_multipart(item, zmq.NOBLOCK)
+                except zmq.Again:
+                    log.warning("dropped a message: the connection to the broker is backed up")
         self._wake()  # more is queued: come back to it after reading replies
 
-    def _fail_one(self, frames: list[bytes], message: str) -> None:
-        if wire.kind_of(frames[0]) == wire.REQUEST:
-            request_id = wire.request_header.decode(wire.header_of(frames[0])).id
-            self._deliver(request_id, _error_reply(request_id, ErrorCode.UNAVAILABLE, message))
-
     def _receive(self) -> None:
-        for _ in range(256):
+        core, recv = self.core, self._dealer.recv_multipart
+        now = time.monotonic()
+        for _ in range(BATCH):
             try:
-                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+                frames = recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.broker_seen = time.time()
-            envelope = frames[0]
-            kind = wire.kind_of(envelope)
-            if kind in (wire.REPLY, wire.PARTIAL):
-                header_bytes, body = wire.split(envelope)
-                header = wire.reply_header.decode(header_bytes)
-                if header.id:
-                    self._deliver(header.id, (kind, header, body))
-                else:
-                    error = wire.error_body.decode(body)
-                    log.warning("the broker refused a message", extra={"error": error.message})
-            elif kind == wire.DISCONNECT:
-                self._on_disconnect(wire.error_body.decode(wire.split(envelope)[1]))
-            elif kind in (wire.REQUEST, wire.CANCEL) and self._on_message is not None:
-                self._on_message(kind, envelope, frames[1:])
-            elif kind != wire.HEARTBEAT:
-                log.warning("ignored a malformed message from the broker")
+            self._send_all(core.receive(frames, now))
 
-    def _on_disconnect(self, error: ErrorBody) -> None:
-        if self._registration is None:
-            return
-        if error.code == ErrorCode.UNAVAILABLE:  # the broker forgot us: register again
-            log.info("registering again", extra={"reason": error.message})
-            self._dealer.send(wire.pack(wire.REGISTER, body=self._registration()))
-        else:
-            self.refused = error
-            log.error("registration refused", extra={"code": error.code.value, "reason": error.message})
-
-    def _deliver(self, request_id: str, reply) -> None:
-        replies = self._pending.get(request_id)
-        if replies is not None:
-            replies.put(reply)
-
-    def _heartbeat(self) -> None:
-        beat = wire.pack(wire.HEARTBEAT, body=self._health() if self._health is not None else b"")
-        try:
-            self._dealer.send(beat, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the broker is not draining us: liveness will notice
-
-    def _reconnect(self) -> None:
-        log.warning("broker silent: reconnecting", extra={"endpoint": self.endpoint})
-        # Whatever was sent before is lost with the old broker or the old socket.
-        self._fail_pending(ErrorCode.UNAVAILABLE, f"lost the broker at {self.endpoint}")
-        self.broker_seen = 0.0
-        self._dealer.close(linger=0)
-        self._dealer = self._new_dealer()
-
-    def _fail_pending(self, code: ErrorCode, message: str) -> None:
-        for request_id in list(self._pending):
-            self._deliver(request_id, _error_reply(request_id, code, message))
-
-
-def _error_reply(request_id: str, code: ErrorCode, message: str):
-    body = wire.encode(ErrorBody(code=code, message=message))
-    return wire.REPLY, wire.ReplyHeader(request_id, code.value), body
+    def _send_all(self, envelopes) -> None:
+        for envelope in envelopes:
+            try:
+                self._dealer.send(envelope, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # heartbeats and cancels to a broker that is not draining us: liveness will notice

@@ -66,17 +66,32 @@ def matches(topics: list[str], topic: str) -> bool:
 
 class EventOrder:
     """Sequencing without I/O, shared by the blocking and asyncio subscriptions: which
-    events to deliver, in order and once, and which history to replay for a gap."""
+    events to deliver, in order and once, and which history to replay first.
 
-    def __init__(self, topics: list[str]):
+    A face feeds it PUB messages (`take_live`) and, while `next_replay()` returns a
+    request, calls it and feeds the result back (`take_replay`); it yields `backlog`."""
+
+    def __init__(self, topics: list[str], since: int | None = None, epoch: int | None = None):
         self.topics = topics
         self.last_seq = 0  # set by the first replay: the caller's `since`, or the broker's "now"
-        self.epoch: int | None = None
+        self.epoch = epoch
         self.gaps = 0
         self.backlog: collections.deque[Delivery] = collections.deque()
+        # (since, until) of the history still to fetch: at first, after `since`, or just "now".
+        self._replay: tuple[int, int | None] | None = (since or 0, None)
+        self._from_now = since is None
+        self._held: Delivery | None = None  # the live event that showed a gap: delivered after it
 
-    def take_live(self, topic: bytes, envelope: bytes) -> tuple[tuple[int, int] | None, Delivery | None]:
-        """(gap to fill first as (since, until), the delivery) for one PUB message."""
+    def next_replay(self) -> EventsReplay | None:
+        """The `bus.events.replay` request to make before anything more is delivered, if any."""
+        if self._from_now:
+            return NOW
+        if self._replay is None:
+            return None
+        return EventsReplay(since=self._replay[0], topics=self.topics, limit=REPLAY_PAGE)
+
+    def take_live(self, topic: bytes, envelope: bytes) -> None:
+        """One PUB message: deliver it, or first replay the gap it shows."""
         stamp_bytes, body = wire.split(envelope)
         stamp = wire.event_stamp.decode(stamp_bytes)
         if self.epoch is not None and stamp.epoch != self.epoch:
@@ -86,26 +101,38 @@ class EventOrder:
             # The broker's last seq, published every interval: a loss is seen even when all is quiet.
             if stamp.seq > self.last_seq:
                 self.gaps += 1
-                return (self.last_seq, stamp.seq + 1), None
-            return None, None
+                self._replay = (self.last_seq, stamp.seq + 1)
+            return
         if stamp.seq <= self.last_seq:
-            return None, None  # already delivered by a replay
-        gap = None
+            return  # already delivered by a replay
+        delivery = Delivery(stamp.seq, stamp.time, topic.decode(), stamp.source, body)
         if stamp.seq > self.last_seq + 1:
             self.gaps += 1
-            gap = (self.last_seq, stamp.seq)
-        return gap, Delivery(stamp.seq, stamp.time, topic.decode(), stamp.source, body)
+            self._replay, self._held = (self.last_seq, stamp.seq), delivery
+        else:
+            self._accept(delivery)
 
-    def accept(self, delivery: Delivery) -> None:
+    def _accept(self, delivery: Delivery) -> None:
         self.last_seq = delivery.seq
         if matches(self.topics, delivery.topic):
             self.backlog.append(delivery)
 
-    def replay_request(self, since: int) -> EventsReplay:
-        return EventsReplay(since=since, topics=self.topics, limit=REPLAY_PAGE)
+    def take_replay(self, result: ReplayResult) -> None:
+        """One page of history, for the request `next_replay` gave."""
+        if self._from_now:
+            self._from_now, self._replay = False, None
+            self.last_seq, self.epoch = result.last_seq, result.epoch
+            return
+        since, until = self._replay
+        self._replay = (self._take_page(result, until), until)
+        if self._replay[0] is None:
+            self._replay = None
+            if self._held is not None and self._held.seq > self.last_seq:
+                self._accept(self._held)
+            self._held = None
 
-    def take_replay(self, result: ReplayResult, until: int | None) -> int | None:
-        """Queue one page of history; the `since` of the next page, or None when done."""
+    def _take_page(self, result: ReplayResult, until: int | None) -> int | None:
+        """Queue one page; the `since` of the next page, or None when done."""
         if self.epoch is not None and result.epoch != self.epoch:
             self.epoch = result.epoch
             return 0  # a restarted broker: `since` counted another broker's events; take all it kept
@@ -132,16 +159,17 @@ def sub_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
 
 
 class Subscription:
+    """The blocking face of EventOrder: iterate, or `next(timeout)`."""
+
     def __init__(
         self, client: BusClient, endpoint: str, topics: list[str], since: int | None, epoch: int | None = None
     ):
         self.client = client
-        self.order = EventOrder(topics)
-        self.order.epoch = epoch
+        self.order = EventOrder(topics, since, epoch)
         # Connect before the replay, so that nothing slips between the two.
         self._sub = sub_socket(client.connection.context, endpoint)
         try:
-            self._fill(self.client.call(NOW).last_seq if since is None else since, until=None)
+            self._catch_up()
         except BaseException:
             self._sub.close(linger=0)
             raise
@@ -183,13 +211,10 @@ class Subscription:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._sub.poll(remaining * 1000):
                 return None
-            gap, delivery = self.order.take_live(*self._sub.recv_multipart())
-            if gap is not None:
-                self._fill(*gap)
-            if delivery is not None:
-                self.order.accept(delivery)
+            self.order.take_live(*self._sub.recv_multipart())
+            self._catch_up()
         return self.order.backlog.popleft()
 
-    def _fill(self, since: int | None, until: int | None) -> None:
-        while since is not None:
-            since = self.order.take_replay(self.client.call(self.order.replay_request(since)), until)
+    def _catch_up(self) -> None:
+        while (request := self.order.next_replay()) is not None:
+            self.order.take_replay(self.client.call(request))

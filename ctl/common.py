@@ -16,11 +16,11 @@ import typer
 
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
+from baaaht.bus.protocol import is_broker_unreachable
 from baaaht.common.config import ConfigError, load_config
 from baaaht.schemas.base import Request
 from baaaht.schemas.bus import Ping
 from baaaht.schemas.config import Config
-from baaaht.schemas.errors import ErrorCode
 
 EXIT_ERROR = 1
 EXIT_UNREACHABLE = 2
@@ -64,7 +64,7 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
 
 def explain(error: BusError) -> None:
     """Print a bus error for people and exit non-zero."""
-    if error.code == ErrorCode.TIMEOUT and "from the broker" in error.message:
+    if is_broker_unreachable(error):
         fail(
             f"{error.message} within {state.timeout:g}s: is the host running (baaaht-orchestrator)?",
             EXIT_UNREACHABLE,
