@@ -143,6 +143,8 @@ def test_unique_names_are_valid_engine_names():
     [
         ({"image": ""}, "spec.image"),
         ({"image": "has space"}, "spec.image"),
+        ({"image": "../../containers"}, "spec.image"),  # an engine URL path
+        ({"mounts": [Mount(type="volume", source="../info", target="/x")]}, "spec.mounts[0].source"),
         ({"name": "-bad"}, "spec.name"),
         ({"labels": {"baaaht.install": "x"}}, "spec.labels"),
         ({"env": {"A=B": "1"}}, "spec.env"),

@@ -229,8 +229,7 @@ class ContainerService(Service):
             self._owned_ids.pop(container_id, None)
 
     def _owned_info(self, ref: str, runtime: Runtime) -> ContainerInfo:
-        if not ref:
-            raise invalid("id must name a container (an id, an id prefix or a name)", field="id")
+        validation.validate_ref(ref)
         info = runtime.inspect(ref)
         if not owner_of(info.labels, self.install_id).ours:
             # Not ours: as far as callers are concerned it does not exist.
@@ -533,15 +532,13 @@ class ContainerService(Service):
 
     @rpc
     def image_exists(self, req: ImageExists, ctx: CallContext) -> ImageStatus:
-        if not req.image.strip():
-            raise invalid("image must name an image", field="image")
+        validation.validate_image(req.image)
         with self._engine(ctx) as runtime:
             return runtime.image_exists(req.image)
 
     @rpc(stream=True)
     def pull(self, req: ImagePull, ctx: CallContext) -> Iterator[PullProgress]:
-        if not req.image.strip() or any(c.isspace() for c in req.image):
-            raise invalid("image must name an image, without spaces", field="image")
+        validation.validate_image(req.image)
         yield from self._pull(req.image, ctx)
 
     def _pull(self, image: str, ctx: CallContext) -> Iterator[PullProgress]:

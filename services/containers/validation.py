@@ -15,6 +15,9 @@ from baaaht.schemas.containers import (
 from baaaht.services.containers.ownership import RESERVED_LABEL_PREFIX
 
 NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+# The engine's own rule for volume names. Names, ids and images go into the engine API's URL path, so
+# each is checked: one with '/' and '..' parts would reach another endpoint of the engine.
+VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 HEALTHCHECK_KINDS = ("CMD", "CMD-SHELL", "NONE")
@@ -37,9 +40,22 @@ def validate_session_id(session_id: str) -> None:
         )
 
 
+def validate_ref(ref: str) -> None:
+    if not NAME.match(ref):
+        raise invalid(
+            f"id must name a container: an id, an id prefix or a name (got {ref!r})", field="id", value=ref
+        )
+
+
+def validate_image(image: str, field: str = "image") -> None:
+    if not image or any(c.isspace() for c in image) or any(p in (".", "..") for p in image.split("/")):
+        raise _field(
+            field, "must be a non-empty image reference without spaces or '.' and '..' parts", image
+        )
+
+
 def validate_spec(spec: ContainerSpec) -> None:
-    if not spec.image or spec.image != spec.image.strip() or any(c.isspace() for c in spec.image):
-        raise _field("spec.image", "must be a non-empty image reference without spaces", spec.image)
+    validate_image(spec.image, "spec.image")
     if spec.name and not NAME.match(spec.name):
         raise _field("spec.name", "must match [a-zA-Z0-9][a-zA-Z0-9_.-]* (max 128)", spec.name)
     for key in spec.labels:
@@ -90,6 +106,10 @@ def _validate_mounts(spec: ContainerSpec) -> None:
         targets.add(mount.target.rstrip("/"))
         if mount.type == "bind" and not mount.source.startswith("/"):
             raise _field(f"{where}.source", "a bind mount needs an absolute host path", mount.source)
+        if mount.type == "volume" and mount.source and not VOLUME_NAME.match(mount.source):
+            raise _field(
+                f"{where}.source", "a volume name must match [a-zA-Z0-9][a-zA-Z0-9_.-]*", mount.source
+            )
         if mount.type == "tmpfs" and mount.source:
             raise _field(f"{where}.source", "a tmpfs mount has no source", mount.source)
         if mount.tmpfs_size and mount.type != "tmpfs":
