@@ -162,7 +162,14 @@ def test_the_hardened_spec_is_allowed_by_the_builtin_policy():
             {"mounts": {"allowed_volumes": ["baaaht-*"]}},
             set(),
         ),
-        ({"mounts": [Mount(type="volume", target="/data")]}, {"mounts": {"allowed_volumes": []}}, set()),
+        # An anonymous volume outlives its container unlabelled: only allowing every volume allows it.
+        ({"mounts": [Mount(type="volume", target="/data")]}, None, {"mount.volume.not_allowed"}),
+        (
+            {"mounts": [Mount(type="volume", target="/data")]},
+            {"mounts": {"allowed_volumes": ["baaaht-*"]}},
+            {"mount.volume.not_allowed"},
+        ),
+        ({"mounts": [Mount(type="volume", target="/data")]}, {"mounts": {"allowed_volumes": ["*"]}}, set()),
         ({}, {"mounts": {"allow_tmpfs": False}}, {"mount.tmpfs.disabled"}),
         (
             {"mounts": [Mount(type="tmpfs", target="/tmp", tmpfs_size=1024 * MIB)]},

@@ -3,6 +3,8 @@ and container services, and Docker."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from baaaht.schemas.containers import (
@@ -39,16 +41,32 @@ def host(make_host, docker_client):
     container_support.remove_labelled(docker_client, f"{LABEL_INSTALL}={install_id}")
 
 
-def test_closing_a_session_stops_and_removes_its_containers_from_the_engine(host, docker_client, busybox):
+@pytest.fixture
+def volume_image(docker_client, busybox):
+    """busybox declaring a VOLUME: each of its containers gets an anonymous volume no spec names."""
+    made = docker_client.api.create_container(busybox, command=["true"])
+    repository, tag = "baaaht-test/busybox-volume", uuid.uuid4().hex[:12]
+    docker_client.api.commit(made["Id"], repository=repository, tag=tag, changes=["VOLUME /data"])
+    docker_client.api.remove_container(made["Id"])
+    yield f"{repository}:{tag}"
+    docker_client.api.remove_image(f"{repository}:{tag}", force=True)
+
+
+def test_closing_a_session_stops_and_removes_its_containers_from_the_engine(
+    host, docker_client, busybox, volume_image
+):
     bus = host.client(timeout=60)
     session_id = bus.call(SessionCreate(owner="tester")).id
     other_session = bus.call(SessionCreate(owner="tester")).id
 
-    def create(session: str) -> str:
-        spec = ContainerSpec(image=busybox, command=["sleep", "600"])
+    def create(session: str, image: str = busybox) -> str:
+        spec = ContainerSpec(image=image, command=["sleep", "600"])
         return bus.call(ContainerCreate(spec=spec, session_id=session)).id
 
-    running, created_only, bystander = create(session_id), create(session_id), create(other_session)
+    running, created_only = create(session_id), create(session_id, volume_image)
+    bystander = create(other_session)
+    mounts = docker_client.api.inspect_container(created_only)["Mounts"]
+    [anonymous] = [m["Name"] for m in mounts if m["Type"] == "volume"]
     bus.call(ContainerStart(id=running))
     attached = {c.id for c in bus.call(SessionGet(session_id=session_id)).containers}
     assert attached == {running, created_only}
@@ -60,6 +78,8 @@ def test_closing_a_session_stops_and_removes_its_containers_from_the_engine(host
         all=True, sparse=True, filters={"label": f"{LABEL_SESSION}={session_id}"}
     )
     assert on_engine == []
+    # The image's anonymous volume went with its container: nothing else would ever find it.
+    assert anonymous not in {v["Name"] for v in docker_client.api.volumes()["Volumes"] or []}
     assert bus.call(ContainerListQuery(session_id=session_id)).containers == []
     assert [c.id for c in bus.call(ContainerListQuery(session_id=other_session)).containers] == [bystander]
     # The container manager's reconcile finds nothing left of the closed session.

@@ -329,21 +329,21 @@ def _volume(judge: _Judge, index: int) -> None:
             "mount.volume.disabled", f"{where}: volumes are not allowed", field=where, value=mount.source
         )
         return
-    if not mount.source:
-        judge.ok("mount.volume.not_allowed", f"{where}: an anonymous volume")
-        return
+    # An anonymous volume is the engine's, labelled by nobody: it outlives a container removed without
+    # its volumes and no reconcile finds it. It is judged as the name "", which only "*" allows.
+    what = f"volume {mount.source!r}" if mount.source else "an anonymous volume"
     refusal = _name_refusal(
         mount.source, mounts.denied_volumes, judge.policy.allow_lists("mounts.allowed_volumes")
     )
     if refusal:
         judge.violation(
             "mount.volume.not_allowed",
-            f"{where}: volume {mount.source!r} {refusal}",
+            f"{where}: {what} {refusal}",
             field=f"{where}.source",
             value=mount.source,
         )
     else:
-        judge.ok("mount.volume.not_allowed", f"{where}: volume {mount.source!r} is allowed")
+        judge.ok("mount.volume.not_allowed", f"{where}: {what} is allowed")
 
 
 def _tmpfs(judge: _Judge, index: int) -> None:

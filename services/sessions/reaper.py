@@ -96,7 +96,11 @@ class ContainerReaper:
         """Ask for removal; True if the container is known to be gone already."""
         while True:
             try:
-                self.containers.destroy(self._within(deadline), id=container_id, force=True)
+                # With its anonymous volumes (an image's VOLUME): unlabelled, nothing else would find them.
+                # The engine never removes a named volume with a container; session volumes stay.
+                self.containers.destroy(
+                    self._within(deadline), id=container_id, force=True, remove_volumes=True
+                )
                 return False
             except BusError as exc:
                 if exc.code is ErrorCode.NOT_FOUND:
