@@ -713,6 +713,22 @@ def test_a_volume_is_made_only_for_an_open_session_and_never_taken_over(run_dir)
     assert runtime.volumes == {name: VolumeInfo(name=name, labels={"made": "by hand"})}
 
 
+def test_a_session_deleted_event_for_a_session_that_still_exists_removes_nothing(run_dir):
+    # Any host peer may publish session.deleted: a forged or mistaken one must not cost a session its files.
+    runtime = FakeRuntime()
+    sessions = FakeSessions(session_info("s1"), session_info("done", SessionState.CLOSED))
+    service = make_service(run_dir, runtime, sessions=sessions)
+    service.volume_create(VolumeCreate(session_id="s1"), context())
+    sessions.sessions["done"].state = SessionState.ACTIVE
+    service.volume_create(VolumeCreate(session_id="done"), context())
+    sessions.sessions["done"].state = SessionState.CLOSED
+    for session in ("s1", "done"):
+        service.on_session_deleted(SessionDeleted(session_id=session, owner="alice"))
+    sessions.error = unavailable("the session service is away")
+    service.on_session_deleted(SessionDeleted(session_id="s1", owner="alice"))
+    assert sorted(v.session_id for v in runtime.volumes.values()) == ["done", "s1"]
+
+
 def test_a_deleted_sessions_volumes_are_removed_and_reconcile_removes_what_was_missed(run_dir):
     runtime = FakeRuntime()
     sessions = FakeSessions(session_info("s1"), session_info("s2"), session_info("s3"))

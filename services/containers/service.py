@@ -581,13 +581,20 @@ class ContainerService(Service):
 
     @on_event("session.deleted")
     def on_session_deleted(self, event: SessionDeleted) -> None:
-        """The session's volumes go with it. One still in use (a container its close could not remove)
-        stays until reconcile, which removes the container and then the volume."""
+        """The session's volumes go with it, once the session service confirms that it is gone (any host
+        peer may publish the event, and files are not lost on its word). One still in use (a container
+        its close could not remove), or not confirmed, stays until reconcile."""
         if self.runtime is None:
             return
         try:
+            verdict = self.sessions.verdict(event.session_id)
+            if verdict != "missing":
+                log.warning(
+                    "session.deleted for session %s, which is %s: its volumes stay", event.session_id, verdict
+                )
+                return
             volumes = self._session_volumes(self.runtime, {LABEL_SESSION: event.session_id})
-        except EngineError as exc:
+        except (BusError, EngineError) as exc:
             log.warning("volumes of deleted session %s not removed: %s", event.session_id, exc.message)
             return
         self._remove_volumes(self.runtime, volumes)
