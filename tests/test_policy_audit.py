@@ -192,6 +192,12 @@ def test_reading_the_tail_and_following(log_path):
         assert [r.seq for r in audit.read_tail(log_path, 1)[0]] == [6]
     finally:
         log.close()
+    # Moved aside for a new chain: a follower is told, never left waiting at an offset that is gone.
+    for moved in (log_path, audit.head_path(log_path)):
+        moved.rename(moved.with_name(moved.name + ".old"))
+    write(log_path, 1)
+    with pytest.raises(ValueError, match="cut or replaced"):
+        audit.read_after(log_path, offset)
 
 
 def test_lines_are_plain_json(log_path):

@@ -210,8 +210,14 @@ def read_tail(path: str | Path, count: int, since: int = 0) -> tuple[list[AuditR
 
 
 def read_after(path: str | Path, offset: int) -> tuple[list[AuditRecord], int]:
-    """The complete records written after byte `offset`, and the offset after them."""
+    """The complete records written after byte `offset`, and the offset after them. Raises ValueError
+    when the log is shorter than `offset` (cut, or moved aside for a new chain)."""
     with open(path, "rb") as stream:
+        size = stream.seek(0, os.SEEK_END)
+        if size < offset:
+            raise ValueError(
+                f"the log is {size} bytes, shorter than the {offset} already read: it was cut or replaced"
+            )
         stream.seek(offset)
         chunk = stream.read()
     complete = chunk[: chunk.rfind(b"\n") + 1]
