@@ -153,7 +153,12 @@ def test_a_spec_keeps_its_own_volumes_apart_and_may_not_mount_another_sessions()
         ContainerSpec(image="i", mounts=mounts), INSTALL, "s1", known.get
     )
     assert own == [mounts[0]] and spec.mounts == mounts[1:]
-    for name in ("theirs", "hosts"):
+    # Another session's volume name before it exists, or once taken by hand (unlabelled), is not the
+    # policy's to allow: the engine would make it, and that session's volume_create then fails for ever.
+    unmade = session_volumes.volume_name(INSTALL, "s2", "later")
+    squatted = session_volumes.volume_name(INSTALL, "s2", "work")
+    known[squatted] = VolumeInfo(name=squatted, labels={"made": "by hand"})
+    for name in ("theirs", "hosts", unmade, squatted):
         refused = ContainerSpec(image="i", mounts=[mounts[4], Mount(type="volume", source=name, target="/x")])
         with pytest.raises(BusError) as caught:
             session_volumes.split_own_volumes(refused, INSTALL, "s1", known.get)

@@ -32,7 +32,12 @@ def volume_name(install_id: str, session_id: str, name: str) -> str:
             f"name must be 1-32 lower-case letters and digits, starting with a letter (got {name!r})",
             field="name",
         )
-    return f"baaaht-{install_id[:INSTALL_PART]}-{session_id}-{name}"
+    return f"{names_prefix(install_id)}{session_id}-{name}"
+
+
+def names_prefix(install_id: str) -> str:
+    """What every session volume's name of this installation starts with."""
+    return f"baaaht-{install_id[:INSTALL_PART]}-"
 
 
 def volume_labels(install_id: str, session_id: str, name: str) -> dict[str, str]:
@@ -48,20 +53,27 @@ def split_own_volumes(
     spec: ContainerSpec, install_id: str, session_id: str, lookup: Callable[[str], VolumeInfo | None]
 ) -> tuple[ContainerSpec, list[Mount]]:
     """(the spec without the session's own volume mounts, those mounts). `lookup` answers a volume by
-    name, None when there is none. Raises PERMISSION_DENIED for a volume of this installation that is
-    not the session's."""
+    name, None when there is none. Raises PERMISSION_DENIED for a volume of this installation, or a
+    name of its session volumes, that is not the session's: a policy allowing other volumes must not let
+    a session take another's name before the volume is made (the engine would make it, unlabelled)."""
     rest, own = [], []
     for index, mount in enumerate(spec.mounts):
-        volume = lookup(mount.source) if mount.type == "volume" and mount.source else None
-        if volume is None or not owner_of(volume.labels, install_id).ours:
+        if mount.type != "volume" or not mount.source:
             rest.append(mount)
-        elif is_session_volume(volume, install_id, session_id):
+            continue
+        volume = lookup(mount.source)
+        if volume is not None and is_session_volume(volume, install_id, session_id):
             own.append(mount)
-        else:
+        elif mount.source.startswith(names_prefix(install_id)) or (
+            volume is not None and owner_of(volume.labels, install_id).ours
+        ):
             raise BusError(
                 ErrorCode.PERMISSION_DENIED,
-                f"spec.mounts[{index}]: volume {mount.source!r} belongs to another session or to the "
-                f"host; session {session_id} may mount only its own volumes",
+                f"spec.mounts[{index}]: volume {mount.source!r} is not one made for session {session_id} "
+                "(it is another session's, the host's, or a name kept for session volumes); a session "
+                "mounts only its own volumes, made by container.volume_create",
                 {"field": f"spec.mounts[{index}].source", "rules": ["mount.volume.not_owned"]},
             )
+        else:
+            rest.append(mount)
     return msgspec.structs.replace(spec, mounts=rest), own
