@@ -7,7 +7,9 @@ import os
 import pytest
 
 from baaaht.common.policy.document import DEFAULT_BLOCKED_PATTERNS, AllowEntry
+from baaaht.schemas.config import Config
 from baaaht.services.policy.mounts import HostPaths, judge_bind, resolve_access
+from baaaht.services.policy.service import host_paths_for
 
 
 def entry(path: str, mode: str, user: str = "", group: str = "") -> AllowEntry:
@@ -147,6 +149,25 @@ def test_parents_of_the_docker_socket_are_blocked(path):
         host=HostPaths(protected=("/var/run/docker.sock",)),
     )
     assert verdict.rule == "mount.bind.blocked"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/var/lib/docker/volumes/baaaht-0123456789ab-other-workspace/_data",  # another session's files
+        "/var/lib/docker/containers",  # every container's configuration, with its environment
+    ],
+)
+def test_the_engines_data_is_never_mounted_whatever_the_allowlist(path):
+    verdict = judge_bind(
+        path,
+        user="",
+        groups=[],
+        allowlists=[[entry("/", "readonly")]],
+        blocked_patterns=(),
+        host=host_paths_for(Config()),
+    )
+    assert verdict.rule == "mount.bind.blocked", verdict.reason
 
 
 def test_absolute_blocked_patterns_take_globs(tree):

@@ -61,6 +61,9 @@ log = logging.getLogger("baaaht.policy")
 
 CONFIG_DIR = "/etc/baaaht"
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
+# The engines' default data roots: every container's files and configuration (its environment too) and
+# every named volume, other sessions' included.
+ENGINE_DATA_ROOTS = ("/var/lib/docker", "/var/lib/containerd")
 REFUSED_RULE = "policy.override.refused"
 AUDIT_FOLLOW_POLL = 0.5  # seconds between looks at the audit log for `policy.audit_tail` followers
 AUDIT_BATCH = 500  # records per streamed batch, far below the bus's message size limit
@@ -108,7 +111,7 @@ class PolicyFile:
 def host_paths_for(config: Config) -> HostPaths:
     """The orchestrator's own files, which no container may see, and the agent bus directory."""
     endpoints = Endpoints.for_config(config.bus)
-    protected = [config.data_dir, endpoints.run_dir, CONFIG_DIR, *DOCKER_SOCKETS]
+    protected = [config.data_dir, endpoints.run_dir, CONFIG_DIR, *DOCKER_SOCKETS, *ENGINE_DATA_ROOTS]
     if config.docker.host.startswith("unix://"):
         protected.append(config.docker.host[len("unix://") :])
     docker = config.docker
