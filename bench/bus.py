@@ -505,6 +505,13 @@ def main() -> None:
     result = report(bench.samples)
     result["targets"] = targets(result)
     print_report(result)
+    busiest = max(load_before[0], os.getloadavg()[0])
+    if busiest > (os.cpu_count() or 1) / 2:
+        print(
+            f"the machine was busy (load {busiest:.1f} on {os.cpu_count()} cores): these figures are noisy; "
+            "commit bench/results/bus.json only from a quiet run",
+            file=sys.stderr,
+        )
     out = ROOT / "results" / "bus.json"
     out.parent.mkdir(exist_ok=True)
     settings = {"rounds": ROUNDS, "round_seconds": ROUND_SECONDS, "events": EVENTS, "body_bytes": len(BODY)}
