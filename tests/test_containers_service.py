@@ -713,6 +713,24 @@ def test_a_volume_is_made_only_for_an_open_session_and_never_taken_over(run_dir)
     assert runtime.volumes == {name: VolumeInfo(name=name, labels={"made": "by hand"})}
 
 
+def test_a_volume_made_while_its_session_is_deleted_does_not_stay(run_dir):
+    runtime = FakeRuntime()
+    sessions = FakeSessions(session_info("s1"))
+    service = make_service(run_dir, runtime, sessions=sessions)
+    make = runtime.create_volume
+
+    def deleted_meanwhile(name, labels):
+        del sessions.sessions["s1"]  # and its session.deleted found no volume yet
+        service.on_session_deleted(SessionDeleted(session_id="s1", owner="alice"))
+        return make(name, labels)
+
+    runtime.create_volume = deleted_meanwhile
+    assert code_of(lambda: service.volume_create(VolumeCreate(session_id="s1"), context())) is (
+        ErrorCode.NOT_FOUND
+    )
+    assert runtime.volumes == {}
+
+
 def test_a_session_deleted_event_for_a_session_that_still_exists_removes_nothing(run_dir):
     # Any host peer may publish session.deleted: a forged or mistaken one must not cost a session its files.
     runtime = FakeRuntime()

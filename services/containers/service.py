@@ -566,6 +566,17 @@ class ContainerService(Service):
                 f"{req.session_id}",
                 {"name": name},
             )
+        # Deleted meanwhile, its session.deleted may have looked for volumes before this one existed.
+        try:
+            deleted = self.sessions.verdict(req.session_id) == "missing"
+        except BusError:
+            deleted = False  # it was open a moment ago; reconcile removes the volume if it is gone
+        if deleted:
+            self._remove_volumes(self._runtime(), [volume])
+            raise not_found(
+                f"volume creation refused: session {req.session_id} was deleted meanwhile",
+                session_id=req.session_id,
+            )
         log.info("session volume created", extra={"volume": name, "session": req.session_id})
         return volume
 
