@@ -217,7 +217,8 @@ def verify() -> None:
             )
         for warning in report.warnings:
             typer.echo(
-                f"warning: {'line ' + str(warning.line) if warning.line else 'log'}: {warning.message}"
+                f"warning: {'line ' + str(warning.line) if warning.line else 'log'}: {warning.message}",
+                err=True,
             )
         verdict = "intact" if report.ok else "TAMPERED OR DAMAGED"
         typer.echo(f"{report.path}: {verdict}, {report.records} records, last hash {report.last_hash[:16]}")
