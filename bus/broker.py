@@ -1,8 +1,15 @@
 """The broker: one thread, one poll loop around a socket-free Registry.
 
 It routes on frames and reads only the small request header; bodies pass
-through as opaque bytes. Sockets are drained in batches with NOBLOCK, so a busy
-socket costs one poll per batch rather than one per message.
+through as opaque bytes (event bodies are checked to be one msgpack value, since
+the broker keeps and replays them). Sockets are drained in batches with NOBLOCK,
+so a busy socket costs one poll per batch rather than one per message.
+
+Time inside the broker is monotonic; a request's wire deadline (Unix time) is
+converted once on arrival and kept in a heap, so each call is answered TIMEOUT at
+its deadline. A socket monitor reports each closed connection at once: the peers
+that used it are probed and, once unroutable, dropped, so calls in flight at a
+kill -9 are answered without waiting for missed heartbeats.
 """
 
 from __future__ import annotations
@@ -11,16 +18,30 @@ import argparse
 import fcntl
 import grp
 import logging
+import math
 import os
 import signal
 import time
 
 import msgspec
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from baaaht.bus import wire
+from baaaht.bus.authorize import ANSWER, CALL, PUBLISH, REGISTER, authorize
+from baaaht.bus.bad_input import BadInput
 from baaaht.bus.errors import BusError, validation_error
-from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Failure, InFlight, Peer, Registry
+from baaaht.bus.registry import (
+    AGENTS_SOCKET,
+    SERVICES_SOCKET,
+    EventLog,
+    Failure,
+    InFlight,
+    Peer,
+    PeerKey,
+    Registry,
+    check_deadline,
+)
 from baaaht.common.endpoints import Endpoints, ipc_path
 from baaaht.schemas.base import Request, target_of, topic_of
 from baaaht.schemas.bus import (
@@ -32,10 +53,8 @@ from baaaht.schemas.bus import (
     Ping,
     Pong,
     ReplayResult,
-    ServiceDown,
     ServicesList,
     ServicesQuery,
-    ServiceUp,
     StatsQuery,
 )
 from baaaht.schemas.config import Config
@@ -45,14 +64,16 @@ log = logging.getLogger("baaaht.broker")
 
 BATCH = 256  # messages drained from one socket before looking at the others
 SERVICES, AGENTS = 0, 1  # indexes of the two ROUTER sockets
-AGENT_TOPICS = "agent."  # the only event topics agents may publish
-AGENT_BUILTINS = ("bus.ping",)
+PROBE_INTERVAL = 0.005  # after a connection closed: how often to try its peers until ZeroMQ forgets them
+PROBES = 20  # then a peer still routable is a new connection that reused the file descriptor
+SUMMARY_TICKS = 10  # heartbeat intervals per malformed-input log period
 HEADER_SLACK = 64 * 1024  # ZMQ_MAXMSGSIZE is per frame: leave room so an oversized body still gets a reply
 # Plain ints and the backend's send: pyzmq's flag enums and its Python-level send
 # wrapper cost more per call than the send itself.
 _send = zmq.backend.Socket.send
 _get = zmq.backend.Socket.get
 NOBLOCK = int(zmq.NOBLOCK)
+SRCFD = int(zmq.SRCFD)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
 HEARTBEAT = wire.pack(wire.HEARTBEAT)
@@ -72,10 +93,16 @@ class Broker:
         self.events = EventLog(config.bus.event_history, int(config.bus.event_history_bytes))
         self.context = context or zmq.Context.instance()
         self.started_at = time.time()
+        self.started_mono = time.monotonic()
         self.epoch = int(self.started_at * 1000)
         self.running = False
-        self.counters = dict(messages_in=0, messages_out=0, bytes_in=0, bytes_out=0, malformed=0)
+        self.counters = dict(messages_in=0, messages_out=0, bytes_in=0, bytes_out=0)
         self.errors: dict[str, int] = {}
+        self.bad_input = BadInput(log, self.registry.heartbeat_interval * SUMMARY_TICKS)
+        self._connections: dict[tuple[int, int], set[PeerKey]] = {}  # (socket, fd) -> peers seen on it
+        self._suspects: dict[PeerKey, int] = {}  # peers of a closed connection -> probes left
+        self._departed: set[PeerKey] = set()  # peers a send found unroutable: to drop after the batch
+        self._clock_offset = time.time() - time.monotonic()  # Unix time = monotonic + offset
         self._lock_file = None
 
     # -- set-up -------------------------------------------------------------------------------
@@ -95,6 +122,7 @@ class Broker:
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
         self.sockets = (self.services, self.agents)
         self.socket_names = (SERVICES_SOCKET, AGENTS_SOCKET)
+        self.monitors = tuple(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) for sock in self.sockets)
         eps = self.endpoints
         for sock, ipc, tcp in (
             (self.services, eps.services, eps.tcp_services),
@@ -143,14 +171,21 @@ class Broker:
     def run(self) -> None:
         self.running = True
         poller = zmq.Poller()
-        for sock in self.sockets:
+        for sock in (*self.sockets, *self.monitors):
             poller.register(sock, zmq.POLLIN)
         self.publish_own(BrokerStarted(pid=os.getpid()))
         interval = self.registry.heartbeat_interval
-        next_tick = time.time() + interval
+        next_tick = time.monotonic() + interval
+        next_probe = 0.0  # while there are suspects
         log.info("broker ready", extra={"endpoints": self.endpoints.__dict__})
         while self.running:
-            timeout_ms = max(0.0, (next_tick - time.time()) * 1000)
+            deadline = self.registry.next_deadline()
+            wake = min(
+                next_tick,
+                next_probe if self._suspects else math.inf,
+                math.inf if deadline is None else deadline,
+            )
+            timeout_ms = max(0, math.ceil((wake - time.monotonic()) * 1000))
             try:
                 ready = poller.poll(timeout_ms)
             except zmq.ZMQError as exc:
@@ -158,18 +193,30 @@ class Broker:
                     continue
                 raise
             for sock, _ in ready:
-                self._drain(sock)
-            now = time.time()
+                if sock in self.monitors:
+                    self._on_monitor(self.monitors.index(sock))
+                else:
+                    self._drain(sock)
+            now = time.monotonic()
+            if self._suspects and now >= next_probe:
+                self._probe()
+                next_probe = now + PROBE_INTERVAL
+            deadline = self.registry.next_deadline()
+            if deadline is not None and deadline <= now:
+                self._time_out(now)
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
+            self._settle()
         self.close()
 
     def stop(self, *_args) -> None:
         self.running = False
 
     def close(self) -> None:
-        for sock in (*self.sockets, self.pub):
+        for sock in self.sockets:
+            sock.disable_monitor()
+        for sock in (*self.monitors, *self.sockets, self.pub):
             sock.close(linger=0)
         for endpoint in (self.endpoints.services, self.endpoints.agents, self.endpoints.events):
             path = ipc_path(endpoint)
@@ -180,7 +227,8 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket) -> None:
         index = self.sockets.index(sock)
-        now = time.time()  # one clock reading per batch
+        now = time.monotonic()  # one reading of each clock per batch
+        self._clock_offset = time.time() - now  # wall = monotonic + offset: converts wire deadlines
         recv = sock.recv
         peers = self.registry.peers
         received = size = 0
@@ -199,6 +247,8 @@ class Broker:
                 # id is seen as the new peer it is.
                 frame = recv(NOBLOCK, copy=False)
                 envelope, address = frame.bytes, peer_address(frame)
+                if key not in peers:  # which connection it uses, so the monitor can tell when it closes
+                    self._connections.setdefault((index, frame.get(SRCFD)), set()).add(key)
             extra = 0
             while _get(sock, RCVMORE):
                 recv(NOBLOCK)
@@ -217,7 +267,10 @@ class Broker:
         kind = wire.kind_of(envelope)
         if not kind or extra:
             self._malformed(
-                key, "not a baaaht message (expected one envelope: BHT1, a kind, a header length)"
+                key,
+                "not_baaaht",
+                "not a baaaht message (expected one envelope: BHT1, a kind, a header length)",
+                now,
             )
             return
         known = self.registry.peers.get(key)
@@ -228,7 +281,7 @@ class Broker:
             if kind == wire.REQUEST:
                 self._on_request(peer, envelope, now)
             elif kind in (wire.REPLY, wire.PARTIAL):
-                self._on_reply(peer, kind, envelope)
+                self._on_reply(peer, kind, envelope, now)
             elif kind == wire.HEARTBEAT:
                 self._on_heartbeat(peer, wire.split(envelope)[1])
             elif kind == wire.CANCEL:
@@ -237,12 +290,13 @@ class Broker:
                 self._on_event(peer, *wire.split(envelope), now)
             elif kind == wire.REGISTER:
                 self._on_register(peer, wire.split(envelope)[1])
-            elif kind == wire.DISCONNECT:
+            elif kind == wire.DISCONNECT:  # a clean goodbye: nothing to count or log
                 self._answer_all(*self.registry.drop_peer(key, "disconnected"))
             else:
-                self._malformed(key, f"a peer may not send a {wire.KIND_NAMES[kind]}")
+                self._malformed(key, "forbidden_kind", f"a peer may not send a {wire.KIND_NAMES[kind]}", now)
         except (msgspec.DecodeError, wire.MalformedFrame) as exc:
-            self._malformed(key, f"undecodable {wire.KIND_NAMES[kind]}: {exc}")
+            name = wire.KIND_NAMES[kind]
+            self._malformed(key, f"undecodable_{name}", f"undecodable {name}: {exc}", now)
 
     # -- handlers -----------------------------------------------------------------------------
 
@@ -254,37 +308,55 @@ class Broker:
             message = f"message body of {size} bytes exceeds the limit of {self.max_message} bytes"
             self._reply_error(peer.key, header.id, BusError(ErrorCode.RESOURCE_EXHAUSTED, message))
             return
+        denial = authorize(peer.role, CALL, header.target)
+        if denial is not None:
+            self._reply_error(peer.key, header.id, BusError(ErrorCode.PERMISSION_DENIED, denial.message))
+            return
         if header.target.startswith("bus."):
             self._builtin(peer, header, wire.split(envelope)[1], now)
             return
-        try:
-            request = self.registry.route(peer, header.id, header.target, header.deadline, now)
-        except BusError as exc:
-            self._reply_error(peer.key, header.id, exc)
-            return
-        instance = request.instance
-        if not self._send(instance.peer.key, envelope, request.token + peer.caller_frame):
-            self.registry.complete(instance.peer, request.token, True, ErrorCode.UNAVAILABLE.value)
-            message = f"service {instance.service} cannot take more requests (queue full or gone)"
-            self._reply_error(peer.key, header.id, BusError(ErrorCode.UNAVAILABLE, message))
+        deadline = header.deadline - self._clock_offset  # the caller's Unix time on our monotonic clock
+        while True:
+            try:
+                request = self.registry.route(peer, header.id, header.target, deadline, now)
+            except BusError as exc:
+                self._reply_error(peer.key, header.id, exc)
+                return
+            instance = request.instance
+            if self._send(instance.peer.key, envelope, request.token + peer.caller_frame):
+                return
+            self.registry.withdraw(request.token)
+            if instance.peer.key not in self._departed:
+                message = f"service {instance.service} cannot take more requests (its queue is full)"
+                self._reply_error(peer.key, header.id, BusError(ErrorCode.UNAVAILABLE, message))
+                return
+            self._forget(instance.peer.key)  # that instance is gone: try the next one, if any
 
-    def _on_reply(self, peer: Peer, kind: bytes, envelope: bytes) -> None:
+    def _on_reply(self, peer: Peer, kind: bytes, envelope: bytes, now: float) -> None:
         final = kind == wire.REPLY
         header = wire.reply_header.decode(wire.header_of(envelope))
         if peer.instance is None:
-            self._malformed(peer.key, "only a registered service instance may reply")
+            self._malformed(peer.key, "unregistered_reply", "only a registered service instance may reply", now)
             return
         request = self.registry.complete(peer, header.token, final, header.error)
         if request is None:
-            if not final:  # a stream whose caller is gone: tell the handler to stop
+            if not final:  # a stream whose caller is gone or cancelled: tell the handler to stop
                 self._send(peer.key, wire.pack(wire.CANCEL, body=header.token))
+            return
+        denial = authorize(peer.role, ANSWER, request.target)
+        if denial is not None:
+            self._reply_error(peer.key, "", BusError(ErrorCode.PERMISSION_DENIED, denial.message))
             return
         self._send(request.client, envelope)
 
     def _on_cancel(self, peer: Peer, request_id: str) -> None:
+        """The caller gave up: the service is told to stop, and the caller gets the call's last
+        REPLY (CANCELLED) from the broker; whatever the service still sends for it is dropped."""
         request = self.registry.cancel(peer.key, request_id)
         if request is not None:
             self._send(request.instance.peer.key, wire.pack(wire.CANCEL, body=request.token))
+            cancelled = BusError(ErrorCode.CANCELLED, f"{request.target} was cancelled by the caller")
+            self._send(peer.key, wire.error_reply(request_id, cancelled))  # the caller's doing: no fault
 
     def _on_heartbeat(self, peer: Peer, body: bytes) -> None:
         if not body:
@@ -301,31 +373,39 @@ class Broker:
     def _on_register(self, peer: Peer, body: bytes) -> None:
         registration = wire.register_body.decode(body)
         try:
-            instance = self.registry.register(peer, registration)
+            denial = authorize(peer.role, REGISTER, registration.service)
+            if denial is not None:
+                raise BusError(ErrorCode.PERMISSION_DENIED, denial.message)
+            instance, failures = self.registry.register(peer, registration)
         except BusError as exc:
             self._send(peer.key, wire.pack(wire.DISCONNECT, body=wire.encode(exc.body())))
             return
+        self._answer_all(failures, [])
         log.info("service registered", extra={"service": instance.service, "instance": instance.instance_id})
-        self.publish_own(ServiceUp(service=instance.service, instance=instance.instance_id))
 
     def _on_event(self, peer: Peer, topic_bytes: bytes, body: bytes, now: float) -> None:
+        """Refusals are answered with a REPLY whose id is "" (an event has no id to answer)."""
         topic = topic_bytes.decode(errors="replace")
-        if peer.socket == AGENTS_SOCKET and not topic.startswith(AGENT_TOPICS):
-            message = f"agents may publish only {AGENT_TOPICS}* topics, not {topic!r}"
-            self._reply_error(peer.key, "", BusError(ErrorCode.PERMISSION_DENIED, message))
+        denial = authorize(peer.role, PUBLISH, topic)
+        if denial is not None:
+            self._reply_error(peer.key, "", BusError(ErrorCode.PERMISSION_DENIED, denial.message))
             return
         if len(body) > self.max_event:
             message = f"event of {len(body)} bytes exceeds the limit of {self.max_event} bytes"
             self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, message))
             return
-        self._publish(topic, peer.caller.service or f"{peer.socket}:{peer.caller.peer}", body, now)
+        source = peer.caller.service or f"{peer.socket}:{peer.caller.peer}"
+        try:
+            self._publish(topic, source, body, now + self._clock_offset)
+        except BusError as exc:  # not one msgpack value: never kept, never republished
+            self._malformed(peer.key, "event_body", exc.message, now, exc.details)
 
     def publish_own(self, event) -> None:
         self._publish(topic_of(type(event)), "bus", wire.encode(event), time.time())
 
-    def _publish(self, topic: str, source: str, body: bytes, now: float) -> None:
-        event = self.events.append(topic, source, body, now)
-        stamp = wire.encode(wire.EventStamp(event.seq, now, source, self.epoch))
+    def _publish(self, topic: str, source: str, body: bytes, wall: float) -> None:
+        event = self.events.append(topic, source, body, wall)
+        stamp = wire.encode(wire.EventStamp(event.seq, wall, source, self.epoch))
         # PUB never blocks: a subscriber past its high-water mark loses messages, sees a gap and replays.
         self.pub.send_multipart([topic.encode(), wire.pack(wire.EVENT, stamp, body)])
 
@@ -333,10 +413,10 @@ class Broker:
 
     def _builtin(self, peer: Peer, header: wire.RequestHeader, body: bytes, now: float) -> None:
         decoder = _builtin_decoders.get(header.target)
-        if peer.socket == AGENTS_SOCKET and header.target not in AGENT_BUILTINS:
-            # The event history and the peer list would show agents everything on the host.
-            message = f"agents may call only {', '.join(AGENT_BUILTINS)} of the bus.* methods"
-            self._reply_error(peer.key, header.id, BusError(ErrorCode.PERMISSION_DENIED, message))
+        try:
+            check_deadline(header.target, header.deadline, now + self._clock_offset)
+        except BusError as exc:
+            self._reply_error(peer.key, header.id, exc)
             return
         if decoder is None:
             self._reply_error(
@@ -356,9 +436,11 @@ class Broker:
             return Pong(
                 broker_pid=os.getpid(),
                 started_at=self.started_at,
-                time=now,
+                time=now + self._clock_offset,
                 protocol=wire.PROTOCOL.decode(),
                 caller=peer.caller,
+                heartbeat_interval=self.registry.heartbeat_interval,
+                heartbeat_liveness=self.config.bus.heartbeat_liveness,
             )
         if isinstance(request, ServicesQuery):
             return ServicesList(services=self.registry.services_view(now, request.service))
@@ -366,8 +448,10 @@ class Broker:
             return PeersList(peers=self.registry.peers_view(now))
         if isinstance(request, StatsQuery):
             return BusStats(
-                uptime=now - self.started_at,
+                uptime=now - self.started_mono,
                 errors=dict(self.errors),
+                malformed=self.bad_input.total,
+                malformed_kinds=dict(self.bad_input.by_kind),
                 events_published=self.events.last_seq,
                 last_event_seq=self.events.last_seq,
                 per_service=dict(self.registry.per_service),
@@ -382,20 +466,55 @@ class Broker:
     # -- time ---------------------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
-        before = {key: peer.instance for key, peer in self.registry.peers.items() if peer.instance}
-        self._answer_all(*self.registry.expire(now))
-        for key, instance in before.items():
-            if key not in self.registry.peers:
-                log.warning("service instance expired", extra={"service": instance.service})
-                self.publish_own(
-                    ServiceDown(
-                        service=instance.service, instance=instance.instance_id, reason="missed heartbeats"
-                    )
-                )
+        self._answer_all(*self.registry.expire_peers(now))
         for key in list(self.registry.peers):
             self._send(key, HEARTBEAT)
-        stamp = wire.EventStamp(self.events.last_seq, now, "bus", self.epoch)
+        stamp = wire.EventStamp(self.events.last_seq, time.time(), "bus", self.epoch)
         self.pub.send_multipart([b"", wire.pack(wire.HEARTBEAT, wire.encode(stamp))])
+        self.bad_input.flush(now)
+
+    def _time_out(self, now: float) -> None:
+        due = self.registry.expire_deadlines(now)
+        failures = [Failure(r, ErrorCode.TIMEOUT, f"{r.target} did not answer in time") for r in due]
+        self._answer_all(failures, due)
+
+    # -- departures ---------------------------------------------------------------------------
+
+    def _on_monitor(self, index: int) -> None:
+        """Connections that closed: their peers are probed until ZeroMQ has forgotten them."""
+        monitor = self.monitors[index]
+        for _ in range(BATCH):
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(NOBLOCK))
+            except zmq.Again:
+                return
+            for key in self._connections.pop((index, int(event["value"])), ()):
+                if key in self.registry.peers:
+                    self._suspects[key] = PROBES
+
+    def _probe(self) -> None:
+        """A heartbeat to each suspect: unroutable means gone. ZeroMQ drops the route a moment
+        after it reports the close; a peer still routable after all the probes is a new connection
+        that got the same file descriptor."""
+        for key in list(self._suspects):
+            if key not in self.registry.peers or not self._send(key, HEARTBEAT) or self._suspects[key] <= 1:
+                del self._suspects[key]
+            else:
+                self._suspects[key] -= 1
+
+    def _settle(self) -> None:
+        """Drop the peers found gone, and publish what the registry announces."""
+        while self._departed:
+            self._forget(next(iter(self._departed)))
+        for event in self.registry.announcements:
+            self.publish_own(event)
+        self.registry.announcements.clear()
+
+    def _forget(self, key: PeerKey) -> None:
+        """A peer whose connection is gone: fail what it served, cancel what it asked for."""
+        self._departed.discard(key)
+        self._suspects.pop(key, None)
+        self._answer_all(*self.registry.drop_peer(key, "disconnected"))
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -412,10 +531,12 @@ class Broker:
         self.errors[code] = self.errors.get(code, 0) + 1
         self._send(key, wire.error_reply(request_id, error))
 
-    def _malformed(self, key, message: str) -> None:
-        self.counters["malformed"] += 1
-        log.warning("malformed message", extra={"peer": key[1].hex(), "problem": message})
-        self._reply_error(key, "", BusError(ErrorCode.INVALID_ARGUMENT, message))
+    def _malformed(self, key, kind: str, message: str, now: float, details: dict | None = None) -> None:
+        self.bad_input.note(kind, f"{self.socket_names[key[0]]}:{key[1].hex()}", message, now)
+        peer = self.registry.peers.get(key)
+        if peer is not None:
+            peer.malformed += 1
+        self._reply_error(key, "", BusError(ErrorCode.INVALID_ARGUMENT, message, details))
 
     def _send(self, key, envelope: bytes, route: bytes | None = None) -> bool:
         """Send to a peer; False when it is gone or its queue is full (never blocks the loop)."""
@@ -428,10 +549,13 @@ class Broker:
                 _send(sock, envelope, SNDMORE_NOBLOCK)
                 _send(sock, route, NOBLOCK)
         except zmq.ZMQError as exc:
-            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            if exc.errno == zmq.EHOSTUNREACH:  # the peer has gone: not a fault, and it is dropped
+                if key in self.registry.peers:
+                    self._departed.add(key)
+                return False
+            if exc.errno != zmq.EAGAIN:
                 raise
-            reason = "unroutable" if exc.errno == zmq.EHOSTUNREACH else "queue_full"
-            self.errors[reason] = self.errors.get(reason, 0) + 1
+            self.errors["queue_full"] = self.errors.get("queue_full", 0) + 1
             return False
         self.counters["messages_out"] += 1
         self.counters["bytes_out"] += len(envelope)

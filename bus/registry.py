@@ -1,17 +1,20 @@
 """The broker's state, with no sockets in it: peers, service pools, in-flight
 requests, heartbeats and the event history. Every method that depends on time
-takes `now`, so liveness and expiry are tested without sleeping.
+takes `now` (the broker's monotonic clock; wire deadlines are converted to it on
+arrival), so liveness and expiry are tested without sleeping.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import math
 from dataclasses import dataclass
 
 import msgspec
 
+from baaaht.bus import authorize
 from baaaht.bus.errors import BusError
 from baaaht.bus.wire import TOKEN_SIZE
 from baaaht.schemas.bus import (
@@ -19,8 +22,10 @@ from baaaht.schemas.bus import (
     InstanceInfo,
     PeerInfo,
     Register,
+    ServiceDown,
     ServiceInfo,
     ServiceStats,
+    ServiceUp,
     StampedEvent,
 )
 from baaaht.schemas.errors import ErrorCode
@@ -30,6 +35,7 @@ PeerKey = tuple[int, bytes]  # (index of the socket it came through, routing id)
 SERVICES_SOCKET = "services"
 AGENTS_SOCKET = "agents"
 SERVICE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+SOCKET_ROLES = {SERVICES_SOCKET: authorize.OPERATOR, AGENTS_SOCKET: authorize.AGENT}
 
 
 @dataclass(slots=True)
@@ -40,7 +46,9 @@ class Peer:
     caller: Caller
     caller_frame: bytes
     last_seen: float
+    role: str  # what authorize() judges it as: from its socket, `service` once registered
     messages: int = 0
+    malformed: int = 0
     instance: Instance | None = None
 
 
@@ -70,6 +78,14 @@ class InFlight:
     target: str
     deadline: float
     instance: Instance
+
+
+def check_deadline(target: str, deadline: float, now: float) -> None:
+    """Refuse a deadline that is not a finite time, or one that has passed."""
+    if not math.isfinite(deadline):
+        raise BusError(ErrorCode.INVALID_ARGUMENT, f"deadline of {target} is not a finite time")
+    if deadline <= now:
+        raise BusError(ErrorCode.TIMEOUT, f"deadline of {target} passed before delivery")
 
 
 @dataclass
@@ -103,7 +119,11 @@ class Registry:
         self._by_request: dict[tuple[PeerKey, str], bytes] = {}
         self._tokens = itertools.count(1)
         self._routes: dict[str, list[Instance]] = {}  # target -> healthy instances offering it
+        self._deadlines: list[tuple[float, bytes]] = []  # heap of (deadline, token); finished ones linger
         self.per_service: dict[str, ServiceStats] = collections.defaultdict(ServiceStats)
+        # bus.service.up/down to publish: one up when an instance id first appears, one down when
+        # its last registration goes (a service that reconnects and registers again is no news)
+        self.announcements: list[ServiceUp | ServiceDown] = []
 
     # -- peers --------------------------------------------------------------------------------
 
@@ -113,15 +133,15 @@ class Registry:
         if peer is None:
             uid, gid, pid = parse_peer_address(peer_address)
             caller = Caller(socket=socket, peer=key[1].hex(), uid=uid, gid=gid, pid=pid)
-            peer = Peer(key, socket, peer_address, caller, self._encode_caller(caller), now)
+            role = SOCKET_ROLES[socket]
+            peer = Peer(key, socket, peer_address, caller, self._encode_caller(caller), now, role)
             self.peers[key] = peer
         peer.last_seen = now
         peer.messages += 1
         return peer
 
-    def register(self, peer: Peer, reg: Register) -> Instance:
-        if peer.socket != SERVICES_SOCKET:
-            raise BusError(ErrorCode.PERMISSION_DENIED, "peers on the agent socket cannot register services")
+    def register(self, peer: Peer, reg: Register) -> tuple[Instance, list[Failure]]:
+        """Add (or replace) the peer's instance; the failures are what its previous one was serving."""
         if not reg.service or not set(reg.service) <= SERVICE_NAME_CHARS or reg.service == "bus":
             raise BusError(ErrorCode.INVALID_ARGUMENT, f"invalid service name {reg.service!r}")
         foreign = [m for m in reg.methods if not m.startswith(reg.service + ".")]
@@ -131,8 +151,11 @@ class Registry:
                 f"methods outside service {reg.service!r}: {', '.join(foreign)}",
                 {"methods": foreign},
             )
+        known = self._registered(reg.service, reg.instance)
+        failures: list[Failure] = []
         if peer.instance is not None:
-            self.drop_instance(peer, "re-registered")
+            same = (peer.instance.service, peer.instance.instance_id) == (reg.service, reg.instance)
+            failures = self.drop_instance(peer, "re-registered", announce=not same)
         instance = Instance(
             peer=peer,
             service=reg.service,
@@ -154,9 +177,15 @@ class Registry:
             pid=peer.caller.pid,
         )
         peer.caller_frame = self._encode_caller(peer.caller)
+        peer.role = authorize.SERVICE
         self.pools.setdefault(reg.service, []).append(instance)
         self._routes.clear()
-        return instance
+        if not known:
+            self.announcements.append(ServiceUp(service=reg.service, instance=reg.instance))
+        return instance, failures
+
+    def _registered(self, service: str, instance_id: str) -> bool:
+        return any(i.instance_id == instance_id for i in self.pools.get(service, ()))
 
     def set_health(self, peer: Peer, healthy: bool, reason: str) -> None:
         instance = peer.instance
@@ -165,7 +194,7 @@ class Registry:
             instance.reason = reason
             self._routes.clear()
 
-    def drop_instance(self, peer: Peer, reason: str) -> list[Failure]:
+    def drop_instance(self, peer: Peer, reason: str, announce: bool = True) -> list[Failure]:
         """Forget a service instance; its in-flight requests fail with UNAVAILABLE at once."""
         instance = peer.instance
         if instance is None:
@@ -177,6 +206,10 @@ class Registry:
         if not pool:
             self.pools.pop(instance.service, None)
         self._routes.clear()
+        if announce and not self._registered(instance.service, instance.instance_id):
+            self.announcements.append(
+                ServiceDown(service=instance.service, instance=instance.instance_id, reason=reason)
+            )
         message = f"service {instance.service} instance {instance.instance_id} {reason}"
         served_here = [r for r in self.in_flight.values() if r.instance is instance]
         for request in served_here:
@@ -199,10 +232,7 @@ class Registry:
     def route(self, client: Peer, request_id: str, target: str, deadline: float, now: float) -> InFlight:
         """Pick the least loaded healthy instance for `target` and record the request in flight."""
         instances = self._routes.get(target) or self._find_route(target)
-        if not math.isfinite(deadline):
-            raise BusError(ErrorCode.INVALID_ARGUMENT, f"deadline of {target} is not a finite time")
-        if deadline <= now:
-            raise BusError(ErrorCode.TIMEOUT, f"deadline of {target} passed before delivery")
+        check_deadline(target, deadline, now)
         key = (client.key, request_id)
         if key in self._by_request:
             raise BusError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in flight")
@@ -211,6 +241,7 @@ class Registry:
         request = InFlight(token, client.key, request_id, target, deadline, instance)
         self.in_flight[token] = request
         self._by_request[key] = token
+        heapq.heappush(self._deadlines, (deadline, token))
         instance.in_flight += 1
         instance.stats.requests += 1
         return request
@@ -249,6 +280,10 @@ class Registry:
             instance.stats.errors[error] = instance.stats.errors.get(error, 0) + 1
         return self._finish(token)
 
+    def withdraw(self, token: bytes) -> None:
+        """Forget a request that could not be delivered, without counting it as served."""
+        self._finish(token)
+
     def cancel(self, client: PeerKey, request_id: str) -> InFlight | None:
         token = self._by_request.get((client, request_id))
         return self._finish(token) if token is not None else None
@@ -263,19 +298,35 @@ class Registry:
 
     # -- time ---------------------------------------------------------------------------------
 
-    def expire(self, now: float) -> tuple[list[Failure], list[InFlight]]:
-        """Drop silent peers and answer overdue requests: (failures to answer, requests to cancel)."""
+    def expire_peers(self, now: float) -> tuple[list[Failure], list[InFlight]]:
+        """Drop silent peers: (failures to answer, requests to cancel at their services). A silent
+        caller's own calls are answered UNAVAILABLE too, in case it is alive but hung."""
         failures: list[Failure] = []
         cancels: list[InFlight] = []
         for key in [k for k, p in self.peers.items() if now - p.last_seen > self.expiry]:
             dropped, abandoned = self.drop_peer(key, "missed its heartbeats")
             failures += dropped
             cancels += abandoned
-        for request in [r for r in self.in_flight.values() if r.deadline <= now]:
-            self._finish(request.token)
-            failures.append(Failure(request, ErrorCode.TIMEOUT, f"{request.target} did not answer in time"))
-            cancels.append(request)
+            message = f"the broker heard no heartbeat from this caller for {self.expiry:g}s"
+            failures += [Failure(request, ErrorCode.UNAVAILABLE, message) for request in abandoned]
         return failures, cancels
+
+    def next_deadline(self) -> float | None:
+        """When the earliest request in flight falls due (maybe one already answered: harmless)."""
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def expire_deadlines(self, now: float) -> list[InFlight]:
+        """Requests in flight whose deadline has come, forgotten: each to answer TIMEOUT and cancel."""
+        due: list[InFlight] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            request = self._finish(heapq.heappop(heap)[1])
+            if request is not None:
+                due.append(request)
+        if len(heap) > 2 * len(self.in_flight) + 1024:  # most entries answered long ago: rebuild
+            self._deadlines = [(r.deadline, r.token) for r in self.in_flight.values()]
+            heapq.heapify(self._deadlines)
+        return due
 
     # -- views for bus.* ----------------------------------------------------------------------
 
@@ -315,14 +366,31 @@ class Registry:
                 pid=p.caller.pid,
                 last_seen_age=round(now - p.last_seen, 3),
                 messages=p.messages,
+                malformed=p.malformed,
             )
             for p in self.peers.values()
         ]
 
 
+_any_msgpack = msgspec.msgpack.Decoder()
+
+
+def is_one_msgpack_value(body: bytes) -> bool:
+    """Whether `body` is exactly one well-formed msgpack value (strings valid UTF-8, nothing after it).
+
+    Building the Python objects is the only check msgspec offers that also validates the strings
+    inside: decoding to msgspec.Raw or to an empty Struct checks structure and skips their content."""
+    try:
+        _any_msgpack.decode(body)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
 class EventLog:
     """The last N stamped events (and at most `max_bytes` of bodies), for replay to late or
-    lagging subscribers."""
+    lagging subscribers. Only bodies that are one msgpack value get in, and replay checks them
+    again, so a replay reply always decodes whatever the history holds."""
 
     def __init__(self, capacity: int, max_bytes: int):
         self.events: collections.deque[StampedEvent] = collections.deque()
@@ -332,6 +400,12 @@ class EventLog:
         self.last_seq = 0
 
     def append(self, topic: str, source: str, body: bytes, now: float) -> StampedEvent:
+        if not is_one_msgpack_value(body):
+            raise BusError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"the body of event {topic!r} is not one msgpack value",
+                {"topic": topic},
+            )
         self.last_seq += 1
         event = StampedEvent(seq=self.last_seq, time=now, topic=topic, source=source, body=msgspec.Raw(body))
         self.events.append(event)
@@ -350,7 +424,9 @@ class EventLog:
         start = max(0, since + 1 - self.events[0].seq)
         found = []
         for event in itertools.islice(self.events, start, None):
-            if not topics or any(event.topic.startswith(t) for t in topics):
+            if (not topics or any(event.topic.startswith(t) for t in topics)) and is_one_msgpack_value(
+                event.body
+            ):
                 found.append(event)
                 if len(found) >= limit:
                     break

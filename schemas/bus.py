@@ -48,6 +48,10 @@ class Pong(Response, kw_only=True):
     time: float
     protocol: str
     caller: Caller
+    # Every peer must send a HEARTBEAT each `heartbeat_interval` seconds: after `heartbeat_liveness`
+    # silent intervals the broker drops it and answers its pending calls UNAVAILABLE.
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
 
 
 class Ping(Request, tag="bus.ping", kw_only=True):
@@ -91,6 +95,7 @@ class PeerInfo(msgspec.Struct, kw_only=True):
     pid: int
     last_seen_age: float
     messages: int
+    malformed: int = 0  # messages from it the broker refused as malformed
 
 
 class PeersList(Response, kw_only=True):
@@ -115,6 +120,7 @@ class BusStats(Response, kw_only=True):
     bytes_out: int
     errors: dict[str, int]
     malformed: int
+    malformed_kinds: dict[str, int] = {}  # malformed messages by kind: not_baaaht, event_body, ...
     events_published: int
     last_event_seq: int
     per_service: dict[str, ServiceStats]

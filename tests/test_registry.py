@@ -4,8 +4,11 @@ import msgspec
 import pytest
 
 from baaaht.bus.errors import BusError
+from hypothesis import given
+from hypothesis import strategies as st
+
 from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Registry, parse_peer_address
-from baaaht.schemas.bus import Register
+from baaaht.schemas.bus import Register, ReplayResult, ServiceDown, ServiceUp, StampedEvent
 from baaaht.schemas.errors import ErrorCode
 
 
@@ -93,12 +96,11 @@ def test_unhealthy_instances_are_skipped():
     assert registry.route(client(registry), "2", "echo.say", 10, 0).instance.instance_id == "well"
 
 
-def test_agents_cannot_register_services():
+def test_roles_come_from_the_socket_and_registration():
     registry = make_registry()
-    agent = client(registry, b"agent", socket=AGENTS_SOCKET)
-    with pytest.raises(BusError) as caught:
-        registry.register(agent, Register(service="session", instance="x", methods=["session.get"]))
-    assert caught.value.code == ErrorCode.PERMISSION_DENIED
+    assert client(registry, b"agent", socket=AGENTS_SOCKET).role == "agent"
+    assert client(registry, b"ctl").role == "operator"
+    assert add_instance(registry, b"svc").role == "service"
 
 
 @pytest.mark.parametrize(
@@ -118,7 +120,7 @@ def test_silent_instance_dies_and_its_requests_fail_unavailable():
     caller = client(registry, now=0)
     request = registry.route(caller, "1", "echo.say", deadline=100, now=0)
     caller.last_seen = 3.5
-    failures, cancels = registry.expire(now=3.5)  # 3 intervals of silence from the service
+    failures, cancels = registry.expire_peers(now=3.5)  # 3 intervals of silence from the service
     assert [f.request.request_id for f in failures] == [request.request_id]
     assert failures[0].code == ErrorCode.UNAVAILABLE
     assert cancels == []
@@ -131,10 +133,25 @@ def test_overdue_requests_time_out_and_are_cancelled():
     registry = make_registry()
     add_instance(registry, b"a")
     request = registry.route(client(registry), "1", "echo.say", deadline=2, now=0)
-    failures, cancels = registry.expire(now=2.0)
-    assert [f.code for f in failures] == [ErrorCode.TIMEOUT]
-    assert cancels == [request]
+    assert registry.next_deadline() == 2
+    assert registry.expire_deadlines(now=1.999) == []
+    assert registry.expire_deadlines(now=2.0) == [request]
     assert registry.in_flight == {}
+
+
+def test_deadlines_fall_due_in_their_order_and_answered_ones_are_skipped():
+    registry = make_registry()
+    add_instance(registry, b"a", concurrency=10)
+    caller = client(registry)
+    late = registry.route(caller, "late", "echo.say", deadline=9, now=0)
+    answered = registry.route(caller, "answered", "echo.say", deadline=1, now=0)
+    soon = registry.route(caller, "soon", "echo.say", deadline=2, now=0)
+    registry.complete(answered.instance.peer, answered.token, final=True)
+    assert registry.next_deadline() == 1  # a stale entry: harmless, it is skipped
+    assert registry.expire_deadlines(now=5) == [soon]
+    assert registry.next_deadline() == 9
+    assert registry.expire_deadlines(now=9) == [late]
+    assert registry.next_deadline() is None
 
 
 def test_a_vanished_caller_cancels_its_requests():
@@ -142,8 +159,11 @@ def test_a_vanished_caller_cancels_its_requests():
     service = add_instance(registry, b"a")
     request = registry.route(client(registry, now=0), "1", "echo.say", deadline=100, now=0)
     service.last_seen = 3.5
-    failures, cancels = registry.expire(now=3.5)
-    assert failures == [] and cancels == [request]
+    failures, cancels = registry.expire_peers(now=3.5)
+    assert cancels == [request]
+    # and the caller, if it is alive but hung, is told why it was dropped rather than left waiting
+    assert [(f.request, f.code) for f in failures] == [(request, ErrorCode.UNAVAILABLE)]
+    assert "no heartbeat" in failures[0].message
 
 
 def test_cancel_and_duplicate_ids():
@@ -194,7 +214,7 @@ def test_deadlines_must_be_finite(deadline):
 def test_event_log_keeps_the_last_n_and_replays_by_prefix():
     log = EventLog(capacity=3, max_bytes=1000)
     for n in range(5):
-        log.append("container.started" if n % 2 else "session.created", "x", b"%d" % n, now=n)
+        log.append("container.started" if n % 2 else "session.created", "x", msgspec.msgpack.encode(n), now=n)
     assert log.first_seq == 3 and log.last_seq == 5
     assert [e.seq for e in log.replay(0, [], 10)] == [3, 4, 5]
     assert [e.seq for e in log.replay(3, ["container."], 10)] == [4]
@@ -205,7 +225,63 @@ def test_event_log_keeps_the_last_n_and_replays_by_prefix():
 def test_event_log_keeps_at_most_max_bytes_of_bodies():
     log = EventLog(capacity=100, max_bytes=10)
     for n in range(5):
-        log.append("x", "s", b"1234", now=n)
+        log.append("x", "s", msgspec.msgpack.encode("123"), now=n)
     assert [e.seq for e in log.events] == [4, 5] and log.bytes == 8
-    log.append("x", "s", b"a" * 50, now=6)  # one body over the cap is still kept, alone
+    log.append("x", "s", msgspec.msgpack.encode("a" * 50), now=6)  # one body over the cap is still kept, alone
     assert [e.seq for e in log.events] == [6]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"\xc1", b"\x01\x02", b"\x92\x01", b"\xa3\xff\xfe\xfd", msgspec.msgpack.encode({"a": 1}) + b"\x00"],
+    ids=["empty", "bad opcode", "two values", "truncated", "bad utf-8", "trailing byte"],
+)
+def test_the_event_log_refuses_a_body_that_is_not_one_msgpack_value(body):
+    log = EventLog(capacity=10, max_bytes=1000)
+    with pytest.raises(BusError) as caught:
+        log.append("agent.x", "a", body, now=0)
+    assert caught.value.code == ErrorCode.INVALID_ARGUMENT and caught.value.details == {"topic": "agent.x"}
+    assert log.last_seq == 0 and not log.events
+
+
+replay_reply = msgspec.msgpack.Decoder(ReplayResult)
+
+
+@given(st.lists(st.binary(max_size=12), max_size=20))
+def test_a_replay_reply_always_decodes_whatever_was_offered(bodies):
+    log = EventLog(capacity=100, max_bytes=10_000)
+    for body in bodies:
+        try:
+            log.append("agent.x", "a", body, now=0)
+        except BusError:
+            pass
+    # and even an item that got into the history behind the log's back cannot poison the reply
+    log.events.append(StampedEvent(seq=999, time=0, topic="agent.x", source="a", body=msgspec.Raw(b"\xc1")))
+    result = replay_reply.decode(
+        msgspec.msgpack.encode(ReplayResult(events=log.replay(0, [], 1000), first_seq=1, last_seq=999))
+    )
+    for event in result.events:
+        msgspec.msgpack.decode(event.body)  # each item decodes on its own too
+    assert 999 not in [e.seq for e in result.events]
+
+
+def test_an_instance_is_announced_up_once_and_down_when_its_last_registration_goes():
+    registry = make_registry()
+    first = add_instance(registry, b"a")
+    add_instance(registry, b"a")  # the same connection registers again (the broker asked it to)
+    reconnected = registry.touch((0, b"a2"), SERVICES_SOCKET, None, 0)
+    registry.register(reconnected, Register(service="echo", instance="a", methods=["echo.say"]))
+    assert registry.announcements == [ServiceUp(service="echo", instance="a")]
+    registry.announcements.clear()
+    registry.drop_peer(first.key, "disconnected")
+    assert registry.announcements == []  # still registered through the new connection
+    registry.drop_peer(reconnected.key, "disconnected")
+    assert registry.announcements == [ServiceDown(service="echo", instance="a", reason="disconnected")]
+
+
+def test_registering_again_answers_what_the_previous_instance_was_serving():
+    registry = make_registry()
+    peer = add_instance(registry, b"a")
+    request = registry.route(client(registry), "1", "echo.say", 10, 0)
+    _, failures = registry.register(peer, Register(service="echo", instance="a", methods=["echo.say"]))
+    assert [(f.request, f.code) for f in failures] == [(request, ErrorCode.UNAVAILABLE)]
