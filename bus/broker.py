@@ -336,7 +336,9 @@ class Broker:
         final = kind == wire.REPLY
         header = wire.reply_header.decode(wire.header_of(envelope))
         if peer.instance is None:
-            self._malformed(peer.key, "unregistered_reply", "only a registered service instance may reply", now)
+            self._malformed(
+                peer.key, "unregistered_reply", "only a registered service instance may reply", now
+            )
             return
         request = self.registry.complete(peer, header.token, final, header.error)
         if request is None:

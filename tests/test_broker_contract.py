@@ -47,7 +47,10 @@ def test_an_event_body_that_is_not_msgpack_is_refused_and_never_replayed(echo):
     replayed = echo.client().call(EventsReplay(since=before))
     assert [msgspec.msgpack.decode(e.body) for e in replayed.events] == [{"done": 1}]
     events = subprocess.run(
-        [CTL, "--config", str(echo.config_path), "--json", "events"], capture_output=True, text=True, timeout=30
+        [CTL, "--config", str(echo.config_path), "--json", "events"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert events.returncode == 0, events.stderr
     assert "Traceback" not in events.stderr
@@ -76,7 +79,8 @@ def test_a_deadline_is_answered_timeout_at_its_time_not_at_the_next_tick(make_ho
 
 
 @pytest.mark.parametrize(
-    "deadline, code", [(-1.0, "TIMEOUT"), (float("inf"), "INVALID_ARGUMENT"), (float("nan"), "INVALID_ARGUMENT")]
+    "deadline, code",
+    [(-1.0, "TIMEOUT"), (float("inf"), "INVALID_ARGUMENT"), (float("nan"), "INVALID_ARGUMENT")],
 )
 def test_builtin_methods_honour_deadlines(host, deadline, code):
     dealer = raw_dealer(host)

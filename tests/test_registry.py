@@ -2,11 +2,10 @@
 
 import msgspec
 import pytest
-
-from baaaht.bus.errors import BusError
 from hypothesis import given
 from hypothesis import strategies as st
 
+from baaaht.bus.errors import BusError
 from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Registry, parse_peer_address
 from baaaht.schemas.bus import Register, ReplayResult, ServiceDown, ServiceUp, StampedEvent
 from baaaht.schemas.errors import ErrorCode
@@ -227,7 +226,8 @@ def test_event_log_keeps_at_most_max_bytes_of_bodies():
     for n in range(5):
         log.append("x", "s", msgspec.msgpack.encode("123"), now=n)
     assert [e.seq for e in log.events] == [4, 5] and log.bytes == 8
-    log.append("x", "s", msgspec.msgpack.encode("a" * 50), now=6)  # one body over the cap is still kept, alone
+    # one body over the cap is still kept, alone
+    log.append("x", "s", msgspec.msgpack.encode("a" * 50), now=6)
     assert [e.seq for e in log.events] == [6]
 
 
