@@ -149,9 +149,12 @@ def test_calls_in_flight_at_a_kill_are_answered_at_once_not_after_missed_heartbe
     host.processes.pop("echo").wait(10)
 
 
-def test_a_caller_without_heartbeats_is_told_why_its_calls_end(host):
+def test_pong_tells_the_heartbeat_rule(host):
     pong = host.client().call(Ping())
     assert (pong.heartbeat_interval, pong.heartbeat_liveness) == (0.2, 3)
+
+
+def test_a_caller_without_heartbeats_is_told_why_its_calls_end(host):
     host.start_service(ECHO_SERVICE, "echo")
     silent = raw_dealer(host)  # sends one request and never a heartbeat
     try:
