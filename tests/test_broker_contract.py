@@ -145,6 +145,9 @@ def test_calls_in_flight_at_a_kill_are_answered_at_once_not_after_missed_heartbe
     down = subscription.next(timeout=5)
     assert down.topic == "bus.service.down" and down.event.reason == "disconnected"
     assert client.call(ServicesQuery(service="echo")).services == []
+    with pytest.raises(BusError) as caught:
+        client.call(Say(text="x"))
+    assert caught.value.code == ErrorCode.UNAVAILABLE
     subscription.close()
     host.processes.pop("echo").wait(10)
 
