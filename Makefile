@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test bench docs docker clean
+.PHONY: run test bench docs docker image shell clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP) docker
+run: $(STAMP) docker image
 	$(VENV)/bin/baaaht-orchestrator $(ARGS)
 
 test: $(STAMP) docker
@@ -32,6 +32,15 @@ docs: $(STAMP)
 
 docker:
 	bash scripts/ensure-docker.sh
+
+# The local image containers can run offline (baaaht/busybox:<content hash>); prints its tag.
+image: $(STAMP) docker
+	@$(PY) -m baaaht.host.images
+
+# A shell with baaaht-ctl and baaaht-orchestrator on PATH.
+shell: $(STAMP)
+	@echo "baaaht-ctl and baaaht-orchestrator are on PATH here; exit to leave" >&2
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $${SHELL:-/bin/sh}
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,11 +20,12 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))  # for tests.harness and tests.container_images
+sys.path.insert(0, str(ROOT.parent))  # for tests.harness
 
 import docker  # noqa: E402
 import msgspec  # noqa: E402
 
+from baaaht.host.images import ensure_busybox_image  # noqa: E402
 from baaaht.schemas.containers import (  # noqa: E402
     ContainerCreate,
     ContainerDestroy,
@@ -35,7 +36,6 @@ from baaaht.schemas.containers import (  # noqa: E402
 from baaaht.schemas.sessions import SessionCreate  # noqa: E402
 from baaaht.services.containers.docker_runtime.spec import create_args  # noqa: E402
 from baaaht.services.containers.ownership import LABEL_INSTALL  # noqa: E402
-from tests.container_images import ensure_busybox_image  # noqa: E402
 from tests.harness import Host  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20"))

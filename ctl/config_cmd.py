@@ -13,31 +13,20 @@ from pathlib import Path
 
 import typer
 
-from baaaht.common.config import (
-    EFFECTIVE_CONFIG_NAME,
-    ConfigError,
-    dump_config,
-    dump_flat,
-    load_config,
-    read_effective_sources,
-)
-from baaaht.ctl.common import emit, fail, state
+from baaaht.common.config import EFFECTIVE_CONFIG_NAME, dump_config, dump_flat, read_effective_sources
+from baaaht.ctl.common import Ctl, JsonOption
 from baaaht.schemas.config import Config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
-def effective_config() -> tuple[Config, dict[str, str], str]:
+def effective_config(ctl: Ctl) -> tuple[Config, dict[str, str], str]:
     """The config, the source of each dotted key, and what it was read from."""
-    try:
-        config, sources = load_config(state.config_path)
-        host_file = Path(config.bus.run_dir) / EFFECTIVE_CONFIG_NAME
-        if not host_file.exists():
-            return config, sources, "resolved here: no host has written its config to this run directory"
-        # The host's children see no ORCHESTRATOR_ variables: neither does this reading of it.
-        host_config, file_sources = load_config(str(host_file), env={})
-    except ConfigError as error:
-        fail(f"bad configuration: {error}")
+    host_file = Path(ctl.config.bus.run_dir) / EFFECTIVE_CONFIG_NAME
+    if not host_file.exists():
+        return ctl.config, ctl.sources, "resolved here: no host has written its config to this run directory"
+    # The host's children see no ORCHESTRATOR_ variables: neither does this reading of it.
+    host_config, file_sources = ctl.load(str(host_file), env={})
     host_sources = read_effective_sources(host_file.parent) or {}
     return (
         host_config,
@@ -47,11 +36,14 @@ def effective_config() -> tuple[Config, dict[str, str], str]:
 
 
 @app.command()
-def show() -> None:
+def show(ctx: typer.Context, _json: JsonOption = False) -> None:
     """The effective configuration, key by key, with where each value came from."""
-    config, sources, origin = effective_config()
-    if state.json:
-        emit({"origin": origin, "config": dump_config(config), "sources": sources})
+    ctl: Ctl = ctx.obj
+    config, sources, origin = effective_config(ctl)
+    if ctl.json:
+        ctl.emit({"origin": origin, "config": dump_config(config), "sources": sources})
         return
     typer.echo(f"# {origin}", err=True)
-    emit([{"key": key, "value": value, "source": sources[key]} for key, value in dump_flat(config).items()])
+    ctl.emit(
+        [{"key": key, "value": value, "source": sources[key]} for key, value in dump_flat(config).items()]
+    )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import sys
+import collections
+import importlib.metadata
 import time
 from typing import Optional
 
@@ -11,37 +12,74 @@ import orjson
 import typer
 
 from baaaht.bus.errors import BusError
-from baaaht.ctl import common
-from baaaht.ctl.common import call, emit, fail, state
-from baaaht.schemas.base import Request, known_types
+from baaaht.ctl import bodies
+from baaaht.ctl.common import (
+    EXIT_ERROR,
+    JSON_HELP,
+    Ctl,
+    JsonOption,
+    LooseOption,
+    fail,
+    iso_time,
+    json_line,
+    print_json,
+    table,
+    to_builtins,
+)
+from baaaht.schemas.base import SCHEMA_VERSION, Request, known_types
 from baaaht.schemas.bus import EventsReplay, Ping, ServicesQuery, StatsQuery
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
-    help="Operate a baaaht host. `--json` (anywhere on the line) prints JSON for scripts.",
+    help="Operate a baaaht host. `--json` (before or after the command) prints JSON for scripts.",
 )
+
+# Every page of an event replay: the broker's own cap is its whole history.
+REPLAY_PAGE = 1000
+# The services a host runs (supervisord.conf): `status` fails when one of them is missing.
+EXPECTED_SERVICES = ("container", "session", "policy")
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"baaaht-ctl {importlib.metadata.version('baaaht')} (wire schema {SCHEMA_VERSION})")
+        raise typer.Exit()
 
 
 @app.callback()
 def options(
+    ctx: typer.Context,
     config: Optional[str] = typer.Option(
         None, "--config", "-c", help="Config file (YAML or JSON).", envvar="BAAAHT_CONFIG"
     ),
+    run_dir: Optional[str] = typer.Option(
+        None,
+        "--run-dir",
+        help="The host's run directory, where its sockets are (default: the config's bus.run_dir).",
+        envvar="BAAAHT_RUN_DIR",
+    ),
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the bus."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    version: bool = typer.Option(
+        False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
-    state.config_path = config
-    state.timeout = timeout
+    ctl = ctx.ensure_object(Ctl)
+    ctl.config_path, ctl.run_dir, ctl.timeout = config, run_dir, timeout
+    ctl.json = ctl.json or as_json
+    ctx.call_on_close(ctl.close)
 
 
 @app.command()
-def ping() -> None:
+def ping(ctx: typer.Context, _json: JsonOption = False) -> None:
     """Round trip to the broker."""
+    ctl: Ctl = ctx.obj
     started = time.perf_counter()
-    pong = call(Ping())
+    pong = ctl.call(Ping())
     elapsed_ms = (time.perf_counter() - started) * 1000
-    if state.json:
-        emit({"rtt_ms": elapsed_ms, **common.to_builtins(pong)})
+    if ctl.json:
+        ctl.emit({"rtt_ms": elapsed_ms, **to_builtins(pong)})
     else:
         you = f"you are on the {pong.caller.socket} socket as uid {pong.caller.uid}"
         typer.echo(f"broker pid {pong.broker_pid} answered in {elapsed_ms:.2f} ms ({you})")
@@ -65,132 +103,202 @@ def instance_rows(services) -> list[dict]:
 
 
 @app.command()
-def services(name: str = typer.Argument("", help="Only this service.")) -> None:
+def services(
+    ctx: typer.Context,
+    name: str = typer.Argument("", help="Only this service."),
+    _json: JsonOption = False,
+) -> None:
     """Registered services, their instances, health and load."""
-    result = call(ServicesQuery(service=name))
-    emit(result.services if state.json else instance_rows(result.services))
+    ctl: Ctl = ctx.obj
+    result = ctl.call(ServicesQuery(service=name))
+    ctl.emit(result.services if ctl.json else instance_rows(result.services))
+
+
+def service_problems(listed) -> list[str]:
+    """Why the host is not healthy: an expected service without instances, or an unhealthy instance."""
+    present = {s.name for s in listed if s.instances}
+    problems = [
+        f"service {name}: no instance registered" for name in EXPECTED_SERVICES if name not in present
+    ]
+    problems += [
+        f"service {s.name}: instance {i.instance} unhealthy: {i.reason or 'no reason given'}"
+        for s in listed
+        for i in s.instances
+        if not i.healthy
+    ]
+    return problems
 
 
 @app.command()
-def status() -> None:
-    """Is the host up: the broker, its services and its counters."""
-    pong = call(Ping())
-    listed = call(ServicesQuery()).services
-    stats = call(StatsQuery())
-    healthy = all(i.healthy for s in listed for i in s.instances)
-    if state.json:
-        emit({"broker": pong, "services": listed, "stats": stats, "healthy": healthy})
-        return
-    typer.echo(
-        f"broker   pid {pong.broker_pid}, up {stats.uptime:.0f}s, {stats.messages_in} messages in, "
-        f"{sum(stats.errors.values())} errors, last event #{stats.last_event_seq}"
-    )
-    typer.echo(
-        common.table(instance_rows(listed), ["service", "instance", "pid", "healthy", "in_flight", "served"])
-    )
-    if not healthy:
-        raise typer.Exit(common.EXIT_ERROR)
+def status(ctx: typer.Context, _json: JsonOption = False) -> None:
+    """Is the host up: the broker, its services (container, session, policy) and its counters.
+    Exits 1 when an expected service is missing or unhealthy."""
+    ctl: Ctl = ctx.obj
+    pong = ctl.call(Ping())
+    listed = ctl.call(ServicesQuery()).services
+    stats = ctl.call(StatsQuery())
+    problems = service_problems(listed)
+    if ctl.json:
+        ctl.emit(
+            {
+                "broker": pong,
+                "services": listed,
+                "stats": stats,
+                "healthy": not problems,
+                "problems": problems,
+            }
+        )
+    else:
+        typer.echo(
+            f"broker   pid {pong.broker_pid}, up {stats.uptime:.0f}s, {stats.messages_in} messages in, "
+            f"{sum(stats.errors.values())} errors, last event #{stats.last_event_seq}"
+        )
+        typer.echo(
+            table(instance_rows(listed), ["service", "instance", "pid", "healthy", "in_flight", "served"])
+        )
+        for problem in problems:
+            typer.echo(problem, err=True)
+    if problems:
+        raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()
-def stats() -> None:
+def stats(ctx: typer.Context, _json: JsonOption = False) -> None:
     """Broker counters: messages, bytes, errors by code, per service."""
-    emit(call(StatsQuery()))
+    ctx.obj.emit(ctx.obj.call(StatsQuery()))
 
 
 @app.command("call")
 def call_command(
+    ctx: typer.Context,
     target: str = typer.Argument(..., help="service.method, e.g. session.get"),
     body: str = typer.Argument("{}", help="The request as JSON."),
     stream: bool = typer.Option(False, "--stream", help="The method streams: print each partial result."),
+    _json: JsonOption = False,
+    _loose: LooseOption = False,
 ) -> None:
-    """Call any method with a JSON body; the result is printed as JSON."""
-    encoded = encode_request(target, body)
+    """Call any method with a JSON body, checked against its schema; the result is printed as JSON."""
+    ctl: Ctl = ctx.obj
+    request_type = known_types().get(target)
+    if not (isinstance(request_type, type) and issubclass(request_type, Request)):
+        request_type = None
     if stream:
-        request_type = known_types().get(target)
         if request_type is None:
             fail(f"--stream needs a known request type; {target!r} is not one (baaaht-ctl schema lists them)")
-        for item in common.stream(msgspec.msgpack.decode(encoded, type=request_type)):
-            print_json(item)
+        for item in ctl.stream(bodies.decode(body, request_type, target, ctl.loose)):
+            json_line(item)
         return
-    try:
-        result = state.client.call_raw(target, encoded)
-    except BusError as exc:
-        common.explain(exc)
+    result = ctl.call_raw(target, bodies.encode(body, request_type, target, ctl.loose))
     print_json(msgspec.msgpack.decode(result))
 
 
-def encode_request(target: str, body: str) -> bytes:
-    """Validate against the schema when the target is known, so mistakes are named before sending."""
-    request_type = known_types().get(target)
-    try:
-        if isinstance(request_type, type) and issubclass(request_type, Request):
-            return msgspec.msgpack.encode(msgspec.json.decode(body, type=request_type))
-        return msgspec.msgpack.encode(orjson.loads(body))
-    except (msgspec.DecodeError, orjson.JSONDecodeError) as exc:
-        fail(f"invalid request body for {target}: {exc}")
+def recent_events(ctl: Ctl, topics: list[str], limit: int) -> tuple[list, int]:
+    """The last `limit` kept events of these topics (counting only those), and where history ends."""
+    kept: collections.deque = collections.deque(maxlen=limit)
+    since = 0
+    while True:
+        page = ctl.call(EventsReplay(since=since, topics=topics, limit=REPLAY_PAGE))
+        kept.extend(page.events)
+        if len(page.events) < REPLAY_PAGE:
+            return list(kept), page.last_seq
+        since = page.events[-1].seq
 
 
-def print_json(value) -> None:
-    sys.stdout.write(orjson.dumps(common.to_builtins(value), option=orjson.OPT_INDENT_2).decode() + "\n")
+EVENT_COLUMNS = ["seq", "time", "topic", "source", "event"]
 
 
 @app.command()
 def events(
+    ctx: typer.Context,
     topic: list[str] = typer.Option([], "--topic", "-t", help="Topic prefix (repeatable)."),
     since: Optional[int] = typer.Option(
         None, "--since", help="Replay kept events after this sequence number."
     ),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing live events (Ctrl-C ends)."),
-    limit: int = typer.Option(50, "--limit", help="Without --since: how many recent events to show."),
+    limit: int = typer.Option(
+        50, "--limit", min=1, help="Without --since: how many recent events (of these topics) to show."
+    ),
+    _json: JsonOption = False,
 ) -> None:
     """Show events: recent or since a sequence number, and live with --follow."""
+    ctl: Ctl = ctx.obj
     if since is None:
-        last = call(StatsQuery()).last_event_seq
-        since = max(0, last - limit)
+        recent, since = recent_events(ctl, topic, limit)
+    else:
+        recent = ctl.call(EventsReplay(since=since, topics=topic, limit=REPLAY_PAGE)).events
+        since = recent[-1].seq if recent else since
+    printer = EventPrinter(ctl)
+    for event in recent:
+        printer.show(event.seq, event.time, event.topic, event.source, bytes(event.body))
     if not follow:
-        for event in call(EventsReplay(since=since, topics=topic, limit=max(limit, 1))).events:
-            show_event(event.seq, event.time, event.topic, event.source, bytes(event.body))
+        printer.finish()
         return
     try:
-        with state.client.subscribe(topic, since=since) as subscription:
+        with ctl.client.subscribe(topic, since=since) as subscription:
             for delivery in subscription:
-                show_event(delivery.seq, delivery.time, delivery.topic, delivery.source, delivery.body)
+                printer.show(delivery.seq, delivery.time, delivery.topic, delivery.source, delivery.body)
     except BusError as exc:
-        common.explain(exc)
+        ctl.explain(exc)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
 
 
-def show_event(seq: int, at: float, topic: str, source: str, body: bytes) -> None:
-    try:
-        payload = msgspec.msgpack.decode(body)
-    except msgspec.DecodeError:
-        payload = body.hex()
-    if state.json:
+class EventPrinter:
+    """Events as JSON lines, or as table rows under one header row."""
+
+    def __init__(self, ctl: Ctl):
+        self.ctl = ctl
+        self.header_shown = False
+
+    def show(self, seq: int, at: float, topic: str, source: str, body: bytes) -> None:
+        try:
+            payload = msgspec.msgpack.decode(body)
+        except msgspec.DecodeError:
+            payload = body.hex()
         record = {"seq": seq, "time": at, "topic": topic, "source": source, "event": payload}
-        sys.stdout.write(orjson.dumps(record).decode() + "\n")
-    else:
-        stamp = time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
-        typer.echo(f"{seq:>6}  {stamp}  {topic:<28}  {source:<12}  {orjson.dumps(payload).decode()}")
-    sys.stdout.flush()
+        if self.ctl.json:
+            json_line(record)
+            return
+        row = {**record, "time": iso_time(at), "event": orjson.dumps(to_builtins(payload)).decode()}
+        self._print(f"{seq:>6}  {row['time']}  {topic:<28}  {source:<12}  {row['event']}")
+
+    def finish(self) -> None:
+        if not self.ctl.json and not self.header_shown:
+            typer.echo("(none)")
+
+    def _print(self, line: str) -> None:
+        if not self.header_shown:
+            typer.echo(f"{'SEQ':>6}  {'TIME':<20}  {'TOPIC':<28}  {'SOURCE':<12}  EVENT")
+            self.header_shown = True
+        typer.echo(line)
+        typer.get_text_stream("stdout").flush()
+
+
+def wire_types() -> list[type]:
+    """Types that travel: not the bases that requests or events share (`ContainerRef`,
+    `ContainerEvent`), which are never sent themselves."""
+    return [t for t in set(known_types().values()) if not t.__subclasses__()]
 
 
 @app.command()
-def schema(name: str = typer.Argument("", help="A type name or tag, e.g. session.create.")) -> None:
+def schema(
+    ctx: typer.Context,
+    name: str = typer.Argument("", help="A type name or tag, e.g. session.create."),
+    _json: JsonOption = False,
+) -> None:
     """List the wire types, or print one type's JSON Schema."""
-    types = known_types()
+    ctl: Ctl = ctx.obj
     if not name:
         rows = sorted(
             (
                 {"tag": t.__struct_config__.tag or "-", "type": t.__name__, "role": role_of(t)}
-                for t in set(types.values())
+                for t in wire_types()
             ),
             key=lambda r: (r["role"], r["tag"], r["type"]),
         )
-        emit(rows)
+        ctl.emit(rows)
         return
-    found = types.get(name)
+    found = known_types().get(name)
     if found is None:
         fail(f"unknown schema type {name!r} (baaaht-ctl schema lists them)")
     print_json(msgspec.json.schema(found))
@@ -216,11 +324,4 @@ register_domains()
 
 
 def main() -> None:
-    # `--json` works anywhere on the line, as people type it after the command.
-    if "--json" in sys.argv[1:]:
-        sys.argv.remove("--json")
-        state.json = True
-    try:
-        app()
-    finally:
-        state.close()
+    app()

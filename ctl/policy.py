@@ -8,19 +8,27 @@ running host's log wherever its data directory is.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
-import msgspec
-import orjson
 import typer
 import yaml
 
 from baaaht.common.policy import document
 from baaaht.common.policy.document import allowlist_symlink_warnings
-from baaaht.ctl import common
-from baaaht.ctl.common import call, emit, fail, state
+from baaaht.ctl import bodies
+from baaaht.ctl.common import (
+    EXIT_ERROR,
+    Ctl,
+    JsonOption,
+    LooseOption,
+    fail,
+    iso_time,
+    json_line,
+    table,
+    table_rows,
+    to_builtins,
+)
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.policy import (
     AuditRecord,
@@ -52,10 +60,6 @@ def read_input(source: str) -> str:
         fail(f"cannot read {source}: {error.strerror}")
 
 
-def local_time(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
-
-
 def parse_override(text: str) -> dict:
     if not text:
         return {}
@@ -70,19 +74,22 @@ def parse_override(text: str) -> dict:
 
 @app.command()
 def show(
+    ctx: typer.Context,
     override: str = typer.Option("", "--override", help="A session override (FILE, - or JSON) to apply."),
+    _json: JsonOption = False,
 ) -> None:
     """The policy in force (and its version), as YAML."""
-    info = call(PolicyGet(override=parse_override(override)))
-    if state.json:
-        emit(info)
+    ctl: Ctl = ctx.obj
+    info = ctl.call(PolicyGet(override=parse_override(override)))
+    if ctl.json:
+        ctl.emit(info)
         return
-    typer.echo(f"# version {info.version}, from {info.source}, loaded {local_time(info.loaded_at)}")
+    typer.echo(f"# version {info.version}, from {info.source}, loaded {iso_time(info.loaded_at)}")
     last = info.last_reload
     if last is not None and last.ok:
-        typer.echo(f"# last reload: ok, {local_time(last.time)}, from {last.source}")
+        typer.echo(f"# last reload: ok, {iso_time(last.time)}, from {last.source}")
     elif last is not None:
-        typer.echo(f"# last reload: FAILED, {local_time(last.time)}, from {last.source}: {last.error}")
+        typer.echo(f"# last reload: FAILED, {iso_time(last.time)}, from {last.source}: {last.error}")
         typer.echo("# the policy below stays in force until the file is fixed")
     for refused in info.refused:
         typer.echo(f"# override refused: {refused.path}: {refused.message}")
@@ -93,22 +100,27 @@ def show(
 
 
 @app.command()
-def check(file: str = typer.Argument(..., help="A policy document (YAML or JSON), or - for stdin.")) -> None:
+def check(
+    ctx: typer.Context,
+    file: str = typer.Argument(..., help="A policy document (YAML or JSON), or - for stdin."),
+    _json: JsonOption = False,
+) -> None:
     """Check a policy document without loading it (no bus needed); exit 1 when it is refused."""
+    ctl: Ctl = ctx.obj
     try:
         loaded = document.load(
-            document.parse_text(read_input(file)), document.HostDefaults.for_config(state.config)
+            document.parse_text(read_input(file)), document.HostDefaults.for_config(ctl.config)
         )
     except document.DocumentError as error:
-        if state.json:
-            emit({"valid": False, "errors": error.errors})
+        if ctl.json:
+            ctl.emit({"valid": False, "errors": error.errors})
         else:
             for problem in error.errors:
                 typer.echo(f"{problem.path or '(document)'}: {problem.message}", err=True)
-        raise typer.Exit(common.EXIT_ERROR) from None
+        raise typer.Exit(EXIT_ERROR) from None
     warnings = allowlist_symlink_warnings(loaded.mounts.allowlist)
-    if state.json:
-        emit({"valid": True, "version": document.version_of(loaded), "warnings": warnings})
+    if ctl.json:
+        ctl.emit({"valid": True, "version": document.version_of(loaded), "warnings": warnings})
         return
     for warning in warnings:
         typer.echo(f"warning: {warning.path}: {warning.message}", err=True)
@@ -120,38 +132,41 @@ GROUP_OPTION = typer.Option(None, "--group", help="The user's groups (repeatable
 
 @app.command()
 def explain(
+    ctx: typer.Context,
     spec: str = typer.Argument(..., help="A container spec as JSON: FILE, - for stdin, or the JSON itself."),
     user: str = typer.Option("", "--user", help="On whose behalf (picks allowlist entries)."),
     group: Optional[list[str]] = GROUP_OPTION,
     session: str = typer.Option("", "--session", help="The session id."),
     role: str = typer.Option("", "--role", help="The container's role, e.g. agent."),
     override: str = typer.Option("", "--override", help="A session override (FILE, - or JSON)."),
+    _json: JsonOption = False,
+    _loose: LooseOption = False,
 ) -> None:
     """Which rules pass, fail or fill in what, for one container spec (nothing is created or audited)."""
-    try:
-        container = msgspec.json.decode(read_input(spec), type=ContainerSpec)
-    except msgspec.DecodeError as error:
-        fail(f"not a container spec: {error}")
+    ctl: Ctl = ctx.obj
+    container = bodies.decode(read_input(spec), ContainerSpec, "container spec", ctl.loose)
     principal = Principal(user=user, groups=group or [], session_id=session, role=role)
-    explanation = call(PolicyExplain(spec=container, principal=principal, override=parse_override(override)))
-    if state.json:
-        emit(explanation)
+    request = PolicyExplain(spec=container, principal=principal, override=parse_override(override))
+    explanation = ctl.call(request)
+    if ctl.json:
+        ctl.emit(explanation)
         return
     decision = explanation.decision
-    typer.echo(common.table(common.to_builtins(explanation.checks), CHECK_COLUMNS))
+    typer.echo(table(to_builtins(explanation.checks), CHECK_COLUMNS))
     for warning in decision.warnings:
         typer.echo(f"warning {warning.rule}: {warning.message}")
     typer.echo(f"\n{explanation.summary} (mode {decision.mode}, policy {decision.policy_version})")
     if not decision.allowed:
-        raise typer.Exit(common.EXIT_ERROR)
+        raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()
-def reload() -> None:
+def reload(ctx: typer.Context, _json: JsonOption = False) -> None:
     """Read the policy file again now (as SIGHUP does); a bad file is refused and changes nothing."""
-    result = call(PolicyReload())
-    if state.json:
-        emit(result)
+    ctl: Ctl = ctx.obj
+    result = ctl.call(PolicyReload())
+    if ctl.json:
+        ctl.emit(result)
         return
     change = (
         f"{result.previous_version} -> {result.version}"
@@ -167,7 +182,7 @@ def reload() -> None:
 def row(record: AuditRecord) -> dict:
     return {
         "seq": record.seq,
-        "time": local_time(record.time),
+        "time": iso_time(record.time),
         "action": record.action,
         "decision": record.decision,
         "user": record.principal.user,
@@ -178,38 +193,41 @@ def row(record: AuditRecord) -> dict:
     }
 
 
-def show_records(records: list[AuditRecord], header: bool) -> None:
-    if state.json:
+def show_records(ctl: Ctl, records: list[AuditRecord], header: bool) -> None:
+    if ctl.json:
         for record in records:
-            sys.stdout.write(orjson.dumps(common.to_builtins(record)).decode() + "\n")
+            json_line(record)
     elif records:
-        lines = common.table([row(r) for r in records], TAIL_COLUMNS).splitlines()
-        typer.echo("\n".join(lines if header else lines[1:]))
-    sys.stdout.flush()
+        typer.echo(table_rows([row(r) for r in records], TAIL_COLUMNS, header))
+        sys.stdout.flush()
 
 
 @audit_app.command()
 def tail(
+    ctx: typer.Context,
     lines: int = typer.Option(20, "--lines", "-n", help="How many of the last records."),
     since: int = typer.Option(0, "--since", help="Only records after this sequence number."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new records (Ctrl-C ends)."),
+    _json: JsonOption = False,
 ) -> None:
     """The host's last decisions (one JSON record per line with --json)."""
+    ctl: Ctl = ctx.obj
     if lines < 0:
         fail(f"--lines must be 0 or more, not {lines}")
     if since < 0:
         fail(f"--since must be 0 or more, not {since}")
     request = PolicyAuditTail(limit=lines, since=since, follow=follow)
-    for index, batch in enumerate(common.stream(request, timeout=FOLLOW_TIMEOUT if follow else None)):
-        show_records(batch.records, header=index == 0)
+    for index, batch in enumerate(ctl.stream(request, timeout=FOLLOW_TIMEOUT if follow else None)):
+        show_records(ctl, batch.records, header=index == 0)
 
 
 @audit_app.command()
-def verify() -> None:
+def verify(ctx: typer.Context, _json: JsonOption = False) -> None:
     """Check the host's hash chain: any edited, removed or reordered line is reported; exit 1 if so."""
-    report = call(PolicyAuditVerify())
-    if state.json:
-        emit(report)
+    ctl: Ctl = ctx.obj
+    report = ctl.call(PolicyAuditVerify())
+    if ctl.json:
+        ctl.emit(report)
     else:
         for problem in report.problems:
             typer.echo(
@@ -223,4 +241,4 @@ def verify() -> None:
         verdict = "intact" if report.ok else "TAMPERED OR DAMAGED"
         typer.echo(f"{report.path}: {verdict}, {report.records} records, last hash {report.last_hash[:16]}")
     if not report.ok:
-        raise typer.Exit(common.EXIT_ERROR)
+        raise typer.Exit(EXIT_ERROR)

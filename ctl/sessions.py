@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import getpass
 import sys
-import time
 from typing import Annotated, Iterator, Optional
 
-import orjson
 import typer
 
 from baaaht.bus.errors import BusError
 from baaaht.common.units import parse_duration
-from baaaht.ctl import common
-from baaaht.ctl.common import call, emit, fail, state
+from baaaht.ctl.common import Ctl, JsonOption, fail, iso_time, json_line, parse_labels
 from baaaht.schemas.bus import StatsQuery
 from baaaht.schemas.sessions import (
     Message,
     SessionClose,
     SessionClosed,
     SessionCreate,
+    SessionDelete,
     SessionGet,
     SessionInfo,
     SessionList,
@@ -36,10 +34,6 @@ PAGE = 1000  # the service's largest page
 PREVIEW = 60  # characters of a message shown in a table
 
 
-def when(stamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
-
-
 def session_row(session: SessionInfo) -> dict:
     return {
         "id": session.id,
@@ -48,8 +42,8 @@ def session_row(session: SessionInfo) -> dict:
         "name": session.name,
         "messages": session.message_count,
         "containers": len(session.containers),
-        "created": when(session.created_at),
-        "last_activity": when(session.last_activity_at),
+        "created": iso_time(session.created_at),
+        "last_activity": iso_time(session.last_activity_at),
     }
 
 
@@ -57,21 +51,11 @@ def message_row(message: Message) -> dict:
     text = message.content.replace("\n", " ")
     return {
         "seq": message.seq,
-        "time": when(message.time),
+        "time": iso_time(message.time),
         "role": message.role,
         "sender": message.sender,
         "content": text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…",
     }
-
-
-def parse_labels(pairs: list[str] | None) -> dict[str, str]:
-    labels = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            fail(f"--label {pair!r}: expected KEY=VALUE")
-        labels[key] = value
-    return labels
 
 
 def seconds(option: str, text: Optional[str]) -> float:
@@ -83,13 +67,15 @@ def seconds(option: str, text: Optional[str]) -> float:
         fail(f"{option} {text!r} {exc}")
 
 
-def all_messages(session_id: str, newest_first: bool = False, limit: int | None = None) -> Iterator[Message]:
+def all_messages(
+    ctl: Ctl, session_id: str, newest_first: bool = False, limit: int | None = None
+) -> Iterator[Message]:
     """The conversation page by page, up to `limit` messages (all when None)."""
     cursor, shown = 0, 0
     while True:
         size = PAGE if limit is None else min(PAGE, limit - shown)
         order = "newest" if newest_first else "oldest"
-        page = call(SessionMessages(session_id=session_id, order=order, limit=size, cursor=cursor))
+        page = ctl.call(SessionMessages(session_id=session_id, order=order, limit=size, cursor=cursor))
         yield from page.messages
         shown += len(page.messages)
         cursor = page.next_cursor
@@ -99,6 +85,7 @@ def all_messages(session_id: str, newest_first: bool = False, limit: int | None 
 
 @app.command("list")
 def list_sessions(
+    ctx: typer.Context,
     state_filter: Annotated[
         Optional[list[SessionState]], typer.Option("--state", "-s", help="Only these states (repeatable).")
     ] = None,
@@ -107,12 +94,14 @@ def list_sessions(
         Optional[list[str]], typer.Option("--label", "-l", help="KEY=VALUE that must match (repeatable).")
     ] = None,
     limit: int = typer.Option(100, "--limit", min=1, help="At most this many sessions, oldest first."),
+    _json: JsonOption = False,
 ) -> None:
     """Sessions, oldest first."""
+    ctl: Ctl = ctx.obj
     found: list[SessionInfo] = []
     cursor = 0
     while len(found) < limit:
-        page = call(
+        page = ctl.call(
             SessionList(
                 states=state_filter or [],
                 owner=owner,
@@ -124,17 +113,20 @@ def list_sessions(
         found += page.sessions
         if not (cursor := page.next_cursor):
             break
-    emit(found if state.json else [session_row(s) for s in found])
+    ctl.emit(found if ctl.json else [session_row(s) for s in found])
 
 
 @app.command()
-def get(session_id: str = typer.Argument(..., help="Session id.")) -> None:
+def get(
+    ctx: typer.Context, session_id: str = typer.Argument(..., help="Session id."), _json: JsonOption = False
+) -> None:
     """One session: state, limits, containers and clocks."""
-    emit(call(SessionGet(session_id=session_id)))
+    ctx.obj.emit(ctx.obj.call(SessionGet(session_id=session_id)))
 
 
 @app.command()
 def create(
+    ctx: typer.Context,
     owner: str = typer.Option("", "--owner", help="Who the session is for (default: you)."),
     name: str = typer.Option("", "--name"),
     description: str = typer.Option("", "--description"),
@@ -150,8 +142,10 @@ def create(
     image: Annotated[
         Optional[list[str]], typer.Option("--image", help="An image the session may use (repeatable).")
     ] = None,
+    _json: JsonOption = False,
 ) -> None:
     """Start a session."""
+    ctl: Ctl = ctx.obj
     settings = SessionSettings(
         max_containers=max_containers,
         max_duration=seconds("--max-duration", max_duration),
@@ -166,24 +160,27 @@ def create(
         tags=tag or [],
         settings=settings,
     )
-    session = call(request)
-    emit(session if state.json else session_row(session))
+    session = ctl.call(request)
+    ctl.emit(session if ctl.json else session_row(session))
 
 
 @app.command()
 def close(
+    ctx: typer.Context,
     session_id: str = typer.Argument(..., help="Session id."),
     reason: str = typer.Option("", "--reason"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until its containers are removed."),
+    _json: JsonOption = False,
 ) -> None:
     """Close a session: its containers are stopped and removed. Closing a closed session is fine."""
-    session = call(
-        SessionClose(session_id=session_id, reason=reason, wait=wait), timeout=max(state.timeout, 60.0)
+    ctl: Ctl = ctx.obj
+    session = ctl.call(
+        SessionClose(session_id=session_id, reason=reason, wait=wait), timeout=max(ctl.timeout, 60.0)
     )
-    if state.json:
-        emit(session)
+    if ctl.json:
+        ctl.emit(session)
         return
-    emit(session_row(session))
+    ctl.emit(session_row(session))
     if session.state is SessionState.CLOSING and wait:
         typer.echo(
             "still removing its containers: `baaaht-ctl sessions get` shows when it is closed", err=True
@@ -191,30 +188,50 @@ def close(
 
 
 @app.command()
+def delete(
+    ctx: typer.Context,
+    session_id: str = typer.Argument(..., help="Session id."),
+    _json: JsonOption = False,
+) -> None:
+    """Forget a closed session and its conversation (close it first)."""
+    ctl: Ctl = ctx.obj
+    ctl.call(SessionDelete(session_id=session_id))
+    if ctl.json:
+        ctl.emit({"id": session_id, "deleted": True})
+    else:
+        typer.echo(f"deleted {session_id}", err=True)
+
+
+@app.command()
 def messages(
+    ctx: typer.Context,
     session_id: str = typer.Argument(..., help="Session id."),
     newest: bool = typer.Option(False, "--newest", help="Newest first."),
     limit: int = typer.Option(50, "--limit", min=1, help="At most this many messages."),
+    _json: JsonOption = False,
 ) -> None:
     """A session's conversation (contents shortened in the table; --json or export for all of it)."""
-    found = list(all_messages(session_id, newest_first=newest, limit=limit))
-    emit(found if state.json else [message_row(m) for m in found])
+    ctl: Ctl = ctx.obj
+    found = list(all_messages(ctl, session_id, newest_first=newest, limit=limit))
+    ctl.emit(found if ctl.json else [message_row(m) for m in found])
 
 
 @app.command()
 def export(
+    ctx: typer.Context,
     session_id: str = typer.Argument(..., help="Session id."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="File to write (default: stdout)."),
 ) -> None:
     """The whole conversation as JSON lines, oldest first: one message per line."""
-    call(SessionGet(session_id=session_id))  # an unknown id is an error, not an empty file
+    ctl: Ctl = ctx.obj
+    ctl.call(SessionGet(session_id=session_id))  # an unknown id is an error, not an empty file
     try:
         target = open(output, "x", encoding="utf-8") if output else sys.stdout
     except OSError as exc:
         fail(f"cannot write {output}: {exc.strerror}")
     try:
-        for message in all_messages(session_id):
-            target.write(orjson.dumps(common.to_builtins(message)).decode() + "\n")
+        for message in all_messages(ctl, session_id):
+            json_line(message, target)
     finally:
         if output:
             target.close()
@@ -222,50 +239,56 @@ def export(
 
 @app.command()
 def watch(
+    ctx: typer.Context,
     session_id: str = typer.Argument(..., help="Session id."),
     history: int = typer.Option(10, "--history", min=0, help="First show this many recent messages."),
+    _json: JsonOption = False,
 ) -> None:
     """Follow a conversation live until the session closes (Ctrl-C stops)."""
-    since = call(StatsQuery()).last_event_seq  # events from here on are not missed
-    session = call(SessionGet(session_id=session_id))
+    ctl: Ctl = ctx.obj
+    since = ctl.call(StatsQuery()).last_event_seq  # events from here on are not missed
+    session = ctl.call(SessionGet(session_id=session_id))
     if session.state is SessionState.CLOSED:
         fail(f"session {session_id} is closed: `baaaht-ctl sessions messages` shows its conversation")
     shown = 0
     if history:
-        for message in reversed(list(all_messages(session_id, newest_first=True, limit=history))):
-            show_message(message)
+        for message in reversed(list(all_messages(ctl, session_id, newest_first=True, limit=history))):
+            show_message(ctl, message)
             shown = message.seq
     try:
-        with state.client.subscribe(
-            [f"session.message.{session_id}", "session.closed"], since=since
-        ) as events:
+        with ctl.client.subscribe([f"session.message.{session_id}", "session.closed"], since=since) as events:
             for delivery in events:
                 event = delivery.event
                 if isinstance(event, SessionMessage) and event.message.seq > shown:  # not already in history
-                    show_message(event.message)
+                    show_message(ctl, event.message)
                     shown = event.message.seq
                 elif isinstance(event, SessionClosed) and event.session_id == session_id:
                     typer.echo(f"session closed: {event.reason}", err=True)
                     return
     except BusError as exc:
-        common.explain(exc)
+        ctl.explain(exc)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
 
 
-def show_message(message: Message) -> None:
-    if state.json:
-        sys.stdout.write(orjson.dumps(common.to_builtins(message)).decode() + "\n")
+def show_message(ctl: Ctl, message: Message) -> None:
+    if ctl.json:
+        json_line(message)
     else:
-        typer.echo(f"[{when(message.time)}] #{message.seq} {message.role}: {message.content}")
-    sys.stdout.flush()
+        typer.echo(f"[{iso_time(message.time)}] #{message.seq} {message.role}: {message.content}")
+        sys.stdout.flush()
 
 
 def send(
+    ctx: typer.Context,
     session_id: str = typer.Argument(..., metavar="SESSION", help="Session id."),
-    text: str = typer.Argument(..., metavar="TEXT", help="The message; `-` reads it from stdin."),
+    text: str = typer.Argument(
+        ..., metavar="TEXT", help="The message; `-` reads it from stdin. After `--` it may start with `-`."
+    ),
+    _json: JsonOption = False,
 ) -> None:
-    """Append a user message to a session's conversation."""
+    """Append a user message to a session's conversation (`send S -- --looks-like-a-flag`)."""
+    ctl: Ctl = ctx.obj
     content = sys.stdin.read() if text == "-" else text
-    message = call(SessionSendMessage(session_id=session_id, content=content))
-    emit(message if state.json else {"id": message.id, "seq": message.seq, "time": when(message.time)})
+    message = ctl.call(SessionSendMessage(session_id=session_id, content=content))
+    ctl.emit(message if ctl.json else {"id": message.id, "seq": message.seq, "time": iso_time(message.time)})

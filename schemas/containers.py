@@ -164,6 +164,15 @@ class HealthReport(Response, kw_only=True):
     state: ContainerState = "unknown"
 
 
+class ExecResult(Response, kw_only=True):
+    """`truncated`: a stream was longer than the container manager returns (1 MiB each)."""
+
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    truncated: bool = False
+
+
 class ImageStatus(Response, kw_only=True):
     exists: bool
     id: str = ""
@@ -242,6 +251,17 @@ class ContainerWait(ContainerRef, tag="container.wait", kw_only=True):
     """Block until the container stops; lasts as long as the call's deadline allows."""
 
     response: ClassVar[type] = WaitResult
+
+
+class ContainerExec(ContainerRef, tag="container.exec", kw_only=True):
+    """Run a command in a running container, as the container's own user, and wait for it to end
+    (within runtime.timeout); its output comes back whole, as UTF-8 text."""
+
+    response: ClassVar[type] = ExecResult
+
+    command: list[str]
+    env: dict[str, str] = {}
+    working_dir: str = ""
 
 
 class ContainerGet(ContainerRef, tag="container.get", kw_only=True):

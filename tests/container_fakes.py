@@ -18,6 +18,7 @@ from baaaht.schemas.containers import (
     ContainerLogs,
     ContainerSpec,
     ContainerSummary,
+    ExecResult,
     HealthReport,
     ImageStatus,
     LogLine,
@@ -228,6 +229,13 @@ class FakeRuntime:
         self.log_streams.append(stream)
         return stream
 
+    def exec(self, container: str, command: list[str], env: dict[str, str], working_dir: str) -> ExecResult:
+        container_id, c = self._get(container)
+        self._record("exec", container_id)
+        if c["state"] != "running":
+            raise precondition(f"container {container_id} is not running")
+        return ExecResult(exit_code=0, stdout=f"{command} {env} {working_dir}")
+
     def stats(self, container: str) -> StatsSample:
         self._get(container)
         return StatsSample(time=time.time(), pids=1)
@@ -287,13 +295,11 @@ class FakePolicy:
         self.error: BusError | None = None
         self.enforce = None
 
-    def evaluate(
-        self, spec, principal, host_containers, session_containers, override, ctx=None
-    ) -> ContainerSpec:
+    def evaluate(self, spec, principal, host_containers, session_containers, override, ctx=None):
         self.seen.append((spec, principal, host_containers, session_containers, override))
         if self.error is not None:
             raise self.error
-        return self.enforce(spec) if self.enforce else spec
+        return (self.enforce(spec) if self.enforce else spec), []
 
 
 def session_info(

@@ -11,7 +11,7 @@ import uuid
 import docker
 import pytest
 
-from tests.container_images import ensure_busybox_image
+from baaaht.host.images import ensure_busybox_image
 
 TEST_LABEL = "baaaht.test"
 

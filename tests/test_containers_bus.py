@@ -186,7 +186,7 @@ def test_logs_follow_and_stats_stream_end_when_cancelled(orchestrator, busybox):
             break
     follower.close()  # cancels the call on the service
     assert texts == ["one", "two"]
-    samples = bus.stream(ContainerStatsStream(id=container, interval=0.5), timeout=600)
+    samples = bus.stream(ContainerStatsStream(id=container, interval=1.0), timeout=600)
     first, second = next(samples), next(samples)
     samples.close()
     assert first.pids >= 1 and first.memory_limit > 0 and second.time > first.time

@@ -1,48 +1,46 @@
-"""`baaaht-ctl containers ...` against a real host (broker, policy, sessions, containers, engine)."""
+"""`baaaht-ctl containers ...` and `status` against a real host (broker, policy, sessions, containers,
+engine), through the real baaaht-ctl app."""
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from baaaht.ctl import containers
-from baaaht.ctl.common import state
-from baaaht.schemas.containers import ContainerStart, ContainerWait
-from tests import container_support
+from baaaht.schemas.containers import ContainerGet, ContainerStart, ContainerWait
+from baaaht.schemas.errors import ErrorCode
+from tests import container_support, ctl_runner
 from tests.harness import wait_for
-from tests.test_containers_bus import SETTINGS, Orchestrator
+from tests.test_containers_bus import SETTINGS, Orchestrator, code_of
 
 pytestmark = pytest.mark.docker
 
 docker_client, busybox = container_support.docker_client, container_support.busybox
 
-ctl = typer.Typer()
-ctl.add_typer(containers.app, name="containers")
-
 
 @pytest.fixture
-def orchestrator(make_host, docker_client, busybox, monkeypatch):
+def orchestrator(make_host, docker_client, busybox):
     made = Orchestrator(make_host(SETTINGS), docker_client)
-    monkeypatch.setattr(state, "config_path", str(made.host.config_path))
-    monkeypatch.setattr(state, "_config", None)
-    monkeypatch.setattr(state, "_client", None)
     yield made
-    state.close()
     made.cleanup()
 
 
-def run(monkeypatch, *args: str, as_json: bool = False):
-    monkeypatch.setattr(state, "json", as_json)
-    return CliRunner().invoke(ctl, ["containers", *args])
+@pytest.fixture
+def ctl(orchestrator):
+    def invoke(*args: str, expect: int | None = 0):
+        return ctl_runner.invoke(orchestrator.host, "containers", *args, expect=expect)
+
+    return invoke
 
 
-def test_list_get_logs_stats_stop_rm(orchestrator, busybox, monkeypatch):
+def test_status_is_healthy_with_every_expected_service(orchestrator):
+    status = ctl_runner.run(orchestrator.host, "status")
+    assert status.returncode == 0, status.stderr
+    assert {"container", "session", "policy"} <= {line.split()[0] for line in status.stdout.splitlines()[2:]}
+
+
+def test_list_get_logs_stats_stop_rm(orchestrator, busybox, ctl):
     session = orchestrator.session()
     finished = orchestrator.create(session, busybox, "echo out; echo err >&2")
     orchestrator.bus.call(ContainerStart(id=finished))
@@ -50,44 +48,85 @@ def test_list_get_logs_stats_stop_rm(orchestrator, busybox, monkeypatch):
     running = orchestrator.create(session, busybox, "sleep 600")
     orchestrator.bus.call(ContainerStart(id=running))
 
-    listed = run(monkeypatch, "list", "--session", session, as_json=True)
-    assert listed.exit_code == 0, listed.output
+    listed = ctl("list", "--session", session, "--json")
     assert {c["id"] for c in json.loads(listed.stdout)} == {finished, running}
-    table = run(monkeypatch, "list", "--state", "running")
-    assert table.exit_code == 0 and running[:12] in table.stdout and finished[:12] not in table.stdout
+    assert all(c["created"].endswith("Z") for c in json.loads(listed.stdout))
+    table = ctl("list", "--state", "running")
+    assert running[:12] in table.stdout and finished[:12] not in table.stdout
     assert table.stdout.splitlines()[0].split()[:3] == ["ID", "NAME", "STATE"]
 
-    got = run(monkeypatch, "get", finished[:12], as_json=True)
-    assert json.loads(got.stdout)["exit_code"] == 0
+    got = json.loads(ctl("get", finished[:12], "--json").stdout)
+    assert got["exit_code"] == 0
+    assert got["finished_at"].endswith("Z") and len(got["finished_at"]) == len("2026-12-01T09:00:00Z")
 
-    logs = run(monkeypatch, "logs", finished)
-    assert logs.exit_code == 0 and logs.stdout == "out\n" and logs.stderr == "err\n"
+    logs = ctl("logs", finished)
+    assert logs.stdout == "out\n" and logs.stderr == "err\n"
+    lines = [json.loads(line) for line in ctl("logs", finished, "--json").stdout.splitlines()]
+    assert [(line["stream"], line["text"]) for line in lines] == [("stdout", "out"), ("stderr", "err")]
 
-    sample = run(monkeypatch, "stats", running, as_json=True)
-    assert sample.exit_code == 0, sample.output
+    sample = ctl("stats", running, "--json")
     assert json.loads(sample.stdout)["pids"] >= 1
+    refused = ctl("stats", running, "--stream", "--interval", "0.5", expect=1)
+    assert "interval" in refused.stderr and "at least 1s" in refused.stderr
 
-    assert run(monkeypatch, "stop", running, "--timeout", "5").exit_code == 0
-    assert run(monkeypatch, "rm", running).exit_code == 0
-    missing = run(monkeypatch, "get", running)
-    assert missing.exit_code == 1 and "NOT_FOUND" in missing.stderr
-    bad = run(monkeypatch, "list", "--label", "no-equals-sign")
-    assert bad.exit_code == 1 and "KEY=VALUE" in bad.stderr
+    assert json.loads(ctl("stop", running, "--timeout", "5", "--json").stdout) == {
+        "id": running,
+        "stopped": True,
+    }
+    assert json.loads(ctl("rm", running, "--json").stdout) == {"id": running, "removed": True}
+    missing = ctl("get", running, expect=1)
+    assert "NOT_FOUND" in missing.stderr
+    bad = ctl("list", "--label", "no-equals-sign", expect=1)
+    assert "KEY=VALUE" in bad.stderr
+
+
+def test_run_in_the_foreground_prints_output_and_exits_with_its_code(orchestrator, busybox, ctl):
+    session = orchestrator.session()
+    ran = ctl(
+        "run", "--session", session, "--rm", "-e", "WHO=world", "--memory", "64MB", "--cpus", "0.5",
+        "--label", "purpose=test", busybox, "--", "sh", "-c", 'echo "hello $WHO"; exit 3',
+        expect=3,
+    )  # fmt: skip
+    assert ran.stdout == "hello world\n"
+    assert orchestrator.on_engine(session) == []  # --rm removed it
+
+
+def test_create_start_restart_exec_kill_wait(orchestrator, busybox, ctl):
+    session = orchestrator.session()
+    container = ctl("create", "-s", session, "--name", f"made-{session[:8]}", busybox, "--", "sleep", "600")
+    container = container.stdout.strip()
+    assert orchestrator.bus.call(ContainerGet(id=container)).state == "created"
+    assert json.loads(ctl("start", container, "--json").stdout) == {"id": container, "started": True}
+    assert ctl("restart", container, "-t", "1").stderr == f"restarted {container}\n"
+
+    done = ctl("exec", container, "--", "sh", "-c", "id -u; echo oops >&2; exit 4", expect=4)
+    assert done.stdout == "1000\n" and done.stderr == "oops\n"  # as the container's own user
+    result = json.loads(ctl("exec", "-e", "X=1", container, "--json", "--", "sh", "-c", "echo $X").stdout)
+    assert (result["exit_code"], result["stdout"]) == (0, "1\n")
+    assert "command must name a program" in ctl("exec", container, "--", "", expect=1).stderr
+
+    assert json.loads(ctl("kill", container, "--json").stdout)["killed"] is True
+    assert ctl("wait", container).stdout == "137\n"
+    stopped = ctl("exec", container, "--", "true", expect=1)
+    assert "error" in stopped.stderr
+
+
+def test_run_detached_with_rm_is_removed_by_the_engine_when_it_ends(orchestrator, busybox, ctl):
+    session = orchestrator.session()
+    container = ctl("run", "-d", "--rm", "-s", session, busybox, "--", "sleep", "600").stdout.strip()
+    assert orchestrator.bus.call(ContainerGet(id=container)).state == "running"
+    ctl("kill", container)
+
+    def gone() -> bool:
+        return code_of(lambda: orchestrator.bus.call(ContainerGet(id=container))) is ErrorCode.NOT_FOUND
+
+    wait_for(gone, what="the engine to remove the container")
 
 
 def test_logs_follow_ends_cleanly_on_ctrl_c(orchestrator, busybox):
     container = orchestrator.create(orchestrator.session(), busybox, "echo first; sleep 600")
     orchestrator.bus.call(ContainerStart(id=container))
-    code = (
-        "import sys; from baaaht.ctl.common import state; from baaaht.ctl import containers; "
-        "state.config_path = sys.argv[1]; containers.app(['logs', '-f', sys.argv[2]])"
-    )
-    follower = subprocess.Popen(
-        [sys.executable, "-c", code, str(orchestrator.host.config_path), container],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    follower = ctl_runner.popen(orchestrator.host, "containers", "logs", "-f", container)
     try:
         assert wait_for(lambda: follower.stdout.readline(), what="the first followed line") == "first\n"
         follower.send_signal(signal.SIGINT)
@@ -95,5 +134,5 @@ def test_logs_follow_ends_cleanly_on_ctrl_c(orchestrator, busybox):
     finally:
         if follower.poll() is None:
             follower.kill()
-            follower.wait(5)
+            follower.communicate(timeout=5)
     assert follower.returncode == 0 and "interrupted" in err and "Traceback" not in err

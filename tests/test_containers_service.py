@@ -7,6 +7,7 @@ import contextlib
 import os
 import threading
 
+import msgspec
 import pytest
 
 from baaaht.bus.background import Background
@@ -15,6 +16,7 @@ from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConf
 from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerDestroy,
+    ContainerExec,
     ContainerGet,
     ContainerHealthWait,
     ContainerListQuery,
@@ -296,10 +298,34 @@ def test_stats_stream_and_pull_pass_through(run_dir):
     service = make_service(run_dir)
     with serving(service):
         container = create(service).id
-        samples = list(service.stats_stream(ContainerStatsStream(id=container, interval=0.01), context()))
-        assert len(samples) == 3
+        samples = list(service.stats_stream(ContainerStatsStream(id=container, interval=1.0), context()))
+        assert len(samples) == 1  # the fake's samples come at once: one per interval is passed on
+        too_often = ContainerStatsStream(id=container, interval=0.5)
+        with pytest.raises(BusError) as refused:
+            list(service.stats_stream(too_often, context()))
+        assert (
+            refused.value.code is ErrorCode.INVALID_ARGUMENT and refused.value.details["field"] == "interval"
+        )
+        assert "at least 1s: the engine takes one sample per second" in refused.value.message
         assert [p.status for p in service.pull(ImagePull(image="new:1"), context())] == ["Downloaded"]
         assert create(service, image="new:1").id
+
+
+def test_exec_runs_in_a_container_of_this_installation(run_dir):
+    service = make_service(run_dir)
+    container = create(service).id
+    request = ContainerExec(id=container, command=["id", "-u"], env={"A": "1"}, working_dir="/tmp")
+    assert code_of(lambda: service.exec_command(request, context())) is ErrorCode.FAILED_PRECONDITION
+    service.start_container(ContainerStart(id=container), context())
+    assert service.exec_command(request, context()).stdout == "['id', '-u'] {'A': '1'} /tmp"
+    empty = ContainerExec(id=container, command=[])
+    assert code_of(lambda: service.exec_command(empty, context())) is ErrorCode.INVALID_ARGUMENT
+    bad_env = ContainerExec(id=container, command=["true"], env={"A=B": "1"})
+    assert code_of(lambda: service.exec_command(bad_env, context())) is ErrorCode.INVALID_ARGUMENT
+    foreign = service.runtime.add({})  # not labelled as ours
+    assert code_of(lambda: service.exec_command(ContainerExec(id=foreign, command=["true"]), context())) is (
+        ErrorCode.NOT_FOUND
+    )
 
 
 def test_health_wait_returns_as_soon_as_the_outcome_is_known(run_dir):
@@ -597,7 +623,7 @@ def test_the_policy_gate_sends_the_session_override():
     spec = ContainerSpec(image="busybox:1")
     override = {"images": {"allowed": ["busybox:*"]}}
     principal = Principal(user="alice", session_id="s1", role="agent")
-    assert BusPolicyGate(bus, 1.0).evaluate(spec, principal, 2, 1, override) == spec
+    assert BusPolicyGate(bus, 1.0).evaluate(spec, principal, 2, 1, override) == (spec, [])
     sent = bus.requests[0]
     assert (sent.override, sent.principal, sent.host_containers, sent.session_containers) == (
         override,
@@ -605,6 +631,24 @@ def test_the_policy_gate_sends_the_session_override():
         2,
         1,
     )
+
+
+def test_a_permissive_allowance_and_policy_warnings_reach_the_create_result(run_dir):
+    def permissive(request) -> Decision:
+        return msgspec.structs.replace(
+            replace_decision(request),
+            outcome="permissive",
+            mode="permissive",
+            violations=[Violation(rule="security.root", message="runs as root")],
+            warnings=[Violation(rule="mounts.symlink", message="an allowlist entry is a symlink")],
+        )
+
+    gate = BusPolicyGate(FakeBus(answer=permissive), 1.0)
+    service = make_service(run_dir, policy=gate)
+    assert create(service).warnings == [
+        "allowed in permissive mode despite security.root: runs as root",
+        "policy mounts.symlink: an allowlist entry is a symlink",
+    ]
 
 
 def replace_decision(request) -> Decision:

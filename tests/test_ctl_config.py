@@ -9,15 +9,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from baaaht.common.config import dump_config, load_config, write_effective_config
-from baaaht.ctl import config_cmd
-from baaaht.ctl.common import state
-
-ctl = typer.Typer()
-ctl.add_typer(config_cmd.app, name="config")
+from baaaht.ctl.main import app
 
 
 @pytest.fixture
@@ -30,16 +25,15 @@ def run_dir():
 @pytest.fixture
 def ctl_config(tmp_path, run_dir, monkeypatch):
     """baaaht-ctl's own config: it only tells where the run directory is."""
+    monkeypatch.delenv("BAAAHT_RUN_DIR", raising=False)
     path = tmp_path / "ctl.json"
     path.write_text(json.dumps({"bus": {"run_dir": str(run_dir)}}))
-    monkeypatch.setattr(state, "config_path", str(path))
     return path
 
 
-def show(monkeypatch, as_json: bool):
-    monkeypatch.setattr(state, "json", as_json)
-    result = CliRunner().invoke(ctl, ["config", "show"])
-    assert result.exit_code == 0, result.output
+def show(config_path, *extra: str, expect: int = 0):
+    result = CliRunner().invoke(app, ["--config", str(config_path), "config", "show", *extra])
+    assert result.exit_code == expect, result.output
     return result
 
 
@@ -52,7 +46,7 @@ def test_show_reports_the_hosts_config_with_its_sources(monkeypatch, run_dir, ct
     written = write_effective_config(host_config, host_sources, run_dir)
     monkeypatch.setenv("ORCHESTRATOR_LOG__LEVEL", "debug")  # baaaht-ctl's environment is not the host's
 
-    shown = orjson.loads(show(monkeypatch, as_json=True).stdout)
+    shown = orjson.loads(show(ctl_config, "--json").stdout)
     assert shown["origin"] == str(written)
     assert shown["config"] == dump_config(host_config)
     assert shown["sources"]["session.timeout"] == "env:ORCHESTRATOR_SESSION__TIMEOUT"
@@ -60,7 +54,7 @@ def test_show_reports_the_hosts_config_with_its_sources(monkeypatch, run_dir, ct
     assert shown["sources"]["log.level"] == "default"
     assert shown["config"]["log"]["level"] == "info"
 
-    rows = show(monkeypatch, as_json=False).stdout.splitlines()
+    rows = show(ctl_config).stdout.splitlines()
     assert rows[0].split() == ["KEY", "VALUE", "SOURCE"]
     assert ["session.timeout", "45m", "env:ORCHESTRATOR_SESSION__TIMEOUT"] in [row.split() for row in rows]
     assert ["policy.max_memory", "1GiB", "flag"] in [row.split() for row in rows]
@@ -68,7 +62,7 @@ def test_show_reports_the_hosts_config_with_its_sources(monkeypatch, run_dir, ct
 
 def test_show_without_a_host_resolves_the_config_here_and_says_so(monkeypatch, ctl_config):
     monkeypatch.setenv("ORCHESTRATOR_SESSION__TIMEOUT", "20m")
-    shown = orjson.loads(show(monkeypatch, as_json=True).stdout)
+    shown = orjson.loads(show(ctl_config, "--json").stdout)
     assert shown["origin"].startswith("resolved here")
     assert shown["config"]["session"]["timeout"] == "20m"
     assert shown["sources"]["session.timeout"] == "env:ORCHESTRATOR_SESSION__TIMEOUT"
@@ -77,7 +71,21 @@ def test_show_without_a_host_resolves_the_config_here_and_says_so(monkeypatch, c
 
 def test_show_with_a_bad_config_fails_with_the_problem(monkeypatch, ctl_config):
     monkeypatch.setenv("ORCHESTRATOR_SESSION__TIMEOUT", "5x")
-    monkeypatch.setattr(state, "json", False)
-    result = CliRunner().invoke(ctl, ["config", "show"])
-    assert result.exit_code == 1
+    result = show(ctl_config, expect=1)
     assert "session.timeout: '5x' is not a duration" in result.output
+
+
+def test_run_dir_flag_and_variable_point_at_another_host(monkeypatch, run_dir, tmp_path):
+    host_config, host_sources = load_config(None, env={}, flags={"bus.run_dir": str(run_dir)})
+    written = write_effective_config(host_config, host_sources, run_dir)
+    elsewhere = tmp_path / "ctl.json"
+    elsewhere.write_text(json.dumps({"bus": {"run_dir": str(tmp_path / "no-host-here")}}))
+    monkeypatch.delenv("BAAAHT_RUN_DIR", raising=False)
+    assert orjson.loads(show(elsewhere, "--json").stdout)["origin"].startswith("resolved here")
+
+    flagged = CliRunner().invoke(
+        app, ["--config", str(elsewhere), "--run-dir", str(run_dir), "config", "show"]
+    )
+    assert flagged.exit_code == 0 and f"# {written}" in flagged.stderr
+    monkeypatch.setenv("BAAAHT_RUN_DIR", str(run_dir))
+    assert orjson.loads(show(elsewhere, "--json").stdout)["origin"] == str(written)

@@ -5,114 +5,97 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import subprocess
-import sys
 import threading
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from baaaht.ctl import policy
-from baaaht.ctl.common import state
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.policy import PolicyEvaluate, PolicyGet
 from baaaht.services.policy import audit
+from tests import ctl_runner
 from tests.harness import wait_for
-
-ctl = typer.Typer()
-ctl.add_typer(policy.app, name="policy")
-ctl.add_typer(policy.audit_app, name="audit")
 
 ALLOWED = '{"image": "busybox:1.36", "user": "1000:1000", "read_only_rootfs": true}'
 DENIED = '{"image": "busybox", "user": "0", "privileged": true}'
 
 
 @pytest.fixture
-def cli_state(monkeypatch):
-    """Point the CLI at a host's config; leave no client or config behind."""
-
-    def use(host) -> None:
-        monkeypatch.setattr(state, "config_path", str(host.config_path))
-        monkeypatch.setattr(state, "_config", None)
-        monkeypatch.setattr(state, "_client", None)
-
-    yield use
-    state.close()
-
-
-@pytest.fixture
-def host(make_host, cli_state):
+def host(make_host):
     made = make_host()
     made.start_service("baaaht.services.policy", "policy", service="policy")
     client = made.client(timeout=1)
     wait_for(lambda: client.call(PolicyGet()), what="the policy service to serve")
-    cli_state(made)
     return made
 
 
-def run(monkeypatch, *args: str, as_json: bool = False, expect: int = 0, stdin: str | None = None):
-    monkeypatch.setattr(state, "json", as_json)
-    result = CliRunner().invoke(ctl, list(args), input=stdin)
-    assert result.exit_code == expect, result.output
-    return result
+def run(host, *args: str, as_json: bool = False, expect: int = 0, stdin: str | None = None):
+    return ctl_runner.invoke(host, *args, *(["--json"] if as_json else []), expect=expect, stdin=stdin)
 
 
-def test_show(host, monkeypatch):
-    shown = run(monkeypatch, "policy", "show").stdout
+def test_show(host):
+    shown = run(host, "policy", "show").stdout
     assert shown.startswith("# version ") and "from built-in" in shown
     assert "mode: strict" in shown and "allow_bind: false" in shown and "max_memory: 512MB" in shown
-    data = json.loads(run(monkeypatch, "policy", "show", as_json=True).stdout)
+    data = json.loads(run(host, "policy", "show", as_json=True).stdout)
     assert data["source"] == "built-in" and data["document"]["security"]["allow_privileged"] is False
-    tightened = run(
-        monkeypatch, "policy", "show", "--override", '{"quotas": {"max_pids": 10, "max_cpus": 64}}'
-    )
+    tightened = run(host, "policy", "show", "--override", '{"quotas": {"max_pids": 10, "max_cpus": 64}}')
     assert "max_pids: 10" in tightened.stdout
     assert "# override refused: quotas.max_cpus: would loosen the host policy" in tightened.stdout
-    bad = run(monkeypatch, "policy", "show", "--override", '{"quotas": {"max_pidz": 1}}', expect=1)
+    bad = run(host, "policy", "show", "--override", '{"quotas": {"max_pidz": 1}}', expect=1)
     assert "quotas.max_pidz: unknown field" in bad.stderr
 
 
-def test_explain(host, monkeypatch):
-    denied = run(monkeypatch, "policy", "explain", DENIED, expect=1).stdout
+def test_explain(host):
+    denied = run(host, "policy", "explain", DENIED, expect=1).stdout
     assert denied.splitlines()[0].split() == ["OUTCOME", "RULE", "MESSAGE"]
     assert ["violation", "security.privileged"] in [line.split()[:2] for line in denied.splitlines()]
     assert "denied by image.latest_tag, security.privileged, security.root" in denied
-    allowed = run(monkeypatch, "policy", "explain", "-", stdin=ALLOWED).stdout
+    allowed = run(host, "policy", "explain", "-", stdin=ALLOWED).stdout
     assert ["enforce", "network.disabled"] in [line.split()[:2] for line in allowed.splitlines()]
     assert "allowed: every rule passed" in allowed
-    data = json.loads(run(monkeypatch, "policy", "explain", ALLOWED, as_json=True).stdout)
+    data = json.loads(run(host, "policy", "explain", ALLOWED, as_json=True).stdout)
     assert data["decision"]["enforced"]["network_mode"] == "none"
-    assert "not a container spec" in run(monkeypatch, "policy", "explain", '{"image": 5}', expect=1).stderr
+    assert "invalid container spec: Expected `str`, got `int` - at `$.image`" in (
+        run(host, "policy", "explain", '{"image": 5}', expect=1).stderr
+    )
     assert audit.read_tail(audit.log_path(host.data_dir), 100)[0][-1].action == "policy.reload"  # not audited
 
 
-def test_reload(host, monkeypatch):
-    assert "policy from built-in: unchanged" in run(monkeypatch, "policy", "reload").stdout
+def test_explain_refuses_fields_the_spec_does_not_know(host):
+    go_shaped = '{"image": "busybox:1.36", "resources": {"nano_cpus": 500000000, "memory_bytes": 1}}'
+    refused = run(host, "policy", "explain", go_shaped, expect=1)
+    assert "unknown fields $.resources.nano_cpus, $.resources.memory_bytes" in refused.stderr
+    assert refused.stdout == ""
+    assert "rule" in run(host, "policy", "explain", go_shaped, "--loose", "--json").stdout
 
 
-def test_check_needs_no_bus(make_host, cli_state, monkeypatch, tmp_path):
-    cli_state(make_host(start=False))  # no broker, no service
+def test_reload(host):
+    assert "policy from built-in: unchanged" in run(host, "policy", "reload").stdout
+
+
+def test_check_needs_no_bus(make_host, tmp_path):
+    host = make_host(start=False)  # no broker, no service
     good = tmp_path / "good.yaml"
     good.write_text("mode: permissive\nquotas:\n  max_pids: 64\n")
-    assert (
-        "good.yaml: valid, mode permissive, version " in run(monkeypatch, "policy", "check", str(good)).stdout
-    )
+    assert "good.yaml: valid, mode permissive, version " in run(host, "policy", "check", str(good)).stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("mode: strict\nquotas:\n  max_pids: 0\nsecurity:\n  allow_rot: true\n")
-    result = run(monkeypatch, "policy", "check", str(bad), expect=1)
-    assert "quotas.max_pids: Expected int >= 1" in result.stderr
-    result = run(monkeypatch, "policy", "check", str(bad), as_json=True, expect=1)
+    result = run(host, "policy", "check", str(bad), expect=1)
+    assert result.stderr.splitlines() == [
+        "quotas.max_pids: Expected int >= 1",
+        "security.allow_rot: unknown field",
+    ]
+    result = run(host, "policy", "check", str(bad), as_json=True, expect=1)
     assert json.loads(result.stdout)["valid"] is False
-    missing = run(monkeypatch, "policy", "check", str(tmp_path / "nope.yaml"), expect=1)
+    missing = run(host, "policy", "check", str(tmp_path / "nope.yaml"), expect=1)
     assert "cannot read" in missing.stderr
 
 
-def test_audit_tail_and_verify(host, monkeypatch):
+def test_audit_tail_and_verify(host):
     client = host.client()
     client.call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36", user="1000", read_only_rootfs=True)))
     client.call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36", user="0")))
-    table = run(monkeypatch, "audit", "tail").stdout.splitlines()
+    table = run(host, "audit", "tail").stdout.splitlines()
     assert table[0].split() == [
         "SEQ",
         "TIME",
@@ -126,9 +109,9 @@ def test_audit_tail_and_verify(host, monkeypatch):
     ]
     assert [line.split()[0] for line in table[1:]] == ["1", "2", "3"]
     assert "security.root" in table[-1]
-    last = run(monkeypatch, "audit", "tail", "-n", "1", as_json=True).stdout.splitlines()
+    last = run(host, "audit", "tail", "-n", "1", as_json=True).stdout.splitlines()
     assert [json.loads(line)["decision"] for line in last] == ["deny"]
-    assert "intact, 3 records" in run(monkeypatch, "audit", "verify").stdout
+    assert "intact, 3 records" in run(host, "audit", "verify").stdout
 
     log_path = audit.log_path(host.data_dir)
     head = audit.head_path(log_path)
@@ -140,42 +123,44 @@ def test_audit_tail_and_verify(host, monkeypatch):
     lines = log_path.read_bytes().splitlines(keepends=True)
     lines[2] = lines[2].replace(b'"deny"', b'"allow"')
     log_path.write_bytes(b"".join(lines))
-    result = run(monkeypatch, "audit", "verify", expect=1)
+    result = run(host, "audit", "verify", expect=1)
     assert "line 3: its content does not match its hash" in result.stderr
     assert "TAMPERED OR DAMAGED" in result.stdout
-    report = json.loads(run(monkeypatch, "audit", "verify", as_json=True, expect=1).stdout)
+    report = json.loads(run(host, "audit", "verify", as_json=True, expect=1).stdout)
     assert report["ok"] is False and report["problems"][0]["line"] == 3
 
 
-def test_audit_commands_read_the_hosts_log_wherever_ctl_thinks_data_lives(host, monkeypatch, tmp_path):
+def test_audit_commands_read_the_hosts_log_wherever_ctl_thinks_data_lives(host, tmp_path):
     """ctl's own config names another data_dir (its default, say): the host's log is still the one read."""
     ctl_config = tmp_path / "ctl.json"
     ctl_config.write_text(
         json.dumps({"data_dir": str(tmp_path / "not-the-host"), "bus": {"run_dir": host.run_dir}})
     )
-    monkeypatch.setattr(state, "config_path", str(ctl_config))
     host.client().call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36", user="0")))
     host_log = str(audit.log_path(host.data_dir))
 
-    report = json.loads(run(monkeypatch, "audit", "verify", as_json=True).stdout)
+    def run_here(*args: str):
+        return ctl_runner.invoke_app(["--config", str(ctl_config), *args, "--json"], expect=0)
+
+    report = json.loads(run_here("audit", "verify").stdout)
     assert report["path"] == host_log and report["ok"] is True and report["records"] == 2
-    records = run(monkeypatch, "audit", "tail", as_json=True).stdout.splitlines()
+    records = run_here("audit", "tail").stdout.splitlines()
     assert [json.loads(line)["action"] for line in records] == ["policy.reload", "container.create"]
-    since = run(monkeypatch, "audit", "tail", "--since", "1", as_json=True).stdout.splitlines()
+    since = run_here("audit", "tail", "--since", "1").stdout.splitlines()
     assert [json.loads(line)["seq"] for line in since] == [2]
 
 
-def test_a_missing_audit_log_is_an_error_naming_it(host, monkeypatch):
+def test_a_missing_audit_log_is_an_error_naming_it(host):
     log_path = audit.log_path(host.data_dir)
     log_path.unlink()
     audit.head_path(log_path).unlink()
-    verify = run(monkeypatch, "audit", "verify", expect=1)
+    verify = run(host, "audit", "verify", expect=1)
     assert f"NOT_FOUND: no audit log at {log_path}" in verify.stderr and "intact" not in verify.stdout
-    tail = run(monkeypatch, "audit", "tail", expect=1)
+    tail = run(host, "audit", "tail", expect=1)
     assert f"no audit log at {log_path}" in tail.stderr
 
 
-def test_audit_verify_names_the_first_bad_line(host, monkeypatch):
+def test_audit_verify_names_the_first_bad_line(host):
     client = host.client()
     for _ in range(3):
         client.call(PolicyEvaluate(spec=ContainerSpec(image="busybox:1.36", user="0")))
@@ -183,21 +168,12 @@ def test_audit_verify_names_the_first_bad_line(host, monkeypatch):
     lines = log_path.read_bytes().splitlines(keepends=True)
     del lines[2]
     log_path.write_bytes(b"".join(lines))
-    report = json.loads(run(monkeypatch, "audit", "verify", as_json=True, expect=1).stdout)
+    report = json.loads(run(host, "audit", "verify", as_json=True, expect=1).stdout)
     assert report["ok"] is False and report["first_bad_line"] == 3
 
 
 def test_audit_tail_follow_ends_cleanly_on_ctrl_c(host):
-    code = (
-        "import sys; from baaaht.ctl.common import state; from baaaht.ctl import policy; "
-        "state.config_path = sys.argv[1]; policy.audit_app(['tail', '-f', '-n', '1'])"
-    )
-    follower = subprocess.Popen(
-        [sys.executable, "-c", code, str(host.config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    follower = ctl_runner.popen(host, "audit", "tail", "-f", "-n", "1")
     printed: queue.SimpleQueue[str] = queue.SimpleQueue()
     reader = threading.Thread(target=lambda: [printed.put(line) for line in follower.stdout], daemon=True)
     reader.start()

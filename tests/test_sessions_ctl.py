@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import queue
 import threading
 
 import orjson
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from baaaht.ctl import sessions
-from baaaht.ctl.common import state
 from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionGet, SessionSendMessage, SessionState
+from tests import ctl_runner
 from tests.harness import wait_for
 from tests.session_doubles import start_sessions_host
-
-cli = typer.Typer()
-cli.add_typer(sessions.app, name="sessions")
-cli.command("send")(sessions.send)
 
 
 @pytest.fixture
 def host(make_host):
-    started = start_sessions_host(make_host)
-    state.config_path = str(started.config_path)
-    yield started
-    state.close()
-    state.config_path = None
-    state._config = None
-    state.json = False
+    return start_sessions_host(make_host)
 
 
-def run(*args: str, json: bool = False, expect: int = 0, stdin: str | None = None):
-    state.json = json
-    result = CliRunner().invoke(cli, list(args), input=stdin)
-    assert result.exit_code == expect, result.output
-    return result
+@pytest.fixture
+def run(host):
+    def invoke(*args: str, json: bool = False, expect: int = 0, stdin: str | None = None):
+        return ctl_runner.invoke(host, *args, *(["--json"] if json else []), expect=expect, stdin=stdin)
+
+    return invoke
 
 
 def fields(text: str) -> dict[str, str]:
@@ -45,7 +32,7 @@ def fields(text: str) -> dict[str, str]:
     return dict(line.split(None, 1) for line in text.splitlines())
 
 
-def test_create_send_messages_and_list(host):
+def test_create_send_messages_and_list(host, run):
     created = orjson.loads(
         run("sessions", "create", "--owner", "alice", "--name", "demo", "-l", "team=x", json=True).stdout
     )
@@ -62,14 +49,14 @@ def test_create_send_messages_and_list(host):
     assert run("sessions", "list", "--state", "closed").stdout.strip() == "(none)"
 
 
-def test_get_close_and_errors(host):
+def test_get_close_and_errors(host, run):
     session_id = host.client().call(SessionCreate(owner="alice")).id
     shown = fields(run("sessions", "get", session_id).stdout)
     assert (shown["id"], shown["state"], shown["owner"]) == (session_id, "active", "alice")
     closed = orjson.loads(run("sessions", "close", session_id, "--reason", "done", json=True).stdout)
     assert (closed["state"], closed["close_reason"]) == ("closed", "done")
     result = run("send", session_id, "late", expect=1)
-    assert "error FAILED_PRECONDITION" in result.stderr and "from closed to active" in result.stderr
+    assert f"error FAILED_PRECONDITION: session {session_id} is closed" in result.stderr
     result = run("sessions", "get", "nope", expect=1)
     assert "error NOT_FOUND: no session nope" in result.stderr
     result = run("sessions", "create", "--max-duration", "soon", expect=1)
@@ -78,7 +65,7 @@ def test_get_close_and_errors(host):
     assert "expected KEY=VALUE" in result.stderr
 
 
-def test_export_writes_every_message_as_json_lines(host, tmp_path):
+def test_export_writes_every_message_as_json_lines(host, run, tmp_path):
     client = host.client()
     session_id = client.call(SessionCreate(owner="alice")).id
     for n in range(3):
@@ -96,45 +83,58 @@ def test_export_writes_every_message_as_json_lines(host, tmp_path):
     assert not (tmp_path / "none.jsonl").exists()
 
 
-def test_watch_shows_history_then_live_messages_once_each_until_closed(host, capsys):
+def test_watch_shows_history_then_live_messages_once_each_until_closed(host):
     client = host.client()
     session_id = client.call(SessionCreate(owner="alice")).id
     client.call(SessionSendMessage(session_id=session_id, content="earlier"))
-    watcher = threading.Thread(target=sessions.watch, args=(session_id, 10))
-    watcher.start()
-    out, err = [], []
+    watcher = ctl_runner.popen(host, "sessions", "watch", session_id)
+    printed: queue.SimpleQueue[str] = queue.SimpleQueue()
+    reader = threading.Thread(target=lambda: [printed.put(line) for line in watcher.stdout], daemon=True)
+    reader.start()
 
-    def history_shown() -> bool:
-        captured = capsys.readouterr()
-        out.append(captured.out)
-        err.append(captured.err)
-        return "earlier" in "".join(out)
+    def next_line() -> str:
+        return wait_for(lambda: None if printed.empty() else printed.get(), what="a line from watch")
 
-    # The session must still be open when watch looks it up; live messages may come at any time after.
-    wait_for(history_shown, what="watch to show the history")
-    for n in range(3):
-        client.call(SessionSendMessage(session_id=session_id, content=f"live {n}"))
-    client.call(SessionClose(session_id=session_id))
-    watcher.join(15)
-    assert not watcher.is_alive()
-    captured = capsys.readouterr()
-    shown = [line.split("] ", 1)[1] for line in ("".join(out) + captured.out).splitlines()]
-    assert shown == ["#1 user: earlier", "#2 user: live 0", "#3 user: live 1", "#4 user: live 2"]
-    assert "session closed: closed on request" in "".join(err) + captured.err
+    try:
+        # The session must still be open when watch looks it up; live messages may come at any time after.
+        shown = [next_line()]
+        for n in range(3):
+            client.call(SessionSendMessage(session_id=session_id, content=f"live {n}"))
+        client.call(SessionClose(session_id=session_id))
+        _out, err = watcher.communicate(timeout=15)
+        reader.join(5)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate(timeout=5)
+    while not printed.empty():
+        shown.append(printed.get())
+    assert [line.rstrip("\n").split("] ", 1)[1] for line in shown] == [
+        "#1 user: earlier",
+        "#2 user: live 0",
+        "#3 user: live 1",
+        "#4 user: live 2",
+    ]
+    assert shown[0].startswith("[20") and shown[0].split("]")[0].endswith("Z")  # the one time format
+    assert watcher.returncode == 0 and "session closed: closed on request" in err
     assert client.call(SessionGet(session_id=session_id)).state is SessionState.CLOSED
 
 
-def test_baaaht_ctl_main_has_the_sessions_commands(host):
-    # What the baaaht-ctl script runs (pyproject: baaaht.ctl.main:main), as its own process.
-    entry_point = "from baaaht.ctl.main import main; main()"
-    ctl = [sys.executable, "-c", entry_point, "--config", str(host.config_path)]
+def test_baaaht_ctl_script_sends_text_that_looks_like_a_flag_and_deletes(host):
+    def run_ctl(*args: str, expect: int = 0):
+        done = ctl_runner.run(host, *args)
+        assert done.returncode == expect, done.stderr
+        return done
 
-    def run_ctl(*args: str) -> str:
-        done = subprocess.run([*ctl, *args], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    session_id = orjson.loads(run_ctl("sessions", "create", "--owner", "bob", "--json"))["id"]
-    run_ctl("send", session_id, "via the real entry point")
-    listed = orjson.loads(run_ctl("sessions", "messages", session_id, "--json"))
-    assert [(m["seq"], m["role"], m["content"]) for m in listed] == [(1, "user", "via the real entry point")]
+    session_id = orjson.loads(run_ctl("sessions", "create", "--owner", "bob", "--json").stdout)["id"]
+    assert run_ctl("send", session_id, "--", "--json").stdout.startswith("id ")  # text, not the flag
+    sent = orjson.loads(run_ctl("send", session_id, "--json", "--", "-n 3").stdout)
+    assert sent["content"] == "-n 3" and sent["time"].endswith("Z")
+    listed = orjson.loads(run_ctl("sessions", "messages", session_id, "--json").stdout)
+    assert [(m["seq"], m["content"]) for m in listed] == [(1, "--json"), (2, "-n 3")]
+    refused = run_ctl("sessions", "delete", session_id, expect=1)
+    assert "close it first" in refused.stderr
+    run_ctl("sessions", "close", session_id)
+    deleted = orjson.loads(run_ctl("--json", "sessions", "delete", session_id).stdout)
+    assert deleted == {"id": session_id, "deleted": True}
+    assert "NOT_FOUND" in run_ctl("sessions", "get", session_id, expect=1).stderr

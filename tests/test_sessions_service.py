@@ -441,7 +441,7 @@ def test_closed_session_refuses_messages_containers_and_reopening(world):
     world.close(session_id)
     error = error_of(lambda: world.send(session_id, "after close"))
     assert error.code is ErrorCode.FAILED_PRECONDITION
-    assert "from closed to active" in error.message
+    assert f"session {session_id} is closed" in error.message
     error = error_of(lambda: world.attach(session_id, "c9"))
     assert error.code is ErrorCode.FAILED_PRECONDITION
     assert [m.content for m in world.all_messages(session_id)] == ["only"]

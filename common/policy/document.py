@@ -269,7 +269,21 @@ def decode(data: Any) -> PolicyDocument:
     try:
         return msgspec.convert(data, PolicyDocument, dec_hook=dec_hook)
     except msgspec.ValidationError as error:
-        raise DocumentError([field_error(error)]) from None
+        raise DocumentError(_each_bad_field(data) or [field_error(error)]) from None
+
+
+def _each_bad_field(data: dict[str, Any]) -> list[FieldError]:
+    """msgspec stops at the first bad field: decode each field alone (every other one at its default,
+    as every field has one) so that a check reports all of them at once."""
+    errors = []
+    for key, value in data.items():
+        alone = [{key: {sub: item}} for sub, item in value.items()] if isinstance(value, dict) else []
+        for part in alone or [{key: value}]:
+            try:
+                msgspec.convert(part, PolicyDocument, dec_hook=dec_hook)
+            except msgspec.ValidationError as error:
+                errors.append(field_error(error))
+    return errors
 
 
 # --- checks ------------------------------------------------------------------------------------

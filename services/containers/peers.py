@@ -32,10 +32,11 @@ class PolicyGate(Protocol):
         session_containers: int,
         override: dict[str, Any],
         ctx: CallContext | None = None,
-    ) -> ContainerSpec:
+    ) -> tuple[ContainerSpec, list[str]]:
         """The spec to create (the policy's enforced version, under the host policy tightened by the
-        session's `override`); raises PERMISSION_DENIED naming the rules, or UNAVAILABLE when the policy
-        service cannot be asked (TIMEOUT when the caller's deadline passed meanwhile)."""
+        session's `override`) and the policy's warnings, a permissive mode's allowances among them;
+        raises PERMISSION_DENIED naming the rules, or UNAVAILABLE when the policy service cannot be
+        asked (TIMEOUT when the caller's deadline passed meanwhile)."""
 
 
 class SessionDirectory(Protocol):
@@ -74,7 +75,7 @@ class BusPolicyGate:
         session_containers: int,
         override: dict[str, Any],
         ctx: CallContext | None = None,
-    ) -> ContainerSpec:
+    ) -> tuple[ContainerSpec, list[str]]:
         try:
             decision = self.policy.evaluate(
                 ctx,
@@ -88,7 +89,18 @@ class BusPolicyGate:
             if exc.code in POLICY_VERDICT_CODES:
                 raise
             raise BusError(exc.code, f"container creation refused: {exc.message}", exc.details) from None
-        return enforced_or_denied(decision)
+        return enforced_or_denied(decision), policy_warnings(decision)
+
+
+def policy_warnings(decision: Decision) -> list[str]:
+    """What the caller of an allowed create should hear: every rule a permissive policy let pass, and
+    the policy's own warnings."""
+    allowances = []
+    if decision.outcome == "permissive":
+        allowances = [
+            f"allowed in permissive mode despite {v.rule}: {v.message}" for v in decision.violations
+        ]
+    return allowances + [f"policy {w.rule}: {w.message}" for w in decision.warnings]
 
 
 def enforced_or_denied(decision: Decision) -> ContainerSpec:

@@ -21,6 +21,7 @@ from baaaht.schemas.containers import (
     ContainerLogs,
     ContainerSpec,
     ContainerSummary,
+    ExecResult,
     HealthReport,
     ImageStatus,
     LogLine,
@@ -130,6 +131,9 @@ class Runtime(Protocol):
     def logs(self, container: str, options: ContainerLogs) -> Stream[LogLine]: ...
 
     def stats(self, container: str) -> StatsSample: ...
+
+    def exec(self, container: str, command: list[str], env: dict[str, str], working_dir: str) -> ExecResult:
+        """Run a command in a running container as its own user and wait for it to end."""
 
     def stats_stream(self, container: str) -> Stream[StatsSample]:
         """About one sample a second until the container stops or the stream is closed."""

@@ -31,6 +31,7 @@ from baaaht.schemas.config import Config
 from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerDestroy,
+    ContainerExec,
     ContainerGet,
     ContainerHealth,
     ContainerHealthWait,
@@ -50,6 +51,7 @@ from baaaht.schemas.containers import (
     ContainerUnpause,
     ContainerWait,
     CreateResult,
+    ExecResult,
     HealthReport,
     ImageExists,
     ImagePull,
@@ -259,7 +261,9 @@ class ContainerService(Service):
             self._ensure_image(spec.image, ctx)
         with self._quota_reservation(ctx, req.session_id) as (host_containers, session_containers):
             principal = session_scope.principal_for(session, req.role)
-            spec = self.policy.evaluate(spec, principal, host_containers, session_containers, override, ctx)
+            spec, policy_warnings = self.policy.evaluate(
+                spec, principal, host_containers, session_containers, override, ctx
+            )
             spec = msgspec.structs.replace(spec, mounts=[*spec.mounts, *own_volumes])
             spec = attach_identity(spec, Identity(self.install_id, req.session_id, req.role), bus)
             with self._engine(ctx) as runtime:
@@ -270,7 +274,7 @@ class ContainerService(Service):
             "container created",
             extra={"container": container_id, "container_name": spec.name, "session": req.session_id},
         )
-        return CreateResult(id=container_id, name=spec.name, spec=spec, warnings=warnings)
+        return CreateResult(id=container_id, name=spec.name, spec=spec, warnings=policy_warnings + warnings)
 
     def _open_session(self, session_id: str, ctx: CallContext, what: str = "container") -> SessionInfo:
         """The session the container (or volume) is for; refused unless it exists and is active or idle.
@@ -506,6 +510,14 @@ class ContainerService(Service):
                     last_sent = now
                     yield sample
         ctx.check()
+
+    @rpc
+    def exec_command(self, req: ContainerExec, ctx: CallContext) -> ExecResult:
+        validation.validate_exec(req)
+        with self._engine(ctx) as runtime:
+            container_id = self._owned(req.id, runtime)
+        # The command runs as long as it runs: like stats, it does not hold an operation slot.
+        return runtime.exec(container_id, req.command, req.env, req.working_dir)
 
     @rpc
     def health(self, req: ContainerHealth, ctx: CallContext) -> HealthReport:

@@ -7,6 +7,7 @@ import re
 from baaaht.bus.errors import BusError, invalid
 from baaaht.schemas.containers import (
     ContainerCreate,
+    ContainerExec,
     ContainerHealthWait,
     ContainerLogs,
     ContainerSpec,
@@ -22,6 +23,7 @@ ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 HEALTHCHECK_KINDS = ("CMD", "CMD-SHELL", "NONE")
 ENGINE_MIN_MEMORY = 6 * 1024 * 1024  # Docker refuses less
+ENGINE_STATS_PERIOD = 1.0  # seconds between the engine's stats samples
 
 
 def validate_create(request: ContainerCreate) -> None:
@@ -67,9 +69,7 @@ def validate_spec(spec: ContainerSpec) -> None:
                 f"keys starting with {RESERVED_LABEL_PREFIX!r} are set by the orchestrator",
                 key,
             )
-    for key, value in spec.env.items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise _field("spec.env", "names must be non-empty without '=' and values without NUL bytes", key)
+    validate_env("spec.env", spec.env)
     _validate_mounts(spec)
     for index, port in enumerate(spec.ports):
         if not 1 <= port.container_port <= 65535:
@@ -153,6 +153,18 @@ def _validate_healthcheck(spec: ContainerSpec) -> None:
         raise _field("spec.healthcheck.retries", "must be at least 1", check.retries)
 
 
+def validate_env(field: str, env: dict[str, str]) -> None:
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise _field(field, "names must be non-empty without '=' and values without NUL bytes", key)
+
+
+def validate_exec(request: ContainerExec) -> None:
+    if not request.command or not request.command[0]:
+        raise invalid("command must name a program to run", field="command")
+    validate_env("env", request.env)
+
+
 def validate_logs(request: ContainerLogs) -> None:
     if not (request.stdout or request.stderr):
         raise invalid("at least one of stdout and stderr must be requested", field="stdout")
@@ -165,8 +177,12 @@ def validate_logs(request: ContainerLogs) -> None:
 
 
 def validate_stats_stream(request: ContainerStatsStream) -> None:
-    if request.interval <= 0:
-        raise _field("interval", "must be positive", request.interval)
+    if request.interval < ENGINE_STATS_PERIOD:
+        raise _field(
+            "interval",
+            f"must be at least {ENGINE_STATS_PERIOD:g}s: the engine takes one sample per second",
+            request.interval,
+        )
 
 
 def validate_health_wait(request: ContainerHealthWait) -> None:

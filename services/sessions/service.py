@@ -263,7 +263,13 @@ class SessionService(Service):
         now = self.clock()
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
-            expired = session.state in LIVE and 0 < session.expires_at <= now
+            if session.state not in LIVE:
+                raise precondition(
+                    f"session {session.id} is {session.state.value}: it takes no more messages",
+                    session_id=session.id,
+                    state=session.state.value,
+                )
+            expired = 0 < session.expires_at <= now
             if not expired:
                 message = self._append(tx, session, req, now, sender_of(ctx.caller))
         if expired:

@@ -2,7 +2,7 @@
 
 `connection` (TLS, the client made on first use, calls and streams), `errors` (SDK exceptions -> the
 runtime's error kinds), `spec` (ContainerSpec -> create arguments), `lifecycle`, `inspection` (inspect,
-health, listing), `logs`, `stats`, `images`, `volumes` and `events` (the engine's feed).
+health, listing), `logs`, `stats`, `execs`, `images`, `volumes` and `events` (the engine's feed).
 
 Short calls carry `runtime.timeout` as their HTTP timeout. Long calls (wait, logs, stats stream, pull,
 events) have no client-side limit at all: they return an EngineStream that the service closes when the
@@ -14,6 +14,7 @@ from __future__ import annotations
 from baaaht.schemas.config import Config
 from baaaht.services.containers.docker_runtime.connection import Connection
 from baaaht.services.containers.docker_runtime.events import Events
+from baaaht.services.containers.docker_runtime.execs import Execs
 from baaaht.services.containers.docker_runtime.images import Images
 from baaaht.services.containers.docker_runtime.inspection import Inspection
 from baaaht.services.containers.docker_runtime.lifecycle import Lifecycle
@@ -22,7 +23,7 @@ from baaaht.services.containers.docker_runtime.stats import Stats
 from baaaht.services.containers.docker_runtime.volumes import Volumes
 
 
-class DockerRuntime(Lifecycle, Inspection, Logs, Stats, Images, Volumes, Events):
+class DockerRuntime(Lifecycle, Inspection, Logs, Stats, Execs, Images, Volumes, Events):
     name = "docker"
 
     def __init__(self, config: Config):

@@ -1,0 +1,48 @@
+"""Running the real `baaaht-ctl` app against a test host: in-process with Typer's CliRunner, or as the
+installed console script in its own process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from baaaht.ctl.main import app
+
+CTL = str(Path(sys.executable).parent / "baaaht-ctl")
+
+
+def host_args(host) -> list[str]:
+    # --run-dir as well: a BAAAHT_RUN_DIR in the test's environment must not pick another host.
+    return ["--config", str(host.config_path), "--run-dir", host.run_dir]
+
+
+def invoke_app(args: list[str], expect: int | None = None, stdin: str | None = None):
+    """baaaht-ctl in this process; `expect=None` takes any exit code."""
+    result = CliRunner().invoke(app, args, input=stdin)
+    if expect is not None:
+        assert result.exit_code == expect, (result.exit_code, result.output, result.exception)
+    return result
+
+
+def invoke(host, *args: str, expect: int | None = 0, stdin: str | None = None):
+    return invoke_app([*host_args(host), *args], expect, stdin)
+
+
+def run(host, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The console script in its own process."""
+    return subprocess.run([CTL, *host_args(host), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def popen(host, *args: str) -> subprocess.Popen:
+    """The console script, left running (Ctrl-C it with SIGINT, whatever this process ignores)."""
+    return subprocess.Popen(
+        [CTL, *host_args(host), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
