@@ -9,6 +9,7 @@ which stops every child (TERM, then KILL after the program's stop timeout) and e
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import pwd
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the baaaht host (bus broker and services) under supervisord, in the foreground.",
         epilog=f"Every setting can also come from the config file or from {ENV_PREFIX}<SECTION>__<KEY>. "
         "Precedence: flags > environment > file > defaults.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {importlib.metadata.version('baaaht')}"
     )
     parser.add_argument("--config", metavar="FILE", help="YAML (.yaml, .yml) or JSON (.json) config file")
     for flag, key, text in SETTING_FLAGS:

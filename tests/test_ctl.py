@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -153,8 +155,11 @@ def test_schema_lists_wire_types_only(host):
     assert "unknown schema type" in unknown.stderr
 
 
-def test_version():
+def test_both_clis_have_version():
     assert ctl_runner.invoke_app(["--version"], expect=0).stdout.startswith("baaaht-ctl 0.")
+    orchestrator = str(Path(ctl_runner.CTL).with_name("baaaht-orchestrator"))
+    shown = subprocess.run([orchestrator, "--version"], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0 and shown.stdout.startswith("baaaht-orchestrator 0.")
 
 
 def test_no_socket_fails_at_once_naming_it_and_how_to_point_elsewhere(tmp_path, monkeypatch):
