@@ -12,10 +12,11 @@ import pytest
 
 from baaaht.ctl import bodies
 from baaaht.ctl.common import iso_time
+from baaaht.schemas.bus import Ping
 from baaaht.schemas.containers import ContainerCreate
 from baaaht.schemas.sessions import SessionList
 from tests import ctl_runner
-from tests.services.echo import Emit
+from tests.services.echo import Emit, Shout
 
 
 def test_ping_and_status_without_the_expected_services(echo):
@@ -107,15 +108,17 @@ def test_a_timeout_from_a_host_that_answers_is_a_timeout(echo):
 
 def test_events_header_json_lines_and_limit_counting_only_the_topic(echo):
     client = echo.client()
-    client.call(Emit(text="seen by ctl", times=2))
-    for _ in range(5):
-        client.call(Emit(text="noise", times=1))  # more recent than the two below, same topic prefix
+    client.call(Emit(text="seen by ctl", times=2))  # echo.shouted.loud
     client.call(Emit(text="last", times=1))
-    lines = ctl_runner.run(echo, "--json", "events", "--topic", "echo.", "--limit", "3").stdout.splitlines()
+    for _ in range(5):
+        client.publish(Shout(text="other"), subtopic="quiet")  # newer, and of another topic
+    client.call(Ping())  # the broker has taken the events published before it
+    loud = ["--topic", "echo.shouted.loud"]
+    lines = ctl_runner.run(echo, "--json", "events", *loud, "--limit", "3").stdout.splitlines()
     events = [json.loads(line) for line in lines]
-    assert [e["event"]["text"] for e in events] == ["noise", "noise", "last"]
+    assert [e["event"]["text"] for e in events] == ["seen by ctl", "seen by ctl", "last"]
     assert events[0]["time"].endswith("Z") and "T" in events[0]["time"]
-    table = ctl_runner.invoke(echo, "events", "--topic", "echo.", "--limit", "1").stdout.splitlines()
+    table = ctl_runner.invoke(echo, "events", *loud, "--limit", "1").stdout.splitlines()
     assert table[0].split() == ["SEQ", "TIME", "TOPIC", "SOURCE", "EVENT"]
     assert len(table) == 2 and '"last"' in table[1]
     assert ctl_runner.invoke(echo, "events", "--topic", "nothing.").stdout.splitlines() == ["(none)"]
