@@ -12,7 +12,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Iterable, Iterator, TextIO
+from typing import Annotated, Any, Callable, Iterable, Iterator, TextIO, TypeVar
 
 import msgspec
 import orjson
@@ -28,6 +28,7 @@ from baaaht.schemas.bus import Ping
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode
 
+T = TypeVar("T")
 EXIT_ERROR = 1
 EXIT_UNREACHABLE = 2
 WHERE_HINT = "Point baaaht-ctl elsewhere with --run-dir DIR, BAAAHT_RUN_DIR or --config FILE"
@@ -187,14 +188,23 @@ LooseOption = Annotated[
 ]
 
 
-def parse_labels(pairs: list[str] | None) -> dict[str, str]:
-    labels = {}
+def key_values(option: str, pairs: list[str] | None) -> dict[str, str]:
+    """`--label K=V` and `--env K=V`, repeated, as a mapping."""
+    found = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            fail(f"--label {pair!r}: expected KEY=VALUE")
-        labels[key] = value
-    return labels
+            fail(f"{option} {pair!r}: expected KEY=VALUE")
+        found[key] = value
+    return found
+
+
+def option_value(option: str, text: str, parse: Callable[[str], T]) -> T:
+    """A size or duration option read with the config's own parser; a bad one is named."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        fail(f"{option} {text!r} {exc}")
 
 
 # -- rendering ---------------------------------------------------------------------------------------

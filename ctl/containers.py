@@ -13,7 +13,7 @@ import msgspec
 import typer
 
 from baaaht.common.units import parse_size
-from baaaht.ctl.common import Ctl, JsonOption, fail, iso_time, json_line, parse_labels, table_rows
+from baaaht.ctl.common import Ctl, JsonOption, fail, iso_time, json_line, key_values, option_value, table_rows
 from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerDestroy,
@@ -44,6 +44,7 @@ LIST_COLUMNS = ["id", "name", "state", "session_id", "role", "image", "status", 
 STATS_COLUMNS = ["time", "cpu_percent", "memory_usage", "memory_limit", "pids", "net_rx", "net_tx"]
 
 ContainerArg = Annotated[str, typer.Argument(help="Id, id prefix or name.")]
+GraceOption = Annotated[float, typer.Option("--timeout", "-t", help="Seconds between SIGTERM and SIGKILL.")]
 
 
 def done(ctl: Ctl, action: str, container: str, **result) -> None:
@@ -66,7 +67,7 @@ def list_containers(
 ) -> None:
     """Containers of this installation."""
     ctl: Ctl = ctx.obj
-    query = ContainerListQuery(session_id=session, labels=parse_labels(label), states=states)
+    query = ContainerListQuery(session_id=session, labels=key_values("--label", label), states=states)
     found = ctl.call(query).containers
     if ctl.json:
         ctl.emit(found)
@@ -86,23 +87,8 @@ def get(ctx: typer.Context, container: ContainerArg, _json: JsonOption = False) 
 # -- making and running containers -------------------------------------------------------------------
 
 
-def parse_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            fail(f"--env {pair!r}: expected KEY=VALUE")
-        env[key] = value
-    return env
-
-
 def memory_bytes(text: Optional[str]) -> int:
-    if text is None:
-        return 0
-    try:
-        return int(parse_size(text))
-    except ValueError as exc:
-        fail(f"--memory {text!r} {exc}")
+    return 0 if text is None else int(option_value("--memory", text, parse_size))
 
 
 def create_container(
@@ -123,8 +109,8 @@ def create_container(
         image=image,
         name=name,
         command=command,
-        env=parse_env(env),
-        labels=parse_labels(label),
+        env=key_values("--env", env),
+        labels=key_values("--label", label),
         resources=Resources(cpus=cpus, memory=memory_bytes(memory)),
         remove_on_stop=remove_on_stop,
     )
@@ -236,7 +222,7 @@ def start(ctx: typer.Context, container: ContainerArg, _json: JsonOption = False
 def restart(
     ctx: typer.Context,
     container: ContainerArg,
-    timeout: float = typer.Option(10.0, "--timeout", "-t", help="Seconds between SIGTERM and SIGKILL."),
+    timeout: GraceOption = 10.0,
     _json: JsonOption = False,
 ) -> None:
     """Stop (SIGTERM, SIGKILL after --timeout) and start again."""
@@ -278,7 +264,7 @@ def exec_command(
 ) -> None:
     """Run a command in a running container, as the container's user; exit with its exit code."""
     ctl: Ctl = ctx.obj
-    request = ContainerExec(id=container, command=command, env=parse_env(env), working_dir=workdir)
+    request = ContainerExec(id=container, command=command, env=key_values("--env", env), working_dir=workdir)
     result = ctl.call(request, timeout=max(ctl.timeout, STATS_TIMEOUT))
     if ctl.json:
         ctl.emit(result)
@@ -353,7 +339,7 @@ def stats_row(sample: StatsSample) -> dict:
 def stop(
     ctx: typer.Context,
     container: ContainerArg,
-    timeout: float = typer.Option(10.0, "--timeout", "-t", help="Seconds between SIGTERM and SIGKILL."),
+    timeout: GraceOption = 10.0,
     _json: JsonOption = False,
 ) -> None:
     """Stop a container (SIGTERM, then SIGKILL after --timeout)."""

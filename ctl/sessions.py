@@ -10,7 +10,7 @@ import typer
 
 from baaaht.bus.errors import BusError
 from baaaht.common.units import parse_duration
-from baaaht.ctl.common import Ctl, JsonOption, fail, iso_time, json_line, parse_labels
+from baaaht.ctl.common import Ctl, JsonOption, fail, iso_time, json_line, key_values, option_value
 from baaaht.schemas.bus import StatsQuery
 from baaaht.schemas.sessions import (
     Message,
@@ -59,12 +59,7 @@ def message_row(message: Message) -> dict:
 
 
 def seconds(option: str, text: Optional[str]) -> float:
-    if text is None:
-        return 0.0
-    try:
-        return float(parse_duration(text))
-    except ValueError as exc:
-        fail(f"{option} {text!r} {exc}")
+    return 0.0 if text is None else float(option_value(option, text, parse_duration))
 
 
 def all_messages(
@@ -105,7 +100,7 @@ def list_sessions(
             SessionList(
                 states=state_filter or [],
                 owner=owner,
-                labels=parse_labels(label),
+                labels=key_values("--label", label),
                 limit=min(PAGE, limit - len(found)),
                 cursor=cursor,
             )
@@ -156,7 +151,7 @@ def create(
         owner=owner or getpass.getuser(),
         name=name,
         description=description,
-        labels=parse_labels(label),
+        labels=key_values("--label", label),
         tags=tag or [],
         settings=settings,
     )

@@ -3,14 +3,18 @@ installed console script in its own process."""
 
 from __future__ import annotations
 
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Callable
 
 from typer.testing import CliRunner
 
 from baaaht.ctl.main import app
+from tests.harness import wait_for
 
 CTL = str(Path(sys.executable).parent / "baaaht-ctl")
 
@@ -46,3 +50,10 @@ def popen(host, *args: str) -> subprocess.Popen:
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def line_reader(process: subprocess.Popen, what: str) -> Callable[[], str]:
+    """A function that returns the process's next line of stdout, waiting for it (bounded)."""
+    printed: queue.SimpleQueue[str] = queue.SimpleQueue()
+    threading.Thread(target=lambda: [printed.put(line) for line in process.stdout], daemon=True).start()
+    return lambda: wait_for(lambda: None if printed.empty() else printed.get(), what=what)

@@ -62,7 +62,7 @@ def test_list_get_logs_stats_stop_rm(orchestrator, busybox, ctl):
     logs = ctl("logs", finished)
     assert logs.stdout == "out\n" and logs.stderr == "err\n"
     lines = [json.loads(line) for line in ctl("logs", finished, "--json").stdout.splitlines()]
-    assert [(line["stream"], line["text"]) for line in lines] == [("stdout", "out"), ("stderr", "err")]
+    assert sorted((line["stream"], line["text"]) for line in lines) == [("stderr", "err"), ("stdout", "out")]
 
     sample = ctl("stats", running, "--json")
     assert json.loads(sample.stdout)["pids"] >= 1
@@ -116,11 +116,8 @@ def test_run_detached_with_rm_is_removed_by_the_engine_when_it_ends(orchestrator
     container = ctl("run", "-d", "--rm", "-s", session, busybox, "--", "sleep", "600").stdout.strip()
     assert orchestrator.bus.call(ContainerGet(id=container)).state == "running"
     ctl("kill", container)
-
-    def gone() -> bool:
-        return code_of(lambda: orchestrator.bus.call(ContainerGet(id=container))) is ErrorCode.NOT_FOUND
-
-    wait_for(gone, what="the engine to remove the container")
+    wait_for(lambda: orchestrator.on_engine(session) == [], what="the engine to remove the container")
+    assert code_of(lambda: orchestrator.bus.call(ContainerGet(id=container))) is ErrorCode.NOT_FOUND
 
 
 def test_logs_follow_ends_cleanly_on_ctrl_c(orchestrator, busybox):

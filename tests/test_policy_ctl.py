@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import queue
 import signal
-import threading
 
 import pytest
 
@@ -174,12 +172,7 @@ def test_audit_verify_names_the_first_bad_line(host):
 
 def test_audit_tail_follow_ends_cleanly_on_ctrl_c(host):
     follower = ctl_runner.popen(host, "audit", "tail", "-f", "-n", "1")
-    printed: queue.SimpleQueue[str] = queue.SimpleQueue()
-    reader = threading.Thread(target=lambda: [printed.put(line) for line in follower.stdout], daemon=True)
-    reader.start()
-
-    def next_line() -> str:
-        return wait_for(lambda: None if printed.empty() else printed.get(), what="a line from the follower")
+    next_line = ctl_runner.line_reader(follower, "a line from the follower")
 
     try:
         assert next_line().split()[0] == "SEQ"

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import queue
-import threading
-
 import orjson
 import pytest
 
 from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionGet, SessionSendMessage, SessionState
 from tests import ctl_runner
-from tests.harness import wait_for
 from tests.session_doubles import start_sessions_host
 
 
@@ -88,27 +84,22 @@ def test_watch_shows_history_then_live_messages_once_each_until_closed(host):
     session_id = client.call(SessionCreate(owner="alice")).id
     client.call(SessionSendMessage(session_id=session_id, content="earlier"))
     watcher = ctl_runner.popen(host, "sessions", "watch", session_id)
-    printed: queue.SimpleQueue[str] = queue.SimpleQueue()
-    reader = threading.Thread(target=lambda: [printed.put(line) for line in watcher.stdout], daemon=True)
-    reader.start()
-
-    def next_line() -> str:
-        return wait_for(lambda: None if printed.empty() else printed.get(), what="a line from watch")
-
+    next_line = ctl_runner.line_reader(watcher, "a line from watch")
     try:
         # The session must still be open when watch looks it up; live messages may come at any time after.
         shown = [next_line()]
         for n in range(3):
             client.call(SessionSendMessage(session_id=session_id, content=f"live {n}"))
         client.call(SessionClose(session_id=session_id))
-        _out, err = watcher.communicate(timeout=15)
-        reader.join(5)
+        shown += [next_line() for _ in range(3)]
+        watcher.wait(15)
+        err = watcher.stderr.read()
     finally:
         if watcher.poll() is None:
             watcher.kill()
-            watcher.communicate(timeout=5)
-    while not printed.empty():
-        shown.append(printed.get())
+            watcher.wait(5)
+        watcher.stdout.close()
+        watcher.stderr.close()
     assert [line.rstrip("\n").split("] ", 1)[1] for line in shown] == [
         "#1 user: earlier",
         "#2 user: live 0",

@@ -473,7 +473,9 @@ def test_close_without_waiting_answers_closing_then_finishes(world):
     world.containers.report_removals = False  # the removal then takes until the timeout
     info = world.close(session_id, wait=False)
     assert info.state is S.CLOSING
-    assert error_of(lambda: world.send(session_id, "x")).message.endswith("from closing to active")
+    assert error_of(lambda: world.send(session_id, "x")).message.endswith(
+        "is closing: it takes no more messages"
+    )
     wait_for(lambda: world.get(session_id).state is S.CLOSED, what="the session to close")
 
 
