@@ -299,7 +299,8 @@ class ContainerStats(ContainerRef, tag="container.stats", kw_only=True):
 
 
 class ContainerStatsStream(ContainerRef, tag="container.stats_stream", kw_only=True):
-    """A streaming call: one StatsSample every `interval` seconds until cancelled or the container ends."""
+    """A streaming call: one StatsSample every `interval` seconds until cancelled or the container ends;
+    `interval` is at least 1 (the engine samples once a second)."""
 
     response: ClassVar[type] = StatsSample
 
