@@ -233,7 +233,7 @@ class FakeRuntime:
         container_id, c = self._get(container)
         self._record("exec", container_id)
         if c["state"] != "running":
-            raise precondition(f"container {container_id} is not running")
+            raise WrongState(f"container {container_id} is not running", target=container_id)
         return ExecResult(exit_code=0, stdout=f"{command} {env} {working_dir}")
 
     def stats(self, container: str) -> StatsSample:
