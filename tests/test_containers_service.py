@@ -315,15 +315,15 @@ def test_exec_runs_in_a_container_of_this_installation(run_dir):
     service = make_service(run_dir)
     container = create(service).id
     request = ContainerExec(id=container, command=["id", "-u"], env={"A": "1"}, working_dir="/tmp")
-    assert code_of(lambda: service.exec_command(request, context())) is ErrorCode.FAILED_PRECONDITION
-    service.start_container(ContainerStart(id=container), context())
-    assert service.exec_command(request, context()).stdout == "['id', '-u'] {'A': '1'} /tmp"
+    assert code_of(lambda: service.exec(request, context())) is ErrorCode.FAILED_PRECONDITION
+    service.start(ContainerStart(id=container), context())
+    assert service.exec(request, context()).stdout == "['id', '-u'] {'A': '1'} /tmp"
     empty = ContainerExec(id=container, command=[])
-    assert code_of(lambda: service.exec_command(empty, context())) is ErrorCode.INVALID_ARGUMENT
+    assert code_of(lambda: service.exec(empty, context())) is ErrorCode.INVALID_ARGUMENT
     bad_env = ContainerExec(id=container, command=["true"], env={"A=B": "1"})
-    assert code_of(lambda: service.exec_command(bad_env, context())) is ErrorCode.INVALID_ARGUMENT
+    assert code_of(lambda: service.exec(bad_env, context())) is ErrorCode.INVALID_ARGUMENT
     foreign = service.runtime.add({})  # not labelled as ours
-    assert code_of(lambda: service.exec_command(ContainerExec(id=foreign, command=["true"]), context())) is (
+    assert code_of(lambda: service.exec(ContainerExec(id=foreign, command=["true"]), context())) is (
         ErrorCode.NOT_FOUND
     )
 

@@ -512,7 +512,7 @@ class ContainerService(Service):
         ctx.check()
 
     @rpc
-    def exec_command(self, req: ContainerExec, ctx: CallContext) -> ExecResult:
+    def exec(self, req: ContainerExec, ctx: CallContext) -> ExecResult:
         validation.validate_exec(req)
         with self._engine(ctx) as runtime:
             container_id = self._owned(req.id, runtime)
