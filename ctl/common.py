@@ -131,7 +131,7 @@ class Ctl:
             )
         details = f" {orjson.dumps(error.details).decode()}" if error.details else ""
         if error.code is ErrorCode.TIMEOUT:
-            fail(f"timed out (--timeout {self.timeout:g}s): {error.message}{details}")
+            fail(f"error TIMEOUT: {error.message}{details} (timed out: --timeout {self.timeout:g}s)")
         fail(f"error {error.code.value}: {error.message}{details}")
 
     # -- output -----------------------------------------------------------------------------------

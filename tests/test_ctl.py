@@ -102,7 +102,7 @@ def test_unknown_fields_are_found_at_any_depth(body, schema, unknown):
 def test_a_timeout_from_a_host_that_answers_is_a_timeout(echo):
     slow = ctl_runner.run(echo, "--timeout", "1", "call", "echo.say", '{"text": "x", "delay": 5}')
     assert slow.returncode == 1
-    assert slow.stderr.startswith("timed out (--timeout 1s)")
+    assert slow.stderr.startswith("error TIMEOUT: ") and "(timed out: --timeout 1s)" in slow.stderr
     assert "is baaaht-orchestrator running" not in slow.stderr
 
 
