@@ -8,6 +8,7 @@ ISO 8601 UTC to the second (`2026-12-01T09:00:00Z`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -108,15 +109,14 @@ class Ctl:
             self.explain(exc)
 
     def stream(self, request: Request, timeout: float | None = None) -> Iterator[Any]:
-        """Partial results until the call ends; Ctrl-C ends it cleanly (the call is cancelled)."""
+        """Partial results until the call ends; leaving early cancels the call. Consume it
+        `with interruptible():` so that Ctrl-C ends the command cleanly."""
         self.call(Ping(), timeout=self.timeout)  # a long stream must not hide an unreachable host
         items = self.client.stream(request, timeout=timeout)
         try:
             yield from items
         except BusError as exc:
             self.explain(exc)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
         finally:
             items.close()
 
@@ -151,6 +151,15 @@ class Ctl:
                     typer.echo(f"{key.ljust(width)}  {cell(value)}")
         else:
             typer.echo(cell(plain))
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C ends a follower cleanly (exit 0), wherever in the loop it lands."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
 
 
 def print_json(data: Any) -> None:

@@ -13,7 +13,17 @@ import msgspec
 import typer
 
 from baaaht.common.units import parse_size
-from baaaht.ctl.common import Ctl, JsonOption, fail, iso_time, json_line, key_values, option_value, table_rows
+from baaaht.ctl.common import (
+    Ctl,
+    JsonOption,
+    fail,
+    interruptible,
+    iso_time,
+    json_line,
+    key_values,
+    option_value,
+    table_rows,
+)
 from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerDestroy,
@@ -202,8 +212,13 @@ def run(
     if detach:
         ctl.emit(created) if ctl.json else typer.echo(created.id)
         return
-    print_logs(ctl, ContainerLogs(id=created.id, follow=True), FOLLOW_TIMEOUT)
-    result = ctl.call(ContainerWait(id=created.id), timeout=FOLLOW_TIMEOUT)
+    result = None
+    with interruptible():  # Ctrl-C leaves the container running, as it does to a detached one
+        print_logs(ctl, ContainerLogs(id=created.id, follow=True), FOLLOW_TIMEOUT)
+        result = ctl.call(ContainerWait(id=created.id), timeout=FOLLOW_TIMEOUT)
+    if result is None:
+        typer.echo(f"{created.id} keeps running: `baaaht-ctl containers stop` ends it", err=True)
+        return
     if rm:
         ctl.call(ContainerDestroy(id=created.id, force=True))
     if ctl.json:
@@ -301,7 +316,8 @@ def logs(
 ) -> None:
     """The container's output; stderr lines go to stderr (one JSON object per line with --json)."""
     request = ContainerLogs(id=container, follow=follow, tail=tail, timestamps=timestamps)
-    print_logs(ctx.obj, request, FOLLOW_TIMEOUT if follow else None)
+    with interruptible():
+        print_logs(ctx.obj, request, FOLLOW_TIMEOUT if follow else None)
 
 
 @app.command()
@@ -320,12 +336,13 @@ def stats(
         ctl.emit(ctl.call(ContainerStats(id=container), timeout=STATS_TIMEOUT))
         return
     request = ContainerStatsStream(id=container, interval=interval)
-    for index, sample in enumerate(ctl.stream(request, timeout=FOLLOW_TIMEOUT)):
-        if ctl.json:
-            json_line(sample)
-        else:
-            typer.echo(table_rows([stats_row(sample)], STATS_COLUMNS, header=index == 0))
-            sys.stdout.flush()
+    with interruptible():
+        for index, sample in enumerate(ctl.stream(request, timeout=FOLLOW_TIMEOUT)):
+            if ctl.json:
+                json_line(sample)
+            else:
+                typer.echo(table_rows([stats_row(sample)], STATS_COLUMNS, header=index == 0))
+                sys.stdout.flush()
 
 
 def stats_row(sample: StatsSample) -> dict:

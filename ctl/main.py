@@ -20,6 +20,7 @@ from baaaht.ctl.common import (
     JsonOption,
     LooseOption,
     fail,
+    interruptible,
     iso_time,
     json_line,
     print_json,
@@ -185,8 +186,9 @@ def call_command(
     if stream:
         if request_type is None:
             fail(f"--stream needs a known request type; {target!r} is not one (baaaht-ctl schema lists them)")
-        for item in ctl.stream(bodies.decode(body, request_type, target, ctl.loose)):
-            json_line(item)
+        with interruptible():
+            for item in ctl.stream(bodies.decode(body, request_type, target, ctl.loose)):
+                json_line(item)
         return
     result = ctl.call_raw(target, bodies.encode(body, request_type, target, ctl.loose))
     print_json(msgspec.msgpack.decode(result))
@@ -234,13 +236,11 @@ def events(
         printer.finish()
         return
     try:
-        with ctl.client.subscribe(topic, since=since) as subscription:
+        with interruptible(), ctl.client.subscribe(topic, since=since) as subscription:
             for delivery in subscription:
                 printer.show(delivery.seq, delivery.time, delivery.topic, delivery.source, delivery.body)
     except BusError as exc:
         ctl.explain(exc)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
 
 
 class EventPrinter:

@@ -23,6 +23,7 @@ from baaaht.ctl.common import (
     JsonOption,
     LooseOption,
     fail,
+    interruptible,
     iso_time,
     json_line,
     table,
@@ -217,8 +218,9 @@ def tail(
     if since < 0:
         fail(f"--since must be 0 or more, not {since}")
     request = PolicyAuditTail(limit=lines, since=since, follow=follow)
-    for index, batch in enumerate(ctl.stream(request, timeout=FOLLOW_TIMEOUT if follow else None)):
-        show_records(ctl, batch.records, header=index == 0)
+    with interruptible():
+        for index, batch in enumerate(ctl.stream(request, timeout=FOLLOW_TIMEOUT if follow else None)):
+            show_records(ctl, batch.records, header=index == 0)
 
 
 @audit_app.command()

@@ -10,7 +10,16 @@ import typer
 
 from baaaht.bus.errors import BusError
 from baaaht.common.units import parse_duration
-from baaaht.ctl.common import Ctl, JsonOption, fail, iso_time, json_line, key_values, option_value
+from baaaht.ctl.common import (
+    Ctl,
+    JsonOption,
+    fail,
+    interruptible,
+    iso_time,
+    json_line,
+    key_values,
+    option_value,
+)
 from baaaht.schemas.bus import StatsQuery
 from baaaht.schemas.sessions import (
     Message,
@@ -251,7 +260,8 @@ def watch(
             show_message(ctl, message)
             shown = message.seq
     try:
-        with ctl.client.subscribe([f"session.message.{session_id}", "session.closed"], since=since) as events:
+        topics = [f"session.message.{session_id}", "session.closed"]
+        with interruptible(), ctl.client.subscribe(topics, since=since) as events:
             for delivery in events:
                 event = delivery.event
                 if isinstance(event, SessionMessage) and event.message.seq > shown:  # not already in history
@@ -262,8 +272,6 @@ def watch(
                     return
     except BusError as exc:
         ctl.explain(exc)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
 
 
 def show_message(ctl: Ctl, message: Message) -> None:
