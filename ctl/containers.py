@@ -65,6 +65,12 @@ def done(ctl: Ctl, action: str, container: str, **result) -> None:
         typer.echo(f"{action} {container}", err=True)
 
 
+def with_grace(ctl: Ctl, request: ContainerStop | ContainerRestart, action: str) -> None:
+    """Stop and restart: the call may take the grace period on top of the usual wait."""
+    ctl.call(request, timeout=ctl.timeout + request.timeout)
+    done(ctl, action, request.id)
+
+
 @app.command("list")
 def list_containers(
     ctx: typer.Context,
@@ -241,8 +247,7 @@ def restart(
     _json: JsonOption = False,
 ) -> None:
     """Stop (SIGTERM, SIGKILL after --timeout) and start again."""
-    ctx.obj.call(ContainerRestart(id=container, timeout=timeout), timeout=ctx.obj.timeout + timeout)
-    done(ctx.obj, "restarted", container)
+    with_grace(ctx.obj, ContainerRestart(id=container, timeout=timeout), "restarted")
 
 
 @app.command()
@@ -360,8 +365,7 @@ def stop(
     _json: JsonOption = False,
 ) -> None:
     """Stop a container (SIGTERM, then SIGKILL after --timeout)."""
-    ctx.obj.call(ContainerStop(id=container, timeout=timeout), timeout=ctx.obj.timeout + timeout)
-    done(ctx.obj, "stopped", container)
+    with_grace(ctx.obj, ContainerStop(id=container, timeout=timeout), "stopped")
 
 
 @app.command()

@@ -57,3 +57,12 @@ def line_reader(process: subprocess.Popen, what: str) -> Callable[[], str]:
     printed: queue.SimpleQueue[str] = queue.SimpleQueue()
     threading.Thread(target=lambda: [printed.put(line) for line in process.stdout], daemon=True).start()
     return lambda: wait_for(lambda: None if printed.empty() else printed.get(), what=what)
+
+
+def reap(process: subprocess.Popen) -> None:
+    """Kill the process if it still runs, and close its pipes."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(5)
+    process.stdout.close()
+    process.stderr.close()

@@ -125,6 +125,7 @@ def test_blocking_clients_learn_of_a_killed_broker_at_once_and_are_served_again_
 
 def test_async_clients_learn_of_a_killed_broker_at_once_and_are_served_again_soon(slow_beats):
     echo = slow_beats
+
     async def scenario():
         clients = [AsyncBusClient.for_config(echo.config, timeout=30) for _ in range(CLIENTS)]
         restarted = asyncio.Event()

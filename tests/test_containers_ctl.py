@@ -129,7 +129,5 @@ def test_logs_follow_ends_cleanly_on_ctrl_c(orchestrator, busybox):
         follower.send_signal(signal.SIGINT)
         _out, err = follower.communicate(timeout=15)
     finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.communicate(timeout=5)
+        ctl_runner.reap(follower)
     assert follower.returncode == 0 and "interrupted" in err and "Traceback" not in err

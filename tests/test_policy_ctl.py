@@ -115,7 +115,7 @@ def test_audit_tail_and_verify(host):
     head = audit.head_path(log_path)
     kept = head.read_bytes()
     head.unlink()
-    unchecked = run(monkeypatch, "audit", "verify")  # a message, never mixed into the data on stdout
+    unchecked = run(host, "audit", "verify")  # a message, never mixed into the data on stdout
     assert "warning: log: no head file" in unchecked.stderr and unchecked.stdout.startswith(str(log_path))
     head.write_bytes(kept)
     lines = log_path.read_bytes().splitlines(keepends=True)
@@ -185,9 +185,5 @@ def test_audit_tail_follow_ends_cleanly_on_ctrl_c(host):
         follower.wait(15)
         err = follower.stderr.read()
     finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait(5)
-        follower.stdout.close()
-        follower.stderr.close()
+        ctl_runner.reap(follower)
     assert follower.returncode == 0 and "interrupted" in err and "Traceback" not in err

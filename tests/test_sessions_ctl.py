@@ -95,11 +95,7 @@ def test_watch_shows_history_then_live_messages_once_each_until_closed(host):
         watcher.wait(15)
         err = watcher.stderr.read()
     finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait(5)
-        watcher.stdout.close()
-        watcher.stderr.close()
+        ctl_runner.reap(watcher)
     assert [line.rstrip("\n").split("] ", 1)[1] for line in shown] == [
         "#1 user: earlier",
         "#2 user: live 0",
