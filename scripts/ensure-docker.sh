@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Make sure a local Docker engine answers: install Debian's docker.io (and busybox-static, which the test
-# images are built from) when missing, start dockerd without a bridge when no daemon answers, and wait for
-# it. Safe to run any number of times; does nothing when the engine already answers.
+# Make sure what the host and its tests need is installed (the Debian packages below) and that a local
+# Docker engine answers: start dockerd without a bridge when no daemon answers, and wait for it. Packages are
+# checked whatever the engine's state. Safe to run any number of times; installs and starts only what is
+# missing.
 #
 # Environment: BAAAHT_DOCKER_WAIT (seconds to wait for the daemon, default 60),
 #              BAAAHT_DOCKERD_LOG (dockerd's log file, default /var/log/baaaht-dockerd.log).
@@ -11,6 +12,12 @@ WAIT_SECONDS=${BAAAHT_DOCKER_WAIT:-60}
 PIDFILE=/var/run/docker.pid
 # --bridge=none: containers get loopback only, which is all baaaht ever gives them.
 DOCKERD_ARGS=(--bridge=none --iptables=false --ip-forward=false --ip-masq=false)
+# Debian packages needed, one per line: "package [command]". With a command, the package counts as present
+# when that command is on PATH (an engine installed another way, e.g. docker-ce, is fine).
+NEEDED_PACKAGES=(
+    "docker.io dockerd"
+    "busybox-static"  # the test images are built from its static /bin/busybox
+)
 
 say() { echo "ensure-docker: $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -34,10 +41,16 @@ package_installed() {
 }
 
 install_missing_packages() {
-    local missing=()
-    command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
-    package_installed busybox-static || missing+=(busybox-static)
+    local missing=() entry package command
+    for entry in "${NEEDED_PACKAGES[@]}"; do
+        read -r package command <<<"$entry"
+        if [ -n "$command" ]; then
+            command -v "$command" >/dev/null 2>&1 && continue
+        fi
+        package_installed "$package" || missing+=("$package")
+    done
     [ ${#missing[@]} -eq 0 ] && return 0
+    command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]}, and there is no apt-get to install them"
     say "installing ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
@@ -88,7 +101,6 @@ wait_for_engine() {
 }
 
 main() {
-    engine_answers && exit 0
     install_missing_packages
     engine_answers && exit 0
     if ! dockerd_alive_from_pidfile; then
