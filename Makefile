@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test bench docs docker image shell clean
+.PHONY: run test test-unit test-integration lint fmt bench docs docker image shell clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,8 +14,25 @@ $(STAMP): pyproject.toml
 run: $(STAMP) docker image
 	$(VENV)/bin/baaaht-orchestrator $(ARGS)
 
+# Every test; test-unit is the pure-logic part (seconds, no engine, no process: tests/conftest.py lists
+# its files), test-integration the rest (real processes and the Docker engine).
 test: $(STAMP) docker
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP) docker
+	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
+
+# The ruff configuration is pyproject's [tool.ruff].
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+fmt: $(STAMP)
+	$(PY) -m ruff check --fix-only .
+	$(PY) -m ruff format .
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'

@@ -1,10 +1,77 @@
+import os
+import subprocess
 from pathlib import Path
 
+import docker.api.client
 import pytest
 
 from tests.harness import Host
 
+pytest_plugins = ["pytester"]  # tests/test_unit_boundary.py runs pytest on made-up test files
+
 ECHO_SERVICE = str(Path(__file__).parent / "services" / "echo.py")
+
+# Test files of pure logic: no process, no engine; `make test-unit` runs only these (marker `unit`), and
+# every test in them runs behind the unit boundary below, in every run, so a file listed here that starts
+# a process or talks to the engine fails instead of slowing the unit run down unnoticed. A file not listed
+# is an integration test (marker `integration`): a new file is at worst run with the slow ones.
+UNIT_TEST_FILES = frozenset(
+    {
+        "test_config.py",
+        "test_containers_logic.py",
+        "test_containers_service.py",
+        "test_logs.py",
+        "test_policy_audit.py",
+        "test_policy_document.py",
+        "test_policy_engine.py",
+        "test_policy_images.py",
+        "test_policy_mounts.py",
+        "test_policy_overrides.py",
+        "test_policy_properties.py",
+        "test_policy_service.py",
+        "test_registry.py",
+        "test_sessions_service.py",
+        "test_sessions_states.py",
+        "test_sessions_store.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        marker = "unit" if item.path.name in UNIT_TEST_FILES else "integration"
+        item.add_marker(marker)
+
+
+class UnitBoundaryCrossed(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def unit_boundary(request, monkeypatch):
+    """In a unit test, starting a process or creating a Docker client fails the test (even if the code
+    under test catches the exception)."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    crossings: list[str] = []
+
+    def refuse(what: str):
+        def refused(*args, **kwargs):
+            crossings.append(what)
+            raise UnitBoundaryCrossed(
+                f"a unit test tried to {what}: move its file out of UNIT_TEST_FILES in tests/conftest.py"
+            )
+
+        return refused
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse("start a process"))
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "execv", "execve"):
+        monkeypatch.setattr(os, name, refuse(f"start a process (os.{name})"))
+    monkeypatch.setattr(docker.api.client.APIClient, "__init__", refuse("talk to the Docker engine"))
+    yield
+    if crossings:
+        pytest.fail(f"a unit test crossed the unit boundary: {', '.join(crossings)}")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""scripts/ensure-docker.sh against stand-in commands: which packages it installs, whatever the engine does."""
+"""scripts/ensure-docker.sh against stand-in commands: what it installs, whatever the engine does."""
 
 from __future__ import annotations
 
