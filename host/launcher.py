@@ -1,9 +1,20 @@
 """`baaaht-orchestrator`: run the whole host (broker and services) under supervisord.
 
-It loads the configuration (file, environment, flags), prepares the run directory
-(effective config, supervisord config, logs) and the data directory, then replaces
-itself with `supervisord -n` in the foreground. Ctrl-C or SIGTERM reaches supervisord,
-which stops every child (TERM, then KILL after the program's stop timeout) and exits.
+It loads the configuration (file, environment, flags), locks the data directory (one host per
+data directory, see host/datalock.py), prepares the run directory (effective config,
+supervisord config, logs), then runs `supervisord -n` as its child and stays in front of it:
+
+- SIGTERM, and SIGINT (Ctrl-C) unless it was ignored when the launcher started (a background
+  job of a script: `&` without job control ignores it so that Ctrl-C reaches only the
+  foreground command), stop the host: supervisord stops every child (TERM, then KILL after
+  the program's stop timeout) and the launcher exits with supervisord's status.
+- SIGHUP reloads without restarting anything: the configuration is resolved again from the
+  same file, environment and flags, and a key that changed is logged as needing a restart
+  (every process reads its configuration at start); the services that reload on SIGHUP get it
+  through supervisord (the policy service reads its policy file again). supervisord's own
+  SIGHUP handling, which restarts every process, is never used.
+
+supervisord runs in its own session, so signals from the terminal reach only the launcher.
 """
 
 from __future__ import annotations
@@ -15,9 +26,11 @@ import os
 import pwd
 import re
 import secrets
+import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,6 +44,7 @@ from baaaht.common.config import (
     write_private_file,
 )
 from baaaht.common.logs import setup_logging
+from baaaht.host.datalock import DataDirInUse, DataDirLock
 from baaaht.schemas.config import Config
 
 log = logging.getLogger("baaaht.launcher")
@@ -40,6 +54,11 @@ SUPERVISOR_SOCKET = "supervisor.sock"
 LOG_DIR = "logs"
 RUN_DIR_MODE = 0o750  # the bus sockets are for their owner and group; nobody else
 DATA_DIR_MODE = 0o700
+# Programs that take SIGHUP as "reload": the launcher forwards its SIGHUP to these only (to any other
+# process SIGHUP is fatal, and supervisord would restart it).
+RELOAD_ON_SIGHUP = ("policy",)
+SUPERVISORCTL_TIMEOUT = 15.0  # seconds; supervisord answers at once unless it is stuck
+WAIT_INTERVAL = 0.2  # seconds between checks for a requested reload while supervisord runs
 _PLACEHOLDER = re.compile(r"%\(ENV_(BAAAHT_[A-Z0-9_]+)\)s")
 
 # (flag, dotted key, help): every flag is a plain setting, validated like the file and environment.
@@ -124,6 +143,14 @@ class Run:
     def supervisord_argv(self) -> list[str]:
         return [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.supervisord_conf)]
 
+    def supervisorctl(self, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.supervisord_conf), *command],
+            capture_output=True,
+            text=True,
+            timeout=SUPERVISORCTL_TIMEOUT,
+        )
+
 
 class HostAlreadyRunning(RuntimeError):
     pass
@@ -194,27 +221,125 @@ def prepare_run(config: Config, sources: Mapping[str, str], environ: Mapping[str
     return Run(run_dir, config_path, supervisord_conf, environment)
 
 
+def lock_data_dir(config: Config) -> DataDirLock:
+    data_dir = Path(config.data_dir)
+    _make_dir(data_dir, DATA_DIR_MODE)
+    return DataDirLock.acquire(data_dir, Path(config.bus.run_dir))
+
+
+class Reloader:
+    """SIGHUP's work: resolve the configuration again as at start, report what would need a restart,
+    and pass the signal on to the services that reload."""
+
+    def __init__(self, run: Run, resolve: Callable[[], tuple[Config, dict[str, str]]], running: Config):
+        self.run = run
+        self.resolve = resolve
+        self.running = dump_flat(running)
+
+    def reload(self) -> None:
+        log.info("SIGHUP: reloading", extra={"programs": list(RELOAD_ON_SIGHUP)})
+        try:
+            config, _sources = self.resolve()
+        except ConfigError as error:
+            log.error(
+                "the configuration is refused; the host keeps its own", extra={"problems": error.problems}
+            )
+        else:
+            for key, value in sorted(dump_flat(config).items()):
+                if value != self.running[key]:
+                    log.warning(
+                        "changed; takes effect at the next restart of the host",
+                        extra={"key": key, "running": self.running[key], "configured": value},
+                    )
+        try:
+            result = self.run.supervisorctl("signal", "HUP", *RELOAD_ON_SIGHUP)
+        except subprocess.TimeoutExpired:
+            log.error(
+                "supervisord did not answer; SIGHUP not passed on", extra={"programs": list(RELOAD_ON_SIGHUP)}
+            )
+            return
+        if result.returncode != 0:
+            log.error("passing SIGHUP on failed", extra={"output": (result.stdout + result.stderr).strip()})
+
+
+class Supervision:
+    """The launcher's life once the host runs: supervisord as its child, signals turned into actions."""
+
+    def __init__(self, reloader: Reloader):
+        self.reloader = reloader
+        self.supervisor: subprocess.Popen | None = None
+        self.stop_signal: int | None = None
+        self.reload_requested = False
+
+    def install_signal_handlers(self) -> None:
+        """Before supervisord starts: a stop asked for while it starts is passed on once it runs."""
+        signal.signal(signal.SIGTERM, self._stop)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._request_reload)
+
+    def _stop(self, signum: int, _frame) -> None:
+        self.stop_signal = signum
+        if self.supervisor is not None:
+            self.supervisor.send_signal(signal.SIGTERM)
+
+    def _request_reload(self, _signum: int, _frame) -> None:
+        self.reload_requested = True  # done on the main loop: not in a signal handler
+
+    def run(self, supervisor: subprocess.Popen) -> int:
+        """Wait for supervisord to exit (reloading when asked); its exit status, as a shell reports it."""
+        self.supervisor = supervisor
+        if self.stop_signal is not None:
+            supervisor.send_signal(signal.SIGTERM)
+        while True:
+            try:
+                status = supervisor.wait(timeout=WAIT_INTERVAL)
+            except subprocess.TimeoutExpired:
+                if self.reload_requested and self.stop_signal is None:
+                    self.reload_requested = False
+                    self.reloader.reload()
+                continue
+            return status if status >= 0 else 128 - status
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    environ = dict(os.environ)  # a reload resolves the configuration from what the launcher started with
+
+    def resolve() -> tuple[Config, dict[str, str]]:
+        return load_config(args.config, environ, flags_from(args))
+
     try:
-        config, sources = load_config(args.config, os.environ, flags_from(args))
+        config, sources = resolve()
     except ConfigError as error:
         sys.exit(f"baaaht-orchestrator: the configuration is refused:\n{error}")
     setup_logging(config.log, "launcher")
     try:
-        run = prepare_run(config, sources)
+        lock = lock_data_dir(config)
+    except (OSError, DataDirInUse) as error:
+        sys.exit(f"baaaht-orchestrator: cannot start: {error}")
+    try:
+        run = prepare_run(config, sources, environ)
     except (OSError, HostAlreadyRunning) as error:
         sys.exit(f"baaaht-orchestrator: cannot prepare the run: {error}")
+    supervision = Supervision(Reloader(run, resolve, config))
+    supervision.install_signal_handlers()
     log.info(
         "starting supervisord",
         extra={
             "run_dir": str(run.run_dir),
             "config": str(run.config_path),
             "supervisord": str(run.supervisord_conf),
+            "pid": os.getpid(),
         },
     )
-    logging.shutdown()
-    os.execve(sys.executable, run.supervisord_argv(), run.environment)
+    # supervisord inherits the data directory's lock: it stays held while either process lives.
+    supervisor = subprocess.Popen(
+        run.supervisord_argv(), env=run.environment, pass_fds=(lock.fd,), start_new_session=True
+    )
+    status = supervision.run(supervisor)
+    log.info("supervisord exited", extra={"status": status})
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,20 @@ from baaaht.schemas.bus import Ping, ServicesQuery
 TEST_BUS = {"heartbeat_interval": "200ms", "heartbeat_liveness": 3, "call_timeout": "5s"}
 
 
+# Runs argv[2:] with SIGINT set to argv[1] (SIG_DFL or SIG_IGN): exec keeps a default or ignored disposition,
+# so the program starts with it whatever this test process inherited (a suite run as a background job
+# inherits SIGINT ignored).
+_WITH_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, getattr(signal, sys.argv[1]));"
+    " os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def with_sigint(disposition: str, argv: list[str]) -> list[str]:
+    """argv started with SIGINT "SIG_DFL" (as a foreground command in a terminal) or "SIG_IGN"."""
+    return [sys.executable, "-c", _WITH_SIGINT, disposition, *argv]
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():

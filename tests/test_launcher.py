@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,12 +11,14 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 from supervisor.options import ClientOptions, ServerOptions
 
 from baaaht.bus.client import BusClient
+from baaaht.bus.errors import BusError
 from baaaht.common.config import ConfigError, load_config
 from baaaht.host.launcher import (
     HostAlreadyRunning,
@@ -26,7 +29,8 @@ from baaaht.host.launcher import (
     render_supervisord_conf,
 )
 from baaaht.schemas.bus import Ping
-from tests.harness import wait_for
+from baaaht.schemas.policy import PolicyGet
+from tests.harness import wait_for, with_sigint
 
 PROGRAMS = {
     "broker": "baaaht.bus.broker",
@@ -183,6 +187,13 @@ def children_of(pid: int) -> set[int]:
     return found
 
 
+def descendants_of(pid: int) -> set[int]:
+    found = children_of(pid)
+    for child in list(found):
+        found |= descendants_of(child)
+    return found
+
+
 def is_running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -191,51 +202,179 @@ def is_running(pid: int) -> bool:
     return state != "Z"
 
 
-def supervisorctl_status(conf: Path) -> str:
-    # A fresh supervisorctl each time: an XML-RPC client that failed once stays broken.
+def supervisorctl_status(conf: Path) -> dict[str, tuple[str, str]]:
+    """Program name -> (state, pid text); a fresh supervisorctl each time: an XML-RPC client that failed
+    once stays broken."""
     result = subprocess.run(
         [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), "status"],
         capture_output=True,
         text=True,
         timeout=10,
     )
-    return result.stdout
+    status = {}
+    for line in result.stdout.splitlines():
+        words = line.split()
+        if len(words) >= 2:
+            status[words[0]] = (words[1], words[3].rstrip(",") if len(words) > 3 else "")
+    return status
 
 
-def test_the_host_runs_the_broker_under_supervisord_and_stops_on_ctrl_c(run_dir):
-    launcher = Path(sys.executable).with_name("baaaht-orchestrator")
-    data_dir = run_dir / "data"
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ORCHESTRATOR_")}
-    host = subprocess.Popen(
-        [str(launcher), "--run-dir", str(run_dir), "--data-dir", str(data_dir), "--log-format", "text"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    children: set[int] = set()
-    try:
-        conf = run_dir / "supervisord.conf"
-        wait_for(
-            lambda: any(
-                line.split()[:2] == ["broker", "RUNNING"] for line in supervisorctl_status(conf).splitlines()
-            ),
-            timeout=30,
-            what="supervisorctl to show the broker RUNNING",
-        )
-        config, _ = load_config(str(run_dir / "config.json"), env={})
-        with BusClient.for_config(config, timeout=5) as client:
-            assert client.call(Ping()) is not None
-        children = children_of(host.pid)  # the launcher became supervisord: its children are the host
-        assert children
+class Launched:
+    """One real `baaaht-orchestrator` process and what it started."""
 
-        host.send_signal(signal.SIGINT)
-        assert host.wait(timeout=60) == 0
-        assert [pid for pid in children if is_running(pid)] == []
-        assert "CRIT" not in (run_dir / "logs" / "supervisord.log").read_text()
-    finally:
-        if host.poll() is None:
-            host.terminate()
-            host.wait(timeout=60)
-        for pid in children:
+    def __init__(self, run_dir: Path, data_dir: Path, sigint: str, args: list[str]):
+        self.run_dir = run_dir
+        self.conf = run_dir / "supervisord.conf"
+        self.stderr_path = run_dir.with_name(run_dir.name + ".launcher.log")
+        launcher = Path(sys.executable).with_name("baaaht-orchestrator")
+        argv = [str(launcher), "--run-dir", str(run_dir), "--data-dir", str(data_dir), "--log-format", "text"]
+        env = {name: value for name, value in os.environ.items() if not name.startswith("ORCHESTRATOR_")}
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(
+                with_sigint(sigint, argv + args), env=env, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        self.started: set[int] = set()
+
+    def wait_running(self, programs=tuple(PROGRAMS)) -> dict[str, str]:
+        """Wait until supervisorctl shows every program RUNNING; their pids."""
+
+        def all_running():
+            status = supervisorctl_status(self.conf)
+            return all(status.get(name, ("",))[0] == "RUNNING" for name in programs) and status
+
+        status = wait_for(all_running, timeout=60, what=f"supervisorctl to show {programs} RUNNING")
+        self.started |= descendants_of(self.process.pid)
+        return {name: status[name][1] for name in programs}
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.started |= descendants_of(self.process.pid)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        for pid in self.started:
             if is_running(pid):
                 os.kill(pid, signal.SIGKILL)
+        self.stderr_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def launch(run_dir):
+    launched: list[Launched] = []
+
+    def start(*args: str, sigint: str = "SIG_DFL", run: Path | None = None, data: Path | None = None):
+        host = Launched(run or run_dir, data or run_dir / "data", sigint, list(args))
+        launched.append(host)
+        return host
+
+    yield start
+    for host in launched:
+        host.stop()
+
+
+def bus_client(run_dir: Path) -> BusClient:
+    config, _ = load_config(str(run_dir / "config.json"), env={})
+    return BusClient.for_config(config, timeout=5)
+
+
+def test_the_host_runs_under_supervisord_and_stops_on_ctrl_c(launch):
+    host = launch()
+    host.wait_running()
+    with bus_client(host.run_dir) as client:
+        assert client.call(Ping()) is not None
+    started = descendants_of(host.process.pid)  # supervisord and, below it, the host's processes
+    assert len(started) >= 1 + len(PROGRAMS)
+
+    host.process.send_signal(signal.SIGINT)
+    assert host.process.wait(timeout=60) == 0
+    assert [pid for pid in started if is_running(pid)] == []
+    assert "CRIT" not in (host.run_dir / "logs" / "supervisord.log").read_text()
+
+
+def test_a_host_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigterm(launch):
+    host = launch(sigint="SIG_IGN")  # as a background job of a script: Ctrl-C is for the foreground
+    pids = host.wait_running(("broker",))
+    host.process.send_signal(signal.SIGINT)
+    with bus_client(host.run_dir) as client:
+        assert client.call(Ping()) is not None  # answered after the SIGINT: the host is still up
+    assert host.process.poll() is None
+    assert supervisorctl_status(host.conf)["broker"] == ("RUNNING", pids["broker"])
+
+    host.process.send_signal(signal.SIGTERM)
+    assert host.process.wait(timeout=60) == 0
+
+
+def test_a_second_host_on_the_same_data_directory_is_refused_naming_the_holder(launch, run_dir):
+    first = launch()
+    first.wait_running(("broker",))
+    other_run_dir = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+    try:
+        second = launch(run=other_run_dir, data=run_dir / "data")
+        assert second.process.wait(timeout=30) != 0
+        refusal = second.log()
+        assert f"data directory {run_dir / 'data'} is in use by another host" in refusal
+        assert f"pid {first.process.pid}, run directory {run_dir}, started 20" in refusal
+        assert not (other_run_dir / "supervisord.conf").exists()  # refused before anything was written
+    finally:
+        shutil.rmtree(other_run_dir, ignore_errors=True)
+    with bus_client(run_dir) as client:
+        assert client.call(Ping()) is not None  # the first host never noticed
+
+
+def test_sighup_reloads_the_policy_without_restarting_anything(launch, run_dir):
+    config_file = run_dir.with_name(run_dir.name + ".config.json")
+    policy_file = run_dir.with_name(run_dir.name + ".policy.yaml")
+    policy_file.write_text("mode: strict\nquotas:\n  max_pids: 300\n")
+    settings = {"policy": {"path": str(policy_file), "reload_interval": "1h"}}  # only SIGHUP reloads
+    config_file.write_text(json.dumps({**settings, "session": {"timeout": "30m"}}))
+    try:
+        host = launch("--config", str(config_file))
+        pids = host.wait_running()
+        served, failed, stop = [], [], threading.Event()
+
+        def keep_calling():
+            with bus_client(run_dir) as client:
+                while not stop.is_set():
+                    try:
+                        served.append(client.call(PolicyGet()).version)
+                    except BusError as error:
+                        failed.append(error)
+
+        with bus_client(run_dir) as client, client.subscribe(["policy."]) as events:
+            first = wait_for(lambda: client.call(PolicyGet()), timeout=30, what="the policy service").version
+            caller = threading.Thread(target=keep_calling)
+            caller.start()
+            try:
+                wait_for(lambda: len(served) > 10, what="calls to flow")
+                policy_file.write_text("mode: strict\nquotas:\n  max_pids: 400\n")
+                config_file.write_text(json.dumps({**settings, "session": {"timeout": "45m"}}))
+                host.process.send_signal(signal.SIGHUP)
+                wait_for(
+                    lambda: (delivery := events.next(timeout=0.5)) and delivery.topic == "policy.reloaded",
+                    timeout=30,
+                    what="a policy.reloaded event",
+                )
+                count = len(served)
+                wait_for(lambda: len(served) > count + 10, what="calls to flow after the reload")
+            finally:
+                stop.set()
+                caller.join(10)
+        assert failed == []  # no call in flight was dropped
+        assert served[0] == first != served[-1]
+        assert host.process.poll() is None
+        assert {name: pid for name, (_state, pid) in supervisorctl_status(host.conf).items()} == pids
+        notice = wait_for(
+            lambda: [line for line in host.log().splitlines() if "takes effect at the next restart" in line],
+            what="the restart notice",
+        )
+        assert ['key="session.timeout"' in line for line in notice] == [True]
+        assert json.loads((run_dir / "config.json").read_text())["session"]["timeout"] == "30m"
+    finally:
+        config_file.unlink(missing_ok=True)
+        policy_file.unlink(missing_ok=True)
