@@ -1,13 +1,16 @@
-"""The SQLite adapter: durability settings, file modes, atomic changes, paging, schema versions."""
+"""The SQLite adapter: durability, file modes, atomic changes, group commit, paging, schema versions."""
 
 import os
 import sqlite3
 import stat
+import threading
+from typing import Callable
 
 import pytest
 
 from baaaht.schemas.sessions import Message, SessionContainer, SessionInfo, SessionState
-from baaaht.services.sessions.store import SCHEMA_VERSION, SessionStore, StoreError
+from baaaht.services.sessions.store import SCHEMA_VERSION, SessionStore, StoreError, Transaction
+from tests.harness import wait_for
 
 
 def session(session_id: str, owner: str = "alice", state=SessionState.ACTIVE, **labels: str) -> SessionInfo:
@@ -153,3 +156,94 @@ def test_holding_container_and_count_not_closed(store):
         assert [s.id for s in tx.holding_container("c1")] == ["a"]
         assert tx.holding_container("c2") == []
         assert tx.count_not_closed() == 2
+
+
+def committed_ids(path: str) -> list[str]:
+    """Session ids another connection sees: only what is committed."""
+    probe = sqlite3.connect(path)
+    try:
+        return [row[0] for row in probe.execute("SELECT id FROM sessions ORDER BY seq")]
+    finally:
+        probe.close()
+
+
+def group_of_writers(store, changes: dict[str, Callable[[Transaction], None]]):
+    """Run the first change and hold it until every other writer waits for its turn, so all of them
+    end up in one group; per writer, what raised (or None). Returns when every writer has returned."""
+    names = list(changes)
+    outcome: dict[str, BaseException | None] = {}
+    first_inside = threading.Event()
+
+    def writer(name: str) -> None:
+        try:
+            with store.write() as tx:
+                if name == names[0]:
+                    first_inside.set()
+                    wait_for(lambda: store.writers_waiting == len(names) - 1, what="the others to queue")
+                changes[name](tx)
+            outcome[name] = None
+        except Exception as error:
+            outcome[name] = error
+
+    first = threading.Thread(target=writer, args=(names[0],))
+    first.start()
+    assert first_inside.wait(10)
+    others = [threading.Thread(target=writer, args=(name,)) for name in names[1:]]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(30)
+    return outcome
+
+
+def test_waiting_writers_share_one_commit_and_are_acknowledged_after_it(store):
+    seen_at_commit: dict[str, list[str]] = {}
+    order: list[str] = []
+
+    def change(name: str):
+        def apply(tx: Transaction) -> None:
+            tx.insert(session(name))
+            tx.after_commit(
+                lambda: (order.append(name), seen_at_commit.setdefault(name, committed_ids(store.path)))
+            )
+
+        return apply
+
+    outcome = group_of_writers(store, {name: change(name) for name in ("a", "b", "c", "d")})
+    assert outcome == {"a": None, "b": None, "c": None, "d": None}
+    # One commit for all: when the first change is durable, so are the three that waited.
+    assert sorted(seen_at_commit["a"]) == ["a", "b", "c", "d"]
+    assert order[0] == "a" and sorted(order) == ["a", "b", "c", "d"]  # commit actions in change order
+    assert committed_ids(store.path) == order
+
+
+def test_a_change_that_raises_in_a_group_is_undone_alone(store):
+    ran: list[str] = []
+
+    def good(name: str):
+        def apply(tx: Transaction) -> None:
+            tx.insert(session(name))
+            tx.after_commit(lambda: ran.append(name))
+
+        return apply
+
+    def bad(tx: Transaction) -> None:
+        tx.insert(session("bad"))
+        tx.append_message("bad", message(1))
+        tx.after_commit(lambda: ran.append("bad"))
+        raise RuntimeError("half-way")
+
+    outcome = group_of_writers(store, {"a": good("a"), "bad": bad, "c": good("c")})
+    assert outcome["a"] is None and outcome["c"] is None
+    assert str(outcome["bad"]) == "half-way"
+    assert sorted(committed_ids(store.path)) == ["a", "c"]
+    assert store.messages("bad", False, 10, 0) == ([], 0)
+    assert sorted(ran) == ["a", "c"]
+
+
+def test_reads_see_only_committed_changes(store):
+    with store.write() as tx:
+        tx.insert(session("s1"))
+        assert tx.get("s1") is not None  # the change sees itself
+        assert store.get("s1") is None  # nobody else does before the commit
+    assert store.get("s1").id == "s1"

@@ -1,4 +1,12 @@
-"""SQLite adapter: sessions and their conversations, one transaction per change.
+"""SQLite adapter: sessions and their conversations; concurrent changes share one commit.
+
+Group commit: a change runs alone on the write connection, inside a savepoint of the open
+transaction; when it ends and other writers are waiting for their turn, it leaves the
+transaction open for them, and the last of the group (no one waiting, or the group is full)
+commits for all: one transaction and one fsync for every change that was waiting. Each
+writer returns only after that commit, so nothing is acknowledged before it is durable; a
+change that raises is rolled back to its savepoint alone. Reads use their own connection
+and see only committed data.
 
 One file, `<data_dir>/sessions/sessions.db`. Session and owner ids are only ever SQL parameters,
 never parts of a path. A session is a row with its id, state and owner as columns (for filters)
@@ -23,6 +31,9 @@ log = logging.getLogger("baaaht.session.store")
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT = 10.0  # seconds SQLite waits for a lock held by another connection (e.g. the sqlite3 shell)
+MAX_GROUP = 64  # changes in one commit: bounds how long the first of a group waits for its commit
+# Seconds a writer waits for its group's commit: the changes queued before it plus the commit itself.
+COMMIT_WAIT = MAX_GROUP * BUSY_TIMEOUT
 NO_UPPER_BOUND = 2**62
 
 _SCHEMA = f"""
@@ -56,15 +67,16 @@ class StoreError(Exception):
 
 
 class Transaction:
-    """The reads and writes of one change. Nothing is visible to others before the commit."""
+    """The reads and writes of one change. Nothing is visible to others before the commit; a change
+    sees the changes committed with it that came before it (they are serialized)."""
 
     def __init__(self, db: sqlite3.Connection):
         self._db = db
         self.on_commit: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:
-        """Run callback once the change is durable, before the next change starts (so events
-        published from here come out in commit order)."""
+        """Run callback once the change is durable, before the next group's changes start (so
+        events published from here come out in commit order)."""
         self.on_commit.append(callback)
 
     def get(self, session_id: str) -> SessionInfo | None:
@@ -106,6 +118,15 @@ class Transaction:
         return [_session.decode(body) for (body,) in rows]
 
 
+class _Group:
+    """Changes that share one transaction and one commit."""
+
+    def __init__(self) -> None:
+        self.changes: list[Transaction] = []
+        self.committed = threading.Event()  # set when the group ends, committed or not
+        self.error: BaseException | None = None  # why the group was not committed
+
+
 class SessionStore:
     def __init__(self, path: str):
         directory = os.path.dirname(os.path.abspath(path))
@@ -115,14 +136,23 @@ class SessionStore:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         # isolation_level=None: no implicit transactions; `write` says BEGIN and COMMIT itself.
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT)
-        self._lock = threading.Lock()
+        self._db = self._connect()
         try:
             self._configure()
             self._migrate()
+            self._reader = self._connect()
+            self._reader.execute("PRAGMA query_only = ON")
         except BaseException:
             self._db.close()
             raise
+        self._read_lock = threading.Lock()
+        self._turn = threading.Lock()  # one change at a time on the write connection
+        self._queue_lock = threading.Lock()
+        self._waiting = 0  # writers waiting for their turn
+        self._group: _Group | None = None  # the open transaction's group
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT)
 
     @classmethod
     def in_data_dir(cls, data_dir: str) -> "SessionStore":
@@ -136,7 +166,7 @@ class SessionStore:
         # survives a crash of this process but the last commits can be lost on a power loss or a
         # kernel crash. We acknowledge a message only after its commit and promise that nothing
         # acknowledged is lost even when the whole host goes down, so FULL: the WAL is fsynced on
-        # every commit. The price is one fsync per change (see bench/sessions.py).
+        # every commit. Group commit shares that fsync among the writers waiting (see bench/sessions.py).
         self._db.execute("PRAGMA synchronous = FULL")
 
     def _migrate(self) -> None:
@@ -149,23 +179,92 @@ class SessionStore:
             self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
-        with self._lock:
+        with self._turn, self._read_lock:
+            self._reader.close()
             self._db.close()
+
+    @property
+    def writers_waiting(self) -> int:
+        """Writers waiting for their turn: the changes that will join the open group."""
+        with self._queue_lock:
+            return self._waiting
 
     @contextmanager
     def write(self) -> Iterator[Transaction]:
-        """One change: committed when the block ends, rolled back if it raises. Changes are
-        serialized, so reads inside the block see what the change is based on."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            tx = Transaction(self._db)
+        """One change: durable when the block ends (the call returns after its group's commit),
+        rolled back if it raises. Changes are serialized, so reads inside the block see what the
+        change is based on."""
+        group = self._take_turn()
+        tx = Transaction(self._db)
+        failure: BaseException | None = None
+        try:
+            self._db.execute("SAVEPOINT change")
             try:
                 yield tx
-                self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                    self._db.execute("ROLLBACK TO change")
                 raise
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("RELEASE change")
+            group.changes.append(tx)
+        except BaseException as error:
+            failure = error
+            if not self._db.in_transaction:  # SQLite rolled the whole transaction back (disk full, I/O)
+                group.error = error
+        finally:
+            self._end_turn(group)
+        # Even a change that failed waits: its answer was based on the changes before it in the group.
+        if not group.committed.wait(COMMIT_WAIT):
+            raise StoreError(f"{self.path}: the commit did not complete within {COMMIT_WAIT:g}s")
+        if failure is not None:
+            raise failure
+        if group.error is not None:
+            raise StoreError(f"{self.path}: the change was not committed: {group.error}") from group.error
+
+    def _take_turn(self) -> _Group:
+        """Wait for the write connection; the open group, or a new one with its transaction begun."""
+        with self._queue_lock:
+            self._waiting += 1
+        self._turn.acquire()
+        with self._queue_lock:
+            self._waiting -= 1
+        if self._group is not None:
+            return self._group
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._turn.release()
+            raise
+        self._group = _Group()
+        return self._group
+
+    def _end_turn(self, group: _Group) -> None:
+        """Leave the transaction open for the next writer, or commit the group and tell its writers."""
+        with self._queue_lock:
+            others_waiting = self._waiting > 0
+        if group.error is None and others_waiting and len(group.changes) < MAX_GROUP:
+            self._turn.release()  # a waiting writer is sure to take the turn and end it in turn
+            return
+        self._group = None
+        try:
+            if group.error is None:
+                self._db.execute("COMMIT")
+        except BaseException as error:
+            group.error = error
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if group.error is None:
+                self._run_commit_actions(group)
+        finally:
+            group.committed.set()
+            self._turn.release()
+
+    @staticmethod
+    def _run_commit_actions(group: _Group) -> None:
+        for tx in group.changes:
             for callback in tx.on_commit:
                 try:
                     callback()
@@ -174,14 +273,14 @@ class SessionStore:
                     log.exception("after-commit action failed")
 
     def get(self, session_id: str) -> SessionInfo | None:
-        with self._lock:
-            return Transaction(self._db).get(session_id)
+        with self._read_lock:
+            return Transaction(self._reader).get(session_id)
 
     def in_states(self, states: Iterable[SessionState]) -> list[SessionInfo]:
         values = [state.value for state in states]
         marks = ",".join("?" * len(values))
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 f"SELECT body FROM sessions WHERE state IN ({marks}) ORDER BY seq", values
             )
             return [_session.decode(body) for (body,) in rows]
@@ -207,8 +306,8 @@ class SessionStore:
             where.append("EXISTS (SELECT 1 FROM json_each(body, '$.labels') WHERE key = ? AND value = ?)")
             params.extend((key, value))
         sql = f"SELECT seq, body FROM sessions WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(sql, [*params, limit + 1]).fetchall()
+        with self._read_lock:
+            rows = self._reader.execute(sql, [*params, limit + 1]).fetchall()
         page = rows[:limit]
         next_cursor = page[-1][0] if len(rows) > limit else 0
         return [_session.decode(body) for _, body in page], next_cursor
@@ -223,8 +322,8 @@ class SessionStore:
         else:
             sql = "SELECT seq, body FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"
             bound = cursor
-        with self._lock:
-            rows = self._db.execute(sql, (session_id, bound, limit + 1)).fetchall()
+        with self._read_lock:
+            rows = self._reader.execute(sql, (session_id, bound, limit + 1)).fetchall()
         page = rows[:limit]
         next_cursor = page[-1][0] if len(rows) > limit else 0
         return [_message.decode(body) for _, body in page], next_cursor
