@@ -10,8 +10,8 @@ supervisord config, logs), then runs `supervisord -n` as its child and stays in 
   the program's stop timeout) and the launcher exits with supervisord's status.
 - SIGHUP reloads without restarting anything: the configuration is resolved again from the
   same file, environment and flags, and a key that changed is logged as needing a restart
-  (every process reads its configuration at start); the services that reload on SIGHUP get it
-  through supervisord (the policy service reads its policy file again). supervisord's own
+  (every process reads its configuration at start); each service gets SIGHUP through
+  supervisord and runs its reload hook (the policy service reads its policy file again). supervisord's own
   SIGHUP handling, which restarts every process, is never used.
 
 supervisord runs in its own session, so signals from the terminal reach only the launcher.
@@ -54,9 +54,9 @@ SUPERVISOR_SOCKET = "supervisor.sock"
 LOG_DIR = "logs"
 RUN_DIR_MODE = 0o750  # the bus sockets are for their owner and group; nobody else
 DATA_DIR_MODE = 0o700
-# Programs that take SIGHUP as "reload": the launcher forwards its SIGHUP to these only (to any other
-# process SIGHUP is fatal, and supervisord would restart it).
-RELOAD_ON_SIGHUP = ("policy",)
+# Programs that take SIGHUP as "reload" (every service: bus/runner.py calls its on_reload). The launcher
+# forwards its SIGHUP to these only: the broker has no reload, and SIGHUP would end it.
+RELOAD_ON_SIGHUP = ("policy", "container", "session")
 SUPERVISORCTL_TIMEOUT = 15.0  # seconds; supervisord answers at once unless it is stuck
 WAIT_INTERVAL = 0.2  # seconds between checks for a requested reload while supervisord runs
 _PLACEHOLDER = re.compile(r"%\(ENV_(BAAAHT_[A-Z0-9_]+)\)s")
