@@ -14,6 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import msgspec
 import pytest
 from supervisor.options import ClientOptions, ServerOptions
 
@@ -29,7 +30,7 @@ from baaaht.host.launcher import (
     render_supervisord_conf,
 )
 from baaaht.schemas.bus import Ping
-from baaaht.schemas.policy import PolicyGet
+from baaaht.schemas.policy import PolicyGet, PolicyReloaded
 from tests.harness import wait_for, with_sigint
 
 PROGRAMS = {
@@ -278,6 +279,9 @@ def launch(run_dir):
         host.stop()
 
 
+decode_reloaded = msgspec.msgpack.Decoder(PolicyReloaded).decode
+
+
 def bus_client(run_dir: Path) -> BusClient:
     config, _ = load_config(str(run_dir / "config.json"), env={})
     return BusClient.for_config(config, timeout=5)
@@ -356,9 +360,13 @@ def test_sighup_reloads_the_policy_without_restarting_anything(launch, run_dir):
                 config_file.write_text(json.dumps({**settings, "session": {"timeout": "45m"}}))
                 host.process.send_signal(signal.SIGHUP)
                 wait_for(
-                    lambda: (delivery := events.next(timeout=0.5)) and delivery.topic == "policy.reloaded",
+                    lambda: (
+                        (delivery := events.next(timeout=0.5))
+                        and delivery.topic == "policy.reloaded"
+                        and decode_reloaded(delivery.body).previous_version == first
+                    ),
                     timeout=30,
-                    what="a policy.reloaded event",
+                    what="a policy.reloaded event from the policy in force",
                 )
                 count = len(served)
                 wait_for(lambda: len(served) > count + 10, what="calls to flow after the reload")
