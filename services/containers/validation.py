@@ -51,9 +51,7 @@ def validate_ref(ref: str) -> None:
 
 def validate_image(image: str, field: str = "image") -> None:
     if not image or any(c.isspace() for c in image) or any(p in (".", "..") for p in image.split("/")):
-        raise _field(
-            field, "must be a non-empty image reference without spaces or '.' and '..' parts", image
-        )
+        raise _field(field, "must be a non-empty image reference without spaces or '.' and '..' parts", image)
 
 
 def validate_spec(spec: ContainerSpec) -> None:
