@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import grp
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from baaaht.bus.registry import (
     Registry,
     check_deadline,
 )
+from baaaht.common import socket_group
 from baaaht.common.endpoints import Endpoints, ipc_path
 from baaaht.schemas.base import Request, target_of, topic_of
 from baaaht.schemas.bus import (
@@ -134,8 +134,10 @@ class Broker:
                 sock.bind(tcp)
 
     def _socket_gid(self) -> int:
-        group = self.config.bus.socket_group
-        return grp.getgrnam(group).gr_gid if group else os.getgid()
+        try:
+            return socket_group.ensure_gid(self.config.bus.socket_group)
+        except socket_group.GroupError as error:
+            raise SystemExit(f"bus.socket_group: {error}") from None
 
     def _take_lock(self, run_dir: str) -> None:
         """One broker per run directory: a second one would unlink the first one's sockets."""

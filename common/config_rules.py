@@ -7,12 +7,12 @@ error a person sees tells them what to write instead.
 
 from __future__ import annotations
 
-import grp
 import os
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+from baaaht.common import socket_group
 from baaaht.common.endpoints import Endpoints, ipc_path
 from baaaht.schemas.config import BusConfig, Duration, Size
 
@@ -24,14 +24,6 @@ MAX_IPC_PATH = 107  # bytes in a unix socket path (sun_path, less its terminatin
 def _known_runtimes() -> list[str]:
     registered = sorted({entry.name for entry in entry_points(group=RUNTIME_ENTRY_POINTS)})
     return [*BUILTIN_RUNTIMES, *(name for name in registered if name not in BUILTIN_RUNTIMES)]
-
-
-def _is_group(name: str) -> bool:
-    try:
-        grp.getgrgid(int(name)) if name.isdigit() else grp.getgrnam(name)
-    except KeyError:
-        return False
-    return True
 
 
 def _is_port(value: int) -> bool:
@@ -76,7 +68,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bus.tcp_port": (_is_port, "is out of range (expected a port from 1 to 65535)"),
     "bus.heartbeat_liveness": (_is_positive, "is out of range (expected at least 1 missed heartbeat)"),
     "bus.event_history": (_is_positive, "is out of range (expected at least 1 event)"),
-    "bus.socket_group": (lambda name: not name or _is_group(name), "is not a group on this machine"),
     "runtime.max_concurrent_ops": (_is_positive, "is out of range (expected at least 1)"),
     "docker.host": (
         lambda url: url.startswith(_DOCKER_SCHEMES),
@@ -85,8 +76,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "session.max_sessions": (_is_positive, "is out of range (expected at least 1)"),
     "policy.max_containers": (_is_positive, "is out of range (expected at least 1)"),
     "container.orphan_grace": (lambda grace: grace >= 0, "is out of range (expected 0s or more)"),
-    "container.default_pids": (_is_positive, "is out of range (expected at least 1)"),
-    "container.default_cpus": (_is_positive, "is out of range (expected a number of CPUs above zero)"),
 }
 
 
@@ -113,6 +102,8 @@ def problems_in(values: Mapping[str, Any], types: Mapping[str, Any]) -> list[tup
                 f"is not a known runtime (expected {', '.join(runtimes)}; see {RUNTIME_ENTRY_POINTS})",
             )
         )
+    if "bus.socket_group" in values and (problem := socket_group.problem_with(values["bus.socket_group"])):
+        failed.append(("bus.socket_group", problem))
     if bool(values.get("docker.tls_cert")) != bool(values.get("docker.tls_key")):
         key = "docker.tls_cert" if values.get("docker.tls_cert") else "docker.tls_key"
         failed.append((key, "is set alone (expected docker.tls_cert and docker.tls_key together)"))

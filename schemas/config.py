@@ -36,7 +36,8 @@ class BusConfig(Section, kw_only=True):
     event_history_bytes: Size = Size(64 * 1024 * 1024)
     max_event_size: Size = Size(2 * 1024 * 1024)
     call_timeout: Duration = Duration(10.0)
-    socket_group: str = ""
+    # The sockets' group, joined by every agent container: a name (created when missing) or a gid, never 0.
+    socket_group: str = "baaaht-agent"
 
 
 class RuntimeConfig(Section, kw_only=True):
@@ -77,9 +78,7 @@ class ContainerConfig(Section, kw_only=True):
     reconcile_interval: Duration = Duration(60.0)
     orphan_grace: Duration = Duration(30.0)
     agent_image: str = ""
-    # Hardened defaults for what a create request leaves unset (memory comes from policy.max_memory).
-    default_pids: int = 256
-    default_cpus: float = 1.0
+    # Defaults for what a create request leaves unset come from the policy document (quotas.default_*).
     # Path of the agents' bus directory inside agent containers (the host side is <bus.run_dir>/agent).
     agent_bus_mount: str = "/run/baaaht/agent"
 

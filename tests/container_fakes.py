@@ -13,6 +13,7 @@ import msgspec
 
 from baaaht.bus.errors import BusError, exhausted, not_found, precondition
 from baaaht.bus.service import CallContext
+from baaaht.common.policy import document
 from baaaht.schemas.containers import (
     ContainerInfo,
     ContainerLogs,
@@ -37,6 +38,7 @@ from baaaht.services.containers.runtime import (
     NotFound,
     WrongState,
 )
+from baaaht.services.policy import defaults
 
 _END = object()
 
@@ -285,6 +287,13 @@ class FakeRuntime:
 
     def close(self) -> None:
         pass
+
+
+def hardened(spec: ContainerSpec, memory: int, cpus: float, pids: int) -> ContainerSpec:
+    """The spec with what it leaves unset filled as the policy does it, under these default limits."""
+    quotas = {"max_memory": memory, "default_cpus": cpus, "default_pids": pids}
+    policy = document.load({"quotas": quotas}, document.HostDefaults(max_memory=memory, max_containers=10))
+    return defaults.fill(spec, policy)[0]
 
 
 class FakePolicy:

@@ -217,15 +217,16 @@ BAD_VALUES = [
     ("bus.tcp_port", "70000", "expected a port from 1 to 65535"),
     ("bus.heartbeat_liveness", "0", "expected at least 1 missed heartbeat"),
     ("bus.event_history", "0", "expected at least 1 event"),
-    ("bus.socket_group", "no-such-group-baaaht", "is not a group on this machine"),
+    ("bus.socket_group", "0", "is gid 0 (expected an unprivileged group)"),
+    ("bus.socket_group", "root", "is group 0, root's (expected an unprivileged group)"),
+    ("bus.socket_group", "", "is not a group name"),
+    ("bus.socket_group", "Agents!", "is not a group name"),
     ("bus.run_dir", "/tmp/" + "r" * config_rules.MAX_RUN_DIR, f"at most {config_rules.MAX_RUN_DIR} bytes"),
     ("data_dir", "", "is empty"),
     ("runtime.type", "podman", "is not a known runtime (expected auto, docker, apple"),
     ("docker.host", "/var/run/docker.sock", "is not a Docker URL"),
     ("docker.tls_cert", "/etc/cert.pem", "expected docker.tls_cert and docker.tls_key together"),
     ("container.orphan_grace", "-1", "is not a duration"),
-    ("container.default_pids", "0", "expected at least 1"),
-    ("container.default_cpus", "0", "expected a number of CPUs above zero"),
 ]
 
 

@@ -3,6 +3,7 @@ services, against the real Docker engine."""
 
 from __future__ import annotations
 
+import grp
 import json
 import time
 import uuid
@@ -10,6 +11,7 @@ import uuid
 import pytest
 
 from baaaht.bus.errors import BusError
+from baaaht.common.socket_group import DEFAULT_SOCKET_GROUP
 from baaaht.schemas.bus import ServicesQuery
 from baaaht.schemas.containers import (
     ContainerCreate,
@@ -155,7 +157,7 @@ def test_full_lifecycle_with_events(orchestrator, busybox):
 
 def test_hardened_defaults_hold_inside_the_container(orchestrator, busybox):
     script = (
-        "id -u; grep CapEff /proc/self/status; "
+        "id -u; id -G; grep CapEff /proc/self/status; "
         "touch /probe 2>/dev/null && echo root-writable || echo root-read-only; "
         "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; "
         'echo "$BAAAHT_BUS"; test -S /run/baaaht/agent/bus.sock && echo bus-socket-visible; '
@@ -163,8 +165,10 @@ def test_hardened_defaults_hold_inside_the_container(orchestrator, busybox):
     )
     exit_code, lines = orchestrator.run(orchestrator.session(), busybox, script)
     assert exit_code == 0
-    assert lines == [
-        "1000",
+    uid, groups, *rest = lines
+    # The user's own group and the agent socket's dedicated group: never root's group 0.
+    assert uid == "1000" and groups.split() == ["1000", str(grp.getgrnam(DEFAULT_SOCKET_GROUP).gr_gid)]
+    assert rest == [
         "CapEff:\t0000000000000000",
         "root-read-only",
         "lo",

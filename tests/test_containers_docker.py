@@ -12,7 +12,6 @@ import pytest
 from baaaht.schemas.config import Config, DockerConfig, RuntimeConfig
 from baaaht.schemas.containers import ContainerLogs, ContainerSpec, Healthcheck, Mount, Resources
 from baaaht.services.containers.docker_runtime import DockerRuntime
-from baaaht.services.containers.hardening import Defaults, harden
 from baaaht.services.containers.runtime import (
     Conflict,
     EngineError,
@@ -22,6 +21,7 @@ from baaaht.services.containers.runtime import (
     WrongState,
 )
 from tests import container_support
+from tests.container_fakes import hardened
 from tests.harness import wait_for
 
 docker_client, busybox, test_label = (
@@ -32,7 +32,7 @@ docker_client, busybox, test_label = (
 
 pytestmark = pytest.mark.docker
 
-DEFAULTS = Defaults(memory=64 * 1024 * 1024, cpus=0.5, pids=64)
+MEMORY = 64 * 1024 * 1024
 
 
 @pytest.fixture
@@ -43,9 +43,8 @@ def runtime():
 
 
 def spec_for(image: str, labels: dict, script: str, **changes) -> ContainerSpec:
-    return harden(
-        ContainerSpec(image=image, command=["sh", "-c", script], labels=labels, **changes), DEFAULTS
-    )
+    spec = ContainerSpec(image=image, command=["sh", "-c", script], labels=labels, **changes)
+    return hardened(spec, memory=MEMORY, cpus=0.5, pids=64)
 
 
 def run_to_end(runtime: DockerRuntime, spec: ContainerSpec) -> tuple[int, list]:
@@ -73,7 +72,7 @@ def test_limits_and_options_reach_the_engine(runtime, busybox, test_label, docke
     spec = spec_for(busybox, test_label, "true", resources=Resources(pids=33))
     container, _ = runtime.create(spec)
     host = docker_client.api.inspect_container(container)["HostConfig"]
-    assert host["PidsLimit"] == 33 and host["Memory"] == DEFAULTS.memory and host["NanoCpus"] == 500_000_000
+    assert host["PidsLimit"] == 33 and host["Memory"] == MEMORY and host["NanoCpus"] == 500_000_000
     assert host["ReadonlyRootfs"] and host["Init"] and host["CapDrop"] == ["ALL"]
     assert host["SecurityOpt"] == ["no-new-privileges:true"] and host["NetworkMode"] == "none"
 
@@ -111,7 +110,7 @@ def test_stats_stream_ends_with_the_container(runtime, busybox, test_label):
     container, _ = runtime.create(spec_for(busybox, test_label, "sleep 2"))
     runtime.start(container)
     samples = list(runtime.stats_stream(container))
-    assert samples and all(s.pids >= 1 and s.memory_limit == DEFAULTS.memory for s in samples)
+    assert samples and all(s.pids >= 1 and s.memory_limit == MEMORY for s in samples)
     one = runtime.stats(container)
     assert one.pids == 0  # stopped by now
 

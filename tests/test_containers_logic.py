@@ -38,10 +38,8 @@ from baaaht.services.containers.events import EventTranslator
 from baaaht.services.containers.hardening import (
     BUS_ENV,
     AgentBus,
-    Defaults,
     Identity,
     attach_identity,
-    harden,
     unique_name,
 )
 from baaaht.services.containers.ownership import (
@@ -58,54 +56,20 @@ from baaaht.services.containers.runtime import (
     runtime_factories,
     select_runtime,
 )
-from tests.container_fakes import engine_event, replace, session_info
+from tests.container_fakes import engine_event, hardened, replace, session_info
 
-DEFAULTS = Defaults(memory=256 * 1024 * 1024, cpus=1.5, pids=128)
+MEMORY = 256 * 1024 * 1024
+
+
+def harden(spec: ContainerSpec) -> ContainerSpec:
+    return hardened(spec, memory=MEMORY, cpus=1.5, pids=128)
+
+
 INSTALL = "a" * 32
 OURS = {LABEL_MANAGED: "true", LABEL_INSTALL: INSTALL}
 
 
-# -- hardening ---------------------------------------------------------------------------------------
-
-
-def test_harden_fills_every_unset_field_with_the_secure_default():
-    spec = harden(ContainerSpec(image="img:1"), DEFAULTS)
-    assert spec.user == "1000:1000"
-    assert spec.cap_drop == ["ALL"]
-    assert spec.security_opt == ["no-new-privileges:true"]
-    assert spec.read_only_rootfs is True
-    assert spec.mounts == [Mount(type="tmpfs", target="/tmp")]
-    assert spec.init is True
-    assert spec.resources == Resources(
-        cpus=1.5, memory=DEFAULTS.memory, memory_swap=DEFAULTS.memory, pids=128
-    )
-    assert spec.network_mode == "none"
-
-
-def test_harden_keeps_explicit_choices():
-    explicit = ContainerSpec(
-        image="img:1",
-        user="2000:2000",
-        cap_drop=["NET_RAW"],
-        security_opt=["no-new-privileges:false"],
-        read_only_rootfs=False,
-        init=False,
-        resources=Resources(cpus=0.5, memory=64 * 1024 * 1024, pids=10),
-        networks=["backend"],
-    )
-    spec = harden(explicit, DEFAULTS)
-    assert spec.user == "2000:2000"
-    assert spec.cap_drop == ["NET_RAW"]
-    assert spec.security_opt == ["no-new-privileges:false"]
-    assert spec.read_only_rootfs is False and spec.mounts == []  # writable root: no /tmp tmpfs forced
-    assert spec.init is False
-    assert spec.resources.memory == 64 * 1024 * 1024 and spec.resources.pids == 10
-    assert spec.network_mode == ""  # the named networks decide
-
-
-def test_harden_does_not_mount_over_a_requested_tmp():
-    own_tmp = Mount(type="volume", source="scratch", target="/tmp/")
-    assert harden(ContainerSpec(image="i", mounts=[own_tmp]), DEFAULTS).mounts == [own_tmp]
+# -- the orchestrator's own additions ---------------------------------------------------------------
 
 
 def test_attach_identity_sets_authoritative_labels_unique_names_and_the_bus():
@@ -257,7 +221,7 @@ def test_image_pull_events_are_published():
 
 
 def test_create_args_carry_a_pids_limit_alone_and_every_hardening_field():
-    spec = harden(ContainerSpec(image="i", command=["sh", "-c"], args=["echo hi"]), DEFAULTS)
+    spec = harden(ContainerSpec(image="i", command=["sh", "-c"], args=["echo hi"]))
     spec = replace(
         spec, resources=Resources(pids=7), healthcheck=Healthcheck(test=["CMD", "true"], interval=2)
     )
@@ -269,8 +233,8 @@ def test_create_args_carry_a_pids_limit_alone_and_every_hardening_field():
     assert host["SecurityOpt"] == ["no-new-privileges:true"] and host["NetworkMode"] == "none"
     assert host["Mounts"][0]["Type"] == "tmpfs" and host["Mounts"][0]["Target"] == "/tmp"
     assert args["user"] == "1000:1000" and args["healthcheck"]["Interval"] == 2_000_000_000
-    limits = create_args(harden(ContainerSpec(image="i"), DEFAULTS), "1.41")["host_config"]
-    assert limits["NanoCpus"] == 1_500_000_000 and limits["Memory"] == DEFAULTS.memory
+    limits = create_args(harden(ContainerSpec(image="i")), "1.41")["host_config"]
+    assert limits["NanoCpus"] == 1_500_000_000 and limits["Memory"] == MEMORY
 
 
 def test_health_without_a_healthcheck_is_derived_from_the_state():

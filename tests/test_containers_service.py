@@ -67,6 +67,7 @@ OURS = {LABEL_MANAGED: "true", LABEL_INSTALL: INSTALL}
 def run_dir(tmp_path):
     agent = tmp_path / "run" / "agent"
     agent.mkdir(parents=True)
+    os.chown(agent, -1, AGENT_GID)  # as the broker does: the socket group, never 0
     return tmp_path / "run"
 
 
@@ -108,26 +109,30 @@ def create(service, session="s1", **spec):
     return service.create(ContainerCreate(spec=ContainerSpec(**spec), session_id=session), context())
 
 
+AGENT_GID = 4242
+
+
 def code_of(call) -> ErrorCode:
     with pytest.raises(BusError) as caught:
         call()
     return caught.value.code
 
 
-def test_create_hardens_asks_the_policy_and_labels_the_container(run_dir):
+def test_create_asks_the_policy_with_the_request_as_made_and_labels_the_container(run_dir):
     policy = FakePolicy()
     policy.enforce = lambda spec: replace(spec, resources=replace(spec.resources, memory=64 * 1024 * 1024))
     service = make_service(run_dir, policy=policy)
     result = create(service, session="s1")
     judged, principal, host_count, session_count, override = policy.seen[0]
-    assert judged.user == "1000:1000" and judged.cap_drop == ["ALL"] and judged.network_mode == "none"
+    # Nothing filled in before the policy: its own defaults are the only ones, applied once, by it.
+    assert judged == ContainerSpec(image="busybox:1")
     assert (principal.user, principal.session_id, principal.role) == ("alice", "s1", "agent")
     assert (host_count, session_count, override) == (0, 0, {})
     made = service.runtime.containers[result.id]["spec"]
     assert made.resources.memory == 64 * 1024 * 1024  # the policy's enforced spec is what gets created
     assert made.labels == {**OURS, "baaaht.owner": "session", LABEL_SESSION: "s1", "baaaht.role": "agent"}
     assert made.env[BUS_ENV] == "ipc:///run/baaaht/agent/bus.sock"
-    assert made.group_add == [str(os.stat(run_dir / "agent").st_gid)]
+    assert made.group_add == [str(AGENT_GID)]
     assert any(m.source == str(run_dir / "agent") and m.read_only for m in made.mounts)
     second = create(service, session="s1")
     assert second.name != result.name and policy.seen[1][2:4] == (1, 1)
@@ -420,6 +425,16 @@ def test_engine_events_are_republished(run_dir):
         runtime.event_streams[1].put(engine_event("die", "c1", labels, exitCode="0"))
         wait_for(lambda: len(service.events.published) == 2, what="the die event")
         assert [type(e).__name__ for e in service.events.published] == ["ContainerStarted", "ContainerDied"]
+
+
+def test_an_agent_bus_of_group_0_is_refused_before_the_policy_is_asked(run_dir):
+    os.chown(run_dir / "agent", -1, 0)
+    policy = FakePolicy()
+    service = make_service(run_dir, policy=policy)
+    with pytest.raises(BusError) as caught:
+        create(service)
+    assert caught.value.code is ErrorCode.FAILED_PRECONDITION and "group 0" in caught.value.message
+    assert policy.seen == [] and service.runtime.containers == {}
 
 
 def test_the_agent_bus_needs_the_broker_directory(tmp_path):

@@ -128,6 +128,22 @@ def test_audit_tail_and_verify(host):
     assert report["ok"] is False and report["problems"][0]["line"] == 3
 
 
+def test_policy_show_reports_a_refused_reload(make_host, tmp_path):
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("mode: strict\n")
+    made = make_host({"policy": {"path": str(policy_file)}})
+    made.start_service("baaaht.services.policy", "policy", service="policy")
+    client = made.client(timeout=1)
+    wait_for(lambda: client.call(PolicyGet()), what="the policy service to serve")
+    assert "# last reload: ok" in run(made, "policy", "show").stdout
+    policy_file.write_text("quotas:\n  max_pids: 0\n")
+    run(made, "policy", "reload", expect=1)
+    shown = run(made, "policy", "show").stdout
+    assert "# last reload: FAILED" in shown and "quotas.max_pids" in shown
+    last = json.loads(run(made, "policy", "show", as_json=True).stdout)["last_reload"]
+    assert last["ok"] is False and last["errors"][0]["path"] == "quotas.max_pids"
+
+
 def test_audit_commands_read_the_hosts_log_wherever_ctl_thinks_data_lives(host, tmp_path):
     """ctl's own config names another data_dir (its default, say): the host's log is still the one read."""
     ctl_config = tmp_path / "ctl.json"

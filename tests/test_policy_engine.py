@@ -17,10 +17,11 @@ MIB = 1024 * 1024
 DIGEST = "sha256:" + "b" * 64
 ALICE = Principal(user="alice", groups=["dev"], session_id="s1", role="agent")
 
-# What the container manager hands over after hardening: allowed by the built-in policy.
+# A spec with every field set the way the built-in policy would fill it: allowed, and left as it is.
 SAFE = ContainerSpec(
     image="busybox:1.36",
     user="1000:1000",
+    init=True,
     cap_drop=["ALL"],
     security_opt=["no-new-privileges:true"],
     read_only_rootfs=True,
@@ -241,10 +242,10 @@ def test_the_hardened_spec_is_allowed_by_the_builtin_policy():
         ({"privileged": True}, {"security": {"allow_privileged": True}}, set()),
         ({"user": "0"}, None, {"security.root"}),
         ({"user": "00:1000"}, None, {"security.root"}),
-        ({"user": "0:0"}, None, {"security.root"}),
+        ({"user": "0:0"}, None, {"security.root", "security.root_group"}),
         ({"user": "root"}, None, {"security.root"}),
-        ({"user": "root:root"}, None, {"security.root"}),
-        ({"user": ""}, None, {"security.root"}),
+        ({"user": "root:root"}, None, {"security.root", "security.root_group"}),
+        ({"user": ""}, None, set()),  # unset: the policy's default user
         ({"user": "nobody"}, None, {"security.non_root_required"}),
         ({"user": "app:1000"}, None, {"security.non_root_required"}),
         ({"user": "nobody"}, {"security": {"require_non_root": False}}, set()),
@@ -256,7 +257,19 @@ def test_the_hardened_spec_is_allowed_by_the_builtin_policy():
             {"security.uid.not_allowed"},
         ),
         ({"user": "1000"}, {"security": {"allowed_gids": [1000]}}, {"security.gid.not_allowed"}),
-        ({"group_add": ["0"]}, {"security": {"allowed_gids": [1000]}}, {"security.gid.not_allowed"}),
+        (
+            {"group_add": ["0"]},
+            {"security": {"allowed_gids": [1000]}},
+            {"security.gid.not_allowed", "security.root_group"},
+        ),
+        ({"user": "1000:0"}, None, {"security.root_group"}),
+        ({"group_add": ["0"]}, None, {"security.root_group"}),
+        ({"group_add": ["root"]}, None, {"security.root_group"}),
+        ({"group_add": ["docker"]}, None, {"security.group_name"}),
+        ({"user": "1000:docker"}, None, {"security.group_name"}),
+        ({"group_add": ["0"]}, {"security": {"allow_root_group": True}}, set()),
+        ({"group_add": ["docker"]}, {"security": {"allow_group_names": True}}, set()),
+        ({"group_add": ["4242"]}, None, set()),
         ({"group_add": ["1000"]}, {"security": {"allowed_uids": [1000], "allowed_gids": [1000]}}, set()),
         ({"cap_add": ["SYS_ADMIN"]}, None, {"security.capability.not_allowed"}),
         (
@@ -379,8 +392,9 @@ def test_permissive_allows_and_reports_every_violation():
     assert judgement.enforced.privileged  # permissive reports, it does not rewrite explicit requests
 
 
-def test_disabled_allows_without_checking_or_changing_anything():
-    spec_changes = {**BAD, "read_only_rootfs": None, "resources": Resources()}
+def test_disabled_allows_without_checking_and_only_fills_what_is_unset():
+    explicit = Resources(cpus=8.0, memory=1024 * MIB, memory_swap=2048 * MIB, pids=5000)
+    spec_changes = {**BAD, "resources": explicit}
     judgement = evaluate(spec_changes, {"mode": "disabled"})
     assert (judgement.outcome, judgement.allowed, judgement.violations) == ("disabled", True, [])
     assert judgement.enforced == msgspec.structs.replace(SAFE, **spec_changes)
@@ -394,7 +408,7 @@ def test_unset_fields_are_filled_from_the_policy():
     judgement = engine.evaluate(bare, ALICE, effective(), HostPaths())
     enforced = judgement.enforced
     assert judgement.allowed
-    assert enforced.resources == Resources(cpus=1.0, memory=512 * MIB, memory_swap=512 * MIB, pids=1024)
+    assert enforced.resources == Resources(cpus=1.0, memory=512 * MIB, memory_swap=512 * MIB, pids=256)
     assert enforced.mounts[0].tmpfs_size == 256 * MIB
     assert enforced.read_only_rootfs is True
     assert enforced.network_mode == "none"
@@ -408,11 +422,11 @@ def test_unset_fields_are_filled_from_the_policy():
     msgspec.msgpack.encode(enforced)  # plain values only: it goes back over the bus
 
 
-def test_swap_is_left_alone_when_unlimited():
-    judgement = evaluate(
-        {"resources": resources(memory_swap=0)}, {"quotas": {"max_memory_swap": "unlimited"}}
-    )
-    assert judgement.enforced.resources.memory_swap == 0
+def test_unset_swap_means_no_swap_even_when_the_policy_allows_unlimited():
+    unlimited = {"quotas": {"max_memory_swap": "unlimited"}}
+    judgement = evaluate({"resources": resources(memory_swap=0)}, unlimited)
+    assert judgement.enforced.resources.memory_swap == SAFE.resources.memory
+    assert evaluate({"resources": resources(memory_swap=-1)}, unlimited).enforced.resources.memory_swap == -1
 
 
 def test_a_read_only_allowlist_entry_downgrades_the_mount_with_a_warning(tmp_path):
@@ -423,7 +437,8 @@ def test_a_read_only_allowlist_entry_downgrades_the_mount_with_a_warning(tmp_pat
     }
     judgement = evaluate({"mounts": [Mount(type="bind", source=str(tmp_path / "link"), target="/d")]}, data)
     assert judgement.allowed
-    (mount,) = judgement.enforced.mounts
+    mount, tmp = judgement.enforced.mounts
+    assert (tmp.type, tmp.target) == ("tmpfs", "/tmp")  # the default for a read-only root filesystem
     assert mount.read_only and mount.source == str(
         (tmp_path / "data").resolve()
     )  # what was judged is mounted

@@ -65,6 +65,11 @@ class SwapLimit(int):
 
 UNLIMITED = SwapLimit(-1)
 MAX_CPUS = 4096  # far above any host; keeps `.inf` and the like out of a policy
+# What a container gets when neither the request nor the document says (bounded by the maximums).
+HARDENED_CPUS = 1.0
+HARDENED_PIDS = 256
+NON_ROOT_USER = "1000:1000"
+_NUMERIC_ID = re.compile(r"[0-9]+")
 Cpus = Annotated[float, msgspec.Meta(gt=0, le=MAX_CPUS)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Id = Annotated[int, msgspec.Meta(ge=0)]
@@ -77,13 +82,13 @@ class Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class Quotas(Section, kw_only=True):
     max_cpus: Cpus = 4.0
     min_cpus: Annotated[float, msgspec.Meta(ge=0, le=MAX_CPUS)] = 0.0
-    default_cpus: Cpus = 1.0
+    default_cpus: Cpus | None = None  # None: HARDENED_CPUS, or max_cpus when lower
     max_memory: Size | None = None  # None: config `policy.max_memory`
     min_memory: Size = Size(6 * 1024 * 1024)  # the engine's own floor
     default_memory: Size | None = None  # None: max_memory
     max_memory_swap: SwapLimit | None = None  # None: max_memory, i.e. no swap
     max_pids: Positive = 1024
-    default_pids: Positive | None = None  # None: max_pids
+    default_pids: Positive | None = None  # None: HARDENED_PIDS, or max_pids when lower
     max_containers: Positive | None = None  # None: config `policy.max_containers`
     max_containers_per_session: Positive | None = None  # None: max_containers
 
@@ -133,6 +138,12 @@ class Security(Section, kw_only=True):
     # The user must be a numeric uid other than 0: a user name is resolved inside the image,
     # which may map it to uid 0.
     require_non_root: bool = True
+    # What a container runs as when the request sets no user: numeric, so the image cannot remap it.
+    default_user: str = NON_ROOT_USER
+    # Group 0 (in `user` as `uid:0` or in `group_add`) opens whatever root's group may read or write.
+    allow_root_group: bool = False
+    # A group name in `group_add` or `user` is resolved inside the image, which may map it to gid 0.
+    allow_group_names: bool = False
     allowed_capabilities: list[str] = []
     drop_capabilities: list[str] = msgspec.field(default_factory=lambda: ["ALL"])
     allowed_uids: list[Id] | None = None  # None: any uid
@@ -365,6 +376,7 @@ def check_consistency(document: PolicyDocument) -> list[FieldError]:
             )
         )
     security = document.security
+    errors += _default_user_errors(security)
     if security.allow_root and security.require_non_root:
         errors.append(
             FieldError(
@@ -381,6 +393,28 @@ def check_consistency(document: PolicyDocument) -> list[FieldError]:
                 )
             )
     return errors
+
+
+def is_numeric_id(text: str) -> bool:
+    return bool(_NUMERIC_ID.fullmatch(text))
+
+
+def _default_user_errors(security: Security) -> list[FieldError]:
+    """The default user must be one the document's own rules allow: a default always passes."""
+    uid, _, gid = security.default_user.partition(":")
+    if not is_numeric_id(uid) or (gid and not is_numeric_id(gid)):
+        problem = "must be a numeric uid or uid:gid (a name is resolved inside the image)"
+    elif int(uid) == 0 and (security.require_non_root or not security.allow_root):
+        problem = "is root, which this policy refuses"
+    elif security.allowed_uids is not None and int(uid) not in security.allowed_uids:
+        problem = f"uid {uid} is not among security.allowed_uids"
+    elif gid and int(gid) == 0 and not security.allow_root_group:
+        problem = "has group 0, which this policy refuses (security.allow_root_group)"
+    elif security.allowed_gids is not None and (not gid or int(gid) not in security.allowed_gids):
+        problem = "needs a gid among security.allowed_gids"
+    else:
+        return []
+    return [FieldError(path="security.default_user", message=f"{security.default_user!r} {problem}")]
 
 
 # --- resolving and loading ---------------------------------------------------------------------
@@ -410,7 +444,12 @@ def resolve(document: PolicyDocument, defaults: HostDefaults) -> PolicyDocument:
         max_memory_swap=quotas.max_memory_swap
         if quotas.max_memory_swap is not None
         else SwapLimit(max_memory),
-        default_pids=quotas.default_pids if quotas.default_pids is not None else quotas.max_pids,
+        default_cpus=quotas.default_cpus
+        if quotas.default_cpus is not None
+        else min(HARDENED_CPUS, quotas.max_cpus),
+        default_pids=quotas.default_pids
+        if quotas.default_pids is not None
+        else min(HARDENED_PIDS, quotas.max_pids),
         max_containers=max_containers,
         max_containers_per_session=(
             quotas.max_containers_per_session

@@ -1,8 +1,9 @@
-"""Secure defaults and the orchestrator's own additions to a container spec (pure functions).
+"""The orchestrator's own additions to a container spec, after the policy (pure functions).
 
-`harden` fills what a request left unset with the hardened default; the policy service then judges the
-result. `attach_identity` adds what only the orchestrator decides, after the policy: ownership labels,
-a unique name, and the agents' bus mount.
+Defaults for what a request leaves unset come from the policy document alone (the policy service
+fills them: services/policy/defaults.py). `attach_identity` adds what only the orchestrator decides:
+ownership labels, a unique name, and the agents' bus mount and group, which may never grant more than
+the policy would (no group 0, no writable host path).
 """
 
 from __future__ import annotations
@@ -14,30 +15,11 @@ from dataclasses import dataclass
 
 import msgspec
 
-from baaaht.schemas.config import Config
 from baaaht.schemas.containers import ContainerSpec, Mount
 from baaaht.services.containers.ownership import OwnerKind, owner_labels
 
-NON_ROOT_USER = "1000:1000"
-NO_NEW_PRIVILEGES = "no-new-privileges:true"
 BUS_ENV = "BAAAHT_BUS"
 BUS_SOCKET_NAME = "bus.sock"
-
-
-@dataclass(frozen=True)
-class Defaults:
-    memory: int
-    cpus: float
-    pids: int
-    user: str = NON_ROOT_USER
-
-    @classmethod
-    def from_config(cls, config: Config) -> "Defaults":
-        return cls(
-            memory=int(config.policy.max_memory),
-            cpus=config.container.default_cpus,
-            pids=config.container.default_pids,
-        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +30,10 @@ class Identity:
     kind: OwnerKind = OwnerKind.SESSION
 
 
+class UnsafeAddition(ValueError):
+    """What the orchestrator would add to a container grants more than the policy would."""
+
+
 @dataclass(frozen=True)
 class AgentBus:
     """The agents' bus directory on the host, where it appears inside containers, and its group."""
@@ -56,41 +42,17 @@ class AgentBus:
     container_dir: str
     gid: int
 
+    def __post_init__(self) -> None:
+        # Added after the policy, so never judged by it: group 0 would open what root's group may touch.
+        if self.gid == 0:
+            raise UnsafeAddition(
+                f"the agents' bus directory {self.host_dir} belongs to group 0; containers would join it "
+                "(set bus.socket_group to an unprivileged group and restart the broker)"
+            )
+
     @property
     def address(self) -> str:
         return f"ipc://{self.container_dir}/{BUS_SOCKET_NAME}"
-
-
-def harden(spec: ContainerSpec, defaults: Defaults) -> ContainerSpec:
-    """The spec with every unset security-relevant field at its hardened default."""
-    read_only = True if spec.read_only_rootfs is None else spec.read_only_rootfs
-    mounts = list(spec.mounts)
-    if read_only and not any(m.target.rstrip("/") == "/tmp" for m in mounts):
-        mounts.append(Mount(type="tmpfs", target="/tmp"))
-    security_opt = list(spec.security_opt)
-    # An explicit `no-new-privileges:false` is an explicit choice (the policy judges it); absence is not.
-    if not any(opt.split(":", 1)[0].split("=", 1)[0] == "no-new-privileges" for opt in security_opt):
-        security_opt.append(NO_NEW_PRIVILEGES)
-    resources = msgspec.structs.replace(
-        spec.resources,
-        memory=spec.resources.memory or defaults.memory,
-        cpus=spec.resources.cpus or defaults.cpus,
-        pids=spec.resources.pids or defaults.pids,
-    )
-    # Without swap the memory limit is the real limit (the engine's default would double it with swap).
-    if not resources.memory_swap:
-        resources = msgspec.structs.replace(resources, memory_swap=resources.memory)
-    return msgspec.structs.replace(
-        spec,
-        user=spec.user or defaults.user,
-        cap_drop=list(spec.cap_drop) or ([] if spec.privileged else ["ALL"]),
-        security_opt=security_opt,
-        read_only_rootfs=read_only,
-        mounts=mounts,
-        init=True if spec.init is None else spec.init,
-        resources=resources,
-        network_mode=spec.network_mode or ("" if spec.networks else "none"),
-    )
 
 
 def attach_identity(spec: ContainerSpec, identity: Identity, bus: AgentBus | None) -> ContainerSpec:
@@ -105,12 +67,10 @@ def attach_identity(spec: ContainerSpec, identity: Identity, bus: AgentBus | Non
     )
     if bus is None:
         return spec
+    bus_mount = Mount(type="bind", source=bus.host_dir, target=bus.container_dir, read_only=True)
     return msgspec.structs.replace(
         spec,
-        mounts=[
-            *spec.mounts,
-            Mount(type="bind", source=bus.host_dir, target=bus.container_dir, read_only=True),
-        ],
+        mounts=[*spec.mounts, bus_mount],
         group_add=[*spec.group_add, str(bus.gid)],
         env={**spec.env, BUS_ENV: bus.address},
     )

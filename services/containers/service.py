@@ -1,12 +1,13 @@
 """The container manager: the only process that talks to the container engine, offering `container.*`.
 
 Every create is validated, checked against its session (which must exist and be active or idle),
-hardened, counted against the quota and judged by the policy service (on behalf of the session's owner,
-under the session's settings) before the engine sees it; the new container is then attached to its
-session, and removed again if the session refuses it. Calls on different containers run concurrently;
-at most `runtime.max_concurrent_ops` engine operations are in progress at once (long waits and streams
-do not hold a slot). Background work (run by the service runner) checks the engine, reconciles
-orphans, republishes the engine's events on the bus and closes streams whose caller has gone.
+counted against the quota and judged by the policy service, which fills what the request leaves unset
+with its hardened defaults (on behalf of the session's owner, under the session's settings) before the
+engine sees it; the new container is then attached to its session, and removed again if the session
+refuses it. Calls on different containers run concurrently; at most `runtime.max_concurrent_ops` engine
+operations are in progress at once (long waits and streams do not hold a slot). Background work (run by
+the service runner) checks the engine, reconciles orphans, republishes the engine's events on the bus
+and closes streams whose caller has gone.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from baaaht.schemas.sessions import SessionDeleted, SessionInfo
 from baaaht.services.containers import reconcile, session_scope, session_volumes, validation
 from baaaht.services.containers.engine_errors import maps_engine_errors
 from baaaht.services.containers.events import EventTranslator
-from baaaht.services.containers.hardening import Defaults, Identity, agent_bus_for, attach_identity, harden
+from baaaht.services.containers.hardening import Identity, UnsafeAddition, agent_bus_for, attach_identity
 from baaaht.services.containers.install import load_or_create
 from baaaht.services.containers.ownership import LABEL_SESSION, install_labels, owner_of
 from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory, PolicyGate, SessionDirectory
@@ -125,7 +126,6 @@ class ContainerService(Service):
         self.policy = policy
         self.sessions = sessions
         self.clock = clock
-        self.defaults = Defaults.from_config(config)
         self.max_containers = config.policy.max_containers
         self.max_ops = config.runtime.max_concurrent_ops
         self.reconcile_interval = float(config.container.reconcile_interval)
@@ -255,12 +255,13 @@ class ContainerService(Service):
         session = self._open_session(req.session_id, ctx)
         override = session_scope.policy_override(session)
         # The session's own volumes are the orchestrator's to allow, so the policy does not judge them.
-        spec, own_volumes = self._own_volumes(harden(req.spec, self.defaults), req.session_id, ctx)
+        spec, own_volumes = self._own_volumes(req.spec, req.session_id, ctx)
         bus = self._agent_bus() if req.agent_bus else None
         if req.auto_pull:
-            self._ensure_image(spec.image, ctx)
+            self._ensure_image(req.spec.image, ctx)
         with self._quota_reservation(ctx, req.session_id) as (host_containers, session_containers):
             principal = session_scope.principal_for(session, req.role)
+            # The request as made (less its own volumes): the policy fills what it leaves unset.
             spec, policy_warnings = self.policy.evaluate(
                 spec, principal, host_containers, session_containers, override, ctx
             )
@@ -346,6 +347,8 @@ class ContainerService(Service):
                 f"the agents' bus directory {self.agent_dir} does not exist (is the broker running?)",
                 path=self.agent_dir,
             ) from None
+        except UnsafeAddition as error:
+            raise precondition(f"container creation refused: {error}", path=self.agent_dir) from None
 
     @contextlib.contextmanager
     def _quota_reservation(self, ctx: CallContext, session_id: str) -> Iterator[tuple[int, int]]:

@@ -1,10 +1,11 @@
 """evaluate(spec, principal, policy) -> Judgement: the rules, the enforced spec and the trace.
 
-Rules judge what the spec asks for explicitly; what it leaves unset is filled from the policy
-(limits, read-only rootfs, `network_mode=none`, dropped capabilities, no-new-privileges), so the
-enforced spec is what runs. An explicit request against the policy is a violation, never silently
-rewritten; the one exception is a bind mount the allowlist grants read-only, which is downgraded
-(with a warning). Root is judged from `spec.user` only, never from labels.
+What the spec leaves unset is first filled from the policy document (services/policy/defaults.py:
+user, limits, read-only rootfs with a tmpfs /tmp, init, `network_mode=none`, dropped capabilities,
+no-new-privileges), then the rules judge the result, so the enforced spec is what runs. An explicit
+request against the policy is a violation, never silently rewritten; the one exception is a bind
+mount the allowlist grants read-only, which is downgraded (with a warning). Root is judged from
+`spec.user` and `group_add` only, never from labels.
 """
 
 from __future__ import annotations
@@ -12,31 +13,26 @@ from __future__ import annotations
 import functools
 import ipaddress
 import math
-import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Callable
-
-import msgspec
 
 from baaaht.common.policy.document import (
     DEFAULT_BLOCKED_PATTERNS,
     UNLIMITED,
     PolicyDocument,
+    is_numeric_id,
     normalize_capability,
 )
 from baaaht.common.policy.images import ImageError, matching, parse_pattern, parse_reference
 from baaaht.common.units import render_size
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.policy import Check, Outcome, Principal, Violation
+from baaaht.services.policy import defaults
+from baaaht.services.policy.defaults import NO_NEW_PRIVILEGES, split_option
 from baaaht.services.policy.mounts import HostPaths, judge_bind
 from baaaht.services.policy.overrides import EffectivePolicy
 
-_copy_encoder = msgspec.msgpack.Encoder()
-_copy_decoder = msgspec.msgpack.Decoder(ContainerSpec)
-_NUMBER = re.compile(r"[0-9]+")
-_OPTION_SEPARATOR = re.compile(r"[:=]")  # `no-new-privileges:true`, `seccomp=unconfined`
-NO_NEW_PRIVILEGES = "no-new-privileges"
 image_pattern = functools.lru_cache(maxsize=1024)(parse_pattern)
 
 
@@ -121,15 +117,11 @@ def _quota(
     name: str,
     field_path: str,
     requested: float,
-    default: float,
     low: float,
     high: float,
     show: Callable[[float], str],
-) -> float:
-    """The value to run with: the default when unset; judged against the limits otherwise."""
-    if requested == 0:
-        judge.enforce(f"quota.{name}.default", f"{field_path} is unset: the default {show(default)} applies")
-        return default
+) -> None:
+    """Judge a value (the document's default when the request left it unset) against the limits."""
     if not (math.isfinite(requested) and requested > 0):
         unlimited = requested < 0 or math.isinf(requested)
         judge.violation(
@@ -158,20 +150,12 @@ def _quota(
         )
     else:
         judge.ok(f"quota.{name}.max", f"{field_path} {show(requested)} is within {show(low)}..{show(high)}")
-    return requested
 
 
 def _memory_swap(judge: _Judge) -> None:
     limit = judge.document.quotas.max_memory_swap
     requested = judge.spec.resources.memory_swap
     shown = "unlimited" if limit == UNLIMITED else render_size(limit)
-    if requested == 0:
-        if limit != UNLIMITED:
-            judge.enforced.resources.memory_swap = judge.enforced.resources.memory
-            judge.enforce(
-                "quota.memory_swap.default", "resources.memory_swap is unset: no swap (equal to memory)"
-            )
-        return
     if limit != UNLIMITED and (requested < 0 or requested > limit):
         asked = "unlimited" if requested < 0 else render_size(requested)
         judge.violation(
@@ -207,33 +191,19 @@ def _containers(judge: _Judge) -> None:
 
 
 def check_quotas(judge: _Judge) -> None:
-    quotas, requested, enforced = judge.document.quotas, judge.spec.resources, judge.enforced.resources
-    enforced.cpus = _quota(
+    quotas, requested = judge.document.quotas, judge.spec.resources
+    _quota(judge, "cpu", "resources.cpus", requested.cpus, quotas.min_cpus, quotas.max_cpus, str)
+    _quota(
         judge,
-        "cpu",
-        "resources.cpus",
-        requested.cpus,
-        quotas.default_cpus,
-        quotas.min_cpus,
-        quotas.max_cpus,
-        str,
-    )
-    enforced.memory = int(
-        _quota(
-            judge,
-            "memory",
-            "resources.memory",
-            requested.memory,
-            quotas.default_memory,
-            quotas.min_memory,
-            quotas.max_memory,
-            lambda size: render_size(int(size)),
-        )
+        "memory",
+        "resources.memory",
+        requested.memory,
+        quotas.min_memory,
+        quotas.max_memory,
+        lambda size: render_size(int(size)),
     )
     _memory_swap(judge)
-    enforced.pids = int(
-        _quota(judge, "pids", "resources.pids", requested.pids, quotas.default_pids, 1, quotas.max_pids, str)
-    )
+    _quota(judge, "pids", "resources.pids", requested.pids, 1, quotas.max_pids, str)
     _containers(judge)
 
 
@@ -352,9 +322,6 @@ def _tmpfs(judge: _Judge, index: int) -> None:
     limit = render_size(mounts.max_tmpfs_size)
     if not mounts.allow_tmpfs:
         judge.violation("mount.tmpfs.disabled", f"{where}: tmpfs mounts are not allowed", field=where)
-    elif mount.tmpfs_size == 0:
-        judge.enforced.mounts[index].tmpfs_size = int(mounts.max_tmpfs_size)
-        judge.enforce("mount.tmpfs.size", f"{where}: tmpfs size unset: limited to {limit}")
     elif not 0 < mount.tmpfs_size <= mounts.max_tmpfs_size:
         judge.violation(
             "mount.tmpfs.size_exceeded",
@@ -450,11 +417,7 @@ def check_network(judge: _Judge) -> None:
                 "network.disabled", f"{where}: networking is not allowed", field=where, value=name
             )
         if not asked:
-            if mode == "":
-                judge.enforced.network_mode = "none"
-                judge.enforce("network.disabled", "networking is off: network_mode set to none")
-            else:
-                judge.ok("network.disabled", "network_mode is none")
+            judge.ok("network.disabled", "network_mode is none")
     elif mode != "none":
         names = [(f"networks[{i}]", name) for i, name in enumerate(judge.spec.networks)]
         if mode or not names:
@@ -468,7 +431,7 @@ def check_network(judge: _Judge) -> None:
 
 
 def _numeric(text: str) -> int | None:
-    return int(text) if _NUMBER.fullmatch(text) else None
+    return int(text) if is_numeric_id(text) else None
 
 
 def _is_root(user: str) -> bool:
@@ -521,6 +484,33 @@ def _user(judge: _Judge) -> None:
                 judge.ok("security.gid.not_allowed", f"{where}: gid {gid} is allowed")
 
 
+def _groups(judge: _Judge) -> None:
+    """Group 0 and group names (which the image may map to gid 0), in `user` and in `group_add`."""
+    security = judge.document.security
+    _user, _, group = judge.spec.user.partition(":")
+    asked = [("user", group)] if group else []
+    asked += [(f"group_add[{i}]", name) for i, name in enumerate(judge.spec.group_add)]
+    for where, name in asked:
+        if (name == "root" or _numeric(name) == 0) and not security.allow_root_group:
+            judge.violation(
+                "security.root_group",
+                f"{where}: group {name} is root's",
+                field=where,
+                value=name,
+                limit="gid > 0",
+            )
+        elif _numeric(name) is None and name != "root" and not security.allow_group_names:
+            judge.violation(
+                "security.group_name",
+                f"{where}: group {name!r} is a name, resolved inside the image (write a numeric gid)",
+                field=where,
+                value=name,
+                limit="numeric gid",
+            )
+        else:
+            judge.ok("security.root_group", f"{where}: group {name} is allowed")
+
+
 def _capabilities(judge: _Judge) -> None:
     security = judge.document.security
     allowed = security.allowed_capabilities
@@ -546,7 +536,7 @@ def _security_opts(judge: _Judge) -> None:
     security = judge.document.security
     no_new_privileges: list[str] = []  # the values given, e.g. "" (bare), "true", "false"
     for index, option in enumerate(judge.spec.security_opt):
-        key, value = (_OPTION_SEPARATOR.split(option, maxsplit=1) + [""])[:2]
+        key, value = split_option(option)
         if key == NO_NEW_PRIVILEGES:
             no_new_privileges.append(value)
         elif not security.allow_security_opt:
@@ -567,9 +557,6 @@ def _security_opts(judge: _Judge) -> None:
             value=f"{NO_NEW_PRIVILEGES}:{switched_off[0]}",
             limit=f"{NO_NEW_PRIVILEGES}:true",
         )
-    elif not no_new_privileges:
-        judge.enforced.security_opt = [*judge.spec.security_opt, f"{NO_NEW_PRIVILEGES}:true"]
-        judge.enforce("security.no_new_privileges.required", "no-new-privileges added")
     else:
         judge.ok("security.no_new_privileges.required", "no-new-privileges is on")
 
@@ -585,6 +572,7 @@ def check_security(judge: _Judge) -> None:
             "security.privileged", "not privileged" if not judge.spec.privileged else "privileged is allowed"
         )
     _user(judge)
+    _groups(judge)
     _capabilities(judge)
     _security_opts(judge)
     if security.require_read_only_rootfs:
@@ -596,9 +584,6 @@ def check_security(judge: _Judge) -> None:
                 value=False,
                 limit=True,
             )
-        elif judge.spec.read_only_rootfs is None:
-            judge.enforced.read_only_rootfs = True
-            judge.enforce("security.readonly_rootfs.required", "root filesystem set read-only")
         else:
             judge.ok("security.readonly_rootfs.required", "root filesystem is read-only")
 
@@ -625,11 +610,12 @@ def evaluate(
     host: HostPaths,
     counts: Counts = Counts(),
 ) -> Judgement:
-    enforced = _copy_decoder.decode(_copy_encoder.encode(spec))
+    filled, defaulted = defaults.fill(spec, policy.document)
     if policy.document.mode == "disabled":
-        checks = [Check(rule="policy.mode", outcome="pass", message="the policy mode is disabled")]
-        return Judgement("disabled", True, [], [], enforced, checks, _summary("disabled", [], []))
-    judge = _Judge(spec, enforced, policy, principal, host, counts)
+        disabled = Check(rule="policy.mode", outcome="pass", message="the policy mode is disabled")
+        checks = [*defaulted, disabled]
+        return Judgement("disabled", True, [], [], filled, checks, _summary("disabled", [], []))
+    judge = _Judge(filled, defaults.copy(filled), policy, principal, host, counts, checks=defaulted)
     for rule_group in RULE_GROUPS:
         rule_group(judge)
     if not judge.violations:
