@@ -164,3 +164,22 @@ def test_a_spec_keeps_its_own_volumes_apart_and_may_not_mount_another_sessions()
             session_volumes.split_own_volumes(refused, INSTALL, "s1", known.get)
         assert caught.value.code is ErrorCode.PERMISSION_DENIED
         assert caught.value.details["field"] == "spec.mounts[1].source"
+
+
+def test_an_own_volume_at_tmp_replaces_the_policys_default_tmpfs_there():
+    """The policy never sees the session's own volumes, so it adds its tmpfs /tmp for a read-only root;
+    the volume asked for at /tmp wins over that default (the engine refuses two mounts at one place)."""
+    volume = Mount(type="volume", source="mine", target="/tmp")
+    asked = Mount(type="tmpfs", target="/scratch")
+    judged = ContainerSpec(image="i", mounts=[asked])
+    filled_tmp = Mount(type="tmpfs", target="/tmp", tmpfs_size=256)
+    enforced = ContainerSpec(
+        image="i", mounts=[Mount(type="tmpfs", target="/scratch", tmpfs_size=256), filled_tmp]
+    )
+    merged = session_volumes.with_own_volumes(judged, enforced, [volume])
+    assert merged.mounts == [enforced.mounts[0], volume]
+    elsewhere = Mount(type="volume", source="mine", target="/work")
+    assert session_volumes.with_own_volumes(judged, enforced, [elsewhere]).mounts == [
+        *enforced.mounts,
+        elsewhere,
+    ]

@@ -166,6 +166,8 @@ def test_audit_commands_read_the_hosts_log_wherever_ctl_thinks_data_lives(host, 
 
 def test_a_missing_audit_log_is_an_error_naming_it(host):
     log_path = audit.log_path(host.data_dir)
+    # The service records its start-up load once it starts: remove the log after that, not before.
+    wait_for(lambda: audit.head_path(log_path).exists(), what="the first audit record")
     log_path.unlink()
     audit.head_path(log_path).unlink()
     verify = run(host, "audit", "verify", expect=1)

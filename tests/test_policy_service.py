@@ -236,7 +236,9 @@ def test_file_changes_are_picked_up_by_polling(world):
     service = started(world, PIDS_100)
     first = service.get(PolicyGet()).version
     world.write(PIDS_200)
-    wait_for(lambda: service.get(PolicyGet()).version != first, what="the changed file to be loaded")
+    # The new policy is in force a moment before its event is published: wait on the event.
+    wait_for(lambda: len(world.bus.events(PolicyReloaded)) == 2, what="the changed file to be loaded")
+    assert service.get(PolicyGet()).version != first
     assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
     reloaded = world.bus.events(PolicyReloaded)[-1]
     assert reloaded.previous_version == first

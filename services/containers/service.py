@@ -20,8 +20,6 @@ from collections import OrderedDict
 from functools import partial
 from typing import Callable, Iterator
 
-import msgspec
-
 from baaaht.bus.background import Stopping, background
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
@@ -262,10 +260,10 @@ class ContainerService(Service):
         with self._quota_reservation(ctx, req.session_id) as (host_containers, session_containers):
             principal = session_scope.principal_for(session, req.role)
             # The request as made (less its own volumes): the policy fills what it leaves unset.
-            spec, policy_warnings = self.policy.evaluate(
+            enforced, policy_warnings = self.policy.evaluate(
                 spec, principal, host_containers, session_containers, override, ctx
             )
-            spec = msgspec.structs.replace(spec, mounts=[*spec.mounts, *own_volumes])
+            spec = session_volumes.with_own_volumes(spec, enforced, own_volumes)
             spec = attach_identity(spec, Identity(self.install_id, req.session_id, req.role), bus)
             with self._engine(ctx) as runtime:
                 container_id, warnings = runtime.create(spec)

@@ -77,3 +77,13 @@ def split_own_volumes(
         else:
             rest.append(mount)
     return msgspec.structs.replace(spec, mounts=rest), own
+
+
+def with_own_volumes(judged: ContainerSpec, enforced: ContainerSpec, own: list[Mount]) -> ContainerSpec:
+    """The policy's enforced spec plus the session's own volumes. The policy judged `judged` (without
+    them) and appended its defaults after the mounts it was given; a default mounted where an own volume
+    goes (the tmpfs /tmp of a read-only root) gives way to the volume the request asked for."""
+    given = enforced.mounts[: len(judged.mounts)]
+    own_targets = {mount.target.rstrip("/") for mount in own}
+    defaults = [m for m in enforced.mounts[len(judged.mounts) :] if m.target.rstrip("/") not in own_targets]
+    return msgspec.structs.replace(enforced, mounts=[*given, *defaults, *own])

@@ -243,8 +243,22 @@ class PolicyService(Service):
         )
 
     def _swap(self, force: bool) -> Loading | None:
-        """Read and check the document; swap it in when valid. Call under the reload lock (or
-        before the service is shared)."""
+        """Read and check the document; swap it in when valid, and keep what happened for
+        `policy.get`. Call under the reload lock (or before the service is shared)."""
+        loading = self._load(force)
+        if loading is not None:
+            self._last_reload = LastReload(
+                ok=loading.error is None,
+                time=time.time(),
+                source=loading.source,
+                version=loading.policy.version if loading.policy else "",
+                error=str(loading.error) if loading.error else "",
+                errors=loading.error.errors if loading.error else [],
+            )
+        return loading
+
+    def _load(self, force: bool) -> Loading | None:
+        """The document read and checked (None when unchanged); swapped in when valid."""
         fingerprint = self.source.fingerprint()
         if not force and fingerprint == self._fingerprint:
             return None
@@ -275,15 +289,7 @@ class PolicyService(Service):
         return Loading(previous, previous, source, error)
 
     def _announce(self, loading: Loading) -> None:
-        """Log, audit and publish what a load did, and keep it for `policy.get`."""
-        self._last_reload = LastReload(
-            ok=loading.error is None,
-            time=time.time(),
-            source=loading.source,
-            version=loading.policy.version if loading.policy else "",
-            error=str(loading.error) if loading.error else "",
-            errors=loading.error.errors if loading.error else [],
-        )
+        """Log, audit and publish what a load did."""
         if loading.error is not None:
             log.error("policy refused", extra={"source": loading.source, "error": str(loading.error)})
             self._audit_reload("refused", loading.previous.version if loading.previous else "")
