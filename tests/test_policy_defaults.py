@@ -17,9 +17,8 @@ from baaaht.schemas.policy import (
 )
 from baaaht.services.policy import defaults, engine, overrides
 from baaaht.services.policy.mounts import HostPaths
-from baaaht.services.policy.service import PolicyFile, PolicyService
 from tests.harness import wait_for
-from tests.session_doubles import FakeBus
+from tests.test_policy_service import World, started
 
 MIB = 1024 * 1024
 HOST = HostDefaults(max_memory=512 * MIB, max_containers=10)
@@ -118,31 +117,27 @@ def test_a_default_user_the_policy_itself_would_refuse_is_refused_at_load(securi
 
 
 @pytest.fixture
-def service(tmp_path):
-    policy_file = tmp_path / "policy.yaml"
-    policy_file.write_text("mode: strict\n")
-    made = PolicyService(
-        PolicyFile(str(policy_file)), tmp_path / "audit.jsonl", HOST, HostPaths(), reload_interval=0.05
-    )
-    made.bus = FakeBus()
-    made.start()
+def world(tmp_path):
+    made = World(tmp_path, "mode: strict\n")
     yield made
     made.stop()
 
 
-def test_explain_and_evaluate_fill_the_same_defaults(service):
+def test_explain_and_evaluate_fill_the_same_defaults(world):
+    service = started(world)
     explanation = service.explain(PolicyExplain(spec=BARE))
     decision = service.evaluate(PolicyEvaluate(spec=BARE))
     assert explanation.decision.allowed and decision.allowed
     assert explanation.decision.enforced == decision.enforced == judge(BARE).enforced
 
 
-def test_a_refused_reload_is_published_and_shown_by_policy_get(service, tmp_path):
+def test_a_refused_reload_is_published_and_shown_by_policy_get(world):
+    service = started(world)
     first = service.get(PolicyGet())
     assert first.last_reload.ok and first.last_reload.source.endswith("policy.yaml")
-    (tmp_path / "policy.yaml").write_text("quotas:\n  max_pids: 0\n")
-    wait_for(lambda: service.bus.events(PolicyReloadFailed), what="policy.reload_failed")
-    (failed,) = service.bus.events(PolicyReloadFailed)
+    world.write("quotas:\n  max_pids: 0\n")
+    wait_for(lambda: world.bus.events(PolicyReloadFailed), what="policy.reload_failed")
+    (failed,) = world.bus.events(PolicyReloadFailed)
     assert failed.errors[0].path == "quotas.max_pids"
     info = service.get(PolicyGet())
     assert info.version == first.version  # the policy before it stays in force
