@@ -67,6 +67,7 @@ SERVICES, AGENTS = 0, 1  # indexes of the two ROUTER sockets
 PROBE_INTERVAL = 0.005  # after a connection closed: how often to try its peers until ZeroMQ forgets them
 PROBES = 20  # then a peer still routable is a new connection that reused the file descriptor
 SUMMARY_TICKS = 10  # heartbeat intervals per malformed-input log period
+REPLAY_LIMIT_MAX = 10_000  # events in one bus.events.replay reply, whatever `limit` asks
 HEADER_SLACK = 64 * 1024  # ZMQ_MAXMSGSIZE is per frame: leave room so an oversized body still gets a reply
 # Plain ints and the backend's send: pyzmq's flag enums and its Python-level send
 # wrapper cost more per call than the send itself.
@@ -462,7 +463,7 @@ class Broker:
                 **self.counters,
             )
         assert isinstance(request, EventsReplay)  # the last of BUILTINS
-        events = self.events.replay(request.since, request.topics, min(request.limit, 10_000))
+        events = self.events.replay(request.since, request.topics, min(request.limit, REPLAY_LIMIT_MAX))
         return ReplayResult(
             events=events, first_seq=self.events.first_seq, last_seq=self.events.last_seq, epoch=self.epoch
         )
