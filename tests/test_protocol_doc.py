@@ -44,9 +44,7 @@ def every_service() -> list[type[Service]]:
 def test_the_streaming_methods_listed_are_the_services_stream_rpcs():
     services = every_service()
     assert {s.name for s in services} >= {"container", "policy", "session"}
-    in_code = {
-        s.name: sorted(target for target, spec in s.rpcs().items() if spec.stream) for s in services
-    }
+    in_code = {s.name: sorted(target for target, spec in s.rpcs().items() if spec.stream) for s in services}
     in_doc = {
         row[0].strip("`"): [] if row[1] == "none" else sorted(m.strip(" `") for m in row[1].split(","))
         for row in section("streaming-methods")
