@@ -291,6 +291,9 @@ class Broker:
                 self._on_cancel(peer, wire.split(envelope)[1].decode(errors="replace"))
             elif kind == wire.EVENT:
                 self._on_event(peer, *wire.split(envelope), now)
+            elif kind == wire.EVENTS:  # a publisher's batch: each event judged as if sent alone
+                for topic, body in wire.events_in(wire.split(envelope)[1]):
+                    self._on_event(peer, topic, body, now)
             elif kind == wire.REGISTER:
                 self._on_register(peer, wire.split(envelope)[1])
             elif kind == wire.DISCONNECT:  # a clean goodbye: nothing to count or log
@@ -412,7 +415,8 @@ class Broker:
         event = self.events.append(topic, source, body, wall)
         stamp = wire.encode(wire.EventStamp(event.seq, wall, source, self.epoch))
         # PUB never blocks: a subscriber past its high-water mark loses messages, sees a gap and replays.
-        self.pub.send_multipart([topic.encode(), wire.pack(wire.EVENT, stamp, body)])
+        _send(self.pub, topic.encode(), SNDMORE_NOBLOCK)
+        _send(self.pub, wire.pack(wire.EVENT, stamp, body), NOBLOCK)
 
     # -- built-in bus.* methods ---------------------------------------------------------------
 

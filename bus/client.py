@@ -129,7 +129,7 @@ class BusClient:
 
     def publish(self, event: Event, subtopic: str = "") -> None:
         topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
-        self.connection.send([wire.pack(wire.EVENT, topic.encode(), _encode(event))])
+        self.connection.send(wire.pack(wire.EVENT, topic.encode(), _encode(event)))
 
     def subscribe(
         self, topics: list[str] | None = None, since: int | None = None, epoch: int | None = None

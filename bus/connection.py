@@ -21,6 +21,7 @@ from typing import Callable
 
 import zmq
 
+from baaaht.bus import wire
 from baaaht.bus.dealer import close_dealer, monitor_event, new_dealer
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import Call, ClientCore
@@ -28,6 +29,10 @@ from baaaht.schemas.errors import ErrorBody, ErrorCode
 
 log = logging.getLogger("baaaht.bus")
 BATCH = 256  # messages read per wake-up before looking at the outbox again
+# The backend's send with int flags: pyzmq's Python-level wrapper and its flag enums cost
+# more per call than the send itself (bench/profile_fanout.py).
+_send = zmq.backend.Socket.send
+NOBLOCK = int(zmq.NOBLOCK)
 
 
 class _Abandon:
@@ -35,6 +40,31 @@ class _Abandon:
 
     def __init__(self, call: Call):
         self.call = call
+
+
+class _EventBatch:
+    """EVENT envelopes waiting in the outbox, taken as one EVENTS message (or the one EVENT):
+    the broker reads, routes and counts one message where there were many."""
+
+    __slots__ = ("envelopes", "size")
+
+    def __init__(self) -> None:
+        self.envelopes: list[bytes] = []
+        self.size = 0
+
+    def add(self, envelope: bytes) -> bool:
+        """Whether the envelope joined the batch (an EVENT, and room for it)."""
+        if not envelope.startswith(wire.EVENT) or self.size + 4 + len(envelope) > wire.EVENTS_BATCH_BYTES:
+            return False
+        self.envelopes.append(envelope)
+        self.size += len(envelope) + 4
+        return True
+
+    def take(self) -> bytes | None:
+        envelopes, self.envelopes, self.size = self.envelopes, [], 0
+        if len(envelopes) > 1:
+            return wire.batch_of_events(envelopes)
+        return envelopes[0] if envelopes else None
 
 
 class Connection:
@@ -62,7 +92,7 @@ class Connection:
             registration=registration,
             health=health,
         )
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # frame lists, Calls, _Abandons
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # envelopes, Calls, _Abandons
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closing = threading.Event()
         self._dealer, self._monitor = new_dealer(self.context, endpoint)
@@ -76,8 +106,8 @@ class Connection:
 
     # -- caller side (any thread) -------------------------------------------------------------
 
-    def send(self, frames: list[bytes]) -> None:
-        self._put(frames)
+    def send(self, envelope: bytes) -> None:
+        self._put(envelope)
 
     def start(self, call: Call) -> None:
         self._put(call)
@@ -149,29 +179,41 @@ class Connection:
             os.read(self._wake_read, 65536)
         except BlockingIOError:
             pass
-        core, send = self.core, self._dealer.send
-        for _ in range(1024):
-            try:
-                item = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            if type(item) is Call:
+        core = self.core
+        events = _EventBatch()  # consecutive events go out as one message, in their order
+        try:
+            for _ in range(1024):
                 try:
-                    send(core.start(item), zmq.NOBLOCK)
-                except zmq.Again:
-                    core.fail(
-                        item, BusError(ErrorCode.UNAVAILABLE, "the connection to the broker is backed up")
-                    )
-            elif type(item) is _Abandon:
-                cancel = core.abandon(item.call)
-                if cancel is not None:
-                    self._send_all((cancel,))
-            else:
-                try:
-                    self._dealer.send_multipart(item, zmq.NOBLOCK)
-                except zmq.Again:
-                    log.warning("dropped a message: the connection to the broker is backed up")
+                    item = self._outbox.get_nowait()
+                except queue.Empty:
+                    return
+                if type(item) is bytes and events.add(item):
+                    continue
+                self._send_one(events.take())
+                if type(item) is bytes:
+                    self._send_one(item)
+                elif type(item) is Call:
+                    try:
+                        _send(self._dealer, core.start(item), NOBLOCK)
+                    except zmq.Again:
+                        core.fail(
+                            item, BusError(ErrorCode.UNAVAILABLE, "the connection to the broker is backed up")
+                        )
+                else:
+                    cancel = core.abandon(item.call)
+                    if cancel is not None:
+                        self._send_all((cancel,))
+        finally:
+            self._send_one(events.take())
         self._wake()  # more is queued: come back to it after reading replies
+
+    def _send_one(self, envelope: bytes | None) -> None:
+        if envelope is None:
+            return
+        try:
+            _send(self._dealer, envelope, NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a message: the connection to the broker is backed up")
 
     def _receive(self) -> None:
         core, recv = self.core, self._dealer.recv_multipart
@@ -186,6 +228,6 @@ class Connection:
     def _send_all(self, envelopes) -> None:
         for envelope in envelopes:
             try:
-                self._dealer.send(envelope, zmq.NOBLOCK)
+                _send(self._dealer, envelope, NOBLOCK)
             except zmq.Again:
                 pass  # heartbeats and cancels to a broker that is not draining us: liveness will notice

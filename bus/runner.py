@@ -134,7 +134,7 @@ class ServiceRunner:
 
     def _report_health(self) -> None:
         """Tell the broker now rather than at the next heartbeat."""
-        self.connection.send([wire.pack(wire.HEARTBEAT, body=self._health())])
+        self.connection.send(wire.pack(wire.HEARTBEAT, body=self._health()))
 
     # -- requests (called on the connection's I/O thread) -------------------------------------
 
@@ -198,7 +198,7 @@ class ServiceRunner:
         self._reply(wire.REPLY, context, _EMPTY, token)
 
     def _reply(self, kind: bytes, context: CallContext, body: bytes, token: bytes, error: str = "") -> None:
-        self.connection.send([wire.reply(kind, context.request_id, body, error, token)])
+        self.connection.send(wire.reply(kind, context.request_id, body, error, token))
 
     # -- events -------------------------------------------------------------------------------
 
@@ -265,7 +265,7 @@ class ServiceRunner:
             context.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.background.stop()
-        self.connection.send([wire.pack(wire.DISCONNECT)])
+        self.connection.send(wire.pack(wire.DISCONNECT))
         service.on_stop()
         self.connection.close()
         log.info("stopped", extra={"service": self.name})
@@ -300,7 +300,7 @@ class ServiceRunner:
 
     def close(self) -> None:
         """Leave without having served (the service could not be built or started)."""
-        self.connection.send([wire.pack(wire.DISCONNECT)])
+        self.connection.send(wire.pack(wire.DISCONNECT))
         self.connection.close()
         self.pool.shutdown(wait=False)
 

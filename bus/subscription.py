@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -40,28 +40,32 @@ def _event_decoder() -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(functools.reduce(lambda a, b: a | b, concrete))
 
 
-@dataclass
+_UNDECODED = object()
+
+
+@dataclass(slots=True)
 class Delivery:
+    """One event as delivered: the stamp decoded, the body only when `event` is first read."""
+
     seq: int
     time: float
     topic: str
     source: str
     body: bytes
+    _event: Any = field(default=_UNDECODED, repr=False, compare=False)
 
-    @functools.cached_property
+    @property
     def event(self) -> Any:
         """The body decoded as its schema type, or None for an event type this process does not know."""
-        try:
-            return _event_decoder().decode(self.body)
-        except msgspec.DecodeError:
-            return None
+        if self._event is _UNDECODED:
+            try:
+                self._event = _event_decoder().decode(self.body)
+            except msgspec.DecodeError:
+                self._event = None
+        return self._event
 
     def decode(self, event_type: type) -> Any:
         return msgspec.msgpack.decode(self.body, type=event_type)
-
-
-def matches(topics: list[str], topic: str) -> bool:
-    return not topics or any(topic.startswith(t) for t in topics)
 
 
 class EventOrder:
@@ -73,6 +77,7 @@ class EventOrder:
 
     def __init__(self, topics: list[str], since: int | None = None, epoch: int | None = None):
         self.topics = topics
+        self._prefixes = tuple(topics)  # str.startswith takes them all in one call
         self.last_seq = 0  # set by the first replay: the caller's `since`, or the broker's "now"
         self.epoch = epoch
         self.gaps = 0
@@ -93,11 +98,12 @@ class EventOrder:
     def take_live(self, topic: bytes, envelope: bytes) -> None:
         """One PUB message: deliver it, or first replay the gap it shows."""
         stamp_bytes, body = wire.split(envelope)
-        stamp = wire.event_stamp.decode(stamp_bytes)
-        if self.epoch is not None and stamp.epoch != self.epoch:
-            self.last_seq = 0  # a restarted broker numbers from 1 again: replay all it has kept
-        self.epoch = stamp.epoch
-        if wire.kind_of(envelope) == wire.HEARTBEAT:
+        stamp = _decode_stamp(stamp_bytes)
+        if stamp.epoch != self.epoch:
+            if self.epoch is not None:
+                self.last_seq = 0  # a restarted broker numbers from 1 again: replay all it has kept
+            self.epoch = stamp.epoch
+        if envelope.startswith(wire.HEARTBEAT):
             # The broker's last seq, published every interval: a loss is seen even when all is quiet.
             if stamp.seq > self.last_seq:
                 self.gaps += 1
@@ -114,7 +120,7 @@ class EventOrder:
 
     def _accept(self, delivery: Delivery) -> None:
         self.last_seq = delivery.seq
-        if matches(self.topics, delivery.topic):
+        if not self._prefixes or delivery.topic.startswith(self._prefixes):
             self.backlog.append(delivery)
 
     def take_replay(self, result: ReplayResult) -> None:
@@ -147,6 +153,14 @@ class EventOrder:
             self.last_seq = until - 1 if until is not None else max(since, result.last_seq)
             return None
         return since
+
+
+_decode_stamp = wire.event_stamp.decode
+# The backend's recv with int flags: pyzmq's Python-level wrapper and its flag enums cost
+# more per call than the receive itself.
+_recv = zmq.backend.Socket.recv
+NOBLOCK = int(zmq.NOBLOCK)
+DRAIN = 256  # PUB messages taken per wake-up before handing events out
 
 
 def sub_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -206,14 +220,31 @@ class Subscription:
 
     def next(self, timeout: float) -> Delivery | None:
         """The next matching event, or None when none came within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while not self.order.backlog:
+        backlog = self.order.backlog
+        if not backlog:
+            self._drain()
+        deadline = None
+        while not backlog:
+            deadline = deadline or time.monotonic() + timeout
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._sub.poll(remaining * 1000):
                 return None
-            self.order.take_live(*self._sub.recv_multipart())
-            self._catch_up()
-        return self.order.backlog.popleft()
+            self._drain()
+        return backlog.popleft()
+
+    def _drain(self) -> None:
+        """Take what the SUB socket holds (up to DRAIN messages) without waiting: one poll
+        per batch, not per event. Every PUB message is two frames, [topic, envelope], and a
+        message arrives whole, so the second receive never waits."""
+        sub, order = self._sub, self.order
+        for _ in range(DRAIN):
+            try:
+                topic = _recv(sub, NOBLOCK)
+            except zmq.Again:
+                return
+            order.take_live(topic, _recv(sub, NOBLOCK))
+            if order.next_replay() is not None:
+                self._catch_up()  # the gap is filled before any later live event is taken
 
     def _catch_up(self) -> None:
         while (request := self.order.next_replay()) is not None:

@@ -30,6 +30,7 @@ REGISTER = PROTOCOL + b"\x05"  # body: Register
 HEARTBEAT = PROTOCOL + b"\x06"  # body: HealthReport from a registered service, else empty
 DISCONNECT = PROTOCOL + b"\x07"  # body: ErrorBody (broker->peer: refused, or unknown so register again)
 EVENT = PROTOCOL + b"\x08"  # header: the topic (UTF-8); on PUB: [topic, envelope with an EventStamp header]
+EVENTS = PROTOCOL + b"\x09"  # header empty; body: EVENT envelopes, each after its 4-byte length
 
 KIND_NAMES = {
     REQUEST: "request",
@@ -40,8 +41,10 @@ KIND_NAMES = {
     HEARTBEAT: "heartbeat",
     DISCONNECT: "disconnect",
     EVENT: "event",
+    EVENTS: "events",
 }
 
+EVENTS_BATCH_BYTES = 32 * 1024  # a batch stays within the broker's per-frame slack whatever its limits
 FLAG_STREAM = 1
 TOKEN_SIZE = 8  # the broker's id for a request in flight: the first bytes of the route frame
 MAX_HEADER = 0xFFFF
@@ -105,6 +108,31 @@ def split(envelope: bytes) -> tuple[bytes, bytes]:
     """(header, body) of an envelope."""
     header = header_of(envelope)
     return header, envelope[PREFIX + len(header) :]
+
+
+def batch_of_events(envelopes: list[bytes]) -> bytes:
+    """One EVENTS envelope carrying EVENT envelopes in order: one send and one receive for all."""
+    parts = [EVENTS, b"\0\0"]
+    for envelope in envelopes:
+        parts += (len(envelope).to_bytes(4, "big"), envelope)
+    return b"".join(parts)
+
+
+def events_in(body: bytes) -> list[tuple[bytes, bytes]]:
+    """(topic, body) of each EVENT in an EVENTS body, all checked before any is used: a batch
+    with a length past its end, anything but EVENT envelopes in it, or over EVENTS_BATCH_BYTES
+    (what one message may make the broker do) is refused whole."""
+    if len(body) > EVENTS_BATCH_BYTES:
+        raise MalformedFrame(f"a batch of {len(body)} bytes is over {EVENTS_BATCH_BYTES}")
+    events, at, end = [], 0, len(body)
+    while at < end:
+        size = int.from_bytes(body[at : at + 4], "big")
+        envelope = body[at + 4 : at + 4 + size]
+        if at + 4 + size > end or not envelope.startswith(EVENT) or len(envelope) < PREFIX:
+            raise MalformedFrame(f"item at byte {at} of the batch is not a whole EVENT envelope")
+        events.append(split(envelope))
+        at += 4 + size
+    return events
 
 
 def request(

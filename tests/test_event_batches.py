@@ -1,0 +1,95 @@
+"""EVENTS: several events in one message from a publisher, each judged as if sent alone."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from baaaht.bus import wire
+from baaaht.bus.connection import _EventBatch
+from baaaht.schemas.bus import EventsReplay, StatsQuery
+from tests.harness import wait_for
+from tests.test_bus import next_reply, raw_dealer
+
+
+def event(topic: str, body: bytes) -> bytes:
+    return wire.pack(wire.EVENT, topic.encode(), body)
+
+
+def test_a_batch_is_unpacked_in_order():
+    envelopes = [event("a.one", b"\x01"), event("b.two", b"\xa1x")]
+    assert wire.events_in(wire.split(wire.batch_of_events(envelopes))[1]) == [
+        (b"a.one", b"\x01"),
+        (b"b.two", b"\xa1x"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        (100).to_bytes(4, "big") + event("a.one", b"\x01"),  # a length past the end
+        (7).to_bytes(4, "big") + wire.pack(wire.REQUEST),  # not an EVENT
+        b"\x00\x00",  # a length cut short
+        wire.batch_of_events([event("a.one", b"\x01")] * 4000)[wire.PREFIX :],  # over the batch size
+    ],
+)
+def test_a_batch_that_is_not_whole_events_is_refused_whole(body):
+    whole = event("a.zero", b"\x00")
+    with pytest.raises(wire.MalformedFrame):
+        wire.events_in(len(whole).to_bytes(4, "big") + whole + body)
+
+
+def test_the_outbox_batches_only_events_and_only_up_to_the_batch_size():
+    batch = _EventBatch()
+    assert batch.take() is None
+    assert not batch.add(wire.pack(wire.HEARTBEAT))
+    one = event("a.one", b"\x01")
+    assert batch.add(one) and batch.take() == one  # a lone event goes out as it is
+    assert not batch.add(event("a.big", b"\xc4" + b"x" * wire.EVENTS_BATCH_BYTES))
+    while batch.add(one):
+        pass
+    taken = batch.take()
+    assert len(taken) <= wire.EVENTS_BATCH_BYTES + wire.PREFIX
+    events = wire.events_in(wire.split(taken)[1])
+    assert len(events) > 1 and set(events) == {(b"a.one", b"\x01")}
+
+
+@pytest.fixture
+def agent(echo):
+    dealer = raw_dealer(echo, "agents")
+    yield dealer
+    dealer.close(0)
+
+
+def test_each_event_of_a_batch_is_authorized_checked_and_stamped_in_order(echo, agent):
+    client = echo.client()
+    before = client.call(EventsReplay(limit=0)).last_seq
+    good = [msgspec.msgpack.encode({"n": n}) for n in range(2)]
+    agent.send(
+        wire.batch_of_events(
+            [
+                event("agent.progress", good[0]),
+                event("agent.progress", b"\xc1 not msgpack"),
+                event("session.created", good[0]),  # outside the topics an agent may publish
+                event("agent.progress", good[1]),
+            ]
+        )
+    )
+    refusals = [next_reply(agent, "")[0].error for _ in range(2)]
+    assert sorted(refusals) == ["INVALID_ARGUMENT", "PERMISSION_DENIED"]
+    wait_for(lambda: client.call(EventsReplay(limit=0)).last_seq == before + 2)
+    replayed = client.call(EventsReplay(since=before)).events
+    assert [(e.seq, e.topic, bytes(e.body)) for e in replayed] == [
+        (before + 1, "agent.progress", good[0]),
+        (before + 2, "agent.progress", good[1]),
+    ]
+
+
+def test_a_malformed_batch_publishes_nothing(echo, agent):
+    client = echo.client()
+    before = client.call(EventsReplay(limit=0)).last_seq
+    whole = event("agent.progress", b"\x01")
+    agent.send(wire.pack(wire.EVENTS, body=len(whole).to_bytes(4, "big") + whole + b"\x00\x00\x00\x09"))
+    assert next_reply(agent, "")[0].error == "INVALID_ARGUMENT"
+    assert client.call(StatsQuery()).malformed_kinds.get("undecodable_events") == 1
+    assert client.call(EventsReplay(limit=0)).last_seq == before
