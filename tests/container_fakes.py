@@ -1,10 +1,10 @@
-"""Written fakes for the container service's outside world: the runtime, the policy and session peers,
-and the bus it publishes on. They keep state like the real things, so tests can check outcomes."""
+"""Written fakes for the container service's outside world: the runtime and the policy and session
+peers (the bus is the test kit's FakeBus). They keep state like the real things, so tests can check
+outcomes."""
 
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import time
 from typing import Any, Callable
@@ -12,7 +12,7 @@ from typing import Any, Callable
 import msgspec
 
 from baaaht.bus.errors import BusError, exhausted, not_found, precondition
-from baaaht.bus.service import CallContext
+from baaaht.bus.testing import FakeStream, Recorded
 from baaaht.common.policy import document
 from baaaht.schemas.containers import (
     ContainerInfo,
@@ -40,37 +40,6 @@ from baaaht.services.containers.runtime import (
 )
 from baaaht.services.policy import defaults
 
-_END = object()
-
-
-class FakeStream:
-    """A closable stream fed by the test (`put`, `end`); iteration blocks like an engine response."""
-
-    def __init__(self, items: list | None = None, ended: bool = False):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.closed = threading.Event()
-        for item in items or []:
-            self._queue.put(item)
-        if ended:
-            self.end()
-
-    def put(self, item) -> None:
-        self._queue.put(item)
-
-    def end(self) -> None:
-        self._queue.put(_END)
-
-    def __iter__(self):
-        while True:
-            item = self._queue.get()
-            if item is _END or self.closed.is_set():
-                return
-            yield item
-
-    def close(self) -> None:
-        self.closed.set()
-        self._queue.put(_END)
-
 
 class FakeRuntime:
     name = "fake"
@@ -81,7 +50,7 @@ class FakeRuntime:
         self.volumes: dict[str, VolumeInfo] = {}
         self.waits: dict[str, list[FakeStream]] = {}
         self.log_streams: list[FakeStream] = []
-        self.event_streams: list[FakeStream] = []
+        self.event_streams: Recorded[FakeStream] = Recorded()  # tests wait on the follower's streams
         self.down_reason = ""
         self.health_script: list[HealthReport] = []
         self.calls: list[tuple[str, str]] = []
@@ -369,26 +338,6 @@ class FakeSessions:
                 limit=limit,
             )
         self.sessions[session_id].containers.append(SessionContainer(id=container_id, attached_at=0.0))
-
-
-class FakeBus:
-    """Records published events; `call` answers from a handler the test installs."""
-
-    def __init__(self, answer=None):
-        self.published: list = []
-        self.answer = answer
-        self.requests: list = []
-
-    def publish(self, event, subtopic: str = "") -> None:
-        self.published.append(event)
-
-    def call(self, request, timeout=None, correlation_id=""):
-        self.requests.append(request)
-        return self.answer(request)
-
-
-def context(timeout: float = 10.0) -> CallContext:
-    return CallContext(deadline=time.time() + timeout)
 
 
 def engine_event(action: str, container_id: str, labels: dict[str, str], **attrs: str) -> EngineEvent:

@@ -1,20 +1,16 @@
-"""Test doubles for the session manager: a clock, a bus and a container manager for unit tests,
-and a host running the real session service beside a container manager double for the rest.
-
-The fake bus sends every request and event through msgpack, so what the service hands to the
-real bus must encode and decode as its schema type.
-"""
+"""Test doubles for the session manager: a clock and a container manager (answering on the test
+kit's FakeBus) for unit tests, and a host running the real session service beside a container
+manager double for the rest."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import msgspec
-
-from baaaht.bus.errors import BusError, not_found
-from baaaht.schemas.base import Empty, Event, Request, target_of, topic_of
+from baaaht.bus.errors import not_found
+from baaaht.bus.testing import FakeBus, next_event
+from baaaht.schemas.base import Empty
 from baaaht.schemas.containers import (
     ContainerDestroy,
     ContainerList,
@@ -22,7 +18,7 @@ from baaaht.schemas.containers import (
     ContainerRemoved,
     ContainerSummary,
 )
-from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.sessions import SessionGet, SessionInfo, SessionState
 
 SESSIONS = "baaaht.services.sessions"
 FAKE_CONTAINERS = str(Path(__file__).parent / "services" / "fake_containers.py")
@@ -44,6 +40,21 @@ def start_sessions_host(make_host, session: dict | None = None, with_containers:
     return host
 
 
+def wait_for_state(client, session_id: str, state: SessionState, what: str, timeout: float = 10.0) -> SessionInfo:
+    """The session once it is in `state`: now, or at the session.updated that puts it there."""
+    with client.subscribe(["session.updated"]) as updates:  # before looking: no change is missed
+        info = client.call(SessionGet(session_id=session_id))
+        if info.state is state:
+            return info
+        delivery = next_event(
+            updates,
+            lambda d: d.event.session.id == session_id and d.event.session.state is state,
+            timeout,
+            what,
+        )
+        return delivery.event.session
+
+
 class FakeClock:
     def __init__(self, now: float = 1_700_000_000.0):
         self.now = now
@@ -53,37 +64,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-class FakeBus:
-    """Records published events; answers calls with handlers registered by target."""
-
-    def __init__(self):
-        self.published: list[tuple[str, Event]] = []
-        self.handlers: dict[str, Callable[[Request], Any]] = {}
-        self.lock = threading.Lock()
-
-    def publish(self, event: Event, subtopic: str = "") -> None:
-        topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
-        decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(event), type=type(event))
-        with self.lock:
-            self.published.append((topic, decoded))
-
-    def call(self, request: Request, timeout: float | None = None, correlation_id: str = "") -> Any:
-        target = target_of(type(request))
-        handler = self.handlers.get(target)
-        if handler is None:
-            raise BusError(ErrorCode.UNAVAILABLE, f"no instance of the service for {target} is registered")
-        decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=type(request))
-        return handler(decoded)
-
-    def events(self, event_type: type[Event]) -> list[Event]:
-        with self.lock:
-            return [event for _, event in self.published if isinstance(event, event_type)]
-
-    def topics(self) -> list[str]:
-        with self.lock:
-            return [topic for topic, _ in self.published]
 
 
 class FakeContainerManager:
@@ -97,8 +77,8 @@ class FakeContainerManager:
         self.on_removed = on_removed
         self.report_removals = True
         self.lock = threading.Lock()
-        bus.handlers[target_of(ContainerListQuery)] = self.list
-        bus.handlers[target_of(ContainerDestroy)] = self.destroy
+        bus.answer(ContainerListQuery, self.list)
+        bus.answer(ContainerDestroy, self.destroy)
 
     def add(self, container_id: str, session_id: str) -> None:
         with self.lock:

@@ -10,7 +10,7 @@ import pytest
 
 from baaaht.bus.background import Background, Stopping, Task, background, backoff
 from baaaht.bus.service import Service
-from tests.harness import wait_for
+from baaaht.bus.testing import Recorded, wait_for
 
 
 def test_backoff_doubles_and_is_capped():
@@ -22,7 +22,7 @@ class Flaky:
 
     def __init__(self, failures: int):
         self.failures = failures
-        self.runs: list[float] = []
+        self.runs: Recorded[float] = Recorded()
         self.succeeded = threading.Event()
 
     def __call__(self) -> None:
@@ -60,7 +60,8 @@ def test_a_task_in_a_failure_streak_is_named_in_health_with_when_it_began():
     )
     work.start()
     try:
-        wait_for(lambda: len(always.runs) >= 2 and len(marking.runs) >= 2, what="failures in a row")
+        always.runs.wait_for_count(2, what="the cosmetic task's failures in a row")
+        marking.runs.wait_for_count(2, what="the vital task's failures in a row")
         healthy, reason = work.health()
         assert not healthy  # the vital task's failures make the service unhealthy
         assert "background task cosmetic failing since 2027-01-15T08:00:00Z" in reason
@@ -98,7 +99,7 @@ class Blocking:
 
 
 def test_a_long_running_task_is_restarted_and_stopping_closes_what_it_blocks_on():
-    streams: list[Blocking] = []
+    streams: Recorded[Blocking] = Recorded()
     ended = threading.Event()
 
     def follow(stopping: Stopping) -> None:
@@ -114,7 +115,7 @@ def test_a_long_running_task_is_restarted_and_stopping_closes_what_it_blocks_on(
 
     work = Background([Task("follow", follow)], first_backoff=0.05)
     work.start()
-    wait_for(lambda: len(streams) == 2, what="the task to be restarted")
+    streams.wait_for_count(2, what="the task to be restarted")
     assert work.failing()[0].last_error == "RuntimeError: the feed broke"
     work.stop(timeout=10)
     assert streams[1].closed.is_set() and ended.is_set()
@@ -126,12 +127,12 @@ class Declared(Service):
 
     def __init__(self, interval: float):
         self.interval = interval
-        self.ticks = 0
+        self.ticks: Recorded[float] = Recorded()
         self.followed = threading.Event()
 
     @background(every=lambda self: self.interval)
     def tick(self) -> None:
-        self.ticks += 1
+        self.ticks.append(time.monotonic())
 
     @background
     def follow(self, stopping: Stopping) -> None:
@@ -145,7 +146,7 @@ def test_a_service_declares_its_background_work_with_the_decorator():
     assert sorted((t.name, t.every) for t in work.tasks) == [("follow", None), ("tick", 0.01)]
     work.start()
     try:
-        wait_for(lambda: service.ticks >= 3, what="several periodic runs")
+        service.ticks.wait_for_count(3, what="several periodic runs")
         assert service.followed.wait(10)
     finally:
         work.stop(timeout=10)

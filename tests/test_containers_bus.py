@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from baaaht.bus.errors import BusError
+from baaaht.bus.testing import code_of, next_event, wait_for
 from baaaht.common.socket_group import DEFAULT_SOCKET_GROUP
 from baaaht.schemas.bus import ServicesQuery
 from baaaht.schemas.containers import (
@@ -51,7 +52,6 @@ from baaaht.services.containers.ownership import (
     LABEL_SESSION,
 )
 from tests import container_support
-from tests.harness import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -115,12 +115,6 @@ def orchestrator(make_host, docker_client, busybox):
     made.cleanup()
 
 
-def code_of(call) -> ErrorCode:
-    with pytest.raises(BusError) as caught:
-        call()
-    return caught.value.code
-
-
 def test_full_lifecycle_with_events(orchestrator, busybox):
     bus = orchestrator.bus
     session = orchestrator.session()
@@ -145,13 +139,12 @@ def test_full_lifecycle_with_events(orchestrator, busybox):
         assert code_of(lambda: bus.call(ContainerGet(id=container))) is ErrorCode.NOT_FOUND
         topics = []
 
-        def seen_all():
-            delivery = events.next(timeout=0.5)
-            if delivery is not None and delivery.event.container_id == container:
+        def up_to_removed(delivery) -> bool:
+            if delivery.event.container_id == container:
                 topics.append(delivery.topic)
             return topics[-1:] == ["container.removed"]
 
-        wait_for(seen_all, timeout=15, interval=0, what="the container's events")
+        next_event(events, up_to_removed, timeout=15, what="the container's container.removed")
     assert topics == ["container.created", "container.started", "container.died", "container.removed"]
 
 
@@ -222,7 +215,7 @@ def test_a_container_killed_behind_our_back_yields_died(orchestrator, busybox, d
     with bus.subscribe(["container.died"]) as events:
         bus.call(ContainerStart(id=container))
         docker_client.api.kill(container, signal="SIGKILL")  # straight at the engine
-        died = wait_for(lambda: events.next(timeout=0.5), timeout=15, interval=0, what="container.died")
+        died = next_event(events, timeout=15, what="container.died")
     assert died.event.container_id == container and died.event.exit_code == 137
 
 
@@ -233,9 +226,15 @@ def test_the_quota_refuses_a_fourth_container(orchestrator, busybox):
     with pytest.raises(BusError) as caught:
         orchestrator.create(session, busybox, "sleep 600")
     assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED and "3 of 3" in caught.value.message
-    bus.call(ContainerDestroy(id=made[0], force=True))
     # The session forgets the container on `container.removed`; until then it still counts there.
-    wait_for(lambda: len(bus.call(SessionGet(session_id=session)).containers) == 2, what="the detach")
+    with bus.subscribe(["session.updated"]) as updates:
+        bus.call(ContainerDestroy(id=made[0], force=True))
+        next_event(
+            updates,
+            lambda d: d.event.session.id == session and len(d.event.session.containers) == 2,
+            timeout=15,
+            what="the session.updated of the detach",
+        )
     orchestrator.create(session, busybox, "true")
 
 

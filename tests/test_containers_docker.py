@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from baaaht.bus.testing import Recorded, wait_for
 from baaaht.schemas.config import Config, DockerConfig, RuntimeConfig
 from baaaht.schemas.containers import ContainerLogs, ContainerSpec, Healthcheck, Mount, Resources
 from baaaht.services.containers.docker_runtime import DockerRuntime
@@ -22,7 +23,6 @@ from baaaht.services.containers.runtime import (
 )
 from tests import container_support
 from tests.container_fakes import hardened
-from tests.harness import wait_for
 
 docker_client, busybox, test_label = (
     container_support.docker_client,
@@ -196,17 +196,21 @@ def test_listing_filters_by_label(runtime, busybox, test_label):
 
 def test_events_report_a_container_killed_behind_our_back(runtime, busybox, test_label, docker_client):
     events = runtime.events(time.time() - 1)
-    seen = []
-    reader = threading.Thread(
-        target=lambda: seen.extend(e for e in events if e.kind == "container"), daemon=True
-    )
+    seen: Recorded = Recorded()
+
+    def read() -> None:
+        for event in events:
+            if event.kind == "container":
+                seen.append(event)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
         container, _ = runtime.create(spec_for(busybox, test_label, "sleep 600"))
         runtime.start(container)
         docker_client.api.kill(container)  # not through the runtime
-        wait_for(
-            lambda: any(e.id == container and e.action == "die" for e in seen),
+        seen.wait_until(
+            lambda got: any(e.id == container and e.action == "die" for e in got),
             what="the die event for the kill",
         )
     finally:

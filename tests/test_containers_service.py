@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import threading
 
 import msgspec
 import pytest
 
-from baaaht.bus.background import Background
 from baaaht.bus.errors import BusError, unavailable
+from baaaht.bus.testing import FakeBus, code_of, context, serving, wait_for
 from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConfig, RuntimeConfig
 from baaaht.schemas.containers import (
     ContainerCreate,
@@ -47,17 +46,7 @@ from baaaht.services.containers.ownership import LABEL_INSTALL, LABEL_MANAGED, L
 from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory
 from baaaht.services.containers.runtime import EngineUnavailable
 from baaaht.services.containers.service import ContainerService
-from tests.container_fakes import (
-    FakeBus,
-    FakePolicy,
-    FakeRuntime,
-    FakeSessions,
-    context,
-    engine_event,
-    replace,
-    session_info,
-)
-from tests.harness import wait_for
+from tests.container_fakes import FakePolicy, FakeRuntime, FakeSessions, engine_event, replace, session_info
 
 INSTALL = "c" * 32
 OURS = {LABEL_MANAGED: "true", LABEL_INSTALL: INSTALL}
@@ -91,31 +80,12 @@ def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0
     return service
 
 
-@contextlib.contextmanager
-def serving(service: ContainerService):
-    """What the runner does around the requests: on_start and the background work, then on_stop."""
-    service.on_start()
-    background = Background.of_service(service)
-    background.start()
-    try:
-        yield service
-    finally:
-        background.stop()
-        service.on_stop()
-
-
 def create(service, session="s1", **spec):
     spec.setdefault("image", "busybox:1")
     return service.create(ContainerCreate(spec=ContainerSpec(**spec), session_id=session), context())
 
 
 AGENT_GID = 4242
-
-
-def code_of(call) -> ErrorCode:
-    with pytest.raises(BusError) as caught:
-        call()
-    return caught.value.code
 
 
 def test_create_asks_the_policy_with_the_request_as_made_and_labels_the_container(run_dir):
@@ -162,14 +132,14 @@ def test_an_unreachable_policy_service_refuses_the_create(run_dir):
     def no_policy(request):
         raise unavailable("no instance of service 'policy' is registered")
 
-    bus = FakeBus(answer=no_policy)
+    bus = FakeBus(default=no_policy)
     service = make_service(run_dir, policy=BusPolicyGate(bus, 1.0))
     with pytest.raises(BusError) as caught:
         create(service)
     assert caught.value.code is ErrorCode.UNAVAILABLE
     assert "policy service could not be consulted" in caught.value.message
     assert service.runtime.containers == {}
-    denied = make_service(run_dir, policy=BusPolicyGate(FakeBus(answer=denial), 1.0))
+    denied = make_service(run_dir, policy=BusPolicyGate(FakeBus(default=denial), 1.0))
     with pytest.raises(BusError) as caught:
         create(denied)
     assert caught.value.code is ErrorCode.PERMISSION_DENIED and caught.value.details["rules"] == [
@@ -379,13 +349,13 @@ def test_the_session_directory_tells_missing_from_unreachable():
             ErrorCode.NOT_FOUND, f"no session {request.session_id}", {"session_id": request.session_id}
         )
 
-    assert BusSessionDirectory(FakeBus(answer=answer), 1.0).verdict("s9") == "missing"
+    assert BusSessionDirectory(FakeBus(default=answer), 1.0).verdict("s9") == "missing"
 
     def no_method(request):
         raise BusError(ErrorCode.NOT_FOUND, "service 'session' has no method 'session.get'")
 
     with pytest.raises(BusError):
-        BusSessionDirectory(FakeBus(answer=no_method), 1.0).verdict("s9")
+        BusSessionDirectory(FakeBus(default=no_method), 1.0).verdict("s9")
 
 
 def test_without_a_runtime_the_service_is_unhealthy_and_answers_unavailable(run_dir):
@@ -411,20 +381,20 @@ def test_engine_events_are_republished(run_dir):
     runtime = FakeRuntime()
     service = make_service(run_dir, runtime)
     with serving(service):
-        wait_for(lambda: runtime.event_streams, what="the event follower to subscribe")
+        runtime.event_streams.wait_for_count(1, what="the event follower to subscribe")
         labels = {**OURS, LABEL_SESSION: "s1"}
         first = engine_event("start", "c1", labels)
         runtime.event_streams[0].put(first)
         runtime.event_streams[0].put(engine_event("start", "c2", {**labels, LABEL_INSTALL: "other"}))
-        published = wait_for(lambda: service.events.published, what="an event on the bus")
+        published = service.events.wait_for_events(what="an event on the bus")
         assert isinstance(published[0], ContainerStarted) and published[0].container_id == "c1"
         # A broken feed is reopened from the last event seen, and a replayed event is not published twice.
         runtime.event_streams[0].end()
-        wait_for(lambda: len(runtime.event_streams) == 2, what="the follower to reconnect")
+        runtime.event_streams.wait_for_count(2, what="the follower to reconnect")
         runtime.event_streams[1].put(first)
         runtime.event_streams[1].put(engine_event("die", "c1", labels, exitCode="0"))
-        wait_for(lambda: len(service.events.published) == 2, what="the die event")
-        assert [type(e).__name__ for e in service.events.published] == ["ContainerStarted", "ContainerDied"]
+        service.events.wait_for_events(count=2, what="the die event")
+        assert [type(e).__name__ for e in service.events.events()] == ["ContainerStarted", "ContainerDied"]
 
 
 def test_an_agent_bus_of_group_0_is_refused_before_the_policy_is_asked(run_dir):
@@ -497,7 +467,7 @@ def test_without_the_session_service_nothing_is_created(run_dir):
 
     policy = FakePolicy()
     service = make_service(
-        run_dir, policy=policy, sessions=BusSessionDirectory(FakeBus(answer=no_sessions), 1.0)
+        run_dir, policy=policy, sessions=BusSessionDirectory(FakeBus(default=no_sessions), 1.0)
     )
     error = refusal(lambda: create(service))
     assert error.code is ErrorCode.UNAVAILABLE
@@ -618,7 +588,7 @@ def test_the_session_directory_passes_on_the_session_services_own_refusals():
             {"session_id": request.session_id, "limit": 1},
         )
 
-    directory = BusSessionDirectory(FakeBus(answer=full), 1.0)
+    directory = BusSessionDirectory(FakeBus(default=full), 1.0)
     with pytest.raises(BusError) as caught:
         directory.attach("s1", "c" * 64)
     assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED and caught.value.details["limit"] == 1
@@ -626,20 +596,20 @@ def test_the_session_directory_passes_on_the_session_services_own_refusals():
     def slow(request):
         raise BusError(ErrorCode.TIMEOUT, "session.attach_container did not answer in time")
 
-    bus = FakeBus(answer=slow)
+    bus = FakeBus(default=slow)
     with pytest.raises(BusError) as caught:
         BusSessionDirectory(bus, 1.0).attach("s1", "c" * 64)
     assert caught.value.code is ErrorCode.UNAVAILABLE and "did not answer in time" in caught.value.message
-    assert (bus.requests[0].session_id, bus.requests[0].container_id) == ("s1", "c" * 64)
+    assert (bus.requests()[0].session_id, bus.requests()[0].container_id) == ("s1", "c" * 64)
 
 
 def test_the_policy_gate_sends_the_session_override():
-    bus = FakeBus(answer=lambda request: replace_decision(request))
+    bus = FakeBus(default=lambda request: replace_decision(request))
     spec = ContainerSpec(image="busybox:1")
     override = {"images": {"allowed": ["busybox:*"]}}
     principal = Principal(user="alice", session_id="s1", role="agent")
     assert BusPolicyGate(bus, 1.0).evaluate(spec, principal, 2, 1, override) == (spec, [])
-    sent = bus.requests[0]
+    sent = bus.requests()[0]
     assert (sent.override, sent.principal, sent.host_containers, sent.session_containers) == (
         override,
         principal,
@@ -658,7 +628,7 @@ def test_a_permissive_allowance_and_policy_warnings_reach_the_create_result(run_
             warnings=[Violation(rule="mounts.symlink", message="an allowlist entry is a symlink")],
         )
 
-    gate = BusPolicyGate(FakeBus(answer=permissive), 1.0)
+    gate = BusPolicyGate(FakeBus(default=permissive), 1.0)
     service = make_service(run_dir, policy=gate)
     assert create(service).warnings == [
         "allowed in permissive mode despite security.root: runs as root",

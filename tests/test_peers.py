@@ -9,6 +9,7 @@ import pytest
 from baaaht.bus.errors import BusError, not_found, unavailable
 from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext
+from baaaht.bus.testing import FakeBus
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Decision, PolicyEvaluate, ValidationResult
@@ -21,31 +22,12 @@ DECISION = Decision(
 )
 
 
-class Recorder:
-    """A bus that records each call and answers with `answer(request)`."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.calls: list[tuple[object, float, str]] = []
-
-    def call(self, request, timeout=None, correlation_id=""):
-        self.calls.append((request, timeout, correlation_id))
-        return self.answer(request)
-
-
-def raising(error: BusError):
-    def answer(_request):
-        raise error
-
-    return answer
-
-
 def caller(seconds: float) -> CallContext:
     return CallContext(correlation_id="corr-1", deadline=time.time() + seconds)
 
 
 def test_methods_come_from_the_schemas_and_build_the_request():
-    bus = Recorder(lambda request: DECISION)
+    bus = FakeBus(default=DECISION)
     policy = Peer(bus, "policy", timeout=5.0)
     spec = SPEC
     assert policy.evaluate(None, spec=spec, host_containers=2) == DECISION
@@ -62,7 +44,7 @@ def test_methods_come_from_the_schemas_and_build_the_request():
 
 
 def test_a_call_never_outlives_the_callers_deadline_and_carries_its_correlation():
-    bus = Recorder(lambda request: ValidationResult(valid=True))
+    bus = FakeBus(default=ValidationResult(valid=True))
     policy = Peer(bus, "policy", timeout=5.0)
     policy.validate(caller(1.0), text="{}")
     policy.validate(caller(60.0), text="{}")
@@ -98,7 +80,7 @@ def test_a_call_never_outlives_the_callers_deadline_and_carries_its_correlation(
     ],
 )
 def test_errors_are_mapped_once(error, ctx_seconds, code, peer_error):
-    policy = Peer(Recorder(raising(error)), "policy", timeout=5.0)
+    policy = Peer(FakeBus(default=error), "policy", timeout=5.0)
     with pytest.raises(BusError) as caught:
         policy.validate(caller(ctx_seconds), text="{}")
     assert caught.value.code is code
@@ -111,7 +93,7 @@ def test_errors_are_mapped_once(error, ctx_seconds, code, peer_error):
 
 def test_a_peer_decides_which_errors_are_its_answers():
     only_denials = Peer(
-        Recorder(raising(not_found("no method"))),
+        FakeBus(default=not_found("no method")),
         "policy",
         timeout=5.0,
         answered=lambda error, request: error.code is ErrorCode.PERMISSION_DENIED,

@@ -12,11 +12,11 @@ from baaaht.bus.background import Stopping, background
 from baaaht.bus.client import BusClient
 from baaaht.bus.runner import STARTING, ServiceRunner
 from baaaht.bus.service import Service, rpc
+from baaaht.bus.testing import wait_for
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty, Request
 from baaaht.schemas.bus import ServicesQuery
 from tests.conftest import ECHO_SERVICE
-from tests.harness import wait_for
 from tests.services.echo import Say, SeenQuery
 
 

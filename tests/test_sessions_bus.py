@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from baaaht.bus.errors import BusError
+from baaaht.bus.testing import error_of
 from baaaht.schemas.containers import ContainerCreate, ContainerListQuery, ContainerSpec
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import (
@@ -24,8 +25,7 @@ from baaaht.schemas.sessions import (
     SessionState,
     SessionUpdate,
 )
-from tests.harness import wait_for
-from tests.session_doubles import SESSIONS, start_sessions_host
+from tests.session_doubles import SESSIONS, start_sessions_host, wait_for_state
 
 S = SessionState
 
@@ -34,12 +34,6 @@ S = SessionState
 def sessions(make_host):
     """The session service and the container double; sessions go idle after the default 30m."""
     return start_sessions_host(make_host)
-
-
-def error_of(call) -> BusError:
-    with pytest.raises(BusError) as caught:
-        call()
-    return caught.value
 
 
 def state_of(client, session_id: str) -> SessionState:
@@ -78,7 +72,7 @@ def test_every_valid_transition_and_every_refused_one(make_host):
     session_id = client.call(SessionCreate(owner="alice")).id
     assert state_of(client, session_id) is S.ACTIVE
     # active -> idle (the sweep) and idle -> active (a message)
-    wait_for(lambda: state_of(client, session_id) is S.IDLE, what="the session to go idle")
+    wait_for_state(client, session_id, S.IDLE, "the session to go idle")
     client.call(SessionSendMessage(session_id=session_id, content="wake up"))
     assert state_of(client, session_id) is S.ACTIVE
     # active -> closing -> closed, with a container that will not go away
@@ -89,7 +83,7 @@ def test_every_valid_transition_and_every_refused_one(make_host):
     error = error_of(lambda: client.call(SessionSendMessage(session_id=session_id, content="x")))
     assert error.code is ErrorCode.FAILED_PRECONDITION
     assert f"session {session_id} is closing" in error.message
-    wait_for(lambda: state_of(client, session_id) is S.CLOSED, what="the session to close")
+    wait_for_state(client, session_id, S.CLOSED, "the session to close")
     # closed -> active is refused; closed -> closing is not a transition: close is idempotent
     error = error_of(lambda: client.call(SessionSendMessage(session_id=session_id, content="x")))
     assert (error.code, error.details["state"]) == (ErrorCode.FAILED_PRECONDITION, "closed")
@@ -97,7 +91,7 @@ def test_every_valid_transition_and_every_refused_one(make_host):
     assert client.call(SessionClose(session_id=session_id)).state is S.CLOSED
     # idle -> closing -> closed
     other = client.call(SessionCreate(owner="alice")).id
-    wait_for(lambda: state_of(client, other) is S.IDLE, what="the second session to go idle")
+    wait_for_state(client, other, S.IDLE, "the second session to go idle")
     assert client.call(SessionClose(session_id=other)).state is S.CLOSED
     assert transitions(client) == [
         ("active", "idle"),
@@ -183,10 +177,7 @@ def test_expiry_closes_the_session_and_removes_its_containers(sessions):
     session_id = client.call(SessionCreate(owner="alice", settings=SessionSettings(max_duration=0.5))).id
     container_id = create_container(client, session_id)
     client.call(SessionAttachContainer(session_id=session_id, container_id=container_id))
-    info = wait_for(
-        lambda: (found := client.call(SessionGet(session_id=session_id))).state is S.CLOSED and found,
-        what="the session to expire",
-    )
+    info = wait_for_state(client, session_id, S.CLOSED, "the session to expire")
     assert info.close_reason.startswith("expired")
     assert client.call(ContainerListQuery(session_id=session_id)).containers == []
 
@@ -255,12 +246,13 @@ def test_kill_9_mid_write_loses_nothing_acknowledged_and_leaves_nothing_half_wri
     session_id = setup.call(SessionCreate(owner="alice")).id
     idle_one = setup.call(SessionCreate(owner="bob")).id
     setup.call(SessionSendMessage(session_id=idle_one, content="before"))
-    wait_for(lambda: state_of(setup, idle_one) is S.IDLE, what="the second session to go idle")
+    wait_for_state(setup, idle_one, S.IDLE, "the second session to go idle")
     writers = 8
     acknowledged: dict[str, int] = {}
     attempted: set[str] = set()
     lock = threading.Lock()
     stop = threading.Event()
+    going = threading.Event()  # 200 messages acknowledged
 
     def write(writer: int) -> None:
         client = host.client(timeout=2)
@@ -275,12 +267,14 @@ def test_kill_9_mid_write_loses_nothing_acknowledged_and_leaves_nothing_half_wri
                 return  # the service is gone: what was not acknowledged may or may not be stored
             with lock:
                 acknowledged[content] = message.seq
+                if len(acknowledged) >= 200:
+                    going.set()
             n += 1
 
     threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: len(acknowledged) >= 200, what="writers to get going")
+    assert going.wait(30), "timed out after 30s waiting for the writers to get 200 messages acknowledged"
     host.kill("session")  # SIGKILL while writes are in flight
     stop.set()
     for thread in threads:
@@ -297,7 +291,7 @@ def test_kill_9_mid_write_loses_nothing_acknowledged_and_leaves_nothing_half_wri
     assert info.message_count == len(stored)
     # State and clocks came back: the idle session is still idle, the busy one goes idle on time.
     assert state_of(client, idle_one) is S.IDLE
-    wait_for(lambda: state_of(client, session_id) is S.IDLE, what="the written session to go idle")
+    wait_for_state(client, session_id, S.IDLE, "the written session to go idle")
     assert [m.content for m in client.call(SessionMessages(session_id=idle_one)).messages] == ["before"]
     # And the service takes writes again.
     assert client.call(SessionSendMessage(session_id=session_id, content="after")).seq == len(stored) + 1

@@ -1,16 +1,14 @@
-"""SessionService called directly: a real SQLite file, a fake bus, a fake clock."""
+"""SessionService on the test kit's harness: a real SQLite file, a fake bus, a fake clock."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import msgspec
 import pytest
 
-from baaaht.bus.errors import BusError
-from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext
+from baaaht.bus.testing import FakeBus, ServiceHarness, context, error_of
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.config import Config, Duration, PolicyConfig, SessionConfig, Size
 from baaaht.schemas.containers import ContainerDied, ContainerRemoved
@@ -38,8 +36,7 @@ from baaaht.schemas.sessions import (
 )
 from baaaht.services.sessions.service import SessionService
 from baaaht.services.sessions.store import SessionStore
-from tests.harness import wait_for
-from tests.session_doubles import FakeBus, FakeClock, FakeContainerManager
+from tests.session_doubles import FakeClock, FakeContainerManager
 
 S = SessionState
 IDLE_TIMEOUT = 60.0
@@ -67,19 +64,27 @@ class World:
         self.clock = FakeClock()
         self.bus = FakeBus()
         self.service = self._build()
-        self.containers = FakeContainerManager(
-            self.bus, lambda event: self.service.on_container_removed(event)
-        )
+        self.containers = self.container_manager()
 
     def _build(self) -> SessionService:
-        return SessionService(
+        self.harness = ServiceHarness(
+            SessionService,
             SessionStore.in_data_dir(self.config.data_dir),
             self.config,
-            events=self.bus,
-            policy=Peer(self.bus, "policy", timeout=PEER_TIMEOUT),
-            containers=Peer(self.bus, "container", timeout=PEER_TIMEOUT),
+            bus=self.bus,
+            peer_timeout=PEER_TIMEOUT,
             clock=self.clock,
         )
+        return self.harness.service
+
+    def container_manager(self) -> FakeContainerManager:
+        """A container manager double whose container.removed events reach the service."""
+        return FakeContainerManager(self.bus, self.harness.deliver)
+
+    def wait_closed(self, session_id: str, what: str = "the session to close"):
+        """The session once its session.closed is published."""
+        self.bus.wait_for_events(SessionClosed, where=lambda e: e.session_id == session_id, what=what)
+        return self.get(session_id)
 
     def events(self, event_type):
         return self.bus.events(event_type)
@@ -115,13 +120,7 @@ class World:
 
 
 def ctx(caller: Caller | None = None) -> CallContext:
-    return CallContext(deadline=time.time() + 10, caller=caller or Caller())
-
-
-def error_of(call) -> BusError:
-    with pytest.raises(BusError) as caught:
-        call()
-    return caught.value
+    return context(caller=caller)
 
 
 @pytest.fixture
@@ -396,7 +395,7 @@ def test_expired_session_is_closed_and_its_containers_removed(world):
     assert world.get(session_id).state is S.IDLE  # idle after IDLE_TIMEOUT, not yet expired
     world.clock.advance(1)
     world.service.sweep()
-    info = wait_for(lambda: (i := world.get(session_id)).state is S.CLOSED and i, what="the session to close")
+    info = world.wait_closed(session_id)
     assert info.close_reason.startswith("expired")
     assert (info.containers, world.containers.destroyed) == ([], ["c1"])
     assert [e.reason for e in world.events(SessionClosed)] == [info.close_reason]
@@ -408,7 +407,7 @@ def test_a_message_to_an_expired_session_is_refused_and_closes_it(world):
     error = error_of(lambda: world.send(session_id, "too late"))
     assert error.code is ErrorCode.FAILED_PRECONDITION
     assert "expired" in error.message
-    wait_for(lambda: world.get(session_id).state is S.CLOSED, what="the session to close")
+    assert world.wait_closed(session_id).state is S.CLOSED
     assert world.all_messages(session_id) == []
 
 
@@ -450,7 +449,7 @@ def test_closed_session_refuses_messages_containers_and_reopening(world):
 def test_close_without_a_container_manager_still_closes_and_reports_what_remains(world):
     session_id = world.create()
     world.service.attach_container(SessionAttachContainer(session_id=session_id, container_id="c1"))
-    world.bus.handlers.clear()  # no container manager on the bus
+    world.bus.forget()  # no container manager on the bus
     info = world.close(session_id)
     assert info.state is S.CLOSED
     assert [c.id for c in info.containers] == ["c1"]
@@ -476,7 +475,7 @@ def test_close_without_waiting_answers_closing_then_finishes(world):
     assert error_of(lambda: world.send(session_id, "x")).message.endswith(
         "is closing: it takes no more messages"
     )
-    wait_for(lambda: world.get(session_id).state is S.CLOSED, what="the session to close")
+    assert world.wait_closed(session_id).state is S.CLOSED
 
 
 def test_delete_only_when_closed_and_it_forgets_the_conversation(world):
@@ -545,7 +544,7 @@ def test_state_and_clocks_continue_across_a_restart(world):
     assert world.get(expiring).state is S.IDLE  # idle clock counted from before the restart
     world.clock.advance(IDLE_TIMEOUT)
     world.service.sweep()
-    wait_for(lambda: world.get(expiring).state is S.CLOSED, what="expiry after the restart")
+    assert world.wait_closed(expiring, "expiry after the restart").state is S.CLOSED
     world.send(idle, "still here")
     assert world.get(idle).state is S.ACTIVE
 
@@ -553,18 +552,14 @@ def test_state_and_clocks_continue_across_a_restart(world):
 def test_a_closing_interrupted_by_a_restart_finishes_after_it(world):
     session_id = world.create()
     world.attach(session_id, "c1")
-    world.bus.handlers.clear()  # the container manager is away: the closing waits and retries
+    world.bus.forget()  # the container manager is away: the closing waits and retries
     assert world.close(session_id, wait=False).state is S.CLOSING
     world.restart()  # stop() interrupts the closing: it stays closing in the store
     assert world.get(session_id).state is S.CLOSING
-    world.containers = FakeContainerManager(
-        world.bus, lambda event: world.service.on_container_removed(event)
-    )
+    world.containers = world.container_manager()
     world.containers.add("c1", session_id)
     world.service.sweep()
-    info = wait_for(
-        lambda: (i := world.get(session_id)).state is S.CLOSED and i, what="the closing to resume"
-    )
+    info = world.wait_closed(session_id, "the closing to resume")
     assert (info.containers, world.containers.destroyed) == ([], ["c1"])
 
 
@@ -582,7 +577,7 @@ def test_a_policy_override_is_checked_by_the_policy_engine(world):
             )
         return ValidationResult(valid=True)
 
-    world.bus.handlers["policy.validate"] = validate
+    world.bus.answer("policy.validate", validate)
     tighter = {"images": {"allow": ["busybox:*"]}}
     info = world.service.create(
         SessionCreate(owner="a", settings=SessionSettings(policy_override=tighter)), ctx()
@@ -593,7 +588,7 @@ def test_a_policy_override_is_checked_by_the_policy_engine(world):
     assert error.code is ErrorCode.INVALID_ARGUMENT
     assert "max_memory: would loosen" in error.message
     assert checked == [(tighter, True), ({"max_memory": "64GB"}, True)]
-    del world.bus.handlers["policy.validate"]
+    world.bus.forget("policy.validate")
     unchecked = SessionCreate(owner="a", settings=SessionSettings(policy_override=tighter))
     error = error_of(lambda: world.service.create(unchecked, ctx()))
     assert error.code is ErrorCode.UNAVAILABLE
@@ -606,12 +601,10 @@ def test_containers_removed_while_the_service_was_down_are_forgotten_after_a_res
     world.attach(session_id, "removed-meanwhile")
     world.restart()
     del world.containers.containers["removed-meanwhile"]  # its container.removed event went by unseen
-    world.bus.handlers.clear()  # the container manager is not up yet: nothing is dropped
+    world.bus.forget()  # the container manager is not up yet: nothing is dropped
     world.service.sweep()
     assert [c.id for c in world.get(session_id).containers] == ["kept", "removed-meanwhile"]
-    world.containers = FakeContainerManager(
-        world.bus, lambda event: world.service.on_container_removed(event)
-    )
+    world.containers = world.container_manager()
     world.containers.add("kept", session_id)
     world.clock.advance(1)
     world.service.sweep()

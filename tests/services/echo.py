@@ -88,9 +88,9 @@ class EchoService(Service):
     @rpc
     def say(self, request: Say, context: CallContext) -> Said:
         deadline = time.monotonic() + request.delay
-        while time.monotonic() < deadline:
+        while (remaining := deadline - time.monotonic()) > 0:
             context.check()
-            time.sleep(0.01)
+            context.cancelled.wait(max(0.0, min(remaining, context.remaining())))  # wakes at a cancel
         return Said(
             text=request.text,
             pid=os.getpid(),
@@ -103,7 +103,7 @@ class EchoService(Service):
         try:
             for n in range(request.to):
                 yield Tick(n=n)
-                time.sleep(request.interval)
+                context.cancelled.wait(request.interval)  # paced, and ended at once by a cancel
         finally:
             if context.cancelled.is_set():
                 with self.lock:

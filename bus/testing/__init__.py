@@ -1,0 +1,45 @@
+"""The supported test kit of baaaht services, for this repository's tests and for authors of
+services outside it.
+
+- `FakeBus`: records calls (`calls`, `requests()`) and events (`published`, `events()`), answers
+  calls from a script; `FakeStream`: a stream the test feeds, bounded.
+- `ServiceHarness`: a Service class built with its publisher and peers replaced by a FakeBus, its
+  RPCs, event handlers and life cycle driven as the runner does (`serving` for a service built
+  by hand).
+- `Host` (and the `host`, `make_host` fixtures in `baaaht.bus.testing.fixtures`): a real broker
+  and service processes on a private run directory.
+- Bounded waits: `Recorded.wait_until`, `FakeBus.wait_for_events`, `next_event` on a real
+  subscription, and `wait_for` (a poll) for what nothing announces.
+- `code_of`, `error_of`, `context`.
+"""
+
+from baaaht.bus.testing.fakes import (
+    Call,
+    FakeBus,
+    FakeStream,
+    Published,
+    code_of,
+    context,
+    error_of,
+    round_trip,
+)
+from baaaht.bus.testing.host import Host
+from baaaht.bus.testing.services import ServiceHarness, serving
+from baaaht.bus.testing.waits import Recorded, next_event, wait_for
+
+__all__ = [
+    "Call",
+    "FakeBus",
+    "FakeStream",
+    "Host",
+    "Published",
+    "Recorded",
+    "ServiceHarness",
+    "code_of",
+    "context",
+    "error_of",
+    "next_event",
+    "round_trip",
+    "serving",
+    "wait_for",
+]
