@@ -60,8 +60,9 @@ def test_a_task_in_a_failure_streak_is_named_in_health_with_when_it_began():
     )
     work.start()
     try:
-        always.runs.wait_for_count(2, what="the cosmetic task's failures in a row")
-        marking.runs.wait_for_count(2, what="the vital task's failures in a row")
+        # A run is recorded as it begins: the next run begun means the failure before it is counted.
+        always.runs.wait_for_count(3, what="the cosmetic task's third run (after two failures)")
+        marking.runs.wait_for_count(2, what="the vital task's second run (after a failure)")
         healthy, reason = work.health()
         assert not healthy  # the vital task's failures make the service unhealthy
         assert "background task cosmetic failing since 2027-01-15T08:00:00Z" in reason

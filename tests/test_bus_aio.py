@@ -7,14 +7,10 @@ import pytest
 from baaaht.bus.aio import AsyncBusClient
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import is_broker_unreachable
+from baaaht.bus.testing import run_async, wait_for
 from baaaht.schemas.bus import Ping
 from baaaht.schemas.errors import ErrorCode
-from tests.harness import wait_for
 from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
-
-
-def run(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, 30))
 
 
 def test_calls_errors_and_concurrency(echo):
@@ -30,7 +26,7 @@ def test_calls_errors_and_concurrency(echo):
                 await bus.call(Say(text="slow", delay=10), timeout=0.3)
             assert caught.value.code == ErrorCode.TIMEOUT
 
-    run(scenario())
+    run_async(scenario(), timeout=30)
 
 
 def test_stream_and_cancel(echo):
@@ -41,7 +37,7 @@ def test_stream_and_cancel(echo):
             assert (await items.__anext__()).n == 0
             await items.aclose()
 
-    run(scenario())
+    run_async(scenario(), timeout=30)
     client = echo.client()
     wait_for(
         lambda: client.call(SeenQuery()).cancelled_streams == 1, what="the handler to see the cancellation"
@@ -59,7 +55,7 @@ def test_subscribe_with_replay(echo):
             assert (await events.__anext__()).event == Shout(text="live")
             await events.aclose()
 
-    run(scenario())
+    run_async(scenario(), timeout=30)
 
 
 def test_unreachable_broker_is_unavailable_at_the_deadline(tmp_path):
@@ -69,4 +65,4 @@ def test_unreachable_broker_is_unavailable_at_the_deadline(tmp_path):
                 await bus.call(Ping())
             assert is_broker_unreachable(caught.value)
 
-    run(scenario())
+    run_async(scenario(), timeout=30)

@@ -25,18 +25,14 @@ from baaaht.bus.aio import AsyncBusClient
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import DEADLINE_GRACE, is_broker_unreachable
+from baaaht.bus.testing import run_async, wait_for
 from baaaht.schemas.bus import PeersQuery, Ping, ServicesQuery, StatsQuery
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
-from tests.harness import wait_for
 from tests.services.echo import Count, Say, SeenQuery
 
 CLIENTS = 8
 CTL = str(Path(sys.executable).parent / "baaaht-ctl")
-
-
-def run(coroutine, timeout: float = 60):
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
 def in_flight(host) -> int:
@@ -159,7 +155,7 @@ def test_async_clients_learn_of_a_killed_broker_at_once_and_are_served_again_soo
             await bus.close()
         return [at - killed_at for at in failed_at], [at - back_at for at in served_at]
 
-    errors, served = run(scenario())
+    errors, served = run_async(scenario())
     report("asyncio: error after the kill", errors)
     report("asyncio: served after the broker's return", served)
     assert max(errors) < 1.0
@@ -212,7 +208,7 @@ def test_async_client_recovers_from_a_hung_broker_through_heartbeats(echo):
                 except BusError:
                     await asyncio.sleep(0.05)
 
-    assert run(scenario(), timeout=30) == "after"
+    assert run_async(scenario(), timeout=30) == "after"
 
 
 def test_async_call_to_a_killed_service_fails_and_a_new_instance_serves(echo):
@@ -227,7 +223,7 @@ def test_async_call_to_a_killed_service_fails_and_a_new_instance_serves(echo):
             await asyncio.to_thread(echo.start_service, ECHO_SERVICE, "echo")
             return (await bus.call(Say(text="again"))).text
 
-    assert run(scenario()) == "again"
+    assert run_async(scenario()) == "again"
 
 
 def test_cancelling_an_async_call_cancels_it_at_the_service(echo):
@@ -247,7 +243,7 @@ def test_cancelling_an_async_call_cancels_it_at_the_service(echo):
             await asyncio.gather(reader, return_exceptions=True)
             await stream.aclose()
 
-    run(scenario())
+    run_async(scenario())
     client = echo.client()
     wait_for(lambda: client.call(SeenQuery()).cancelled_streams == 1, what="the stream's handler to stop")
 
@@ -263,7 +259,7 @@ def test_async_stream_of_a_killed_broker_ends_with_unavailable(echo):
                     pass
             return caught.value
 
-    assert is_broker_unreachable(run(scenario()))
+    assert is_broker_unreachable(run_async(scenario()))
 
 
 # -- a connected broker that never answers --------------------------------------------------------
@@ -307,7 +303,7 @@ def test_no_reply_by_the_deadline_is_timeout_from_both_faces(silent_broker):
                 await bus.call(Ping())
             return caught.value
 
-    error = run(scenario())
+    error = run_async(scenario())
     assert error.code == ErrorCode.TIMEOUT and not is_broker_unreachable(error)
 
 
@@ -336,7 +332,7 @@ def test_a_closing_client_tells_the_broker(silent_broker, face):
                 while not bus.connected:
                     await asyncio.sleep(0.01)
 
-        run(scenario(), timeout=10)
+        run_async(scenario(), timeout=10)
     assert wire.DISCONNECT in received_kinds(router, until=wire.DISCONNECT)
 
 

@@ -9,7 +9,7 @@ services outside it.
 - `Host` (and the `host`, `make_host` fixtures in `baaaht.bus.testing.fixtures`): a real broker
   and service processes on a private run directory.
 - Bounded waits: `Recorded.wait_until`, `FakeBus.wait_for_events`, `next_event` on a real
-  subscription, and `wait_for` (a poll) for what nothing announces.
+  subscription, `run_async` for a coroutine, and `wait_for` (a poll) for what nothing announces.
 - `code_of`, `error_of`, `context`.
 """
 
@@ -25,7 +25,7 @@ from baaaht.bus.testing.fakes import (
 )
 from baaaht.bus.testing.host import Host
 from baaaht.bus.testing.services import ServiceHarness, serving
-from baaaht.bus.testing.waits import Recorded, next_event, wait_for
+from baaaht.bus.testing.waits import Recorded, next_event, run_async, wait_for
 
 __all__ = [
     "Call",
@@ -40,6 +40,7 @@ __all__ = [
     "error_of",
     "next_event",
     "round_trip",
+    "run_async",
     "serving",
     "wait_for",
 ]

@@ -6,9 +6,10 @@ Prefer waiting on something that happens (`Recorded.wait_until`, an event on the
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Generic, Iterator, TypeVar
 
 from baaaht.bus.errors import BusError
 
@@ -121,3 +122,20 @@ def next_event(
             return delivery
         seen.append(delivery.topic)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; other topics seen: {seen[-20:]}")
+
+
+def run_async(coroutine: Awaitable[T], timeout: float = 60.0, what: str = "the coroutine") -> T:
+    """`asyncio.run(coroutine)`, failing after `timeout` seconds naming `what` (a TimeoutError the
+    coroutine raises itself passes as it is)."""
+
+    async def bounded() -> T:
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                return await coroutine
+        except TimeoutError:
+            if scope.expired():
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+            raise
+
+    return asyncio.run(bounded())
