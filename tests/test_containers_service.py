@@ -116,16 +116,21 @@ def test_a_policy_denial_creates_nothing(run_dir):
     assert service.runtime.containers == {}
 
 
-def denial(request) -> Decision:
+def decision_for(request, allowed: bool = True, **fields) -> Decision:
+    """The policy service's answer to `request`, enforcing its spec as it is."""
     return Decision(
         decision_id="d",
-        allowed=False,
-        outcome="deny",
+        allowed=allowed,
+        outcome="allow" if allowed else "deny",
         mode="strict",
         policy_version="1",
-        violations=[Violation(rule="security.root", message="root")],
         enforced=request.spec,
+        **fields,
     )
+
+
+def denial(request) -> Decision:
+    return decision_for(request, allowed=False, violations=[Violation(rule="security.root", message="root")])
 
 
 def test_an_unreachable_policy_service_refuses_the_create(run_dir):
@@ -604,7 +609,7 @@ def test_the_session_directory_passes_on_the_session_services_own_refusals():
 
 
 def test_the_policy_gate_sends_the_session_override():
-    bus = FakeBus(default=lambda request: replace_decision(request))
+    bus = FakeBus(default=decision_for)
     spec = ContainerSpec(image="busybox:1")
     override = {"images": {"allowed": ["busybox:*"]}}
     principal = Principal(user="alice", session_id="s1", role="agent")
@@ -621,7 +626,7 @@ def test_the_policy_gate_sends_the_session_override():
 def test_a_permissive_allowance_and_policy_warnings_reach_the_create_result(run_dir):
     def permissive(request) -> Decision:
         return msgspec.structs.replace(
-            replace_decision(request),
+            decision_for(request),
             outcome="permissive",
             mode="permissive",
             violations=[Violation(rule="security.root", message="runs as root")],
@@ -634,17 +639,6 @@ def test_a_permissive_allowance_and_policy_warnings_reach_the_create_result(run_
         "allowed in permissive mode despite security.root: runs as root",
         "policy mounts.symlink: an allowlist entry is a symlink",
     ]
-
-
-def replace_decision(request) -> Decision:
-    return Decision(
-        decision_id="d",
-        allowed=True,
-        outcome="allow",
-        mode="strict",
-        policy_version="1",
-        enforced=request.spec,
-    )
 
 
 # -- ownership, engine errors, session volumes ---------------------------------------------------------
