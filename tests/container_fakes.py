@@ -41,6 +41,7 @@ from baaaht.services.containers.runtime import (
 from baaaht.services.policy import defaults
 
 
+
 class FakeRuntime:
     name = "fake"
 

@@ -40,7 +40,9 @@ def start_sessions_host(make_host, session: dict | None = None, with_containers:
     return host
 
 
-def wait_for_state(client, session_id: str, state: SessionState, what: str, timeout: float = 10.0) -> SessionInfo:
+def wait_for_state(
+    client, session_id: str, state: SessionState, what: str, timeout: float = 10.0
+) -> SessionInfo:
     """The session once it is in `state`: now, or at the session.updated that puts it there."""
     with client.subscribe(["session.updated"]) as updates:  # before looking: no change is missed
         info = client.call(SessionGet(session_id=session_id))

@@ -30,7 +30,7 @@ def reply(request_id: str, kind: bytes = wire.REPLY, body: bytes = b"\x80", erro
     return [wire.reply(kind, request_id, body, error)]
 
 
-def error_of(delivered) -> BusError:
+def error_in(delivered) -> BusError:
     kind, header, body = delivered
     assert kind == wire.REPLY
     return BusError.from_body(wire.error_body.decode(body))
@@ -84,7 +84,7 @@ def test_a_disconnect_answers_every_call_in_flight_unavailable_at_once():
     calls = [open_call(client) for _ in range(3)]
     client.on_disconnected(0.5)
     for _call, replies, _ in calls:
-        assert len(replies) == 1 and is_broker_unreachable(error_of(replies[0]))
+        assert len(replies) == 1 and is_broker_unreachable(error_in(replies[0]))
     assert not client.connected
 
 
@@ -124,7 +124,7 @@ def test_a_connected_broker_silent_for_liveness_intervals_fails_calls_and_asks_f
     client.receive([wire.pack(wire.HEARTBEAT)], 1.0)
     assert client.tick(3.9)[1] is False
     assert client.tick(4.1) == ((), True)
-    assert is_broker_unreachable(error_of(replies[0])) and not client.connected
+    assert is_broker_unreachable(error_in(replies[0])) and not client.connected
     assert client.tick(10.0) == ((), False)  # nothing more until the new socket connects
 
 
@@ -133,7 +133,7 @@ def test_close_cancels_open_calls_and_disconnects_from_a_connected_broker():
     client.on_connected(0.0)
     call, replies, _ = open_call(client)
     assert client.close() == (wire.pack(wire.DISCONNECT),)
-    assert error_of(replies[0]).code == ErrorCode.CANCELLED
+    assert error_in(replies[0]).code == ErrorCode.CANCELLED
     assert core().close() == ()  # never connected: nobody to tell
 
 
@@ -144,7 +144,7 @@ def test_a_broker_error_reply_passes_through_with_its_code():
     body = msgspec.msgpack.encode(ErrorBody(code=ErrorCode.TIMEOUT, message="deadline passed"))
     client.receive(reply(call.id, body=body, error="TIMEOUT"), 0.5)
     kind, header, body = replies[0]
-    assert header.error == "TIMEOUT" and error_of(replies[0]).message == "deadline passed"
+    assert header.error == "TIMEOUT" and error_in(replies[0]).message == "deadline passed"
 
 
 # -- the subscriptions' ordering core (bus/subscription.py) -----------------------------------------

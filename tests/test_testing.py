@@ -37,7 +37,9 @@ from tests.services.echo import Count, EchoService, Emit, Say, Shout, Tick
 def test_the_fake_bus_answers_from_its_script_and_records_every_call():
     bus = FakeBus({PolicyValidate: ValidationResult(valid=True)})
     bus.answer("session.get", lambda request: not_found(f"no session {request.session_id}"))
-    assert bus.call(PolicyValidate(text="{}"), timeout=2.0, correlation_id="c1") == ValidationResult(valid=True)
+    assert bus.call(PolicyValidate(text="{}"), timeout=2.0, correlation_id="c1") == ValidationResult(
+        valid=True
+    )
     assert code_of(lambda: bus.call(SessionGet(session_id="s1"))) is ErrorCode.NOT_FOUND
     assert [(c.request, c.timeout, c.correlation_id) for c in bus.calls] == [
         (PolicyValidate(text="{}"), 2.0, "c1"),
@@ -173,7 +175,11 @@ def test_the_harness_fills_publisher_and_peers_with_a_recording_fake_bus():
     harness.bus.answer(SessionGet, lambda request: _session(request.session_id))
     assert harness.call(Poke(session_id="s1")) == Empty()
     assert harness.bus.events(Poked) == [Poked(valid=True)]
-    assert [type(r).__name__ for r in harness.bus.requests()] == ["SessionGet", "SessionGet", "PolicyValidate"]
+    assert [type(r).__name__ for r in harness.bus.requests()] == [
+        "SessionGet",
+        "SessionGet",
+        "PolicyValidate",
+    ]
     assert harness.bus.requests(PolicyValidate)[0].text == "{}"
     with pytest.raises(LookupError, match="Poking has no RPC echo.say"):
         harness.call(Say(text="x"))

@@ -199,4 +199,6 @@ def code_of(call: Callable[[], Any]) -> ErrorCode:
 
 def context(timeout: float = 10.0, *, caller: Caller | None = None, correlation_id: str = "") -> CallContext:
     """A CallContext as the runner makes one: a deadline `timeout` seconds from now."""
-    return CallContext(deadline=time.time() + timeout, caller=caller or Caller(), correlation_id=correlation_id)
+    return CallContext(
+        deadline=time.time() + timeout, caller=caller or Caller(), correlation_id=correlation_id
+    )

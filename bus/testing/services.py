@@ -39,7 +39,9 @@ def peer_service(parameter: str) -> str:
     for candidate in (parameter, parameter.removesuffix("s")):
         if requests_of(candidate):
             return candidate
-    raise TypeError(f"cannot tell which service the peer {parameter!r} is: pass peers={{{parameter!r}: NAME}}")
+    raise TypeError(
+        f"cannot tell which service the peer {parameter!r} is: pass peers={{{parameter!r}: NAME}}"
+    )
 
 
 class ServiceHarness(Generic[S]):
