@@ -20,7 +20,6 @@ from baaaht.bus.testing import (
     code_of,
     context,
     error_of,
-    next_event,
     serving,
     wait_for,
 )
@@ -29,7 +28,7 @@ from baaaht.schemas.containers import ContainerRemoved
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import PolicyValidate, ValidationResult
 from baaaht.schemas.sessions import SessionGet, SessionInfo, SessionState
-from tests.services.echo import Count, EchoService, Emit, Say, Shout, Tick
+from tests.services.echo import Count, EchoService, Say, Shout, Tick
 
 # -- the fake bus -------------------------------------------------------------------------------
 
@@ -107,16 +106,6 @@ def test_a_fake_stream_nobody_feeds_fails_instead_of_hanging():
     assert list(stream) == [1, 2]
     stream.close()
     assert stream.closed.is_set() and list(stream) == []
-
-
-def test_next_event_on_a_subscription_names_what_it_waited_for(echo):
-    client = echo.client()
-    with client.subscribe(["echo."]) as events:
-        client.call(Say(text="no event"))
-        with pytest.raises(AssertionError, match="waiting for a shout; other topics seen: \\[\\]"):
-            next_event(events, timeout=0.3, what="a shout")
-        client.call(Emit(text="one", times=1))
-        assert next_event(events, timeout=10, what="a shout").event == Shout(text="one")
 
 
 # -- the service harness ------------------------------------------------------------------------
