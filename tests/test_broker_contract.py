@@ -16,10 +16,10 @@ import pytest
 
 from baaaht.bus import wire
 from baaaht.bus.errors import BusError
+from baaaht.bus.testing import next_event, wait_for
 from baaaht.schemas.bus import EventsReplay, Ping, ServicesQuery, StatsQuery
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
-from tests.harness import wait_for
 from tests.services.echo import Say
 from tests.test_bus import next_reply, raw_dealer
 
@@ -40,8 +40,12 @@ def test_an_event_body_that_is_not_msgpack_is_refused_and_never_replayed(echo):
         assert header.error == "INVALID_ARGUMENT"
         error = wire.error_body.decode(body)
         assert "not one msgpack value" in error.message and error.details == {"topic": "agent.progress"}
-        agent.send(wire.pack(wire.EVENT, b"agent.progress", msgspec.msgpack.encode({"done": 1})))
-        wait_for(lambda: echo.client().call(EventsReplay(limit=0)).last_seq == before + 1)
+        with echo.client().subscribe(["agent.progress"]) as progress:
+            agent.send(wire.pack(wire.EVENT, b"agent.progress", msgspec.msgpack.encode({"done": 1})))
+            done = next_event(
+                progress, lambda d: msgspec.msgpack.decode(d.body) == {"done": 1}, what="the good event"
+            )
+            assert done.seq == before + 1  # the refused one took no number
     finally:
         agent.close(0)
     replayed = echo.client().call(EventsReplay(since=before))
@@ -63,7 +67,7 @@ def test_a_deadline_is_answered_timeout_at_its_time_not_at_the_next_tick(make_ho
     mute.send(wire.pack(wire.REGISTER, body=msgspec.msgpack.encode(register)))
     dealer = raw_dealer(host)
     try:
-        wait_for(lambda: host.client().call(ServicesQuery(service="mute")).services, what="mute to register")
+        host.wait_service_up("mute")
         took = []
         for n in range(3):  # wherever the deadline falls between two ticks
             started = time.monotonic()
@@ -204,9 +208,10 @@ def test_operator_cli_runs_leave_no_errors_in_the_counters(echo):
         )
         assert listed.returncode == 0, listed.stderr
     # a departed ctl's heartbeat is never counted: wait until the broker has heartbeated a few times
-    ticks = echo.client().call(StatsQuery()).messages_out
-    wait_for(lambda: echo.client().call(StatsQuery()).messages_out > ticks + 10)
-    assert echo.client().call(StatsQuery()).errors == before
+    probe = echo.client()
+    ticks = probe.call(StatsQuery()).messages_out
+    wait_for(lambda: probe.call(StatsQuery()).messages_out > ticks + 10, what="10 broker messages out")
+    assert probe.call(StatsQuery()).errors == before
 
 
 def test_a_fuzzing_peer_costs_a_bounded_number_of_log_lines(host):
@@ -214,7 +219,8 @@ def test_a_fuzzing_peer_costs_a_bounded_number_of_log_lines(host):
     try:
         for n in range(10_000):
             dealer.send(b"junk" if n % 2 else wire.pack(wire.REQUEST, b"\xc1"))
-        wait_for(lambda: host.client().call(StatsQuery()).malformed >= 10_000, what="every frame counted")
+        probe = host.client()
+        wait_for(lambda: probe.call(StatsQuery()).malformed >= 10_000, what="every frame counted")
         wait_for(lambda: "more malformed messages" in host.log("broker"), what="the summary line")
     finally:
         dealer.close(0)

@@ -21,11 +21,11 @@ from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
 from baaaht.bus.runner import ServiceRunner
 from baaaht.bus.service import Service
+from baaaht.bus.testing import wait_for
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.bus import EventsReplay, PeersQuery, Ping, ServicesQuery, StatsQuery
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
-from tests.harness import wait_for
 from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
 
 

@@ -90,18 +90,26 @@ class Host:
             self.wait_registered(service or name, process.pid)
         return process
 
-    def wait_registered(self, service: str, pid: int, timeout: float = REGISTER_TIMEOUT) -> None:
-        """Until the instance of process `pid` has registered (its bus.service.up, replayed if it
-        came first) and reported itself started (no event says that: a short bounded poll)."""
+    def wait_service_up(
+        self, service: str, instance: str = "", timeout: float = REGISTER_TIMEOUT, what: str = ""
+    ) -> ServiceUp:
+        """Until an instance of `service` (whose id ends with `instance`, when given) has registered:
+        its bus.service.up, replayed from the broker's history when it came first."""
         probe = self.client(timeout=0.5)
-        suffix = f"-{pid}"  # the runner's instance id is HOST-PID
 
         def this_instance(delivery) -> bool:
             up = delivery.event
-            return isinstance(up, ServiceUp) and up.service == service and up.instance.endswith(suffix)
+            return isinstance(up, ServiceUp) and up.service == service and up.instance.endswith(instance)
 
         with probe.subscribe([topic_of(ServiceUp)], since=0) as ups:
-            next_event(ups, this_instance, timeout, f"service {service} (pid {pid}) to register")
+            return next_event(ups, this_instance, timeout, what or f"service {service} to register").event
+
+    def wait_registered(self, service: str, pid: int, timeout: float = REGISTER_TIMEOUT) -> None:
+        """Until the instance of process `pid` has registered and reported itself started (no event
+        says that: a short bounded poll after its bus.service.up)."""
+        # The runner's instance id is HOST-PID.
+        self.wait_service_up(service, f"-{pid}", timeout, f"service {service} (pid {pid}) to register")
+        probe = self.client(timeout=0.5)
 
         def started() -> bool:
             services = probe.call(ServicesQuery(service=service)).services
