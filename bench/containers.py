@@ -13,30 +13,28 @@ import concurrent.futures
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))  # for tests.harness
+import docker
+import msgspec
 
-import docker  # noqa: E402
-import msgspec  # noqa: E402
-
-from baaaht.host.images import ensure_busybox_image  # noqa: E402
-from baaaht.schemas.containers import (  # noqa: E402
+from baaaht.bus.testing import Host
+from baaaht.host.images import ensure_busybox_image
+from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerDestroy,
     ContainerSpec,
     ContainerStart,
     ContainerWait,
 )
-from baaaht.schemas.sessions import SessionCreate  # noqa: E402
-from baaaht.services.containers.docker_runtime.spec import create_args  # noqa: E402
-from baaaht.services.containers.ownership import LABEL_INSTALL  # noqa: E402
-from tests.harness import Host  # noqa: E402
+from baaaht.schemas.sessions import SessionCreate
+from baaaht.services.containers.docker_runtime.spec import create_args
+from baaaht.services.containers.ownership import LABEL_INSTALL
+
+ROOT = Path(__file__).resolve().parent
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20"))
 CONCURRENT = int(os.environ.get("BENCH_CONCURRENT", "10"))

@@ -17,17 +17,15 @@ import os
 import shutil
 import sqlite3
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))  # for tests.harness
+from baaaht.bus.testing import Host
+from baaaht.schemas.sessions import SessionCreate, SessionSendMessage
 
-from baaaht.schemas.sessions import SessionCreate, SessionSendMessage  # noqa: E402
-from tests.harness import Host  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
 WARMUP = 0.5

@@ -5,9 +5,8 @@ from pathlib import Path
 import docker.api.client
 import pytest
 
-pytest_plugins = ["baaaht.bus.testing.fixtures"]  # host, make_host
-
-pytest_plugins = ["pytester"]  # tests/test_unit_boundary.py runs pytest on made-up test files
+# host, make_host from the test kit; pytester: tests/test_unit_boundary.py runs pytest on made-up test files
+pytest_plugins = ["baaaht.bus.testing.fixtures", "pytester"]
 
 ECHO_SERVICE = str(Path(__file__).parent / "services" / "echo.py")
 
@@ -35,6 +34,7 @@ UNIT_TEST_FILES = frozenset(
         "test_sessions_service.py",
         "test_sessions_states.py",
         "test_sessions_store.py",
+        "test_testing.py",
     }
 )
 

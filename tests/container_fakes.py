@@ -41,7 +41,6 @@ from baaaht.services.containers.runtime import (
 from baaaht.services.policy import defaults
 
 
-
 class FakeRuntime:
     name = "fake"
 

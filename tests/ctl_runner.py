@@ -3,7 +3,7 @@ installed console script in its own process."""
 
 from __future__ import annotations
 
-import queue
+import itertools
 import signal
 import subprocess
 import sys
@@ -13,8 +13,8 @@ from typing import Callable
 
 from typer.testing import CliRunner
 
+from baaaht.bus.testing import Recorded
 from baaaht.ctl.main import app
-from tests.harness import wait_for
 
 CTL = str(Path(sys.executable).parent / "baaaht-ctl")
 
@@ -32,8 +32,9 @@ def invoke_app(args: list[str], expect: int | None = None, stdin: str | None = N
     return result
 
 
-def invoke(host, *args: str, expect: int | None = 0, stdin: str | None = None):
-    return invoke_app([*host_args(host), *args], expect, stdin)
+def invoke(host, *args: str, json: bool = False, expect: int | None = 0, stdin: str | None = None):
+    """baaaht-ctl in this process against `host`, with `--json` when `json`."""
+    return invoke_app([*host_args(host), *args, *(["--json"] if json else [])], expect, stdin)
 
 
 def run(host, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -54,9 +55,15 @@ def popen(host, *args: str) -> subprocess.Popen:
 
 def line_reader(process: subprocess.Popen, what: str) -> Callable[[], str]:
     """A function that returns the process's next line of stdout, waiting for it (bounded)."""
-    printed: queue.SimpleQueue[str] = queue.SimpleQueue()
-    threading.Thread(target=lambda: [printed.put(line) for line in process.stdout], daemon=True).start()
-    return lambda: wait_for(lambda: None if printed.empty() else printed.get(), what=what)
+    printed: Recorded[str] = Recorded()
+    threading.Thread(target=lambda: [printed.append(line) for line in process.stdout], daemon=True).start()
+    position = itertools.count()
+
+    def next_line() -> str:
+        index = next(position)
+        return printed.wait_for_count(index + 1, what=what)[index]  # woken by the line, not polled
+
+    return next_line
 
 
 def reap(process: subprocess.Popen) -> None:

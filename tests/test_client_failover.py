@@ -1,6 +1,6 @@
 """Both client faces when things go wrong: broker killed or hung, deadlines, clean departure.
 
-Real broker and service processes (tests/harness.py); a bare ROUTER stands in for a
+Real broker and service processes (the test kit's Host); a bare ROUTER stands in for a
 broker that accepts connections and never answers.
 """
 

@@ -8,11 +8,11 @@ import signal
 
 import pytest
 
+from baaaht.bus.testing import code_of, next_event
 from baaaht.schemas.containers import ContainerGet, ContainerStart, ContainerWait
 from baaaht.schemas.errors import ErrorCode
 from tests import container_support, ctl_runner
-from tests.harness import wait_for
-from tests.test_containers_bus import SETTINGS, Orchestrator, code_of
+from tests.test_containers_bus import SETTINGS, Orchestrator
 
 pytestmark = pytest.mark.docker
 
@@ -115,8 +115,10 @@ def test_run_detached_with_rm_is_removed_by_the_engine_when_it_ends(orchestrator
     session = orchestrator.session()
     container = ctl("run", "-d", "--rm", "-s", session, busybox, "--", "sleep", "600").stdout.strip()
     assert orchestrator.bus.call(ContainerGet(id=container)).state == "running"
-    ctl("kill", container)
-    wait_for(lambda: orchestrator.on_engine(session) == [], what="the engine to remove the container")
+    with orchestrator.bus.subscribe(["container.removed"]) as removals:
+        ctl("kill", container)
+        next_event(removals, lambda d: d.event.container_id == container, what="the container's removal")
+    assert orchestrator.on_engine(session) == []
     assert code_of(lambda: orchestrator.bus.call(ContainerGet(id=container))) is ErrorCode.NOT_FOUND
 
 
@@ -125,9 +127,10 @@ def test_logs_follow_ends_cleanly_on_ctrl_c(orchestrator, busybox):
     orchestrator.bus.call(ContainerStart(id=container))
     follower = ctl_runner.popen(orchestrator.host, "containers", "logs", "-f", container)
     try:
-        assert wait_for(lambda: follower.stdout.readline(), what="the first followed line") == "first\n"
+        assert ctl_runner.line_reader(follower, "the first followed line")() == "first\n"
         follower.send_signal(signal.SIGINT)
-        _out, err = follower.communicate(timeout=15)
+        follower.wait(15)
+        err = follower.stderr.read()
     finally:
         ctl_runner.reap(follower)
     assert follower.returncode == 0 and "interrupted" in err and "Traceback" not in err

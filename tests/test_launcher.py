@@ -20,6 +20,7 @@ from supervisor.options import ClientOptions, ServerOptions
 
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
+from baaaht.bus.testing import wait_for
 from baaaht.common.config import ConfigError, load_config
 from baaaht.host.launcher import (
     HostAlreadyRunning,
@@ -31,7 +32,6 @@ from baaaht.host.launcher import (
 )
 from baaaht.schemas.bus import Ping
 from baaaht.schemas.policy import PolicyGet, PolicyReloaded
-from tests.harness import wait_for, with_sigint
 
 PROGRAMS = {
     "broker": "baaaht.bus.broker",
@@ -39,6 +39,20 @@ PROGRAMS = {
     "container": "baaaht.services.containers",
     "session": "baaaht.services.sessions",
 }
+
+
+# Runs argv[2:] with SIGINT set to argv[1] (SIG_DFL or SIG_IGN): exec keeps a default or ignored disposition,
+# so the program starts with it whatever this test process inherited (a suite run as a background job
+# inherits SIGINT ignored).
+_WITH_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, getattr(signal, sys.argv[1]));"
+    " os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def with_sigint(disposition: str, argv: list[str]) -> list[str]:
+    """argv started with SIGINT "SIG_DFL" (as a foreground command in a terminal) or "SIG_IGN"."""
+    return [sys.executable, "-c", _WITH_SIGINT, disposition, *argv]
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from baaaht.bus.errors import BusError
+from baaaht.bus.testing import Recorded, next_event, wait_for
 from baaaht.schemas.containers import ContainerSpec, Resources
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import (
@@ -21,7 +22,6 @@ from baaaht.schemas.policy import (
     Principal,
 )
 from baaaht.services.policy import audit
-from tests.harness import wait_for
 
 SPEC = ContainerSpec(
     image="busybox:1.36",
@@ -81,20 +81,23 @@ def test_decisions_violations_and_fail_closed_errors_over_the_bus(policy_host):
     assert caught.value.code == ErrorCode.INVALID_ARGUMENT and "quotas.max_pidz" in caught.value.message
 
 
-def swap_under_load(host, client, decisions: list, text: str, loads: bool) -> None:
+def swap_under_load(host, client, decisions: Recorded, text: str, loads: bool) -> None:
     """Replace the policy file; wait until the new policy (or, for a bad file, its refusal) is in
     force and more decisions have been made."""
     before = client.call(PolicyGet()).version
     seen = len(decisions)
-    replace_policy(host.policy_path, text)
     if loads:
-        wait_for(lambda: client.call(PolicyGet()).version != before, what="the new file to be loaded")
+        with client.subscribe(["policy.reloaded"]) as reloads:
+            replace_policy(host.policy_path, text)
+            next_event(reloads, what="the new file to be loaded")
+        assert client.call(PolicyGet()).version != before
     else:
+        replace_policy(host.policy_path, text)
         with pytest.raises(BusError) as caught:
             client.call(PolicyReload())  # the poller refuses it too; this shows the reason
         assert "quotas.max_pid: unknown field" in caught.value.message
         assert client.call(PolicyGet()).version == before
-    wait_for(lambda: len(decisions) > seen + 10, what="decisions under the new policy")
+    decisions.wait_for_count(seen + 11, what="decisions under the new policy")
 
 
 def test_hot_reload_under_load(policy_host):
@@ -103,7 +106,8 @@ def test_hot_reload_under_load(policy_host):
     client = policy_host.client()
     strict_version = client.call(PolicyGet()).version
     stop = threading.Event()
-    decisions, failures = [], []
+    decisions: Recorded = Recorded()
+    failures = []
 
     def evaluate_forever():
         own = policy_host.client()
@@ -135,7 +139,7 @@ def test_hot_reload_under_load(policy_host):
 
 
 def test_sigkill_mid_load_and_restart_keep_the_chain(policy_host):
-    acknowledged = []
+    acknowledged: Recorded[str] = Recorded()
     stop = threading.Event()
 
     def evaluate_forever():
@@ -150,11 +154,11 @@ def test_sigkill_mid_load_and_restart_keep_the_chain(policy_host):
     for worker in workers:
         worker.start()
     try:
-        wait_for(lambda: len(acknowledged) > 20, what="decisions before the kill")
+        acknowledged.wait_for_count(21, what="decisions before the kill")
         policy_host.kill("policy", signal.SIGKILL)
         start_policy(policy_host)
         count = len(acknowledged)
-        wait_for(lambda: len(acknowledged) > count + 20, what="decisions after the restart")
+        acknowledged.wait_for_count(count + 21, what="decisions after the restart")
     finally:
         stop.set()
         for worker in workers:
@@ -176,5 +180,7 @@ def test_sighup_reloads(make_host, tmp_path):
     client = host.client()
     assert not client.call(PolicyEvaluate(spec=SPEC)).allowed
     replace_policy(policy_path, PIDS_200)
-    host.processes["policy"].send_signal(signal.SIGHUP)
-    wait_for(lambda: client.call(PolicyEvaluate(spec=SPEC)).allowed, what="SIGHUP to load the new file")
+    with client.subscribe(["policy.reloaded"]) as reloads:
+        host.processes["policy"].send_signal(signal.SIGHUP)
+        next_event(reloads, what="SIGHUP to load the new file")
+    assert client.call(PolicyEvaluate(spec=SPEC)).allowed

@@ -7,11 +7,11 @@ import signal
 
 import pytest
 
+from baaaht.bus.testing import wait_for
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.policy import PolicyEvaluate, PolicyGet
 from baaaht.services.policy import audit
 from tests import ctl_runner
-from tests.harness import wait_for
 
 ALLOWED = '{"image": "busybox:1.36", "user": "1000:1000", "read_only_rootfs": true}'
 DENIED = '{"image": "busybox", "user": "0", "privileged": true}'

@@ -17,7 +17,6 @@ from baaaht.schemas.policy import (
 )
 from baaaht.services.policy import defaults, engine, overrides
 from baaaht.services.policy.mounts import HostPaths
-from tests.harness import wait_for
 from tests.test_policy_service import World, started
 
 MIB = 1024 * 1024
@@ -136,7 +135,7 @@ def test_a_refused_reload_is_published_and_shown_by_policy_get(world):
     first = service.get(PolicyGet())
     assert first.last_reload.ok and first.last_reload.source.endswith("policy.yaml")
     world.write("quotas:\n  max_pids: 0\n")
-    wait_for(lambda: world.bus.events(PolicyReloadFailed), what="policy.reload_failed")
+    world.bus.wait_for_events(PolicyReloadFailed, what="policy.reload_failed")
     (failed,) = world.bus.events(PolicyReloadFailed)
     assert failed.errors[0].path == "quotas.max_pids"
     info = service.get(PolicyGet())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -9,8 +10,7 @@ import threading
 import msgspec
 import pytest
 
-from baaaht.bus.background import Background
-from baaaht.bus.errors import BusError
+from baaaht.bus.testing import FakeBus, error_of, serving, wait_for
 from baaaht.common.policy.document import HostDefaults
 from baaaht.schemas.containers import ContainerSpec, Resources
 from baaaht.schemas.errors import ErrorCode
@@ -28,8 +28,6 @@ from baaaht.schemas.policy import (
 from baaaht.services.policy import audit
 from baaaht.services.policy.mounts import HostPaths
 from baaaht.services.policy.service import PolicyFile, PolicyService
-from tests.harness import wait_for
-from tests.session_doubles import FakeBus
 
 DEFAULTS = HostDefaults(max_memory=512 * 1024 * 1024, max_containers=10)
 SPEC = ContainerSpec(
@@ -53,7 +51,7 @@ class World:
         self.audit_path = tmp_path / "data" / "audit" / "policy.jsonl"
         self.bus = FakeBus()
         self.service: PolicyService | None = None
-        self.background: Background | None = None
+        self.serving = contextlib.ExitStack()
 
     def make(self, reload_interval: float = 0.05) -> PolicyService:
         return PolicyService(
@@ -68,17 +66,12 @@ class World:
     def start(self, service: PolicyService) -> PolicyService:
         """What the runner does: on_start, then the background work."""
         self.stop()
-        self.service = service
-        service.on_start()
-        self.background = Background.of_service(service)
-        self.background.start()
+        self.service = self.serving.enter_context(serving(service))
         return service
 
     def stop(self) -> None:
-        if self.service is not None:
-            self.background.stop()
-            self.service.on_stop()
-            self.service = None
+        self.serving.close()
+        self.service = None
 
     def write(self, text: str) -> None:
         partial = self.policy_path.with_suffix(".tmp")
@@ -100,12 +93,6 @@ def started(world: World, text: str | None = None, reload_interval: float = 0.05
     if text is not None:
         world.write(text)
     return world.start(world.make(reload_interval))
-
-
-def error_of(call) -> BusError:
-    with pytest.raises(BusError) as caught:
-        call()
-    return caught.value
 
 
 def test_without_a_file_the_builtin_policy_is_in_force(world):
@@ -200,7 +187,8 @@ def test_a_bad_file_at_start_fails_closed_until_fixed(world):
     (failure,) = world.bus.events(PolicyReloadFailed)
     assert [e.path for e in failure.errors] == ["quotas.max_pids"]
     world.write(PIDS_200)
-    wait_for(lambda: service.health_report()[0], what="the fixed file to be loaded")
+    world.bus.wait_for_events(PolicyReloaded, what="the fixed file to be loaded")
+    assert service.health_report() == (True, "")
     assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
 
 
@@ -237,13 +225,14 @@ def test_file_changes_are_picked_up_by_polling(world):
     first = service.get(PolicyGet()).version
     world.write(PIDS_200)
     # The new policy is in force a moment before its event is published: wait on the event.
-    wait_for(lambda: len(world.bus.events(PolicyReloaded)) == 2, what="the changed file to be loaded")
+    world.bus.wait_for_events(PolicyReloaded, count=2, what="the changed file to be loaded")
     assert service.get(PolicyGet()).version != first
     assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
     reloaded = world.bus.events(PolicyReloaded)[-1]
     assert reloaded.previous_version == first
     world.policy_path.unlink()
-    wait_for(lambda: service.get(PolicyGet()).source == "built-in", what="the built-in policy after removal")
+    world.bus.wait_for_events(PolicyReloaded, count=3, what="the built-in policy after removal")
+    assert service.get(PolicyGet()).source == "built-in"
 
 
 def test_the_reload_hook_reloads_at_once(world):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import orjson
 import pytest
 
@@ -17,10 +19,7 @@ def host(make_host):
 
 @pytest.fixture
 def run(host):
-    def invoke(*args: str, json: bool = False, expect: int = 0, stdin: str | None = None):
-        return ctl_runner.invoke(host, *args, *(["--json"] if json else []), expect=expect, stdin=stdin)
-
-    return invoke
+    return functools.partial(ctl_runner.invoke, host)
 
 
 def fields(text: str) -> dict[str, str]:

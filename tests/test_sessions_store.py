@@ -8,9 +8,9 @@ from typing import Callable
 
 import pytest
 
+from baaaht.bus.testing import wait_for
 from baaaht.schemas.sessions import Message, SessionContainer, SessionInfo, SessionState
 from baaaht.services.sessions.store import SCHEMA_VERSION, SessionStore, StoreError, Transaction
-from tests.harness import wait_for
 
 
 def session(session_id: str, owner: str = "alice", state=SessionState.ACTIVE, **labels: str) -> SessionInfo:

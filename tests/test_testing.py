@@ -83,7 +83,7 @@ def test_recorded_waits_are_woken_by_appends_and_bounded():
     recorded: Recorded[int] = Recorded()
     threading.Timer(0.05, recorded.append, args=(7,)).start()
     assert recorded.wait_for_count(1, timeout=10) == [7]
-    with pytest.raises(AssertionError, match=r"waiting for 2 records; recorded: \[7\]"):
+    with pytest.raises(AssertionError, match=r"waiting for 2 records; recorded 1, the last: \[7\]"):
         recorded.wait_for_count(2, timeout=0.05)
 
 

@@ -15,6 +15,7 @@ from baaaht.bus.errors import BusError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 10.0
+SHOWN = 10  # records a timed-out wait shows
 
 
 def wait_for(
@@ -81,24 +82,26 @@ class Recorded(Generic[T]):
         self, check: Callable[[list[T]], Any], timeout: float = DEFAULT_TIMEOUT, what: str = "a record"
     ) -> Any:
         """Block until `check(items)` is truthy (and return that), re-checking at every append;
-        fail after `timeout` seconds naming `what` and showing what was recorded."""
+        fail after `timeout` seconds naming `what` and showing what was recorded last. `check` is
+        handed the list itself, under the lock: it reads, never keeps or changes it."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                result = check(list(self._items))
+                result = check(self._items)
                 if result:
                     return result
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(
-                        f"timed out after {timeout}s waiting for {what}; recorded: {self._items!r}"
+                        f"timed out after {timeout}s waiting for {what}; recorded {len(self._items)}"
+                        f", the last: {self._items[-SHOWN:]!r}"
                     )
                 self._changed.wait(remaining)
 
     def wait_for_count(self, count: int, timeout: float = DEFAULT_TIMEOUT, what: str = "") -> list[T]:
         """Block until at least `count` items are recorded; the items."""
         return self.wait_until(
-            lambda items: items if len(items) >= count else None,
+            lambda items: list(items) if len(items) >= count else None,
             timeout,
             what or f"{count} record{'s' if count != 1 else ''}",
         )
