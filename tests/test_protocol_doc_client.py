@@ -11,8 +11,8 @@ import msgspec
 import pytest
 import zmq
 
+from baaaht.bus.testing import Host
 from tests.conftest import ECHO_SERVICE
-from tests.harness import Host
 
 # "Messages": envelope = "BHT1" | kind | header length (2 bytes, big-endian) | header | body
 REQUEST, REPLY, PARTIAL, CANCEL, HEARTBEAT, DISCONNECT, EVENT = (
