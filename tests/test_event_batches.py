@@ -7,8 +7,8 @@ import pytest
 
 from baaaht.bus import wire
 from baaaht.bus.connection import _EventBatch
+from baaaht.bus.testing import wait_for
 from baaaht.schemas.bus import EventsReplay, StatsQuery
-from tests.harness import wait_for
 from tests.test_bus import next_reply, raw_dealer
 
 
