@@ -24,40 +24,20 @@ import msgspec
 import zmq.asyncio
 
 from baaaht.bus import wire
-from baaaht.bus.client import PendingCall, client_settings, decoder_for, response_type_of
-from baaaht.bus.connection import Connection
+from baaaht.bus.client import ClientFace, PendingCall, decoder_for, response_type_of
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import Reply
 from baaaht.bus.subscription import Delivery, EventOrder, sub_socket
 from baaaht.schemas.base import Event, Request, target_of, topic_of
-from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode
 
 _encode = msgspec.msgpack.Encoder().encode
 
 
-class AsyncBusClient:
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        events_endpoint: str = "",
-        timeout: float = 10.0,
-        heartbeat_interval: float = 1.0,
-        liveness: int = 3,
-        connection: Connection | None = None,
-    ):
-        self.endpoint = endpoint
-        self.events_endpoint = events_endpoint
-        self.timeout = timeout
+class AsyncBusClient(ClientFace):
+    def __init__(self, endpoint: str, **settings: Any):
+        super().__init__(endpoint, **settings)
         self.context = zmq.asyncio.Context.instance()  # for the subscriptions' SUB sockets
-        self.connection = connection or Connection(
-            endpoint, heartbeat_interval=heartbeat_interval, liveness=liveness
-        )
-
-    @classmethod
-    def for_config(cls, config: Config, *, timeout: float | None = None) -> "AsyncBusClient":
-        return cls(**client_settings(config, timeout))
 
     @property
     def connected(self) -> bool:

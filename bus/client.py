@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterator, Self
 
 import msgspec
 
@@ -57,7 +57,11 @@ def response_type_of(request: Request) -> type:
     return Empty if response is type(None) else response
 
 
-class BusClient:
+class ClientFace:
+    """What both faces of the one connection are made of (BusClient here, AsyncBusClient in
+    bus/aio.py): the services endpoint or a connection to share, the event stream's endpoint and
+    the default timeout of a call."""
+
     def __init__(
         self,
         endpoint: str,
@@ -76,9 +80,11 @@ class BusClient:
         )
 
     @classmethod
-    def for_config(cls, config: Config, *, timeout: float | None = None) -> "BusClient":
+    def for_config(cls, config: Config, *, timeout: float | None = None) -> Self:
         return cls(**client_settings(config, timeout))
 
+
+class BusClient(ClientFace):
     def __enter__(self) -> "BusClient":
         return self
 

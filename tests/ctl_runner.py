@@ -66,6 +66,12 @@ def line_reader(process: subprocess.Popen, what: str) -> Callable[[], str]:
     return next_line
 
 
+def stderr_once_ended(process: subprocess.Popen, timeout: float = 15) -> str:
+    """What the process wrote to stderr, once it has ended (within `timeout` seconds)."""
+    process.wait(timeout)
+    return process.stderr.read()
+
+
 def reap(process: subprocess.Popen) -> None:
     """Kill the process if it still runs, and close its pipes."""
     if process.poll() is None:

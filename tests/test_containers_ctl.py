@@ -129,8 +129,7 @@ def test_logs_follow_ends_cleanly_on_ctrl_c(orchestrator, busybox):
     try:
         assert ctl_runner.line_reader(follower, "the first followed line")() == "first\n"
         follower.send_signal(signal.SIGINT)
-        follower.wait(15)
-        err = follower.stderr.read()
+        err = ctl_runner.stderr_once_ended(follower)
     finally:
         ctl_runner.reap(follower)
     assert follower.returncode == 0 and "interrupted" in err and "Traceback" not in err

@@ -200,8 +200,7 @@ def test_audit_tail_follow_ends_cleanly_on_ctrl_c(host):
         followed = next_line()
         assert followed.split()[0] == "2" and "security.root" in followed
         follower.send_signal(signal.SIGINT)
-        follower.wait(15)
-        err = follower.stderr.read()
+        err = ctl_runner.stderr_once_ended(follower)
     finally:
         ctl_runner.reap(follower)
     assert follower.returncode == 0 and "interrupted" in err and "Traceback" not in err

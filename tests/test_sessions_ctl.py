@@ -91,8 +91,7 @@ def test_watch_shows_history_then_live_messages_once_each_until_closed(host):
             client.call(SessionSendMessage(session_id=session_id, content=f"live {n}"))
         client.call(SessionClose(session_id=session_id))
         shown += [next_line() for _ in range(3)]
-        watcher.wait(15)
-        err = watcher.stderr.read()
+        err = ctl_runner.stderr_once_ended(watcher)
     finally:
         ctl_runner.reap(watcher)
     assert [line.rstrip("\n").split("] ", 1)[1] for line in shown] == [
