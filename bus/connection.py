@@ -95,6 +95,7 @@ class Connection:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # envelopes, Calls, _Abandons
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closing = threading.Event()
+        self._connected = threading.Event()  # set once the socket has connected (and registered)
         self._dealer, self._monitor = new_dealer(self.context, endpoint)
         self._thread = threading.Thread(target=self._run, name="baaaht-bus-io", daemon=True)
         self._thread.start()
@@ -105,6 +106,11 @@ class Connection:
         return self.core.refused
 
     # -- caller side (any thread) -------------------------------------------------------------
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Whether the socket has connected within `timeout`; a service's REGISTER was sent by then,
+        so whatever is sent after it reaches the broker after the REGISTER."""
+        return self._connected.wait(timeout)
 
     def send(self, envelope: bytes) -> None:
         self._put(envelope)
@@ -171,6 +177,7 @@ class Connection:
             event = monitor_event(self._monitor.recv_multipart())
             if event == zmq.EVENT_CONNECTED:
                 self._send_all(self.core.on_connected(now))
+                self._connected.set()
             elif event == zmq.EVENT_DISCONNECTED:
                 self.core.on_disconnected(now)
 

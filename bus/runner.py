@@ -28,7 +28,7 @@ from baaaht.bus.errors import BusError, validation_error
 from baaaht.bus.service import CallContext, RpcSpec, Service, topic_matches
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty
-from baaaht.schemas.bus import HealthReport, Register
+from baaaht.schemas.bus import HealthReport, Ping, Register
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode
 
@@ -44,7 +44,7 @@ class ServiceRunner:
     it. The order, on the way up and down:
 
         on_start -> healthy -> background work -> ... stop() ... -> unhealthy -> in-flight calls
-        finish (up to the drain timeout) -> background work stops -> DISCONNECT -> on_stop
+        finish (up to the drain timeout) -> background work stops -> on_stop -> DISCONNECT (close)
     """
 
     def __init__(
@@ -245,6 +245,7 @@ class ServiceRunner:
             raise TypeError(f"a {self.service_type.__name__} runner cannot serve a {type(service).__name__}")
         events = [Task("events", self._follow_events)] if self.event_handlers else []
         self.background = Background.of_service(service, *events)
+        self._await_registration()
         try:
             service.on_start()
         except BaseException:
@@ -265,12 +266,32 @@ class ServiceRunner:
             context.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.background.stop()
-        self.connection.send(wire.pack(wire.DISCONNECT))
+        # on_stop while still registered (unhealthy): after a DISCONNECT the next health heartbeat
+        # would have the broker ask us to register again. close() sends the one DISCONNECT.
         service.on_stop()
         self.connection.close()
         log.info("stopped", extra={"service": self.name})
         if self.connection.refused is not None:
-            raise SystemExit(f"{self.name}: registration refused: {self.connection.refused.message}")
+            raise self._refusal()
+
+    def _await_registration(self) -> None:
+        """Registered as STARTING before `on_start`: the broker handles one connection's messages in
+        order, so its answer to a Ping sent after our REGISTER means it has the REGISTER. A broker not
+        up yet is waited for no longer than the silence limit: it gets the REGISTER when it comes."""
+        limit = self.connection.core.silence_limit
+        if not self.connection.wait_connected(limit):
+            log.warning("starting before the broker is up", extra={"endpoint": self.endpoints.services})
+            return
+        try:
+            self.bus.call(Ping(), timeout=limit)
+        except BusError as exc:
+            log.warning("starting before the broker confirmed the registration", extra={"reason": exc.message})
+        if self.connection.refused is not None:  # the refusal arrives before the Pong: do not start
+            self.close()
+            raise self._refusal()
+
+    def _refusal(self) -> SystemExit:
+        return SystemExit(f"{self.name}: registration refused: {self.connection.refused.message}")
 
     def _serve_until_stopped(self) -> None:
         while not self.stopped.is_set():
@@ -300,8 +321,7 @@ class ServiceRunner:
 
     def close(self) -> None:
         """Leave without having served (the service could not be built or started)."""
-        self.connection.send(wire.pack(wire.DISCONNECT))
-        self.connection.close()
+        self.connection.close()  # sends the DISCONNECT
         self.pool.shutdown(wait=False)
 
     def handle_signals(self) -> None:

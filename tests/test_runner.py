@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import ClassVar
 
 import pytest
@@ -15,7 +16,7 @@ from baaaht.bus.service import Service, rpc
 from baaaht.bus.testing import wait_for
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty, Request
-from baaaht.schemas.bus import ServicesQuery
+from baaaht.schemas.bus import ServicesQuery, StatsQuery
 from tests.conftest import ECHO_SERVICE
 from tests.services.echo import Say, SeenQuery
 
@@ -85,7 +86,37 @@ def test_the_life_cycle_runs_in_order_around_registration(host):
     assert states["on_start"] == (False, STARTING)  # registered, but nothing is routed to it yet
     assert states["background started"] is not None  # started after registration...
     assert states["background stopped"] is not None  # ...and stopped before unregistering
+    assert states["on_stop"] == (False, "shutting down")  # unregistered only after on_stop
     wait_for(lambda: instance_state(probe, "ordered") is None, what="the instance to unregister")
+
+
+class SlowToStop(Service):
+    name = "slowtostop"
+
+    def __init__(self, heartbeats: float):
+        self.heartbeats = heartbeats
+
+    def on_stop(self) -> None:
+        time.sleep(self.heartbeats)  # several health heartbeats go out meanwhile
+
+
+def test_a_service_leaves_once_however_long_its_on_stop_takes(host):
+    client = host.client()
+    since = client.call(StatsQuery()).last_event_seq
+    runner = ServiceRunner(SlowToStop, Endpoints.for_config(host.config.bus), heartbeat_interval=0.1)
+    with client.subscribe(["bus.service."], since=since) as subscription:
+        thread = serve_in_thread(runner, SlowToStop(heartbeats=0.5))
+        seen = [subscription.next(timeout=10).event]
+        runner.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+        while (delivery := subscription.next(timeout=1.0)) is not None:  # what follows the stop
+            seen.append(delivery.event)
+    instance = runner.instance_id
+    assert [(type(e).__name__, e.service, e.instance) for e in seen] == [
+        ("ServiceUp", "slowtostop", instance),
+        ("ServiceDown", "slowtostop", instance),
+    ]
 
 
 class Failing(Service):
