@@ -68,6 +68,10 @@ PROBE_INTERVAL = 0.005  # after a connection closed: how often to try its peers 
 PROBES = 20  # then a peer still routable is a new connection that reused the file descriptor
 SUMMARY_TICKS = 10  # heartbeat intervals per malformed-input log period
 REPLAY_LIMIT_MAX = 10_000  # events in one bus.events.replay reply, whatever `limit` asks
+# A restarted broker's tokens start above any its predecessor gave out (unless that one routed over
+# a million requests per millisecond between the two starts): a late reply to the old broker's
+# request is dropped rather than taken for a new request's. Epoch ms << 20 fits 8 bytes until 2527.
+TOKENS_PER_MS_BITS = 20
 HEADER_SLACK = 64 * 1024  # ZMQ_MAXMSGSIZE is per frame: leave room so an oversized body still gets a reply
 # Plain ints and the backend's send: pyzmq's flag enums and its Python-level send
 # wrapper cost more per call than the send itself.
@@ -88,14 +92,17 @@ class Broker:
         self.endpoints = Endpoints.for_config(config.bus)
         self.max_message = int(config.bus.max_message_size)
         self.max_event = int(config.bus.max_event_size)
-        self.registry = Registry(
-            float(config.bus.heartbeat_interval), config.bus.heartbeat_liveness, wire.encode
-        )
-        self.events = EventLog(config.bus.event_history, int(config.bus.event_history_bytes))
-        self.context = context or zmq.Context.instance()
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.epoch = int(self.started_at * 1000)
+        self.registry = Registry(
+            float(config.bus.heartbeat_interval),
+            config.bus.heartbeat_liveness,
+            wire.encode,
+            first_token=self.epoch << TOKENS_PER_MS_BITS,
+        )
+        self.events = EventLog(config.bus.event_history, int(config.bus.event_history_bytes))
+        self.context = context or zmq.Context.instance()
         self.running = False
         self.counters = dict(messages_in=0, messages_out=0, bytes_in=0, bytes_out=0)
         self.errors: dict[str, int] = {}

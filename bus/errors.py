@@ -33,7 +33,7 @@ class BusError(Exception):
         return cls(body.code, body.message, body.details)
 
 
-def validation_error(target: str, exc: msgspec.DecodeError) -> BusError:
+def validation_error(target: str, exc: msgspec.DecodeError | RecursionError) -> BusError:
     """INVALID_ARGUMENT naming the failing field path, e.g. `$.spec.image` (also for a missing field).
     A body that is not msgpack at all has no path."""
     details = {"path": failing_path(exc)} if isinstance(exc, msgspec.ValidationError) else {}

@@ -109,7 +109,7 @@ def parse_peer_address(address: str | None) -> tuple[int, int, int]:
 
 
 class Registry:
-    def __init__(self, heartbeat_interval: float, liveness: int, encode_caller):
+    def __init__(self, heartbeat_interval: float, liveness: int, encode_caller, first_token: int = 1):
         self.heartbeat_interval = heartbeat_interval
         self.expiry = heartbeat_interval * liveness
         self._encode_caller = encode_caller
@@ -117,7 +117,8 @@ class Registry:
         self.pools: dict[str, list[Instance]] = {}
         self.in_flight: dict[bytes, InFlight] = {}
         self._by_request: dict[tuple[PeerKey, str], bytes] = {}
-        self._tokens = itertools.count(1)
+        # A service may still answer a previous broker's requests after a restart: tokens must not repeat.
+        self._tokens = itertools.count(first_token)
         self._routes: dict[str, list[Instance]] = {}  # target -> healthy instances offering it
         self._deadlines: list[tuple[float, bytes]] = []  # heap of (deadline, token); finished ones linger
         self.per_service: dict[str, ServiceStats] = collections.defaultdict(ServiceStats)
@@ -373,18 +374,44 @@ class Registry:
 
 
 _any_msgpack = msgspec.msgpack.Decoder()
+# Far below what any decoder's recursion limit allows: a body nested deeper decodes in the broker
+# but not in a subscriber with less stack left, nor inside a replay reply (three levels more).
+MAX_NESTING = 100
+_CONTAINERS = (dict, list, tuple)  # tuple: an array used as a map key
+# Every level of nesting takes one map or array header byte: with fewer of those bytes in the
+# body than the limit (nearly every body), the decoded value need not be walked.
+_HEADER_BYTES = bytes(range(0x80, 0xA0)) + b"\xdc\xdd\xde\xdf"
+_OTHER_BYTES = bytes(b for b in range(256) if b not in _HEADER_BYTES)
 
 
 def is_one_msgpack_value(body: bytes) -> bool:
-    """Whether `body` is exactly one well-formed msgpack value (strings valid UTF-8, nothing after it).
+    """Whether `body` is exactly one well-formed msgpack value (strings valid UTF-8, nothing after it,
+    nested at most MAX_NESTING deep).
 
     Building the Python objects is the only check msgspec offers that also validates the strings
     inside: decoding to msgspec.Raw or to an empty Struct checks structure and skips their content."""
     try:
-        _any_msgpack.decode(body)
-    except msgspec.DecodeError:
+        value = _any_msgpack.decode(body)
+    except (msgspec.DecodeError, RecursionError):
         return False
-    return True
+    headers = len(bytes(body).translate(None, _OTHER_BYTES))  # bytes(): replay passes a msgspec.Raw
+    return headers <= MAX_NESTING or _nesting_within(value, MAX_NESTING)
+
+
+def _nesting_within(value, limit: int) -> bool:
+    level = [value]
+    for _ in range(limit):
+        inner = []
+        for container in level:
+            if type(container) is dict:
+                inner += [c for c in container if type(c) is tuple]
+                inner += [c for c in container.values() if type(c) in _CONTAINERS]
+            elif type(container) in _CONTAINERS:
+                inner += [c for c in container if type(c) in _CONTAINERS]
+        if not inner:
+            return True
+        level = inner
+    return False
 
 
 class EventLog:
@@ -403,7 +430,7 @@ class EventLog:
         if not is_one_msgpack_value(body):
             raise BusError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"the body of event {topic!r} is not one msgpack value",
+                f"the body of event {topic!r} is not one msgpack value nested at most {MAX_NESTING} deep",
                 {"topic": topic},
             )
         self.last_seq += 1

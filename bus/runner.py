@@ -167,7 +167,7 @@ class ServiceRunner:
             context.check()
             try:
                 request = self.decoders[target].decode(body)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise validation_error(target, exc) from None
             handler = getattr(self.service, spec.method)
             args = (request, context) if spec.wants_context else (request,)
