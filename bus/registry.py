@@ -414,8 +414,13 @@ def _nesting_within(value, limit: int) -> bool:
     return False
 
 
+def _kept_size(event: StampedEvent) -> int:
+    """What an event costs the history: its topic counts, since a peer may send one of up to 64 KiB."""
+    return len(event.topic) + len(event.body)
+
+
 class EventLog:
-    """The last N stamped events (and at most `max_bytes` of bodies), for replay to late or
+    """The last N stamped events (and at most `max_bytes` of topics and bodies), for replay to late or
     lagging subscribers. Only bodies that are one msgpack value get in, and replay checks them
     again, so a replay reply always decodes whatever the history holds."""
 
@@ -436,9 +441,9 @@ class EventLog:
         self.last_seq += 1
         event = StampedEvent(seq=self.last_seq, time=now, topic=topic, source=source, body=msgspec.Raw(body))
         self.events.append(event)
-        self.bytes += len(body)
+        self.bytes += _kept_size(event)
         while len(self.events) > self.capacity or (self.bytes > self.max_bytes and len(self.events) > 1):
-            self.bytes -= len(self.events.popleft().body)
+            self.bytes -= _kept_size(self.events.popleft())
         return event
 
     @property

@@ -221,14 +221,21 @@ def test_event_log_keeps_the_last_n_and_replays_by_prefix():
     assert log.replay(5, [], 10) == []
 
 
-def test_event_log_keeps_at_most_max_bytes_of_bodies():
+def test_event_log_keeps_at_most_max_bytes_of_topics_and_bodies():
     log = EventLog(capacity=100, max_bytes=10)
     for n in range(5):
         log.append("x", "s", msgspec.msgpack.encode("123"), now=n)
-    assert [e.seq for e in log.events] == [4, 5] and log.bytes == 8
+    assert [e.seq for e in log.events] == [4, 5] and log.bytes == 10
     # one body over the cap is still kept, alone
     log.append("x", "s", msgspec.msgpack.encode("a" * 50), now=6)
     assert [e.seq for e in log.events] == [6]
+
+
+def test_long_topics_count_against_the_event_history_budget():
+    log = EventLog(capacity=10_000, max_bytes=1_000_000)
+    for n in range(100):  # a peer may send topics of up to 64 KiB with an empty map for a body
+        log.append("agent." + "x" * 60_000, "a", b"\x80", now=n)
+    assert sum(len(e.topic) + len(e.body) for e in log.events) <= 1_000_000
 
 
 @pytest.mark.parametrize(
