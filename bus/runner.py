@@ -285,7 +285,7 @@ class ServiceRunner:
         try:
             self.bus.call(Ping(), timeout=limit)
         except BusError as exc:
-            log.warning("starting before the broker confirmed the registration", extra={"reason": exc.message})
+            log.warning("starting before the broker confirmed registration", extra={"reason": exc.message})
         if self.connection.refused is not None:  # the refusal arrives before the Pong: do not start
             self.close()
             raise self._refusal()
