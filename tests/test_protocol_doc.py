@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import baaaht.services
-from baaaht.bus import broker, wire
+from baaaht.bus import broker, registry, wire
 from baaaht.bus.authorize import RULES
 from baaaht.bus.service import Service
 from baaaht.schemas.bus import EventsReplay
@@ -88,4 +88,5 @@ def test_the_limits_are_the_config_defaults_and_the_codes_constants():
     assert rows["replay `limit`"][2] == f"{broker.REPLAY_LIMIT_MAX:,}"
     assert f"default is {EventsReplay().limit}" in rows["replay `limit`"][3]
     assert rows["header"][2] == f"{wire.MAX_HEADER:,} bytes"
+    assert rows["event nesting"][2] == f"{registry.MAX_NESTING} levels"
     assert f"plus {broker.HEADER_SLACK // 1024} KiB" in rows["request body"][3]
