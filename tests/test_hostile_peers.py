@@ -10,8 +10,8 @@ import msgspec
 import pytest
 
 from baaaht.bus import wire
+from baaaht.bus.testing import wait_for
 from baaaht.schemas.bus import EventsReplay, ServicesQuery
-from tests.harness import wait_for
 from tests.services.echo import Say
 from tests.test_bus import next_reply, raw_dealer
 
