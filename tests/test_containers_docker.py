@@ -35,9 +35,21 @@ pytestmark = pytest.mark.docker
 MEMORY = 64 * 1024 * 1024
 
 
+# Short calls (create, start, stop) take seconds when the machine is busy: they get the default timeout.
+# Long calls must not care about it: the test of that uses a runtime with this one for them alone.
+SHORT_TIMEOUT = 2.0  # its one short call, the version handshake, is quick even then
+
+
 @pytest.fixture
 def runtime():
-    engine = DockerRuntime(Config(runtime=RuntimeConfig(timeout=1.0)))  # short: long calls must not care
+    engine = DockerRuntime(Config())
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def short_timeout_runtime():
+    engine = DockerRuntime(Config(runtime=RuntimeConfig(timeout=SHORT_TIMEOUT)))
     yield engine
     engine.close()
 
@@ -77,13 +89,14 @@ def test_limits_and_options_reach_the_engine(runtime, busybox, test_label, docke
     assert host["SecurityOpt"] == ["no-new-privileges:true"] and host["NetworkMode"] == "none"
 
 
-def test_wait_and_log_follow_outlive_the_client_timeout(runtime, busybox, test_label):
-    # runtime.timeout is 1 s: a wait of 3 s must still return the exit code.
+def test_wait_and_log_follow_outlive_the_client_timeout(runtime, short_timeout_runtime, busybox, test_label):
+    # Both open for the container's 3 s, longer than the 2 s timeout, and still end with what it did.
     container, _ = runtime.create(spec_for(busybox, test_label, "echo start; sleep 3; echo end >&2; exit 7"))
     runtime.start(container)
-    lines = list(runtime.logs(container, ContainerLogs(id=container, follow=True)))
+    waiter = short_timeout_runtime.wait(container)
+    lines = list(short_timeout_runtime.logs(container, ContainerLogs(id=container, follow=True)))
     assert [(line.stream, line.text) for line in lines] == [("stdout", "start"), ("stderr", "end")]
-    [result] = list(runtime.wait(container))
+    [result] = list(waiter)
     assert result.exit_code == 7
 
 
@@ -93,14 +106,21 @@ def test_closing_a_stream_ends_it_at_once(runtime, busybox, test_label):
     follower = runtime.logs(container, ContainerLogs(id=container, follow=True, timestamps=True))
     waiter = runtime.wait(container)
     stats = runtime.stats_stream(container)
+    lines = []
+
+    def follow() -> None:
+        for line in follower:
+            lines.append(line)
+
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        followed = pool.submit(list, follower)
+        followed = pool.submit(follow)
         waited = pool.submit(list, waiter)
         sampled = pool.submit(list, stats)
-        wait_for(lambda: followed.running() and waited.running(), what="the readers to block")
+        # The follower blocks once it has the one line there is (closed earlier, it would have none).
+        wait_for(lambda: lines and waited.running(), what="the first line and the wait to block")
         for stream in (follower, waiter, stats):
             stream.close()
-        lines = followed.result(timeout=10)
+        followed.result(timeout=10)
         assert [line.text for line in lines] == ["ready"] and lines[0].time.startswith("20")
         assert waited.result(timeout=10) == []
         sampled.result(timeout=10)

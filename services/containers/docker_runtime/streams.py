@@ -24,9 +24,13 @@ class EngineStream(Generic[T]):
         self._what = what
         self._closed = threading.Event()
         self._reading = False
+        self._lock = threading.Lock()  # close() and the start of the reading decide who closes the response
 
     def __iter__(self) -> Iterator[T]:
-        self._reading = True
+        with self._lock:
+            if self._closed.is_set():  # closed before the first read: nothing more is read
+                return
+            self._reading = True
         try:
             yield from self._items
         except (OSError, urllib3.exceptions.HTTPError, requests.exceptions.RequestException) as exc:
@@ -39,12 +43,13 @@ class EngineStream(Generic[T]):
     def close(self) -> None:
         """Safe from any thread: it only shuts the socket down; the reading thread, seeing the end of
         the data, closes the response itself (closing it here would race with that read)."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        shutdown_socket(self._response)
-        if not self._reading:
-            self._response.close()
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            shutdown_socket(self._response)
+            if not self._reading:
+                self._response.close()
 
 
 def shutdown_socket(response: requests.Response) -> None:
