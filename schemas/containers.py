@@ -6,11 +6,19 @@ Unset optional fields (None, empty) mean "the hardened default": the container m
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
+from baaaht.schemas import ids
 from baaaht.schemas.base import Empty, Event, Request, Response
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, description="Seconds, 0 or more.")]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, description="Seconds, more than 0.")]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+HostPort = Annotated[int, msgspec.Meta(ge=0, le=65535, description="0: any free port.")]
+AtLeastOnce = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class Mount(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -18,34 +26,34 @@ class Mount(msgspec.Struct, kw_only=True, omit_defaults=True):
     target: str
     source: str = ""
     read_only: bool = False
-    tmpfs_size: int = 0
+    tmpfs_size: NonNegative = 0
 
 
 class PortBinding(msgspec.Struct, kw_only=True, omit_defaults=True):
-    container_port: int
-    host_port: int = 0
+    container_port: Port
+    host_port: HostPort = 0
     protocol: Literal["tcp", "udp"] = "tcp"
     host_ip: str = "127.0.0.1"
 
 
 class Resources(msgspec.Struct, kw_only=True, omit_defaults=True):
-    cpus: float = 0.0
+    cpus: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     memory: int = 0
     memory_swap: int = 0
-    pids: int = 0
+    pids: NonNegative = 0
 
 
 class Healthcheck(msgspec.Struct, kw_only=True, omit_defaults=True):
     test: list[str]
-    interval: float = 30.0
-    timeout: float = 5.0
-    retries: int = 3
-    start_period: float = 0.0
+    interval: PositiveSeconds = 30.0
+    timeout: PositiveSeconds = 5.0
+    retries: AtLeastOnce = 3
+    start_period: Seconds = 0.0
 
 
 class ContainerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
-    image: str
-    name: str = ""
+    image: ids.Image
+    name: ids.ContainerName = ""
     entrypoint: list[str] | None = None
     command: list[str] = []
     args: list[str] = []
@@ -58,7 +66,7 @@ class ContainerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     network_mode: str = ""
     resources: Resources = msgspec.field(default_factory=Resources)
     restart_policy: Literal["no", "always", "unless-stopped", "on-failure"] = "no"
-    restart_max_retries: int = 0
+    restart_max_retries: NonNegative = 0
     remove_on_stop: bool = False
     read_only_rootfs: bool | None = None
     user: str = ""
@@ -196,8 +204,8 @@ class ContainerCreate(Request, tag="container.create", kw_only=True):
     response: ClassVar[type] = CreateResult
 
     spec: ContainerSpec
-    session_id: str
-    role: str = "agent"
+    session_id: ids.SessionId
+    role: ids.Role = "agent"
     auto_pull: bool = False
     agent_bus: bool = True
 
@@ -205,7 +213,7 @@ class ContainerCreate(Request, tag="container.create", kw_only=True):
 class ContainerRef(Request, kw_only=True):
     """Base of every request about one container: `id` is an id, an id prefix or a name."""
 
-    id: str
+    id: ids.ContainerRef
 
 
 class ContainerStart(ContainerRef, tag="container.start", kw_only=True):
@@ -217,13 +225,13 @@ class ContainerStop(ContainerRef, tag="container.stop", kw_only=True):
 
     response: ClassVar[type] = Empty
 
-    timeout: float = 10.0
+    timeout: Seconds = 10.0
 
 
 class ContainerRestart(ContainerRef, tag="container.restart", kw_only=True):
     response: ClassVar[type] = Empty
 
-    timeout: float = 10.0
+    timeout: Seconds = 10.0
 
 
 class ContainerKill(ContainerRef, tag="container.kill", kw_only=True):
@@ -273,7 +281,7 @@ class ContainerListQuery(Request, tag="container.list", kw_only=True):
 
     response: ClassVar[type] = ContainerList
 
-    session_id: str = ""
+    session_id: ids.SessionFilter = ""
     labels: dict[str, str] = {}
     states: list[ContainerState] = []
 
@@ -286,9 +294,9 @@ class ContainerLogs(ContainerRef, tag="container.logs", kw_only=True):
     response: ClassVar[type] = LogChunk
 
     follow: bool = False
-    tail: int = -1
-    since: float = 0.0
-    until: float = 0.0
+    tail: Annotated[int, msgspec.Meta(ge=-1, description="-1: all lines.")] = -1
+    since: Seconds = 0.0
+    until: Seconds = 0.0
     timestamps: bool = False
     stdout: bool = True
     stderr: bool = True
@@ -304,7 +312,7 @@ class ContainerStatsStream(ContainerRef, tag="container.stats_stream", kw_only=T
 
     response: ClassVar[type] = StatsSample
 
-    interval: float = 1.0
+    interval: Annotated[float, msgspec.Meta(ge=1, description="The engine samples once a second.")] = 1.0
 
 
 class ContainerHealth(ContainerRef, tag="container.health", kw_only=True):
@@ -316,14 +324,14 @@ class ContainerHealthWait(ContainerRef, tag="container.health_wait", kw_only=Tru
 
     response: ClassVar[type] = HealthReport
 
-    retries: int = 30
-    interval: float = 1.0
+    retries: AtLeastOnce = 30
+    interval: PositiveSeconds = 1.0
 
 
 class ImageExists(Request, tag="container.image_exists", kw_only=True):
     response: ClassVar[type] = ImageStatus
 
-    image: str
+    image: ids.Image
 
 
 class ImagePull(Request, tag="container.pull", kw_only=True):
@@ -331,7 +339,7 @@ class ImagePull(Request, tag="container.pull", kw_only=True):
 
     response: ClassVar[type] = PullProgress
 
-    image: str
+    image: ids.Image
 
 
 class VolumeInfo(Response, kw_only=True):
@@ -354,8 +362,8 @@ class VolumeCreate(Request, tag="container.volume_create", kw_only=True):
 
     response: ClassVar[type] = VolumeInfo
 
-    session_id: str
-    name: str = "workspace"
+    session_id: ids.SessionId
+    name: ids.VolumeShortName = "workspace"
 
 
 class VolumeListQuery(Request, tag="container.volume_list", kw_only=True):
@@ -363,7 +371,7 @@ class VolumeListQuery(Request, tag="container.volume_list", kw_only=True):
 
     response: ClassVar[type] = VolumeList
 
-    session_id: str = ""
+    session_id: ids.SessionFilter = ""
 
 
 class OrphanRemoval(msgspec.Struct, kw_only=True, omit_defaults=True):

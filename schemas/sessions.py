@@ -8,11 +8,12 @@ the next page; 0 means there is none.
 from __future__ import annotations
 
 import enum
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
 from baaaht.schemas.base import Empty, Event, Request, Response
+from baaaht.schemas.ids import ContainerId, SessionId
 
 
 class SessionState(str, enum.Enum):
@@ -28,6 +29,9 @@ class SessionState(str, enum.Enum):
 Role = Literal["user", "assistant", "system", "tool"]
 ROLES: tuple[str, ...] = Role.__args__
 MessageOrder = Literal["oldest", "newest"]
+MAX_PAGE = 1000
+PageLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE, description="Items per page.")]
+Cursor = Annotated[int, msgspec.Meta(ge=0, description="0, or a next_cursor from an earlier page.")]
 
 
 class SessionSettings(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -109,7 +113,7 @@ class SessionCreate(Request, tag="session.create", kw_only=True):
 class SessionGet(Request, tag="session.get", kw_only=True):
     response: ClassVar[type] = SessionInfo
 
-    session_id: str
+    session_id: SessionId
 
 
 class SessionList(Request, tag="session.list", kw_only=True):
@@ -120,8 +124,8 @@ class SessionList(Request, tag="session.list", kw_only=True):
     states: list[SessionState] = []
     owner: str = ""
     labels: dict[str, str] = {}
-    limit: int = 100
-    cursor: int = 0
+    limit: PageLimit = 100
+    cursor: Cursor = 0
 
 
 class SessionUpdate(Request, tag="session.update", kw_only=True):
@@ -130,7 +134,7 @@ class SessionUpdate(Request, tag="session.update", kw_only=True):
 
     response: ClassVar[type] = SessionInfo
 
-    session_id: str
+    session_id: SessionId
     name: str | None = None
     description: str | None = None
     labels: dict[str, str] | None = None
@@ -144,7 +148,7 @@ class SessionClose(Request, tag="session.close", kw_only=True):
 
     response: ClassVar[type] = SessionInfo
 
-    session_id: str
+    session_id: SessionId
     reason: str = ""
     wait: bool = True
 
@@ -154,13 +158,13 @@ class SessionDelete(Request, tag="session.delete", kw_only=True):
 
     response: ClassVar[type] = Empty
 
-    session_id: str
+    session_id: SessionId
 
 
 class SessionSendMessage(Request, tag="session.send_message", kw_only=True):
     response: ClassVar[type] = Message
 
-    session_id: str
+    session_id: SessionId
     role: Role = "user"
     content: str
     metadata: MessageMetadata = msgspec.field(default_factory=MessageMetadata)
@@ -169,24 +173,24 @@ class SessionSendMessage(Request, tag="session.send_message", kw_only=True):
 class SessionMessages(Request, tag="session.messages", kw_only=True):
     response: ClassVar[type] = MessagePage
 
-    session_id: str
+    session_id: SessionId
     order: MessageOrder = "oldest"
-    limit: int = 100
-    cursor: int = 0
+    limit: PageLimit = 100
+    cursor: Cursor = 0
 
 
 class SessionAttachContainer(Request, tag="session.attach_container", kw_only=True):
     response: ClassVar[type] = SessionInfo
 
-    session_id: str
-    container_id: str
+    session_id: SessionId
+    container_id: ContainerId
 
 
 class SessionDetachContainer(Request, tag="session.detach_container", kw_only=True):
     response: ClassVar[type] = SessionInfo
 
-    session_id: str
-    container_id: str
+    session_id: SessionId
+    container_id: ContainerId
 
 
 class SessionCreated(Event, tag="session.created", kw_only=True):

@@ -31,6 +31,7 @@ UNIT_TEST_FILES = frozenset(
         "test_policy_properties.py",
         "test_policy_service.py",
         "test_registry.py",
+        "test_schema_constraints.py",
         "test_sessions_service.py",
         "test_sessions_states.py",
         "test_sessions_store.py",

@@ -28,7 +28,6 @@ from baaaht.schemas.containers import (
     ContainerStop,
     ContainerWait,
     HealthReport,
-    ImageExists,
     ImagePull,
     LogLine,
     Mount,
@@ -280,13 +279,6 @@ def test_stats_stream_and_pull_pass_through(run_dir):
         container = create(service).id
         samples = list(service.stats_stream(ContainerStatsStream(id=container, interval=1.0), context()))
         assert len(samples) == 1  # the fake's samples come at once: one per interval is passed on
-        too_often = ContainerStatsStream(id=container, interval=0.5)
-        with pytest.raises(BusError) as refused:
-            list(service.stats_stream(too_often, context()))
-        assert (
-            refused.value.code is ErrorCode.INVALID_ARGUMENT and refused.value.details["field"] == "interval"
-        )
-        assert "at least 1s: the engine takes one sample per second" in refused.value.message
         assert [p.status for p in service.pull(ImagePull(image="new:1"), context())] == ["Downloaded"]
         assert create(service, image="new:1").id
 
@@ -698,21 +690,6 @@ def test_a_session_mounts_its_own_volumes_unjudged_and_never_another_sessions(ru
     assert code_of(lambda: create(service, "s2", mounts=[workspace])) is ErrorCode.PERMISSION_DENIED
     listed = service.volume_list(VolumeListQuery(session_id="s1"), context()).volumes
     assert listed == [mine] and service.volume_list(VolumeListQuery(session_id="s2"), context()).volumes == []
-
-
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda service: service.get(ContainerGet(id="../containers"), context()),
-        lambda service: service.stop(ContainerStop(id="x/../../info"), context()),
-        lambda service: service.image_exists(ImageExists(image="../../containers"), context()),
-        lambda service: list(service.pull(ImagePull(image="a/../../../info"), context())),
-    ],
-)
-def test_a_reference_that_would_reach_another_engine_endpoint_is_refused(run_dir, call):
-    # Each goes into the engine API's URL path: against Docker, `../containers` inspects the list of
-    # every container on the host and `../info` answers with the engine's own description.
-    assert code_of(lambda: call(make_service(run_dir))) is ErrorCode.INVALID_ARGUMENT
 
 
 def test_a_volume_is_made_only_for_an_open_session_and_never_taken_over(run_dir):

@@ -214,6 +214,8 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(sessions):
     assert error.code is ErrorCode.FAILED_PRECONDITION
     error = error_of(lambda: client.call_raw("session.get", msgspec.msgpack.encode({"session_id": 7})))
     assert (error.code, error.details) == (ErrorCode.INVALID_ARGUMENT, {"path": "$.session_id"})
+    error = error_of(lambda: client.call(SessionGet(session_id="../" + session_id)))
+    assert (error.code, error.details) == (ErrorCode.INVALID_ARGUMENT, {"path": "$.session_id"})
 
     assert client.call(SessionGet(session_id=session_id)) == before
     messages = client.call(SessionMessages(session_id=session_id)).messages

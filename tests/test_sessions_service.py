@@ -200,7 +200,6 @@ def test_max_sessions_counts_only_sessions_that_are_not_closed(tmp_path):
 def test_unknown_and_empty_ids(world):
     assert error_of(lambda: world.get("nope")).code is ErrorCode.NOT_FOUND
     assert "no session nope" in error_of(lambda: world.get("nope")).message
-    assert error_of(lambda: world.get("")).code is ErrorCode.INVALID_ARGUMENT
     for call in (
         lambda: world.send("nope"),
         lambda: world.close("nope"),
@@ -236,8 +235,6 @@ def test_list_filters_by_state_owner_and_labels_and_pages(world):
     second = world.service.list(SessionList(limit=2, cursor=first.next_cursor))
     assert [s.id for s in first.sessions + second.sessions] == [a, b, c]
     assert second.next_cursor == 0
-    assert error_of(lambda: world.service.list(SessionList(limit=0))).code is ErrorCode.INVALID_ARGUMENT
-    assert error_of(lambda: world.service.list(SessionList(cursor=-1))).code is ErrorCode.INVALID_ARGUMENT
 
 
 # -- update -------------------------------------------------------------------------------------
@@ -329,8 +326,6 @@ def test_messages_page_oldest_and_newest_first(world):
     assert [m.content for m in page.messages] == ["m2", "m1"]
     page = world.service.messages(SessionMessages(session_id=session_id, limit=3, cursor=2))
     assert ([m.content for m in page.messages], page.next_cursor) == (["m2", "m3", "m4"], 0)
-    request = SessionMessages(session_id=session_id, limit=1001)
-    assert error_of(lambda: world.service.messages(request)).code is ErrorCode.INVALID_ARGUMENT
 
 
 def test_concurrent_writers_to_one_session_get_one_gapless_order(world):

@@ -229,7 +229,6 @@ class ContainerService(Service):
             self._owned_ids.pop(container_id, None)
 
     def _owned_info(self, ref: str, runtime: Runtime) -> ContainerInfo:
-        validation.validate_ref(ref)
         info = runtime.inspect(ref)
         if not owner_of(info.labels, self.install_id).ours:
             # Not ours: as far as callers are concerned it does not exist.
@@ -249,7 +248,7 @@ class ContainerService(Service):
 
     @rpc
     def create(self, req: ContainerCreate, ctx: CallContext) -> CreateResult:
-        validation.validate_create(req)
+        validation.validate_spec(req.spec)
         session = self._open_session(req.session_id, ctx)
         override = session_scope.policy_override(session)
         # The session's own volumes are the orchestrator's to allow, so the policy does not judge them.
@@ -398,14 +397,12 @@ class ContainerService(Service):
 
     @rpc
     def stop(self, req: ContainerStop, ctx: CallContext) -> Empty:
-        validation.require_non_negative("timeout", req.timeout)
         with self._engine(ctx) as runtime:
             runtime.stop(self._owned(req.id, runtime), req.timeout)
         return Empty()
 
     @rpc
     def restart(self, req: ContainerRestart, ctx: CallContext) -> Empty:
-        validation.require_non_negative("timeout", req.timeout)
         # A restart starts a stopped container too: the same quota as start.
         self._bring_to_life(
             req.id, ctx, lambda runtime, container_id: runtime.restart(container_id, req.timeout)
@@ -500,7 +497,6 @@ class ContainerService(Service):
 
     @rpc(stream=True)
     def stats_stream(self, req: ContainerStatsStream, ctx: CallContext) -> Iterator[StatsSample]:
-        validation.validate_stats_stream(req)
         with self._engine(ctx) as runtime:
             stream = runtime.stats_stream(self._owned(req.id, runtime))
         last_sent = 0.0
@@ -527,7 +523,6 @@ class ContainerService(Service):
 
     @rpc
     def health_wait(self, req: ContainerHealthWait, ctx: CallContext) -> HealthReport:
-        validation.validate_health_wait(req)
         with self._engine(ctx) as runtime:
             container_id = self._owned(req.id, runtime)
         for attempt in range(req.retries):
@@ -545,13 +540,11 @@ class ContainerService(Service):
 
     @rpc
     def image_exists(self, req: ImageExists, ctx: CallContext) -> ImageStatus:
-        validation.validate_image(req.image)
         with self._engine(ctx) as runtime:
             return runtime.image_exists(req.image)
 
     @rpc(stream=True)
     def pull(self, req: ImagePull, ctx: CallContext) -> Iterator[PullProgress]:
-        validation.validate_image(req.image)
         yield from self._pull(req.image, ctx)
 
     def _pull(self, image: str, ctx: CallContext) -> Iterator[PullProgress]:
@@ -565,7 +558,6 @@ class ContainerService(Service):
 
     @rpc
     def volume_create(self, req: VolumeCreate, ctx: CallContext) -> VolumeInfo:
-        validation.validate_session_id(req.session_id)
         name = session_volumes.volume_name(self.install_id, req.session_id, req.name)
         self._open_session(req.session_id, ctx, "volume")
         labels = session_volumes.volume_labels(self.install_id, req.session_id, req.name)

@@ -26,6 +26,7 @@ from baaaht.schemas.bus import Caller
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import ContainerDied, ContainerRemoved
 from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.ids import MAX_ID
 from baaaht.schemas.sessions import (
     Message,
     MessagePage,
@@ -191,14 +192,11 @@ class SessionService(Service):
     @rpc
     def list(self, req: SessionList) -> SessionPage:
         validation.labels(req.labels)
-        sessions, next_cursor = self.store.list(
-            req.states, req.owner, req.labels, validation.page_limit(req.limit), validation.cursor(req.cursor)
-        )
+        sessions, next_cursor = self.store.list(req.states, req.owner, req.labels, req.limit, req.cursor)
         return SessionPage(sessions=sessions, next_cursor=next_cursor)
 
     @rpc
     def update(self, req: SessionUpdate) -> SessionInfo:
-        validation.identifier("session_id", req.session_id)
         if req.name is not None:
             validation.text("name", req.name, validation.MAX_NAME)
         if req.description is not None:
@@ -208,7 +206,7 @@ class SessionService(Service):
         if req.tags is not None:
             validation.tags(req.tags)
         if req.current_task_id is not None:
-            validation.text("current_task_id", req.current_task_id, validation.MAX_ID)
+            validation.text("current_task_id", req.current_task_id, MAX_ID)
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
             require_live(session, "update")
@@ -238,7 +236,6 @@ class SessionService(Service):
 
     @rpc
     def delete(self, req: SessionDelete) -> Empty:
-        validation.identifier("session_id", req.session_id)
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
             if session.state is not CLOSED:
@@ -256,10 +253,9 @@ class SessionService(Service):
 
     @rpc
     def send_message(self, req: SessionSendMessage, ctx: CallContext) -> Message:
-        validation.identifier("session_id", req.session_id)
         validation.message_size(req.content, req.metadata, int(self.limits.max_message_size))
         for field in ("tool_name", "tool_call_id", "container_id"):
-            validation.text(f"metadata.{field}", getattr(req.metadata, field), validation.MAX_ID)
+            validation.text(f"metadata.{field}", getattr(req.metadata, field), MAX_ID)
         now = self.clock()
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
@@ -313,8 +309,8 @@ class SessionService(Service):
         found, next_cursor = self.store.messages(
             session.id,
             newest_first=req.order == "newest",
-            limit=validation.page_limit(req.limit),
-            cursor=validation.cursor(req.cursor),
+            limit=req.limit,
+            cursor=req.cursor,
         )
         return MessagePage(messages=found, next_cursor=next_cursor)
 
@@ -322,8 +318,6 @@ class SessionService(Service):
 
     @rpc
     def attach_container(self, req: SessionAttachContainer) -> SessionInfo:
-        validation.identifier("session_id", req.session_id)
-        validation.identifier("container_id", req.container_id)
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
             require_live(session, "attach a container to")
@@ -349,8 +343,6 @@ class SessionService(Service):
 
     @rpc
     def detach_container(self, req: SessionDetachContainer) -> SessionInfo:
-        validation.identifier("session_id", req.session_id)
-        validation.identifier("container_id", req.container_id)
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
             if not self._drop_container(tx, session, req.container_id):
@@ -458,7 +450,6 @@ class SessionService(Service):
     def begin_close(self, session_id: str, reason: str) -> SessionInfo:
         """Move the session to closing (no change if it is closing or closed already) and make
         sure the removal of its containers runs."""
-        validation.identifier("session_id", session_id)
         with self.store.write() as tx:
             session = self._for_change(tx, session_id)
             if session.state in (CLOSING, CLOSED):
@@ -523,7 +514,6 @@ class SessionService(Service):
     # -- helpers ------------------------------------------------------------------------------
 
     def _existing(self, session_id: str) -> SessionInfo:
-        validation.identifier("session_id", session_id)
         session = self.store.get(session_id)
         if session is None:
             raise not_found(f"no session {session_id}", session_id=session_id)

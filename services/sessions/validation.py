@@ -1,6 +1,7 @@
 """Checks on what callers send, each failure an INVALID_ARGUMENT naming the field and the rule.
 
-The bus decoder has already checked types, enums and roles; these are the rules a type cannot say.
+The bus decoder has already checked types, enums, roles, ids (schemas/ids.py), page limits and cursors;
+these are the rules a type cannot say.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import msgspec
 from baaaht.bus.errors import invalid
 from baaaht.schemas.sessions import MessageMetadata, SessionSettings
 
-MAX_ID = 128
 MAX_OWNER = 128
 MAX_NAME = 256
 MAX_DESCRIPTION = 4096
@@ -23,7 +23,6 @@ MAX_LABEL_VALUE = 512
 MAX_TAGS = 64
 MAX_TAG = 128
 MAX_IMAGE = 512
-MAX_PAGE = 1000
 ALLOWED_IN_PROSE = frozenset("\n\t")
 
 _encode_metadata = msgspec.json.Encoder().encode
@@ -40,10 +39,6 @@ def text(field: str, value: str, limit: int, *, required: bool = False, prose: b
     if any(unicodedata.category(char) == "Cc" and char not in allowed for char in value):
         raise invalid(f"{field} contains control characters", field=field)
     return value
-
-
-def identifier(field: str, value: str) -> str:
-    return text(field, value, MAX_ID, required=True)
 
 
 def labels(value: dict[str, str]) -> dict[str, str]:
@@ -76,18 +71,6 @@ def settings(value: SessionSettings, host_max_containers: int) -> SessionSetting
             raise invalid(f"settings.{field} is {seconds}: it must be a number of seconds >= 0", field=field)
     for image in value.allowed_images:
         text("settings.allowed_images entry", image, MAX_IMAGE, required=True)
-    return value
-
-
-def page_limit(limit: int) -> int:
-    if not 1 <= limit <= MAX_PAGE:
-        raise invalid(f"limit is {limit}: it must be between 1 and {MAX_PAGE}", field="limit")
-    return limit
-
-
-def cursor(value: int) -> int:
-    if value < 0:
-        raise invalid(f"cursor is {value}: pass 0 or a next_cursor from an earlier page", field="cursor")
     return value
 
 
