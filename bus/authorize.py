@@ -40,7 +40,17 @@ RULES: dict[str, dict[str, Rules]] = {
     OPERATOR: {CALL: EVERYTHING, ANSWER: EVERYTHING, PUBLISH: EVERYTHING, REGISTER: EVERYTHING},
     AGENT: {
         # The event history and the peer list would show agents everything on the host.
-        CALL: (("bus.ping", ALLOW), ("bus.*", DENY), ("*", ALLOW)),
+        # Until the roles issue scopes agents to their session, no method added since then is opened to
+        # them: exec would run commands in any session's container, volume_* reach any session's volumes,
+        # audit_* would show every principal's decisions and the host's paths.
+        CALL: (
+            ("bus.ping", ALLOW),
+            ("bus.*", DENY),
+            ("container.exec", DENY),
+            ("container.volume_*", DENY),
+            ("policy.audit_*", DENY),
+            ("*", ALLOW),
+        ),
         PUBLISH: (("agent.*", ALLOW),),
     },
 }
