@@ -19,14 +19,16 @@ class BadInput:
     def __init__(self, log: logging.Logger, period: float):
         self.log = log
         self.period = period
-        self.total = 0
         self.by_kind: collections.Counter[str] = collections.Counter()
         self._period_end: float | None = None
         self._kinds: collections.Counter[str] = collections.Counter()  # this period only, then reset
         self._peers: collections.Counter[str] = collections.Counter()
 
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
     def note(self, kind: str, peer: str, problem: str, now: float) -> None:
-        self.total += 1
         self.by_kind[kind] += 1
         if self._period_end is None:
             self._period_end = now + self.period
