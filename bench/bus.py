@@ -37,7 +37,7 @@ import zmq
 from baaaht.bus import wire
 from baaaht.bus.client import BusClient
 from baaaht.schemas.base import Event
-from baaaht.schemas.bus import Ping, Register
+from baaaht.schemas.bus import BusPing, Register
 
 ROOT = Path(__file__).resolve().parent
 BODY = b"x" * 301
@@ -324,7 +324,7 @@ def publish_client(endpoints: dict) -> None:
     with BusClient(endpoints["services"]) as bus:
         for n in range(EVENTS):
             bus.publish(Tick(n=n))
-        bus.call(Ping())  # answered only after every event before it reached the broker
+        bus.call(BusPing())  # answered only after every event before it reached the broker
 
 
 def publish_nats(url: str) -> None:

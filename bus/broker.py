@@ -46,16 +46,16 @@ from baaaht.common.endpoints import Endpoints, ipc_path
 from baaaht.schemas.base import Request, target_of, topic_of
 from baaaht.schemas.bus import (
     BrokerStarted,
+    BusEventsReplay,
+    BusPeers,
+    BusPeersResult,
+    BusPing,
+    BusServices,
+    BusServicesResult,
     BusStats,
-    EventsReplay,
-    PeersList,
-    PeersQuery,
-    Ping,
+    BusStatsReport,
     Pong,
     ReplayResult,
-    ServicesList,
-    ServicesQuery,
-    StatsQuery,
 )
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorBody, ErrorCode
@@ -82,7 +82,7 @@ SRCFD = int(zmq.SRCFD)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
 HEARTBEAT = wire.pack(wire.HEARTBEAT)
-BUILTINS = (Ping, ServicesQuery, PeersQuery, StatsQuery, EventsReplay)
+BUILTINS = (BusPing, BusServices, BusPeers, BusStats, BusEventsReplay)
 _builtin_decoders = {target_of(t): msgspec.msgpack.Decoder(t) for t in BUILTINS}
 
 
@@ -448,7 +448,7 @@ class Broker:
         self._send(peer.key, wire.reply(wire.REPLY, header.id, wire.encode(result)))
 
     def _builtin_result(self, peer: Peer, request: Request, now: float):
-        if isinstance(request, Ping):
+        if isinstance(request, BusPing):
             return Pong(
                 broker_pid=os.getpid(),
                 started_at=self.started_at,
@@ -458,12 +458,12 @@ class Broker:
                 heartbeat_interval=self.registry.heartbeat_interval,
                 heartbeat_liveness=self.config.bus.heartbeat_liveness,
             )
-        if isinstance(request, ServicesQuery):
-            return ServicesList(services=self.registry.services_view(now, request.service))
-        if isinstance(request, PeersQuery):
-            return PeersList(peers=self.registry.peers_view(now))
-        if isinstance(request, StatsQuery):
-            return BusStats(
+        if isinstance(request, BusServices):
+            return BusServicesResult(services=self.registry.services_view(now, request.service))
+        if isinstance(request, BusPeers):
+            return BusPeersResult(peers=self.registry.peers_view(now))
+        if isinstance(request, BusStats):
+            return BusStatsReport(
                 uptime=now - self.started_mono,
                 errors=dict(self.errors),
                 malformed=self.bad_input.total,
@@ -473,7 +473,7 @@ class Broker:
                 per_service=dict(self.registry.per_service),
                 **self.counters,
             )
-        assert isinstance(request, EventsReplay)  # the last of BUILTINS
+        assert isinstance(request, BusEventsReplay)  # the last of BUILTINS
         events = self.events.replay(request.since, request.topics, min(request.limit, REPLAY_LIMIT_MAX))
         return ReplayResult(
             events=events, first_seq=self.events.first_seq, last_seq=self.events.last_seq, epoch=self.epoch

@@ -28,7 +28,7 @@ from baaaht.bus.errors import BusError, validation_error
 from baaaht.bus.service import CallContext, RpcSpec, Service, topic_matches
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty
-from baaaht.schemas.bus import HealthReport, Ping, Register
+from baaaht.schemas.bus import BusPing, Register, ServiceHealth
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode
 
@@ -130,7 +130,7 @@ class ServiceRunner:
 
     def _health(self) -> bytes:
         healthy, reason = self._health_state()
-        return _encode(HealthReport(healthy=healthy, reason=reason))
+        return _encode(ServiceHealth(healthy=healthy, reason=reason))
 
     def _report_health(self) -> None:
         """Tell the broker now rather than at the next heartbeat."""
@@ -276,14 +276,14 @@ class ServiceRunner:
 
     def _await_registration(self) -> None:
         """Registered as STARTING before `on_start`: the broker handles one connection's messages in
-        order, so its answer to a Ping sent after our REGISTER means it has the REGISTER. A broker not
+        order, so its answer to a BusPing sent after our REGISTER means it has the REGISTER. A broker not
         up yet is waited for no longer than the silence limit: it gets the REGISTER when it comes."""
         limit = self.connection.core.silence_limit
         if not self.connection.wait_connected(limit):
             log.warning("starting before the broker is up", extra={"endpoint": self.endpoints.services})
             return
         try:
-            self.bus.call(Ping(), timeout=limit)
+            self.bus.call(BusPing(), timeout=limit)
         except BusError as exc:
             log.warning("starting before the broker confirmed registration", extra={"reason": exc.message})
         if self.connection.refused is not None:  # the refusal arrives before the Pong: do not start

@@ -20,12 +20,12 @@ import zmq
 
 from baaaht.bus import wire
 from baaaht.schemas.base import Event, all_subclasses
-from baaaht.schemas.bus import EventsReplay, ReplayResult
+from baaaht.schemas.bus import BusEventsReplay, ReplayResult
 
 REPLAY_PAGE = 1000
 # "From now" is the broker's last seq when the subscription starts: the SUB socket connects
 # asynchronously, so events published before it is connected would otherwise be lost.
-NOW = EventsReplay(limit=0)
+NOW = BusEventsReplay(limit=0)
 
 if TYPE_CHECKING:
     from baaaht.bus.client import BusClient
@@ -87,13 +87,13 @@ class EventOrder:
         self._from_now = since is None
         self._held: Delivery | None = None  # the live event that showed a gap: delivered after it
 
-    def next_replay(self) -> EventsReplay | None:
+    def next_replay(self) -> BusEventsReplay | None:
         """The `bus.events.replay` request to make before anything more is delivered, if any."""
         if self._from_now:
             return NOW
         if self._replay is None:
             return None
-        return EventsReplay(since=self._replay[0], topics=self.topics, limit=REPLAY_PAGE)
+        return BusEventsReplay(since=self._replay[0], topics=self.topics, limit=REPLAY_PAGE)
 
     def take_live(self, topic: bytes, envelope: bytes) -> None:
         """One PUB message: deliver it, or first replay the gap it shows."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import msgspec
 
 from baaaht.bus.errors import BusError
-from baaaht.schemas.bus import Caller, HealthReport, Register
+from baaaht.schemas.bus import Caller, Register, ServiceHealth
 from baaaht.schemas.errors import ErrorBody
 
 PROTOCOL = b"BHT1"
@@ -27,7 +27,7 @@ REPLY = PROTOCOL + b"\x02"  # ReplyHeader (with the broker's token from a servic
 PARTIAL = PROTOCOL + b"\x03"  # like REPLY, but more replies follow (streaming)
 CANCEL = PROTOCOL + b"\x04"  # body: the request id (peer->broker) or the token (broker->service)
 REGISTER = PROTOCOL + b"\x05"  # body: Register
-HEARTBEAT = PROTOCOL + b"\x06"  # body: HealthReport from a registered service, else empty
+HEARTBEAT = PROTOCOL + b"\x06"  # body: ServiceHealth from a registered service, else empty
 DISCONNECT = PROTOCOL + b"\x07"  # body: ErrorBody (broker->peer: refused, or unknown so register again)
 EVENT = PROTOCOL + b"\x08"  # header: the topic (UTF-8); on PUB: [topic, envelope with an EventStamp header]
 EVENTS = PROTOCOL + b"\x09"  # header empty; body: EVENT envelopes, each after its 4-byte length
@@ -81,7 +81,7 @@ reply_header = msgspec.msgpack.Decoder(ReplyHeader)
 event_stamp = msgspec.msgpack.Decoder(EventStamp)
 error_body = msgspec.msgpack.Decoder(ErrorBody)
 register_body = msgspec.msgpack.Decoder(Register)
-health_body = msgspec.msgpack.Decoder(HealthReport)
+health_body = msgspec.msgpack.Decoder(ServiceHealth)
 caller_body = msgspec.msgpack.Decoder(Caller)
 
 

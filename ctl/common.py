@@ -25,7 +25,7 @@ from baaaht.bus.protocol import is_broker_unreachable
 from baaaht.common.config import ConfigError, load_config
 from baaaht.common.endpoints import Endpoints, ipc_path
 from baaaht.schemas.base import Request
-from baaaht.schemas.bus import Ping
+from baaaht.schemas.bus import BusPing
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode
 
@@ -111,7 +111,7 @@ class Ctl:
     def stream(self, request: Request, timeout: float | None = None) -> Iterator[Any]:
         """Partial results until the call ends; leaving early cancels the call. Consume it
         `with interruptible():` so that Ctrl-C ends the command cleanly."""
-        self.call(Ping(), timeout=self.timeout)  # a long stream must not hide an unreachable host
+        self.call(BusPing(), timeout=self.timeout)  # a long stream must not hide an unreachable host
         items = self.client.stream(request, timeout=timeout)
         try:
             yield from items

@@ -30,7 +30,7 @@ from baaaht.schemas.containers import (
     ContainerExec,
     ContainerGet,
     ContainerKill,
-    ContainerListQuery,
+    ContainerList,
     ContainerLogs,
     ContainerRestart,
     ContainerSpec,
@@ -83,7 +83,7 @@ def list_containers(
 ) -> None:
     """Containers of this installation."""
     ctl: Ctl = ctx.obj
-    query = ContainerListQuery(session_id=session, labels=key_values("--label", label), states=states)
+    query = ContainerList(session_id=session, labels=key_values("--label", label), states=states)
     found = ctl.call(query).containers
     if ctl.json:
         ctl.emit(found)

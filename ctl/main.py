@@ -28,7 +28,7 @@ from baaaht.ctl.common import (
     to_builtins,
 )
 from baaaht.schemas.base import SCHEMA_VERSION, Request, known_types
-from baaaht.schemas.bus import EventsReplay, Ping, ServicesQuery, StatsQuery
+from baaaht.schemas.bus import BusEventsReplay, BusPing, BusServices, BusStats
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -77,7 +77,7 @@ def ping(ctx: typer.Context, _json: JsonOption = False) -> None:
     """Round trip to the broker."""
     ctl: Ctl = ctx.obj
     started = time.perf_counter()
-    pong = ctl.call(Ping())
+    pong = ctl.call(BusPing())
     elapsed_ms = (time.perf_counter() - started) * 1000
     if ctl.json:
         ctl.emit({"rtt_ms": elapsed_ms, **to_builtins(pong)})
@@ -111,7 +111,7 @@ def services(
 ) -> None:
     """Registered services, their instances, health and load."""
     ctl: Ctl = ctx.obj
-    result = ctl.call(ServicesQuery(service=name))
+    result = ctl.call(BusServices(service=name))
     ctl.emit(result.services if ctl.json else instance_rows(result.services))
 
 
@@ -135,9 +135,9 @@ def status(ctx: typer.Context, _json: JsonOption = False) -> None:
     """Is the host up: the broker, its services (container, session, policy) and its counters.
     Exits 1 when an expected service is missing or unhealthy."""
     ctl: Ctl = ctx.obj
-    pong = ctl.call(Ping())
-    listed = ctl.call(ServicesQuery()).services
-    stats = ctl.call(StatsQuery())
+    pong = ctl.call(BusPing())
+    listed = ctl.call(BusServices()).services
+    stats = ctl.call(BusStats())
     problems = service_problems(listed)
     if ctl.json:
         ctl.emit(
@@ -166,7 +166,7 @@ def status(ctx: typer.Context, _json: JsonOption = False) -> None:
 @app.command()
 def stats(ctx: typer.Context, _json: JsonOption = False) -> None:
     """Broker counters: messages, bytes, errors by code, per service."""
-    ctx.obj.emit(ctx.obj.call(StatsQuery()))
+    ctx.obj.emit(ctx.obj.call(BusStats()))
 
 
 @app.command("call")
@@ -199,7 +199,7 @@ def recent_events(ctl: Ctl, topics: list[str], limit: int) -> tuple[list, int]:
     kept: collections.deque = collections.deque(maxlen=limit)
     since = 0
     while True:
-        page = ctl.call(EventsReplay(since=since, topics=topics, limit=REPLAY_PAGE))
+        page = ctl.call(BusEventsReplay(since=since, topics=topics, limit=REPLAY_PAGE))
         kept.extend(page.events)
         if len(page.events) < REPLAY_PAGE:
             return list(kept), page.last_seq
@@ -227,7 +227,7 @@ def events(
     if since is None:
         recent, since = recent_events(ctl, topic, limit)
     else:
-        recent = ctl.call(EventsReplay(since=since, topics=topic, limit=REPLAY_PAGE)).events
+        recent = ctl.call(BusEventsReplay(since=since, topics=topic, limit=REPLAY_PAGE)).events
         since = recent[-1].seq if recent else since
     printer = EventPrinter(ctl)
     for event in recent:

@@ -20,7 +20,7 @@ from baaaht.ctl.common import (
     key_values,
     option_value,
 )
-from baaaht.schemas.bus import StatsQuery
+from baaaht.schemas.bus import BusStats
 from baaaht.schemas.sessions import (
     Message,
     SessionClose,
@@ -250,7 +250,7 @@ def watch(
 ) -> None:
     """Follow a conversation live until the session closes (Ctrl-C stops)."""
     ctl: Ctl = ctx.obj
-    since = ctl.call(StatsQuery()).last_event_seq  # events from here on are not missed
+    since = ctl.call(BusStats()).last_event_seq  # events from here on are not missed
     session = ctl.call(SessionGet(session_id=session_id))
     if session.state is SessionState.CLOSED:
         fail(f"session {session_id} is closed: `baaaht-ctl sessions messages` shows its conversation")

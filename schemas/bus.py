@@ -13,7 +13,8 @@ class Caller(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     """Who sent a request, as the broker saw the connection (never as the sender claims).
 
     `socket` is `services` or `agents`; uid/gid/pid come from the kernel's peer
-    credentials on ipc:// (-1 on tcp://)."""
+    credentials on ipc:// (-1 on tcp://). `role` is what bus/authorize.py decided the peer is; an
+    agent's `session` and `container` come from its container's identity (common/identity.py)."""
 
     socket: str = ""
     peer: str = ""
@@ -21,6 +22,9 @@ class Caller(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     uid: int = -1
     gid: int = -1
     pid: int = -1
+    role: str = ""
+    session: str = ""
+    container: str = ""
 
 
 class Register(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -35,7 +39,7 @@ class Register(msgspec.Struct, kw_only=True, omit_defaults=True):
     reason: str = ""
 
 
-class HealthReport(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ServiceHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Body of a service's HEARTBEAT: its health rides along with liveness."""
 
     healthy: bool = True
@@ -54,7 +58,7 @@ class Pong(Response, kw_only=True):
     heartbeat_liveness: int = 3
 
 
-class Ping(Request, tag="bus.ping", kw_only=True):
+class BusPing(Request, tag="bus.ping", kw_only=True):
     response: ClassVar[type] = Pong
 
 
@@ -77,12 +81,12 @@ class ServiceInfo(msgspec.Struct, kw_only=True):
     instances: list[InstanceInfo]
 
 
-class ServicesList(Response, kw_only=True):
+class BusServicesResult(Response, kw_only=True):
     services: list[ServiceInfo]
 
 
-class ServicesQuery(Request, tag="bus.services", kw_only=True):
-    response: ClassVar[type] = ServicesList
+class BusServices(Request, tag="bus.services", kw_only=True):
+    response: ClassVar[type] = BusServicesResult
     service: str = ""
 
 
@@ -98,12 +102,12 @@ class PeerInfo(msgspec.Struct, kw_only=True):
     malformed: int = 0  # messages from it the broker refused as malformed
 
 
-class PeersList(Response, kw_only=True):
+class BusPeersResult(Response, kw_only=True):
     peers: list[PeerInfo]
 
 
-class PeersQuery(Request, tag="bus.peers", kw_only=True):
-    response: ClassVar[type] = PeersList
+class BusPeers(Request, tag="bus.peers", kw_only=True):
+    response: ClassVar[type] = BusPeersResult
 
 
 class ServiceStats(msgspec.Struct, kw_only=True):
@@ -112,7 +116,7 @@ class ServiceStats(msgspec.Struct, kw_only=True):
     errors: dict[str, int] = {}
 
 
-class BusStats(Response, kw_only=True):
+class BusStatsReport(Response, kw_only=True):
     uptime: float
     messages_in: int
     messages_out: int
@@ -126,8 +130,8 @@ class BusStats(Response, kw_only=True):
     per_service: dict[str, ServiceStats]
 
 
-class StatsQuery(Request, tag="bus.stats", kw_only=True):
-    response: ClassVar[type] = BusStats
+class BusStats(Request, tag="bus.stats", kw_only=True):
+    response: ClassVar[type] = BusStatsReport
 
 
 class StampedEvent(msgspec.Struct, kw_only=True, array_like=True):
@@ -147,7 +151,7 @@ class ReplayResult(Response, kw_only=True):
     epoch: int = 0  # as in every EventStamp: which broker's numbering these are
 
 
-class EventsReplay(Request, tag="bus.events.replay", kw_only=True):
+class BusEventsReplay(Request, tag="bus.events.replay", kw_only=True):
     """Events with seq > since, oldest first, whose topic starts with one of `topics`.
     With limit 0, just the numbers: where the kept history starts and ends."""
 

@@ -136,7 +136,7 @@ class ContainerInfo(Response, kw_only=True):
     restart_count: int = 0
 
 
-class ContainerList(Response, kw_only=True):
+class ContainerListResult(Response, kw_only=True):
     containers: list[ContainerSummary]
 
 
@@ -162,7 +162,7 @@ class StatsSample(Response, kw_only=True):
     pids: int = 0
 
 
-class HealthReport(Response, kw_only=True):
+class ContainerHealthReport(Response, kw_only=True):
     """`has_healthcheck=False`: the status is derived from the state (running = healthy, exit 0 = unknown)."""
 
     status: HealthStatus
@@ -213,7 +213,7 @@ class ContainerCreate(Request, tag="container.create", kw_only=True):
 class ContainerRef(Request, kw_only=True):
     """Base of every request about one container: `id` is an id, an id prefix or a name."""
 
-    id: ids.ContainerRef
+    id: ids.ContainerIdOrName
 
 
 class ContainerStart(ContainerRef, tag="container.start", kw_only=True):
@@ -276,10 +276,10 @@ class ContainerGet(ContainerRef, tag="container.get", kw_only=True):
     response: ClassVar[type] = ContainerInfo
 
 
-class ContainerListQuery(Request, tag="container.list", kw_only=True):
+class ContainerList(Request, tag="container.list", kw_only=True):
     """Containers of this installation; every given filter must match."""
 
-    response: ClassVar[type] = ContainerList
+    response: ClassVar[type] = ContainerListResult
 
     session_id: ids.SessionFilter = ""
     labels: dict[str, str] = {}
@@ -316,25 +316,25 @@ class ContainerStatsStream(ContainerRef, tag="container.stats_stream", kw_only=T
 
 
 class ContainerHealth(ContainerRef, tag="container.health", kw_only=True):
-    response: ClassVar[type] = HealthReport
+    response: ClassVar[type] = ContainerHealthReport
 
 
 class ContainerHealthWait(ContainerRef, tag="container.health_wait", kw_only=True):
     """Poll up to `retries` times, `interval` apart; return at once when healthy or definitively unhealthy."""
 
-    response: ClassVar[type] = HealthReport
+    response: ClassVar[type] = ContainerHealthReport
 
     retries: AtLeastOnce = 30
     interval: PositiveSeconds = 1.0
 
 
-class ImageExists(Request, tag="container.image_exists", kw_only=True):
+class ContainerImageExists(Request, tag="container.image_exists", kw_only=True):
     response: ClassVar[type] = ImageStatus
 
     image: ids.Image
 
 
-class ImagePull(Request, tag="container.pull", kw_only=True):
+class ContainerPull(Request, tag="container.pull", kw_only=True):
     """A streaming call: PullProgress partials until the image is present."""
 
     response: ClassVar[type] = PullProgress
@@ -352,11 +352,11 @@ class VolumeInfo(Response, kw_only=True):
     created: float = 0.0  # unix seconds
 
 
-class VolumeList(Response, kw_only=True):
+class VolumeListResult(Response, kw_only=True):
     volumes: list[VolumeInfo]
 
 
-class VolumeCreate(Request, tag="container.volume_create", kw_only=True):
+class ContainerVolumeCreate(Request, tag="container.volume_create", kw_only=True):
     """Make the session's volume `name` (1-32 lower-case letters and digits), or return it when it exists.
     The session must be active or idle."""
 
@@ -366,10 +366,10 @@ class VolumeCreate(Request, tag="container.volume_create", kw_only=True):
     name: ids.VolumeShortName = "workspace"
 
 
-class VolumeListQuery(Request, tag="container.volume_list", kw_only=True):
+class ContainerVolumeList(Request, tag="container.volume_list", kw_only=True):
     """This installation's session volumes, of one session when `session_id` is given."""
 
-    response: ClassVar[type] = VolumeList
+    response: ClassVar[type] = VolumeListResult
 
     session_id: ids.SessionFilter = ""
 

@@ -28,7 +28,7 @@ def _optional_id(what: str) -> Meta:
 
 SessionId = Annotated[str, _id("A session id")]
 ContainerId = Annotated[str, _id("A container's full id")]
-ContainerRef = Annotated[str, _id("A container: its id, an id prefix or its name")]
+ContainerIdOrName = Annotated[str, _id("A container: its id, an id prefix or its name")]
 SessionFilter = Annotated[str, _optional_id("Empty (every session) or a session id")]
 ContainerName = Annotated[str, _optional_id("Empty (the orchestrator picks one) or a container name")]
 Role = Annotated[

@@ -15,12 +15,12 @@ from baaaht.bus.errors import BusError, exhausted, not_found, precondition
 from baaaht.bus.testing import FakeStream, Recorded
 from baaaht.common.policy import document
 from baaaht.schemas.containers import (
+    ContainerHealthReport,
     ContainerInfo,
     ContainerLogs,
     ContainerSpec,
     ContainerSummary,
     ExecResult,
-    HealthReport,
     ImageStatus,
     LogLine,
     PullProgress,
@@ -52,7 +52,7 @@ class FakeRuntime:
         self.log_streams: list[FakeStream] = []
         self.event_streams: Recorded[FakeStream] = Recorded()  # tests wait on the follower's streams
         self.down_reason = ""
-        self.health_script: list[HealthReport] = []
+        self.health_script: list[ContainerHealthReport] = []
         self.calls: list[tuple[str, str]] = []
         self.gate: threading.Event | None = None  # when set, start() blocks until the gate opens
         self.in_flight = 0
@@ -170,11 +170,11 @@ class FakeRuntime:
             role=labels.get(LABEL_ROLE, ""),
         )
 
-    def health(self, container: str) -> HealthReport:
+    def health(self, container: str) -> ContainerHealthReport:
         self._get(container)
         if self.health_script:
             return self.health_script.pop(0)
-        return HealthReport(status="starting", has_healthcheck=True, state="running")
+        return ContainerHealthReport(status="starting", has_healthcheck=True, state="running")
 
     def list(self, labels: dict[str, str]) -> list[ContainerSummary]:
         self._check_up()

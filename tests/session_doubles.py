@@ -14,7 +14,7 @@ from baaaht.schemas.base import Empty
 from baaaht.schemas.containers import (
     ContainerDestroy,
     ContainerList,
-    ContainerListQuery,
+    ContainerListResult,
     ContainerRemoved,
     ContainerSummary,
 )
@@ -79,17 +79,17 @@ class FakeContainerManager:
         self.on_removed = on_removed
         self.report_removals = True
         self.lock = threading.Lock()
-        bus.answer(ContainerListQuery, self.list)
+        bus.answer(ContainerList, self.list)
         bus.answer(ContainerDestroy, self.destroy)
 
     def add(self, container_id: str, session_id: str) -> None:
         with self.lock:
             self.containers[container_id] = session_id
 
-    def list(self, request: ContainerListQuery) -> ContainerList:
+    def list(self, request: ContainerList) -> ContainerListResult:
         with self.lock:
             found = [cid for cid, sid in self.containers.items() if sid == request.session_id]
-        return ContainerList(
+        return ContainerListResult(
             containers=[
                 ContainerSummary(
                     id=cid, name=f"c-{cid}", image="img", state="running", session_id=request.session_id

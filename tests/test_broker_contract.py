@@ -17,7 +17,7 @@ import pytest
 from baaaht.bus import wire
 from baaaht.bus.errors import BusError
 from baaaht.bus.testing import next_event, wait_for
-from baaaht.schemas.bus import EventsReplay, Ping, ServicesQuery, StatsQuery
+from baaaht.schemas.bus import BusEventsReplay, BusPing, BusServices, BusStats
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
 from tests.services.echo import Say
@@ -34,7 +34,7 @@ def request(dealer, request_id: str, target: str, body: bytes, timeout: float = 
 def test_an_event_body_that_is_not_msgpack_is_refused_and_never_replayed(echo):
     agent = raw_dealer(echo, "agents")
     try:
-        before = echo.client().call(EventsReplay(limit=0)).last_seq
+        before = echo.client().call(BusEventsReplay(limit=0)).last_seq
         agent.send(wire.pack(wire.EVENT, b"agent.progress", b"\xc1 not msgpack"))
         header, body = next_reply(agent, "")  # an event has no id: refusals answer id ""
         assert header.error == "INVALID_ARGUMENT"
@@ -48,7 +48,7 @@ def test_an_event_body_that_is_not_msgpack_is_refused_and_never_replayed(echo):
             assert done.seq == before + 1  # the refused one took no number
     finally:
         agent.close(0)
-    replayed = echo.client().call(EventsReplay(since=before))
+    replayed = echo.client().call(BusEventsReplay(since=before))
     assert [msgspec.msgpack.decode(e.body) for e in replayed.events] == [{"done": 1}]
     events = subprocess.run(
         [CTL, "--config", str(echo.config_path), "--json", "events"],
@@ -119,7 +119,7 @@ def test_a_killed_instance_with_a_healthy_replacement_fails_no_calls(make_host):
     for thread in threads:
         thread.join(60)
     assert failed == []
-    assert [len(s.instances) for s in client.call(ServicesQuery(service="echo")).services] == [1]
+    assert [len(s.instances) for s in client.call(BusServices(service="echo")).services] == [1]
 
 
 def test_calls_in_flight_at_a_kill_are_answered_at_once_not_after_missed_heartbeats(make_host):
@@ -138,7 +138,7 @@ def test_calls_in_flight_at_a_kill_are_answered_at_once_not_after_missed_heartbe
     threads = [threading.Thread(target=slow_call) for _ in range(4)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: client.call(ServicesQuery(service="echo")).services[0].instances[0].in_flight == 4)
+    wait_for(lambda: client.call(BusServices(service="echo")).services[0].instances[0].in_flight == 4)
     host.processes["echo"].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     for thread in threads:
@@ -148,7 +148,7 @@ def test_calls_in_flight_at_a_kill_are_answered_at_once_not_after_missed_heartbe
     assert max(at for _, at in answered) - killed_at < 1.0
     down = subscription.next(timeout=5)
     assert down.topic == "bus.service.down" and down.event.reason == "disconnected"
-    assert client.call(ServicesQuery(service="echo")).services == []
+    assert client.call(BusServices(service="echo")).services == []
     with pytest.raises(BusError) as caught:
         client.call(Say(text="x"))
     assert caught.value.code == ErrorCode.UNAVAILABLE
@@ -157,7 +157,7 @@ def test_calls_in_flight_at_a_kill_are_answered_at_once_not_after_missed_heartbe
 
 
 def test_pong_tells_the_heartbeat_rule(host):
-    pong = host.client().call(Ping())
+    pong = host.client().call(BusPing())
     assert (pong.heartbeat_interval, pong.heartbeat_liveness) == (0.2, 3)
 
 
@@ -196,11 +196,11 @@ def test_a_cancelled_stream_ends_with_a_cancelled_reply(echo):
             assert wire.kind_of(dealer.recv()) == wire.HEARTBEAT
     finally:
         dealer.close(0)
-    assert "CANCELLED" not in echo.client().call(StatsQuery()).errors  # the caller's doing, not a fault
+    assert "CANCELLED" not in echo.client().call(BusStats()).errors  # the caller's doing, not a fault
 
 
 def test_operator_cli_runs_leave_no_errors_in_the_counters(echo):
-    before = echo.client().call(StatsQuery()).errors  # the harness's start-up probes may have timed out
+    before = echo.client().call(BusStats()).errors  # the harness's start-up probes may have timed out
     for _ in range(20):
         # `services`, not `status`: status fails on a host without the container, session and policy services
         listed = subprocess.run(
@@ -209,9 +209,9 @@ def test_operator_cli_runs_leave_no_errors_in_the_counters(echo):
         assert listed.returncode == 0, listed.stderr
     # a departed ctl's heartbeat is never counted: wait until the broker has heartbeated a few times
     probe = echo.client()
-    ticks = probe.call(StatsQuery()).messages_out
-    wait_for(lambda: probe.call(StatsQuery()).messages_out > ticks + 10, what="10 broker messages out")
-    assert probe.call(StatsQuery()).errors == before
+    ticks = probe.call(BusStats()).messages_out
+    wait_for(lambda: probe.call(BusStats()).messages_out > ticks + 10, what="10 broker messages out")
+    assert probe.call(BusStats()).errors == before
 
 
 def test_a_fuzzing_peer_costs_a_bounded_number_of_log_lines(host):
@@ -220,11 +220,11 @@ def test_a_fuzzing_peer_costs_a_bounded_number_of_log_lines(host):
         for n in range(10_000):
             dealer.send(b"junk" if n % 2 else wire.pack(wire.REQUEST, b"\xc1"))
         probe = host.client()
-        wait_for(lambda: probe.call(StatsQuery()).malformed >= 10_000, what="every frame counted")
+        wait_for(lambda: probe.call(BusStats()).malformed >= 10_000, what="every frame counted")
         wait_for(lambda: "more malformed messages" in host.log("broker"), what="the summary line")
     finally:
         dealer.close(0)
-    stats = host.client().call(StatsQuery())
+    stats = host.client().call(BusStats())
     assert stats.malformed_kinds == {"not_baaaht": 5000, "undecodable_request": 5000}
     lines = [json.loads(line) for line in host.log("broker").splitlines() if "malformed" in line]
     assert len(lines) <= 4, lines
@@ -242,8 +242,8 @@ def test_a_broker_restart_announces_each_instance_once(make_host):
     client = echo.client()
     echo.wait_registered("echo", echo.processes["echo"].pid)
     # the window in which a second registration (heartbeat answered DISCONNECT, and reconnect) lands
-    ticks = client.call(StatsQuery()).messages_out
-    wait_for(lambda: client.call(StatsQuery()).messages_out > ticks + 20, what="20 broker messages out")
-    ups = [e for e in client.call(EventsReplay(topics=["bus.service.up"])).events]
+    ticks = client.call(BusStats()).messages_out
+    wait_for(lambda: client.call(BusStats()).messages_out > ticks + 20, what="20 broker messages out")
+    ups = [e for e in client.call(BusEventsReplay(topics=["bus.service.up"])).events]
     instances = [msgspec.msgpack.decode(e.body)["instance"] for e in ups]
     assert len(instances) == len(set(instances)) == 1, instances

@@ -23,7 +23,7 @@ from baaaht.bus.runner import ServiceRunner
 from baaaht.bus.service import Service
 from baaaht.bus.testing import wait_for
 from baaaht.common.endpoints import Endpoints
-from baaaht.schemas.bus import EventsReplay, PeersQuery, Ping, ServicesQuery, StatsQuery
+from baaaht.schemas.bus import BusEventsReplay, BusPeers, BusPing, BusServices, BusStats
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
 from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
@@ -107,7 +107,7 @@ def test_deadline_expires_with_timeout_and_the_handler_is_cancelled(echo):
     assert caught.value.code == ErrorCode.TIMEOUT
     assert time.monotonic() - started < 5
     # the handler saw the cancellation: the instance is free again
-    wait_for(lambda: client.call(ServicesQuery(service="echo")).services[0].instances[0].in_flight == 0)
+    wait_for(lambda: client.call(BusServices(service="echo")).services[0].instances[0].in_flight == 0)
 
 
 def test_stream_and_cancellation(echo):
@@ -190,8 +190,8 @@ def test_replay_is_bounded_by_history(make_host):
     host.start_service(ECHO_SERVICE, "echo")
     client = host.client()
     client.call(Emit(text="x", times=10))
-    wait_for(lambda: client.call(StatsQuery()).last_event_seq >= 10)
-    result = client.call(EventsReplay(since=0))
+    wait_for(lambda: client.call(BusStats()).last_event_seq >= 10)
+    result = client.call(BusEventsReplay(since=0))
     assert len(result.events) == 3
     assert result.first_seq == result.last_seq - 2
 
@@ -220,9 +220,9 @@ def test_agents_cannot_register_but_can_call(echo):
         assert wire.kind_of(envelope) == wire.DISCONNECT
         assert wire.error_body.decode(wire.split(envelope)[1]).code == ErrorCode.PERMISSION_DENIED
         dealer.close(0)
-        peers = echo.client().call(PeersQuery()).peers
+        peers = echo.client().call(BusPeers()).peers
         assert any(p.socket == "agents" and p.pid == os.getpid() for p in peers)
-        assert "session" not in {s.name for s in echo.client().call(ServicesQuery()).services}
+        assert "session" not in {s.name for s in echo.client().call(BusServices()).services}
     finally:
         agent.close()
 
@@ -259,7 +259,7 @@ def test_an_agent_cannot_answer_calls_it_was_not_given(echo):
             target=lambda: results.append(operator.call(Say(text="genuine", delay=0.5)))
         )
         thread.start()
-        wait_for(lambda: operator.call(ServicesQuery(service="echo")).services[0].instances[0].in_flight == 1)
+        wait_for(lambda: operator.call(BusServices(service="echo")).services[0].instances[0].in_flight == 1)
         # An agent guesses every plausible token and request id: none of its replies is delivered.
         for token in range(1, 64):
             forged = wire.reply(
@@ -312,7 +312,7 @@ def test_oversized_events_are_refused(make_host):
         assert header.error == "RESOURCE_EXHAUSTED"
     finally:
         dealer.close(0)
-    assert host.client().call(EventsReplay(limit=0)).last_seq == 1  # only bus.started
+    assert host.client().call(BusEventsReplay(limit=0)).last_seq == 1  # only bus.started
 
 
 AGENT_PING = """
@@ -394,7 +394,7 @@ def test_malformed_frames_are_counted_and_answered(host):
         assert "undecodable" in wire.error_body.decode(wire.split(dealer.recv())[1]).message
     finally:
         dealer.close(0)
-    stats = host.client().call(StatsQuery())
+    stats = host.client().call(BusStats())
     assert stats.malformed >= 2 and stats.errors["INVALID_ARGUMENT"] >= 2
 
 
@@ -404,10 +404,10 @@ def test_stats_and_services_views(echo):
         client.call(Say(text="x"))
     with pytest.raises(BusError):
         client.call(Fail(code="NOT_FOUND"))
-    stats = client.call(StatsQuery())
+    stats = client.call(BusStats())
     assert stats.per_service["echo"].requests >= 6
     assert stats.per_service["echo"].errors == {"NOT_FOUND": 1}
-    instance = client.call(ServicesQuery(service="echo")).services[0].instances[0]
+    instance = client.call(BusServices(service="echo")).services[0].instances[0]
     assert instance.served >= 6 and "echo.say" in instance.methods and instance.healthy
 
 
@@ -416,15 +416,13 @@ def test_sigterm_drains_in_flight_work(echo):
     results = []
     thread = threading.Thread(target=lambda: results.append(client.call(Say(text="finish me", delay=0.5))))
     thread.start()
-    wait_for(lambda: client.call(ServicesQuery(service="echo")).services[0].instances[0].in_flight == 1)
+    wait_for(lambda: client.call(BusServices(service="echo")).services[0].instances[0].in_flight == 1)
     process = echo.processes["echo"]
     process.send_signal(signal.SIGTERM)
     thread.join(10)
     assert results and results[0].text == "finish me"
     assert process.wait(10) == 0
-    wait_for(
-        lambda: not client.call(ServicesQuery(service="echo")).services, what="the instance to unregister"
-    )
+    wait_for(lambda: not client.call(BusServices(service="echo")).services, what="the instance to unregister")
 
 
 def test_events_published_in_order_from_many_threads_arrive_in_that_order(host):
@@ -465,7 +463,7 @@ def test_tcp_is_off_by_default_and_loopback_when_on(make_host):
     assert endpoints.tcp_services == f"tcp://127.0.0.1:{port}"
     client = BusClient(endpoints.tcp_services, timeout=5)
     try:
-        pong = client.call(Ping())
+        pong = client.call(BusPing())
         assert pong.caller.socket == "services" and pong.caller.uid == -1  # no kernel credentials over TCP
     finally:
         client.close()

@@ -8,7 +8,7 @@ from baaaht.bus.aio import AsyncBusClient
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import is_broker_unreachable
 from baaaht.bus.testing import run_async, wait_for
-from baaaht.schemas.bus import Ping
+from baaaht.schemas.bus import BusPing
 from baaaht.schemas.errors import ErrorCode
 from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
 
@@ -16,7 +16,7 @@ from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
 def test_calls_errors_and_concurrency(echo):
     async def scenario():
         async with AsyncBusClient.for_config(echo.config) as bus:
-            assert (await bus.call(Ping())).caller.socket == "services"
+            assert (await bus.call(BusPing())).caller.socket == "services"
             said = await asyncio.gather(*(bus.call(Say(text=str(n), delay=0.05)) for n in range(20)))
             assert [s.text for s in said] == [str(n) for n in range(20)]
             with pytest.raises(BusError) as caught:
@@ -62,7 +62,7 @@ def test_unreachable_broker_is_unavailable_at_the_deadline(tmp_path):
     async def scenario():
         async with AsyncBusClient(f"ipc://{tmp_path}/nobody.sock", timeout=0.3) as bus:
             with pytest.raises(BusError) as caught:
-                await bus.call(Ping())
+                await bus.call(BusPing())
             assert is_broker_unreachable(caught.value)
 
     run_async(scenario(), timeout=30)

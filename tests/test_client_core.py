@@ -8,7 +8,7 @@ from baaaht.bus import wire
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import DEADLINE_GRACE, ClientCore, is_broker_unreachable
 from baaaht.bus.subscription import NOW, REPLAY_PAGE, EventOrder
-from baaaht.schemas.bus import EventsReplay, ReplayResult, StampedEvent
+from baaaht.schemas.bus import BusEventsReplay, ReplayResult, StampedEvent
 from baaaht.schemas.errors import ErrorBody, ErrorCode
 
 WALL = 1_700_000_000.0
@@ -173,7 +173,7 @@ def test_a_gap_is_replayed_before_the_live_event_that_showed_it():
     order = EventOrder(["echo."], since=1, epoch=7)
     order.take_replay(replayed(last_seq=1))
     order.take_live(*live(4))
-    assert order.next_replay() == EventsReplay(since=1, topics=["echo."], limit=REPLAY_PAGE)
+    assert order.next_replay() == BusEventsReplay(since=1, topics=["echo."], limit=REPLAY_PAGE)
     assert not order.backlog  # 4 waits for 2 and 3
     order.take_replay(replayed(2, 3, last_seq=4))
     assert [d.seq for d in order.backlog] == [2, 3, 4] and order.gaps == 1

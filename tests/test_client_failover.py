@@ -26,7 +26,7 @@ from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import DEADLINE_GRACE, is_broker_unreachable
 from baaaht.bus.testing import run_async, wait_for
-from baaaht.schemas.bus import PeersQuery, Ping, ServicesQuery, StatsQuery
+from baaaht.schemas.bus import BusPeers, BusPing, BusServices, BusStats
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
 from tests.services.echo import Count, Say, SeenQuery
@@ -36,7 +36,7 @@ CTL = str(Path(sys.executable).parent / "baaaht-ctl")
 
 
 def in_flight(host) -> int:
-    services = host.client(timeout=1).call(ServicesQuery(service="echo")).services
+    services = host.client(timeout=1).call(BusServices(service="echo")).services
     return sum(i.in_flight for s in services for i in s.instances)
 
 
@@ -104,7 +104,7 @@ def test_blocking_clients_learn_of_a_killed_broker_at_once_and_are_served_again_
     assert {code for code, _ in failed_at.values()} == {ErrorCode.UNAVAILABLE}
     # While the broker is away a new call fails UNAVAILABLE, naming the endpoint, at its deadline.
     with pytest.raises(BusError) as caught:
-        echo.client(timeout=0.2).call(Ping())
+        echo.client(timeout=0.2).call(BusPing())
     assert is_broker_unreachable(caught.value)
     back_at = restart_broker(echo)
     restarted.set()
@@ -180,7 +180,7 @@ def test_a_service_registers_again_promptly_after_a_broker_restart(make_host):
 
     def registered():
         return any(
-            i.pid == pid for s in probe.call(ServicesQuery(service="echo")).services for i in s.instances
+            i.pid == pid for s in probe.call(BusServices(service="echo")).services for i in s.instances
         )
 
     wait_for(registered, interval=0.01, what="the echo service to register with the new broker")
@@ -301,7 +301,7 @@ def test_no_reply_by_the_deadline_is_timeout_from_both_faces(silent_broker):
     with BusClient(endpoint, timeout=0.3) as bus:
         started = time.monotonic()
         with pytest.raises(BusError) as caught:
-            bus.call(Ping())
+            bus.call(BusPing())
         took = time.monotonic() - started
     assert caught.value.code == ErrorCode.TIMEOUT and not is_broker_unreachable(caught.value)
     assert 0.3 <= took < 0.3 + DEADLINE_GRACE + 0.5
@@ -309,7 +309,7 @@ def test_no_reply_by_the_deadline_is_timeout_from_both_faces(silent_broker):
     async def scenario():
         async with AsyncBusClient(endpoint, timeout=0.3) as bus:
             with pytest.raises(BusError) as caught:
-                await bus.call(Ping())
+                await bus.call(BusPing())
             return caught.value
 
     error = run_async(scenario())
@@ -348,14 +348,14 @@ def test_a_closing_client_tells_the_broker(silent_broker, face):
 def test_closed_clients_leave_the_broker_at_once_and_count_no_errors(make_host):
     host = make_host({"bus": {"heartbeat_interval": "1s"}})
     probe = host.client()
-    staying = len(probe.call(PeersQuery()).peers)  # the probe and the harness's own
+    staying = len(probe.call(BusPeers()).peers)  # the probe and the harness's own
     for _ in range(3):
         with BusClient.for_config(host.config) as bus:
-            bus.call(Ping())
+            bus.call(BusPing())
 
     def closed_ones_gone():
-        return len(probe.call(PeersQuery()).peers) == staying
+        return len(probe.call(BusPeers()).peers) == staying
 
     # Well before the 3 s in which a silent peer would expire (and its heartbeats be counted unroutable).
     wait_for(closed_ones_gone, timeout=1.5, interval=0.02, what="the closed clients to leave")
-    assert "unroutable" not in probe.call(StatsQuery()).errors
+    assert "unroutable" not in probe.call(BusStats()).errors

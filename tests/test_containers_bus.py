@@ -13,26 +13,26 @@ import pytest
 from baaaht.bus.errors import BusError
 from baaaht.bus.testing import code_of, next_event, wait_for
 from baaaht.common.socket_group import DEFAULT_SOCKET_GROUP
-from baaaht.schemas.bus import ServicesQuery
+from baaaht.schemas.bus import BusServices
 from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerDestroy,
     ContainerGet,
     ContainerHealthWait,
+    ContainerImageExists,
     ContainerKill,
-    ContainerListQuery,
+    ContainerList,
     ContainerLogs,
     ContainerReconcile,
     ContainerSpec,
     ContainerStart,
     ContainerStatsStream,
     ContainerStop,
+    ContainerVolumeCreate,
+    ContainerVolumeList,
     ContainerWait,
     Healthcheck,
-    ImageExists,
     Mount,
-    VolumeCreate,
-    VolumeListQuery,
 )
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import (
@@ -124,7 +124,7 @@ def test_full_lifecycle_with_events(orchestrator, busybox):
         assert info.state == "created" and info.session_id == session
         assert info.labels[LABEL_MANAGED] == "true" and info.labels[LABEL_INSTALL] == orchestrator.install_id
         assert info.labels[LABEL_ROLE] == "agent" and info.name.startswith("baaaht-agent-")
-        listed = bus.call(ContainerListQuery(session_id=session)).containers
+        listed = bus.call(ContainerList(session_id=session)).containers
         assert [c.id for c in listed] == [container]
         bus.call(ContainerStart(id=container))
         assert bus.call(ContainerWait(id=container)).exit_code == 3
@@ -189,7 +189,7 @@ def test_logs_follow_and_stats_stream_end_when_cancelled(orchestrator, busybox):
     assert first.pids >= 1 and first.memory_limit > 0 and second.time > first.time
 
     def nothing_in_flight() -> bool:
-        services = bus.call(ServicesQuery(service="container")).services
+        services = bus.call(BusServices(service="container")).services
         return all(instance.in_flight == 0 for service in services for instance in service.instances)
 
     # Both handlers saw the cancellation and ended: the follow would otherwise last 600 s.
@@ -288,7 +288,7 @@ def test_the_policy_denies_root_and_unpinned_images(orchestrator, busybox):
         caught.value.code is ErrorCode.PERMISSION_DENIED
         and "image.latest_tag" in caught.value.details["rules"]
     )
-    assert orchestrator.bus.call(ContainerListQuery(session_id=session)).containers == []
+    assert orchestrator.bus.call(ContainerList(session_id=session)).containers == []
 
 
 def test_without_the_policy_service_nothing_is_created(orchestrator, busybox):
@@ -296,7 +296,7 @@ def test_without_the_policy_service_nothing_is_created(orchestrator, busybox):
     with pytest.raises(BusError) as caught:
         orchestrator.create(orchestrator.session(), busybox, "true")
     assert caught.value.code is ErrorCode.UNAVAILABLE and "policy service" in caught.value.message
-    assert orchestrator.bus.call(ContainerListQuery()).containers == []
+    assert orchestrator.bus.call(ContainerList()).containers == []
 
 
 def test_reconcile_removes_orphans_of_this_install_only(orchestrator, busybox, docker_client):
@@ -328,7 +328,7 @@ def test_reconcile_removes_orphans_of_this_install_only(orchestrator, busybox, d
         assert code_of(lambda: bus.call(ContainerGet(id=orphan.id))) is ErrorCode.NOT_FOUND
         assert bus.call(ContainerGet(id=kept)).state == "created"
         assert report.kept == 3  # the session's container, the pool slot, the system container
-        listed = {c.id for c in bus.call(ContainerListQuery()).containers}
+        listed = {c.id for c in bus.call(ContainerList()).containers}
         assert listed == {kept, pooled.id, system.id}
         foreign.reload()  # still there, untouched
         assert foreign.status == "created"
@@ -339,10 +339,10 @@ def test_reconcile_removes_orphans_of_this_install_only(orchestrator, busybox, d
 def test_a_session_mounts_only_the_volumes_made_for_it(orchestrator, busybox, docker_client):
     bus = orchestrator.bus
     mine, other = orchestrator.session(), orchestrator.session()
-    volume = bus.call(VolumeCreate(session_id=mine)).name
-    assert bus.call(VolumeCreate(session_id=mine)).name == volume  # made once
+    volume = bus.call(ContainerVolumeCreate(session_id=mine)).name
+    assert bus.call(ContainerVolumeCreate(session_id=mine)).name == volume  # made once
     assert orchestrator.volumes_on_engine(mine) == [volume]
-    assert [v.name for v in bus.call(VolumeListQuery(session_id=mine)).volumes] == [volume]
+    assert [v.name for v in bus.call(ContainerVolumeList(session_id=mine)).volumes] == [volume]
 
     # At /tmp the engine gives the new volume the image's /tmp mode (1777), so the agent user may write.
     workspace = Mount(type="volume", source=volume, target="/tmp")
@@ -372,7 +372,7 @@ def test_a_session_mounts_only_the_volumes_made_for_it(orchestrator, busybox, do
 def test_session_volumes_are_removed_with_their_session(orchestrator, busybox, docker_client):
     bus = orchestrator.bus
     session = orchestrator.session()
-    volume = bus.call(VolumeCreate(session_id=session, name="scratch")).name
+    volume = bus.call(ContainerVolumeCreate(session_id=session, name="scratch")).name
     user = orchestrator.create(
         session, busybox, "true", mounts=[Mount(type="volume", source=volume, target="/s")]
     )
@@ -414,10 +414,10 @@ def test_an_engine_that_is_not_there_gives_unavailable_not_a_hang(make_host):
     host.start_service("baaaht.services.containers", service="container")
     bus = host.client(timeout=10)
     started = time.monotonic()
-    for request in (ContainerListQuery(), ImageExists(image="x:1"), ContainerKill(id="abc")):
+    for request in (ContainerList(), ContainerImageExists(image="x:1"), ContainerKill(id="abc")):
         with pytest.raises(BusError) as caught:
             bus.call(request)
         assert caught.value.code is ErrorCode.UNAVAILABLE and "baaaht-no-engine.sock" in caught.value.message
     assert time.monotonic() - started < 10  # each call answered before its own deadline
-    [service] = bus.call(ServicesQuery(service="container")).services
+    [service] = bus.call(BusServices(service="container")).services
     assert not service.instances[0].healthy and "baaaht-no-engine.sock" in service.instances[0].reason

@@ -17,24 +17,24 @@ from baaaht.schemas.containers import (
     ContainerDestroy,
     ContainerExec,
     ContainerGet,
+    ContainerHealthReport,
     ContainerHealthWait,
-    ContainerListQuery,
+    ContainerList,
     ContainerLogs,
+    ContainerPull,
     ContainerRestart,
     ContainerSpec,
     ContainerStart,
     ContainerStarted,
     ContainerStatsStream,
     ContainerStop,
+    ContainerVolumeCreate,
+    ContainerVolumeList,
     ContainerWait,
-    HealthReport,
-    ImagePull,
     LogLine,
     Mount,
     Resources,
-    VolumeCreate,
     VolumeInfo,
-    VolumeListQuery,
 )
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Decision, Principal, Violation
@@ -198,7 +198,7 @@ def test_containers_of_other_installs_are_invisible(run_dir):
         assert code_of(
             lambda c=container: service.destroy(ContainerDestroy(id=c, force=True), context())
         ) is (ErrorCode.NOT_FOUND)
-    assert service.list(ContainerListQuery(), context()).containers == []
+    assert service.list(ContainerList(), context()).containers == []
     assert set(runtime.containers) == {foreign, unmanaged}
 
 
@@ -279,7 +279,7 @@ def test_stats_stream_and_pull_pass_through(run_dir):
         container = create(service).id
         samples = list(service.stats_stream(ContainerStatsStream(id=container, interval=1.0), context()))
         assert len(samples) == 1  # the fake's samples come at once: one per interval is passed on
-        assert [p.status for p in service.pull(ImagePull(image="new:1"), context())] == ["Downloaded"]
+        assert [p.status for p in service.pull(ContainerPull(image="new:1"), context())] == ["Downloaded"]
         assert create(service, image="new:1").id
 
 
@@ -304,16 +304,16 @@ def test_health_wait_returns_as_soon_as_the_outcome_is_known(run_dir):
     runtime = FakeRuntime()
     service = make_service(run_dir, runtime)
     container = create(service).id
-    starting = HealthReport(status="starting", has_healthcheck=True, state="running")
+    starting = ContainerHealthReport(status="starting", has_healthcheck=True, state="running")
     runtime.health_script = [
         starting,
         starting,
-        HealthReport(status="healthy", has_healthcheck=True),
+        ContainerHealthReport(status="healthy", has_healthcheck=True),
         starting,
     ]
     report = service.health_wait(ContainerHealthWait(id=container, retries=10, interval=0.01), context())
     assert report.status == "healthy" and runtime.health_script == [starting]
-    runtime.health_script = [HealthReport(status="unhealthy", has_healthcheck=True)]
+    runtime.health_script = [ContainerHealthReport(status="unhealthy", has_healthcheck=True)]
     assert (
         service.health_wait(ContainerHealthWait(id=container, interval=0.01), context()).status == "unhealthy"
     )
@@ -644,7 +644,7 @@ def test_pool_and_system_containers_are_ours_to_list_and_operate_but_never_orpha
     service = make_service(run_dir, runtime)
     report = service.reconcile_now()
     assert report.removed == [] and report.kept == 2
-    listed = {c.id for c in service.list(ContainerListQuery(), context()).containers}
+    listed = {c.id for c in service.list(ContainerList(), context()).containers}
     assert listed == {pooled, system}
     assert service.get(ContainerGet(id=pooled), context()).id == pooled
     assert code_of(lambda: service.get(ContainerGet(id=unknown), context())) is ErrorCode.NOT_FOUND
@@ -674,9 +674,9 @@ def test_a_session_mounts_its_own_volumes_unjudged_and_never_another_sessions(ru
     policy = FakePolicy()
     sessions = FakeSessions(session_info("s1"), session_info("s2"))
     service = make_service(run_dir, policy=policy, sessions=sessions)
-    mine = service.volume_create(VolumeCreate(session_id="s1"), context())
+    mine = service.volume_create(ContainerVolumeCreate(session_id="s1"), context())
     assert mine.session_id == "s1" and mine.labels[LABEL_OWNER] == "session"
-    assert service.volume_create(VolumeCreate(session_id="s1"), context()) == mine
+    assert service.volume_create(ContainerVolumeCreate(session_id="s1"), context()) == mine
     workspace = Mount(type="volume", source=mine.name, target="/work")
     result = create(service, "s1", mounts=[workspace])
     judged = policy.seen[-1][0]
@@ -688,27 +688,30 @@ def test_a_session_mounts_its_own_volumes_unjudged_and_never_another_sessions(ru
     create(service, "s1", mounts=[shared])
     assert shared in policy.seen[-1][0].mounts  # any other volume is judged
     assert code_of(lambda: create(service, "s2", mounts=[workspace])) is ErrorCode.PERMISSION_DENIED
-    listed = service.volume_list(VolumeListQuery(session_id="s1"), context()).volumes
-    assert listed == [mine] and service.volume_list(VolumeListQuery(session_id="s2"), context()).volumes == []
+    listed = service.volume_list(ContainerVolumeList(session_id="s1"), context()).volumes
+    assert (
+        listed == [mine]
+        and service.volume_list(ContainerVolumeList(session_id="s2"), context()).volumes == []
+    )
 
 
 def test_a_volume_is_made_only_for_an_open_session_and_never_taken_over(run_dir):
     runtime = FakeRuntime()
     sessions = FakeSessions(session_info("s1"), session_info("done", SessionState.CLOSED))
     service = make_service(run_dir, runtime, sessions=sessions)
-    assert code_of(lambda: service.volume_create(VolumeCreate(session_id="done"), context())) is (
+    assert code_of(lambda: service.volume_create(ContainerVolumeCreate(session_id="done"), context())) is (
         ErrorCode.FAILED_PRECONDITION
     )
-    assert code_of(lambda: service.volume_create(VolumeCreate(session_id="nope"), context())) is (
+    assert code_of(lambda: service.volume_create(ContainerVolumeCreate(session_id="nope"), context())) is (
         ErrorCode.NOT_FOUND
     )
-    assert code_of(lambda: service.volume_create(VolumeCreate(session_id="s1", name="a-b"), context())) is (
-        ErrorCode.INVALID_ARGUMENT
-    )
+    assert code_of(
+        lambda: service.volume_create(ContainerVolumeCreate(session_id="s1", name="a-b"), context())
+    ) is (ErrorCode.INVALID_ARGUMENT)
     name = session_volumes.volume_name(INSTALL, "s1", "workspace")
     runtime.volumes[name] = VolumeInfo(name=name, labels={"made": "by hand"})
     with pytest.raises(BusError) as caught:
-        service.volume_create(VolumeCreate(session_id="s1"), context())
+        service.volume_create(ContainerVolumeCreate(session_id="s1"), context())
     assert caught.value.code is ErrorCode.ALREADY_EXISTS and name in caught.value.message
     assert runtime.volumes == {name: VolumeInfo(name=name, labels={"made": "by hand"})}
 
@@ -725,7 +728,7 @@ def test_a_volume_made_while_its_session_is_deleted_does_not_stay(run_dir):
         return make(name, labels)
 
     runtime.create_volume = deleted_meanwhile
-    assert code_of(lambda: service.volume_create(VolumeCreate(session_id="s1"), context())) is (
+    assert code_of(lambda: service.volume_create(ContainerVolumeCreate(session_id="s1"), context())) is (
         ErrorCode.NOT_FOUND
     )
     assert runtime.volumes == {}
@@ -736,9 +739,9 @@ def test_a_session_deleted_event_for_a_session_that_still_exists_removes_nothing
     runtime = FakeRuntime()
     sessions = FakeSessions(session_info("s1"), session_info("done", SessionState.CLOSED))
     service = make_service(run_dir, runtime, sessions=sessions)
-    service.volume_create(VolumeCreate(session_id="s1"), context())
+    service.volume_create(ContainerVolumeCreate(session_id="s1"), context())
     sessions.sessions["done"].state = SessionState.ACTIVE
-    service.volume_create(VolumeCreate(session_id="done"), context())
+    service.volume_create(ContainerVolumeCreate(session_id="done"), context())
     sessions.sessions["done"].state = SessionState.CLOSED
     for session in ("s1", "done"):
         service.on_session_deleted(SessionDeleted(session_id=session, owner="alice"))
@@ -752,7 +755,7 @@ def test_a_deleted_sessions_volumes_are_removed_and_reconcile_removes_what_was_m
     sessions = FakeSessions(session_info("s1"), session_info("s2"), session_info("s3"))
     service = make_service(run_dir, runtime, sessions=sessions)
     for session in ("s1", "s2", "s3"):
-        service.volume_create(VolumeCreate(session_id=session), context())
+        service.volume_create(ContainerVolumeCreate(session_id=session), context())
     foreign = VolumeInfo(name="foreign", labels={LABEL_MANAGED: "true", LABEL_INSTALL: "o" * 32})
     runtime.volumes["foreign"] = foreign
     del sessions.sessions["s1"]

@@ -12,7 +12,7 @@ import pytest
 
 from baaaht.ctl import bodies
 from baaaht.ctl.common import iso_time
-from baaaht.schemas.bus import Ping
+from baaaht.schemas.bus import BusPing
 from baaaht.schemas.containers import ContainerCreate
 from baaaht.schemas.sessions import SessionList
 from tests import ctl_runner
@@ -112,7 +112,7 @@ def test_events_header_json_lines_and_limit_counting_only_the_topic(echo):
     client.call(Emit(text="last", times=1))
     for _ in range(5):
         client.publish(Shout(text="other"), subtopic="quiet")  # newer, and of another topic
-    client.call(Ping())  # the broker has taken the events published before it
+    client.call(BusPing())  # the broker has taken the events published before it
     loud = ["--topic", "echo.shouted.loud"]
     lines = ctl_runner.run(echo, "--json", "events", *loud, "--limit", "3").stdout.splitlines()
     events = [json.loads(line) for line in lines]
@@ -148,7 +148,7 @@ def test_events_follow(echo):
 def test_schema_lists_wire_types_only(host):
     listing = ctl_runner.invoke(host, "schema").stdout.splitlines()
     rows = [line.split() for line in listing[1:]]
-    assert ["bus.ping", "Ping", "request"] in rows
+    assert ["bus.ping", "BusPing", "request"] in rows
     assert ["-", "CreateResult", "response"] in rows
     names = {row[1] for row in rows}
     assert not names & {"ContainerRef", "ContainerEvent"}  # bases, never sent themselves

@@ -8,7 +8,7 @@ import pytest
 from baaaht.bus import wire
 from baaaht.bus.connection import _EventBatch
 from baaaht.bus.testing import wait_for
-from baaaht.schemas.bus import EventsReplay, StatsQuery
+from baaaht.schemas.bus import BusEventsReplay, BusStats
 from tests.test_bus import next_reply, raw_dealer
 
 
@@ -63,7 +63,7 @@ def agent(echo):
 
 def test_each_event_of_a_batch_is_authorized_checked_and_stamped_in_order(echo, agent):
     client = echo.client()
-    before = client.call(EventsReplay(limit=0)).last_seq
+    before = client.call(BusEventsReplay(limit=0)).last_seq
     good = [msgspec.msgpack.encode({"n": n}) for n in range(2)]
     agent.send(
         wire.batch_of_events(
@@ -77,8 +77,8 @@ def test_each_event_of_a_batch_is_authorized_checked_and_stamped_in_order(echo, 
     )
     refusals = [next_reply(agent, "")[0].error for _ in range(2)]
     assert sorted(refusals) == ["INVALID_ARGUMENT", "PERMISSION_DENIED"]
-    wait_for(lambda: client.call(EventsReplay(limit=0)).last_seq == before + 2)
-    replayed = client.call(EventsReplay(since=before)).events
+    wait_for(lambda: client.call(BusEventsReplay(limit=0)).last_seq == before + 2)
+    replayed = client.call(BusEventsReplay(since=before)).events
     assert [(e.seq, e.topic, bytes(e.body)) for e in replayed] == [
         (before + 1, "agent.progress", good[0]),
         (before + 2, "agent.progress", good[1]),
@@ -87,9 +87,9 @@ def test_each_event_of_a_batch_is_authorized_checked_and_stamped_in_order(echo, 
 
 def test_a_malformed_batch_publishes_nothing(echo, agent):
     client = echo.client()
-    before = client.call(EventsReplay(limit=0)).last_seq
+    before = client.call(BusEventsReplay(limit=0)).last_seq
     whole = event("agent.progress", b"\x01")
     agent.send(wire.pack(wire.EVENTS, body=len(whole).to_bytes(4, "big") + whole + b"\x00\x00\x00\x09"))
     assert next_reply(agent, "")[0].error == "INVALID_ARGUMENT"
-    assert client.call(StatsQuery()).malformed_kinds.get("undecodable_events") == 1
-    assert client.call(EventsReplay(limit=0)).last_seq == before
+    assert client.call(BusStats()).malformed_kinds.get("undecodable_events") == 1
+    assert client.call(BusEventsReplay(limit=0)).last_seq == before

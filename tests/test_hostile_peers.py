@@ -11,13 +11,13 @@ import pytest
 
 from baaaht.bus import wire
 from baaaht.bus.testing import wait_for
-from baaaht.schemas.bus import EventsReplay, ServicesQuery
+from baaaht.schemas.bus import BusEventsReplay, BusServices
 from tests.services.echo import Say
 from tests.test_bus import next_reply, raw_dealer
 
 
 def echo_in_flight(probe) -> int | None:
-    for service in probe.call(ServicesQuery(service="echo")).services:
+    for service in probe.call(BusServices(service="echo")).services:
         for instance in service.instances:
             return instance.in_flight if instance.healthy else None
     return None
@@ -43,14 +43,14 @@ def test_a_reply_from_before_a_broker_restart_never_answers_a_newer_call(echo):
 def test_an_event_nested_too_deep_is_refused_and_the_history_still_replays(echo, depth):
     agent = raw_dealer(echo, "agents")
     try:
-        before = echo.client().call(EventsReplay(limit=0)).last_seq
+        before = echo.client().call(BusEventsReplay(limit=0)).last_seq
         agent.send(wire.pack(wire.EVENT, b"agent.progress", b"\x91" * depth + b"\xc0"))
         header, body = next_reply(agent, "")
         assert header.error == "INVALID_ARGUMENT"
         assert "nested at most 100 deep" in wire.error_body.decode(body).message
     finally:
         agent.close(0)
-    replayed = echo.client().call(EventsReplay(since=before))
+    replayed = echo.client().call(BusEventsReplay(since=before))
     assert replayed.events == [] and replayed.last_seq == before
 
 

@@ -30,7 +30,7 @@ from baaaht.host.launcher import (
     prepare_run,
     render_supervisord_conf,
 )
-from baaaht.schemas.bus import Ping
+from baaaht.schemas.bus import BusPing
 from baaaht.schemas.policy import PolicyGet, PolicyReloaded
 
 PROGRAMS = {
@@ -305,7 +305,7 @@ def test_the_host_runs_under_supervisord_and_stops_on_ctrl_c(launch):
     host = launch()
     host.wait_running()
     with bus_client(host.run_dir) as client:
-        assert client.call(Ping()) is not None
+        assert client.call(BusPing()) is not None
     started = descendants_of(host.process.pid)  # supervisord and, below it, the host's processes
     assert len(started) >= 1 + len(PROGRAMS)
 
@@ -320,7 +320,7 @@ def test_a_host_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigte
     pids = host.wait_running(("broker",))
     host.process.send_signal(signal.SIGINT)
     with bus_client(host.run_dir) as client:
-        assert client.call(Ping()) is not None  # answered after the SIGINT: the host is still up
+        assert client.call(BusPing()) is not None  # answered after the SIGINT: the host is still up
     assert host.process.poll() is None
     assert supervisorctl_status(host.conf)["broker"] == ("RUNNING", pids["broker"])
 
@@ -342,7 +342,7 @@ def test_a_second_host_on_the_same_data_directory_is_refused_naming_the_holder(l
     finally:
         shutil.rmtree(other_run_dir, ignore_errors=True)
     with bus_client(run_dir) as client:
-        assert client.call(Ping()) is not None  # the first host never noticed
+        assert client.call(BusPing()) is not None  # the first host never noticed
 
 
 def test_sighup_reloads_the_policy_without_restarting_anything(launch, run_dir):

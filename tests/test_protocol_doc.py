@@ -12,7 +12,7 @@ import baaaht.services
 from baaaht.bus import broker, registry, wire
 from baaaht.bus.authorize import RULES
 from baaaht.bus.service import Service
-from baaaht.schemas.bus import EventsReplay
+from baaaht.schemas.bus import BusEventsReplay
 from baaaht.schemas.config import BusConfig
 from baaaht.schemas.errors import ErrorCode
 
@@ -86,7 +86,7 @@ def test_the_limits_are_the_config_defaults_and_the_codes_constants():
     rows = {row[0]: row for row in section("limits")}
     assert {row[1]: row[2] for row in rows.values() if row[1] in expected} == expected
     assert rows["replay `limit`"][2] == f"{broker.REPLAY_LIMIT_MAX:,}"
-    assert f"default is {EventsReplay().limit}" in rows["replay `limit`"][3]
+    assert f"default is {BusEventsReplay().limit}" in rows["replay `limit`"][3]
     assert rows["header"][2] == f"{wire.MAX_HEADER:,} bytes"
     assert rows["event nesting"][2] == f"{registry.MAX_NESTING} levels"
     assert f"plus {broker.HEADER_SLACK // 1024} KiB" in rows["request body"][3]

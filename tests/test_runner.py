@@ -16,7 +16,7 @@ from baaaht.bus.service import Service, rpc
 from baaaht.bus.testing import wait_for
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty, Request
-from baaaht.schemas.bus import ServicesQuery, StatsQuery
+from baaaht.schemas.bus import BusServices, BusStats
 from tests.conftest import ECHO_SERVICE
 from tests.services.echo import Say, SeenQuery
 
@@ -28,7 +28,7 @@ class Note(Request, tag="ordered.note", kw_only=True):
 
 def instance_state(probe: BusClient, service: str) -> tuple[bool, str] | None:
     """(healthy, reason) of the service's one instance as the broker sees it; None if not registered."""
-    for found in probe.call(ServicesQuery(service=service)).services:
+    for found in probe.call(BusServices(service=service)).services:
         for instance in found.instances:
             return instance.healthy, instance.reason
     return None
@@ -102,7 +102,7 @@ class SlowToStop(Service):
 
 def test_a_service_leaves_once_however_long_its_on_stop_takes(host):
     client = host.client()
-    since = client.call(StatsQuery()).last_event_seq
+    since = client.call(BusStats()).last_event_seq
     runner = ServiceRunner(SlowToStop, Endpoints.for_config(host.config.bus), heartbeat_interval=0.1)
     with client.subscribe(["bus.service."], since=since) as subscription:
         thread = serve_in_thread(runner, SlowToStop(heartbeats=0.5))

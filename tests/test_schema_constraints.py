@@ -12,19 +12,19 @@ from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerGet,
     ContainerHealthWait,
-    ContainerListQuery,
+    ContainerImageExists,
+    ContainerList,
     ContainerLogs,
+    ContainerPull,
     ContainerSpec,
     ContainerStart,
     ContainerStatsStream,
     ContainerStop,
+    ContainerVolumeCreate,
     Healthcheck,
-    ImageExists,
-    ImagePull,
     Mount,
     PortBinding,
     Resources,
-    VolumeCreate,
 )
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import SessionAttachContainer, SessionGet, SessionList, SessionMessages
@@ -59,7 +59,7 @@ SESSION_ID_FIELDS = [
     lambda v: SessionGet(session_id=v),
     lambda v: SessionMessages(session_id=v),
     lambda v: ContainerCreate(spec=ContainerSpec(image="img:1"), session_id=v),
-    lambda v: VolumeCreate(session_id=v),
+    lambda v: ContainerVolumeCreate(session_id=v),
 ]
 
 
@@ -90,8 +90,8 @@ def test_container_refs_and_container_ids_follow_the_same_rule(bad):
 
 @pytest.mark.parametrize("bad", ["a/b", "..", "-x"])
 def test_session_filters_may_be_empty_but_not_bad(bad):
-    assert accepted(ContainerListQuery()).session_id == ""
-    assert refusal(ContainerListQuery(session_id=bad)).details == {"path": "$.session_id"}
+    assert accepted(ContainerList()).session_id == ""
+    assert refusal(ContainerList(session_id=bad)).details == {"path": "$.session_id"}
 
 
 def create(**spec) -> ContainerCreate:
@@ -105,11 +105,11 @@ def create(**spec) -> ContainerCreate:
         (create(image="has space"), "$.spec.image"),
         (create(image="../../containers"), "$.spec.image"),  # an engine URL path
         (create(image="a/./b"), "$.spec.image"),
-        (ImagePull(image="../x"), "$.image"),
+        (ContainerPull(image="../x"), "$.image"),
         (create(name="-bad"), "$.spec.name"),
         (create(name="a/b"), "$.spec.name"),
         (ContainerCreate(spec=ContainerSpec(image="i"), session_id="s1", role="Agent!"), "$.role"),
-        (VolumeCreate(session_id="s1", name="a-b"), "$.name"),
+        (ContainerVolumeCreate(session_id="s1", name="a-b"), "$.name"),
         (create(ports=[PortBinding(container_port=0)]), "$.spec.ports[0].container_port"),
         (create(ports=[PortBinding(container_port=1, host_port=65536)]), "$.spec.ports[0].host_port"),
         (create(resources=Resources(cpus=-1)), "$.spec.resources.cpus"),
@@ -153,8 +153,8 @@ def test_the_edges_of_each_range_are_accepted():
     [
         (ContainerGet(id="../containers"), "$.id"),
         (ContainerStop(id="x/../../info"), "$.id"),
-        (ImageExists(image="../../containers"), "$.image"),
-        (ImagePull(image="a/../../../info"), "$.image"),
+        (ContainerImageExists(image="../../containers"), "$.image"),
+        (ContainerPull(image="a/../../../info"), "$.image"),
         (create(mounts=[Mount(type="volume", source="../info", target="/x")]), "$.spec.mounts[0].source"),
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 
 from baaaht.bus.errors import BusError
 from baaaht.bus.testing import error_of
-from baaaht.schemas.containers import ContainerCreate, ContainerListQuery, ContainerSpec
+from baaaht.schemas.containers import ContainerCreate, ContainerList, ContainerSpec
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import (
     SessionAttachContainer,
@@ -121,8 +121,8 @@ def test_closing_removes_the_sessions_containers_and_reports_what_would_not_go(s
     bystander = create_container(client, keep)
     info = client.call(SessionClose(session_id=session_id, reason="done"), timeout=10)
     assert (info.state, info.close_reason, info.containers) == (S.CLOSED, "done", [])
-    assert client.call(ContainerListQuery(session_id=session_id)).containers == []
-    assert [c.id for c in client.call(ContainerListQuery()).containers] == [bystander]
+    assert client.call(ContainerList(session_id=session_id)).containers == []
+    assert [c.id for c in client.call(ContainerList()).containers] == [bystander]
     with client.subscribe(["container.removed", "session.closed"], since=0) as subscription:
         seen = [subscription.next(timeout=2) for _ in range(3)]
     removed = {d.event.container_id for d in seen if d.topic == "container.removed"}
@@ -135,7 +135,7 @@ def test_closing_removes_the_sessions_containers_and_reports_what_would_not_go(s
     stuck = create_container(client, stuck_session, name="stuck-1")
     info = client.call(SessionClose(session_id=stuck_session), timeout=10)
     assert info.state is S.CLOSED
-    assert [c.id for c in client.call(ContainerListQuery(session_id=stuck_session)).containers] == [stuck]
+    assert [c.id for c in client.call(ContainerList(session_id=stuck_session)).containers] == [stuck]
 
 
 def test_limits_on_sessions_and_containers(sessions):
@@ -186,7 +186,7 @@ def test_expiry_closes_the_session_and_removes_its_containers(sessions):
     client.call(SessionAttachContainer(session_id=session_id, container_id=container_id))
     info = wait_for_state(client, session_id, S.CLOSED, "the session to expire")
     assert info.close_reason.startswith("expired")
-    assert client.call(ContainerListQuery(session_id=session_id)).containers == []
+    assert client.call(ContainerList(session_id=session_id)).containers == []
 
 
 def test_bad_input_gets_a_clear_error_and_changes_nothing(sessions):

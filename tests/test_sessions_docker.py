@@ -9,7 +9,7 @@ import pytest
 
 from baaaht.schemas.containers import (
     ContainerCreate,
-    ContainerListQuery,
+    ContainerList,
     ContainerReconcile,
     ContainerSpec,
     ContainerStart,
@@ -80,8 +80,8 @@ def test_closing_a_session_stops_and_removes_its_containers_from_the_engine(
     assert on_engine == []
     # The image's anonymous volume went with its container: nothing else would ever find it.
     assert anonymous not in {v["Name"] for v in docker_client.api.volumes()["Volumes"] or []}
-    assert bus.call(ContainerListQuery(session_id=session_id)).containers == []
-    assert [c.id for c in bus.call(ContainerListQuery(session_id=other_session)).containers] == [bystander]
+    assert bus.call(ContainerList(session_id=session_id)).containers == []
+    assert [c.id for c in bus.call(ContainerList(session_id=other_session)).containers] == [bystander]
     # The container manager's reconcile finds nothing left of the closed session.
     report = bus.call(ContainerReconcile())
     assert report.skipped == "" and report.removed == []

@@ -26,7 +26,7 @@ def test_every_named_wire_type_is_documented_and_bases_are_not():
         "Caller",
         "ErrorBody",
         "EventStamp",
-        "bus.HealthReport",
+        "ServiceHealth",
         "RequestHeader",
         "ReplyHeader",
         "ContainerGet",

@@ -44,7 +44,7 @@ class FakeBus:
     """Stands in for the bus a service publishes on and its peers call through.
 
         bus = FakeBus({"policy.evaluate": decision, SessionGet: not_found("no session s1")})
-        bus.answer("container.list", lambda request: ContainerList(containers=[]))
+        bus.answer("container.list", lambda request: ContainerListResult(containers=[]))
         ... bus.calls, bus.requests(SessionGet), bus.published, bus.events(SessionClosed)
         bus.wait_for_events(SessionClosed, 1, what="the close")     # wakes at the publish
 

@@ -26,7 +26,7 @@ from baaaht.bus.runner import STARTING
 from baaaht.bus.testing.waits import next_event, wait_for
 from baaaht.common.config import load_config
 from baaaht.schemas.base import topic_of
-from baaaht.schemas.bus import Ping, ServicesQuery, ServiceUp
+from baaaht.schemas.bus import BusPing, BusServices, ServiceUp
 
 # Short heartbeats so that a killed process is noticed within a test's patience.
 TEST_BUS = {"heartbeat_interval": "200ms", "heartbeat_liveness": 3, "call_timeout": "5s"}
@@ -77,7 +77,7 @@ class Host:
         self.spawn("broker", ["-m", "baaaht.bus.broker"])
         probe = self.client(timeout=0.5)
         # Nothing is published before the broker answers: poll it.
-        wait_for(lambda: probe.call(Ping()), what="the broker to answer bus.ping")
+        wait_for(lambda: probe.call(BusPing()), what="the broker to answer bus.ping")
 
     def start_service(
         self, target: str, name: str | None = None, *, service: str | None = None, wait: bool = True
@@ -112,7 +112,7 @@ class Host:
         probe = self.client(timeout=0.5)
 
         def started() -> bool:
-            services = probe.call(ServicesQuery(service=service)).services
+            services = probe.call(BusServices(service=service)).services
             return any(i.pid == pid and i.reason != STARTING for s in services for i in s.instances)
 
         wait_for(started, timeout, what=f"service {service} (pid {pid}) to report itself started")

@@ -3,7 +3,7 @@ class built with its publisher and peers replaced by a recording FakeBus, its RP
 event handlers fed as the runner would (through msgpack), its life cycle run around a block.
 
     harness = ServiceHarness(SessionService, store, config, clock=clock)   # events= and the
-    harness.bus.answer("container.list", ContainerList(containers=[]))     # Peer parameters are fakes
+    harness.bus.answer("container.list", ContainerListResult(containers=[]))     # Peer parameters are fakes
     with harness.running():                                                # on_start, background work
         info = harness.call(SessionCreate(owner="alice"))
         harness.deliver(ContainerRemoved(container_id="c1", session_id=info.id))

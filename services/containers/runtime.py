@@ -17,12 +17,12 @@ from typing import Callable, Iterator, Protocol, TypeVar
 
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import (
+    ContainerHealthReport,
     ContainerInfo,
     ContainerLogs,
     ContainerSpec,
     ContainerSummary,
     ExecResult,
-    HealthReport,
     ImageStatus,
     LogLine,
     PullProgress,
@@ -123,7 +123,7 @@ class Runtime(Protocol):
 
     def inspect(self, container: str) -> ContainerInfo: ...
 
-    def health(self, container: str) -> HealthReport: ...
+    def health(self, container: str) -> ContainerHealthReport: ...
 
     def list(self, labels: dict[str, str]) -> list[ContainerSummary]:
         """Every container (any state) carrying all of `labels`."""

@@ -33,13 +33,16 @@ from baaaht.schemas.containers import (
     ContainerExec,
     ContainerGet,
     ContainerHealth,
+    ContainerHealthReport,
     ContainerHealthWait,
+    ContainerImageExists,
     ContainerInfo,
     ContainerKill,
     ContainerList,
-    ContainerListQuery,
+    ContainerListResult,
     ContainerLogs,
     ContainerPause,
+    ContainerPull,
     ContainerReconcile,
     ContainerRestart,
     ContainerSpec,
@@ -48,22 +51,19 @@ from baaaht.schemas.containers import (
     ContainerStatsStream,
     ContainerStop,
     ContainerUnpause,
+    ContainerVolumeCreate,
+    ContainerVolumeList,
     ContainerWait,
     CreateResult,
     ExecResult,
-    HealthReport,
-    ImageExists,
-    ImagePull,
     ImageStatus,
     LogChunk,
     OrphanRemoval,
     PullProgress,
     ReconcileReport,
     StatsSample,
-    VolumeCreate,
     VolumeInfo,
-    VolumeList,
-    VolumeListQuery,
+    VolumeListResult,
     WaitResult,
 )
 from baaaht.schemas.errors import ErrorCode
@@ -455,7 +455,7 @@ class ContainerService(Service):
             return self._owned_info(req.id, runtime)
 
     @rpc
-    def list(self, req: ContainerListQuery, ctx: CallContext) -> ContainerList:
+    def list(self, req: ContainerList, ctx: CallContext) -> ContainerListResult:
         labels = dict(req.labels)
         if req.session_id:
             labels[LABEL_SESSION] = req.session_id
@@ -463,7 +463,7 @@ class ContainerService(Service):
             found = self._listed(runtime, labels)
         if req.states:
             found = [c for c in found if c.state in req.states]
-        return ContainerList(containers=found)
+        return ContainerListResult(containers=found)
 
     def _listed(self, runtime: Runtime, labels: dict[str, str]) -> list:
         """This installation's containers carrying `labels`: the engine filters by label, the ownership
@@ -517,12 +517,12 @@ class ContainerService(Service):
         return runtime.exec(container_id, req.command, req.env, req.working_dir)
 
     @rpc
-    def health(self, req: ContainerHealth, ctx: CallContext) -> HealthReport:
+    def health(self, req: ContainerHealth, ctx: CallContext) -> ContainerHealthReport:
         with self._engine(ctx) as runtime:
             return runtime.health(self._owned(req.id, runtime))
 
     @rpc
-    def health_wait(self, req: ContainerHealthWait, ctx: CallContext) -> HealthReport:
+    def health_wait(self, req: ContainerHealthWait, ctx: CallContext) -> ContainerHealthReport:
         with self._engine(ctx) as runtime:
             container_id = self._owned(req.id, runtime)
         for attempt in range(req.retries):
@@ -539,12 +539,12 @@ class ContainerService(Service):
     # -- images -------------------------------------------------------------------------------------
 
     @rpc
-    def image_exists(self, req: ImageExists, ctx: CallContext) -> ImageStatus:
+    def image_exists(self, req: ContainerImageExists, ctx: CallContext) -> ImageStatus:
         with self._engine(ctx) as runtime:
             return runtime.image_exists(req.image)
 
     @rpc(stream=True)
-    def pull(self, req: ImagePull, ctx: CallContext) -> Iterator[PullProgress]:
+    def pull(self, req: ContainerPull, ctx: CallContext) -> Iterator[PullProgress]:
         yield from self._pull(req.image, ctx)
 
     def _pull(self, image: str, ctx: CallContext) -> Iterator[PullProgress]:
@@ -557,7 +557,7 @@ class ContainerService(Service):
     # -- session volumes ----------------------------------------------------------------------------
 
     @rpc
-    def volume_create(self, req: VolumeCreate, ctx: CallContext) -> VolumeInfo:
+    def volume_create(self, req: ContainerVolumeCreate, ctx: CallContext) -> VolumeInfo:
         name = session_volumes.volume_name(self.install_id, req.session_id, req.name)
         self._open_session(req.session_id, ctx, "volume")
         labels = session_volumes.volume_labels(self.install_id, req.session_id, req.name)
@@ -586,10 +586,10 @@ class ContainerService(Service):
         return volume
 
     @rpc
-    def volume_list(self, req: VolumeListQuery, ctx: CallContext) -> VolumeList:
+    def volume_list(self, req: ContainerVolumeList, ctx: CallContext) -> VolumeListResult:
         labels = {LABEL_SESSION: req.session_id} if req.session_id else {}
         with self._engine(ctx) as runtime:
-            return VolumeList(volumes=self._session_volumes(runtime, labels))
+            return VolumeListResult(volumes=self._session_volumes(runtime, labels))
 
     def _session_volumes(self, runtime: Runtime, labels: dict[str, str]) -> list[VolumeInfo]:
         found = runtime.list_volumes({**labels, **self.install_labels})

@@ -25,7 +25,7 @@ from baaaht.schemas.containers import (  # noqa: E402
     ContainerCreated,
     ContainerDestroy,
     ContainerList,
-    ContainerListQuery,
+    ContainerListResult,
     ContainerRemoved,
     ContainerSummary,
     CreateResult,
@@ -66,14 +66,14 @@ class FakeContainerService(Service):
         return CreateResult(id=container_id, name=name, spec=request.spec)
 
     @rpc
-    def list(self, request: ContainerListQuery) -> ContainerList:
+    def list(self, request: ContainerList) -> ContainerListResult:
         with self.lock:
             found = [
                 c
                 for c in self.containers.values()
                 if not request.session_id or c.session_id == request.session_id
             ]
-        return ContainerList(containers=found)
+        return ContainerListResult(containers=found)
 
     @rpc
     def destroy(self, request: ContainerDestroy) -> Empty:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from baaaht.schemas.containers import ContainerInfo, ContainerSummary, HealthReport
+from baaaht.schemas.containers import ContainerHealthReport, ContainerInfo, ContainerSummary
 from baaaht.services.containers.docker_runtime.connection import Connection
 from baaaht.services.containers.ownership import LABEL_ROLE, LABEL_SESSION
 
@@ -15,7 +15,7 @@ class Inspection:
             self.engine.call("inspect", container, lambda api: api.inspect_container(container))
         )
 
-    def health(self, container: str) -> HealthReport:
+    def health(self, container: str) -> ContainerHealthReport:
         return health_report(
             self.engine.call("health", container, lambda api: api.inspect_container(container))
         )
@@ -71,7 +71,7 @@ def container_summary(row: dict) -> ContainerSummary:
     )
 
 
-def health_report(raw: dict) -> HealthReport:
+def health_report(raw: dict) -> ContainerHealthReport:
     """Engine health when the container has a healthcheck; otherwise derived from its state.
     A stopped container cannot become healthy, so it reports `unhealthy` whatever its last check said."""
     state = raw.get("State") or {}
@@ -80,7 +80,7 @@ def health_report(raw: dict) -> HealthReport:
     stopped = status in ("exited", "dead")
     if health:
         checks = health.get("Log") or []
-        return HealthReport(
+        return ContainerHealthReport(
             status="unhealthy" if stopped else health.get("Status", "unknown"),
             has_healthcheck=True,
             failing_streak=health.get("FailingStreak", 0),
@@ -93,4 +93,4 @@ def health_report(raw: dict) -> HealthReport:
         derived = "unhealthy"
     else:
         derived = "unknown"
-    return HealthReport(status=derived, has_healthcheck=False, state=status)
+    return ContainerHealthReport(status=derived, has_healthcheck=False, state=status)
