@@ -33,6 +33,7 @@ from pathlib import Path
 
 import msgspec
 import zmq
+from machine import finish, load_before  # bench/machine.py, beside this script
 
 from baaaht.bus import wire
 from baaaht.bus.client import BusClient
@@ -479,7 +480,7 @@ def main() -> None:
     skipped = nats_missing()
     if skipped:
         print(f"NATS skipped: {skipped}", file=sys.stderr)
-    load_before = os.getloadavg()
+    machine = load_before()
     broker = subprocess.Popen([sys.executable, "-m", "baaaht.bus.broker", "--config", str(config)])
     nats_server, nats_url, nats_version = None, "", ""
     peers = [
@@ -514,19 +515,12 @@ def main() -> None:
     result = report(bench.samples)
     result["targets"] = targets(result)
     print_report(result)
-    busiest = max(load_before[0], os.getloadavg()[0])
-    if busiest > (os.cpu_count() or 1) / 2:
-        print(
-            f"the machine was busy (load {busiest:.1f} on {os.cpu_count()} cores): these figures are noisy; "
-            "commit bench/results/bus.json only from a quiet run",
-            file=sys.stderr,
-        )
+    machine = finish(machine)
     if ONLY:
         return  # bench/results/bus.json holds full runs only
     out = ROOT / "results" / "bus.json"
     out.parent.mkdir(exist_ok=True)
     settings = {"rounds": ROUNDS, "round_seconds": ROUND_SECONDS, "events": EVENTS, "body_bytes": len(BODY)}
-    machine = {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()}
     nats_info = {"server": nats_version, "skipped": skipped}
     out.write_text(
         json.dumps(

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from machine import finish, load_before  # bench/machine.py, beside this script
+
 from baaaht.bus.testing import Host
 from baaaht.schemas.sessions import SessionCreate, SessionSendMessage
 
@@ -91,7 +93,7 @@ def raw_commit_rate(directory: str, synchronous: str) -> float:
 
 
 def main() -> None:
-    load_before = os.getloadavg()
+    machine = load_before()
     work = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
     host = Host(work, {"log": {"level": "warn"}, "session": {"max_sessions": 100}})
     rows = {}
@@ -114,8 +116,7 @@ def main() -> None:
         print(f"raw SQLite commits/s, WAL synchronous={mode}: {rate:.0f}")
     ratio = rows["writers_16"]["round_trips_per_s"] / raw["FULL"]
     print(f"16 writers acknowledge {ratio:.2f}x the raw FULL commit rate")
-    load = {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()}
-    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}, {load['cpus']} cpus")
+    machine = finish(machine)
     out = ROOT / "results" / "sessions.json"
     out.parent.mkdir(exist_ok=True)
     result = {
@@ -124,7 +125,7 @@ def main() -> None:
         "rows": rows,
         "raw_sqlite_commits_per_s": raw,
         "writers_16_vs_raw_full": ratio,
-        "load_average": load,
+        "machine": machine,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
 

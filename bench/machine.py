@@ -1,0 +1,28 @@
+"""How busy the machine was, for every benchmark's results.
+
+Only the load before a run says whether others were using the machine: during and after it the
+benchmark's own processes keep 2 cores busy, so counting that load would call every run noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def load_before() -> dict:
+    """Call first thing, before the benchmark starts anything."""
+    return {"cpus": os.cpu_count(), "load_before": os.getloadavg()}
+
+
+def finish(machine: dict) -> dict:
+    """The load figures to store with the results, and a warning on stderr when the run was noisy."""
+    machine = {**machine, "load_after": os.getloadavg()}
+    busy = machine["load_before"][0]
+    if busy > (machine["cpus"] or 1) / 2:
+        print(
+            f"the machine was busy before the run (load {busy:.1f} on {machine['cpus']} cores): these "
+            "figures are noisy; commit results only from a quiet run",
+            file=sys.stderr,
+        )
+    return machine
