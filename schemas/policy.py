@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 
 from baaaht.schemas.base import Event, Request, Response
+from baaaht.schemas.bus import Caller
 from baaaht.schemas.containers import ContainerSpec
 
 # allow: no violation. deny: strict mode found a violation. permissive: allowed although a rule was
@@ -66,7 +67,9 @@ class Decision(Response, kw_only=True):
 
 
 class PolicyEvaluate(Request, tag="policy.evaluate", kw_only=True):
-    """Judge a container spec before it is created. Every call is written to the audit log."""
+    """Judge a container spec before it is created. Every call is written to the audit log, with who
+    asked (the caller as the broker stamped it) and `principal`, on whose behalf (the caller itself when
+    empty). Host services and the operator only."""
 
     response: ClassVar[type] = Decision
 
@@ -170,7 +173,8 @@ class AuditRecord(msgspec.Struct, kw_only=True):
     decision_id: str
     action: str  # container.create | policy.reload
     decision: str  # an Outcome, or applied | refused for a reload
-    principal: Principal = msgspec.field(default_factory=Principal)
+    principal: Principal = msgspec.field(default_factory=Principal)  # on whose behalf
+    asked_by: Caller = msgspec.field(default_factory=Caller)  # who asked, as the broker stamped the caller
     resource: str = ""  # sha256 of the judged spec with environment values left out
     image: str = ""
     env_names: list[str] = []  # names only: a value never enters the log
@@ -242,6 +246,7 @@ class PolicyViolation(Event, tag="policy.violation", kw_only=True):
     outcome: Outcome
     principal: Principal
     image: str
+    asked_by: Caller = msgspec.field(default_factory=Caller)
     rules: list[str]
     violations: list[Violation]
     policy_version: str

@@ -54,7 +54,8 @@ class SessionContainer(msgspec.Struct, kw_only=True, omit_defaults=True):
 class SessionInfo(Response, kw_only=True):
     id: str
     state: SessionState
-    owner: str
+    owner: str  # on whose behalf it exists: its creator, or whom a host creator named
+    created_by: str = ""  # who created it, as the broker saw the caller (`operator/uid=1000`, ...)
     name: str = ""
     description: str = ""
     labels: dict[str, str] = {}
@@ -102,7 +103,9 @@ class MessagePage(Response, kw_only=True):
 class SessionCreate(Request, tag="session.create", kw_only=True):
     response: ClassVar[type] = SessionInfo
 
-    owner: str
+    # Empty: the caller owns it. The operator and host services may name another owner on whose
+    # behalf they create it (the session records both).
+    owner: str = ""
     name: str = ""
     description: str = ""
     labels: dict[str, str] = {}

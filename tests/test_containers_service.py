@@ -10,7 +10,17 @@ import msgspec
 import pytest
 
 from baaaht.bus.errors import BusError, unavailable
-from baaaht.bus.testing import FakeBus, code_of, context, serving, wait_for
+from baaaht.bus.testing import (
+    FakeBus,
+    ServiceHarness,
+    agent_caller,
+    code_of,
+    context,
+    error_of,
+    serving,
+    wait_for,
+)
+from baaaht.schemas import containers as c
 from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConfig, RuntimeConfig
 from baaaht.schemas.containers import (
     ContainerCreate,
@@ -767,3 +777,58 @@ def test_a_deleted_sessions_volumes_are_removed_and_reconcile_removes_what_was_m
     report = service.reconcile_now()
     assert report.removed_volumes == [session_volumes.volume_name(INSTALL, "s2", "workspace")]
     assert sorted(v.session_id for v in runtime.volumes.values()) == ["", "s3"]
+
+
+# -- who may ask: the host only -------------------------------------------------------------------
+
+
+def every_container_request(container_id: str) -> list:
+    """One request of each container.* method, about a real container of session s1."""
+    return [
+        c.ContainerCreate(spec=ContainerSpec(image="busybox:1"), session_id="s1"),
+        c.ContainerDestroy(id=container_id, force=True),
+        c.ContainerExec(id=container_id, command=["true"]),
+        c.ContainerGet(id=container_id),
+        c.ContainerHealth(id=container_id),
+        c.ContainerHealthWait(id=container_id),
+        c.ContainerImageExists(image="busybox:1"),
+        c.ContainerKill(id=container_id, signal="SIGKILL"),
+        c.ContainerList(),
+        c.ContainerLogs(id=container_id),
+        c.ContainerPause(id=container_id),
+        c.ContainerPull(image="busybox:1"),
+        c.ContainerReconcile(),
+        c.ContainerRestart(id=container_id),
+        c.ContainerStart(id=container_id),
+        c.ContainerStats(id=container_id),
+        c.ContainerStatsStream(id=container_id),
+        c.ContainerStop(id=container_id),
+        c.ContainerUnpause(id=container_id),
+        c.ContainerVolumeCreate(session_id="s1", name="work"),
+        c.ContainerVolumeList(),
+        c.ContainerWait(id=container_id),
+    ]
+
+
+@pytest.mark.parametrize("role", ["agent", "assistant", "worker", "unidentified"])
+def test_no_agent_caller_gets_anything_done_by_the_container_manager(run_dir, role):
+    runtime = FakeRuntime()
+    own = runtime.add({**OURS, LABEL_OWNER: "session", LABEL_SESSION: "s1"})
+    harness = ServiceHarness(
+        ContainerService,
+        Config(bus=BusConfig(run_dir=str(run_dir))),
+        runtime,
+        install_id=INSTALL,
+        policy=FakePolicy(),
+        sessions=FakeSessions(session_info("s1")),
+    )
+    requests = every_container_request(own)
+    assert {type(r) for r in requests} == {s.request_type for s in ContainerService.rpcs().values()}
+    agent = context(caller=agent_caller("s1", role))  # even in its own session
+    before = dict(runtime.containers)
+    for request in requests:
+        error = error_of(lambda request=request: harness.call(request, agent))
+        assert error.code is ErrorCode.PERMISSION_DENIED, request
+        assert f"{role} callers may not call container." in error.message
+    assert runtime.calls == [] and runtime.containers == before and runtime.volumes == {}
+    assert harness.bus.calls == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from baaaht.bus.testing import context
 from baaaht.common.policy import document
 from baaaht.common.policy.document import DocumentError, HostDefaults
 from baaaht.schemas.containers import ContainerSpec, Mount, Resources
@@ -124,21 +125,21 @@ def world(tmp_path):
 
 def test_explain_and_evaluate_fill_the_same_defaults(world):
     service = started(world)
-    explanation = service.explain(PolicyExplain(spec=BARE))
-    decision = service.evaluate(PolicyEvaluate(spec=BARE))
+    explanation = service.explain(PolicyExplain(spec=BARE), context())
+    decision = service.evaluate(PolicyEvaluate(spec=BARE), context())
     assert explanation.decision.allowed and decision.allowed
     assert explanation.decision.enforced == decision.enforced == judge(BARE).enforced
 
 
 def test_a_refused_reload_is_published_and_shown_by_policy_get(world):
     service = started(world)
-    first = service.get(PolicyGet())
+    first = service.get(PolicyGet(), context())
     assert first.last_reload.ok and first.last_reload.source.endswith("policy.yaml")
     world.write("quotas:\n  max_pids: 0\n")
     world.bus.wait_for_events(PolicyReloadFailed, what="policy.reload_failed")
     (failed,) = world.bus.events(PolicyReloadFailed)
     assert failed.errors[0].path == "quotas.max_pids"
-    info = service.get(PolicyGet())
+    info = service.get(PolicyGet(), context())
     assert info.version == first.version  # the policy before it stays in force
     last = info.last_reload
     assert (last.ok, last.version) == (False, first.version) and "quotas.max_pids" in last.error

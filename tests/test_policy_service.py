@@ -10,8 +10,18 @@ import threading
 import msgspec
 import pytest
 
-from baaaht.bus.testing import FakeBus, error_of, serving, wait_for
+from baaaht.bus.testing import (
+    FakeBus,
+    agent_caller,
+    context,
+    error_of,
+    operator_caller,
+    service_caller,
+    serving,
+    wait_for,
+)
 from baaaht.common.policy.document import HostDefaults
+from baaaht.schemas.base import target_of
 from baaaht.schemas.containers import ContainerSpec, Resources
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import (
@@ -97,7 +107,7 @@ def started(world: World, text: str | None = None, reload_interval: float = 0.05
 
 def test_without_a_file_the_builtin_policy_is_in_force(world):
     service = started(world)
-    info = service.get(PolicyGet())
+    info = service.get(PolicyGet(), context())
     assert (info.source, info.mode) == ("built-in", "strict")
     assert service.health_report() == (True, "")
     assert not world.policy_path.exists()  # never auto-written
@@ -118,7 +128,7 @@ def test_the_policy_is_loaded_and_announced_at_start_not_in_the_constructor(worl
 
 def test_every_decision_is_audited_without_environment_values(world):
     service = started(world, PIDS_200)
-    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE))
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE), context())
     assert decision.allowed and decision.outcome == "allow"
     (reload, record) = world.records()
     assert (reload.action, reload.decision) == ("policy.reload", "applied")
@@ -135,7 +145,7 @@ def test_every_decision_is_audited_without_environment_values(world):
 
 def test_a_denial_is_audited_and_published(world):
     service = started(world, PIDS_100)
-    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE))
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE), context())
     assert (decision.allowed, decision.outcome) == (False, "deny")
     assert [v.rule for v in decision.violations] == ["quota.pids.max"]
     assert (world.records()[-1].decision, world.records()[-1].rules) == ("deny", ["quota.pids.max"])
@@ -149,7 +159,7 @@ def test_a_denial_is_audited_and_published(world):
 
 def test_permissive_violations_are_published_and_audited_as_such(world):
     service = started(world, PIDS_100.replace("strict", "permissive"))
-    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE))
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE), context())
     assert (decision.allowed, decision.outcome) == (True, "permissive")
     assert world.records()[-1].decision == "permissive"
     assert world.bus.events(PolicyViolation)[0].outcome == "permissive"
@@ -157,7 +167,7 @@ def test_permissive_violations_are_published_and_audited_as_such(world):
 
 def test_disabled_is_audited_as_disabled(world):
     service = started(world, "mode: disabled\n")
-    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE))
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE), context())
     assert (decision.allowed, decision.outcome) == (True, "disabled")
     assert world.records()[-1].decision == "disabled"
 
@@ -165,15 +175,19 @@ def test_disabled_is_audited_as_disabled(world):
 def test_session_overrides_tighten_and_report_refusals(world):
     service = started(world, PIDS_200)
     override = {"quotas": {"max_pids": 120}, "security": {"allow_privileged": True}}
-    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE, override=override))
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE, override=override), context())
     assert [v.rule for v in decision.violations] == ["quota.pids.max"]
     assert [(w.rule, w.field) for w in decision.warnings] == [
         ("policy.override.refused", "security.allow_privileged")
     ]
     assert "+" in decision.policy_version
-    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC, override={"quotas": {"max_pid": 1}})))
+    error = error_of(
+        lambda: service.evaluate(PolicyEvaluate(spec=SPEC, override={"quotas": {"max_pid": 1}}), context())
+    )
     assert error.code == ErrorCode.INVALID_ARGUMENT and "quotas.max_pid: unknown field" in error.message
-    info = service.get(PolicyGet(override={"images": {"allowed": ["ghcr.io/*"]}, "mode": "disabled"}))
+    info = service.get(
+        PolicyGet(override={"images": {"allowed": ["ghcr.io/*"]}, "mode": "disabled"}), context()
+    )
     assert info.narrowing == {"images.allowed": ["ghcr.io/*"]}
     assert [r.path for r in info.refused] == ["mode"] and info.mode == "strict"
 
@@ -182,25 +196,25 @@ def test_a_bad_file_at_start_fails_closed_until_fixed(world):
     service = started(world, "mode: strict\nquotas: {max_pids: 0}\n")
     healthy, reason = service.health_report()
     assert not healthy and "quotas.max_pids" in reason
-    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC)))
+    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC), context()))
     assert error.code == ErrorCode.UNAVAILABLE and "quotas.max_pids" in error.message
     (failure,) = world.bus.events(PolicyReloadFailed)
     assert [e.path for e in failure.errors] == ["quotas.max_pids"]
     world.write(PIDS_200)
     world.bus.wait_for_events(PolicyReloaded, what="the fixed file to be loaded")
     assert service.health_report() == (True, "")
-    assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
+    assert service.evaluate(PolicyEvaluate(spec=SPEC), context()).allowed
 
 
 def test_a_bad_reload_keeps_the_policy_in_force(world):
     service = started(world, PIDS_200)
-    version = service.get(PolicyGet()).version
+    version = service.get(PolicyGet(), context()).version
     world.write("mode: strict\nquotas:\n  max_pids: 200\n  mystery: 1\n")
-    error = error_of(lambda: service.reload(PolicyReload()))
+    error = error_of(lambda: service.reload(PolicyReload(), context()))
     assert error.code == ErrorCode.INVALID_ARGUMENT
     assert error.details["errors"] == [{"path": "quotas.mystery", "message": "unknown field"}]
-    assert service.get(PolicyGet()).version == version
-    assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
+    assert service.get(PolicyGet(), context()).version == version
+    assert service.evaluate(PolicyEvaluate(spec=SPEC), context()).allowed
     assert service.health_report() == (True, "")
     assert world.records()[-1].decision == "allow"
     assert any(r.action == "policy.reload" and r.decision == "refused" for r in world.records())
@@ -209,49 +223,52 @@ def test_a_bad_reload_keeps_the_policy_in_force(world):
 @pytest.mark.parametrize("break_file", ["directory", "not utf-8"])
 def test_an_unreadable_file_is_refused_never_taken_for_a_missing_one(world, break_file):
     service = started(world, PIDS_100)
-    version = service.get(PolicyGet()).version
+    version = service.get(PolicyGet(), context()).version
     world.policy_path.unlink()
     if break_file == "directory":
         world.policy_path.mkdir()
     else:
         world.policy_path.write_bytes(b"mode: \xff\xfe\n")
-    error = error_of(lambda: service.reload(PolicyReload()))
+    error = error_of(lambda: service.reload(PolicyReload(), context()))
     assert error.code == ErrorCode.INVALID_ARGUMENT and "cannot be read" in error.message
-    assert service.get(PolicyGet()).version == version and service.get(PolicyGet()).source != "built-in"
+    assert (
+        service.get(PolicyGet(), context()).version == version
+        and service.get(PolicyGet(), context()).source != "built-in"
+    )
 
 
 def test_file_changes_are_picked_up_by_polling(world):
     service = started(world, PIDS_100)
-    first = service.get(PolicyGet()).version
+    first = service.get(PolicyGet(), context()).version
     world.write(PIDS_200)
     # The new policy is in force a moment before its event is published: wait on the event.
     world.bus.wait_for_events(PolicyReloaded, count=2, what="the changed file to be loaded")
-    assert service.get(PolicyGet()).version != first
-    assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
+    assert service.get(PolicyGet(), context()).version != first
+    assert service.evaluate(PolicyEvaluate(spec=SPEC), context()).allowed
     reloaded = world.bus.events(PolicyReloaded)[-1]
     assert reloaded.previous_version == first
     world.policy_path.unlink()
     world.bus.wait_for_events(PolicyReloaded, count=3, what="the built-in policy after removal")
-    assert service.get(PolicyGet()).source == "built-in"
+    assert service.get(PolicyGet(), context()).source == "built-in"
 
 
 def test_the_reload_hook_reloads_at_once(world):
     """The runner calls it on SIGHUP (tests/test_policy_bus.py sends the signal to the process)."""
     service = started(world, PIDS_100, reload_interval=3600.0)  # no polling to speak of
-    first = service.get(PolicyGet()).version
+    first = service.get(PolicyGet(), context()).version
     world.write(PIDS_200)
     service.on_reload()
-    assert service.get(PolicyGet()).version != first
+    assert service.get(PolicyGet(), context()).version != first
     assert world.bus.events(PolicyReloaded)[-1].previous_version == first
 
 
 def test_reload_answers_with_the_versions(world):
     service = started(world, PIDS_100)
-    first = service.get(PolicyGet()).version
-    same = service.reload(PolicyReload())
+    first = service.get(PolicyGet(), context()).version
+    same = service.reload(PolicyReload(), context())
     assert (same.changed, same.version, same.source) == (False, first, str(world.policy_path))
     world.write(PIDS_200)
-    changed = service.reload(PolicyReload())
+    changed = service.reload(PolicyReload(), context())
     assert (changed.changed, changed.previous_version) == (True, first)
 
 
@@ -262,13 +279,13 @@ def more_decisions(decisions: list, seen: int):
 def test_no_request_sees_a_half_loaded_policy(world):
     """While two policies swap back and forth, every decision matches the version it names."""
     service = started(world, PIDS_100)
-    strict_version = service.get(PolicyGet()).version
+    strict_version = service.get(PolicyGet(), context()).version
     stop = threading.Event()
     decisions = []
 
     def evaluate_forever():
         while not stop.is_set():
-            decisions.append(service.evaluate(PolicyEvaluate(spec=SPEC)))
+            decisions.append(service.evaluate(PolicyEvaluate(spec=SPEC), context()))
 
     workers = [threading.Thread(target=evaluate_forever) for _ in range(4)]
     for worker in workers:
@@ -294,11 +311,11 @@ def test_no_decision_without_an_audit_record(world):
     service = started(world, PIDS_200)
     healthy, reason = service.health_report()
     assert not healthy and "audit log unusable" in reason
-    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC)))
+    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC), context()))
     assert error.code == ErrorCode.UNAVAILABLE and "no decision is made without a record" in error.message
     world.audit_path.rename(world.audit_path.with_suffix(".jsonl.bad"))  # the operator moves it aside
     assert service.health_report() == (True, "")  # found at the next heartbeat: no restart needed
-    assert service.evaluate(PolicyEvaluate(spec=SPEC)).allowed
+    assert service.evaluate(PolicyEvaluate(spec=SPEC), context()).allowed
 
 
 def test_a_failed_audit_write_leaves_no_half_line_and_heals(world, monkeypatch):
@@ -313,21 +330,21 @@ def test_a_failed_audit_write_leaves_no_half_line_and_heals(world, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", disk_fills_up)
-    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC)))
+    error = error_of(lambda: service.evaluate(PolicyEvaluate(spec=SPEC), context()))
     assert error.code == ErrorCode.UNAVAILABLE and "No space left on device" in error.message
     monkeypatch.setattr(os, "write", real_write)
     assert world.audit_path.read_bytes().endswith(b"\n")  # the half line was taken back at once
     assert service.health_report() == (True, "")
-    decision = service.evaluate(PolicyEvaluate(spec=SPEC))
+    decision = service.evaluate(PolicyEvaluate(spec=SPEC), context())
     assert world.records()[-1].decision_id == decision.decision_id
     assert audit.verify(world.audit_path).ok
 
 
 def test_a_restarted_service_continues_the_chain(world):
     service = started(world, PIDS_200)
-    service.evaluate(PolicyEvaluate(spec=SPEC))
+    service.evaluate(PolicyEvaluate(spec=SPEC), context())
     world.stop()
-    started(world).evaluate(PolicyEvaluate(spec=SPEC))
+    started(world).evaluate(PolicyEvaluate(spec=SPEC), context())
     report = audit.verify(world.audit_path)
     assert (report.ok, report.records) == (True, 4)  # each process start audits the policy it loads
 
@@ -335,7 +352,7 @@ def test_a_restarted_service_continues_the_chain(world):
 def test_explain_is_not_audited(world):
     service = started(world, PIDS_100)
     before = len(world.records())
-    explanation = service.explain(PolicyExplain(spec=SPEC, principal=ALICE))
+    explanation = service.explain(PolicyExplain(spec=SPEC, principal=ALICE), context())
     assert explanation.summary.startswith("denied by quota.pids.max")
     assert explanation.decision.outcome == "deny" and explanation.decision.decision_id == ""
     assert any(c.rule == "quota.pids.max" and c.outcome == "violation" for c in explanation.checks)
@@ -344,9 +361,9 @@ def test_explain_is_not_audited(world):
 
 def test_validate(world, tmp_path):
     service = started(world, PIDS_200)
-    good = service.validate(PolicyValidate(text=PIDS_100))
+    good = service.validate(PolicyValidate(text=PIDS_100), context())
     assert good.valid and good.version and good.errors == []
-    bad = service.validate(PolicyValidate(text="mode: lax\nimages: {allowed: ['Bad Image']}\n"))
+    bad = service.validate(PolicyValidate(text="mode: lax\nimages: {allowed: ['Bad Image']}\n"), context())
     assert not bad.valid and [e.path for e in bad.errors] == ["mode"]
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
@@ -355,12 +372,56 @@ def test_validate(world, tmp_path):
             text=msgspec.json.encode(
                 {"mounts": {"allowlist": [{"path": str(tmp_path / "link"), "mode": "readonly"}]}}
             ).decode()
-        )
+        ),
+        context(),
     )
     assert linked.valid and linked.warnings[0].path == "mounts.allowlist[0].path"
-    tighter = service.validate(PolicyValidate(text="quotas: {max_pids: 50}\n", as_override=True))
+    tighter = service.validate(PolicyValidate(text="quotas: {max_pids: 50}\n", as_override=True), context())
     assert tighter.valid
-    looser = service.validate(PolicyValidate(text="quotas: {max_pids: 5000}\n", as_override=True))
+    looser = service.validate(PolicyValidate(text="quotas: {max_pids: 5000}\n", as_override=True), context())
     assert not looser.valid and [e.path for e in looser.errors] == ["quotas.max_pids"]
-    unknown = service.validate(PolicyValidate(text="{max_memory: 64GB}", as_override=True))
+    unknown = service.validate(PolicyValidate(text="{max_memory: 64GB}", as_override=True), context())
     assert not unknown.valid and unknown.errors[0].message == "unknown field"
+
+
+# -- who asked, on whose behalf ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["agent", "assistant", "worker", "unidentified"])
+def test_an_agent_can_never_write_a_principal_into_the_audit_log(world, role):
+    service = started(world)
+    before = world.records()
+    forged = Principal(user="operator-forged-by-agent", role="operator")
+    agent = context(caller=agent_caller("s1", role))
+    for request in (
+        PolicyEvaluate(spec=SPEC, principal=forged),
+        PolicyEvaluate(spec=SPEC),
+        PolicyExplain(spec=SPEC, principal=forged),
+        PolicyGet(),
+        PolicyReload(),
+        PolicyValidate(text=PIDS_100),
+    ):
+        error = error_of(
+            lambda request=request: getattr(service, target_of(type(request)).split(".")[1])(request, agent)
+        )
+        assert error.code is ErrorCode.PERMISSION_DENIED
+        assert f"{role} callers may not call policy." in error.message
+    assert world.records() == before
+    assert b"forged" not in world.audit_path.read_bytes()
+    assert world.bus.events(PolicyViolation) == []
+
+
+def test_the_audit_records_who_asked_and_on_whose_behalf(world):
+    service = started(world, PIDS_100)  # SPEC asks for 150 pids: a violation, published too
+    container_manager = service_caller("container")
+    service.evaluate(PolicyEvaluate(spec=SPEC, principal=ALICE), context(caller=container_manager))
+    record = world.records()[-1]
+    assert (record.principal, record.asked_by) == (ALICE, container_manager)
+    assert world.bus.events(PolicyViolation)[-1].asked_by == container_manager
+    # Naming nobody, the caller asks for itself.
+    operator = operator_caller(uid=1000)
+    service.evaluate(PolicyEvaluate(spec=SPEC), context(caller=operator))
+    record = world.records()[-1]
+    assert record.principal == Principal(user="operator/uid=1000", role="operator")
+    assert record.asked_by == operator
+    assert audit.verify(world.audit_path).ok

@@ -10,7 +10,8 @@ services outside it.
   and service processes on a private run directory.
 - Bounded waits: `Recorded.wait_until`, `FakeBus.wait_for_events`, `next_event` on a real
   subscription, `run_async` for a coroutine, and `wait_for` (a poll) for what nothing announces.
-- `code_of`, `error_of`, `context`.
+- `code_of`, `error_of`, `context` (for a stamped caller: `agent_caller`, `operator_caller`,
+  `service_caller`).
 """
 
 from baaaht.bus.testing.fakes import (
@@ -18,10 +19,13 @@ from baaaht.bus.testing.fakes import (
     FakeBus,
     FakeStream,
     Published,
+    agent_caller,
     code_of,
     context,
     error_of,
+    operator_caller,
     round_trip,
+    service_caller,
 )
 from baaaht.bus.testing.host import Host
 from baaaht.bus.testing.services import ServiceHarness, serving
@@ -35,12 +39,15 @@ __all__ = [
     "Published",
     "Recorded",
     "ServiceHarness",
+    "agent_caller",
     "code_of",
     "context",
     "error_of",
     "next_event",
+    "operator_caller",
     "round_trip",
     "run_async",
+    "service_caller",
     "serving",
     "wait_for",
 ]

@@ -197,8 +197,40 @@ def code_of(call: Callable[[], Any]) -> ErrorCode:
     return error_of(call).code
 
 
+# A container id for callers of tests that do not care which container they come from.
+SOME_CONTAINER = "c0" * 32
+
+
+def agent_caller(session: str, role: str = "agent", container: str = SOME_CONTAINER) -> Caller:
+    """A caller as the broker stamps a peer on the agent socket whose container's identity names
+    `session` and `role` (agent, assistant or worker)."""
+    return Caller(
+        socket="agents",
+        peer="a9e47",
+        uid=1000,
+        gid=1000,
+        pid=4242,
+        role=role,
+        session=session,
+        container=container,
+    )
+
+
+def operator_caller(uid: int = 1000) -> Caller:
+    """A caller as the broker stamps `baaaht-ctl` (any unregistered peer on the services socket)."""
+    return Caller(socket="services", peer="0fe7a", uid=uid, gid=uid, pid=4243, role="operator")
+
+
+def service_caller(service: str) -> Caller:
+    """A caller as the broker stamps a registered instance of `service`."""
+    return Caller(
+        socket="services", peer="5e7c1", service=service, uid=1000, gid=1000, pid=4244, role="service"
+    )
+
+
 def context(timeout: float = 10.0, *, caller: Caller | None = None, correlation_id: str = "") -> CallContext:
-    """A CallContext as the runner makes one: a deadline `timeout` seconds from now."""
+    """A CallContext as the runner makes one: a deadline `timeout` seconds from now, for `caller` (the
+    operator unless given: `agent_caller`, `service_caller`)."""
     return CallContext(
-        deadline=time.time() + timeout, caller=caller or Caller(), correlation_id=correlation_id
+        deadline=time.time() + timeout, caller=caller or operator_caller(), correlation_id=correlation_id
     )

@@ -21,6 +21,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 from baaaht.bus.background import Stopping, background
+from baaaht.bus.callers import host_callers_only
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
@@ -98,6 +99,7 @@ SLOT_WAIT_MAX = 300.0
 STATS_SLACK = 0.1
 
 
+@host_callers_only  # agents never manage containers (the broker refuses them first)
 @maps_engine_errors
 class ContainerService(Service):
     name = "container"

@@ -24,6 +24,7 @@ from typing import Iterator, Protocol
 import msgspec
 
 from baaaht.bus.background import background
+from baaaht.bus.callers import host_callers_only, principal_of
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, invalid, not_found, precondition, unavailable
 from baaaht.bus.service import CallContext, Publisher, Service, rpc
@@ -50,6 +51,7 @@ from baaaht.schemas.policy import (
     PolicyReloadFailed,
     PolicyValidate,
     PolicyViolation,
+    Principal,
     ReloadResult,
     ValidationResult,
     Violation,
@@ -140,6 +142,7 @@ class Loading:
     error: document.DocumentError | None
 
 
+@host_callers_only  # agents never read, reload or ask the policy (the broker refuses them first)
 class PolicyService(Service):
     name = "policy"
     # Audit followers each hold a handler for their whole life; decisions must still find one free.
@@ -411,7 +414,11 @@ class PolicyService(Service):
         )
 
     @rpc
-    def evaluate(self, request: PolicyEvaluate) -> Decision:
+    def evaluate(self, request: PolicyEvaluate, ctx: CallContext) -> Decision:
+        # On whose behalf: the principal a host caller names, else the caller itself. Who asked is always
+        # the stamped caller, and the record keeps both.
+        if request.principal == Principal():
+            request = msgspec.structs.replace(request, principal=principal_of(ctx.caller))
         policy, judgement = self._judge(request)
         decision = self._decision(uuid.uuid4().hex, policy, judgement)
         rules = list(dict.fromkeys(v.rule for v in decision.violations))
@@ -423,6 +430,7 @@ class PolicyService(Service):
                 action=request.action,
                 decision=decision.outcome,
                 principal=request.principal,
+                asked_by=ctx.caller,
                 resource=resource_digest(request.spec),
                 image=request.spec.image,
                 env_names=sorted(request.spec.env),
@@ -436,6 +444,7 @@ class PolicyService(Service):
                     decision_id=decision.decision_id,
                     outcome=decision.outcome,
                     principal=request.principal,
+                    asked_by=ctx.caller,
                     image=request.spec.image,
                     rules=rules,
                     violations=decision.violations,
@@ -445,14 +454,14 @@ class PolicyService(Service):
         return decision
 
     @rpc
-    def explain(self, request: PolicyExplain) -> Explanation:
+    def explain(self, request: PolicyExplain, ctx: CallContext) -> Explanation:
         policy, judgement = self._judge(request)
         return Explanation(
             decision=self._decision("", policy, judgement), checks=judgement.checks, summary=judgement.summary
         )
 
     @rpc
-    def get(self, request: PolicyGet) -> PolicyInfo:
+    def get(self, request: PolicyGet, ctx: CallContext) -> PolicyInfo:
         loaded = self._current()
         policy, refused = self._effective(request.override)
         return PolicyInfo(
@@ -467,7 +476,7 @@ class PolicyService(Service):
         )
 
     @rpc
-    def reload(self, request: PolicyReload) -> ReloadResult:
+    def reload(self, request: PolicyReload, ctx: CallContext) -> ReloadResult:
         try:
             return self._reload(force=True)
         except document.DocumentError as error:
@@ -477,7 +486,7 @@ class PolicyService(Service):
             ) from None
 
     @rpc
-    def audit_verify(self, request: PolicyAuditVerify) -> AuditReport:
+    def audit_verify(self, request: PolicyAuditVerify, ctx: CallContext) -> AuditReport:
         try:
             return audit.verify(self.audit_path)
         except FileNotFoundError:
@@ -510,7 +519,7 @@ class PolicyService(Service):
         return not_found(f"no audit log at {path}", path=path)
 
     @rpc
-    def validate(self, request: PolicyValidate) -> ValidationResult:
+    def validate(self, request: PolicyValidate, ctx: CallContext) -> ValidationResult:
         try:
             data = document.parse_text(request.text)
             if request.as_override:

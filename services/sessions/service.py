@@ -17,12 +17,12 @@ from typing import Callable
 import msgspec
 
 from baaaht.bus.background import background
+from baaaht.bus.callers import AGENT_ROLES, denied, name_of, require_host, require_session, role_of
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition
 from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.schemas.base import Empty, Event
-from baaaht.schemas.bus import Caller
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import ContainerDied, ContainerRemoved
 from baaaht.schemas.errors import ErrorCode
@@ -64,18 +64,14 @@ STOP_TIMEOUT = 5.0  # seconds on_stop gives closings in progress to finish
 CLOSE_SLACK = 5.0  # seconds a waiting close allows beyond session.close_timeout (final listing, commit)
 ANSWER_MARGIN = 0.5  # seconds before the caller's deadline when a waiting close answers anyway
 
+# Conversation roles that speak for the human and the host: an agent never writes them.
+HOST_MESSAGE_ROLES = ("user", "system")
+
 _encode_json = msgspec.json.Encoder().encode
 
 
 def new_id() -> str:
     return secrets.token_hex(16)
-
-
-def sender_of(caller: Caller) -> str:
-    """Who sent a message, from the broker's stamp: `services/<service>` or `agents/uid=<uid>`."""
-    if not caller.socket:
-        return ""
-    return f"{caller.socket}/{caller.service}" if caller.service else f"{caller.socket}/uid={caller.uid}"
 
 
 class SessionService(Service):
@@ -132,7 +128,11 @@ class SessionService(Service):
 
     @rpc
     def create(self, req: SessionCreate, ctx: CallContext) -> SessionInfo:
-        validation.text("owner", req.owner, validation.MAX_OWNER, required=True)
+        require_host(ctx.caller, "create sessions")
+        # The caller owns what it creates, unless it names another owner on whose behalf it acts.
+        creator = name_of(ctx.caller)
+        owner = req.owner or creator
+        validation.text("owner", owner, validation.MAX_OWNER, required=True)
         validation.text("name", req.name, validation.MAX_NAME)
         validation.text("description", req.description, validation.MAX_DESCRIPTION, prose=True)
         validation.labels(req.labels)
@@ -145,7 +145,8 @@ class SessionService(Service):
         session = SessionInfo(
             id=session_id,
             state=states.move(session_id, INITIALIZING, ACTIVE, "create a session"),
-            owner=req.owner,
+            owner=owner,
+            created_by=creator,
             name=req.name,
             description=req.description,
             labels=req.labels,
@@ -166,7 +167,7 @@ class SessionService(Service):
                 )
             tx.insert(session)
             self._publish_after(tx, SessionCreated(session=session))
-        log.info("session created", extra={"session_id": session_id, "owner": req.owner})
+        log.info("session created", extra={"session_id": session_id, "owner": owner, "created_by": creator})
         return session
 
     def _check_policy_override(self, override: dict, ctx: CallContext) -> None:
@@ -186,17 +187,20 @@ class SessionService(Service):
             )
 
     @rpc
-    def get(self, req: SessionGet) -> SessionInfo:
+    def get(self, req: SessionGet, ctx: CallContext) -> SessionInfo:
+        require_session(ctx.caller, req.session_id, "read")
         return self._existing(req.session_id)
 
     @rpc
-    def list(self, req: SessionList) -> SessionPage:
+    def list(self, req: SessionList, ctx: CallContext) -> SessionPage:
+        require_host(ctx.caller, "list sessions")
         validation.labels(req.labels)
         sessions, next_cursor = self.store.list(req.states, req.owner, req.labels, req.limit, req.cursor)
         return SessionPage(sessions=sessions, next_cursor=next_cursor)
 
     @rpc
-    def update(self, req: SessionUpdate) -> SessionInfo:
+    def update(self, req: SessionUpdate, ctx: CallContext) -> SessionInfo:
+        require_host(ctx.caller, "update sessions")
         if req.name is not None:
             validation.text("name", req.name, validation.MAX_NAME)
         if req.description is not None:
@@ -225,6 +229,7 @@ class SessionService(Service):
 
     @rpc
     def close(self, req: SessionClose, ctx: CallContext) -> SessionInfo:
+        require_host(ctx.caller, "close sessions")
         validation.text("reason", req.reason, validation.MAX_DESCRIPTION, prose=True)
         session = self.begin_close(req.session_id, req.reason or CLOSED_ON_REQUEST)
         if session.state is CLOSED or not req.wait:
@@ -235,7 +240,8 @@ class SessionService(Service):
         return self._existing(session.id)
 
     @rpc
-    def delete(self, req: SessionDelete) -> Empty:
+    def delete(self, req: SessionDelete, ctx: CallContext) -> Empty:
+        require_host(ctx.caller, "delete sessions")
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
             if session.state is not CLOSED:
@@ -253,6 +259,8 @@ class SessionService(Service):
 
     @rpc
     def send_message(self, req: SessionSendMessage, ctx: CallContext) -> Message:
+        require_session(ctx.caller, req.session_id, "write messages to")
+        req = authored(req, ctx)
         validation.message_size(req.content, req.metadata, int(self.limits.max_message_size))
         for field in ("tool_name", "tool_call_id", "container_id"):
             validation.text(f"metadata.{field}", getattr(req.metadata, field), MAX_ID)
@@ -267,7 +275,7 @@ class SessionService(Service):
                 )
             expired = 0 < session.expires_at <= now
             if not expired:
-                message = self._append(tx, session, req, now, sender_of(ctx.caller))
+                message = self._append(tx, session, req, now, name_of(ctx.caller))
         if expired:
             # The sweep has not got to it yet: close it now rather than let the conversation go on.
             self.begin_close(session.id, EXPIRED)
@@ -304,7 +312,8 @@ class SessionService(Service):
         return message
 
     @rpc
-    def messages(self, req: SessionMessages) -> MessagePage:
+    def messages(self, req: SessionMessages, ctx: CallContext) -> MessagePage:
+        require_session(ctx.caller, req.session_id, "read messages of")
         session = self._existing(req.session_id)
         found, next_cursor = self.store.messages(
             session.id,
@@ -317,7 +326,8 @@ class SessionService(Service):
     # -- containers ---------------------------------------------------------------------------
 
     @rpc
-    def attach_container(self, req: SessionAttachContainer) -> SessionInfo:
+    def attach_container(self, req: SessionAttachContainer, ctx: CallContext) -> SessionInfo:
+        require_host(ctx.caller, "attach containers to sessions")
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
             require_live(session, "attach a container to")
@@ -342,7 +352,8 @@ class SessionService(Service):
         return session
 
     @rpc
-    def detach_container(self, req: SessionDetachContainer) -> SessionInfo:
+    def detach_container(self, req: SessionDetachContainer, ctx: CallContext) -> SessionInfo:
+        require_host(ctx.caller, "detach containers from sessions")
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
             if not self._drop_container(tx, session, req.container_id):
@@ -535,6 +546,32 @@ class SessionService(Service):
         """Publish the event once the change is committed. The store's lock is still held then and
         the bus connection sends in the order it is given messages, so events leave in commit order."""
         tx.after_commit(lambda: self.events.publish(event, subtopic))
+
+
+def authored(req: SessionSendMessage, ctx: CallContext) -> SessionSendMessage:
+    """The message as its author may send it. An agent speaks only for itself: never as the user or the
+    host (`user`, `system`), and the container named in its metadata is its own, whatever it claims."""
+    caller = ctx.caller
+    if role_of(caller) not in AGENT_ROLES:
+        return req
+    if req.role in HOST_MESSAGE_ROLES:
+        raise denied(
+            f"{role_of(caller)} callers may not send {req.role!r} messages (those are the user's and the "
+            "host's)",
+            caller,
+            session_id=req.session_id,
+            message_role=req.role,
+        )
+    claimed = req.metadata.container_id
+    if claimed and claimed != caller.container:
+        raise denied(
+            f"metadata.container_id {claimed} is not the caller's container {caller.container}",
+            caller,
+            session_id=req.session_id,
+            field="metadata.container_id",
+        )
+    metadata = msgspec.structs.replace(req.metadata, container_id=caller.container)
+    return msgspec.structs.replace(req, metadata=metadata)
 
 
 def require_live(session: SessionInfo, action: str) -> None:
