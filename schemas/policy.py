@@ -14,6 +14,7 @@ import msgspec
 from baaaht.schemas.base import Event, Request, Response
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.containers import ContainerSpec
+from baaaht.schemas.ids import ContainerId
 
 # allow: no violation. deny: strict mode found a violation. permissive: allowed although a rule was
 # violated (audit mode). disabled: the policy is switched off, nothing was checked.
@@ -55,13 +56,18 @@ class FieldError(msgspec.Struct, kw_only=True):
     message: str
 
 
-class Decision(Response, kw_only=True):
+class Judged(Response, kw_only=True):
+    """What every decision of the policy says (audited under `decision_id`)."""
+
     decision_id: str
     allowed: bool
     outcome: Outcome
     mode: str
     policy_version: str
     violations: list[Violation] = []
+
+
+class Decision(Judged, kw_only=True):
     warnings: list[Violation] = []
     enforced: ContainerSpec  # the spec to create: defaults filled in, mounts downgraded, caps dropped
 
@@ -81,6 +87,26 @@ class PolicyEvaluate(Request, tag="policy.evaluate", kw_only=True):
     host_containers: int | None = None
     session_containers: int | None = None
     action: str = "container.create"
+
+
+class ExecDecision(Judged, kw_only=True):
+    """The policy's judgement of a command to run in a container (`container.exec`)."""
+
+
+class PolicyEvaluateExec(Request, tag="policy.evaluate_exec", kw_only=True):
+    """Judge a command before the container manager runs it in a container: a principal with a session
+    may exec only in that session's containers. Audited like `policy.evaluate` (the command by its
+    digest, the environment by its names). Host services and the operator only."""
+
+    response: ClassVar[type] = ExecDecision
+
+    container_id: ContainerId
+    session_id: str = ""  # the container's session; empty for a pool or system container
+    image: str = ""
+    command: list[str]
+    working_dir: str = ""
+    env_names: list[str] = []
+    principal: Principal = msgspec.field(default_factory=Principal)  # empty: the caller itself
 
 
 class Explanation(Response, kw_only=True):
@@ -171,11 +197,12 @@ class AuditRecord(msgspec.Struct, kw_only=True):
     seq: int
     time: float
     decision_id: str
-    action: str  # container.create | policy.reload
+    action: str  # container.create | container.exec | policy.reload
     decision: str  # an Outcome, or applied | refused for a reload
     principal: Principal = msgspec.field(default_factory=Principal)  # on whose behalf
     asked_by: Caller = msgspec.field(default_factory=Caller)  # who asked, as the broker stamped the caller
-    resource: str = ""  # sha256 of the judged spec with environment values left out
+    resource: str = ""  # sha256 of the judged spec (or command) with environment values left out
+    container_id: str = ""  # container.exec: the container the command was to run in
     image: str = ""
     env_names: list[str] = []  # names only: a value never enters the log
     rules: list[str] = []

@@ -270,6 +270,7 @@ class FakePolicy:
 
     def __init__(self):
         self.seen: list[tuple[ContainerSpec, Principal, int, int, dict[str, Any]]] = []
+        self.execs: list[tuple[str, list[str], Principal]] = []
         self.error: BusError | None = None
         self.enforce = None
 
@@ -278,6 +279,12 @@ class FakePolicy:
         if self.error is not None:
             raise self.error
         return (self.enforce(spec) if self.enforce else spec), []
+
+    def evaluate_exec(self, container, request, principal, ctx=None):
+        self.execs.append((container.id, request.command, principal))
+        if self.error is not None:
+            raise self.error
+        return []
 
 
 def session_info(

@@ -17,6 +17,7 @@ from baaaht.schemas.bus import BusServices
 from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerDestroy,
+    ContainerExec,
     ContainerGet,
     ContainerHealthWait,
     ContainerImageExists,
@@ -35,6 +36,7 @@ from baaaht.schemas.containers import (
     Mount,
 )
 from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.policy import PolicyAuditTail
 from baaaht.schemas.sessions import (
     SessionClose,
     SessionCreate,
@@ -51,6 +53,7 @@ from baaaht.services.containers.ownership import (
     LABEL_ROLE,
     LABEL_SESSION,
 )
+from baaaht.services.policy import audit
 from tests import container_support
 
 pytestmark = pytest.mark.docker
@@ -421,3 +424,19 @@ def test_an_engine_that_is_not_there_gives_unavailable_not_a_hang(make_host):
     assert time.monotonic() - started < 10  # each call answered before its own deadline
     [service] = bus.call(BusServices(service="container")).services
     assert not service.instances[0].healthy and "baaaht-no-engine.sock" in service.instances[0].reason
+
+
+def test_exec_is_audited_with_who_asked_and_on_whose_behalf(orchestrator, busybox):
+    bus = orchestrator.bus
+    container = orchestrator.create(orchestrator.session(), busybox, "sleep 600")
+    bus.call(ContainerStart(id=container))
+    assert (
+        bus.call(ContainerExec(id=container, command=["echo", "hi"], env={"TOKEN": "s3cret"})).stdout
+        == "hi\n"
+    )
+    records = [r for batch in bus.stream(PolicyAuditTail(limit=100)) for r in batch.records]
+    (record,) = [r for r in records if r.action == "container.exec"]
+    assert (record.container_id, record.decision, record.env_names) == (container, "allow", ["TOKEN"])
+    assert record.asked_by.service == "container"  # the container manager asked, for the operator
+    assert record.principal.role == "operator" and record.principal.user.startswith("operator/uid=")
+    assert b"s3cret" not in audit.log_path(orchestrator.host.data_dir).read_bytes()

@@ -17,6 +17,7 @@ from baaaht.bus.testing import (
     code_of,
     context,
     error_of,
+    operator_caller,
     serving,
     wait_for,
 )
@@ -29,6 +30,7 @@ from baaaht.schemas.containers import (
     ContainerGet,
     ContainerHealthReport,
     ContainerHealthWait,
+    ContainerInfo,
     ContainerList,
     ContainerLogs,
     ContainerPull,
@@ -47,7 +49,7 @@ from baaaht.schemas.containers import (
     VolumeInfo,
 )
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.policy import Decision, Principal, Violation
+from baaaht.schemas.policy import Decision, ExecDecision, Principal, Violation
 from baaaht.schemas.sessions import SessionDeleted, SessionState
 from baaaht.services.containers import session_volumes
 from baaaht.services.containers.hardening import BUS_ENV
@@ -832,3 +834,48 @@ def test_no_agent_caller_gets_anything_done_by_the_container_manager(run_dir, ro
         assert f"{role} callers may not call container." in error.message
     assert runtime.calls == [] and runtime.containers == before and runtime.volumes == {}
     assert harness.bus.calls == []
+
+
+def test_exec_is_judged_by_the_policy_on_behalf_of_the_caller_before_it_runs(run_dir):
+    policy = FakePolicy()
+    service = make_service(run_dir, policy=policy)
+    container = create(service).id
+    service.start(ContainerStart(id=container), context())
+    operator = operator_caller(uid=1000)
+    service.exec(ContainerExec(id=container, command=["true"]), context(caller=operator))
+    assert policy.execs == [(container, ["true"], Principal(user="operator/uid=1000", role="operator"))]
+    policy.error = BusError(
+        ErrorCode.PERMISSION_DENIED, "policy denied the command", {"rules": ["exec.session"]}
+    )
+    ran = [op for op, _ in service.runtime.calls]
+    error = error_of(lambda: service.exec(ContainerExec(id=container, command=["rm", "-rf", "/"]), context()))
+    assert error.code is ErrorCode.PERMISSION_DENIED
+    assert [op for op, _ in service.runtime.calls] == ran  # nothing ran
+    policy.error = unavailable("no instance of service 'policy' is registered")
+    assert code_of(lambda: service.exec(ContainerExec(id=container, command=["true"]), context())) is (
+        ErrorCode.UNAVAILABLE
+    )
+
+
+def test_the_policy_gate_asks_about_the_containers_session_and_refuses_a_denial():
+    denied = ExecDecision(
+        decision_id="d1",
+        allowed=False,
+        outcome="deny",
+        mode="strict",
+        policy_version="v1",
+        violations=[Violation(rule="exec.session", message="not its session")],
+    )
+    bus = FakeBus({"policy.evaluate_exec": denied})
+    container = ContainerInfo(id="a" * 64, name="n", image="busybox:1", state="running", session_id="s2")
+    request = ContainerExec(id="a" * 64, command=["ls"], env={"TOKEN": "secret"})
+    principal = Principal(user="agent/x", session_id="s1", role="agent")
+    error = error_of(lambda: BusPolicyGate(bus, 1.0).evaluate_exec(container, request, principal))
+    assert error.code is ErrorCode.PERMISSION_DENIED and "exec.session" in error.message
+    (asked,) = bus.requests()
+    assert (asked.container_id, asked.session_id, asked.env_names, asked.principal) == (
+        "a" * 64,
+        "s2",
+        ["TOKEN"],
+        principal,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import threading
 
@@ -25,7 +26,10 @@ from baaaht.schemas.base import target_of
 from baaaht.schemas.containers import ContainerSpec, Resources
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import (
+    PolicyAuditTail,
+    PolicyAuditVerify,
     PolicyEvaluate,
+    PolicyEvaluateExec,
     PolicyExplain,
     PolicyGet,
     PolicyReload,
@@ -393,22 +397,30 @@ def test_an_agent_can_never_write_a_principal_into_the_audit_log(world, role):
     before = world.records()
     forged = Principal(user="operator-forged-by-agent", role="operator")
     agent = context(caller=agent_caller("s1", role))
-    for request in (
+    requests = [
         PolicyEvaluate(spec=SPEC, principal=forged),
         PolicyEvaluate(spec=SPEC),
+        PolicyEvaluateExec(container_id="a" * 64, command=["true"], principal=forged),
         PolicyExplain(spec=SPEC, principal=forged),
         PolicyGet(),
         PolicyReload(),
         PolicyValidate(text=PIDS_100),
-    ):
-        error = error_of(
-            lambda request=request: getattr(service, target_of(type(request)).split(".")[1])(request, agent)
-        )
+        PolicyAuditVerify(),
+        PolicyAuditTail(),
+    ]
+    assert {type(r) for r in requests} == {s.request_type for s in PolicyService.rpcs().values()}
+    for request in requests:
+        handler = getattr(service, PolicyService.rpcs()[target_of(type(request))].method)
+        error = error_of(lambda handler=handler, request=request: list_if_stream(handler(request, agent)))
         assert error.code is ErrorCode.PERMISSION_DENIED
         assert f"{role} callers may not call policy." in error.message
     assert world.records() == before
     assert b"forged" not in world.audit_path.read_bytes()
     assert world.bus.events(PolicyViolation) == []
+
+
+def list_if_stream(result):
+    return list(result) if inspect.isgenerator(result) else result
 
 
 def test_the_audit_records_who_asked_and_on_whose_behalf(world):
@@ -425,3 +437,44 @@ def test_the_audit_records_who_asked_and_on_whose_behalf(world):
     assert record.principal == Principal(user="operator/uid=1000", role="operator")
     assert record.asked_by == operator
     assert audit.verify(world.audit_path).ok
+
+
+def exec_request(**fields) -> PolicyEvaluateExec:
+    return PolicyEvaluateExec(
+        container_id="a" * 64, session_id="s1", image="busybox:1.36", command=["cat", "/secret"], **fields
+    )
+
+
+def test_exec_is_judged_for_the_containers_session_and_audited(world):
+    service = started(world, PIDS_200)  # strict
+    assistant = service_caller("scheduler")
+    own = service.evaluate_exec(exec_request(principal=ALICE, env_names=["TOKEN"]), context(caller=assistant))
+    assert (own.allowed, own.outcome) == (True, "allow")
+    other = Principal(user="bob", session_id="s2", role="agent")
+    denied = service.evaluate_exec(exec_request(principal=other), context(caller=assistant))
+    assert (denied.allowed, denied.outcome) == (False, "deny")
+    assert [v.rule for v in denied.violations] == ["exec.session"]
+    # The host's own principals (no session) may exec anywhere.
+    assert service.evaluate_exec(exec_request(), context(caller=operator_caller())).allowed
+    first, second, third = world.records()[-3:]
+    assert (first.action, first.decision, first.principal, first.asked_by) == (
+        "container.exec",
+        "allow",
+        ALICE,
+        assistant,
+    )
+    assert (first.container_id, first.image, first.env_names) == ("a" * 64, "busybox:1.36", ["TOKEN"])
+    assert first.resource.startswith("sha256:") and b"/secret" not in world.audit_path.read_bytes()
+    assert (second.decision, second.rules, second.principal) == ("deny", ["exec.session"], other)
+    assert third.principal.role == "operator"
+    (violation,) = world.bus.events(PolicyViolation)
+    assert (violation.principal, violation.asked_by, violation.rules) == (other, assistant, ["exec.session"])
+    assert audit.verify(world.audit_path).ok
+
+
+def test_a_permissive_policy_lets_an_exec_outside_the_session_pass_and_records_it(world):
+    service = started(world, "mode: permissive\n")
+    other = Principal(user="bob", session_id="s2", role="agent")
+    decision = service.evaluate_exec(exec_request(principal=other), context())
+    assert (decision.allowed, decision.outcome) == (True, "permissive")
+    assert world.records()[-1].rules == ["exec.session"]

@@ -11,9 +11,9 @@ from baaaht.bus.errors import BusError
 from baaaht.bus.peers import Calls, Peer
 from baaaht.bus.service import CallContext
 from baaaht.schemas.base import Request
-from baaaht.schemas.containers import ContainerSpec
+from baaaht.schemas.containers import ContainerExec, ContainerInfo, ContainerSpec
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.policy import Decision, Principal
+from baaaht.schemas.policy import Decision, Judged, Principal
 from baaaht.schemas.sessions import SessionInfo, SessionState
 from baaaht.services.containers.reconcile import SessionVerdict
 
@@ -37,6 +37,16 @@ class PolicyGate(Protocol):
         session's `override`) and the policy's warnings, a permissive mode's allowances among them;
         raises PERMISSION_DENIED naming the rules, or UNAVAILABLE when the policy service cannot be
         asked (TIMEOUT when the caller's deadline passed meanwhile)."""
+
+    def evaluate_exec(
+        self,
+        container: ContainerInfo,
+        request: ContainerExec,
+        principal: Principal,
+        ctx: CallContext | None = None,
+    ) -> list[str]:
+        """The policy's word on running `request` in `container` on behalf of `principal` (audited): its
+        warnings when allowed; raises as `evaluate` does."""
 
 
 class SessionDirectory(Protocol):
@@ -86,13 +96,42 @@ class BusPolicyGate:
                 session_containers=session_containers,
             )
         except BusError as exc:
-            if exc.code in POLICY_VERDICT_CODES:
-                raise
-            raise BusError(exc.code, f"container creation refused: {exc.message}", exc.details) from None
+            raise refused_unless_judged(exc, "container creation") from None
         return enforced_or_denied(decision), policy_warnings(decision)
 
+    def evaluate_exec(
+        self,
+        container: ContainerInfo,
+        request: ContainerExec,
+        principal: Principal,
+        ctx: CallContext | None = None,
+    ) -> list[str]:
+        try:
+            decision = self.policy.evaluate_exec(
+                ctx,
+                container_id=container.id,
+                session_id=container.session_id,
+                image=container.image,
+                command=request.command,
+                working_dir=request.working_dir,
+                env_names=sorted(request.env),
+                principal=principal,
+            )
+        except BusError as exc:
+            raise refused_unless_judged(exc, "container exec") from None
+        if not decision.allowed:
+            raise denial(decision, "the command")
+        return policy_warnings(decision)
 
-def policy_warnings(decision: Decision) -> list[str]:
+
+def refused_unless_judged(error: BusError, what: str) -> BusError:
+    """The policy's own verdict as it is; any other error refuses `what`, saying why."""
+    if error.code in POLICY_VERDICT_CODES:
+        return error
+    return BusError(error.code, f"{what} refused: {error.message}", error.details)
+
+
+def policy_warnings(decision: Judged) -> list[str]:
     """What the caller of an allowed create should hear: every rule a permissive policy let pass, and
     the policy's own warnings."""
     allowances = []
@@ -100,12 +139,17 @@ def policy_warnings(decision: Decision) -> list[str]:
         allowances = [
             f"allowed in permissive mode despite {v.rule}: {v.message}" for v in decision.violations
         ]
-    return allowances + [f"policy {w.rule}: {w.message}" for w in decision.warnings]
+    return allowances + [f"policy {w.rule}: {w.message}" for w in getattr(decision, "warnings", [])]
 
 
 def enforced_or_denied(decision: Decision) -> ContainerSpec:
     if decision.allowed:
         return decision.enforced
+    raise denial(decision, "the container")
+
+
+def denial(decision: Judged, what: str) -> BusError:
+    """PERMISSION_DENIED naming the rules the policy found broken."""
     rules = sorted({v.rule for v in decision.violations})
     shown = "; ".join(
         f"{v.rule}" + (f" ({v.field})" if v.field else "") + f": {v.message}"
@@ -114,9 +158,9 @@ def enforced_or_denied(decision: Decision) -> ContainerSpec:
     more = len(decision.violations) - MAX_LISTED_VIOLATIONS
     if more > 0:
         shown += f"; and {more} more"
-    raise BusError(
+    return BusError(
         ErrorCode.PERMISSION_DENIED,
-        f"policy denied the container: {shown or decision.outcome}",
+        f"policy denied {what}: {shown or decision.outcome}",
         {"rules": rules, "decision_id": decision.decision_id, "policy_version": decision.policy_version},
     )
 

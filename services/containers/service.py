@@ -21,7 +21,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 from baaaht.bus.background import Stopping, background
-from baaaht.bus.callers import host_callers_only
+from baaaht.bus.callers import host_callers_only, principal_of
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
@@ -514,9 +514,12 @@ class ContainerService(Service):
     def exec(self, req: ContainerExec, ctx: CallContext) -> ExecResult:
         validation.validate_exec(req)
         with self._engine(ctx) as runtime:
-            container_id = self._owned(req.id, runtime)
+            container = self._owned_info(req.id, runtime)
+        # Judged and audited on behalf of whoever asked, for the container's session.
+        for warning in self.policy.evaluate_exec(container, req, principal_of(ctx.caller), ctx):
+            log.warning("exec allowed with a policy warning: %s", warning, extra={"container": container.id})
         # The command runs as long as it runs: like stats, it does not hold an operation slot.
-        return runtime.exec(container_id, req.command, req.env, req.working_dir)
+        return runtime.exec(container.id, req.command, req.env, req.working_dir)
 
     @rpc
     def health(self, req: ContainerHealth, ctx: CallContext) -> ContainerHealthReport:

@@ -631,3 +631,36 @@ def evaluate(
         judge.checks,
         _summary(outcome, judge.violations, judge.warnings),
     )
+
+
+@dataclass(frozen=True)
+class ExecJudgement:
+    outcome: Outcome
+    allowed: bool
+    violations: list[Violation]
+
+
+def evaluate_exec(container_session: str, principal: Principal, policy: EffectivePolicy) -> ExecJudgement:
+    """Whether `principal` may run a command in a container of session `container_session` ("" for a pool
+    or system container): a principal of a session only in that session's containers; the host's own
+    principals (no session) anywhere. The mode decides as for a container spec."""
+    mode = policy.document.mode
+    if mode == "disabled":
+        return ExecJudgement("disabled", True, [])
+    violations = []
+    if principal.session_id and principal.session_id != container_session:
+        where = f"session {container_session}" if container_session else "no session"
+        violations.append(
+            Violation(
+                rule="exec.session",
+                message=f"a principal of session {principal.session_id} may not run commands in a "
+                f"container of {where}",
+                field="container_id",
+                value=container_session,
+                limit=principal.session_id,
+            )
+        )
+    if not violations:
+        return ExecJudgement("allow", True, [])
+    outcome: Outcome = "deny" if mode == "strict" else "permissive"
+    return ExecJudgement(outcome, outcome != "deny", violations)

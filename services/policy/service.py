@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import msgspec
 
@@ -37,12 +37,15 @@ from baaaht.schemas.policy import (
     AuditRecords,
     AuditReport,
     Decision,
+    ExecDecision,
     Explanation,
     FieldError,
+    Judged,
     LastReload,
     PolicyAuditTail,
     PolicyAuditVerify,
     PolicyEvaluate,
+    PolicyEvaluateExec,
     PolicyExplain,
     PolicyGet,
     PolicyInfo,
@@ -130,6 +133,18 @@ def resource_digest(spec: ContainerSpec) -> str:
     """What was judged, without the environment's values (which may be secrets)."""
     redacted = msgspec.structs.replace(spec, env={name: "" for name in spec.env})
     return "sha256:" + hashlib.sha256(_spec_encoder.encode(redacted)).hexdigest()
+
+
+def command_digest(request: PolicyEvaluateExec) -> str:
+    """The command judged, by digest: its arguments may hold secrets too."""
+    judged = [request.container_id, request.working_dir, *request.command]
+    return "sha256:" + hashlib.sha256(_spec_encoder.encode(judged)).hexdigest()
+
+
+def on_behalf_of(named: Principal, ctx: CallContext) -> Principal:
+    """The principal a (host) caller names, or the caller itself when it names none. Who asked is always
+    the stamped caller, and the audit record keeps both."""
+    return principal_of(ctx.caller) if named == Principal() else named
 
 
 @dataclass(frozen=True)
@@ -415,27 +430,63 @@ class PolicyService(Service):
 
     @rpc
     def evaluate(self, request: PolicyEvaluate, ctx: CallContext) -> Decision:
-        # On whose behalf: the principal a host caller names, else the caller itself. Who asked is always
-        # the stamped caller, and the record keeps both.
-        if request.principal == Principal():
-            request = msgspec.structs.replace(request, principal=principal_of(ctx.caller))
+        request = msgspec.structs.replace(request, principal=on_behalf_of(request.principal, ctx))
         policy, judgement = self._judge(request)
         decision = self._decision(uuid.uuid4().hex, policy, judgement)
+        self._audit_decision(
+            ctx,
+            decision,
+            request.action,
+            request.principal,
+            resource=resource_digest(request.spec),
+            image=request.spec.image,
+            env_names=sorted(request.spec.env),
+        )
+        return decision
+
+    @rpc
+    def evaluate_exec(self, request: PolicyEvaluateExec, ctx: CallContext) -> ExecDecision:
+        principal = on_behalf_of(request.principal, ctx)
+        policy, _refused = self._effective({})
+        judgement = engine.evaluate_exec(request.session_id, principal, policy)
+        decision = ExecDecision(
+            decision_id=uuid.uuid4().hex,
+            allowed=judgement.allowed,
+            outcome=judgement.outcome,
+            mode=policy.document.mode,
+            policy_version=policy.version,
+            violations=judgement.violations,
+        )
+        self._audit_decision(
+            ctx,
+            decision,
+            "container.exec",
+            principal,
+            resource=command_digest(request),
+            container_id=request.container_id,
+            image=request.image,
+            env_names=sorted(request.env_names),
+        )
+        return decision
+
+    def _audit_decision(
+        self, ctx: CallContext, decision: Judged, action: str, principal: Principal, **judged: Any
+    ) -> None:
+        """Write the decision's record (who asked, on whose behalf, the rules it broke) before it is
+        answered, and publish its violations."""
         rules = list(dict.fromkeys(v.rule for v in decision.violations))
         self._record(
             AuditRecord(
                 seq=0,
                 time=time.time(),
                 decision_id=decision.decision_id,
-                action=request.action,
+                action=action,
                 decision=decision.outcome,
-                principal=request.principal,
+                principal=principal,
                 asked_by=ctx.caller,
-                resource=resource_digest(request.spec),
-                image=request.spec.image,
-                env_names=sorted(request.spec.env),
                 rules=rules,
-                policy_version=policy.version,
+                policy_version=decision.policy_version,
+                **judged,
             )
         )
         if decision.violations:
@@ -443,15 +494,14 @@ class PolicyService(Service):
                 PolicyViolation(
                     decision_id=decision.decision_id,
                     outcome=decision.outcome,
-                    principal=request.principal,
+                    principal=principal,
                     asked_by=ctx.caller,
-                    image=request.spec.image,
+                    image=judged.get("image", ""),
                     rules=rules,
                     violations=decision.violations,
-                    policy_version=policy.version,
+                    policy_version=decision.policy_version,
                 )
             )
-        return decision
 
     @rpc
     def explain(self, request: PolicyExplain, ctx: CallContext) -> Explanation:
