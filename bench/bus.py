@@ -1,7 +1,9 @@
 """Bus benchmark: the broker against a direct DEALER-to-ROUTER baseline and NATS, in one run.
 
 Round trips of a trivial request (301-byte body, as in verified-facts.md) with 1 and 100
-outstanding, directly, through the broker and through a NATS server; then event fan-out to
+outstanding, directly, through the broker (from a host peer on the services socket, and from a
+peer on the agents' socket: what identifying and checking an agent costs per message, target
+under 10% at 100 outstanding) and through a NATS server; then event fan-out to
 1 and 4 subscribers, through the broker (raw SUB sockets, and baaaht's own client with its
 sequence check) and through NATS. Every peer is its own process (as in production), so the
 numbers include no GIL contention between peers.
@@ -37,8 +39,10 @@ from machine import finish, load_before  # bench/machine.py, beside this script
 
 from baaaht.bus import wire
 from baaaht.bus.client import BusClient
+from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Event
 from baaaht.schemas.bus import BusPing, Register
+from baaaht.schemas.config import BusConfig
 
 ROOT = Path(__file__).resolve().parent
 BODY = b"x" * 301
@@ -49,7 +53,7 @@ EVENTS = int(os.environ.get("BENCH_EVENTS", "100000"))
 ONLY = os.environ.get("BENCH_ONLY", "")
 QUIET_SECONDS = 2.0  # a subscriber that hears nothing this long has had all it will get
 FIRST_EVENT_SECONDS = 30.0  # the other subscribers may still be starting
-ROUND_TRIP_PATHS = ("direct", "broker", "nats")
+ROUND_TRIP_PATHS = ("direct", "broker", "broker_agent", "nats")
 FAN_OUT_PATHS = ("broker", "broker_client", "nats")
 TOPIC = "bench.tick"
 spawn = multiprocessing.get_context("spawn")
@@ -367,6 +371,7 @@ class Bench:
         self.round_trip = {
             "direct": lambda n: zmq_round_trips(direct, n),
             "broker": lambda n: zmq_round_trips(endpoints["services"], n),
+            "broker_agent": lambda n: zmq_round_trips(endpoints["agents"], n),
         }
         self.fan_out = {
             "broker": lambda n: fan_out(raw_subscriber, endpoints, publish_raw, n),
@@ -413,7 +418,12 @@ def report(samples: dict[str, dict[str, list[dict]]]) -> dict:
         for scenario, paths in samples.items()
     }
     comparisons = {
-        "round_trips": [("broker", "direct"), ("broker", "nats"), ("nats", "direct")],
+        "round_trips": [
+            ("broker", "direct"),
+            ("broker", "nats"),
+            ("nats", "direct"),
+            ("broker_agent", "broker"),
+        ],
         "fan_out": [("broker", "nats"), ("broker_client", "nats"), ("broker_client", "broker")],
     }
     ratios = {}
@@ -462,6 +472,10 @@ def targets(result: dict) -> dict:
         found["broker p99 at 1 outstanding < 1 ms"] = (
             rows["round_trips_1"]["broker"]["p99_ms"]["median"] < 1.0
         )
+    if "round_trips_100" in rows:  # issue 10: an agent's identity and permission checks cost < 10%
+        found["broker_agent/broker at 100 outstanding >= 0.9"] = (
+            ratios["round_trips_100: broker_agent/broker"]["median"] >= 0.9
+        )
     for count in (1, 4):  # issue 9 item 14: fan-out at least NATS's, sequence checks included
         name = f"fan_out_{count}: broker_client/nats"
         if name in ratios:
@@ -475,7 +489,12 @@ def main() -> None:
     config.write_text(
         json.dumps({"data_dir": run_dir, "bus": {"run_dir": run_dir}, "log": {"level": "warn"}})
     )
-    endpoints = {"services": f"ipc://{run_dir}/bus.sock", "events": f"ipc://{run_dir}/events.sock"}
+    bus_endpoints = Endpoints.for_config(BusConfig(run_dir=run_dir))
+    endpoints = {
+        "services": bus_endpoints.services,
+        "events": bus_endpoints.events,
+        "agents": bus_endpoints.agents,
+    }
     direct = f"ipc://{run_dir}/direct.sock"
     skipped = nats_missing()
     if skipped:

@@ -63,6 +63,12 @@ from baaaht.schemas.errors import ErrorBody, ErrorCode
 log = logging.getLogger("baaaht.broker")
 
 BATCH = 256  # messages drained from one socket before looking at the others
+# Fewer from the agents' socket: however fast agents send, a host peer's message waits behind at
+# most this many of theirs (the ROUTER takes its peers' messages in turn within a socket).
+AGENT_BATCH = 32
+# ... or as many bytes: big messages (an agent's events of up to bus.max_event_size) end a batch
+# early, so the other socket waits no longer behind them than behind small ones.
+BATCH_BYTES = 1 << 20
 SERVICES, AGENTS = 0, 1  # indexes of the two ROUTER sockets
 PROBE_INTERVAL = 0.005  # after a connection closed: how often to try its peers until ZeroMQ forgets them
 PROBES = 20  # then a peer still routable is a new connection that reused the file descriptor
@@ -100,8 +106,14 @@ class Broker:
             config.bus.heartbeat_liveness,
             wire.encode,
             first_token=self.epoch << TOKENS_PER_MS_BITS,
+            limits=config.limits,
         )
-        self.events = EventLog(config.bus.event_history, int(config.bus.event_history_bytes))
+        self.events = EventLog(
+            config.bus.event_history,
+            int(config.bus.event_history_bytes),
+            config.limits.agent_event_history,
+            int(config.limits.agent_event_history_bytes),
+        )
         self.context = context or zmq.Context.instance()
         self.running = False
         self.counters = dict(messages_in=0, messages_out=0, bytes_in=0, bytes_out=0)
@@ -242,7 +254,7 @@ class Broker:
         recv = sock.recv
         peers = self.registry.peers
         received = size = 0
-        for _ in range(BATCH):
+        for _ in range(BATCH if index == SERVICES else AGENT_BATCH):
             try:
                 ident = recv(NOBLOCK)
             except zmq.Again:
@@ -270,6 +282,8 @@ class Broker:
             except Exception:  # a bug must cost one message, never the broker
                 log.exception("failed to handle a message", extra={"peer": ident.hex()})
                 self.errors["INTERNAL"] = self.errors.get("INTERNAL", 0) + 1
+            if size >= BATCH_BYTES:
+                break
         self.counters["messages_in"] += received
         self.counters["bytes_in"] += size
 
@@ -409,17 +423,23 @@ class Broker:
             message = f"event of {len(body)} bytes exceeds the limit of {self.max_event} bytes"
             self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, message))
             return
+        from_agent = peer.socket == AGENTS_SOCKET
+        if from_agent:
+            refusal = self.registry.event_quotas.refusal(peer, len(body), now)
+            if refusal is not None:
+                self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, refusal))
+                return
         source = peer.caller.service or f"{peer.socket}:{peer.caller.peer}"
         try:
-            self._publish(topic, source, body, now + self._clock_offset)
+            self._publish(topic, source, body, now + self._clock_offset, from_agent)
         except BusError as exc:  # not one msgpack value: never kept, never republished
             self._malformed(peer.key, "event_body", exc.message, now, exc.details)
 
     def publish_own(self, event) -> None:
         self._publish(topic_of(type(event)), "bus", wire.encode(event), time.time())
 
-    def _publish(self, topic: str, source: str, body: bytes, wall: float) -> None:
-        event = self.events.append(topic, source, body, wall)
+    def _publish(self, topic: str, source: str, body: bytes, wall: float, from_agent: bool = False) -> None:
+        event = self.events.append(topic, source, body, wall, from_agent)
         stamp = wire.encode(wire.EventStamp(event.seq, wall, source, self.epoch))
         # PUB never blocks: a subscriber past its high-water mark loses messages, sees a gap and replays.
         _send(self.pub, topic.encode(), SNDMORE_NOBLOCK)
@@ -483,6 +503,7 @@ class Broker:
 
     def _tick(self, now: float) -> None:
         self._answer_all(*self.registry.expire_peers(now))
+        self.registry.event_quotas.prune(now)
         for key in list(self.registry.peers):
             self._send(key, HEARTBEAT)
         stamp = wire.EventStamp(self.events.last_seq, time.time(), "bus", self.epoch)

@@ -6,10 +6,12 @@ arrival), so liveness and expiry are tested without sleeping.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import heapq
 import itertools
 import math
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 import msgspec
@@ -17,6 +19,7 @@ import msgspec
 from baaaht.bus import authorize
 from baaaht.bus.errors import BusError
 from baaaht.bus.wire import TOKEN_SIZE
+from baaaht.common.rate import TokenBucket
 from baaaht.schemas.bus import (
     Caller,
     InstanceInfo,
@@ -28,6 +31,7 @@ from baaaht.schemas.bus import (
     ServiceUp,
     StampedEvent,
 )
+from baaaht.schemas.config import LimitsConfig
 from baaaht.schemas.errors import ErrorCode
 
 PeerKey = tuple[int, bytes]  # (index of the socket it came through, routing id)
@@ -36,6 +40,7 @@ SERVICES_SOCKET = "services"
 AGENTS_SOCKET = "agents"
 SERVICE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 SOCKET_ROLES = {SERVICES_SOCKET: authorize.OPERATOR, AGENTS_SOCKET: authorize.AGENT}
+_DEFAULT_LIMITS = LimitsConfig()
 
 
 @dataclass(slots=True)
@@ -78,6 +83,93 @@ class InFlight:
     target: str
     deadline: float
     instance: Instance
+    holder: Hashable = None  # whose in-flight cap it counts against (InFlightCaps.holder)
+
+
+def quota_holder(peer: Peer) -> Hashable:
+    """Whose limits a peer spends: an agent container's (all its connections together, so opening
+    more connections buys nothing), else the peer's own."""
+    return peer.caller.container or peer.key
+
+
+class InFlightCaps:
+    """Requests each peer (an agent: its container) may have in flight through the broker at once:
+    past its cap a request is refused RESOURCE_EXHAUSTED before it reaches a service, so one caller
+    cannot take every service's queue. Agents and host peers have separate caps."""
+
+    def __init__(self, limits: LimitsConfig):
+        self.caps = {AGENTS_SOCKET: limits.agent_in_flight, SERVICES_SOCKET: limits.host_in_flight}
+        self._keys = {AGENTS_SOCKET: "limits.agent_in_flight", SERVICES_SOCKET: "limits.host_in_flight"}
+        self.counts: dict[Hashable, int] = {}
+
+    def admit(self, peer: Peer, target: str) -> Hashable:
+        """Count one more request of `peer`; its holder, to release it with."""
+        holder = quota_holder(peer)
+        count = self.counts.get(holder, 0)
+        cap = self.caps[peer.socket]
+        if count >= cap:
+            raise BusError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{target} refused: this caller has {count} requests in flight, the limit"
+                f" {self._keys[peer.socket]} is {cap}: wait for answers before sending more",
+                {"limit": cap, "in_flight": count},
+            )
+        self.counts[holder] = count + 1
+        return holder
+
+    def release(self, holder: Hashable) -> None:
+        left = self.counts.pop(holder) - 1
+        if left:
+            self.counts[holder] = left
+
+    def of(self, peer: Peer) -> int:
+        return self.counts.get(quota_holder(peer), 0)
+
+
+class EventQuotas:
+    """What each agent (its container; its connection without one) may publish: a token bucket of
+    events and one of bytes. Host peers are not limited here (their topics are their own domain's)."""
+
+    def __init__(self, limits: LimitsConfig):
+        self.limits = limits
+        self.buckets: dict[Hashable, tuple[TokenBucket, TokenBucket]] = {}
+
+    def refusal(self, peer: Peer, size: int, now: float) -> str | None:
+        """None when the agent may publish an event of `size` bytes now (and it is counted), else why not."""
+        holder = quota_holder(peer)
+        buckets = self.buckets.get(holder)
+        if buckets is None:
+            limits = self.limits
+            buckets = self.buckets[holder] = (
+                TokenBucket(limits.agent_events_per_second, limits.agent_event_burst),
+                TokenBucket(
+                    float(limits.agent_event_bytes_per_second), float(limits.agent_event_burst_bytes)
+                ),
+            )
+        events, sizes = buckets
+        if not events.holds(1, now):
+            return (
+                f"event refused: this agent publishes more than limits.agent_events_per_second"
+                f" ({self.limits.agent_events_per_second:g}, bursts of {self.limits.agent_event_burst})"
+            )
+        if not sizes.take(size, now):
+            rate, burst = (
+                int(self.limits.agent_event_bytes_per_second),
+                int(self.limits.agent_event_burst_bytes),
+            )
+            return (
+                f"event of {size} bytes refused: this agent publishes more than"
+                f" limits.agent_event_bytes_per_second ({rate} bytes, bursts of {burst})"
+            )
+        events.take(1, now)
+        return None
+
+    def prune(self, now: float) -> None:
+        """Forget the buckets that have filled up again: a new one would be the same."""
+        for holder in [
+            h for h, (events, sizes) in self.buckets.items() if events.full(now) and sizes.full(now)
+        ]:
+            del self.buckets[holder]
 
 
 def check_deadline(target: str, deadline: float, now: float) -> None:
@@ -109,13 +201,23 @@ def parse_peer_address(address: str | None) -> tuple[int, int, int]:
 
 
 class Registry:
-    def __init__(self, heartbeat_interval: float, liveness: int, encode_caller, first_token: int = 1):
+    def __init__(
+        self,
+        heartbeat_interval: float,
+        liveness: int,
+        encode_caller,
+        first_token: int = 1,
+        limits: LimitsConfig | None = None,
+    ):
         self.heartbeat_interval = heartbeat_interval
         self.expiry = heartbeat_interval * liveness
         self._encode_caller = encode_caller
         self.peers: dict[PeerKey, Peer] = {}
         self.pools: dict[str, list[Instance]] = {}
         self.in_flight: dict[bytes, InFlight] = {}
+        limits = limits or _DEFAULT_LIMITS
+        self.caps = InFlightCaps(limits)
+        self.event_quotas = EventQuotas(limits)
         self._by_request: dict[tuple[PeerKey, str], bytes] = {}
         # A service may still answer a previous broker's requests after a restart: tokens must not repeat.
         self._tokens = itertools.count(first_token)
@@ -237,9 +339,10 @@ class Registry:
         key = (client.key, request_id)
         if key in self._by_request:
             raise BusError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in flight")
+        holder = self.caps.admit(client, target)
         instance = instances[0] if len(instances) == 1 else min(instances, key=Instance.load)
         token = next(self._tokens).to_bytes(TOKEN_SIZE, "big")
-        request = InFlight(token, client.key, request_id, target, deadline, instance)
+        request = InFlight(token, client.key, request_id, target, deadline, instance, holder)
         self.in_flight[token] = request
         self._by_request[key] = token
         heapq.heappush(self._deadlines, (deadline, token))
@@ -295,6 +398,7 @@ class Registry:
             return None
         self._by_request.pop((request.client, request.request_id), None)
         request.instance.in_flight -= 1
+        self.caps.release(request.holder)
         return request
 
     # -- time ---------------------------------------------------------------------------------
@@ -419,19 +523,53 @@ def _kept_size(event: StampedEvent) -> int:
     return len(event.topic) + len(event.body)
 
 
-class EventLog:
-    """The last N stamped events (and at most `max_bytes` of topics and bodies), for replay to late or
-    lagging subscribers. Only bodies that are one msgpack value get in, and replay checks them
-    again, so a replay reply always decodes whatever the history holds."""
+class History:
+    """One budget of kept events: the last `capacity` of them, and at most `max_bytes` of their
+    topics and bodies (the newest event is kept whatever its size)."""
 
     def __init__(self, capacity: int, max_bytes: int):
         self.events: collections.deque[StampedEvent] = collections.deque()
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.bytes = 0
+
+    def add(self, event: StampedEvent) -> None:
+        self.events.append(event)
+        self.bytes += _kept_size(event)
+        while len(self.events) > self.capacity or (self.bytes > self.max_bytes and len(self.events) > 1):
+            self.bytes -= _kept_size(self.events.popleft())
+
+    def after(self, since: int) -> Iterator[StampedEvent]:
+        """Kept events with seq > since, oldest first."""
+        start = bisect.bisect_right(self.events, since, key=_seq_of)
+        return itertools.islice(self.events, start, None)
+
+
+def _seq_of(event: StampedEvent) -> int:
+    return event.seq
+
+
+class EventLog:
+    """Stamped events kept for replay to late or lagging subscribers, in two budgets: the host's
+    (`capacity` events, `max_bytes`) and the agents' (their own `agent_capacity`, `agent_max_bytes`),
+    so that however much agents publish, the host's history is never evicted by it. Only bodies that
+    are one msgpack value get in, and replay checks them again, so a replay reply always decodes
+    whatever the history holds."""
+
+    def __init__(
+        self,
+        capacity: int,
+        max_bytes: int,
+        agent_capacity: int = _DEFAULT_LIMITS.agent_event_history,
+        agent_max_bytes: int = int(_DEFAULT_LIMITS.agent_event_history_bytes),
+    ):
+        self.host = History(capacity, max_bytes)
+        self.agents = History(agent_capacity, agent_max_bytes)
         self.last_seq = 0
 
-    def append(self, topic: str, source: str, body: bytes, now: float) -> StampedEvent:
+    def append(
+        self, topic: str, source: str, body: bytes, now: float, from_agent: bool = False
+    ) -> StampedEvent:
         if not is_one_msgpack_value(body):
             raise BusError(
                 ErrorCode.INVALID_ARGUMENT,
@@ -440,22 +578,19 @@ class EventLog:
             )
         self.last_seq += 1
         event = StampedEvent(seq=self.last_seq, time=now, topic=topic, source=source, body=msgspec.Raw(body))
-        self.events.append(event)
-        self.bytes += _kept_size(event)
-        while len(self.events) > self.capacity or (self.bytes > self.max_bytes and len(self.events) > 1):
-            self.bytes -= _kept_size(self.events.popleft())
+        (self.agents if from_agent else self.host).add(event)
         return event
 
     @property
     def first_seq(self) -> int:
-        return self.events[0].seq if self.events else self.last_seq + 1
+        firsts = [history.events[0].seq for history in (self.host, self.agents) if history.events]
+        return min(firsts) if firsts else self.last_seq + 1
 
     def replay(self, since: int, topics: list[str], limit: int) -> list[StampedEvent]:
-        if not self.events or limit <= 0:
+        if limit <= 0:
             return []
-        start = max(0, since + 1 - self.events[0].seq)
         found = []
-        for event in itertools.islice(self.events, start, None):
+        for event in heapq.merge(self.host.after(since), self.agents.after(since), key=_seq_of):
             if (not topics or any(event.topic.startswith(t) for t in topics)) and is_one_msgpack_value(
                 event.body
             ):

@@ -1,16 +1,18 @@
 """Runs a Service on the bus: registration, its life cycle and signals, decoding, bounded
 concurrency, streaming, cancellation, event handlers, background work and graceful shutdown.
 
-Handlers run on a thread pool rather than an event loop: the docker SDK,
-sqlite3 and file I/O all block, and a pool bounds how many run at once (the
-`concurrency` the service registers with). The connection's I/O thread never
-runs handler code.
+Handlers run on threads rather than an event loop: the docker SDK, sqlite3 and
+file I/O all block, and a fixed set of handler threads bounds how many run at once
+(the `concurrency` the service registers with). The connection's I/O thread never
+runs handler code. Calls wait for a thread in a fair queue (bus/fair.py): round-robin
+over callers, each with at most `limits.queued_per_caller` waiting and, for agents,
+at most `limits.agent_running_per_caller` running, so one caller's flood delays
+only its own calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import logging
 import os
 import signal
@@ -24,18 +26,32 @@ from baaaht.bus import wire
 from baaaht.bus.background import Background, Stopping, Task
 from baaaht.bus.client import BusClient
 from baaaht.bus.connection import Connection
-from baaaht.bus.errors import BusError, validation_error
+from baaaht.bus.errors import BusError, exhausted, validation_error
+from baaaht.bus.fair import FairQueue
 from baaaht.bus.service import CallContext, RpcSpec, Service, topic_matches
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty
-from baaaht.schemas.bus import BusPing, Register, ServiceHealth
-from baaaht.schemas.config import Config
+from baaaht.schemas.bus import BusPing, Caller, Register, ServiceHealth
+from baaaht.schemas.config import Config, LimitsConfig
 from baaaht.schemas.errors import ErrorCode
 
 log = logging.getLogger("baaaht.service")
 _encode = msgspec.msgpack.Encoder().encode
 _EMPTY = _encode(Empty())
 STARTING = "starting"  # the health reason of an instance registered but not started yet
+_DEFAULT_LIMITS = LimitsConfig()
+
+
+def caller_key(caller: Caller) -> tuple[str, str]:
+    """Whose turn a call waits for in the fair queue: an agent's container (all its connections
+    together), else the connection the broker saw."""
+    if caller.container:
+        return (CONTAINER, caller.container)
+    return (caller.socket, caller.peer)
+
+
+CONTAINER = "container"
+AGENT_KEYS = (CONTAINER, "agents")  # caller_key()[0] of an agent's call
 
 
 class ServiceRunner:
@@ -55,6 +71,8 @@ class ServiceRunner:
         heartbeat_interval: float = 1.0,
         liveness: int = 3,
         drain_timeout: float = 10.0,
+        queued_per_caller: int = _DEFAULT_LIMITS.queued_per_caller,
+        agent_running_per_caller: int = _DEFAULT_LIMITS.agent_running_per_caller,
     ):
         self.service_type = service_type
         self.name = service_type.name
@@ -64,10 +82,15 @@ class ServiceRunner:
         self.concurrency = service_type.concurrency
         self.drain_timeout = drain_timeout
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            self.concurrency, thread_name_prefix=f"{self.name}-rpc"
-        )
+        self.agent_running_per_caller = min(agent_running_per_caller, self.concurrency)
         self.active: dict[bytes, CallContext] = {}
+        self.queue: FairQueue[tuple[str, bytes, bytes, CallContext]] = FairQueue(queued_per_caller)
+        self.handlers = [
+            threading.Thread(target=self._handle_calls, name=f"{self.name}-rpc-{n}", daemon=True)
+            for n in range(self.concurrency)
+        ]
+        for handler in self.handlers:
+            handler.start()
         self.service: Service | None = None
         self.background: Background | None = None
         self.starting = True
@@ -95,6 +118,8 @@ class ServiceRunner:
             Endpoints.for_config(config.bus),
             heartbeat_interval=float(config.bus.heartbeat_interval),
             liveness=config.bus.heartbeat_liveness,
+            queued_per_caller=config.limits.queued_per_caller,
+            agent_running_per_caller=config.limits.agent_running_per_caller,
         )
 
     # -- registration and health --------------------------------------------------------------
@@ -154,8 +179,32 @@ class ServiceRunner:
             deadline=header.deadline,
             caller=wire.caller_body.decode(caller_bytes),
         )
-        self.active[token] = context
-        self.pool.submit(self._serve, header.target, body, token, context)
+        self.active[token] = context  # before it is queued: a handler thread may take it at once
+        caller = caller_key(context.caller)
+        share = self.agent_running_per_caller if caller[0] in AGENT_KEYS else self.concurrency
+        if not self.queue.put(caller, (header.target, body, token, context), share):
+            del self.active[token]
+            refused = exhausted(
+                f"{header.target} refused: this caller already has {self.queue.per_caller} calls waiting"
+                f" at service {self.name!r} (limits.queued_per_caller): wait for answers first",
+                limit=self.queue.per_caller,
+            )
+            self._reply(wire.REPLY, context, _encode(refused.body()), token, refused.code.value)
+
+    def _stop_handlers(self) -> None:
+        """Let the handler threads finish the calls they run; the calls still queued are not served."""
+        self.queue.close()
+        for handler in self.handlers:
+            handler.join()
+
+    def _handle_calls(self) -> None:
+        """A handler thread: serves whichever call the fair queue says is next, until it is closed."""
+        while (taken := self.queue.take()) is not None:
+            caller, call = taken
+            try:
+                self._serve(*call)
+            finally:
+                self.queue.done(caller)
 
     def _serve(self, target: str, body: bytes, token: bytes, context: CallContext) -> None:
         try:
@@ -264,7 +313,7 @@ class ServiceRunner:
             time.sleep(0.05)
         for context in list(self.active.values()):  # handlers still finishing remove themselves
             context.cancelled.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._stop_handlers()
         self.background.stop()
         # on_stop while still registered (unhealthy): after a DISCONNECT the next health heartbeat
         # would have the broker ask us to register again. close() sends the one DISCONNECT.
@@ -322,7 +371,7 @@ class ServiceRunner:
     def close(self) -> None:
         """Leave without having served (the service could not be built or started)."""
         self.connection.close()  # sends the DISCONNECT
-        self.pool.shutdown(wait=False)
+        self.queue.close()
 
     def handle_signals(self) -> None:
         """SIGTERM and SIGINT stop the service, SIGHUP reloads it. Call from the main thread."""

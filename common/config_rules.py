@@ -76,6 +76,19 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "session.max_sessions": (_is_positive, "is out of range (expected at least 1)"),
     "policy.max_containers": (_is_positive, "is out of range (expected at least 1)"),
     "container.orphan_grace": (lambda grace: grace >= 0, "is out of range (expected 0s or more)"),
+    **{
+        f"limits.{key}": (_is_positive, f"is out of range (expected at least 1 {what})")
+        for key, what in (
+            ("agent_in_flight", "request"),
+            ("host_in_flight", "request"),
+            ("queued_per_caller", "call"),
+            ("agent_running_per_caller", "call"),
+            ("agent_event_burst", "event"),
+            ("agent_event_history", "event"),
+            ("session_messages_per_minute", "message"),
+        )
+    },
+    "limits.agent_events_per_second": (_is_positive, "is out of range (expected a rate above zero)"),
 }
 
 
@@ -104,6 +117,15 @@ def problems_in(values: Mapping[str, Any], types: Mapping[str, Any]) -> list[tup
         )
     if "bus.socket_group" in values and (problem := socket_group.problem_with(values["bus.socket_group"])):
         failed.append(("bus.socket_group", problem))
+    burst, largest = values.get("limits.agent_event_burst_bytes"), values.get("bus.max_event_size")
+    if burst is not None and largest is not None and burst < largest:
+        failed.append(
+            (
+                "limits.agent_event_burst_bytes",
+                f"is below bus.max_event_size ({largest} bytes): an agent could never publish"
+                " an event that large",
+            )
+        )
     if bool(values.get("docker.tls_cert")) != bool(values.get("docker.tls_key")):
         key = "docker.tls_cert" if values.get("docker.tls_cert") else "docker.tls_key"
         failed.append((key, "is set alone (expected docker.tls_cert and docker.tls_key together)"))

@@ -83,6 +83,29 @@ class ContainerConfig(Section, kw_only=True):
     agent_bus_mount: str = "/run/baaaht/agent"
 
 
+class LimitsConfig(Section, kw_only=True):
+    """What one peer, caller, agent or session may take of the host's shared capacity, so that one
+    of them flooding the bus cannot starve the others (see docs/PROTOCOL.md, "Fairness")."""
+
+    # Requests a peer may have in flight through the broker at once (RESOURCE_EXHAUSTED beyond).
+    agent_in_flight: int = 128
+    host_in_flight: int = 4096
+    # Calls from one caller a service holds queued, waiting for a handler thread; and how many of
+    # one agent's calls a service runs at once (its share of the service's handler threads).
+    queued_per_caller: int = 256
+    agent_running_per_caller: int = 2
+    # What an agent may publish: a token bucket per agent (its container; its connection without one).
+    agent_events_per_second: float = 200.0
+    agent_event_burst: int = 400
+    agent_event_bytes_per_second: Size = Size(4 * 1024 * 1024)
+    agent_event_burst_bytes: Size = Size(8 * 1024 * 1024)  # at least bus.max_event_size
+    # Agents' events are kept for replay in their own budget: they never evict the host's.
+    agent_event_history: int = 1000
+    agent_event_history_bytes: Size = Size(16 * 1024 * 1024)
+    # What the agents of one session may cause, per minute (baaaht.common.session_quotas).
+    session_messages_per_minute: int = 600
+
+
 class Config(Section, kw_only=True):
     data_dir: str = "/var/lib/baaaht"
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
@@ -92,3 +115,4 @@ class Config(Section, kw_only=True):
     session: SessionConfig = msgspec.field(default_factory=SessionConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     container: ContainerConfig = msgspec.field(default_factory=ContainerConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)

@@ -20,6 +20,7 @@ UNIT_TEST_FILES = frozenset(
         "test_containers_logic.py",
         "test_containers_ownership.py",
         "test_containers_service.py",
+        "test_fairness.py",
         "test_identity.py",
         "test_layers.py",
         "test_logs.py",

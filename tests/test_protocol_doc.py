@@ -13,7 +13,7 @@ from baaaht.bus import broker, registry, wire
 from baaaht.bus.authorize import RULES
 from baaaht.bus.service import Service
 from baaaht.schemas.bus import BusEventsReplay
-from baaaht.schemas.config import BusConfig
+from baaaht.schemas.config import BusConfig, LimitsConfig
 from baaaht.schemas.errors import ErrorCode
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md"
@@ -90,3 +90,29 @@ def test_the_limits_are_the_config_defaults_and_the_codes_constants():
     assert rows["header"][2] == f"{wire.MAX_HEADER:,} bytes"
     assert rows["event nesting"][2] == f"{registry.MAX_NESTING} levels"
     assert f"plus {broker.HEADER_SLACK // 1024} KiB" in rows["request body"][3]
+
+
+def test_the_fairness_limits_are_the_config_defaults():
+    limits = LimitsConfig()
+    expected = {
+        "`limits.agent_in_flight`": f"{limits.agent_in_flight:,}",
+        "`limits.host_in_flight`": f"{limits.host_in_flight:,}",
+        "`limits.queued_per_caller`": f"{limits.queued_per_caller:,}",
+        "`limits.agent_running_per_caller`": f"{limits.agent_running_per_caller:,}",
+        "`limits.agent_events_per_second`, `limits.agent_event_burst`": (
+            f"{limits.agent_events_per_second:g}/s, bursts of {limits.agent_event_burst:,}"
+        ),
+        "`limits.agent_event_bytes_per_second`, `limits.agent_event_burst_bytes`": (
+            f"{size(int(limits.agent_event_bytes_per_second))}/s,"
+            f" bursts of {size(int(limits.agent_event_burst_bytes))}"
+        ),
+        "`limits.agent_event_history`, `limits.agent_event_history_bytes`": (
+            f"{limits.agent_event_history:,}, {size(int(limits.agent_event_history_bytes))}"
+        ),
+        "`limits.session_messages_per_minute`": f"{limits.session_messages_per_minute:,}",
+    }
+    rows = {row[1]: row[2] for row in section("limits") if row[1].startswith("`limits.")}
+    assert rows == expected
+    threads = " ".join(DOC.read_text().split("## Threads", 1)[1].split())
+    assert f"up to {broker.BATCH} messages from the services' socket, {broker.AGENT_BATCH}" in threads
+    assert f"(or {broker.BATCH_BYTES // MiB} MiB from either)" in threads

@@ -225,17 +225,17 @@ def test_event_log_keeps_at_most_max_bytes_of_topics_and_bodies():
     log = EventLog(capacity=100, max_bytes=10)
     for n in range(5):
         log.append("x", "s", msgspec.msgpack.encode("123"), now=n)
-    assert [e.seq for e in log.events] == [4, 5] and log.bytes == 10
+    assert [e.seq for e in log.host.events] == [4, 5] and log.host.bytes == 10
     # one body over the cap is still kept, alone
     log.append("x", "s", msgspec.msgpack.encode("a" * 50), now=6)
-    assert [e.seq for e in log.events] == [6]
+    assert [e.seq for e in log.host.events] == [6]
 
 
 def test_long_topics_count_against_the_event_history_budget():
     log = EventLog(capacity=10_000, max_bytes=1_000_000)
     for n in range(100):  # a peer may send topics of up to 64 KiB with an empty map for a body
         log.append("agent." + "x" * 60_000, "a", b"\x80", now=n)
-    assert sum(len(e.topic) + len(e.body) for e in log.events) <= 1_000_000
+    assert sum(len(e.topic) + len(e.body) for e in log.host.events) <= 1_000_000
 
 
 @pytest.mark.parametrize(
@@ -248,7 +248,7 @@ def test_the_event_log_refuses_a_body_that_is_not_one_msgpack_value(body):
     with pytest.raises(BusError) as caught:
         log.append("agent.x", "a", body, now=0)
     assert caught.value.code == ErrorCode.INVALID_ARGUMENT and caught.value.details == {"topic": "agent.x"}
-    assert log.last_seq == 0 and not log.events
+    assert log.last_seq == 0 and not log.host.events
 
 
 replay_reply = msgspec.msgpack.Decoder(ReplayResult)
@@ -263,7 +263,9 @@ def test_a_replay_reply_always_decodes_whatever_was_offered(bodies):
         except BusError:
             pass
     # and even an item that got into the history behind the log's back cannot poison the reply
-    log.events.append(StampedEvent(seq=999, time=0, topic="agent.x", source="a", body=msgspec.Raw(b"\xc1")))
+    log.host.events.append(
+        StampedEvent(seq=999, time=0, topic="agent.x", source="a", body=msgspec.Raw(b"\xc1"))
+    )
     result = replay_reply.decode(
         msgspec.msgpack.encode(ReplayResult(events=log.replay(0, [], 1000), first_seq=1, last_seq=999))
     )

@@ -18,7 +18,7 @@ from baaaht.bus.testing import (
     service_caller,
 )
 from baaaht.schemas.bus import Caller
-from baaaht.schemas.config import Config, Duration, PolicyConfig, SessionConfig, Size
+from baaaht.schemas.config import Config, Duration, LimitsConfig, PolicyConfig, SessionConfig, Size
 from baaaht.schemas.containers import ContainerDied, ContainerRemoved
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import FieldError, PolicyValidate, ValidationResult
@@ -728,3 +728,32 @@ def test_create_takes_its_owner_from_the_caller_unless_a_host_caller_acts_for_an
     assert (on_behalf.owner, on_behalf.created_by) == ("alice", "service/scheduler")
     assert world.get(on_behalf.id).created_by == "service/scheduler"
     assert world.events(SessionCreated)[-1].session.created_by == "service/scheduler"
+
+
+def test_agents_add_at_most_the_sessions_messages_per_minute_and_others_are_untouched(world):
+    world.config.limits = LimitsConfig(session_messages_per_minute=3)
+    world.restart()
+    busy, quiet = world.create(), world.create()
+    agent = agent_caller(busy, "agent", "a" * 64)
+    for n in range(3):
+        world.send(busy, f"m{n}", role="assistant", caller=agent)
+    refused = error_of(lambda: world.send(busy, "one too many", role="assistant", caller=agent))
+    assert refused.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert "limits.session_messages_per_minute" in refused.message and busy in refused.message
+    assert refused.details == {"session_id": busy, "kind": "messages"}
+    # another agent of the same session shares the session's quota; other sessions and host callers do not
+    neighbour = agent_caller(busy, "assistant", "b" * 64)
+    assert (
+        error_of(lambda: world.send(busy, "x", role="assistant", caller=neighbour)).code
+        is ErrorCode.RESOURCE_EXHAUSTED
+    )
+    world.send(quiet, "fine", role="assistant", caller=agent_caller(quiet, "agent", "c" * 64))
+    world.send(busy, "from the operator", caller=operator_caller())
+    world.send(busy, "from a service", caller=service_caller("assistant"))
+    assert [m.content for m in world.all_messages(busy)] == [
+        "m0",
+        "m1",
+        "m2",
+        "from the operator",
+        "from a service",
+    ]

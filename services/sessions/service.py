@@ -17,11 +17,12 @@ from typing import Callable
 import msgspec
 
 from baaaht.bus.background import background
-from baaaht.bus.callers import AGENT_ROLES, denied, name_of, require_host, require_session, role_of
+from baaaht.bus.callers import AGENT_ROLES, denied, is_host, name_of, require_host, require_session, role_of
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition
 from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
+from baaaht.common.session_quotas import SessionQuotas
 from baaaht.schemas.base import Empty, Event
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import ContainerDied, ContainerRemoved
@@ -100,6 +101,8 @@ class SessionService(Service):
         self._closers: dict[str, threading.Thread] = {}
         self._closers_lock = threading.Lock()
         self._containers_reconciled = False
+        self.quotas = SessionQuotas.for_limits(config.limits)  # what agents may cause, per session
+        self._quotas_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "SessionService":
@@ -264,6 +267,8 @@ class SessionService(Service):
         validation.message_size(req.content, req.metadata, int(self.limits.max_message_size))
         for field in ("tool_name", "tool_call_id", "container_id"):
             validation.text(f"metadata.{field}", getattr(req.metadata, field), MAX_ID)
+        if not is_host(ctx.caller):
+            self._charge(req.session_id, "messages")
         now = self.clock()
         with self.store.write() as tx:
             session = self._for_change(tx, req.session_id)
@@ -286,6 +291,13 @@ class SessionService(Service):
                 state=CLOSING.value,
             )
         return message
+
+    def _charge(self, session_id: str, kind: str) -> None:
+        """Count what an agent causes in a session against the session's quota (common/session_quotas.py)."""
+        with self._quotas_lock:
+            refusal = self.quotas.refusal(session_id, kind, time.monotonic())
+        if refusal is not None:
+            raise exhausted(refusal, session_id=session_id, kind=kind)
 
     def _append(
         self, tx: Transaction, session: SessionInfo, req: SessionSendMessage, now: float, sender: str
@@ -404,6 +416,8 @@ class SessionService(Service):
         and (until it has worked once) containers removed while we were down are forgotten."""
         if not self._containers_reconciled:
             self._containers_reconciled = self._reconcile_containers()
+        with self._quotas_lock:
+            self.quotas.prune(time.monotonic())
         now = self.clock()
         for session in self.store.in_states((ACTIVE, IDLE, CLOSING)):
             if session.state is CLOSING:

@@ -1,0 +1,260 @@
+"""Fairness mechanisms as pure logic, time passed in: token buckets, the fair queue, per-session
+quotas, the broker's in-flight caps and event quotas, and the agents' own event history budget."""
+
+import threading
+
+import msgspec
+import pytest
+
+from baaaht.bus.errors import BusError
+from baaaht.bus.fair import FairQueue
+from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Registry
+from baaaht.bus.runner import caller_key
+from baaaht.bus.testing import wait_for
+from baaaht.common.rate import TokenBucket
+from baaaht.common.session_quotas import SessionQuotas
+from baaaht.schemas.bus import Caller, Register
+from baaaht.schemas.config import LimitsConfig, Size
+from baaaht.schemas.errors import ErrorCode
+
+# -- token buckets --------------------------------------------------------------------------------
+
+
+def test_a_bucket_bursts_then_refills_at_its_rate_and_a_refusal_costs_nothing():
+    bucket = TokenBucket(rate=2.0, burst=3)
+    assert [bucket.take(1, now=0.0) for _ in range(4)] == [True, True, True, False]
+    assert not bucket.take(1, now=0.4)  # 0.8 of a token so far
+    assert bucket.take(1, now=0.5) and not bucket.take(1, now=0.5)
+    assert bucket.take(3, now=100.0) and not bucket.full(100.0)  # never holds more than its burst
+    assert not bucket.take(2, now=100.5) and bucket.take(1, now=100.5)  # the refused 2 took nothing
+    assert bucket.full(102.0)
+
+
+def test_a_clock_going_back_never_adds_tokens():
+    bucket = TokenBucket(rate=1.0, burst=1)
+    assert bucket.take(1, now=10.0)
+    assert not bucket.take(1, now=5.0) and not bucket.take(1, now=10.5)
+    assert bucket.take(1, now=11.0)
+
+
+# -- the fair queue -------------------------------------------------------------------------------
+
+ANY = 100  # a running share no test reaches
+
+
+def take_all(queue: FairQueue, count: int) -> list:
+    """`count` items, each finished at once (its caller's share freed)."""
+    taken = []
+    for _ in range(count):
+        caller, item = queue.take(timeout=0)
+        queue.done(caller)
+        taken.append(item)
+    return taken
+
+
+def test_the_fair_queue_takes_callers_in_turn_not_in_arrival_order():
+    queue = FairQueue(per_caller=100)
+    for n in range(50):
+        queue.put("flooder", f"f{n}", ANY)
+    queue.put("quiet", "q0", ANY)
+    queue.put("other", "o0", ANY)
+    queue.put("quiet", "q1", ANY)
+    assert take_all(queue, 6) == ["f0", "q0", "o0", "f1", "q1", "f2"]
+    assert len(queue) == 47 and queue.queued("flooder") == 47 and queue.queued("quiet") == 0
+
+
+def test_a_caller_gets_its_next_turn_after_every_other_waiting_caller():
+    queue = FairQueue(per_caller=10)
+    queue.put("a", 1, ANY)
+    assert take_all(queue, 1) == [1]
+    queue.put("b", 1, ANY)
+    queue.put("a", 2, ANY)  # a comes back after b arrived: b goes first
+    queue.put("b", 2, ANY)
+    assert take_all(queue, 3) == [1, 2, 2]
+    assert queue.take(timeout=0) is None
+
+
+def test_the_fair_queue_bounds_each_callers_backlog_alone():
+    queue = FairQueue(per_caller=2)
+    assert queue.put("a", 1, ANY) and queue.put("a", 2, ANY) and not queue.put("a", 3, ANY)
+    assert queue.put("b", 1, ANY)
+    take_all(queue, 1)
+    assert queue.put("a", 3, ANY)
+    assert len(queue) == 3
+
+
+def test_a_caller_at_its_running_share_is_passed_over_until_one_of_its_calls_is_done():
+    queue = FairQueue(per_caller=10)
+    for n in range(3):
+        queue.put("agent", f"a{n}", 2)
+    assert queue.take(timeout=0) == ("agent", "a0")
+    assert queue.take(timeout=0) == ("agent", "a1")
+    assert queue.take(timeout=0) is None  # a2 waits: two of its calls run
+    queue.put("operator", "o0", ANY)
+    assert queue.take(timeout=0) == ("operator", "o0")
+    queue.done("agent")
+    assert queue.take(timeout=0) == ("agent", "a2")
+
+
+def test_a_waiting_handler_wakes_for_a_put_and_for_close():
+    queue = FairQueue(per_caller=10)
+    taken = []
+    handler = threading.Thread(target=lambda: taken.extend([queue.take(), queue.take()]))
+    handler.start()
+    queue.put("a", 1, ANY)
+    wait_for(lambda: taken == [] and queue.queued("a") == 0, what="the handler to take the call")
+    queue.put("a", 2, ANY)  # its share (100) is not reached: taken though 1 is not done
+    handler.join(5)
+    assert taken == [("a", 1), ("a", 2)]
+    closer = threading.Thread(target=lambda: taken.append(queue.take()))
+    closer.start()
+    queue.put("b", 1, 0)  # a share below 1 counts as 1
+    queue.close()
+    closer.join(5)
+    assert not closer.is_alive() and taken[-1] in (None, ("b", 1))
+    assert queue.take() is None  # closed: nothing more is handed out
+
+
+def test_callers_are_their_container_or_else_their_connection():
+    in_container = Caller(socket="agents", peer="p1", container="c" * 64)
+    assert caller_key(in_container) == caller_key(Caller(socket="agents", peer="p2", container="c" * 64))
+    assert caller_key(Caller(socket="agents", peer="p1")) != caller_key(Caller(socket="services", peer="p1"))
+
+
+# -- per-session quotas ---------------------------------------------------------------------------
+
+
+def test_each_session_has_its_own_quota_per_minute():
+    quotas = SessionQuotas.for_limits(LimitsConfig(session_messages_per_minute=2))
+    assert quotas.refusal("s1", "messages", 0.0) is None and quotas.refusal("s1", "messages", 0.0) is None
+    refusal = quotas.refusal("s1", "messages", 1.0)
+    assert refusal is not None and "limits.session_messages_per_minute" in refusal and "s1" in refusal
+    assert "try again in 29.0s" in refusal
+    assert quotas.refusal("s2", "messages", 1.0) is None
+    assert quotas.refusal("s1", "messages", 30.0) is None  # 2 a minute: one more each 30 s
+
+
+def test_session_quotas_are_forgotten_when_full_or_when_the_session_goes():
+    quotas = SessionQuotas.for_limits(LimitsConfig(session_messages_per_minute=2))
+    quotas.refusal("s1", "messages", 0.0)
+    quotas.refusal("s2", "messages", 50.0)
+    quotas.prune(60.0)
+    assert list(quotas.buckets) == [("s2", "messages")]
+    quotas.forget("s2")
+    assert quotas.buckets == {}
+
+
+# -- the broker's in-flight caps ------------------------------------------------------------------
+
+
+def registry_with(**limits) -> Registry:
+    registry = Registry(1.0, 3, msgspec.msgpack.encode, limits=LimitsConfig(**limits))
+    service = registry.touch((0, b"svc"), SERVICES_SOCKET, "localhost:1000:1000:42", 0.0)
+    registry.register(service, Register(service="echo", instance="i", methods=["echo.say"], concurrency=4))
+    return registry
+
+
+def peer(registry, ident: bytes, socket: str, container: str = ""):
+    touched = registry.touch((0 if socket == SERVICES_SOCKET else 1, ident), socket, None, 0.0)
+    if container:
+        touched.caller = msgspec.structs.replace(touched.caller, container=container)
+    return touched
+
+
+def test_a_peer_past_its_in_flight_cap_is_refused_naming_the_cap_and_others_are_not():
+    registry = registry_with(agent_in_flight=2, host_in_flight=3)
+    agent, other = peer(registry, b"a", AGENTS_SOCKET), peer(registry, b"b", AGENTS_SOCKET)
+    first = registry.route(agent, "1", "echo.say", 10, 0)
+    registry.route(agent, "2", "echo.say", 10, 0)
+    with pytest.raises(BusError) as caught:
+        registry.route(agent, "3", "echo.say", 10, 0)
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert "limits.agent_in_flight is 2" in caught.value.message
+    assert caught.value.details == {"limit": 2, "in_flight": 2}
+    assert len(registry.in_flight) == 2  # the refused one was never recorded
+    registry.route(other, "1", "echo.say", 10, 0)
+    registry.complete(first.instance.peer, first.token, final=True)  # an answer frees a place
+    registry.route(agent, "3", "echo.say", 10, 0)
+    operator = peer(registry, b"op", SERVICES_SOCKET)
+    for n in range(3):
+        registry.route(operator, str(n), "echo.say", 10, 0)
+    with pytest.raises(BusError) as caught:
+        registry.route(operator, "4", "echo.say", 10, 0)
+    assert "limits.host_in_flight is 3" in caught.value.message
+
+
+def test_every_way_a_request_ends_gives_its_place_back():
+    registry = registry_with(agent_in_flight=5)
+    agent = peer(registry, b"a", AGENTS_SOCKET)
+    registry.route(agent, "cancelled", "echo.say", 10, 0)
+    registry.route(agent, "timed out", "echo.say", 1, 0)
+    withdrawn = registry.route(agent, "withdrawn", "echo.say", 10, 0)
+    registry.cancel(agent.key, "cancelled")
+    registry.expire_deadlines(now=2)
+    registry.withdraw(withdrawn.token)
+    assert registry.caps.of(agent) == 0 and registry.caps.counts == {}
+    registry.route(agent, "abandoned", "echo.say", 10, 0)
+    registry.drop_peer(agent.key, "gone")
+    assert registry.caps.counts == {}
+
+
+def test_an_agent_containers_connections_share_one_cap():
+    registry = registry_with(agent_in_flight=2)
+    container = "c" * 64
+    one, two = peer(registry, b"a", AGENTS_SOCKET, container), peer(registry, b"b", AGENTS_SOCKET, container)
+    registry.route(one, "1", "echo.say", 10, 0)
+    registry.route(two, "1", "echo.say", 10, 0)
+    with pytest.raises(BusError):
+        registry.route(two, "2", "echo.say", 10, 0)
+
+
+# -- agents' event quotas -------------------------------------------------------------------------
+
+
+def test_an_agent_publishes_within_its_event_rate_and_byte_quotas():
+    registry = registry_with(
+        agent_events_per_second=10.0,
+        agent_event_burst=3,
+        agent_event_bytes_per_second=Size(100),
+        agent_event_burst_bytes=Size(250),
+    )
+    quotas = registry.event_quotas
+    agent, other = peer(registry, b"a", AGENTS_SOCKET), peer(registry, b"b", AGENTS_SOCKET)
+    assert [quotas.refusal(agent, 10, 0.0) for _ in range(3)] == [None, None, None]
+    refusal = quotas.refusal(agent, 10, 0.0)
+    assert "limits.agent_events_per_second" in refusal
+    assert quotas.refusal(other, 10, 0.0) is None
+    assert quotas.refusal(agent, 10, 0.1) is None  # one event a tenth of a second
+    assert quotas.refusal(other, 200, 0.1) is None
+    refusal = quotas.refusal(other, 200, 0.2)
+    assert "event of 200 bytes" in refusal and "limits.agent_event_bytes_per_second" in refusal
+    assert quotas.refusal(other, 10, 0.2) is None  # the refused big one spent no event of the rate
+    quotas.prune(1000.0)
+    assert quotas.buckets == {}
+
+
+# -- the agents' history budget -------------------------------------------------------------------
+
+
+def test_agent_events_never_evict_the_hosts_history():
+    log = EventLog(capacity=100, max_bytes=10_000, agent_capacity=5, agent_max_bytes=5 * 1024 * 1024)
+    for n in range(3):
+        log.append("session.created", "session", msgspec.msgpack.encode(n), now=n)
+    big = msgspec.msgpack.encode("x" * (2 * 1024 * 1024))
+    for n in range(40):  # what evicted everything before: 40 agent events of 2 MiB
+        log.append("agent.blob", "agents:a", big, now=10 + n, from_agent=True)
+    log.append("session.created", "session", msgspec.msgpack.encode(3), now=99)
+    assert [e.seq for e in log.replay(0, ["session."], 100)] == [1, 2, 3, 44]
+    assert [e.seq for e in log.agents.events] == [42, 43]  # their own 5 MiB budget
+    assert [e.seq for e in log.replay(0, [], 100)] == [1, 2, 3, 42, 43, 44]  # one history, in order
+    assert [e.seq for e in log.replay(2, [], 3)] == [3, 42, 43]
+    assert log.first_seq == 1 and log.last_seq == 44
+
+
+def test_the_first_kept_event_is_the_older_of_the_two_budgets():
+    log = EventLog(capacity=1, max_bytes=10_000, agent_capacity=10, agent_max_bytes=10_000)
+    log.append("agent.x", "agents:a", b"\x01", now=0, from_agent=True)
+    log.append("session.a", "session", b"\x01", now=1)
+    log.append("session.b", "session", b"\x01", now=2)
+    assert log.first_seq == 1
+    assert [e.topic for e in log.replay(0, [], 10)] == ["agent.x", "session.b"]
