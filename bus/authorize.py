@@ -49,6 +49,7 @@ RULES: dict[str, dict[str, Rules]] = {
             ("container.exec", DENY),
             ("container.volume_*", DENY),
             ("policy.audit_*", DENY),
+            ("credential.*", DENY),  # secrets are the operator's: agents only reach them through the proxy
             ("*", ALLOW),
         ),
         PUBLISH: (("agent.*", ALLOW),),

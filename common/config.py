@@ -35,7 +35,16 @@ ENV_PREFIX = "ORCHESTRATOR_"
 # Keys holding a filesystem path: `~` is expanded and relative paths made absolute,
 # because the children that read the effective config run in another directory.
 PATH_KEYS = frozenset(
-    {"data_dir", "bus.run_dir", "policy.path", "docker.tls_ca_cert", "docker.tls_cert", "docker.tls_key"}
+    {
+        "data_dir",
+        "bus.run_dir",
+        "policy.path",
+        "docker.tls_ca_cert",
+        "docker.tls_cert",
+        "docker.tls_key",
+        "credentials.master_key_file",
+        "credentials.passphrase_file",
+    }
 )
 EFFECTIVE_CONFIG_NAME = "config.json"
 EFFECTIVE_SOURCES_NAME = "config-sources.json"

@@ -129,4 +129,29 @@ def problems_in(values: Mapping[str, Any], types: Mapping[str, Any]) -> list[tup
     if bool(values.get("docker.tls_cert")) != bool(values.get("docker.tls_key")):
         key = "docker.tls_cert" if values.get("docker.tls_cert") else "docker.tls_key"
         failed.append((key, "is set alone (expected docker.tls_cert and docker.tls_key together)"))
+    failed += _credential_problems(values)
+    return failed
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.normpath(path), os.path.normpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _credential_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The master key never lives beside the data it opens: a copy of data_dir must not open itself."""
+    failed = []
+    data_dir = values.get("data_dir", "")
+    if values.get("credentials.passphrase_file") and values.get("credentials.passphrase_env"):
+        failed.append(
+            ("credentials.passphrase_env", "is set with credentials.passphrase_file (expected one of them)")
+        )
+    passphrase = values.get("credentials.passphrase_file") or values.get("credentials.passphrase_env")
+    keys = ["credentials.passphrase_file"] if passphrase else ["credentials.master_key_file"]
+    for key in keys:
+        path = values.get(key, "")
+        if key == "credentials.master_key_file" and not path.strip():
+            failed.append((key, "is empty (expected a file path outside data_dir, or a passphrase source)"))
+        elif path and data_dir and _inside(path, data_dir):
+            failed.append((key, f"is inside data_dir {data_dir} (expected a path outside it)"))
     return failed

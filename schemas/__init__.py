@@ -2,7 +2,7 @@
 
 import importlib
 
-DOMAINS = ("bus", "config", "containers", "policy", "sessions")
+DOMAINS = ("bus", "config", "containers", "credentials", "policy", "sessions")
 
 
 def load_all() -> None:

@@ -106,6 +106,16 @@ class LimitsConfig(Section, kw_only=True):
     session_messages_per_minute: int = 600
 
 
+class CredentialsConfig(Section, kw_only=True):
+    # The master key: a key file outside data_dir (made 0400 at the first start), unless a passphrase
+    # is configured, from a file (outside data_dir) or from the environment variable named here.
+    master_key_file: str = "/etc/baaaht/credentials.key"
+    passphrase_file: str = ""
+    passphrase_env: str = ""
+    grace_period: Duration = Duration(24 * 3600.0)  # a rotated secret's previous version is kept this long
+    sweep_interval: Duration = Duration(10.0)  # last-use writes, erasing retired versions, expiry events
+
+
 class Config(Section, kw_only=True):
     data_dir: str = "/var/lib/baaaht"
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
@@ -116,3 +126,4 @@ class Config(Section, kw_only=True):
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     container: ContainerConfig = msgspec.field(default_factory=ContainerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    credentials: CredentialsConfig = msgspec.field(default_factory=CredentialsConfig)

@@ -20,6 +20,8 @@ UNIT_TEST_FILES = frozenset(
         "test_containers_logic.py",
         "test_containers_ownership.py",
         "test_containers_service.py",
+        "test_credentials_service.py",
+        "test_credentials_store.py",
         "test_fairness.py",
         "test_identity.py",
         "test_layers.py",

@@ -52,6 +52,8 @@ class Host:
                 "data_dir": str(self.data_dir),
                 "bus": {"run_dir": self.run_dir, **TEST_BUS},
                 "log": {"level": "debug", "format": "json"},
+                # Outside data_dir, as the configuration requires, and inside the test's directory.
+                "credentials": {"master_key_file": str(tmp_path / "keys" / "credentials.key")},
             },
             overrides or {},
         )

@@ -1,0 +1,163 @@
+"""The credential manager: API keys kept encrypted on the host, never handed to the bus.
+
+Its RPCs are for the operator (and host services): they add, rotate, describe and remove secrets
+and rotate the master key, and none returns a value. Values leave the store only inside this
+process, through the service's SecretSource face (`secret_for`, `mark_used`): the egress proxy,
+which runs here, injects them into upstream requests.
+
+Background work: last-use times are written in batches, retired versions erased once their grace
+period is over, and each expiry announced once as `credential.expired`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from baaaht.bus.background import background
+from baaaht.bus.client import BusClient
+from baaaht.bus.errors import invalid
+from baaaht.bus.service import Publisher, Service, rpc
+from baaaht.schemas.base import Empty
+from baaaht.schemas.config import Config, CredentialsConfig
+from baaaht.schemas.credentials import (
+    CredentialChanged,
+    CredentialDelete,
+    CredentialDescribe,
+    CredentialExpired,
+    CredentialInfo,
+    CredentialList,
+    CredentialMasterRotated,
+    CredentialPage,
+    CredentialPut,
+    CredentialRotate,
+    CredentialRotateMaster,
+    CredentialRotateMasterResult,
+)
+from baaaht.services.credentials.master import KeyFile, MasterSource, Passphrase
+from baaaht.services.credentials.source import Secret, SecretExpired
+from baaaht.services.credentials.store import CredentialStore, StoreRefused
+
+log = logging.getLogger("baaaht.credential")
+
+
+def master_source(config: CredentialsConfig) -> MasterSource:
+    """A passphrase when one is configured (from a file or an environment variable), else the key file."""
+    if config.passphrase_file:
+        return Passphrase.from_file(config.passphrase_file)
+    if config.passphrase_env:
+        return Passphrase.from_env(config.passphrase_env)
+    return KeyFile(config.master_key_file)
+
+
+def check_value(kind: str, value: bytes) -> None:
+    """A value the proxy can inject as it is: one header line's worth, `user:password` for basic."""
+    if any(byte < 0x20 or byte == 0x7F for byte in value):
+        raise invalid(
+            "the value holds a control character (a line break, say): it could not go into a header"
+        )
+    if kind == "basic" and b":" not in value:
+        raise invalid("a basic credential's value is `user:password` (no ':' found)")
+
+
+class CredentialService(Service):
+    name = "credential"
+
+    def __init__(
+        self,
+        store: CredentialStore,
+        config: Config,
+        *,
+        events: Publisher,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.store = store
+        self.settings = config.credentials
+        self.events = events
+        self.clock = clock
+
+    @classmethod
+    def from_config(cls, config: Config, bus: BusClient) -> "CredentialService":
+        try:
+            store = CredentialStore.open(config.data_dir, master_source(config.credentials))
+        except StoreRefused as exc:
+            log.error("refusing to start", extra={"reason": str(exc)})
+            raise SystemExit(f"credential: refusing to start: {exc}") from None
+        return cls(store, config, events=bus)
+
+    def on_stop(self) -> None:
+        self.store.close()
+
+    # -- the in-process SecretSource (for the egress proxy) -------------------------------------
+
+    def secret_for(self, name: str) -> Secret:
+        try:
+            return self.store.secret_for(name)
+        except SecretExpired:
+            self.announce_expired()
+            raise
+
+    def mark_used(self, name: str) -> None:
+        self.store.mark_used(name)
+
+    # -- RPCs -----------------------------------------------------------------------------------
+
+    @rpc
+    def put(self, req: CredentialPut) -> CredentialInfo:
+        check_value(req.kind, req.value)
+        info = self.store.put(req.name, req.kind, req.value, req.description, req.expires_at)
+        log.info("credential added", extra={"credential": req.name, "kind": req.kind})
+        self.events.publish(
+            CredentialChanged(id=info.id, name=info.name, change="added", version=info.version)
+        )
+        return info
+
+    @rpc
+    def list(self, req: CredentialList) -> CredentialPage:
+        credentials, next_cursor = self.store.list(req.limit, req.cursor)
+        return CredentialPage(credentials=credentials, next_cursor=next_cursor)
+
+    @rpc
+    def describe(self, req: CredentialDescribe) -> CredentialInfo:
+        return self.store.describe(req.name)
+
+    @rpc
+    def rotate(self, req: CredentialRotate) -> CredentialInfo:
+        kind = self.store.describe(req.name).kind
+        check_value(kind, req.value)
+        grace = float(self.settings.grace_period) if req.grace is None else req.grace
+        info = self.store.rotate(req.name, req.value, req.expires_at, grace)
+        log.info("credential rotated", extra={"credential": req.name, "version": info.version})
+        self.events.publish(
+            CredentialChanged(id=info.id, name=info.name, change="rotated", version=info.version)
+        )
+        return info
+
+    @rpc
+    def delete(self, req: CredentialDelete) -> Empty:
+        secret_id = self.store.delete(req.name)
+        log.info("credential deleted", extra={"credential": req.name})
+        self.events.publish(CredentialChanged(id=secret_id, name=req.name, change="deleted"))
+        return Empty()
+
+    @rpc
+    def rotate_master(self, req: CredentialRotateMaster) -> CredentialRotateMasterResult:
+        rewrapped = self.store.rotate_master()
+        source = self.store.master.source
+        self.events.publish(CredentialMasterRotated(rewrapped=rewrapped, source=source))
+        return CredentialRotateMasterResult(rewrapped=rewrapped, source=source, rotated_at=self.clock())
+
+    # -- background -----------------------------------------------------------------------------
+
+    @background(every=lambda self: float(self.settings.sweep_interval))
+    def sweep(self) -> None:
+        self.store.flush_usage()
+        for name, version in self.store.erase_retired():
+            log.info("retired version erased", extra={"credential": name, "version": version})
+        self.announce_expired()
+
+    def announce_expired(self) -> None:
+        for secret_id, name, expires_at in self.store.announce_expired():
+            log.info("credential expired", extra={"credential": name})
+            self.events.publish(CredentialExpired(id=secret_id, name=name, expires_at=expires_at))
