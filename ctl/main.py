@@ -39,7 +39,7 @@ app = typer.Typer(
 # Every page of an event replay: the broker's own cap is its whole history.
 REPLAY_PAGE = 1000
 # The services a host runs (supervisord.conf): `status` fails when one of them is missing.
-EXPECTED_SERVICES = ("container", "session", "policy")
+EXPECTED_SERVICES = ("container", "session", "policy", "credential")
 
 
 def show_version(value: bool) -> None:
@@ -132,7 +132,7 @@ def service_problems(listed) -> list[str]:
 
 @app.command()
 def status(ctx: typer.Context, _json: JsonOption = False) -> None:
-    """Is the host up: the broker, its services (container, session, policy) and its counters.
+    """Is the host up: the broker, its services (container, session, policy, credential) and its counters.
     Exits 1 when an expected service is missing or unhealthy."""
     ctl: Ctl = ctx.obj
     pong = ctl.call(BusPing())
@@ -310,10 +310,11 @@ def role_of(cls: type) -> str:
 
 def register_domains() -> None:
     """The domain command groups live beside their services' schemas."""
-    from baaaht.ctl import config_cmd, containers, policy, sessions
+    from baaaht.ctl import config_cmd, containers, credentials, policy, sessions
 
     app.add_typer(config_cmd.app, name="config", help="The effective configuration.")
     app.add_typer(containers.app, name="containers", help="Containers on this host.")
+    app.add_typer(credentials.app, name="credentials", help="Secrets kept by the credential manager.")
     app.add_typer(sessions.app, name="sessions", help="Sessions and their conversations.")
     app.add_typer(policy.app, name="policy", help="The container policy.")
     app.add_typer(policy.audit_app, name="audit", help="The policy decision audit log.")

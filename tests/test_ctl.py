@@ -28,6 +28,7 @@ def test_ping_and_status_without_the_expected_services(echo):
     assert "echo" in status.stdout and "yes" in status.stdout
     assert "service container: no instance registered" in status.stderr
     assert "service policy: no instance registered" in status.stderr
+    assert "service credential: no instance registered" in status.stderr
     data = json.loads(ctl_runner.run(echo, "status", "--json").stdout)
     assert data["healthy"] is False and data["services"][0]["name"] == "echo"
     assert "service session: no instance registered" in data["problems"]

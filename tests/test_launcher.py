@@ -38,6 +38,7 @@ PROGRAMS = {
     "policy": "baaaht.services.policy",
     "container": "baaaht.services.containers",
     "session": "baaaht.services.sessions",
+    "credential": "baaaht.services.credentials",
 }
 
 
@@ -243,6 +244,10 @@ class Launched:
         self.stderr_path = run_dir.with_name(run_dir.name + ".launcher.log")
         launcher = Path(sys.executable).with_name("baaaht-orchestrator")
         argv = [str(launcher), "--run-dir", str(run_dir), "--data-dir", str(data_dir), "--log-format", "text"]
+        argv += [
+            "--set",
+            f"credentials.master_key_file={run_dir / 'keys' / 'credentials.key'}",
+        ]  # not in /etc
         env = {name: value for name, value in os.environ.items() if not name.startswith("ORCHESTRATOR_")}
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
