@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from baaaht.bus.authorize import AGENT, CALL, OPERATOR, SERVICE, authorize
-from baaaht.bus.testing import ServiceHarness, code_of, error_of
+from baaaht.bus.testing import ServiceHarness, agent_caller, code_of, context, error_of
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config, CredentialsConfig
 from baaaht.schemas.credentials import (
@@ -127,6 +127,26 @@ def test_a_taken_name_is_already_exists(harness):
     harness.call(CredentialPut(name="a", kind="api_key", value=VALUE))
     error = error_of(lambda: harness.call(CredentialPut(name="a", kind="api_key", value=b"other")))
     assert error.code is ErrorCode.ALREADY_EXISTS and "rotate" in error.message
+
+
+@pytest.mark.parametrize("role", ["agent", "assistant", "worker", "unidentified"])
+def test_no_agent_caller_gets_anything_done(harness, role):
+    harness.call(CredentialPut(name="a", kind="api_key", value=VALUE))
+    requests = [
+        CredentialPut(name="b", kind="api_key", value=VALUE),
+        CredentialList(),
+        CredentialDescribe(name="a"),
+        CredentialRotate(name="a", value=b"other"),
+        CredentialDelete(name="a"),
+        CredentialRotateMaster(),
+    ]
+    assert {type(r) for r in requests} == {s.request_type for s in CredentialService.rpcs().values()}
+    agent = context(caller=agent_caller("s1", role))
+    for request in requests:
+        error = error_of(lambda request=request: harness.call(request, agent))
+        assert error.code is ErrorCode.PERMISSION_DENIED and f"{role} callers may not" in error.message
+    info = harness.call(CredentialDescribe(name="a"))
+    assert info.version == 1 and [i.name for i in harness.call(CredentialList()).credentials] == ["a"]
 
 
 def test_only_the_operator_and_host_services_may_call_credential_methods():

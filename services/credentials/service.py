@@ -16,9 +16,10 @@ import time
 from typing import Callable
 
 from baaaht.bus.background import background
+from baaaht.bus.callers import host_callers_only
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import invalid
-from baaaht.bus.service import Publisher, Service, rpc
+from baaaht.bus.service import CallContext, Publisher, Service, rpc
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config, CredentialsConfig
 from baaaht.schemas.credentials import (
@@ -61,6 +62,7 @@ def check_value(kind: str, value: bytes) -> None:
         raise invalid("a basic credential's value is `user:password` (no ':' found)")
 
 
+@host_callers_only  # agents use secrets only through the proxy (and the broker refuses them first)
 class CredentialService(Service):
     name = "credential"
 
@@ -104,7 +106,7 @@ class CredentialService(Service):
     # -- RPCs -----------------------------------------------------------------------------------
 
     @rpc
-    def put(self, req: CredentialPut) -> CredentialInfo:
+    def put(self, req: CredentialPut, ctx: CallContext) -> CredentialInfo:
         check_value(req.kind, req.value)
         info = self.store.put(req.name, req.kind, req.value, req.description, req.expires_at)
         log.info("credential added", extra={"credential": req.name, "kind": req.kind})
@@ -114,16 +116,16 @@ class CredentialService(Service):
         return info
 
     @rpc
-    def list(self, req: CredentialList) -> CredentialPage:
+    def list(self, req: CredentialList, ctx: CallContext) -> CredentialPage:
         credentials, next_cursor = self.store.list(req.limit, req.cursor)
         return CredentialPage(credentials=credentials, next_cursor=next_cursor)
 
     @rpc
-    def describe(self, req: CredentialDescribe) -> CredentialInfo:
+    def describe(self, req: CredentialDescribe, ctx: CallContext) -> CredentialInfo:
         return self.store.describe(req.name)
 
     @rpc
-    def rotate(self, req: CredentialRotate) -> CredentialInfo:
+    def rotate(self, req: CredentialRotate, ctx: CallContext) -> CredentialInfo:
         kind = self.store.describe(req.name).kind
         check_value(kind, req.value)
         grace = float(self.settings.grace_period) if req.grace is None else req.grace
@@ -135,14 +137,14 @@ class CredentialService(Service):
         return info
 
     @rpc
-    def delete(self, req: CredentialDelete) -> Empty:
+    def delete(self, req: CredentialDelete, ctx: CallContext) -> Empty:
         secret_id = self.store.delete(req.name)
         log.info("credential deleted", extra={"credential": req.name})
         self.events.publish(CredentialChanged(id=secret_id, name=req.name, change="deleted"))
         return Empty()
 
     @rpc
-    def rotate_master(self, req: CredentialRotateMaster) -> CredentialRotateMasterResult:
+    def rotate_master(self, req: CredentialRotateMaster, ctx: CallContext) -> CredentialRotateMasterResult:
         rewrapped = self.store.rotate_master()
         source = self.store.master.source
         self.events.publish(CredentialMasterRotated(rewrapped=rewrapped, source=source))
