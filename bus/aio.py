@@ -103,7 +103,9 @@ class AsyncBusClient(ClientFace):
         if not self.events_endpoint:
             raise BusError(ErrorCode.FAILED_PRECONDITION, "this client has no events endpoint")
         order = EventOrder(topics or [], since, epoch)
-        sub = sub_socket(self.context, self.events_endpoint)  # before the replay: nothing slips between
+        sub = sub_socket(
+            self.context, self.events_endpoint, self.curve
+        )  # before the replay: nothing slips between
         try:
             while True:
                 while (replay := order.next_replay()) is not None:

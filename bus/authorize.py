@@ -36,7 +36,14 @@ EVERYTHING: Rules = (("*", ALLOW),)
 
 # role -> action -> first-match rules. What is not listed is denied.
 RULES: dict[str, dict[str, Rules]] = {
-    SERVICE: {CALL: EVERYTHING, ANSWER: EVERYTHING, PUBLISH: EVERYTHING, REGISTER: EVERYTHING},
+    # Only the operator issues and revokes the keys of peers on other hosts: a service key must not
+    # mint itself an operator key.
+    SERVICE: {
+        CALL: (("bus.auth.keys.*", DENY), ("*", ALLOW)),
+        ANSWER: EVERYTHING,
+        PUBLISH: EVERYTHING,
+        REGISTER: EVERYTHING,
+    },
     OPERATOR: {CALL: EVERYTHING, ANSWER: EVERYTHING, PUBLISH: EVERYTHING, REGISTER: EVERYTHING},
     AGENT: {
         # The event history and the peer list would show agents everything on the host.

@@ -15,19 +15,22 @@ kill -9 are answered without waiting for missed heartbeats.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import logging
 import math
 import os
 import signal
 import time
+from pathlib import Path
 
 import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from baaaht.bus import wire
-from baaaht.bus.authorize import ANSWER, CALL, PUBLISH, REGISTER, authorize
+from baaaht.bus import curve, wire
+from baaaht.bus.auth_failures import AuthFailures
+from baaaht.bus.authorize import ANSWER, CALL, PUBLISH, REGISTER, SERVICE, authorize
 from baaaht.bus.bad_input import BadInput
 from baaaht.bus.errors import BusError, validation_error
 from baaaht.bus.registry import (
@@ -35,6 +38,7 @@ from baaaht.bus.registry import (
     SERVICES_SOCKET,
     EventLog,
     Failure,
+    Grant,
     InFlight,
     Peer,
     PeerKey,
@@ -46,6 +50,13 @@ from baaaht.common.endpoints import Endpoints, ipc_path
 from baaaht.schemas.base import Request, target_of, topic_of
 from baaaht.schemas.bus import (
     BrokerStarted,
+    BusAuthFailed,
+    BusAuthKeysIssue,
+    BusAuthKeysIssueResult,
+    BusAuthKeysList,
+    BusAuthKeysListResult,
+    BusAuthKeysRevoke,
+    BusAuthKeysRevokeResult,
     BusEventsReplay,
     BusPeers,
     BusPeersResult,
@@ -70,6 +81,7 @@ AGENT_BATCH = 32
 # early, so the other socket waits no longer behind them than behind small ones.
 BATCH_BYTES = 1 << 20
 SERVICES, AGENTS = 0, 1  # indexes of the two ROUTER sockets
+EVENTS_SOCKET = "events"  # the PUB socket, by name (as the ROUTERs' SERVICES_SOCKET and AGENTS_SOCKET)
 PROBE_INTERVAL = 0.005  # after a connection closed: how often to try its peers until ZeroMQ forgets them
 PROBES = 20  # then a peer still routable is a new connection that reused the file descriptor
 SUMMARY_TICKS = 10  # heartbeat intervals per malformed-input log period
@@ -88,7 +100,22 @@ SRCFD = int(zmq.SRCFD)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
 HEARTBEAT = wire.pack(wire.HEARTBEAT)
-BUILTINS = (BusPing, BusServices, BusPeers, BusStats, BusEventsReplay)
+# What the broker's socket monitors report: a closed connection, and a handshake that failed (tcp://).
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+BUILTINS = (
+    BusPing,
+    BusServices,
+    BusPeers,
+    BusStats,
+    BusAuthKeysIssue,
+    BusAuthKeysList,
+    BusAuthKeysRevoke,
+    BusEventsReplay,
+)
 _builtin_decoders = {target_of(t): msgspec.msgpack.Decoder(t) for t in BUILTINS}
 
 
@@ -119,6 +146,9 @@ class Broker:
         self.counters = dict(messages_in=0, messages_out=0, bytes_in=0, bytes_out=0)
         self.errors: dict[str, int] = {}
         self.bad_input = BadInput(log, self.registry.heartbeat_interval * SUMMARY_TICKS)
+        self.auth_failures = AuthFailures(log, self.registry.heartbeat_interval * SUMMARY_TICKS)
+        self.curve: curve.CurveServer | None = None  # with TCP on: CURVE keys and ZAP
+        self.pub_monitor: zmq.Socket | None = None  # handshake failures of the events socket on tcp://
         self._connections: dict[tuple[int, int], set[PeerKey]] = {}  # (socket, fd) -> peers seen on it
         self._suspects: dict[PeerKey, int] = {}  # peers of a closed connection -> probes left
         self._departed: set[PeerKey] = set()  # peers a send found unroutable: to drop after the batch
@@ -142,16 +172,33 @@ class Broker:
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
         self.sockets = (self.services, self.agents)
         self.socket_names = (SERVICES_SOCKET, AGENTS_SOCKET)
-        self.monitors = tuple(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) for sock in self.sockets)
+        self.monitors = tuple(
+            sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURES) for sock in self.sockets
+        )
         eps = self.endpoints
-        for sock, ipc, tcp in (
-            (self.services, eps.services, eps.tcp_services),
-            (self.agents, eps.agents, eps.tcp_agents),
-            (self.pub, eps.events, eps.tcp_events),
+        for sock, ipc, tcp, name in (
+            (self.services, eps.services, eps.tcp_services, SERVICES_SOCKET),
+            (self.agents, eps.agents, eps.tcp_agents, AGENTS_SOCKET),
+            (self.pub, eps.events, eps.tcp_events, EVENTS_SOCKET),
         ):
-            self._bind_ipc(sock, ipc, gid)
+            self._bind_ipc(sock, ipc, gid)  # first: libzmq gives an endpoint the options set at its bind
             if tcp:
-                sock.bind(tcp)
+                self._bind_tcp(sock, tcp, name)
+
+    def _bind_tcp(self, sock: zmq.Socket, endpoint: str, name: str) -> None:
+        """tcp:// is for peers on other hosts, and always CURVE with a key the operator issued."""
+        if self.curve is None:
+            key_dir = Path(self.config.bus.key_dir or os.path.join(self.config.data_dir, curve.KEY_DIR))
+            try:
+                self.curve = curve.CurveServer(
+                    self.context, key_dir, float(self.config.bus.tcp_handshake_timeout)
+                )
+            except curve.KeyFileError as exc:
+                raise SystemExit(f"bus.key_dir: {exc}") from None
+        self.curve.secure(sock, name)
+        if sock is self.pub:
+            self.pub_monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES)
+        sock.bind(endpoint)
 
     def _socket_gid(self) -> int:
         try:
@@ -193,7 +240,7 @@ class Broker:
     def run(self) -> None:
         self.running = True
         poller = zmq.Poller()
-        for sock in (*self.sockets, *self.monitors):
+        for sock in (*self.sockets, *self.monitors, *self._auth_sockets()):
             poller.register(sock, zmq.POLLIN)
         self.publish_own(BrokerStarted(pid=os.getpid()))
         interval = self.registry.heartbeat_interval
@@ -217,8 +264,14 @@ class Broker:
             for sock, _ in ready:
                 if sock in self.monitors:
                     self._on_monitor(self.monitors.index(sock))
-                else:
+                elif sock in self.sockets:
                     self._drain(sock)
+                else:
+                    try:
+                        self._on_auth_socket(sock)
+                    except Exception:  # a bug must cost one handshake, never the broker
+                        log.exception("failed to handle an authentication")
+                        self.errors["INTERNAL"] = self.errors.get("INTERNAL", 0) + 1
             now = time.monotonic()
             if self._suspects and now >= next_probe:
                 self._probe()
@@ -236,9 +289,9 @@ class Broker:
         self.running = False
 
     def close(self) -> None:
-        for sock in self.sockets:
+        for sock in (*self.sockets, *([self.pub] if self.pub_monitor else [])):
             sock.disable_monitor()
-        for sock in (*self.monitors, *self.sockets, self.pub):
+        for sock in (*self.monitors, *self._auth_sockets(), *self.sockets, self.pub):
             sock.close(linger=0)
         for endpoint in (self.endpoints.services, self.endpoints.agents, self.endpoints.events):
             path = ipc_path(endpoint)
@@ -260,7 +313,8 @@ class Broker:
             except zmq.Again:
                 break
             key = (index, ident)
-            address = None
+            address = grant = None
+            refused = False
             if index == SERVICES and key in peers:
                 envelope = recv(NOBLOCK)  # a ROUTER message always has a frame after the routing id
             else:
@@ -270,15 +324,22 @@ class Broker:
                 frame = recv(NOBLOCK, copy=False)
                 envelope, address = frame.bytes, peer_address(frame)
                 if key not in peers:  # which connection it uses, so the monitor can tell when it closes
-                    self._connections.setdefault((index, frame.get(SRCFD)), set()).add(key)
+                    fd = frame.get(SRCFD)
+                    self._connections.setdefault((index, fd), set()).add(key)
+                    user = curve.frame_user(frame)
+                    if user is not None:  # came over tcp://, authenticated with the key named `user`
+                        grant = self._admit_keyed(key, user, fd, address, now)
+                        refused = grant is None
             extra = 0
             while _get(sock, RCVMORE):
                 recv(NOBLOCK)
                 extra += 1
             received += 1
             size += len(envelope)
+            if refused:
+                continue  # its key has gone since its handshake: refused, and its connection closed
             try:
-                self._handle(key, envelope, extra, address, now)
+                self._handle(key, envelope, extra, address, now, grant)
             except Exception:  # a bug must cost one message, never the broker
                 log.exception("failed to handle a message", extra={"peer": ident.hex()})
                 self.errors["INTERNAL"] = self.errors.get("INTERNAL", 0) + 1
@@ -287,7 +348,9 @@ class Broker:
         self.counters["messages_in"] += received
         self.counters["bytes_in"] += size
 
-    def _handle(self, key, envelope: bytes, extra: int, address: str | None, now: float) -> None:
+    def _handle(
+        self, key, envelope: bytes, extra: int, address: str | None, now: float, grant: Grant | None = None
+    ) -> None:
         kind = wire.kind_of(envelope)
         if not kind or extra:
             self._malformed(
@@ -300,7 +363,7 @@ class Broker:
         known = self.registry.peers.get(key)
         if known is not None and address is not None and address != known.address:
             self._answer_all(*self.registry.drop_peer(key, "was replaced by another connection"))
-        peer = self.registry.touch(key, self.socket_names[key[0]], address, now)
+        peer = self.registry.touch(key, self.socket_names[key[0]], address, now, grant)
         try:
             if kind == wire.REQUEST:
                 self._on_request(peer, envelope, now)
@@ -405,6 +468,9 @@ class Broker:
             denial = authorize(peer.role, REGISTER, registration.service)
             if denial is not None:
                 raise BusError(ErrorCode.PERMISSION_DENIED, denial.message)
+            if peer.caller.key and peer.role != SERVICE:
+                message = f"key {peer.caller.key!r} has role {peer.role}: only a service key may register"
+                raise BusError(ErrorCode.PERMISSION_DENIED, message)
             instance, failures = self.registry.register(peer, registration)
         except BusError as exc:
             self._send(peer.key, wire.pack(wire.DISCONNECT, body=wire.encode(exc.body())))
@@ -464,7 +530,11 @@ class Broker:
         except msgspec.DecodeError as exc:
             self._reply_error(peer.key, header.id, validation_error(header.target, exc))
             return
-        result = self._builtin_result(peer, request, now)
+        try:
+            result = self._builtin_result(peer, request, now)
+        except BusError as exc:
+            self._reply_error(peer.key, header.id, exc)
+            return
         self._send(peer.key, wire.reply(wire.REPLY, header.id, wire.encode(result)))
 
     def _builtin_result(self, peer: Peer, request: Request, now: float):
@@ -491,8 +561,11 @@ class Broker:
                 events_published=self.events.last_seq,
                 last_event_seq=self.events.last_seq,
                 per_service=dict(self.registry.per_service),
+                auth_failed=dict(self.auth_failures.by_reason),
                 **self.counters,
             )
+        if isinstance(request, (BusAuthKeysIssue, BusAuthKeysList, BusAuthKeysRevoke)):
+            return self._keys_result(request, now + self._clock_offset)
         assert isinstance(request, BusEventsReplay)  # the last of BUILTINS
         events = self.events.replay(request.since, request.topics, min(request.limit, REPLAY_LIMIT_MAX))
         return ReplayResult(
@@ -504,6 +577,10 @@ class Broker:
     def _tick(self, now: float) -> None:
         self._answer_all(*self.registry.expire_peers(now))
         self.registry.event_quotas.prune(now)
+        if self.curve is not None:
+            self._expire_keys(now)
+        for failure in self.auth_failures.flush(now):
+            self.publish_own(failure)
         for key in list(self.registry.peers):
             self._send(key, HEARTBEAT)
         stamp = wire.EventStamp(self.events.last_seq, time.time(), "bus", self.epoch)
@@ -525,6 +602,9 @@ class Broker:
                 event = parse_monitor_message(monitor.recv_multipart(NOBLOCK))
             except zmq.Again:
                 return
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                self._on_handshake_failed(self.socket_names[index], event)
+                continue
             for key in self._connections.pop((index, int(event["value"])), ()):
                 if key in self.registry.peers:
                     self._suspects[key] = PROBES
@@ -552,6 +632,106 @@ class Broker:
         self._departed.discard(key)
         self._suspects.pop(key, None)
         self._answer_all(*self.registry.drop_peer(key, "disconnected"))
+
+    # -- authentication on tcp:// (bus/curve.py) -----------------------------------------------
+
+    def _auth_sockets(self) -> list[zmq.Socket]:
+        found = [self.curve.zap.socket] if self.curve is not None else []
+        return found + ([self.pub_monitor] if self.pub_monitor is not None else [])
+
+    def _on_auth_socket(self, sock: zmq.Socket) -> None:
+        now = time.monotonic()
+        if sock is self.pub_monitor:
+            for _ in range(BATCH):
+                try:
+                    event = parse_monitor_message(sock.recv_multipart(NOBLOCK))
+                except zmq.Again:
+                    return
+                self._on_handshake_failed(EVENTS_SOCKET, event)
+            return
+        assert self.curve is not None and sock is self.curve.zap.socket
+        for refusal, socket_name, address, name in self.curve.zap.serve(time.time()):
+            self._auth_failed(refusal, socket_name, now, address, name)
+
+    def _on_handshake_failed(self, socket_name: str, event: dict) -> None:
+        """A handshake that failed before ZAP was asked (ZAP's refusals are told by the ZAP handler)."""
+        kind, value, endpoint = event["event"], event["value"], event["endpoint"].decode(errors="replace")
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH or not endpoint.startswith("tcp://"):
+            return
+        if (
+            kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+        ):
+            refusal = curve.Refusal(
+                curve.MECHANISM, f"a peer offered no CURVE handshake on {endpoint} (NULL?)"
+            )
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            refusal = curve.Refusal(
+                curve.HANDSHAKE,
+                f"a CURVE handshake on {endpoint} failed its cryptography (a wrong server key?)",
+            )
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and value == errno.EAGAIN:
+            refusal = curve.Refusal(curve.HANDSHAKE, f"a handshake on {endpoint} was not done in time")
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # `value` is an errno: mostly, the peer hung up
+            refusal = curve.Refusal(
+                curve.HANDSHAKE, f"a handshake on {endpoint} failed: {os.strerror(value)}"
+            )
+        else:
+            refusal = curve.Refusal(
+                curve.HANDSHAKE, f"a handshake on {endpoint} failed: {zmq.Event(value).name}"
+            )
+        self._auth_failed(refusal, socket_name, time.monotonic())
+
+    def _auth_failed(self, refusal: curve.Refusal, socket_name: str, now: float, address="", key="") -> None:
+        failure = BusAuthFailed(
+            socket=socket_name, reason=refusal.reason, message=refusal.message, address=address, key=key
+        )
+        for event in self.auth_failures.note(failure, now):
+            self.publish_own(event)
+
+    def _admit_keyed(self, key: PeerKey, user: str, fd: int, address: str | None, now: float) -> Grant | None:
+        """A new peer authenticated with the key named `user`: its Grant, or None when the key has gone
+        since its handshake (revoked, expired): then it is refused and its connection closed."""
+        assert self.curve is not None  # a ZAP User-Id exists only on the CURVE endpoints
+        socket_name = self.socket_names[key[0]]
+        found = self.curve.admit(key, user, fd, socket_name, now + self._clock_offset)
+        if isinstance(found, curve.Refusal):
+            self._auth_failed(found, socket_name, now, address or "", user)
+            self._reply_error(key, "", BusError(ErrorCode.UNAUTHENTICATED, found.message))
+            if peer_name := curve.peername_of(fd):
+                curve.close_connection(fd, peer_name)
+            return None
+        return Grant(role=found.role, session=found.session, key=found.name)
+
+    def _keys_result(self, request, wall: float):
+        if self.curve is None:
+            raise BusError(
+                ErrorCode.FAILED_PRECONDITION, "bus.tcp_enabled is off: keys are for peers on tcp://"
+            )
+        server_key = self.curve.server.public_key
+        if isinstance(request, BusAuthKeysIssue):
+            record = self.curve.issue(request, wall)
+            log.info(
+                "issued a bus key", extra={"key": record.name, "role": record.role, "session": record.session}
+            )
+            return BusAuthKeysIssueResult(key=record, server_public_key=server_key)
+        if isinstance(request, BusAuthKeysList):
+            return BusAuthKeysListResult(keys=self.curve.keys.records(), server_public_key=server_key)
+        record, peers = self.curve.revoke(request.name)
+        for key in peers:
+            self._answer_all(*self.registry.drop_peer(key, f"its key {record.name!r} was revoked"))
+        log.info("revoked a bus key", extra={"key": record.name, "disconnected": len(peers)})
+        return BusAuthKeysRevokeResult(key=record, disconnected=len(peers))
+
+    def _expire_keys(self, now: float) -> None:
+        assert self.curve is not None
+        self.curve.forget(self.registry.peers)
+        for key, record in self.curve.expire(now + self._clock_offset):
+            self._answer_all(*self.registry.drop_peer(key, f"its key {record.name!r} expired"))
+            message = f"key {record.name!r} expired at {curve.iso_time(record.expires_at)}: disconnected"
+            self._auth_failed(
+                curve.Refusal(curve.EXPIRED, message), self.socket_names[key[0]], now, key=record.name
+            )
 
     # -- sending ------------------------------------------------------------------------------
 

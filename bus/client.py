@@ -19,12 +19,13 @@ from typing import Any, Iterator, Self
 
 import msgspec
 
+from baaaht.bus import curve as bus_curve
 from baaaht.bus import wire
 from baaaht.bus.connection import Connection
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import Call, Reply
 from baaaht.bus.subscription import Subscription
-from baaaht.common.endpoints import Endpoints
+from baaaht.common.endpoints import Endpoints, tcp_endpoints
 from baaaht.schemas.base import Empty, Event, Request, target_of, topic_of
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode
@@ -41,14 +42,27 @@ def decoder_for(response_type: type) -> msgspec.msgpack.Decoder:
 
 
 def client_settings(config: Config, timeout: float | None = None) -> dict:
-    """A host client's arguments from the config: the services socket and the event stream."""
-    endpoints = Endpoints.for_config(config.bus)
-    return {
-        "endpoint": endpoints.services,
-        "events_endpoint": endpoints.events,
+    """A client's arguments from the config: the services socket and the event stream of the run
+    directory, or, with `bus.tcp_key_file` (a peer on another host), the broker's tcp:// sockets
+    for the key's role over CURVE."""
+    settings = {
         "timeout": float(config.bus.call_timeout) if timeout is None else timeout,
         "heartbeat_interval": float(config.bus.heartbeat_interval),
         "liveness": config.bus.heartbeat_liveness,
+    }
+    if not config.bus.tcp_key_file:
+        endpoints = Endpoints.for_config(config.bus)
+        return {"endpoint": endpoints.services, "events_endpoint": endpoints.events, **settings}
+    keys = bus_curve.load_client_keys(config.bus.tcp_key_file)
+    tcp = tcp_endpoints(config.bus)
+    handshake_ms = max(1, round(float(config.bus.tcp_handshake_timeout) * 1000))
+    if keys.role in bus_curve.AGENT_ROLES:  # agents take events over their own connection
+        return {"endpoint": tcp["agents"], "curve": bus_curve.ClientCurve(keys, handshake_ms), **settings}
+    return {
+        "endpoint": tcp["services"],
+        "events_endpoint": tcp["events"],
+        "curve": bus_curve.ClientCurve(keys, handshake_ms),
+        **settings,
     }
 
 
@@ -71,12 +85,14 @@ class ClientFace:
         heartbeat_interval: float = 1.0,
         liveness: int = 3,
         connection: Connection | None = None,
+        curve: bus_curve.ClientCurve | None = None,
     ):
         self.endpoint = endpoint
         self.events_endpoint = events_endpoint
         self.timeout = timeout
+        self.curve = connection.curve if connection is not None else curve
         self.connection = connection or Connection(
-            endpoint, heartbeat_interval=heartbeat_interval, liveness=liveness
+            endpoint, heartbeat_interval=heartbeat_interval, liveness=liveness, curve=curve
         )
 
     @classmethod

@@ -22,7 +22,8 @@ from typing import Callable
 import zmq
 
 from baaaht.bus import wire
-from baaaht.bus.dealer import close_dealer, monitor_event, new_dealer
+from baaaht.bus.curve import ClientCurve
+from baaaht.bus.dealer import HANDSHAKE_FAILED, close_dealer, monitor_event, new_dealer
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import Call, ClientCore
 from baaaht.schemas.errors import ErrorBody, ErrorCode
@@ -80,8 +81,12 @@ class Connection:
         on_message: Callable[[bytes, bytes, list[bytes]], None] | None = None,
         registration: Callable[[], bytes] | None = None,
         health: Callable[[], bytes] | None = None,
+        curve: ClientCurve | None = None,
     ):
         self.endpoint = endpoint
+        self.curve = curve
+        # CURVE: usable once the handshake succeeded; NULL (ipc://): once connected
+        self._ready_event = zmq.EVENT_HANDSHAKE_SUCCEEDED if curve is not None else zmq.EVENT_CONNECTED
         self.heartbeat_interval = heartbeat_interval
         self.context = context or zmq.Context.instance()
         self.core = ClientCore(
@@ -96,7 +101,7 @@ class Connection:
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closing = threading.Event()
         self._connected = threading.Event()  # set once the socket has connected (and registered)
-        self._dealer, self._monitor = new_dealer(self.context, endpoint)
+        self._dealer, self._monitor = new_dealer(self.context, endpoint, curve)
         self._thread = threading.Thread(target=self._run, name="baaaht-bus-io", daemon=True)
         self._thread.start()
 
@@ -159,7 +164,7 @@ class Connection:
             self._send_all(beats)
             if replace:
                 close_dealer(self._dealer, self._monitor)
-                self._dealer, self._monitor = new_dealer(self.context, self.endpoint)
+                self._dealer, self._monitor = new_dealer(self.context, self.endpoint, self.curve)
                 poller = self._poller()
         self._forward_outgoing()  # what was sent before close() still goes out
         self._send_all(core.close())
@@ -174,12 +179,35 @@ class Connection:
 
     def _on_monitor(self, now: float) -> None:
         while self._monitor.poll(0):
-            event = monitor_event(self._monitor.recv_multipart())
-            if event == zmq.EVENT_CONNECTED:
+            event, value = monitor_event(self._monitor.recv_multipart())
+            if event == self._ready_event:
                 self._send_all(self.core.on_connected(now))
                 self._connected.set()
             elif event == zmq.EVENT_DISCONNECTED:
                 self.core.on_disconnected(now)
+            elif event & HANDSHAKE_FAILED:
+                self._on_handshake_failed(event, value, now)
+
+    def _on_handshake_failed(self, event: int, value: int, now: float) -> None:
+        """The broker did not take our handshake: calls fail at once, with why (never a silent wait)."""
+        key = f"key {self.curve.keys.name!r}" if self.curve is not None else "a NULL handshake"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            message = (
+                f"the broker at {self.endpoint} refused {key} (ZAP status {value}): it is unknown there, "
+                "revoked, expired, or not for this socket (`baaaht-ctl auth keys list` on the broker's host)"
+            )
+            retry = self.heartbeat_interval  # libzmq gives up on the endpoint after a refusal: try anew
+        else:
+            detail = (
+                zmq.Event(value).name if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else os.strerror(value)
+            )
+            message = (
+                f"the handshake with {self.endpoint} failed ({detail}): a wrong server key "
+                f"for {key}, or no baaaht broker with CURVE there"
+            )
+            retry = None  # libzmq reconnects by itself
+        error = BusError(ErrorCode.UNAUTHENTICATED, message, {"broker": self.endpoint})
+        self.core.on_handshake_failed(error, now, retry)
 
     def _forward_outgoing(self) -> None:
         try:
@@ -200,8 +228,11 @@ class Connection:
                 if type(item) is bytes:
                     self._send_one(item)
                 elif type(item) is Call:
+                    envelope = core.start(item)
+                    if envelope is None:
+                        continue  # refused at once: the broker does not take our handshake
                     try:
-                        _send(self._dealer, core.start(item), NOBLOCK)
+                        _send(self._dealer, envelope, NOBLOCK)
                     except zmq.Again:
                         core.fail(
                             item, BusError(ErrorCode.UNAVAILABLE, "the connection to the broker is backed up")

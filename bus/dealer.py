@@ -14,13 +14,25 @@ import sys
 
 import zmq
 
-MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+from baaaht.bus.curve import ClientCurve
+
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+# On CURVE, a connection is usable once its handshake has succeeded, not when TCP connects.
+MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
 _monitor_names = itertools.count(1)
 
 
-def new_dealer(context: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
+def new_dealer(
+    context: zmq.Context, endpoint: str, curve: ClientCurve | None = None
+) -> tuple[zmq.Socket, zmq.Socket]:
     """(DEALER connecting to `endpoint`, its monitor socket); close both with `close_dealer`."""
     dealer = context.socket(zmq.DEALER)
+    if curve is not None:
+        curve.apply(dealer)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.SNDHWM, 100_000)
     dealer.setsockopt(zmq.RCVHWM, 100_000)
@@ -34,9 +46,10 @@ def new_dealer(context: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Soc
     return dealer, monitor
 
 
-def monitor_event(frames: list[bytes]) -> int:
-    """The event number of one monitor message (its first frame starts with it, 16 bits)."""
-    return int.from_bytes(frames[0][:2], sys.byteorder)  # libzmq writes it in native byte order
+def monitor_event(frames: list[bytes]) -> tuple[int, int]:
+    """(event number, value) of one monitor message: its first frame holds both (16 and 32 bits)."""
+    head = frames[0]
+    return int.from_bytes(head[:2], sys.byteorder), int.from_bytes(head[2:6], sys.byteorder)  # native order
 
 
 def close_dealer(dealer: zmq.Socket, monitor: zmq.Socket, linger_ms: int = 0) -> None:

@@ -99,6 +99,8 @@ class ClientCore:
         self._calls: dict[str, Call] = {}
         self.connected = False  # per the socket monitor (and liveness)
         self.refused: ErrorBody | None = None  # the broker refused our registration for good
+        self.handshake_error: BusError | None = None  # the last handshake failed (CURVE), and why
+        self._retry_at: float | None = None  # when to try a refused handshake again (a new socket)
         self.last_heard = 0.0
         self.next_beat = 0.0
 
@@ -119,8 +121,12 @@ class ClientCore:
         envelope = wire.request(request_id, target, self._wall_clock() + timeout, correlation, stream, body)
         return Call(request_id, target, envelope, now + timeout + DEADLINE_GRACE, deliver)
 
-    def start(self, call: Call) -> bytes:
-        """Track the call; returns its REQUEST envelope to send."""
+    def start(self, call: Call) -> bytes | None:
+        """Track the call; returns its REQUEST envelope to send, or None when it was failed at once
+        because the broker does not take our handshake."""
+        if self.handshake_error is not None and not self.connected:
+            call.deliver(error_reply(call.id, self.handshake_error))
+            return None
         self._calls[call.id] = call
         return call.envelope
 
@@ -133,6 +139,8 @@ class ClientCore:
     def give_up(self, call: Call) -> BusError:
         """The error for a call whose time ran out with no reply (safe on any thread)."""
         if not self.connected:
+            if self.handshake_error is not None:
+                return self.handshake_error
             return broker_unreachable(self.endpoint, f"{call.target} got no reply")
         return BusError(ErrorCode.TIMEOUT, f"{call.target} got no reply by its deadline")
 
@@ -190,6 +198,7 @@ class ClientCore:
     def on_connected(self, now: float) -> tuple[bytes, ...]:
         """The socket (re)connected to a broker: register (services), heartbeat from now on."""
         self.connected = True
+        self.handshake_error = self._retry_at = None
         self.last_heard = now
         self.next_beat = now
         return (self._register(),) if self._registration is not None else NOTHING
@@ -201,9 +210,22 @@ class ClientCore:
         self.connected = False
         self._fail_all(broker_unreachable(self.endpoint, "lost the broker"))
 
+    def on_handshake_failed(self, error: BusError, now: float, retry_after: float | None) -> None:
+        """The broker did not take our handshake: what is in flight, and what is called until one
+        succeeds, fails with `error`; after `retry_after` seconds (when given) the socket is replaced."""
+        if self.handshake_error is None:  # the first since the last success: a retrying client logs once
+            log.warning("handshake failed", extra={"endpoint": self.endpoint, "error": error.message})
+        self.handshake_error = error
+        self._retry_at = None if retry_after is None else now + retry_after
+        self._fail_all(error)
+
     def tick(self, now: float) -> tuple[tuple[bytes, ...], bool]:
-        """(heartbeats to send, whether to replace the socket because a connected broker fell silent)."""
+        """(heartbeats to send, whether to replace the socket: a connected broker fell silent, or a
+        refused handshake is due to be tried again)."""
         if not self.connected:
+            if self._retry_at is not None and now >= self._retry_at:
+                self._retry_at = None
+                return NOTHING, True
             return NOTHING, False
         if now - self.last_heard > self.silence_limit:
             log.warning("broker silent: reconnecting", extra={"endpoint": self.endpoint})

@@ -43,6 +43,17 @@ SOCKET_ROLES = {SERVICES_SOCKET: authorize.OPERATOR, AGENTS_SOCKET: authorize.AG
 _DEFAULT_LIMITS = LimitsConfig()
 
 
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Who a connection was found to be beyond the socket it came through (e.g. by its CURVE key):
+    its role, and what it is scoped to, stamped into its Caller."""
+
+    role: str
+    session: str = ""
+    container: str = ""
+    key: str = ""
+
+
 @dataclass(slots=True)
 class Peer:
     key: PeerKey
@@ -230,13 +241,21 @@ class Registry:
 
     # -- peers --------------------------------------------------------------------------------
 
-    def touch(self, key: PeerKey, socket: str, peer_address: str | None, now: float) -> Peer:
-        """The peer a message came from; `peer_address` (kernel credentials) matters only for a new one."""
+    def touch(
+        self, key: PeerKey, socket: str, peer_address: str | None, now: float, grant: Grant | None = None
+    ) -> Peer:
+        """The peer a message came from; `peer_address` (kernel credentials) and `grant` matter only for
+        a new one."""
         peer = self.peers.get(key)
         if peer is None:
             uid, gid, pid = parse_peer_address(peer_address)
             caller = Caller(socket=socket, peer=key[1].hex(), uid=uid, gid=gid, pid=pid)
             role = SOCKET_ROLES[socket]
+            if grant is not None:
+                role = grant.role
+                caller = msgspec.structs.replace(
+                    caller, role=grant.role, session=grant.session, container=grant.container, key=grant.key
+                )
             peer = Peer(key, socket, peer_address, caller, self._encode_caller(caller), now, role)
             self.peers[key] = peer
         peer.last_seen = now
@@ -271,14 +290,7 @@ class Registry:
             reason=reg.reason,
         )
         peer.instance = instance
-        peer.caller = Caller(
-            socket=peer.caller.socket,
-            peer=peer.caller.peer,
-            service=reg.service,
-            uid=peer.caller.uid,
-            gid=peer.caller.gid,
-            pid=peer.caller.pid,
-        )
+        peer.caller = msgspec.structs.replace(peer.caller, service=reg.service)
         peer.caller_frame = self._encode_caller(peer.caller)
         peer.role = authorize.SERVICE
         self.pools.setdefault(reg.service, []).append(instance)

@@ -19,6 +19,7 @@ import msgspec
 import zmq
 
 from baaaht.bus import wire
+from baaaht.bus.curve import ClientCurve
 from baaaht.schemas.base import Event, all_subclasses
 from baaaht.schemas.bus import BusEventsReplay, ReplayResult
 
@@ -163,8 +164,10 @@ NOBLOCK = int(zmq.NOBLOCK)
 DRAIN = 256  # PUB messages taken per wake-up before handing events out
 
 
-def sub_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
+def sub_socket(context: zmq.Context, endpoint: str, curve: ClientCurve | None = None) -> zmq.Socket:
     sub = context.socket(zmq.SUB)
+    if curve is not None:
+        curve.apply(sub)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 100_000)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -181,7 +184,7 @@ class Subscription:
         self.client = client
         self.order = EventOrder(topics, since, epoch)
         # Connect before the replay, so that nothing slips between the two.
-        self._sub = sub_socket(client.connection.context, endpoint)
+        self._sub = sub_socket(client.connection.context, endpoint, client.curve)
         try:
             self._catch_up()
         except BaseException:

@@ -38,6 +38,8 @@ PATH_KEYS = frozenset(
     {
         "data_dir",
         "bus.run_dir",
+        "bus.key_dir",
+        "bus.tcp_key_file",
         "policy.path",
         "docker.tls_ca_cert",
         "docker.tls_cert",

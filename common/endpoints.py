@@ -23,14 +23,11 @@ class Endpoints:
     @classmethod
     def for_config(cls, bus: BusConfig) -> "Endpoints":
         run_dir = os.path.abspath(os.path.expanduser(bus.run_dir))
-        tcp = {}
-        if bus.tcp_enabled:
-            base = f"tcp://{bus.tcp_host}"
-            tcp = {
-                "tcp_services": f"{base}:{bus.tcp_port}",
-                "tcp_events": f"{base}:{bus.tcp_port + 1}",
-                "tcp_agents": f"{base}:{bus.tcp_port + 2}",
-            }
+        tcp = (
+            {f"tcp_{name}": endpoint for name, endpoint in tcp_endpoints(bus).items()}
+            if bus.tcp_enabled
+            else {}
+        )
         return cls(
             run_dir=run_dir,
             services=f"ipc://{run_dir}/bus.sock",
@@ -43,6 +40,16 @@ class Endpoints:
     @property
     def agent_dir(self) -> str:
         return os.path.join(self.run_dir, AGENT_DIR)
+
+
+def tcp_endpoints(bus: BusConfig) -> dict[str, str]:
+    """The broker's tcp:// endpoints by socket (services, events, agents), on tcp_host from tcp_port."""
+    base = f"tcp://{bus.tcp_host}"
+    return {
+        "services": f"{base}:{bus.tcp_port}",
+        "events": f"{base}:{bus.tcp_port + 1}",
+        "agents": f"{base}:{bus.tcp_port + 2}",
+    }
 
 
 def ipc_path(endpoint: str) -> str | None:

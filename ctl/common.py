@@ -20,6 +20,7 @@ import orjson
 import typer
 
 from baaaht.bus.client import BusClient
+from baaaht.bus.curve import KeyFileError
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import is_broker_unreachable
 from baaaht.common.config import ConfigError, load_config
@@ -80,13 +81,16 @@ class Ctl:
     @property
     def client(self) -> BusClient:
         if self._client is None:
-            if not os.path.exists(self.socket):
+            if not self.config.bus.tcp_key_file and not os.path.exists(self.socket):
                 fail(
                     f"no host at {self.socket}: the socket does not exist. Is baaaht-orchestrator "
                     f"running (`make run`)? {WHERE_HINT}.",
                     EXIT_UNREACHABLE,
                 )
-            self._client = BusClient.for_config(self.config, timeout=self.timeout)
+            try:
+                self._client = BusClient.for_config(self.config, timeout=self.timeout)
+            except KeyFileError as exc:
+                fail(f"bus.tcp_key_file: {exc}")
         return self._client
 
     def close(self) -> None:

@@ -310,7 +310,7 @@ def role_of(cls: type) -> str:
 
 def register_domains() -> None:
     """The domain command groups live beside their services' schemas."""
-    from baaaht.ctl import config_cmd, containers, credentials, policy, sessions
+    from baaaht.ctl import auth, config_cmd, containers, credentials, policy, sessions
 
     app.add_typer(config_cmd.app, name="config", help="The effective configuration.")
     app.add_typer(containers.app, name="containers", help="Containers on this host.")
@@ -318,6 +318,7 @@ def register_domains() -> None:
     app.add_typer(sessions.app, name="sessions", help="Sessions and their conversations.")
     app.add_typer(policy.app, name="policy", help="The container policy.")
     app.add_typer(policy.audit_app, name="audit", help="The policy decision audit log.")
+    app.add_typer(auth.app, name="auth", help="Who may connect: keys of peers on other hosts.")
     app.command("send")(sessions.send)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
+from msgspec import Meta
 
 from baaaht.schemas.base import Event, Request, Response
 
@@ -25,6 +26,7 @@ class Caller(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     role: str = ""
     session: str = ""
     container: str = ""
+    key: str = ""  # on tcp://: the name of the CURVE key the peer authenticated with (bus.auth.keys.*)
 
 
 class Register(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -128,6 +130,7 @@ class BusStatsReport(Response, kw_only=True):
     events_published: int
     last_event_seq: int
     per_service: dict[str, ServiceStats]
+    auth_failed: dict[str, int] = {}  # refused handshakes and identities by reason (bus.auth.failed)
 
 
 class BusStats(Request, tag="bus.stats", kw_only=True):
@@ -175,3 +178,72 @@ class ServiceDown(Event, tag="bus.service.down", kw_only=True):
     service: str
     instance: str
     reason: str
+
+
+# -- CURVE keys of peers on other hosts (bus/curve.py) --------------------------------------------
+
+KeyName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+Z85Key = Annotated[str, Meta(pattern=r"^[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$")]
+# What a key makes its holder: a host role, or an agent role scoped to one session.
+KeyRole = Literal["service", "operator", "agent", "assistant", "worker"]
+
+
+class KeyRecord(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """A client key the operator issued: its holder authenticates with it on tcp:// as `role`."""
+
+    name: KeyName
+    public_key: Z85Key
+    role: KeyRole
+    session: str = ""  # for the agent roles: the one session the holder acts in
+    issued_at: float  # Unix time
+    expires_at: float = 0.0  # Unix time; 0: never
+
+
+class BusAuthKeysIssueResult(Response, kw_only=True):
+    key: KeyRecord
+    server_public_key: Z85Key  # what the client checks the broker against
+
+
+class BusAuthKeysIssue(Request, tag="bus.auth.keys.issue", kw_only=True):
+    """Record a client's public key (the key pair is made and kept by the client: no secret
+    crosses the bus). Agent roles need a session; host roles take none."""
+
+    response: ClassVar[type] = BusAuthKeysIssueResult
+
+    name: KeyName
+    public_key: Z85Key
+    role: KeyRole
+    session: str = ""
+    ttl: Annotated[float, Meta(ge=0)] = 0.0  # seconds until it expires; 0: never
+
+
+class BusAuthKeysListResult(Response, kw_only=True):
+    keys: list[KeyRecord]
+    server_public_key: Z85Key
+
+
+class BusAuthKeysList(Request, tag="bus.auth.keys.list", kw_only=True):
+    response: ClassVar[type] = BusAuthKeysListResult
+
+
+class BusAuthKeysRevokeResult(Response, kw_only=True):
+    key: KeyRecord
+    disconnected: int  # connections authenticated with it, closed at once
+
+
+class BusAuthKeysRevoke(Request, tag="bus.auth.keys.revoke", kw_only=True):
+    response: ClassVar[type] = BusAuthKeysRevokeResult
+
+    name: KeyName
+
+
+class BusAuthFailed(Event, tag="bus.auth.failed", kw_only=True):
+    """A peer the broker refused: a failed handshake, an unknown, expired or revoked key. One
+    event per reason per period in full; `count` > 1 sums up the ones of a period not sent alone."""
+
+    socket: str  # services, agents or events
+    reason: str  # the key of BusStatsReport.auth_failed it was counted under
+    message: str
+    address: str = ""  # the peer's address, when known
+    key: str = ""  # the key's name, when it is a known one
+    count: int = 1

@@ -38,6 +38,13 @@ class BusConfig(Section, kw_only=True):
     call_timeout: Duration = Duration(10.0)
     # The sockets' group, joined by every agent container: a name (created when missing) or a gid, never 0.
     socket_group: str = "baaaht-agent"
+    # CURVE on tcp:// (bus/curve.py). The broker keeps its key pair and the issued client keys here
+    # ("": <data_dir>/bus-keys); a handshake not done within the timeout is closed (both sides).
+    key_dir: str = ""
+    tcp_handshake_timeout: Duration = Duration(5.0)
+    # A client on another host: the file `baaaht-ctl auth keys issue` wrote. With it, the client
+    # connects to tcp_host:tcp_port over CURVE instead of to the run directory's sockets.
+    tcp_key_file: str = ""
 
 
 class RuntimeConfig(Section, kw_only=True):

@@ -18,6 +18,7 @@ UNIT_TEST_FILES = frozenset(
     {
         "test_config.py",
         "test_containers_logic.py",
+        "test_curve_logic.py",
         "test_containers_ownership.py",
         "test_containers_service.py",
         "test_credentials_service.py",
