@@ -1,12 +1,13 @@
 """Bus benchmark: the broker against a direct DEALER-to-ROUTER baseline and NATS, in one run.
 
 Round trips of a trivial request (301-byte body, as in verified-facts.md) with 1 and 100
-outstanding, directly, through the broker (from a host peer on the services socket, and from a
-peer on the agents' socket: what identifying and checking an agent costs per message, target
-under 10% at 100 outstanding) and through a NATS server; then event fan-out to
-1 and 4 subscribers, through the broker (raw SUB sockets, and baaaht's own client with its
-sequence check) and through NATS. Every peer is its own process (as in production), so the
-numbers include no GIL contention between peers.
+outstanding, directly, through the broker (from a host peer on the services socket, from a peer on
+the agents' socket: what identifying and checking an agent costs per message, target under 10% at
+100 outstanding, and from a peer on tcp:// with CURVE: a peer on another host, authenticated with
+an issued key, every message encrypted) and through a NATS server; then event fan-out to 1 and 4
+subscribers, through the broker (raw SUB sockets, and baaaht's own client with its sequence check)
+and through NATS. Every peer is its own process (as in production), so the numbers include no GIL
+contention between peers.
 
 The machine is shared and noisy, so every measurement is taken in each of BENCH_ROUNDS rounds,
 the paths alternating within a round (their order rotating from round to round), and compared
@@ -37,11 +38,11 @@ import msgspec
 import zmq
 from machine import finish, load_before  # bench/machine.py, beside this script
 
-from baaaht.bus import wire
+from baaaht.bus import curve, wire
 from baaaht.bus.client import BusClient
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Event
-from baaaht.schemas.bus import BusPing, Register
+from baaaht.schemas.bus import BusAuthKeysIssue, BusPing, Register
 from baaaht.schemas.config import BusConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -53,7 +54,7 @@ EVENTS = int(os.environ.get("BENCH_EVENTS", "100000"))
 ONLY = os.environ.get("BENCH_ONLY", "")
 QUIET_SECONDS = 2.0  # a subscriber that hears nothing this long has had all it will get
 FIRST_EVENT_SECONDS = 30.0  # the other subscribers may still be starting
-ROUND_TRIP_PATHS = ("direct", "broker", "broker_agent", "nats")
+ROUND_TRIP_PATHS = ("direct", "broker", "broker_agent", "broker_curve", "nats")
 FAN_OUT_PATHS = ("broker", "broker_client", "nats")
 TOPIC = "bench.tick"
 spawn = multiprocessing.get_context("spawn")
@@ -244,9 +245,11 @@ def summary(latencies: list[float], done: int, elapsed: float) -> dict:
     }
 
 
-def zmq_round_trips(endpoint: str, outstanding: int) -> dict:
+def zmq_round_trips(endpoint: str, outstanding: int, secured: curve.ClientCurve | None = None) -> dict:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if secured is not None:
+        secured.apply(sock)
     sock.connect(endpoint)
     sent_at: dict[str, float] = {}
     latencies: list[float] = []
@@ -364,14 +367,30 @@ def fan_out(subscriber, where, publish, subscribers: int) -> dict:
     }
 
 
+def issue_key(endpoints: dict) -> curve.ClientCurve:
+    """An operator key for the CURVE path, issued as `baaaht-ctl auth keys issue` does."""
+    public, secret = curve.new_key_pair()
+    with BusClient(endpoints["services"]) as bus:
+        issued = bus.call(BusAuthKeysIssue(name="bench", public_key=public, role="operator"))
+    keys = curve.ClientKeyFile(
+        name="bench",
+        role="operator",
+        public_key=public,
+        secret_key=secret,
+        server_public_key=issued.server_public_key,
+    )
+    return curve.ClientCurve(keys, 5000)
+
+
 class Bench:
     """One measurement per path and scenario per round, paths alternating."""
 
-    def __init__(self, endpoints: dict, direct: str, nats_url: str):
+    def __init__(self, endpoints: dict, direct: str, nats_url: str, secured: curve.ClientCurve):
         self.round_trip = {
             "direct": lambda n: zmq_round_trips(direct, n),
             "broker": lambda n: zmq_round_trips(endpoints["services"], n),
             "broker_agent": lambda n: zmq_round_trips(endpoints["agents"], n),
+            "broker_curve": lambda n: zmq_round_trips(endpoints["tcp_services"], n, secured),
         }
         self.fan_out = {
             "broker": lambda n: fan_out(raw_subscriber, endpoints, publish_raw, n),
@@ -423,6 +442,7 @@ def report(samples: dict[str, dict[str, list[dict]]]) -> dict:
             ("broker", "nats"),
             ("nats", "direct"),
             ("broker_agent", "broker"),
+            ("broker_curve", "broker"),
         ],
         "fan_out": [("broker", "nats"), ("broker_client", "nats"), ("broker_client", "broker")],
     }
@@ -472,9 +492,13 @@ def targets(result: dict) -> dict:
         found["broker p99 at 1 outstanding < 1 ms"] = (
             rows["round_trips_1"]["broker"]["p99_ms"]["median"] < 1.0
         )
-    if "round_trips_100" in rows:  # issue 10: an agent's identity and permission checks cost < 10%
+    if "round_trips_100" in rows:  # issue 10: identity and permission checks cost < 10%
         found["broker_agent/broker at 100 outstanding >= 0.9"] = (
             ratios["round_trips_100: broker_agent/broker"]["median"] >= 0.9
+        )
+        # and so does CURVE, a peer on another host (every message encrypted as well)
+        found["broker_curve/broker at 100 outstanding >= 0.9"] = (
+            ratios["round_trips_100: broker_curve/broker"]["median"] >= 0.9
         )
     for count in (1, 4):  # issue 9 item 14: fan-out at least NATS's, sequence checks included
         name = f"fan_out_{count}: broker_client/nats"
@@ -486,14 +510,17 @@ def targets(result: dict) -> dict:
 def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="bh-bench-")
     config = Path(run_dir) / "config.json"
-    config.write_text(
-        json.dumps({"data_dir": run_dir, "bus": {"run_dir": run_dir}, "log": {"level": "warn"}})
-    )
-    bus_endpoints = Endpoints.for_config(BusConfig(run_dir=run_dir))
+    with socket.socket() as probe:  # a free port (and the two after it, most likely) for the tcp:// sockets
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bus = {"run_dir": run_dir, "tcp_enabled": True, "tcp_port": port}
+    config.write_text(json.dumps({"data_dir": run_dir, "bus": bus, "log": {"level": "warn"}}))
+    bus_endpoints = Endpoints.for_config(BusConfig(**bus))
     endpoints = {
         "services": bus_endpoints.services,
         "events": bus_endpoints.events,
         "agents": bus_endpoints.agents,
+        "tcp_services": bus_endpoints.tcp_services,
     }
     direct = f"ipc://{run_dir}/direct.sock"
     skipped = nats_missing()
@@ -519,7 +546,7 @@ def main() -> None:
         if nats_url:
             ready.get(timeout=30)
         time.sleep(1.5)  # the broker is up and the echo service registered
-        bench = Bench(endpoints, direct, nats_url)
+        bench = Bench(endpoints, direct, nats_url, issue_key(endpoints))
         bench.run(ROUNDS)
     finally:
         for peer in peers:

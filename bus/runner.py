@@ -13,6 +13,7 @@ only its own calls.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -24,8 +25,9 @@ import msgspec
 
 from baaaht.bus import wire
 from baaaht.bus.background import Background, Stopping, Task
-from baaaht.bus.client import BusClient
+from baaaht.bus.client import BusClient, client_settings
 from baaaht.bus.connection import Connection
+from baaaht.bus.curve import ClientCurve
 from baaaht.bus.errors import BusError, exhausted, validation_error
 from baaaht.bus.fair import FairQueue
 from baaaht.bus.service import CallContext, RpcSpec, Service, topic_matches
@@ -73,6 +75,7 @@ class ServiceRunner:
         drain_timeout: float = 10.0,
         queued_per_caller: int = _DEFAULT_LIMITS.queued_per_caller,
         agent_running_per_caller: int = _DEFAULT_LIMITS.agent_running_per_caller,
+        curve: ClientCurve | None = None,
     ):
         self.service_type = service_type
         self.name = service_type.name
@@ -108,14 +111,21 @@ class ServiceRunner:
             on_message=self._on_message,
             registration=self._registration,
             health=self._health,
+            curve=curve,
         )
         self.bus = BusClient(endpoints.services, events_endpoint=endpoints.events, connection=self.connection)
 
     @classmethod
     def for_config(cls, service_type: type[Service], config: Config) -> "ServiceRunner":
+        endpoints, settings = Endpoints.for_config(config.bus), client_settings(config)
+        if "curve" in settings:  # a service on another host, with a service key (docs/IDENTITY.md)
+            endpoints = dataclasses.replace(
+                endpoints, services=settings["endpoint"], events=settings["events_endpoint"]
+            )
         return cls(
             service_type,
-            Endpoints.for_config(config.bus),
+            endpoints,
+            curve=settings.get("curve"),
             heartbeat_interval=float(config.bus.heartbeat_interval),
             liveness=config.bus.heartbeat_liveness,
             queued_per_caller=config.limits.queued_per_caller,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import msgspec
@@ -29,7 +31,9 @@ from baaaht.schemas.bus import (
     Register,
 )
 from baaaht.schemas.errors import ErrorCode
+from tests.conftest import ECHO_SERVICE
 from tests.ctl_runner import invoke
+from tests.services.echo import Say
 
 TIMEOUT = 3.0  # each refused call must fail well within this: with the handshake's error, not a TIMEOUT
 
@@ -85,13 +89,19 @@ def write_key_file(host, keys: curve.ClientKeyFile) -> str:
     return str(path)
 
 
-def remote_client(host, path: str) -> BusClient:
-    """A client configured as on another host: only the key file and the broker's tcp address."""
+def remote_config(host, path: str) -> str:
+    """A config as on another host: the broker's tcp address and the key file (the run directory is
+    the host's own, but a client with a key file does not look there)."""
     raw = json.loads(host.config_path.read_text())
     raw["bus"]["tcp_key_file"] = path
     config_path = host.tmp_path / f"remote-{os.path.basename(path)}.json"
     config_path.write_text(json.dumps(raw))
-    config, _ = load_config(str(config_path), env={})
+    return str(config_path)
+
+
+def remote_client(host, path: str) -> BusClient:
+    """A client configured as on another host."""
+    config, _ = load_config(remote_config(host, path), env={})
     client = BusClient.for_config(config, timeout=TIMEOUT)
     host.clients.append(client)
     return client
@@ -226,6 +236,17 @@ def test_only_a_service_key_registers(tcp_host):
     registering(tcp_host, key_file(tcp_host, "far-service", "service"), "whisper")
     up = tcp_host.wait_service_up("whisper")
     assert up.instance == "whisper-1"
+
+
+def test_a_service_on_another_host_serves_through_the_runner_with_a_service_key(tcp_host):
+    config = remote_config(tcp_host, key_file(tcp_host, "far-echo", "service"))
+    with open(tcp_host.tmp_path / "far-echo.log", "ab") as log:
+        service = subprocess.Popen([sys.executable, ECHO_SERVICE, "--config", config], stdout=log, stderr=log)
+    tcp_host.processes["far-echo"] = service  # stopped with the host
+    tcp_host.wait_service_up("echo", f"-{service.pid}")  # (no pid in bus.services: tcp:// has none)
+    client = tcp_host.client()
+    said = wait_for(lambda: client.call(Say(text="over curve")), what="the remote echo to serve")
+    assert (said.text, said.pid, said.caller_socket) == ("over curve", service.pid, "services")
 
 
 def test_a_silent_tcp_connection_is_closed_within_the_handshake_timeout(tcp_host):
