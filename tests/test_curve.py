@@ -145,6 +145,15 @@ def test_a_good_key_works_and_its_caller_carries_the_keys_role_and_session(tcp_h
     assert caught.value.code == ErrorCode.PERMISSION_DENIED
 
 
+def test_a_host_peer_on_another_host_follows_events_over_curve(tcp_host):
+    operator = remote_client(tcp_host, key_file(tcp_host, "far-watcher", "operator"))
+    with operator.subscribe([topic_of(BusAuthFailed)]) as events:  # from now on: live, on the events socket
+        stranger = BusClient(f"tcp://127.0.0.1:{tcp_host.config.bus.tcp_port}", timeout=TIMEOUT)
+        tcp_host.clients.append(stranger)
+        refused(stranger)
+        assert next_event(events, what="a bus.auth.failed over tcp://").event.socket == "services"
+
+
 def test_a_null_peer_is_refused_on_tcp_at_once(tcp_host):
     endpoint = tcp_host.config.bus.tcp_host, tcp_host.config.bus.tcp_port
     client = BusClient(f"tcp://{endpoint[0]}:{endpoint[1]}", timeout=TIMEOUT)
