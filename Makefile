@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test test-unit test-integration lint fmt bench docs docker image shell clean
+.PHONY: run test test-unit test-integration lint fmt bench docs docker image images shell clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -11,12 +11,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP) docker image
+run: $(STAMP) docker image images
 	$(VENV)/bin/baaaht-orchestrator $(ARGS)
 
 # Every test; test-unit is the pure-logic part (seconds, no engine, no process: tests/conftest.py lists
 # its files), test-integration the rest (real processes and the Docker engine).
-test: $(STAMP) docker
+test: $(STAMP) docker images
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
@@ -53,6 +53,11 @@ docker:
 # The local image containers can run offline (baaaht/busybox:<content hash>); prints its tag.
 image: $(STAMP) docker
 	@$(PY) -m baaaht.host.images
+
+# Every local image, built offline when missing or stale (baaaht/busybox, baaaht/agent and
+# baaaht/orchestrator, tagged by content hashes of their inputs); prints their tags. Cached: well under 1 s.
+images: $(STAMP) docker
+	@$(PY) -m baaaht.host.images all
 
 # A shell with baaaht-ctl and baaaht-orchestrator on PATH.
 shell: $(STAMP)

@@ -1,8 +1,12 @@
-"""The local image `make run` provides: Debian's busybox-static as a root filesystem, built without any
-registry and tagged by the hash of its content (`baaaht/busybox:<hash>`, never `:latest`), so the
-default policy allows it and a changed busybox gives a new tag.
+"""The local images, built without any registry and tagged by a hash of their inputs (never `:latest`),
+so the default policy allows them and a changed input gives a new tag:
 
-`python -m baaaht.host.images` builds it when missing and prints its tag; the tests build it the same way.
+- `baaaht/busybox:<hash>`: Debian's busybox-static as a root filesystem (this module);
+- `baaaht/agent:<hash>` and `baaaht/orchestrator:<hash>`: this project's Python images over an offline
+  Debian base (host/agent_images.py, host/debian_base.py).
+
+`python -m baaaht.host.images [busybox|agent|orchestrator|all]` builds what is missing or stale and prints
+the tags (busybox when none is named); the tests build them the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import tarfile
 import threading
 
 import docker
+
+from baaaht.host import agent_images, debian_base, wheelhouse
 
 REPOSITORY = "baaaht/busybox"
 BUSYBOX_BINARY = "/bin/busybox"
@@ -66,13 +72,35 @@ def ensure_busybox_image(client: docker.DockerClient) -> str:
     return reference
 
 
-def main() -> None:
+BUILDERS = {
+    "busybox": ensure_busybox_image,
+    "agent": agent_images.ensure_agent_image,
+    "orchestrator": agent_images.ensure_orchestrator_image,
+}
+BUILD_ERRORS = (
+    docker.errors.DockerException,
+    OSError,
+    subprocess.SubprocessError,
+    agent_images.ImageBuildError,
+    debian_base.BaseImageError,
+    wheelhouse.WheelhouseError,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    names = (sys.argv[1:] if argv is None else argv) or ["busybox"]
+    if names == ["all"]:
+        names = list(BUILDERS)
+    if unknown := [name for name in names if name not in BUILDERS]:
+        sys.exit(f"unknown image {', '.join(unknown)}: expected {', '.join(BUILDERS)} or all")
+    client = docker.from_env(timeout=agent_images.BUILD_TIMEOUT)
     try:
-        client = docker.from_env(timeout=60)
-        print(ensure_busybox_image(client))
-    except (docker.errors.DockerException, OSError, subprocess.SubprocessError) as exc:
-        sys.exit(f"cannot build the local image {REPOSITORY}: {exc}")
-    client.close()
+        for name in names:
+            print(BUILDERS[name](client), flush=True)
+    except BUILD_ERRORS as exc:
+        sys.exit(f"cannot build the local image {name}: {exc}")
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ DOCKERD_ARGS=(--bridge=none --iptables=false --ip-forward=false --ip-masq=false)
 # when that command is on PATH (an engine installed another way, e.g. docker-ce, is fine).
 NEEDED_PACKAGES=(
     "docker.io dockerd"
+    "debootstrap"     # the agent and orchestrator images' Debian base (host/debian_base.py)
     "busybox-static"  # the test images are built from its static /bin/busybox
 )
 

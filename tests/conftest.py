@@ -25,6 +25,7 @@ UNIT_TEST_FILES = frozenset(
         "test_credentials_store.py",
         "test_fairness.py",
         "test_identity.py",
+        "test_images_logic.py",
         "test_layers.py",
         "test_logs.py",
         "test_policy_audit.py",

@@ -48,12 +48,12 @@ def test_packages_the_tests_need_are_installed_when_the_engine_already_answers(s
     result = run_script(bin_dir)
     assert result.returncode == 0, result.stderr
     [install] = [line for line in calls.read_text().splitlines() if " install " in line]
-    assert install.split()[-1] == "busybox-static"  # docker.io is not asked for: dockerd is there
+    assert install.split()[-2:] == ["debootstrap", "busybox-static"]  # not docker.io: dockerd is there
 
 
 def test_nothing_is_installed_when_everything_is_there(stand_ins):
     bin_dir, calls, installed = stand_ins
-    installed.write_text("busybox-static\n")
+    installed.write_text("debootstrap\nbusybox-static\n")
     result = run_script(bin_dir)
     assert result.returncode == 0, result.stderr
     assert not calls.exists()
