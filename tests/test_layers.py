@@ -18,6 +18,7 @@ ALLOWED = {
     "services": {"schemas", "common", "bus", "services"},
     "host": {"schemas", "common", "bus", "services", "host"},
     "ctl": {"schemas", "common", "bus", "ctl"},
+    "agent": {"schemas", "common", "bus", "agent"},  # the SDK runs inside containers: the bus and below
 }
 
 

@@ -1,0 +1,89 @@
+"""`baaaht-agent`: the built-in agents, run inside an agent container.
+
+    baaaht-agent idle    join the bus and stay until SIGTERM (exit 0)
+
+Exit status: 0 when stopped by SIGTERM or SIGINT, 2 for bad settings, 3 when the bus was gone for longer
+than the bus loss limit (`--bus-loss-limit`, else BAAAHT_BUS_LOSS_LIMIT, else 30 s), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from baaaht.agent.sdk import Agent, BusLost
+from baaaht.agent.settings import AgentSettings, SettingsError
+from baaaht.common.logs import setup_logging
+from baaaht.common.units import parse_duration
+from baaaht.schemas.config import LogConfig
+
+EXIT_SETTINGS = 2
+EXIT_BUS_LOST = 3
+
+
+async def idle(agent: Agent) -> None:
+    """Stay on the bus; the runner ends it."""
+    await asyncio.Event().wait()
+
+
+AGENTS: dict[str, Callable[[Agent], Awaitable[None]]] = {"idle": idle}
+
+
+async def run_agent(work: Callable[[Agent], Awaitable[None]], settings: AgentSettings) -> None:
+    """Join, run `work` until SIGTERM/SIGINT (or until it returns), leave. BusLost propagates."""
+    agent = Agent(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, agent.stop)
+    async with agent:
+        working = asyncio.create_task(work(agent), name="baaaht-agent-work")
+        stopped = asyncio.create_task(agent.stopped(), name="baaaht-agent-stopped")
+        try:
+            await asyncio.wait([working, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            working.cancel()
+            stopped.cancel()
+        if stopped.done() and not stopped.cancelled():
+            stopped.result()  # raises BusLost
+        if working.done() and not working.cancelled():
+            working.result()  # raises what the agent's work raised
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="baaaht-agent", description="Run a built-in baaaht agent.")
+    parser.add_argument("agent", choices=sorted(AGENTS), help="which agent to run")
+    parser.add_argument(
+        "--bus-loss-limit",
+        metavar="DURATION",
+        help="exit with status 3 after this long without a broker (default: BAAAHT_BUS_LOSS_LIMIT, else 30s)",
+    )
+    parser.add_argument("--log-format", choices=["json", "text"], default="json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(LogConfig(format=args.log_format), f"agent-{args.agent}")
+    try:
+        overrides = {}
+        if args.bus_loss_limit is not None:
+            try:
+                overrides["bus_loss_limit"] = float(parse_duration(args.bus_loss_limit))
+            except ValueError as error:
+                raise SettingsError(f"--bus-loss-limit {args.bus_loss_limit!r} {error}") from None
+        settings = AgentSettings.from_env(**overrides)
+    except SettingsError as error:
+        print(f"baaaht-agent: {error}", file=sys.stderr)
+        sys.exit(EXIT_SETTINGS)
+    try:
+        asyncio.run(run_agent(AGENTS[args.agent], settings))
+    except BusLost as error:
+        print(f"baaaht-agent: {error}", file=sys.stderr)
+        sys.exit(EXIT_BUS_LOST)
+
+
+if __name__ == "__main__":
+    main()
