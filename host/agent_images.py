@@ -49,6 +49,14 @@ def source_root() -> Path:
     return root
 
 
+def checkout_agent_image() -> str | None:
+    """The agent image of the checkout this package runs from; None for an installed wheel."""
+    try:
+        return Recipe.here().agent_reference()
+    except ImageBuildError:
+        return None
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "baaaht" / "images"

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import msgspec
+
 from baaaht.common.config import (
     ENV_PREFIX,
     ConfigError,
@@ -44,6 +46,7 @@ from baaaht.common.config import (
     write_private_file,
 )
 from baaaht.common.logs import setup_logging
+from baaaht.host import agent_images
 from baaaht.host.datalock import DataDirInUse, DataDirLock
 from baaaht.schemas.config import Config
 
@@ -221,6 +224,16 @@ def prepare_run(config: Config, sources: Mapping[str, str], environ: Mapping[str
     return Run(run_dir, config_path, supervisord_conf, environment)
 
 
+def with_default_agent_image(config: Config, sources: dict[str, str]) -> tuple[Config, dict[str, str]]:
+    """`container.agent_image` left unset means the agent image of this checkout (`make run` builds it);
+    the orchestrator image sets it to the agent image built with it."""
+    if config.container.agent_image or (image := agent_images.checkout_agent_image()) is None:
+        return config, sources
+    container = msgspec.structs.replace(config.container, agent_image=image)
+    sources = {**sources, "container.agent_image": "the agent image of this checkout (make images)"}
+    return msgspec.structs.replace(config, container=container), sources
+
+
 def lock_data_dir(config: Config) -> DataDirLock:
     data_dir = Path(config.data_dir)
     _make_dir(data_dir, DATA_DIR_MODE)
@@ -307,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     environ = dict(os.environ)  # a reload resolves the configuration from what the launcher started with
 
     def resolve() -> tuple[Config, dict[str, str]]:
-        return load_config(args.config, environ, flags_from(args))
+        return with_default_agent_image(*load_config(args.config, environ, flags_from(args)))
 
     try:
         config, sources = resolve()

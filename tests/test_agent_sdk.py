@@ -4,29 +4,24 @@ its limit, and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
-from baaaht.schemas.config import Config
 from baaaht.schemas.containers import (
     ContainerCreate,
-    ContainerLogs,
     ContainerSpec,
     ContainerStart,
     ContainerStop,
     ContainerWait,
 )
-from baaaht.services.containers.docker_runtime import DockerRuntime
-from tests import container_support
+from tests import agent_support, container_support
 from tests.test_containers_bus import SETTINGS, Orchestrator
 
-docker_client = container_support.docker_client
+docker_client, agent_log = container_support.docker_client, agent_support.agent_log
 
 pytestmark = pytest.mark.docker
 
 EXIT_BUS_LOST = 3  # baaaht.agent.main.EXIT_BUS_LOST
-WAIT = 60.0  # seconds: a container start and a Python start on a busy machine
+WAIT = agent_support.WAIT
 
 
 @pytest.fixture
@@ -41,46 +36,6 @@ def start_agent(orchestrator: Orchestrator, session: str, image: str, *argv: str
     container = orchestrator.bus.call(ContainerCreate(spec=spec, session_id=session)).id
     orchestrator.bus.call(ContainerStart(id=container))
     return container
-
-
-class AgentLog:
-    """The agent's log lines, followed on the engine itself (the bus may be down meanwhile), read up to
-    each line a test waits for; a wait that takes longer than WAIT closes the stream, which ends it."""
-
-    def __init__(self, runtime: DockerRuntime, container: str):
-        self.stream = runtime.logs(container, ContainerLogs(id=container, follow=True))
-        self.lines = iter(self.stream)
-        self.seen: list[str] = []
-
-    def wait_for(self, text: str) -> str:
-        give_up = threading.Timer(WAIT, self.stream.close)
-        give_up.start()
-        try:
-            for line in self.lines:
-                self.seen.append(line.text)
-                if text in line.text:
-                    return line.text
-        finally:
-            give_up.cancel()
-        raise AssertionError(f"the agent's log ended without {text!r} within {WAIT}s: {self.seen}")
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-@pytest.fixture
-def agent_log():
-    runtime = DockerRuntime(Config())
-    opened: list[AgentLog] = []
-
-    def follow(container: str) -> AgentLog:
-        opened.append(AgentLog(runtime, container))
-        return opened[-1]
-
-    yield follow
-    for log in opened:
-        log.close()
-    runtime.close()
 
 
 def test_an_idle_agent_joins_and_stops_cleanly_on_sigterm(orchestrator, agent_image, agent_log):

@@ -5,10 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from baaaht.host import debian_base, wheelhouse
 from baaaht.host.agent_images import Recipe
+from baaaht.host.launcher import with_default_agent_image
+from baaaht.schemas.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,3 +96,12 @@ def test_the_pins_are_the_installed_runtime_closure():
     assert {"pyzmq", "msgspec", "docker", "requests", "urllib3", "supervisor"} <= names
     assert not names & {"pytest", "hypothesis", "ruff", "baaaht"}  # extras and the project itself are not
     assert all("==" in pin for pin in pins)
+
+
+def test_an_unset_agent_image_means_the_agent_image_of_this_checkout():
+    config, sources = with_default_agent_image(Config(), {"container.agent_image": "default"})
+    assert config.container.agent_image == Recipe.here().agent_reference()
+    assert "this checkout" in sources["container.agent_image"]
+    chosen = msgspec.structs.replace(Config().container, agent_image="example/agent:1")
+    config, sources = with_default_agent_image(Config(container=chosen), {"container.agent_image": "flag"})
+    assert (config.container.agent_image, sources["container.agent_image"]) == ("example/agent:1", "flag")
