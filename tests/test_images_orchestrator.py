@@ -63,7 +63,9 @@ def orchestrator_container(docker_client, orchestrator_image):
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def test_the_orchestrator_image_runs_a_session_with_an_agent_container(docker_client, orchestrator_container):
+def test_the_orchestrator_image_runs_a_session_with_an_agent_container(
+    docker_client, orchestrator_container, agent_log
+):
     container, run_dir = orchestrator_container
     endpoints = Endpoints.for_config(BusConfig(run_dir=run_dir))
     bus = BusClient(endpoints.services, events_endpoint=endpoints.events, timeout=30)
