@@ -4,10 +4,13 @@ Round trips of a trivial request (301-byte body, as in verified-facts.md) with 1
 outstanding, directly, through the broker (from a host peer on the services socket, from a peer on
 the agents' socket: what identifying and checking an agent costs per message, target under 10% at
 100 outstanding, and from a peer on tcp:// with CURVE: a peer on another host, authenticated with
-an issued key, every message encrypted) and through a NATS server; then event fan-out to 1 and 4
-subscribers, through the broker (raw SUB sockets, and baaaht's own client with its sequence check)
-and through NATS. Every peer is its own process (as in production), so the numbers include no GIL
-contention between peers.
+an issued key, every message encrypted) and through a NATS server; `bus.ping` (answered by the broker
+itself) from a host peer on the services socket and from a process in a real container of the agent
+image on the agent socket (a load generator run inside it with `docker exec`: this script's
+`agent-round-trips`), so that the agent path's cost from inside a container shows as the ratio of the
+two; then event fan-out to 1 and 4 subscribers, through the broker (raw SUB sockets, and baaaht's own
+client with its sequence check) and through NATS. Every peer is its own process (as in production),
+so the numbers include no GIL contention between peers.
 
 The machine is shared and noisy, so every measurement is taken in each of BENCH_ROUNDS rounds,
 the paths alternating within a round (their order rotating from round to round), and compared
@@ -54,7 +57,18 @@ EVENTS = int(os.environ.get("BENCH_EVENTS", "100000"))
 ONLY = os.environ.get("BENCH_ONLY", "")
 QUIET_SECONDS = 2.0  # a subscriber that hears nothing this long has had all it will get
 FIRST_EVENT_SECONDS = 30.0  # the other subscribers may still be starting
-ROUND_TRIP_PATHS = ("direct", "broker", "broker_agent", "broker_curve", "nats")
+ROUND_TRIP_PATHS = (
+    "direct",
+    "broker",
+    "broker_agent",
+    "broker_curve",
+    "nats",
+    "broker_ping",
+    "agent_container",
+)
+PING = msgspec.msgpack.encode(BusPing())
+AGENT_DIR_INSIDE = "/run/baaaht/agent"  # where the agent container sees the agents' bus directory
+BENCH_INSIDE = "/bench"  # this folder, mounted read-only into the agent container
 FAN_OUT_PATHS = ("broker", "broker_client", "nats")
 TOPIC = "bench.tick"
 spawn = multiprocessing.get_context("spawn")
@@ -245,7 +259,13 @@ def summary(latencies: list[float], done: int, elapsed: float) -> dict:
     }
 
 
-def zmq_round_trips(endpoint: str, outstanding: int, secured: curve.ClientCurve | None = None) -> dict:
+def zmq_round_trips(
+    endpoint: str,
+    outstanding: int,
+    secured: curve.ClientCurve | None = None,
+    target: str = "bench.echo",
+    body: bytes = BODY,
+) -> dict:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if secured is not None:
@@ -260,7 +280,7 @@ def zmq_round_trips(endpoint: str, outstanding: int, secured: curve.ClientCurve 
         counter += 1
         request_id = format(counter, "x")
         sent_at[request_id] = time.perf_counter()
-        sock.send(wire.request(request_id, "bench.echo", time.time() + 30, "", False, BODY))
+        sock.send(wire.request(request_id, target, time.time() + 30, "", False, body))
 
     for _ in range(outstanding):
         send()
@@ -289,6 +309,68 @@ def zmq_round_trips(endpoint: str, outstanding: int, secured: curve.ClientCurve 
     elapsed = time.perf_counter() - started
     sock.close(0)
     return summary(latencies, done, elapsed)
+
+
+class AgentContainer:
+    """A real container of the agent image, hardened as the container manager makes them, with the
+    agents' bus directory mounted and an identity issued for it (as the container manager does), in
+    which the round trips run: each measurement is one `docker exec` of this script."""
+
+    def __init__(self, run_dir: str):
+        import docker  # the host side only: the load generator inside needs neither
+
+        from baaaht.common.identity import AgentIdentity, IdentityStore
+        from baaaht.host import agent_images
+
+        self.client = docker.from_env(timeout=120)
+        agent_dir = os.path.join(run_dir, "agent")
+        self.container = self.client.containers.run(
+            agent_images.ensure_agent_image(self.client),
+            ["sleep", "infinity"],
+            detach=True,
+            user="1000:1000",
+            group_add=[str(os.stat(agent_dir).st_gid)],
+            network_mode="none",
+            read_only=True,
+            tmpfs={"/tmp": ""},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            init=True,
+            volumes={
+                agent_dir: {"bind": AGENT_DIR_INSIDE, "mode": "ro"},
+                str(ROOT): {"bind": BENCH_INSIDE, "mode": "ro"},
+            },
+            labels={"baaaht.bench": "bus"},
+        )
+        identity = AgentIdentity(
+            container_id=self.container.id,
+            session_id="bench",
+            role="agent",
+            install_id="bench",
+            issued_at=time.time(),
+        )
+        IdentityStore(run_dir).put(identity)
+
+    def round_trips(self, outstanding: int) -> dict:
+        script = f"{BENCH_INSIDE}/{Path(__file__).name}"
+        endpoint = f"ipc://{AGENT_DIR_INSIDE}/bus.sock"
+        ran = self.container.exec_run(
+            ["python3", script, "agent-round-trips", endpoint, str(outstanding)],
+            environment={"BENCH_SECONDS": str(ROUND_SECONDS)},
+        )
+        output = ran.output.decode(errors="replace")
+        if ran.exit_code != 0:
+            raise RuntimeError(f"the agent container's load generator failed ({ran.exit_code}): {output}")
+        return json.loads(output.strip().splitlines()[-1])
+
+    def close(self) -> None:
+        self.container.remove(force=True)
+        self.client.close()
+
+
+def agent_round_trips(endpoint: str, outstanding: int) -> None:
+    """Inside the agent container: bus.ping round trips on the agent socket, printed as one JSON line."""
+    print(json.dumps(zmq_round_trips(endpoint, outstanding, target="bus.ping", body=PING)), flush=True)
 
 
 def nats_round_trips(url: str, outstanding: int) -> dict:
@@ -385,12 +467,16 @@ def issue_key(endpoints: dict) -> curve.ClientCurve:
 class Bench:
     """One measurement per path and scenario per round, paths alternating."""
 
-    def __init__(self, endpoints: dict, direct: str, nats_url: str, secured: curve.ClientCurve):
+    def __init__(
+        self, endpoints: dict, direct: str, nats_url: str, secured: curve.ClientCurve, agent: AgentContainer
+    ):
         self.round_trip = {
             "direct": lambda n: zmq_round_trips(direct, n),
             "broker": lambda n: zmq_round_trips(endpoints["services"], n),
             "broker_agent": lambda n: zmq_round_trips(endpoints["agents"], n),
             "broker_curve": lambda n: zmq_round_trips(endpoints["tcp_services"], n, secured),
+            "broker_ping": lambda n: zmq_round_trips(endpoints["services"], n, target="bus.ping", body=PING),
+            "agent_container": agent.round_trips,
         }
         self.fan_out = {
             "broker": lambda n: fan_out(raw_subscriber, endpoints, publish_raw, n),
@@ -443,6 +529,7 @@ def report(samples: dict[str, dict[str, list[dict]]]) -> dict:
             ("nats", "direct"),
             ("broker_agent", "broker"),
             ("broker_curve", "broker"),
+            ("agent_container", "broker_ping"),
         ],
         "fan_out": [("broker", "nats"), ("broker_client", "nats"), ("broker_client", "broker")],
     }
@@ -500,6 +587,10 @@ def targets(result: dict) -> dict:
         found["broker_curve/broker at 100 outstanding >= 0.9"] = (
             ratios["round_trips_100: broker_curve/broker"]["median"] >= 0.9
         )
+        # the same from inside a real agent container, on bus.ping (which every agent may call)
+        found["agent_container/broker_ping at 100 outstanding >= 0.9"] = (
+            ratios["round_trips_100: agent_container/broker_ping"]["median"] >= 0.9
+        )
     for count in (1, 4):  # issue 9 item 14: fan-out at least NATS's, sequence checks included
         name = f"fan_out_{count}: broker_client/nats"
         if name in ratios:
@@ -529,6 +620,7 @@ def main() -> None:
     machine = load_before()
     broker = subprocess.Popen([sys.executable, "-m", "baaaht.bus.broker", "--config", str(config)])
     nats_server, nats_url, nats_version = None, "", ""
+    agent = None
     peers = [
         spawn.Process(target=echo_router, args=(direct,), daemon=True),
         spawn.Process(target=echo_service, args=(endpoints["services"],), daemon=True),
@@ -546,9 +638,12 @@ def main() -> None:
         if nats_url:
             ready.get(timeout=30)
         time.sleep(1.5)  # the broker is up and the echo service registered
-        bench = Bench(endpoints, direct, nats_url, issue_key(endpoints))
+        agent = AgentContainer(run_dir)
+        bench = Bench(endpoints, direct, nats_url, issue_key(endpoints), agent)
         bench.run(ROUNDS)
     finally:
+        if agent is not None:
+            agent.close()
         for peer in peers:
             if peer.pid is not None:
                 peer.terminate()
@@ -577,4 +672,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["agent-round-trips"]:
+        agent_round_trips(sys.argv[2], int(sys.argv[3]))
+    else:
+        main()
