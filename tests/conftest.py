@@ -18,6 +18,7 @@ UNIT_TEST_FILES = frozenset(
     {
         "test_agent_sdk_settings.py",
         "test_config.py",
+        "test_containers_identities.py",
         "test_containers_logic.py",
         "test_curve_logic.py",
         "test_containers_ownership.py",

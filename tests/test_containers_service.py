@@ -21,6 +21,7 @@ from baaaht.bus.testing import (
     serving,
     wait_for,
 )
+from baaaht.common.identity import IdentityStore
 from baaaht.schemas import containers as c
 from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConfig, RuntimeConfig
 from baaaht.schemas.containers import (
@@ -57,7 +58,14 @@ from baaaht.services.containers.ownership import LABEL_INSTALL, LABEL_MANAGED, L
 from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory
 from baaaht.services.containers.runtime import EngineUnavailable
 from baaaht.services.containers.service import ContainerService
-from tests.container_fakes import FakePolicy, FakeRuntime, FakeSessions, engine_event, replace, session_info
+from tests.container_fakes import (
+    FakePolicy,
+    FakeRuntime,
+    FakeSessions,
+    engine_event,
+    replace,
+    session_info,
+)
 
 INSTALL = "c" * 32
 OURS = {LABEL_MANAGED: "true", LABEL_INSTALL: INSTALL}
@@ -85,6 +93,7 @@ def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0
         events=FakeBus(),
         policy=kw.pop("policy", FakePolicy()),
         sessions=kw.pop("sessions", FakeSessions(session_info("s1"))),
+        identities=kw.pop("identities", IdentityStore(str(run_dir))),
         **kw,
     )
     service.check_engine()
@@ -111,7 +120,13 @@ def test_create_asks_the_policy_with_the_request_as_made_and_labels_the_containe
     assert (host_count, session_count, override) == (0, 0, {})
     made = service.runtime.containers[result.id]["spec"]
     assert made.resources.memory == 64 * 1024 * 1024  # the policy's enforced spec is what gets created
-    assert made.labels == {**OURS, "baaaht.owner": "session", LABEL_SESSION: "s1", "baaaht.role": "agent"}
+    assert made.labels == {
+        **OURS,
+        "baaaht.owner": "session",
+        LABEL_SESSION: "s1",
+        "baaaht.role": "agent",
+        "baaaht.agent_bus": "true",
+    }
     assert made.env[BUS_ENV] == "ipc:///run/baaaht/agent/bus.sock"
     assert made.group_add == [str(AGENT_GID)]
     assert any(m.source == str(run_dir / "agent") and m.read_only for m in made.mounts)
@@ -495,11 +510,11 @@ def test_the_policy_judges_on_behalf_of_the_session_under_its_settings(run_dir):
     service = make_service(run_dir, policy=policy, sessions=sessions)
     create(service, session="plain")
     service.create(
-        ContainerCreate(spec=ContainerSpec(image="busybox:1"), session_id="tight", role="tool"), context()
+        ContainerCreate(spec=ContainerSpec(image="busybox:1"), session_id="tight", role="worker"), context()
     )
     (_, plain_principal, *_, plain_override), (_, principal, *_, override) = policy.seen
     assert (plain_principal.user, plain_principal.session_id, plain_override) == ("bob", "plain", {})
-    assert (principal.user, principal.session_id, principal.role) == ("carol", "tight", "tool")
+    assert (principal.user, principal.session_id, principal.role) == ("carol", "tight", "worker")
     assert override == {
         "quotas": {"max_memory": "64MB"},
         "images": {"denied": ["evil/*"], "allowed": ["busybox:*"]},
@@ -823,6 +838,7 @@ def test_no_agent_caller_gets_anything_done_by_the_container_manager(run_dir, ro
         install_id=INSTALL,
         policy=FakePolicy(),
         sessions=FakeSessions(session_info("s1")),
+        identities=IdentityStore(str(run_dir)),
     )
     requests = every_container_request(own)
     assert {type(r) for r in requests} == {s.request_type for s in ContainerService.rpcs().values()}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import msgspec
 
 from baaaht.schemas.containers import ContainerSpec, Mount
-from baaaht.services.containers.ownership import OwnerKind, owner_labels
+from baaaht.services.containers.ownership import LABEL_AGENT_BUS, OwnerKind, owner_labels
 
 BUS_ENV = "BAAAHT_BUS"
 BUS_SOCKET_NAME = "bus.sock"
@@ -70,6 +70,7 @@ def attach_identity(spec: ContainerSpec, identity: Identity, bus: AgentBus | Non
     bus_mount = Mount(type="bind", source=bus.host_dir, target=bus.container_dir, read_only=True)
     return msgspec.structs.replace(
         spec,
+        labels={**labels, LABEL_AGENT_BUS: "true"},
         mounts=[*spec.mounts, bus_mount],
         group_add=[*spec.group_add, str(bus.gid)],
         env={**spec.env, BUS_ENV: bus.address},

@@ -19,6 +19,7 @@ LABEL_INSTALL = "baaaht.install"
 LABEL_OWNER = "baaaht.owner"
 LABEL_SESSION = "baaaht.session"
 LABEL_ROLE = "baaaht.role"
+LABEL_AGENT_BUS = "baaaht.agent_bus"  # "true": made with the agents' bus, so it is issued an identity
 RESERVED_LABEL_PREFIX = "baaaht."
 
 

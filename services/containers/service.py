@@ -21,11 +21,12 @@ from functools import partial
 from typing import Callable, Iterator
 
 from baaaht.bus.background import Stopping, background
-from baaaht.bus.callers import host_callers_only, principal_of
+from baaaht.bus.callers import AGENT_ROLES, host_callers_only, principal_of
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.common.endpoints import Endpoints
+from baaaht.common.identity import IdentityStore
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import (
@@ -68,16 +69,23 @@ from baaaht.schemas.containers import (
     WaitResult,
 )
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.sessions import SessionDeleted, SessionInfo
+from baaaht.schemas.sessions import SessionClosed, SessionDeleted, SessionInfo, SessionState, SessionUpdated
 from baaaht.services.containers import reconcile, session_scope, session_volumes, validation
 from baaaht.services.containers.engine_errors import maps_engine_errors
 from baaaht.services.containers.events import EventTranslator
 from baaaht.services.containers.hardening import Identity, UnsafeAddition, agent_bus_for, attach_identity
+from baaaht.services.containers.identities import Identities, agent_role
 from baaaht.services.containers.install import load_or_create
 from baaaht.services.containers.ownership import LABEL_SESSION, install_labels, owner_of
-from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory, PolicyGate, SessionDirectory
+from baaaht.services.containers.peers import (
+    BusPolicyGate,
+    BusSessionDirectory,
+    PolicyGate,
+    SessionDirectory,
+)
 from baaaht.services.containers.runtime import (
     EngineError,
+    EngineEvent,
     NotFound,
     Runtime,
     RuntimeConfigError,
@@ -89,6 +97,9 @@ from baaaht.services.containers.watchdog import TICK, Watchdog
 log = logging.getLogger("baaaht.containers")
 
 LIVE_STATES = ("created", "running", "paused", "restarting")
+# Engine actions after which a container's processes are gone, and with them its identity.
+ENDING_ACTIONS = ("die", "stop", "destroy")
+ENDING_SESSION_STATES = (SessionState.CLOSING, SessionState.CLOSED)
 LOG_BATCH = 256
 REMEMBERED_IDS = 4096
 ENGINE_CHECK_INTERVAL = 2.0
@@ -116,6 +127,7 @@ class ContainerService(Service):
         events: Publisher,
         policy: PolicyGate,
         sessions: SessionDirectory,
+        identities: IdentityStore,
         runtime_problem: str = "",
         clock: Callable[[], float] = time.time,
     ):
@@ -125,6 +137,7 @@ class ContainerService(Service):
         self.events = events
         self.policy = policy
         self.sessions = sessions
+        self.identities = Identities(identities, install_id, clock)
         self.clock = clock
         self.max_containers = config.policy.max_containers
         self.max_ops = config.runtime.max_concurrent_ops
@@ -163,6 +176,7 @@ class ContainerService(Service):
             events=bus,
             policy=BusPolicyGate(bus, timeout),
             sessions=BusSessionDirectory(bus, timeout),
+            identities=IdentityStore(Endpoints.for_config(config.bus).run_dir),
             runtime_problem=problem,
         )
 
@@ -251,6 +265,13 @@ class ContainerService(Service):
     @rpc
     def create(self, req: ContainerCreate, ctx: CallContext) -> CreateResult:
         validation.validate_spec(req.spec)
+        if req.agent_bus and req.role not in AGENT_ROLES:
+            # Its identity would give the container a role the broker's table does not know, or a host's.
+            raise invalid(
+                f"a container with the agents' bus has one of the roles {', '.join(sorted(AGENT_ROLES))}, "
+                f"not {req.role!r} (or set agent_bus false)",
+                field="role",
+            )
         session = self._open_session(req.session_id, ctx)
         override = session_scope.policy_override(session)
         # The session's own volumes are the orchestrator's to allow, so the policy does not judge them.
@@ -269,6 +290,8 @@ class ContainerService(Service):
             with self._engine(ctx) as runtime:
                 container_id, warnings = runtime.create(spec)
         self._remember(container_id)
+        if bus is not None:
+            self._issue_or_remove(container_id, req.session_id, req.role)
         self._attach_or_remove(req.session_id, container_id, ctx)
         log.info(
             "container created",
@@ -300,6 +323,17 @@ class ContainerService(Service):
                     return None
 
             return session_volumes.split_own_volumes(spec, self.install_id, session_id, lookup)
+
+    def _issue_or_remove(self, container_id: str, session_id: str, role: str) -> None:
+        """Issue the new container's identity before anything can start it; without one it is removed."""
+        try:
+            self.identities.issue(container_id, session_id, role)
+            return
+        except OSError as error:
+            failure = f"its identity could not be written ({error})"
+        problem = self._discard(container_id)
+        outcome = f"it could not be removed ({problem})" if problem else "the new container was removed"
+        raise unavailable(f"container creation refused: {failure}; {outcome}", container_id=container_id)
 
     def _attach_or_remove(self, session_id: str, container_id: str, ctx: CallContext) -> None:
         """Record the new container as its session's. If the session refuses it (its max_containers is
@@ -336,6 +370,7 @@ class ContainerService(Service):
         except (BusError, EngineError) as exc:
             return exc.message
         self._forget(container_id)
+        self.identities.revoke(container_id)
         return ""
 
     def _agent_bus(self):
@@ -389,6 +424,7 @@ class ContainerService(Service):
     def _bring_to_life(self, ref: str, ctx: CallContext, operation: Callable[[Runtime, str], None]) -> None:
         with self._engine(ctx) as runtime:
             info = self._owned_info(ref, runtime)
+        self._entitle(info.id, info.labels, ctx)
         if info.state not in LIVE_STATES:
             # Starting a stopped container brings one more to life: it counts against the quota.
             with self._quota_reservation(ctx, info.session_id), self._engine(ctx) as runtime:
@@ -400,7 +436,9 @@ class ContainerService(Service):
     @rpc
     def stop(self, req: ContainerStop, ctx: CallContext) -> Empty:
         with self._engine(ctx) as runtime:
-            runtime.stop(self._owned(req.id, runtime), req.timeout)
+            container_id = self._owned(req.id, runtime)
+            runtime.stop(container_id, req.timeout)
+        self.identities.revoke(container_id)
         return Empty()
 
     @rpc
@@ -437,6 +475,7 @@ class ContainerService(Service):
             container_id = self._owned(req.id, runtime)
             runtime.remove(container_id, req.force, req.remove_volumes)
         self._forget(container_id)
+        self.identities.revoke(container_id)
         return Empty()
 
     @rpc
@@ -605,6 +644,7 @@ class ContainerService(Service):
         """The session's volumes go with it, once the session service confirms that it is gone (any host
         peer may publish the event, and files are not lost on its word). One still in use (a container
         its close could not remove), or not confirmed, stays until reconcile."""
+        self.identities.revoke_session(event.session_id)  # revoking needs no confirmation
         if self.runtime is None:
             return
         try:
@@ -619,6 +659,51 @@ class ContainerService(Service):
             log.warning("volumes of deleted session %s not removed: %s", event.session_id, exc.message)
             return
         self._remove_volumes(self.runtime, volumes)
+
+    # -- identities ---------------------------------------------------------------------------------
+
+    def _entitle(self, container_id: str, labels: dict[str, str], ctx: CallContext | None = None) -> None:
+        """Before an agent container (re)starts: its identity while its session is active or idle,
+        none otherwise. Raises when the session service cannot be asked."""
+        role = agent_role(labels, self.install_id)
+        if not role:
+            return
+        session_id = owner_of(labels, self.install_id).session_id
+        try:
+            open_session = self.sessions.session(session_id, ctx).state in session_scope.OPEN_STATES
+        except BusError as exc:
+            if exc.code is not ErrorCode.NOT_FOUND:
+                raise
+            open_session = False
+        if open_session:
+            self.identities.issue(container_id, session_id, role)
+        else:
+            self.identities.revoke(container_id)
+
+    def _follow_identity(self, event: EngineEvent) -> None:
+        """The engine's word on a container's processes: gone ends its identity; started again (its
+        restart policy) renews it."""
+        if event.kind != "container" or not owner_of(event.attributes, self.install_id).ours:
+            return
+        if event.action in ENDING_ACTIONS:
+            self.identities.revoke(event.id)
+        elif event.action == "start":
+            try:
+                self._entitle(event.id, event.attributes)
+            except BusError as exc:
+                log.warning(
+                    "a restarted agent container was not issued its identity (reconcile does)",
+                    extra={"container": event.id, "error": exc.message},
+                )
+
+    @on_event("session.updated")
+    def on_session_updated(self, event: SessionUpdated) -> None:
+        if event.session.state in ENDING_SESSION_STATES:
+            self.identities.revoke_session(event.session.id)
+
+    @on_event("session.closed")
+    def on_session_closed(self, event: SessionClosed) -> None:
+        self.identities.revoke_session(event.session_id)
 
     # -- reconcile ----------------------------------------------------------------------------------
 
@@ -649,6 +734,7 @@ class ContainerService(Service):
                     "nothing removed"
                 )
                 log.warning("reconcile skipped: %s", reason)
+                self.identities.settle(live_of(containers), {})  # what is gone has no identity
                 return ReconcileReport(skipped=reason)
             decision = reconcile.plan(containers, self.install_id, verdicts, now, self.orphan_grace)
             removed, failed = [], []
@@ -679,6 +765,8 @@ class ContainerService(Service):
                         reason=removal.reason,
                     )
                 )
+            gone = {removal.id for removal in removed}
+            self.identities.settle(live_of(c for c in containers if c.id not in gone), verdicts)
             # After the containers: a volume an orphan container used is free by now.
             orphan_volumes = reconcile.plan(
                 volumes, self.install_id, verdicts, now, self.orphan_grace, reconcile.VOLUME_ENDS
@@ -742,9 +830,15 @@ class ContainerService(Service):
                 if event.time > self._events_since:
                     self._events_since, self._seen_at_since = event.time, set()
                 self._seen_at_since.add(key)
+                self._follow_identity(event)
                 published = self._translator.translate(event)
                 if published is not None:
                     self.events.publish(published)
+
+
+def live_of(containers) -> list[tuple[str, dict[str, str]]]:
+    """(id, labels) of the containers that may be running (their identities are settled by reconcile)."""
+    return [(c.id, c.labels) for c in containers if c.state in LIVE_STATES]
 
 
 def removed_from_engine(remove: Callable[[], None], what: str) -> bool:
