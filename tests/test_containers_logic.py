@@ -43,6 +43,7 @@ from baaaht.services.containers.hardening import (
     unique_name,
 )
 from baaaht.services.containers.ownership import (
+    LABEL_AGENT_BUS,
     LABEL_INSTALL,
     LABEL_MANAGED,
     LABEL_OWNER,
@@ -83,6 +84,7 @@ def test_attach_identity_sets_authoritative_labels_unique_names_and_the_bus():
         LABEL_OWNER: "session",
         LABEL_SESSION: "s1",
         LABEL_ROLE: "agent",
+        LABEL_AGENT_BUS: "true",
     }
     assert done.name.startswith("baaaht-agent-s1-")
     assert done.mounts == [
@@ -92,6 +94,7 @@ def test_attach_identity_sets_authoritative_labels_unique_names_and_the_bus():
     assert done.env[BUS_ENV] == "ipc:///run/baaaht/agent/bus.sock"
     again = attach_identity(spec, Identity(INSTALL, "s1", "agent"), None)
     assert again.name != done.name and again.mounts == [] and BUS_ENV not in again.env
+    assert LABEL_AGENT_BUS not in again.labels
 
 
 def test_unique_names_are_valid_engine_names():
