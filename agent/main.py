@@ -1,6 +1,7 @@
 """`baaaht-agent`: the built-in agents, run inside an agent container.
 
     baaaht-agent idle    join the bus and stay until SIGTERM (exit 0)
+    baaaht-agent echo    answer each user message of the agent's session with the same text
 
 Exit status: 0 when stopped by SIGTERM or SIGINT, 2 for bad settings, 3 when the bus was gone for longer
 than the bus loss limit (`--bus-loss-limit`, else BAAAHT_BUS_LOSS_LIMIT, else 30 s), 1 for anything else.
@@ -18,7 +19,9 @@ from baaaht.agent.sdk import Agent, BusLost
 from baaaht.agent.settings import AgentSettings, SettingsError
 from baaaht.common.logs import setup_logging
 from baaaht.common.units import parse_duration
+from baaaht.schemas.base import topic_of
 from baaaht.schemas.config import LogConfig
+from baaaht.schemas.sessions import SessionMessage, SessionSendMessage
 
 EXIT_SETTINGS = 2
 EXIT_BUS_LOST = 3
@@ -29,7 +32,20 @@ async def idle(agent: Agent) -> None:
     await asyncio.Event().wait()
 
 
-AGENTS: dict[str, Callable[[Agent], Awaitable[None]]] = {"idle": idle}
+async def echo(agent: Agent) -> None:
+    """Answer each user message of the agent's session with the same text, as an assistant message.
+    The broker delivers an agent only its own session's events; from the start of the kept history
+    (`since=0`), so a message sent while the agent was joining is answered too."""
+    async for delivery in agent.subscribe([topic_of(SessionMessage)], since=0):
+        event = delivery.event
+        if isinstance(event, SessionMessage) and event.message.role == "user":
+            answer = SessionSendMessage(
+                session_id=event.session_id, role="assistant", content=event.message.content
+            )
+            await agent.call(answer)
+
+
+AGENTS: dict[str, Callable[[Agent], Awaitable[None]]] = {"idle": idle, "echo": echo}
 
 
 async def run_agent(work: Callable[[Agent], Awaitable[None]], settings: AgentSettings) -> None:

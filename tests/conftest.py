@@ -16,6 +16,7 @@ ECHO_SERVICE = str(Path(__file__).parent / "services" / "echo.py")
 # is an integration test (marker `integration`): a new file is at worst run with the slow ones.
 UNIT_TEST_FILES = frozenset(
     {
+        "test_agent_sdk_echo.py",
         "test_agent_sdk_settings.py",
         "test_config.py",
         "test_containers_identities.py",
