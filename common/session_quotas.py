@@ -50,10 +50,6 @@ class SessionQuotas:
             f" try again in {(amount - bucket.tokens) / bucket.rate:.1f}s"
         )
 
-    def forget(self, session_id: str) -> None:
-        for key in [k for k in self.buckets if k[0] == session_id]:
-            del self.buckets[key]
-
     def prune(self, now: float) -> None:
         """Forget the buckets that have filled up again: a new one would be the same."""
         for key in [k for k, bucket in self.buckets.items() if bucket.full(now)]:

@@ -134,14 +134,14 @@ def test_each_session_has_its_own_quota_per_minute():
     assert quotas.refusal("s1", "messages", 30.0) is None  # 2 a minute: one more each 30 s
 
 
-def test_session_quotas_are_forgotten_when_full_or_when_the_session_goes():
+def test_session_quotas_are_forgotten_once_full_again():
     quotas = SessionQuotas.for_limits(LimitsConfig(session_messages_per_minute=2))
     quotas.refusal("s1", "messages", 0.0)
     quotas.refusal("s2", "messages", 50.0)
     quotas.prune(60.0)
     assert list(quotas.buckets) == [("s2", "messages")]
-    quotas.forget("s2")
-    assert quotas.buckets == {}
+    assert quotas.refusal("s2", "messages", 60.0) is None  # what it had taken is still counted
+    assert quotas.refusal("s2", "messages", 60.0) is not None
 
 
 # -- the broker's in-flight caps ------------------------------------------------------------------
