@@ -211,10 +211,18 @@ class ServiceRunner:
         """A handler thread: serves whichever call the fair queue says is next, until it is closed."""
         while (taken := self.queue.take()) is not None:
             caller, call = taken
+            spec = self.rpcs.get(call[0])
+            streaming = spec is not None and spec.stream
+            if streaming:
+                # A stream had its turn, but holds no share while it runs: it mostly waits for what to
+                # send, and its caller's other calls (a worker's heartbeats beside its task.work) must
+                # not queue behind it.
+                self.queue.done(caller)
             try:
                 self._serve(*call)
             finally:
-                self.queue.done(caller)
+                if not streaming:
+                    self.queue.done(caller)
 
     def _serve(self, target: str, body: bytes, token: bytes, context: CallContext) -> None:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,10 +25,10 @@ import pytest
 from baaaht.bus.client import BusClient
 from baaaht.bus.testing import wait_for
 from baaaht.common.endpoints import Endpoints
-from baaaht.schemas.bus import BusEventsReplay
+from baaaht.schemas.bus import BusEventsReplay, BusServices
 from baaaht.schemas.sessions import SessionCreate
 from tests.conftest import ECHO_SERVICE
-from tests.services.echo import Say
+from tests.services.echo import Count, Say
 
 FLOODER = str(Path(__file__).parent / "flooder.py")
 CALLS = 500  # per caller and phase: p99 is the fifth slowest
@@ -92,6 +93,19 @@ class Flooder:
         self.process.stdout.close()
 
 
+def agent_client(host) -> BusClient:
+    """A client on the agent socket, heartbeating as the host's broker expects."""
+    bus = host.config.bus
+    client = BusClient(
+        Endpoints.for_config(bus).agents,
+        timeout=5,
+        heartbeat_interval=float(bus.heartbeat_interval),
+        liveness=bus.heartbeat_liveness,
+    )
+    host.clients.append(client)
+    return client
+
+
 @pytest.fixture
 def flooded_host(make_host):
     host = make_host({"limits": LIMITS})
@@ -115,8 +129,7 @@ def test_a_flooding_agent_starves_nobody_and_evicts_no_host_history(flooded_host
     operator = host.client()
     operator.call(SessionCreate(owner="alice"))  # host history: the session's events
     endpoints = Endpoints.for_config(host.config.bus)
-    other_agent = BusClient(endpoints.agents, timeout=5)
-    host.clients.append(other_agent)
+    other_agent = agent_client(host)
     callers = {"operator": operator, "other agent": other_agent}
     timed_calls(callers)  # warm both paths up
     history = operator.call(BusEventsReplay(since=0, topics=["session."], limit=1000)).events
@@ -149,3 +162,37 @@ def test_a_flooding_agent_starves_nobody_and_evicts_no_host_history(flooded_host
     assert not failures, f"every one of {ROUNDS} rounds: {failures}"
     kept = operator.call(BusEventsReplay(since=0, topics=["session."], limit=1000)).events
     assert [e.seq for e in kept[: len(history)]] == [e.seq for e in history]
+
+
+def test_an_agents_running_share_holds_its_calls_but_not_its_streams_nor_anybody_else(make_host):
+    host = make_host({"limits": {"agent_running_per_caller": 1}})
+    host.start_service(ECHO_SERVICE, "echo")
+    agent = agent_client(host)
+    operator = host.client()
+    ticks = agent.stream(Count(to=10_000, interval=0.05), timeout=30)
+    next(ticks)
+    assert agent.call(Say(text="beside its stream")).text == "beside its stream"
+    ticks.close()
+
+    finished: list[str] = []
+
+    def call(client: BusClient, text: str, delay: float = 0.0) -> None:
+        client.call(Say(text=text, delay=delay))
+        finished.append(text)
+
+    slow = threading.Thread(target=call, args=(agent, "slow", 1.0))
+    slow.start()
+    wait_for(lambda: host_in_flight(operator) == 1, what="the slow call to reach the service")
+    fast = threading.Thread(target=call, args=(agent, "fast"))
+    fast.start()
+    wait_for(lambda: host_in_flight(operator) == 2, what="the fast call to reach the service")
+    call(operator, "operator")  # the agent's share holds its own calls only
+    assert finished == ["operator"] and slow.is_alive()
+    slow.join(10)
+    fast.join(10)
+    assert finished == ["operator", "slow", "fast"]  # its second call waited for its first
+
+
+def host_in_flight(probe: BusClient) -> int:
+    """Calls the broker has routed to the echo service and not yet seen answered."""
+    return sum(i.in_flight for s in probe.call(BusServices(service="echo")).services for i in s.instances)
