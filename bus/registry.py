@@ -94,7 +94,7 @@ class InFlight:
     target: str
     deadline: float
     instance: Instance
-    holder: Hashable = None  # whose in-flight cap it counts against (InFlightCaps.holder)
+    holder: Hashable  # whose in-flight cap it counts against (quota_holder)
 
 
 def quota_holder(peer: Peer) -> Hashable:

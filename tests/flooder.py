@@ -4,9 +4,10 @@ and events (small ones, and ones of EVENT_BYTES), never waiting for an answer be
 
     python tests/flooder.py ENDPOINT TARGET BODY_JSON EVENT_BYTES
 
-Every half second it prints one JSON line: the replies it has had so far, as "call CODE" or
-"event CODE" (OK for success), so a test can tell when its limits have engaged. It stops when
-its stdin closes.
+It connects when it reads a line on stdin (so that a test can first issue its process an identity,
+which the broker reads when the connection is made). Every half second it prints one JSON line: the
+replies it has had so far, as "call CODE" or "event CODE" (OK for success), so a test can tell when
+its limits have engaged. It stops when its stdin closes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ REPORT_INTERVAL = 0.5
 
 def main() -> None:
     endpoint, target, body_json, event_bytes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    sys.stdin.readline()
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     dealer = zmq.Context.instance().socket(zmq.DEALER)

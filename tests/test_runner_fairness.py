@@ -1,0 +1,155 @@
+"""The runner's fair queue, driven as the connection's I/O thread drives it (no broker: requests
+are handed to the runner as they arrive from one, replies recorded): callers take turns, an agent
+runs at most its share of calls at once, a stream holds no share, and a caller's backlog is bounded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import ClassVar, Iterator
+
+import msgspec
+import pytest
+
+from baaaht.bus import wire
+from baaaht.bus.runner import ServiceRunner
+from baaaht.bus.service import Service, rpc
+from baaaht.bus.testing import Recorded
+from baaaht.common.endpoints import Endpoints
+from baaaht.schemas.base import Empty, Request
+from baaaht.schemas.bus import Caller
+from baaaht.schemas.config import BusConfig
+from baaaht.schemas.errors import ErrorCode
+
+AGENT_A = Caller(socket="agents", peer="a1", role="agent", session="s1", container="a" * 64)
+AGENT_A_AGAIN = Caller(socket="agents", peer="a2", role="agent", session="s1", container="a" * 64)
+AGENT_B = Caller(socket="agents", peer="b1", role="agent", session="s2", container="b" * 64)
+OPERATOR = Caller(socket="services", peer="0p", role="operator")
+
+
+class Hold(Request, tag="paced.hold", kw_only=True):
+    response: ClassVar[type] = Empty
+    name: str
+
+
+class Follow(Request, tag="paced.follow", kw_only=True):
+    response: ClassVar[type] = Empty
+    name: str
+
+
+class Paced(Service):
+    """Each call runs until the test releases it by name."""
+
+    name = "paced"
+    concurrency = 4
+
+    def __init__(self):
+        self.started: Recorded[str] = Recorded()
+        self.releases: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+
+    def release(self, name: str) -> None:
+        self._gate(name).set()
+
+    def _gate(self, name: str) -> threading.Event:
+        with self.lock:
+            return self.releases.setdefault(name, threading.Event())
+
+    @rpc
+    def hold(self, request: Hold) -> Empty:
+        self.started.append(request.name)
+        self._gate(request.name).wait(10)
+        return Empty()
+
+    @rpc(stream=True)
+    def follow(self, request: Follow) -> Iterator[Empty]:
+        self.started.append(request.name)
+        yield Empty()
+        self._gate(request.name).wait(10)
+
+
+class Driven:
+    """A runner whose requests come from the test, replies recorded as (request id, error code)."""
+
+    def __init__(self, run_dir: str, **limits):
+        self.runner = ServiceRunner(Paced, Endpoints.for_config(BusConfig(run_dir=run_dir)), **limits)
+        self.service = self.runner.service = Paced()
+        self.replies: Recorded[tuple[str, str]] = Recorded()
+        self.runner._reply = self._record
+        self.tokens = 0
+
+    def _record(self, kind, context, body, token, error=""):
+        if kind == wire.REPLY:
+            self.replies.append((context.request_id, error))
+
+    def send(self, caller: Caller, request: Request, stream: bool = False) -> None:
+        """`request` as the broker hands it over: the envelope, then the token and the caller's stamp."""
+        self.tokens += 1
+        name = request.name
+        target = type(request).__struct_config__.tag
+        envelope = wire.request(name, target, time.time() + 30, "", stream, msgspec.msgpack.encode(request))
+        token = self.tokens.to_bytes(wire.TOKEN_SIZE, "big")
+        self.runner._on_message(wire.REQUEST, envelope, [token + wire.encode(caller)])
+
+    def started(self, *names: str) -> None:
+        self.service.started.wait_until(lambda s: set(names) <= set(s), what=f"{names} to start")
+
+    def close(self) -> None:
+        for gate in list(self.service.releases.values()):
+            gate.set()
+        self.runner._stop_handlers()
+        self.runner.connection.close()
+
+
+@pytest.fixture
+def driven(tmp_path):
+    made: list[Driven] = []
+
+    def make(**limits) -> Driven:
+        made.append(Driven(str(tmp_path), **limits))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def test_an_agent_runs_only_its_share_while_others_run_beside_it(driven):
+    paced = driven(agent_running_per_caller=1)
+    paced.send(AGENT_A, Hold(name="a1"))
+    paced.started("a1")
+    paced.send(AGENT_A_AGAIN, Hold(name="a2"))  # the same container on another connection: one caller
+    paced.send(AGENT_B, Hold(name="b1"))
+    paced.send(OPERATOR, Hold(name="o1"))
+    paced.send(OPERATOR, Hold(name="o2"))  # host callers may use every thread
+    paced.started("b1", "o1", "o2")
+    assert "a2" not in paced.service.started
+    paced.service.release("a1")
+    paced.started("a2")
+    paced.replies.wait_until(lambda r: ("a1", "") in r, what="a1 answered")
+
+
+def test_a_stream_takes_its_turn_but_holds_no_share(driven):
+    paced = driven(agent_running_per_caller=1)
+    paced.send(AGENT_A, Follow(name="f1"), stream=True)
+    paced.started("f1")
+    paced.send(AGENT_A, Hold(name="beside"))
+    paced.started("beside")  # the stream still runs: only the call holds the share
+
+
+def test_a_callers_backlog_past_its_bound_is_refused_naming_the_limit(driven):
+    paced = driven(agent_running_per_caller=1, queued_per_caller=2)
+    refusals: list[str] = []
+    paced.runner._reply = lambda kind, context, body, token, error="": refusals.append(
+        (context.request_id, error, msgspec.msgpack.decode(body)["message"])
+    )
+    for name in ("a1", "a2", "a3", "a4"):  # a1 runs, a2 and a3 wait, a4 is one too many
+        paced.send(AGENT_A, Hold(name=name))
+        if name == "a1":
+            paced.started("a1")
+    [(request_id, code, message)] = refusals
+    assert (request_id, code) == ("a4", ErrorCode.RESOURCE_EXHAUSTED.value)
+    assert "limits.queued_per_caller" in message and "2 calls waiting" in message
+    paced.send(AGENT_B, Hold(name="b1"))  # the bound is each caller's own
+    paced.started("b1")
+    assert len(refusals) == 1
