@@ -1,13 +1,13 @@
 """A hostile agent for the fairness tests: floods the bus from one connection as fast as it can,
 with requests to a service (TARGET, its body given as JSON), requests to the broker (`bus.ping`)
-and events (small ones, and ones of EVENT_BYTES), never waiting for an answer before sending more.
+and events (small ones, and ones of EVENT_BYTES), never waiting for an answer before sending more,
+until it is killed. It runs in a container of the agent image (`python3 -c SOURCE ...`: it needs
+nothing but what the image has), on the agents' bus the container manager hands it in BAAAHT_BUS.
 
-    python tests/flooder.py ENDPOINT TARGET BODY_JSON EVENT_BYTES
+    python3 flooder.py TARGET BODY_JSON EVENT_BYTES
 
-It connects when it reads a line on stdin (so that a test can first issue its process an identity,
-which the broker reads when the connection is made). Every half second it prints one JSON line: the
-replies it has had so far, as "call CODE" or "event CODE" (OK for success), so a test can tell when
-its limits have engaged. It stops when its stdin closes.
+Every half second it prints one JSON line: the replies it has had so far, as "call CODE" or
+"event CODE" (OK for success), so a test can tell when its limits have engaged.
 """
 
 from __future__ import annotations
@@ -15,25 +15,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
-from pathlib import Path
 
 import msgspec
 import zmq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a checkout
-
-from baaaht.bus import wire  # noqa: E402
+from baaaht.bus import wire
 
 REPORT_INTERVAL = 0.5
 
 
 def main() -> None:
-    endpoint, target, body_json, event_bytes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    sys.stdin.readline()
-    stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    target, body_json, event_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    endpoint = os.environ["BAAAHT_BUS"]
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(endpoint)
@@ -44,11 +38,11 @@ def main() -> None:
     replies: dict[str, int] = {}
     counter = 0
     next_report = time.monotonic()
-    while not stop.is_set():
+    while True:
         try:
-            for target, body in sends:
+            for method, body in sends:
                 counter += 1
-                request = wire.request(format(counter, "x"), target, time.time() + 30, "", False, body)
+                request = wire.request(format(counter, "x"), method, time.time() + 30, "", False, body)
                 dealer.send(request, zmq.NOBLOCK)
             dealer.send(small, zmq.NOBLOCK)
             if counter % 100 == 0:
@@ -64,7 +58,6 @@ def main() -> None:
         if time.monotonic() >= next_report:
             print(json.dumps({"pid": os.getpid(), "replies": replies}), flush=True)
             next_report = time.monotonic() + REPORT_INTERVAL
-    dealer.close(0)
 
 
 if __name__ == "__main__":

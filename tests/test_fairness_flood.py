@@ -1,5 +1,6 @@
 """One agent flooding the bus (requests to a service and to the broker, and events, as fast as it
-can) does not starve another agent or the operator, and does not evict the host's event history.
+can, from a real container of the agent image made by the container manager) does not starve
+another agent or the operator, and does not evict the host's event history.
 
 The bound is a correctness bound, not a performance target: each caller's p99 for the call the
 flooder floods (`echo.say` of the test service: a peer on the agents' socket is not given a
@@ -26,11 +27,24 @@ import pytest
 from baaaht.bus.client import BusClient
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.bus import BusEventsReplay
-from baaaht.schemas.sessions import SessionCreate
+from baaaht.schemas.config import Config
+from baaaht.schemas.containers import (
+    ContainerCreate,
+    ContainerDestroy,
+    ContainerLogs,
+    ContainerSpec,
+    ContainerStart,
+)
+from baaaht.services.containers.docker_runtime import DockerRuntime
+from tests import container_support
 from tests.conftest import ECHO_SERVICE
 from tests.services.echo import Say
+from tests.test_containers_bus import SETTINGS, Orchestrator
 
-FLOODER = str(Path(__file__).parent / "flooder.py")
+docker_client = container_support.docker_client
+pytestmark = pytest.mark.docker
+
+FLOODER = Path(__file__).parent / "flooder.py"
 CALLS = 500  # per caller and phase: p99 is the fifth slowest
 BOUND = 10.0
 QUIET_FLOOR = 0.002  # seconds: below this a quiet p99 is timer noise, not a baseline
@@ -61,30 +75,34 @@ def timed_calls(callers: dict[str, BusClient]) -> dict[str, float]:
 
 
 class Flooder:
-    def __init__(self, endpoint: str, event_bytes: int):
+    """The flooder in a real container of the agent image, created by the container manager in a
+    session of its own (so with the agents' bus, as any agent); its reports read from its log."""
+
+    def __init__(self, orchestrator: Orchestrator, image: str, event_bytes: int):
+        self.bus = orchestrator.bus
         body = json.dumps({"text": "flood"})
-        self.process = subprocess.Popen(
-            [sys.executable, FLOODER, endpoint, "echo.say", body, str(event_bytes)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+        command = ["python3", "-c", FLOODER.read_text(), "echo.say", body, str(event_bytes)]
+        create = ContainerCreate(
+            spec=ContainerSpec(image=image, command=command), session_id=orchestrator.session()
         )
+        self.container = self.bus.call(create).id
         self.replies: dict[str, int] = {}
-        self.reports: queue.SimpleQueue[str] = queue.SimpleQueue()  # its lines; "" once it has exited
+        self.reports: queue.SimpleQueue[str] = queue.SimpleQueue()  # its lines; "" once its log ends
+        self.seen: list[str] = []  # the lines that were not reports (a traceback, say)
+        self.bus.call(ContainerStart(id=self.container))
+        self.runtime = DockerRuntime(Config())  # its log followed on the engine: once it runs, to its end
+        self.log = self.runtime.logs(self.container, ContainerLogs(id=self.container, follow=True))
         self.reader = threading.Thread(target=self._read_reports, daemon=True)
         self.reader.start()
 
     def _read_reports(self) -> None:
-        for line in self.process.stdout:
-            self.reports.put(line)
-        self.reports.put("")
+        try:
+            for line in self.log:
+                self.reports.put(line.text)
+        finally:
+            self.reports.put("")
 
-    def start(self) -> None:
-        """Let it connect and flood."""
-        self.process.stdin.write("go\n")
-        self.process.stdin.flush()
-
-    def wait_until(self, engaged, what: str, timeout: float = 30.0) -> None:
+    def wait_until(self, engaged, what: str, timeout: float = 60.0) -> None:
         """Until the flooder's reports show `engaged(replies)`."""
         deadline = time.monotonic() + timeout
         while True:
@@ -92,21 +110,19 @@ class Flooder:
                 line = self.reports.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
-            assert line, f"the flooder exited while waiting for {what}"
+            assert line, f"the flooder's log ended while waiting for {what}: {self.seen[-20:]}"
+            if not line.startswith("{"):
+                self.seen.append(line)
+                continue
             self.replies = json.loads(line)["replies"]
             if engaged(self.replies):
                 return
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.reader.join(5)  # it has read to the end: the pipe is closed under nobody
-        self.process.stdout.close()
+        self.bus.call(ContainerDestroy(id=self.container, force=True), timeout=60)
+        self.log.close()  # ends the reader
+        self.reader.join(10)
+        self.runtime.close()
 
 
 def agent_client(host) -> BusClient:
@@ -123,11 +139,11 @@ def agent_client(host) -> BusClient:
 
 
 @pytest.fixture
-def flooded_host(make_host):
-    host = make_host({"limits": LIMITS})
-    host.start_service("baaaht.services.sessions", "session")
-    host.start_service(ECHO_SERVICE, "echo")
-    return host
+def orchestrator(make_host, docker_client):
+    made = Orchestrator(make_host({**SETTINGS, "limits": LIMITS}), docker_client)
+    made.host.start_service(ECHO_SERVICE, "echo")
+    yield made
+    made.cleanup()
 
 
 def with_busy_processes(measure):
@@ -140,11 +156,10 @@ def with_busy_processes(measure):
             process.wait(5)
 
 
-def test_a_flooding_agent_starves_nobody_and_evicts_no_host_history(flooded_host):
-    host = flooded_host
+def test_a_flooding_agent_starves_nobody_and_evicts_no_host_history(orchestrator, agent_image):
+    host = orchestrator.host
     operator = host.client()
-    operator.call(SessionCreate(owner="alice"))  # host history: the session's events
-    endpoints = Endpoints.for_config(host.config.bus)
+    orchestrator.session()  # host history: the session's events
     other_agent = agent_client(host)
     callers = {"operator": operator, "other agent": other_agent}
     timed_calls(callers)  # warm both paths up
@@ -155,9 +170,8 @@ def test_a_flooding_agent_starves_nobody_and_evicts_no_host_history(flooded_host
     for _ in range(ROUNDS):
         quiet = timed_calls(callers)
         loaded = with_busy_processes(lambda: timed_calls(callers))
-        flooder = Flooder(endpoints.agents, int(host.config.bus.max_event_size))
+        flooder = Flooder(orchestrator, agent_image, int(host.config.bus.max_event_size))
         try:
-            flooder.start()
             flooder.wait_until(lambda r: sum(r.values()) > 1000, "the flood to be under way")
             flooded = timed_calls(callers)
             flooder.wait_until(lambda r: True, "the flooder's last report")
