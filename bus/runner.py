@@ -94,6 +94,7 @@ class ServiceRunner:
         ]
         for handler in self.handlers:
             handler.start()
+        self.streaming: set[bytes] = set()  # tokens of the active calls that are streams
         self.service: Service | None = None
         self.background: Background | None = None
         self.starting = True
@@ -253,12 +254,14 @@ class ServiceRunner:
             self.active.pop(token, None)
 
     def _serve_stream(self, spec: RpcSpec, items, token: bytes, context: CallContext) -> None:
+        self.streaming.add(token)
         try:
             for item in items:
                 if context.cancelled.is_set():
                     break
                 self._reply(wire.PARTIAL, context, _encode(item), token)
         finally:
+            self.streaming.discard(token)
             items.close()  # runs the handler's cleanup (finally blocks) on cancellation
         if context.cancelled.is_set():
             raise BusError(ErrorCode.CANCELLED, f"{spec.target} was cancelled by the caller")
@@ -326,6 +329,9 @@ class ServiceRunner:
         self._serve_until_stopped()
         self.draining = True
         self._report_health()  # unhealthy from now on: the broker routes nothing new here
+        for token in list(self.streaming):  # a stream (a follow, a worker's task.work) never ends by itself
+            if (context := self.active.get(token)) is not None:
+                context.cancelled.set()
         deadline = time.monotonic() + self.drain_timeout
         while self.active and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -89,6 +89,16 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         )
     },
     "limits.agent_events_per_second": (_is_positive, "is out of range (expected a rate above zero)"),
+    "scheduler.session_max_running": (lambda n: n >= 0, "is out of range (expected 0, none, or more)"),
+    "scheduler.session_rate": (lambda rate: rate >= 0, "is out of range (expected 0, none, or more)"),
+    "scheduler.queue_max_running": (
+        lambda limits: all(n >= 0 for n in limits.values()),
+        "has a negative limit (expected queue: 0, none, or more)",
+    ),
+    "scheduler.queue_rate": (
+        lambda rates: all(rate >= 0 for rate in rates.values()),
+        "has a negative rate (expected queue: starts per second, 0 for none)",
+    ),
 }
 
 

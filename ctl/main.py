@@ -39,7 +39,7 @@ app = typer.Typer(
 # Every page of an event replay: the broker's own cap is its whole history.
 REPLAY_PAGE = 1000
 # The services a host runs (supervisord.conf): `status` fails when one of them is missing.
-EXPECTED_SERVICES = ("container", "session", "policy", "credential")
+EXPECTED_SERVICES = ("container", "session", "policy", "credential", "task")  # task: the scheduler process
 
 
 def show_version(value: bool) -> None:
@@ -132,7 +132,8 @@ def service_problems(listed) -> list[str]:
 
 @app.command()
 def status(ctx: typer.Context, _json: JsonOption = False) -> None:
-    """Is the host up: the broker, its services (container, session, policy, credential) and its counters.
+    """Is the host up: the broker, its services (container, session, policy, credential, task) and its
+    counters.
     Exits 1 when an expected service is missing or unhealthy."""
     ctl: Ctl = ctx.obj
     pong = ctl.call(BusPing())

@@ -59,7 +59,7 @@ RUN_DIR_MODE = 0o750  # the bus sockets are for their owner and group; nobody el
 DATA_DIR_MODE = 0o700
 # Programs that take SIGHUP as "reload" (every service: bus/runner.py calls its on_reload). The launcher
 # forwards its SIGHUP to these only: the broker has no reload, and SIGHUP would end it.
-RELOAD_ON_SIGHUP = ("policy", "container", "session")
+RELOAD_ON_SIGHUP = ("policy", "container", "session", "scheduler")
 SUPERVISORCTL_TIMEOUT = 15.0  # seconds; supervisord answers at once unless it is stuck
 WAIT_INTERVAL = 0.2  # seconds between checks for a requested reload while supervisord runs
 _PLACEHOLDER = re.compile(r"%\(ENV_(BAAAHT_[A-Z0-9_]+)\)s")

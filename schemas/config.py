@@ -123,6 +123,20 @@ class CredentialsConfig(Section, kw_only=True):
     sweep_interval: Duration = Duration(10.0)  # last-use writes, erasing retired versions, expiry events
 
 
+class SchedulerConfig(Section, kw_only=True):
+    # A task's heartbeat timeout when it sets none: a worker that dies loses its lease after this long.
+    lease_timeout: Duration = Duration(30.0)
+    cancel_grace: Duration = Duration(10.0)  # a running task asked to cancel ends cancelled after this
+    max_payload: Size = Size(256 * 1024)
+    max_result: Size = Size(256 * 1024)
+    key_retention: Duration = Duration(24 * 3600.0)  # how long an idempotency key answers its task
+    # Limits: 0 is none. Rates are task starts per second (a token bucket holding one second's worth).
+    queue_max_running: dict[str, int] = {}
+    queue_rate: dict[str, float] = {}
+    session_max_running: int = 0
+    session_rate: float = 0.0
+
+
 class Config(Section, kw_only=True):
     data_dir: str = "/var/lib/baaaht"
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
@@ -134,3 +148,4 @@ class Config(Section, kw_only=True):
     container: ContainerConfig = msgspec.field(default_factory=ContainerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     credentials: CredentialsConfig = msgspec.field(default_factory=CredentialsConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)

@@ -44,6 +44,7 @@ UNIT_TEST_FILES = frozenset(
         "test_sessions_service.py",
         "test_sessions_states.py",
         "test_sessions_store.py",
+        "test_scheduler_logic.py",
         "test_testing.py",
     }
 )

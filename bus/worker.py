@@ -1,0 +1,213 @@
+"""Workers of the task scheduler, on asyncio: take tasks from queues, run handlers, report.
+
+    async def resize(task: WorkerTask) -> dict:
+        ...                                   # task.payload is the decoded msgpack payload
+        return {"done": True}                 # the result (msgpack-able)
+
+    async with AsyncBusClient.for_config(config) as bus:
+        await Worker(bus, queues=["images"], slots=4, handlers={"resize": resize}).run()
+
+Workers never register as services: a worker opens the streaming call `task.work`, on which the
+scheduler pushes the tasks it leases to it (at most `slots` at once) and cancels; the worker
+acknowledges each task (`task.ack`), heartbeats it while the handler runs (`task.heartbeat`, every
+third of the task's heartbeat timeout) and reports its outcome once (`task.complete`).
+
+- A handler that returns succeeds; one that raises fails its attempt with the exception's class name as
+  the error type (retried by the task's policy), NonRetryableError fails the task at once.
+- A cancel (from the scheduler, a closed session, or a timeout the scheduler saw) cancels the handler's
+  asyncio task: the handler sees CancelledError (and `task.cancelled` is set first).
+- A lease the scheduler no longer honours (it expired) cancels the handler and reports nothing.
+- The broker away (a restart): the stream is opened again, with the leases still being worked on, and
+  reports are retried until they get through or the lease is surely gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import msgspec
+
+from baaaht.bus.aio import AsyncBusClient
+from baaaht.bus.errors import BusError
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.tasks import TaskAck, TaskAssignment, TaskComplete, TaskHeartbeat, TaskWork
+
+log = logging.getLogger("baaaht.worker")
+
+STREAM_TIMEOUT = 600.0  # seconds one task.work stream lasts before it is opened again
+RETRY_FIRST, RETRY_MOST = 0.05, 2.0  # seconds between attempts to reach an absent broker
+MAX_ERROR = 4096
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+class NonRetryableError(Exception):
+    """Raise from a handler to fail the task without retrying it."""
+
+
+@dataclass
+class WorkerTask:
+    """What a handler is given."""
+
+    id: str
+    queue: str
+    type: str
+    payload: Any
+    session_id: str
+    attempt: int
+    lease_id: str
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # set before the handler is cancelled
+
+
+Handler = Callable[[WorkerTask], Awaitable[Any]]
+
+
+class LeaseLost(Exception):
+    """The scheduler no longer takes reports for this lease."""
+
+
+class Worker:
+    def __init__(
+        self,
+        bus: AsyncBusClient,
+        queues: list[str],
+        slots: int,
+        handlers: dict[str, Handler],
+        *,
+        worker_id: str = "",
+        stream_timeout: float = STREAM_TIMEOUT,
+    ):
+        self.bus = bus
+        self.queues = list(queues)
+        self.slots = slots
+        self.handlers = handlers
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.stream_timeout = stream_timeout
+        self.running: dict[str, tuple[WorkerTask, asyncio.Task]] = {}  # by lease id
+        self.streams_opened = 0  # how many task.work streams this worker has opened (1 + reconnects)
+
+    async def run(self) -> None:
+        """Take work until cancelled; the tasks still running are cancelled (and reported) on the way out."""
+        pause = RETRY_FIRST
+        try:
+            while True:
+                request = TaskWork(
+                    worker_id=self.worker_id, queues=self.queues, slots=self.slots, held=list(self.running)
+                )
+                try:
+                    self.streams_opened += 1
+                    async for assignment in self.bus.stream(request, timeout=self.stream_timeout):
+                        pause = RETRY_FIRST
+                        self._take(assignment)
+                    pause = RETRY_FIRST  # the stream ended (the scheduler restarted): open another
+                except BusError as exc:
+                    if exc.code is ErrorCode.TIMEOUT:
+                        continue  # its deadline came: open the next at once
+                    if exc.code is ErrorCode.PERMISSION_DENIED or exc.code is ErrorCode.INVALID_ARGUMENT:
+                        raise
+                    log.info("task.work interrupted", extra={"reason": exc.message, "retry_in": pause})
+                    await asyncio.sleep(pause)
+                    pause = min(RETRY_MOST, pause * 2)
+        finally:
+            for _task, runner in list(self.running.values()):
+                runner.cancel()
+            if self.running:
+                await asyncio.gather(
+                    *(runner for _t, runner in self.running.values()), return_exceptions=True
+                )
+
+    def _take(self, assignment: TaskAssignment) -> None:
+        if assignment.kind == "cancel":
+            held = self.running.get(assignment.lease_id)
+            if held is not None:
+                held[0].cancelled.set()
+                held[1].cancel()
+            return
+        if assignment.lease_id in self.running:
+            return
+        task = WorkerTask(
+            id=assignment.task_id,
+            queue=assignment.queue,
+            type=assignment.task_type,
+            payload=_decode(assignment.payload) if assignment.payload else None,
+            session_id=assignment.session_id,
+            attempt=assignment.attempt,
+            lease_id=assignment.lease_id,
+        )
+        runner = asyncio.create_task(self._work(task, assignment.heartbeat_timeout))
+        self.running[task.lease_id] = (task, runner)
+
+    async def _work(self, task: WorkerTask, heartbeat_timeout: float) -> None:
+        lease_ends = time.monotonic() + heartbeat_timeout
+        try:
+            await self._report(TaskAck(task_id=task.id, lease_id=task.lease_id), lease_ends)
+            handler = self.handlers.get(task.type)
+            handler_task = asyncio.current_task()
+            beat = asyncio.create_task(self._heartbeat(task, heartbeat_timeout, handler_task))
+            try:
+                if handler is None:
+                    raise NonRetryableError(f"this worker has no handler for task type {task.type!r}")
+                result = await handler(task)
+                outcome = TaskComplete(
+                    task_id=task.id,
+                    lease_id=task.lease_id,
+                    outcome="succeeded",
+                    result=b"" if result is None else _encode(result),
+                )
+            except asyncio.CancelledError:
+                if not task.cancelled.is_set():
+                    raise  # the worker is stopping, or the lease was lost: nothing to report
+                asyncio.current_task().uncancel()  # the cancel was the task's, not this worker's
+                outcome = TaskComplete(task_id=task.id, lease_id=task.lease_id, outcome="cancelled")
+            except Exception as exc:
+                outcome = TaskComplete(
+                    task_id=task.id,
+                    lease_id=task.lease_id,
+                    outcome="failed",
+                    error_type=type(exc).__name__[:128],
+                    error=str(exc)[:MAX_ERROR],
+                    non_retryable=isinstance(exc, NonRetryableError),
+                )
+            finally:
+                beat.cancel()
+            await self._report(outcome, time.monotonic() + heartbeat_timeout)
+        except LeaseLost:
+            log.info("lease lost", extra={"task_id": task.id})
+        finally:
+            self.running.pop(task.lease_id, None)
+
+    async def _heartbeat(self, task: WorkerTask, timeout: float, handler_task: asyncio.Task) -> None:
+        every = max(0.01, timeout / 3)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                answer = await self._report(
+                    TaskHeartbeat(task_id=task.id, lease_id=task.lease_id), time.monotonic() + timeout
+                )
+            except LeaseLost:
+                handler_task.cancel()
+                return
+            if answer.cancel_requested and not task.cancelled.is_set():
+                task.cancelled.set()
+                handler_task.cancel()
+
+    async def _report(self, request, until: float) -> Any:
+        """Call the scheduler until it answers or the lease is surely gone (`until`, monotonic)."""
+        pause = RETRY_FIRST
+        while True:
+            try:
+                return await self.bus.call(request, timeout=max(0.5, min(5.0, until - time.monotonic())))
+            except BusError as exc:
+                if exc.code is ErrorCode.FAILED_PRECONDITION:
+                    raise LeaseLost(exc.message) from None
+                if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT) or time.monotonic() >= until:
+                    raise LeaseLost(f"{exc.code.value}: {exc.message}") from None
+                await asyncio.sleep(pause)
+                pause = min(RETRY_MOST, pause * 2)

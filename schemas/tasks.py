@@ -1,0 +1,393 @@
+"""Task scheduler messages (`task.*`, served by the `scheduler` process): tasks, workers, schedules.
+
+A task is a piece of work on a queue: the scheduler keeps it durably, hands it under a lease to a worker
+that took work on that queue (`task.work`, a stream), retries it with backoff when an attempt fails and
+moves it to `dead` when it is out of attempts. Payloads and results are msgpack bytes, opaque to the
+scheduler. Times are seconds since the epoch; durations are seconds; 0 means "none" for a timeout.
+
+A queue needs no declaring: a task on a queue no worker takes stays `queued` (and `task.list` shows it).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+from msgspec import Meta
+
+from baaaht.schemas.base import Empty, Event, Request, Response
+from baaaht.schemas.ids import ID_PATTERN, ID_RULE, MAX_ID, SessionFilter
+
+
+def _name(what: str) -> Meta:
+    return Meta(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN, description=f"{what}: {ID_RULE}.")
+
+
+TaskId = Annotated[str, _name("A task id")]
+ScheduleId = Annotated[str, _name("A schedule id")]
+QueueName = Annotated[str, _name("A queue name")]
+TaskType = Annotated[str, _name("A task type")]
+QueueFilter = Annotated[str, Meta(max_length=MAX_ID, pattern=f"^(?:{ID_PATTERN[1:-1]})?$")]
+WorkerId = Annotated[str, _name("A worker id (chosen by the worker, kept across its reconnects)")]
+LeaseId = Annotated[str, Meta(min_length=1, max_length=64)]
+IdempotencyKey = Annotated[str, Meta(max_length=256, description="Empty: none.")]
+Priority = Annotated[int, Meta(ge=-1000, le=1000, description="Higher runs first; then older first.")]
+Seconds = Annotated[float, Meta(ge=0, le=10 * 365 * 86400, description="Seconds, 0 or more.")]
+ErrorType = Annotated[str, Meta(max_length=128)]
+ErrorText = Annotated[str, Meta(max_length=4096)]
+PageLimit = Annotated[int, Meta(ge=1, le=1000)]
+Cursor = Annotated[int, Meta(ge=0)]
+
+# The error types the scheduler itself gives an attempt it ends.
+HEARTBEAT_TIMEOUT = "HeartbeatTimeout"
+START_TO_CLOSE_TIMEOUT = "StartToCloseTimeout"
+SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
+WORKER_LOST = "WorkerLost"
+
+
+class TaskState(str, enum.Enum):
+    """queued -> leased -> running -> succeeded | failed | cancelled | dead; a failed attempt with
+    attempts left goes back to queued (after its backoff)."""
+
+    QUEUED = "queued"  # waiting for a worker (or for its not-before time, or its retry backoff)
+    LEASED = "leased"  # handed to a worker that has not acknowledged it yet
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # a non-retryable error, or its schedule-to-start timeout passed
+    CANCELLED = "cancelled"
+    DEAD = "dead"  # out of attempts: inspect with `task.get`, run again with `task.requeue`
+
+
+TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.DEAD})
+Overlap = Literal["skip", "buffer_one", "allow"]
+Jitter = Literal["full", "none"]
+Outcome = Literal["succeeded", "failed", "cancelled"]
+
+
+class RetryPolicy(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Temporal's retry semantics: the n-th retry waits min(initial_interval * backoff_coefficient**(n-1),
+    maximum_interval), with full jitter a uniform random part of that."""
+
+    initial_interval: Annotated[float, Meta(gt=0, le=86400)] = 1.0
+    backoff_coefficient: Annotated[float, Meta(ge=1, le=100)] = 2.0
+    maximum_interval: Annotated[float, Meta(gt=0, le=7 * 86400)] = 100.0
+    maximum_attempts: Annotated[int, Meta(ge=1, le=1000)] = 5
+    non_retryable_errors: list[ErrorType] = []  # error types that fail the task at once
+    jitter: Jitter = "full"
+
+
+class Timeouts(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """0: none, except `heartbeat`: 0 is the scheduler's `scheduler.lease_timeout`."""
+
+    schedule_to_start: Seconds = 0.0  # queued (once due) this long without starting: failed, not retried
+    start_to_close: Seconds = 0.0  # an attempt running this long is ended and retried
+    heartbeat: Seconds = 0.0  # no heartbeat for this long: the lease expires and the attempt is retried
+
+
+class TaskAttempt(msgspec.Struct, kw_only=True, omit_defaults=True):
+    number: int
+    worker: str
+    leased_at: float
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    error_type: str = ""
+    error: str = ""
+
+
+class TaskInfo(Response, kw_only=True):
+    id: str
+    queue: str
+    task_type: str
+    payload: bytes = b""
+    priority: int = 0
+    session_id: str = ""
+    key: str = ""
+    state: TaskState
+    not_before: float = 0.0  # not started before this time (a delay, or a retry's backoff)
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    attempts: list[TaskAttempt] = []
+    attempts_before_requeue: int = 0  # attempts made before the last requeue (not counted against it)
+    result: bytes = b""
+    error_type: str = ""  # of the last failed attempt, or the reason it ended
+    error: str = ""
+    cancel_requested: bool = False
+    schedule_id: str = ""
+    created_at: float
+    updated_at: float
+    finished_at: float = 0.0
+
+
+class TaskPage(Response, kw_only=True):
+    tasks: list[TaskInfo]
+    next_cursor: int = 0
+
+
+class TaskSubmitResult(Response, kw_only=True):
+    task: TaskInfo
+    duplicate: bool = False  # the idempotency key was seen: this is the first task with it
+
+
+class TaskSubmit(Request, tag="task.submit", kw_only=True):
+    """Answered once the task is durable. With a `key`, a second submit (in the same session) within
+    `scheduler.key_retention` answers the first task, duplicate=True."""
+
+    response: ClassVar[type] = TaskSubmitResult
+
+    queue: QueueName
+    task_type: TaskType
+    payload: bytes = b""  # msgpack; empty: none
+    priority: Priority = 0
+    session_id: SessionFilter = ""  # an assistant's tasks are always in its own session
+    key: IdempotencyKey = ""
+    delay: Seconds = 0.0
+    not_before: Seconds = 0.0  # an absolute time; the later of it and now + delay counts
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+
+
+class TaskGet(Request, tag="task.get", kw_only=True):
+    response: ClassVar[type] = TaskInfo
+
+    id: TaskId
+
+
+class TaskList(Request, tag="task.list", kw_only=True):
+    """Tasks oldest first matching every filter given."""
+
+    response: ClassVar[type] = TaskPage
+
+    states: list[TaskState] = []
+    queue: QueueFilter = ""
+    session_id: SessionFilter = ""
+    limit: PageLimit = 100
+    cursor: Cursor = 0
+
+
+class TaskCancel(Request, tag="task.cancel", kw_only=True):
+    """A queued task never starts; a running one is asked to stop (its handler sees it) and ends
+    cancelled when it answers, or after `scheduler.cancel_grace`. A finished task is refused."""
+
+    response: ClassVar[type] = TaskInfo
+
+    id: TaskId
+    reason: ErrorText = ""
+
+
+class TaskRequeue(Request, tag="task.requeue", kw_only=True):
+    """Queue a dead, failed or cancelled task again, with its full number of attempts."""
+
+    response: ClassVar[type] = TaskInfo
+
+    id: TaskId
+
+
+# -- workers ----------------------------------------------------------------------------------------
+
+
+class TaskAssignment(Response, kw_only=True):
+    """One partial of `task.work`: a task leased to this worker, or a cancel of one it holds."""
+
+    kind: Literal["lease", "cancel"]
+    task_id: str
+    lease_id: str
+    queue: str = ""
+    task_type: str = ""
+    payload: bytes = b""
+    session_id: str = ""
+    attempt: int = 0
+    heartbeat_timeout: float = 0.0  # heartbeat well within this (the library: every third of it)
+    start_to_close: float = 0.0
+    reason: str = ""  # of a cancel
+
+
+class TaskWork(Request, tag="task.work", kw_only=True):
+    """Take work: a stream on which the scheduler pushes leases (at most `slots` held at once) and
+    cancels. `held`: the leases this worker still works on from an earlier stream (after a reconnect);
+    any other lease it had is given up. A `worker` caller gets only its own session's tasks."""
+
+    response: ClassVar[type] = TaskAssignment
+
+    worker_id: WorkerId
+    queues: Annotated[list[QueueName], Meta(min_length=1, max_length=64)]
+    slots: Annotated[int, Meta(ge=1, le=1024)] = 1
+    held: list[LeaseId] = []
+
+
+class TaskAck(Request, tag="task.ack", kw_only=True):
+    """The worker started the leased task: leased -> running."""
+
+    response: ClassVar[type] = Empty
+
+    task_id: TaskId
+    lease_id: LeaseId
+
+
+class TaskHeartbeatResult(Response, kw_only=True):
+    cancel_requested: bool = False
+
+
+class TaskHeartbeat(Request, tag="task.heartbeat", kw_only=True):
+    """Keep the lease; a lease that is no longer the worker's is answered FAILED_PRECONDITION."""
+
+    response: ClassVar[type] = TaskHeartbeatResult
+
+    task_id: TaskId
+    lease_id: LeaseId
+
+
+class TaskComplete(Request, tag="task.complete", kw_only=True):
+    """The attempt's outcome; recorded once (a second report, or one for a lease no longer the worker's,
+    is answered FAILED_PRECONDITION)."""
+
+    response: ClassVar[type] = Empty
+
+    task_id: TaskId
+    lease_id: LeaseId
+    outcome: Outcome
+    result: bytes = b""  # msgpack, of a success
+    error_type: ErrorType = ""
+    error: ErrorText = ""
+    non_retryable: bool = False
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    worker_id: str
+    queues: list[str]
+    slots: int
+    in_use: int
+    connected: bool
+    session_id: str = ""  # a worker agent takes only this session's tasks
+    last_seen: float  # its last heartbeat or call
+
+
+class TaskWorkersResult(Response, kw_only=True):
+    workers: list[WorkerInfo]
+
+
+class TaskWorkers(Request, tag="task.workers", kw_only=True):
+    response: ClassVar[type] = TaskWorkersResult
+
+
+# -- schedules --------------------------------------------------------------------------------------
+
+
+class ScheduleInfo(Response, kw_only=True):
+    id: str
+    cron: str = ""
+    every: float = 0.0
+    queue: str
+    task_type: str
+    payload: bytes = b""
+    priority: int = 0
+    session_id: str = ""
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    overlap: Overlap = "skip"
+    catch_up_window: float = 0.0
+    paused: bool = False
+    next_run_at: float = 0.0
+    last_run_at: float = 0.0
+    last_task_id: str = ""
+    buffered: bool = False  # buffer_one: one run waits for the running one to finish
+    runs: int = 0
+    created_at: float
+
+
+class TaskScheduleAdd(Request, tag="task.schedule.add", kw_only=True):
+    """A recurring task: `cron` (five fields, UTC) or `every` seconds, exactly one. A run that comes
+    while the last one has not finished is skipped, buffered (one at most) or started anyway
+    (`overlap`); runs missed while the scheduler was down are made up by one run when the latest was
+    less than `catch_up_window` ago, else skipped."""
+
+    response: ClassVar[type] = ScheduleInfo
+
+    cron: Annotated[str, Meta(max_length=256)] = ""
+    every: Annotated[float, Meta(ge=0, le=366 * 86400)] = 0.0
+    queue: QueueName
+    task_type: TaskType
+    payload: bytes = b""
+    priority: Priority = 0
+    session_id: SessionFilter = ""
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    overlap: Overlap = "skip"
+    catch_up_window: Seconds = 60.0
+    paused: bool = False
+
+
+class ScheduleListResult(Response, kw_only=True):
+    schedules: list[ScheduleInfo]
+
+
+class TaskScheduleList(Request, tag="task.schedule.list", kw_only=True):
+    response: ClassVar[type] = ScheduleListResult
+
+    session_id: SessionFilter = ""
+
+
+class TaskScheduleRemove(Request, tag="task.schedule.remove", kw_only=True):
+    response: ClassVar[type] = Empty
+
+    id: ScheduleId
+
+
+class TaskSchedulePause(Request, tag="task.schedule.pause", kw_only=True):
+    response: ClassVar[type] = ScheduleInfo
+
+    id: ScheduleId
+
+
+class TaskScheduleResume(Request, tag="task.schedule.resume", kw_only=True):
+    """Runs from now on; what was missed while paused is not made up."""
+
+    response: ClassVar[type] = ScheduleInfo
+
+    id: ScheduleId
+
+
+# -- events -----------------------------------------------------------------------------------------
+
+
+class TaskEvent(Event, kw_only=True):
+    """What every task event says; published as `<tag>/<session id>` for a session's task."""
+
+    task_id: str
+    queue: str
+    task_type: str
+    session_id: str = ""
+    attempt: int = 0
+    state: TaskState
+
+
+class TaskQueued(TaskEvent, tag="task.queued", kw_only=True):
+    not_before: float = 0.0
+
+
+class TaskStarted(TaskEvent, tag="task.started", kw_only=True):
+    worker: str
+
+
+class TaskRetrying(TaskEvent, tag="task.retrying", kw_only=True):
+    error_type: str = ""
+    error: str = ""
+    retry_at: float
+
+
+class TaskSucceeded(TaskEvent, tag="task.succeeded", kw_only=True):
+    pass
+
+
+class TaskFailed(TaskEvent, tag="task.failed", kw_only=True):
+    error_type: str = ""
+    error: str = ""
+
+
+class TaskCancelled(TaskEvent, tag="task.cancelled", kw_only=True):
+    reason: str = ""
+
+
+class TaskDead(TaskEvent, tag="task.dead", kw_only=True):
+    error_type: str = ""
+    error: str = ""

@@ -1,0 +1,1 @@
+"""The task scheduler (`task.*`): durable queues, worker leases, retries, timeouts, cancels, schedules."""

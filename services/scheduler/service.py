@@ -1,0 +1,219 @@
+"""The task scheduler service (`task.*`): its RPCs are thin; every change is one command to the Engine.
+
+Reads (task.get, task.list, task.schedule.list) go to the store's reader and see what is committed;
+every change is answered after its commit. Workers take work on a stream (`task.work`): the engine
+pushes leases and cancels into the stream's outbox and the stream hands them to the worker at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Iterator
+
+from baaaht.bus.background import Stopping, background
+from baaaht.bus.client import BusClient
+from baaaht.bus.errors import exhausted, not_found
+from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
+from baaaht.schemas.base import Empty
+from baaaht.schemas.config import Config
+from baaaht.schemas.sessions import SessionClosed
+from baaaht.schemas.tasks import (
+    ScheduleInfo,
+    ScheduleListResult,
+    TaskAck,
+    TaskAssignment,
+    TaskCancel,
+    TaskComplete,
+    TaskGet,
+    TaskHeartbeat,
+    TaskHeartbeatResult,
+    TaskInfo,
+    TaskList,
+    TaskPage,
+    TaskRequeue,
+    TaskScheduleAdd,
+    TaskScheduleList,
+    TaskSchedulePause,
+    TaskScheduleRemove,
+    TaskScheduleResume,
+    TaskSubmit,
+    TaskSubmitResult,
+    TaskWork,
+    TaskWorkers,
+    TaskWorkersResult,
+)
+from baaaht.services.scheduler.core import visible
+from baaaht.services.scheduler.engine import Engine
+from baaaht.services.scheduler.scope import scope_of, session_for
+from baaaht.services.scheduler.store import SchedulerStore
+
+log = logging.getLogger("baaaht.scheduler")
+
+CONCURRENCY = 256  # handler threads: every worker's open task.work stream holds one
+MAX_STREAMS = CONCURRENCY - 32  # the rest stay free for submits and reports
+STREAM_CHECK = 0.5  # seconds between looks at whether a stream's caller left (items go out at once)
+KEY_SWEEP = 600.0  # seconds between purges of idempotency keys past their retention
+
+
+class SchedulerService(Service):
+    name = "task"
+    concurrency = CONCURRENCY
+
+    def __init__(self, store: SchedulerStore, config: Config, *, events: Publisher):
+        self.store = store
+        self.config = config.scheduler
+        self.engine = Engine(store, self.config, events)
+        self._streams = 0
+        self._streams_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config, bus: BusClient) -> "SchedulerService":
+        return cls(SchedulerStore.in_data_dir(config.data_dir), config, events=bus)
+
+    def on_start(self) -> None:
+        self.engine.load()
+
+    def on_stop(self) -> None:
+        self.store.close()
+
+    @background
+    def run_engine(self, stopping: Stopping) -> None:
+        self.engine.run(stopping)
+
+    @background(every=KEY_SWEEP)
+    def forget_old_keys(self) -> None:
+        self.engine.tell(lambda core, now: core.forget_keys(now))
+
+    # -- tasks --------------------------------------------------------------------------------------
+
+    @rpc
+    def submit(self, req: TaskSubmit, ctx: CallContext) -> TaskSubmitResult:
+        session_id = session_for(ctx.caller, req.session_id, "submit")
+
+        def apply(core, now):
+            task, duplicate = core.submit(req, session_id, now)
+            return TaskSubmitResult(task=task, duplicate=duplicate)
+
+        return self.engine.call(apply, ctx)
+
+    @rpc
+    def get(self, req: TaskGet, ctx: CallContext) -> TaskInfo:
+        scope = scope_of(ctx.caller, "read")
+        task = self.store.get(req.id)
+        if task is None or not visible(task, scope):
+            raise not_found(f"no task {req.id}", id=req.id)
+        return task
+
+    @rpc
+    def list(self, req: TaskList, ctx: CallContext) -> TaskPage:
+        scope = scope_of(ctx.caller, "read")
+        session_id = req.session_id if scope is None else scope
+        if scope is not None and req.session_id not in ("", scope):
+            return TaskPage(tasks=[])
+        tasks, next_cursor = self.store.list(req.states, req.queue, session_id, req.limit, req.cursor)
+        return TaskPage(tasks=tasks, next_cursor=next_cursor)
+
+    @rpc
+    def cancel(self, req: TaskCancel, ctx: CallContext) -> TaskInfo:
+        scope = scope_of(ctx.caller, "submit")
+        return self.engine.call(lambda core, now: core.cancel(req.id, scope, req.reason, now), ctx)
+
+    @rpc
+    def requeue(self, req: TaskRequeue, ctx: CallContext) -> TaskInfo:
+        scope = scope_of(ctx.caller, "submit")
+        return self.engine.call(lambda core, now: core.requeue(req.id, scope, now), ctx)
+
+    @on_event("session.closed")
+    def on_session_closed(self, event: SessionClosed) -> None:
+        self.engine.tell(lambda core, now: core.session_closed(event.session_id, now))
+
+    # -- workers ------------------------------------------------------------------------------------
+
+    @rpc(stream=True)
+    def work(self, req: TaskWork, ctx: CallContext) -> Iterator[TaskAssignment]:
+        scope = scope_of(ctx.caller, "work")
+        with self._streams_lock:
+            if self._streams >= MAX_STREAMS:
+                raise exhausted(f"{self._streams} workers are taking work: the scheduler takes no more")
+            self._streams += 1
+        try:
+            yield from self._serve_work(req, ctx, scope)
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
+
+    def _serve_work(self, req: TaskWork, ctx: CallContext, scope: str | None) -> Iterator[TaskAssignment]:
+        outbox: queue.SimpleQueue[TaskAssignment | None] = queue.SimpleQueue()
+        stream = object()
+        key = self.engine.call(lambda core, now: core.work_open(req, scope, outbox.put, stream, now), ctx)
+        try:
+            while not ctx.cancelled.is_set() and ctx.remaining() > 0:
+                try:
+                    item = outbox.get(timeout=min(STREAM_CHECK, max(0.0, ctx.remaining())))
+                except queue.Empty:
+                    continue
+                if item is None:  # the same worker opened a newer stream
+                    return
+                yield item
+        finally:
+            self.engine.tell(lambda core, now: core.work_closed(key, stream))
+
+    @rpc
+    def ack(self, req: TaskAck, ctx: CallContext) -> Empty:
+        scope = scope_of(ctx.caller, "work")
+        self.engine.call(lambda core, now: core.ack(req.task_id, req.lease_id, scope, now), ctx)
+        return Empty()
+
+    @rpc
+    def heartbeat(self, req: TaskHeartbeat, ctx: CallContext) -> TaskHeartbeatResult:
+        scope = scope_of(ctx.caller, "work")
+
+        def apply(core, now):
+            return TaskHeartbeatResult(cancel_requested=core.heartbeat(req.task_id, req.lease_id, scope, now))
+
+        return self.engine.call(apply, ctx)
+
+    @rpc
+    def complete(self, req: TaskComplete, ctx: CallContext) -> Empty:
+        scope = scope_of(ctx.caller, "work")
+        self.engine.call(lambda core, now: core.complete(req, scope, now), ctx)
+        return Empty()
+
+    @rpc
+    def workers(self, req: TaskWorkers, ctx: CallContext) -> TaskWorkersResult:
+        scope = scope_of(ctx.caller, "read")
+        return self.engine.call(lambda core, now: TaskWorkersResult(workers=core.worker_list(scope)), ctx)
+
+    # -- schedules ----------------------------------------------------------------------------------
+
+    @rpc
+    def schedule_add(self, req: TaskScheduleAdd, ctx: CallContext) -> ScheduleInfo:
+        session_id = session_for(ctx.caller, req.session_id, "submit")
+        return self.engine.call(lambda core, now: core.add_schedule(req, session_id, now), ctx)
+
+    @rpc
+    def schedule_list(self, req: TaskScheduleList, ctx: CallContext) -> ScheduleListResult:
+        scope = scope_of(ctx.caller, "read")
+        if scope is not None and req.session_id not in ("", scope):
+            return ScheduleListResult(schedules=[])
+        return ScheduleListResult(
+            schedules=self.store.list_schedules(req.session_id if scope is None else scope)
+        )
+
+    @rpc
+    def schedule_remove(self, req: TaskScheduleRemove, ctx: CallContext) -> Empty:
+        scope = scope_of(ctx.caller, "submit")
+        self.engine.call(lambda core, now: core.remove_schedule(req.id, scope), ctx)
+        return Empty()
+
+    @rpc
+    def schedule_pause(self, req: TaskSchedulePause, ctx: CallContext) -> ScheduleInfo:
+        scope = scope_of(ctx.caller, "submit")
+        return self.engine.call(lambda core, now: core.pause_schedule(req.id, scope, True, now), ctx)
+
+    @rpc
+    def schedule_resume(self, req: TaskScheduleResume, ctx: CallContext) -> ScheduleInfo:
+        scope = scope_of(ctx.caller, "submit")
+        return self.engine.call(lambda core, now: core.pause_schedule(req.id, scope, False, now), ctx)

@@ -1,0 +1,189 @@
+"""The scheduler's pure parts: retry verdicts, schedule times, limits, caller scope, the Core's dispatch."""
+
+from __future__ import annotations
+
+import pytest
+
+from baaaht.bus.errors import BusError
+from baaaht.schemas.bus import Caller
+from baaaht.schemas.config import SchedulerConfig
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.tasks import RetryPolicy, ScheduleInfo, TaskComplete, TaskState, TaskSubmit, TaskWork
+from baaaht.services.scheduler import retry, schedules
+from baaaht.services.scheduler.core import Core, Now
+from baaaht.services.scheduler.limits import Limit, TokenBucket
+from baaaht.services.scheduler.scope import scope_of, session_for
+
+
+def test_backoff_grows_by_the_coefficient_up_to_the_cap():
+    policy = RetryPolicy(initial_interval=1.0, backoff_coefficient=2.0, maximum_interval=5.0)
+    assert [retry.interval(policy, n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_full_jitter_draws_from_zero_to_the_interval():
+    policy = RetryPolicy(initial_interval=4.0)
+    bounds = []
+    verdict = retry.after_failure(policy, 1, "E", uniform=lambda a, b: bounds.append((a, b)) or b / 2)
+    assert verdict.action == "retry" and verdict.delay == 2.0 and bounds == [(0.0, 4.0)]
+    assert retry.after_failure(RetryPolicy(initial_interval=4.0, jitter="none"), 1, "E").delay == 4.0
+
+
+def test_verdicts_non_retryable_and_out_of_attempts():
+    policy = RetryPolicy(maximum_attempts=3, non_retryable_errors=["Fatal"])
+    assert retry.after_failure(policy, 1, "Fatal").action == "fail"
+    assert retry.after_failure(policy, 1, "Other", non_retryable=True).action == "fail"
+    assert retry.after_failure(policy, 2, "Other").action == "retry"
+    assert retry.after_failure(policy, 3, "Other").action == "dead"
+
+
+def schedule(**fields) -> ScheduleInfo:
+    return ScheduleInfo(**{"id": "s", "queue": "q", "task_type": "t", "created_at": 1000.0, **fields})
+
+
+def test_interval_runs_are_anchored_at_creation():
+    every = schedule(every=10.0)
+    assert schedules.next_after(every, 1000.0) == 1010.0
+    assert schedules.next_after(every, 1015.0) == 1020.0
+    assert schedules.latest_at_or_before(every, 1010.0, 1_000_000.5) == 1_000_000.0
+
+
+def test_cron_runs_in_utc():
+    hourly = schedule(cron="0 * * * *")
+    assert schedules.next_after(hourly, 3600 * 5 + 1) == 3600 * 6
+
+
+def test_a_schedule_needs_one_valid_spec():
+    for cron, every in (("", 0.0), ("* * * * *", 5.0), ("61 * * * *", 0.0), ("", 0.001)):
+        with pytest.raises(BusError) as caught:
+            schedules.check(cron, every)
+        assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    schedules.check("*/5 * * * *", 0.0)
+
+
+def test_missed_runs_make_one_run_within_the_catch_up_window():
+    every = schedule(every=10.0, catch_up_window=25.0, next_run_at=1010.0)
+    # down from 1005 to 1031: runs at 1010, 1020 and 1030 missed; the latest is 1 s ago: one run.
+    fire = schedules.fire(every, 1031.0, up_since=1031.0)
+    assert fire.run and fire.run_time == 1030.0 and fire.next_run_at == 1040.0
+    # up again only at 1059: the latest missed run (1050) is within 25 s too, and still just one.
+    assert schedules.fire(every, 1059.0, up_since=1059.0).run_time == 1050.0
+    narrow = schedule(every=10.0, catch_up_window=0.5, next_run_at=1010.0)
+    assert not schedules.fire(narrow, 1031.0, up_since=1031.0).run
+    # a timer that fires late while the scheduler is up always runs
+    assert schedules.fire(narrow, 1011.0, up_since=1000.0).run
+
+
+def test_token_bucket_and_concurrency_limit():
+    bucket = TokenBucket(rate=2.0)
+    assert bucket.available(0.0)
+    bucket.take(0.0)
+    bucket.take(0.0)
+    assert not bucket.available(0.0) and bucket.next_token_at(0.0) == pytest.approx(0.5)
+    assert bucket.available(0.5)
+    limit = Limit(max_running=1)
+    assert limit.allows(0.0)
+    limit.started(0.0)
+    assert not limit.allows(0.0)
+    limit.ended()
+    assert limit.allows(0.0)
+
+
+def test_scope_comes_from_the_stamp_only():
+    assert scope_of(Caller(socket="services", role="operator"), "submit") is None
+    assert scope_of(Caller(socket="services"), "read") is None
+    assistant = Caller(socket="agents", role="assistant", session="s1")
+    assert scope_of(assistant, "submit") == "s1" and session_for(assistant, "", "submit") == "s1"
+    worker = Caller(socket="agents", role="worker", session="s1")
+    assert scope_of(worker, "work") == "s1"
+    for caller, action in (
+        (assistant, "work"),
+        (worker, "submit"),
+        (Caller(socket="agents", role="agent", session="s1"), "read"),
+        (Caller(socket="agents"), "read"),
+        (Caller(socket="agents", role="worker"), "work"),
+    ):
+        with pytest.raises(BusError) as caught:
+            scope_of(caller, action)
+        assert caught.value.code is ErrorCode.PERMISSION_DENIED
+    with pytest.raises(BusError) as caught:
+        session_for(assistant, "s2", "submit")
+    assert caught.value.code is ErrorCode.PERMISSION_DENIED
+
+
+class Clock:
+    def __init__(self):
+        self.wall, self.mono = 1_000_000.0, 50.0
+
+    def now(self) -> Now:
+        return Now(self.wall, self.mono)
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+def core_with_worker(clock, session_scope=None, slots=1, **config):
+    ids = (f"id{n}" for n in range(1000))
+    core = Core(SchedulerConfig(**config), lambda _id: None, new_id=lambda: next(ids))
+    core.load([], [], [], clock.now())
+    pushed = []
+    core.work_open(
+        TaskWork(worker_id="w", queues=["q"], slots=slots),
+        session_scope,
+        pushed.append,
+        object(),
+        clock.now(),
+    )
+    return core, pushed
+
+
+def dispatched(core: Core, now: Now) -> None:
+    """Dispatch, and deliver what the engine would push after its commit."""
+    core.dispatch(now)
+    for push, assignment in core.take_effects().pushes:
+        push(assignment)
+
+
+def test_dispatch_is_by_priority_then_age_and_a_completion_is_recorded_once():
+    clock = Clock()
+    core, pushed = core_with_worker(clock)
+    low, _ = core.submit(TaskSubmit(queue="q", task_type="t"), "", clock.now())
+    clock.advance(0.1)
+    high, _ = core.submit(TaskSubmit(queue="q", task_type="t", priority=3), "", clock.now())
+    dispatched(core, clock.now())
+    assert [a.task_id for a in pushed] == [high.id]
+    lease = pushed[0].lease_id
+    core.ack(high.id, lease, None, clock.now())
+    core.complete(TaskComplete(task_id=high.id, lease_id=lease, outcome="succeeded"), None, clock.now())
+    with pytest.raises(BusError) as caught:
+        core.complete(TaskComplete(task_id=high.id, lease_id=lease, outcome="succeeded"), None, clock.now())
+    assert caught.value.code is ErrorCode.FAILED_PRECONDITION
+    dispatched(core, clock.now())
+    assert [a.task_id for a in pushed] == [high.id, low.id]
+
+
+def test_a_session_worker_gets_only_its_sessions_tasks():
+    clock = Clock()
+    core, pushed = core_with_worker(clock, session_scope="mine", slots=4)
+    other, _ = core.submit(TaskSubmit(queue="q", task_type="t", priority=9), "theirs", clock.now())
+    mine, _ = core.submit(TaskSubmit(queue="q", task_type="t"), "mine", clock.now())
+    dispatched(core, clock.now())
+    assert [a.task_id for a in pushed] == [mine.id]
+    assert core.tasks[other.id].state is TaskState.QUEUED
+
+
+def test_an_expired_lease_is_retried_after_its_backoff():
+    clock = Clock()
+    core, pushed = core_with_worker(clock, lease_timeout=2.0)
+    policy = RetryPolicy(initial_interval=1.0, jitter="none")
+    task, _ = core.submit(TaskSubmit(queue="q", task_type="t", retry=policy), "", clock.now())
+    dispatched(core, clock.now())
+    clock.advance(2.0)
+    core.fire_timers(clock.now())
+    assert core.tasks[task.id].state is TaskState.QUEUED
+    assert core.tasks[task.id].attempts[0].error_type == "HeartbeatTimeout"
+    assert core.next_timer() == pytest.approx(clock.mono + 1.0)
+    clock.advance(1.0)
+    core.fire_timers(clock.now())
+    dispatched(core, clock.now())
+    assert [a.attempt for a in pushed if a.kind == "lease"] == [1, 2]
