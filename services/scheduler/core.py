@@ -266,26 +266,31 @@ class Core:
                 if task is not None:
                     return task, True
         not_before = max(req.not_before, now.wall + req.delay) if (req.delay or req.not_before) else 0.0
-        task = TaskInfo(
-            id=self.new_id(),
-            queue=req.queue,
-            task_type=req.task_type,
-            payload=req.payload,
-            priority=req.priority,
-            session_id=session_id,
-            key=req.key,
-            state=QUEUED,
-            not_before=not_before if not_before > now.wall else 0.0,
-            timeouts=req.timeouts,
-            retry=req.retry,
-            created_at=now.wall,
-            updated_at=now.wall,
+        task = self._new_task(
+            req, session_id, now, key=req.key, not_before=not_before if not_before > now.wall else 0.0
         )
         if req.key:
             self.keys[(session_id, req.key)] = (task.id, now.wall)
             self.effects.keys.append((session_id, req.key, task.id, now.wall))
         self._add(task, now)
         return task, False
+
+    def _new_task(self, source: TaskSubmit | ScheduleInfo, session_id: str, now: Now, **fields) -> TaskInfo:
+        """A queued task of what a submit or a schedule says."""
+        return TaskInfo(
+            id=self.new_id(),
+            queue=source.queue,
+            task_type=source.task_type,
+            payload=source.payload,
+            priority=source.priority,
+            session_id=session_id,
+            state=QUEUED,
+            timeouts=source.timeouts,
+            retry=source.retry,
+            created_at=now.wall,
+            updated_at=now.wall,
+            **fields,
+        )
 
     def forget_keys(self, now: Now) -> None:
         """Idempotency keys past their retention answer no more."""
@@ -684,20 +689,7 @@ class Core:
         self._save_schedule(schedule, now)
 
     def _schedule_run(self, schedule: ScheduleInfo, now: Now) -> None:
-        task = TaskInfo(
-            id=self.new_id(),
-            queue=schedule.queue,
-            task_type=schedule.task_type,
-            payload=schedule.payload,
-            priority=schedule.priority,
-            session_id=schedule.session_id,
-            state=QUEUED,
-            timeouts=schedule.timeouts,
-            retry=schedule.retry,
-            schedule_id=schedule.id,
-            created_at=now.wall,
-            updated_at=now.wall,
-        )
+        task = self._new_task(schedule, schedule.session_id, now, schedule_id=schedule.id)
         schedule.last_task_id = task.id
         schedule.runs += 1
         self._add(task, now)
