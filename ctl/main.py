@@ -311,7 +311,7 @@ def role_of(cls: type) -> str:
 
 def register_domains() -> None:
     """The domain command groups live beside their services' schemas."""
-    from baaaht.ctl import auth, config_cmd, containers, credentials, policy, sessions
+    from baaaht.ctl import auth, config_cmd, containers, credentials, policy, sessions, tasks
 
     app.add_typer(config_cmd.app, name="config", help="The effective configuration.")
     app.add_typer(containers.app, name="containers", help="Containers on this host.")
@@ -321,6 +321,9 @@ def register_domains() -> None:
     app.add_typer(policy.audit_app, name="audit", help="The policy decision audit log.")
     app.add_typer(auth.app, name="auth", help="Who may connect: keys of peers on other hosts.")
     app.command("send")(sessions.send)
+    app.add_typer(tasks.app, name="tasks", help="Tasks of the scheduler: submit, list, cancel, dead letters.")
+    app.add_typer(tasks.schedules_app, name="schedules", help="Recurring tasks.")
+    app.add_typer(tasks.workers_app, name="workers", help="Workers taking tasks.")
 
 
 register_domains()

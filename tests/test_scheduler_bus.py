@@ -249,3 +249,25 @@ def test_negative_delays_and_bad_names_are_refused_by_the_schema(scheduler):
         error = error_of(lambda body=body: client.call_raw("task.submit", msgspec.msgpack.encode(body)))
         assert error.code is ErrorCode.INVALID_ARGUMENT and error.details.get("path")
     assert client.call(TaskList()).tasks == []
+
+
+def test_closing_a_session_cancels_its_queued_and_running_tasks(make_host):
+    from baaaht.schemas.sessions import SessionClose, SessionCreate
+    from tests.scheduler_doubles import FAST, SCHEDULER, Scheduler
+    from tests.session_doubles import start_sessions_host
+
+    host = start_sessions_host(lambda overrides: make_host({**overrides, **FAST}))
+    scheduler = Scheduler(host)
+    host.start_service(SCHEDULER, "scheduler", service="task")
+    scheduler.start_worker("sess")
+    session_id = scheduler.client.call(SessionCreate(owner="alice")).id
+    running = scheduler.submit("sess", "block", session_id=session_id)
+    scheduler.wait_record("start", running.id)
+    queued = scheduler.submit("sess", "noop", session_id=session_id)  # the one slot is busy
+    other = scheduler.submit("elsewhere", "noop", session_id="another")
+    scheduler.client.call(SessionClose(session_id=session_id))
+    assert scheduler.wait_state(queued.id).state is S.CANCELLED
+    assert scheduler.wait_state(running.id).state is S.CANCELLED
+    scheduler.wait_record("cancelled", running.id)
+    assert scheduler.records(task_id=queued.id) == []
+    assert scheduler.get(other.id).state is S.QUEUED

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import signal
 import threading
+import time
 
 import pytest
 
@@ -93,3 +94,14 @@ def test_after_a_broker_restart_workers_come_back_and_dispatch_resumes(scheduler
     after = wait_for(lambda: scheduler.submit("b", "noop"), 20, what="the scheduler to take submits again")
     assert scheduler.wait_state(after.id).state is S.SUCCEEDED
     assert scheduler.records("done", after.id)[0]["worker"] == "steady"
+
+
+def test_a_worker_stream_does_not_hold_up_the_schedulers_stop(scheduler):
+    """The runner cancels open streams when it starts draining: a worker's task.work never ends by itself,
+    and waiting for it would hold every stop for the whole drain timeout (10 s)."""
+    scheduler.start_worker("idle")
+    process = scheduler.host.processes["scheduler"]
+    began = time.monotonic()
+    scheduler.host.kill("scheduler", signal.SIGTERM)
+    assert process.returncode == 0
+    assert time.monotonic() - began < 5.0
