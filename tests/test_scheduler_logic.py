@@ -8,7 +8,15 @@ from baaaht.bus.errors import BusError
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.tasks import RetryPolicy, ScheduleInfo, TaskComplete, TaskState, TaskSubmit, TaskWork
+from baaaht.schemas.tasks import (
+    RetryPolicy,
+    ScheduleInfo,
+    TaskComplete,
+    TaskScheduleAdd,
+    TaskState,
+    TaskSubmit,
+    TaskWork,
+)
 from baaaht.services.scheduler import retry, schedules
 from baaaht.services.scheduler.core import Core, Now
 from baaaht.services.scheduler.limits import Limit, TokenBucket
@@ -187,3 +195,34 @@ def test_an_expired_lease_is_retried_after_its_backoff():
     core.fire_timers(clock.now())
     dispatched(core, clock.now())
     assert [a.attempt for a in pushed if a.kind == "lease"] == [1, 2]
+
+
+def test_a_queue_rate_lets_starts_through_as_its_tokens_come():
+    clock = Clock()
+    core, pushed = core_with_worker(clock, slots=10, queue_rate={"q": 2.0})
+    for _ in range(5):
+        core.submit(TaskSubmit(queue="q", task_type="t"), "", clock.now())
+    dispatched(core, clock.now())
+    assert len(pushed) == 2  # a second's worth
+    assert core.next_timer() == pytest.approx(clock.mono + 0.5)  # woken when the next token is there
+    clock.advance(0.5)
+    core.fire_timers(clock.now())
+    dispatched(core, clock.now())
+    assert len(pushed) == 3
+
+
+def test_a_timer_the_clocks_put_early_is_armed_again():
+    clock = Clock()
+    core, pushed = core_with_worker(clock)
+    delayed, _ = core.submit(TaskSubmit(queue="q", task_type="t", delay=10.0), "", clock.now())
+    schedule = core.add_schedule(TaskScheduleAdd(queue="q", task_type="t", every=10.0), "", clock.now())
+    clock.mono += 10.0  # the wall clock was set back a second meanwhile: the timers come early
+    clock.wall += 9.0
+    core.fire_timers(clock.now())
+    dispatched(core, clock.now())
+    assert core.schedules[schedule.id].runs == 0 and pushed == []
+    clock.advance(1.0)
+    core.fire_timers(clock.now())
+    dispatched(core, clock.now())
+    assert core.schedules[schedule.id].runs == 1
+    assert delayed.id in [a.task_id for a in pushed]

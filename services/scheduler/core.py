@@ -191,7 +191,7 @@ class Core:
         for schedule in stored_schedules:
             self.schedules[schedule.id] = schedule
             if not schedule.paused:
-                self._timer(now.mono_of(schedule.next_run_at), SCHEDULE, schedule.id)
+                self._arm(schedule, now)
 
     def lease_of(self, task_id: str) -> tuple[str, str]:
         """(lease id, worker key) of a task, for the store."""
@@ -212,8 +212,8 @@ class Core:
             _due, _n, kind, ident, lease_id = heapq.heappop(self._timers)
             if kind == READY:
                 task = self.tasks.get(ident)
-                if task is not None and task.state is QUEUED and task.not_before <= now.wall + 0.001:
-                    self._make_ready(task)
+                if task is not None and task.state is QUEUED:
+                    self._enqueue(task, now)  # made ready, or armed again if the clocks put it early
             elif kind == START_DEADLINE:
                 self._start_deadline(ident, now)
             elif kind == LEASE:
@@ -228,7 +228,7 @@ class Core:
                     self._release(self.tasks[ident], now)
                     self._finish(self.tasks[ident], TaskState.CANCELLED, now, CANCEL_GRACE_EXPIRED)
             elif kind == SCHEDULE:
-                self._schedule_due(ident, now)
+                self._schedule_due(ident, lease_id, now)
             # RATE: nothing but a wake-up for dispatch
 
     def _current(self, task_id: str, lease_id: str) -> bool:
@@ -669,13 +669,18 @@ class Core:
         self.effects.schedules[schedule.id] = schedule
         self.effects.removed_schedules.discard(schedule.id)
         if not schedule.paused:
-            self._timer(now.mono_of(schedule.next_run_at), SCHEDULE, schedule.id)
+            self._arm(schedule, now)
 
-    def _schedule_due(self, schedule_id: str, now: Now) -> None:
+    def _arm(self, schedule: ScheduleInfo, now: Now) -> None:
+        """A timer for the schedule's next run time; one for an earlier run time no longer counts."""
+        self._timer(now.mono_of(schedule.next_run_at), SCHEDULE, schedule.id, repr(schedule.next_run_at))
+
+    def _schedule_due(self, schedule_id: str, armed_for: str, now: Now) -> None:
         schedule = self.schedules.get(schedule_id)
-        if schedule is None or schedule.paused:
-            return
-        if schedule.next_run_at > now.wall + 0.001:  # an older timer of a rescheduled run
+        if schedule is None or schedule.paused or armed_for != repr(schedule.next_run_at):
+            return  # removed, paused, or the timer of a run time since replaced
+        if schedule.next_run_at > now.wall:  # the clocks put it early: the same run, a little later
+            self._timer(now.mono_of(schedule.next_run_at), SCHEDULE, schedule_id, armed_for)
             return
         fire = schedules.fire(schedule, now.wall, self.up_since)
         schedule.next_run_at = fire.next_run_at
