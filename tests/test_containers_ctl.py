@@ -36,10 +36,11 @@ def ctl(orchestrator):
 
 def test_status_is_healthy_with_every_expected_service(orchestrator):
     orchestrator.host.start_service("baaaht.services.credentials", service="credential")
+    orchestrator.host.start_service("baaaht.services.scheduler", "scheduler", service="task")
     status = ctl_runner.run(orchestrator.host, "status")
     assert status.returncode == 0, status.stderr
     listed = {line.split()[0] for line in status.stdout.splitlines()[2:]}
-    assert {"container", "session", "policy", "credential"} <= listed
+    assert {"container", "session", "policy", "credential", "task"} <= listed
 
 
 def test_list_get_logs_stats_stop_rm(orchestrator, busybox, ctl):
