@@ -39,6 +39,7 @@ PROGRAMS = {
     "container": "baaaht.services.containers",
     "session": "baaaht.services.sessions",
     "credential": "baaaht.services.credentials",
+    "scheduler": "baaaht.services.scheduler",
 }
 
 
