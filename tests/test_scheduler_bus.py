@@ -177,8 +177,8 @@ def test_cancel_of_a_running_task_reaches_its_handler(scheduler):
 def test_a_queue_limit_holds_its_tasks_to_one_at_a_time(make_host):
     scheduler = start_scheduler(make_host, {"scheduler": {"queue_max_running": {"lim": 1}}})
     scheduler.start_worker("lim,free", slots=3)
-    limited = [scheduler.submit("lim", "sleep", {"seconds": 0.3}).id for _ in range(3)]
-    free = [scheduler.submit("free", "sleep", {"seconds": 0.3}).id for _ in range(2)]
+    limited = [scheduler.submit("lim", "sleep", {"seconds": 1.0}).id for _ in range(3)]
+    free = [scheduler.submit("free", "sleep", {"seconds": 1.0}).id for _ in range(2)]
     for task_id in limited + free:
         scheduler.wait_state(task_id)
     assert not overlapping(run_intervals(scheduler, limited))
@@ -188,8 +188,8 @@ def test_a_queue_limit_holds_its_tasks_to_one_at_a_time(make_host):
 def test_a_session_limit_holds_each_session_to_one_at_a_time(make_host):
     scheduler = start_scheduler(make_host, {"scheduler": {"session_max_running": 1}})
     scheduler.start_worker("s", slots=3)
-    in_a = [scheduler.submit("s", "sleep", {"seconds": 0.3}, session_id="a").id for _ in range(2)]
-    in_b = scheduler.submit("s", "sleep", {"seconds": 0.3}, session_id="b").id
+    in_a = [scheduler.submit("s", "sleep", {"seconds": 1.0}, session_id="a").id for _ in range(2)]
+    in_b = scheduler.submit("s", "sleep", {"seconds": 1.0}, session_id="b").id
     for task_id in [*in_a, in_b]:
         scheduler.wait_state(task_id)
     assert not overlapping(run_intervals(scheduler, in_a))

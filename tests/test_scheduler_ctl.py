@@ -68,3 +68,13 @@ def test_schedules_add_list_pause_resume_rm(scheduler, run):
     assert "invalid cron expression" in bad.stderr
     run("schedules", "rm", added["id"])
     assert run("schedules", "list").stdout.strip() == "(none)"
+
+
+def test_watch_follows_a_task_until_it_finishes(scheduler, run):
+    scheduler.start_worker("w")
+    task = scheduler.submit("w", "noop", delay=1.0)
+    shown = run("tasks", "watch", task.id).stdout
+    assert f"task.started {task.id} w/noop attempt 1" in shown
+    assert f"task.succeeded {task.id}" in shown
+    finished = run("tasks", "watch", task.id, expect=1)
+    assert "has finished" in finished.stderr

@@ -45,22 +45,22 @@ def pause(scheduler, schedule_id: str) -> None:
 
 def test_overlap_skip_never_runs_two_at_once_and_drops_the_runs_in_between(scheduler):
     scheduler.start_worker("sched", slots=4)
-    schedule = add(scheduler, every=0.8, task_type="sleep", payload=payload({"seconds": 1.0}), overlap="skip")
+    schedule = add(scheduler, every=1.0, task_type="sleep", payload=payload({"seconds": 1.2}), overlap="skip")
     runs = finished_runs(scheduler, schedule.id, 2)
     pause(scheduler, schedule.id)
     assert not overlapping(runs)
-    assert runs[1][0] - runs[0][1] >= 0.3  # the run due at 0.8 s was skipped: the next came at 1.6 s
+    assert runs[1][0] - runs[0][1] >= 0.5  # the run due at 1 s was skipped: the next came at 2 s
 
 
 def test_overlap_buffer_one_runs_the_next_as_soon_as_the_last_ends(scheduler):
     scheduler.start_worker("sched", slots=4)
     schedule = add(
-        scheduler, every=0.8, task_type="sleep", payload=payload({"seconds": 1.0}), overlap="buffer_one"
+        scheduler, every=1.0, task_type="sleep", payload=payload({"seconds": 1.2}), overlap="buffer_one"
     )
     runs = finished_runs(scheduler, schedule.id, 2)
     pause(scheduler, schedule.id)
     assert not overlapping(runs)
-    assert runs[1][0] - runs[0][1] < 0.3  # buffered while the first ran, started when it ended
+    assert runs[1][0] - runs[0][1] < 0.5  # buffered while the first ran (at 1 s), started when it ended
 
 
 def test_overlap_allow_runs_them_side_by_side(scheduler):
