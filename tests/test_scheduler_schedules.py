@@ -75,8 +75,9 @@ def test_overlap_allow_runs_them_side_by_side(scheduler):
 
 def test_after_downtime_one_run_makes_up_for_those_missed_within_the_window(scheduler):
     scheduler.start_worker("sched", slots=2)  # the runs finish: "skip" skips none for an overlap
-    caught_up = add(scheduler, every=2.0, task_type="noop", catch_up_window=60.0)
-    narrow = add(scheduler, every=2.0, task_type="noop", catch_up_window=0.1)
+    # overlap "allow": a run still unfinished when the scheduler was killed must not skip the catch-up
+    caught_up = add(scheduler, every=2.0, task_type="noop", catch_up_window=60.0, overlap="allow")
+    narrow = add(scheduler, every=2.0, task_type="noop", catch_up_window=0.1, overlap="allow")
     wait_for(
         lambda: runs_of(scheduler, caught_up.id) and runs_of(scheduler, narrow.id), 10, what="first runs"
     )
