@@ -43,6 +43,7 @@ bench: $(BENCH_STAMP) docker
 	$(PY) bench/bus.py
 	$(PY) bench/containers.py
 	$(PY) bench/sessions.py
+	$(PY) bench/scheduler.py
 
 docs: $(STAMP)
 	$(PY) -m baaaht.bus.reference docs/WIRE-TYPES.md
