@@ -46,6 +46,9 @@ UNIT_TEST_FILES = frozenset(
         "test_sessions_store.py",
         "test_scheduler_logic.py",
         "test_testing.py",
+        "test_tools_fetch.py",
+        "test_tools_files.py",
+        "test_tools_schemas.py",
     }
 )
 
