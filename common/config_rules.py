@@ -156,6 +156,13 @@ def _credential_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         failed.append(
             ("credentials.passphrase_env", "is set with credentials.passphrase_file (expected one of them)")
         )
+    if values.get("credentials.passphrase_env", "").startswith("ORCHESTRATOR_"):
+        failed.append(
+            (
+                "credentials.passphrase_env",
+                "names an ORCHESTRATOR_ variable (the launcher keeps those from services)",
+            )
+        )
     passphrase = values.get("credentials.passphrase_file") or values.get("credentials.passphrase_env")
     keys = ["credentials.passphrase_file"] if passphrase else ["credentials.master_key_file"]
     for key in keys:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import msgspec
 import pytest
 
 from baaaht.bus.authorize import AGENT, CALL, OPERATOR, SERVICE, authorize
 from baaaht.bus.testing import ServiceHarness, agent_caller, code_of, context, error_of
+from baaaht.common.config import ConfigError, load_config
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config, CredentialsConfig
 from baaaht.schemas.credentials import (
@@ -160,3 +162,28 @@ def test_the_master_source_follows_the_config(tmp_path):
     assert isinstance(master_source(CredentialsConfig(master_key_file="/k")), KeyFile)
     assert isinstance(master_source(CredentialsConfig(passphrase_file=str(tmp_path / "p"))), Passphrase)
     assert master_source(CredentialsConfig(passphrase_env="X")).where == "environment variable X"
+
+
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (
+            {"data_dir": "/srv/b", "credentials.master_key_file": "/srv/b/keys/master.key"},
+            "credentials.master_key_file: '/srv/b/keys/master.key' is inside data_dir /srv/b",
+        ),
+        (
+            {"data_dir": "/srv/b", "credentials.passphrase_file": "/srv/b/passphrase"},
+            "credentials.passphrase_file: '/srv/b/passphrase' is inside data_dir /srv/b",
+        ),
+        ({"credentials.master_key_file": ""}, "credentials.master_key_file: '' is empty"),
+        (
+            {"credentials.passphrase_file": "/p", "credentials.passphrase_env": "P"},
+            "credentials.passphrase_env: 'P' is set with credentials.passphrase_file",
+        ),
+        ({"credentials.passphrase_env": "ORCHESTRATOR_X"}, "names an ORCHESTRATOR_ variable"),
+    ],
+)
+def test_the_config_keeps_the_master_key_away_from_the_data(flags, problem):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_config(None, env={}, flags=flags)
+    assert load_config(None, env={}, flags={"data_dir": "/srv/b", "credentials.master_key_file": "/srv/bk"})

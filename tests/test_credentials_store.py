@@ -99,6 +99,12 @@ def test_a_missing_key_file_is_refused_for_an_existing_store_and_not_made_again(
     assert not key_file.exists()
 
 
+def test_a_key_file_that_cannot_be_made_is_refused_naming_it(open_store, tmp_path):
+    (tmp_path / "not-a-directory").write_text("")
+    with pytest.raises(StoreRefused, match="Not a directory: .*not-a-directory"):
+        open_store(tmp_path / "not-a-directory" / "master.key")
+
+
 def test_a_wrong_master_key_is_refused_and_nothing_is_written(open_store, paths, tmp_path):
     store = open_store()
     store.put("a", "api_key", VALUE, "", 0.0)
@@ -238,6 +244,30 @@ def test_an_expired_secret_is_never_handed_out_and_announced_once(open_store, cl
     assert store.secret_for("a").value == b"renewed"
     clock.now += 50
     assert [name for _, name, _ in store.announce_expired()] == ["a"]
+
+
+def blob_of(path: Path, name: str, version: int) -> bytes:
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    (wrapped,) = db.execute(
+        "SELECT wrapped_key FROM versions v JOIN secrets s ON s.id = v.secret_id"
+        " WHERE s.name = ? AND v.version = ?",
+        (name, version),
+    ).fetchone()
+    db.close()
+    return wrapped
+
+
+def test_an_erased_version_leaves_no_trace_in_the_file(open_store, paths, clock):
+    store = open_store()
+    store.put("a", "api_key", VALUE, "", 0.0)
+    store.put("b", "api_key", VALUE, "", 0.0)
+    store.rotate("a", b"second-value", None, 0.0)
+    erased = [blob_of(store_file(paths), "a", 1), blob_of(store_file(paths), "b", 1)]
+    assert store.erase_retired() == [("a", 1)]
+    store.delete("b")
+    store.close()  # the WAL goes into the file
+    data = store_file(paths).read_bytes()
+    assert [blob in data for blob in erased] == [False, False]
 
 
 def test_missing_names_and_taken_names(open_store):

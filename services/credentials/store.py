@@ -130,6 +130,8 @@ class CredentialStore:
                 key = cls._create(path, master)
         except MasterKeyError as exc:
             raise StoreRefused(f"{path}: {exc}") from None
+        except OSError as exc:  # a key file that cannot be read or made, a directory that is not one
+            raise StoreRefused(f"{path}: {exc.strerror}: {exc.filename}") from None
         db = _connect(str(path))
         try:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
