@@ -51,13 +51,11 @@ def read_file(workspace: Workspace, call: ToolReadFile) -> ToolReadFileResult:
         size = os.fstat(file.fileno()).st_size
         kept: list[bytes] = []
         used = 0
-        number = 0
         truncated = False
-        for number, line in enumerate(file, start=1):  # noqa: B007 - the last number is used below
+        for number, line in enumerate(file, start=1):
             if number < call.start_line:
                 continue
             if call.end_line and number > call.end_line:
-                number -= 1
                 break
             if used + len(line) > call.max_bytes:
                 kept.append(line[: call.max_bytes - used])
