@@ -4,7 +4,7 @@
         session = await bus.call(SessionGet(id=sid))
         async for chunk in bus.stream(ContainerLogs(id=cid, follow=True)):
             ...
-        async for delivery in bus.subscribe(["session.message."]):
+        async for delivery in bus.subscribe(["session.message"]):
             ...
 
 The connection is the blocking client's (bus/connection.py: an I/O thread driving
@@ -25,11 +25,9 @@ import zmq.asyncio
 
 from baaaht.bus import wire
 from baaaht.bus.client import ClientFace, PendingCall, decoder_for, response_type_of
-from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import Reply
 from baaaht.bus.subscription import Delivery, EventOrder, sub_socket
-from baaaht.schemas.base import Event, Request, target_of, topic_of
-from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.base import Event, Request, target_of, topic_for
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -92,29 +90,36 @@ class AsyncBusClient(ClientFace):
     # -- events -------------------------------------------------------------------------------
 
     async def publish(self, event: Event, subtopic: str = "") -> None:
-        topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
+        topic = topic_for(event, subtopic)
         self.connection.send(wire.pack(wire.EVENT, topic.encode(), _encode(event)))
 
     async def subscribe(
         self, topics: list[str] | None = None, since: int | None = None, epoch: int | None = None
     ) -> AsyncIterator[Delivery]:
         """Matching events in order, with gaps and `since` filled from the broker's history
-        (as BusClient.subscribe)."""
-        if not self.events_endpoint:
-            raise BusError(ErrorCode.FAILED_PRECONDITION, "this client has no events endpoint")
-        order = EventOrder(topics or [], since, epoch)
-        sub = sub_socket(
-            self.context, self.events_endpoint, self.curve
-        )  # before the replay: nothing slips between
+        (as BusClient.subscribe): from the events endpoint, or, with none (an agent), on the client's
+        own connection: its own session's events only."""
+        order = EventOrder(topics or [], since, epoch, filtered=not self.events_endpoint)
+        # Subscribed before the replay: nothing slips between the two.
+        if self.events_endpoint:
+            sub = sub_socket(self.context, self.events_endpoint, self.curve)
+            receive, close = sub.recv_multipart, lambda: sub.close(linger=0)
+        else:
+            delivered: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            subscription_id = self.connection.subscribe(
+                topics or [], lambda *item: _put_threadsafe(loop, delivered, item)
+            )
+            receive, close = delivered.get, lambda: self.connection.unsubscribe(subscription_id)
         try:
             while True:
                 while (replay := order.next_replay()) is not None:
                     order.take_replay(await self.call(replay))
                 while order.backlog:
                     yield order.backlog.popleft()
-                order.take_live(*await sub.recv_multipart())
+                order.take_live(*await receive())
         finally:
-            sub.close(linger=0)
+            close()
 
 
 async def _next_reply(call: PendingCall, replies: asyncio.Queue) -> Reply:
@@ -126,13 +131,14 @@ async def _next_reply(call: PendingCall, replies: asyncio.Queue) -> Reply:
     return call.take(reply)
 
 
+def _put_threadsafe(loop: asyncio.AbstractEventLoop, into: asyncio.Queue, item) -> None:
+    """From the I/O thread onto the loop's queue."""
+    try:
+        loop.call_soon_threadsafe(into.put_nowait, item)
+    except RuntimeError:
+        pass  # the loop is closed: nobody is waiting any more
+
+
 def _handed_to(loop: asyncio.AbstractEventLoop, replies: asyncio.Queue) -> Callable[[Reply], None]:
     """A delivery from the I/O thread onto the loop's queue."""
-
-    def deliver(reply: Reply) -> None:
-        try:
-            loop.call_soon_threadsafe(replies.put_nowait, reply)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is waiting any more
-
-    return deliver
+    return lambda reply: _put_threadsafe(loop, replies, reply)

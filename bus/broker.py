@@ -23,19 +23,24 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from baaaht.bus import authorize as auth
 from baaaht.bus import curve, wire
 from baaaht.bus.auth_failures import AuthFailures
-from baaaht.bus.authorize import ANSWER, CALL, PUBLISH, REGISTER, SERVICE, authorize
+from baaaht.bus.authorize import ANSWER, CALL, REGISTER, SERVICE, authorize, may_receive, publish_topic
 from baaaht.bus.bad_input import BadInput
+from baaaht.bus.connections import UNKNOWN, Connection, Connections, agent_role, host_role
 from baaaht.bus.errors import BusError, validation_error
+from baaaht.bus.identities import ContainerIdentities, Identities, credentials_of_fd, shut_down
 from baaaht.bus.registry import (
     AGENTS_SOCKET,
     SERVICES_SOCKET,
+    AgentSubscription,
     EventLog,
     Failure,
     Grant,
@@ -47,9 +52,15 @@ from baaaht.bus.registry import (
 )
 from baaaht.common import socket_group
 from baaaht.common.endpoints import Endpoints, ipc_path
-from baaaht.schemas.base import Request, target_of, topic_of
+from baaaht.common.identity import AgentIdentity
+from baaaht.schemas.base import Request, split_topic, target_of, topic_for
 from baaaht.schemas.bus import (
+    AuthRule,
     BrokerStarted,
+    BusAgentsList,
+    BusAgentsListResult,
+    BusAgentsUpdate,
+    BusAgentsUpdateResult,
     BusAuthFailed,
     BusAuthKeysIssue,
     BusAuthKeysIssueResult,
@@ -57,6 +68,8 @@ from baaaht.schemas.bus import (
     BusAuthKeysListResult,
     BusAuthKeysRevoke,
     BusAuthKeysRevokeResult,
+    BusAuthRules,
+    BusAuthRulesResult,
     BusEventsReplay,
     BusPeers,
     BusPeersResult,
@@ -97,6 +110,8 @@ _send = zmq.backend.Socket.send
 _get = zmq.backend.Socket.get
 NOBLOCK = int(zmq.NOBLOCK)
 SRCFD = int(zmq.SRCFD)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
 HEARTBEAT = wire.pack(wire.HEARTBEAT)
@@ -114,15 +129,26 @@ BUILTINS = (
     BusAuthKeysIssue,
     BusAuthKeysList,
     BusAuthKeysRevoke,
+    BusAgentsList,
+    BusAgentsUpdate,
+    BusAuthRules,
     BusEventsReplay,
 )
+MAX_PREFIXES = 64  # topic prefixes in one agent's SUBSCRIBE or replay
+REFUSALS_LOGGED = 16  # distinct refusals logged per connection (all are counted in bus.stats.errors)
 _builtin_decoders = {target_of(t): msgspec.msgpack.Decoder(t) for t in BUILTINS}
 
 
 class Broker:
-    def __init__(self, config: Config, context: zmq.Context | None = None):
+    def __init__(
+        self, config: Config, context: zmq.Context | None = None, identities: Identities | None = None
+    ):
         self.config = config
         self.endpoints = Endpoints.for_config(config.bus)
+        # Who an agent connection is: the kernel's and the container manager's word (bus/identities.py).
+        self.identities = identities or ContainerIdentities(self.endpoints.run_dir)
+        self.connections = Connections()
+        self.host_uid = os.getuid()
         self.max_message = int(config.bus.max_message_size)
         self.max_event = int(config.bus.max_event_size)
         self.started_at = time.time()
@@ -149,7 +175,7 @@ class Broker:
         self.auth_failures = AuthFailures(log, self.registry.heartbeat_interval * SUMMARY_TICKS)
         self.curve: curve.CurveServer | None = None  # with TCP on: CURVE keys and ZAP
         self.pub_monitor: zmq.Socket | None = None  # handshake failures of the events socket on tcp://
-        self._connections: dict[tuple[int, int], set[PeerKey]] = {}  # (socket, fd) -> peers seen on it
+        self._subscribers: dict[str, set[PeerKey]] = {}  # session -> agents with a SUBSCRIBE
         self._suspects: dict[PeerKey, int] = {}  # peers of a closed connection -> probes left
         self._departed: set[PeerKey] = set()  # peers a send found unroutable: to drop after the batch
         self._clock_offset = time.time() - time.monotonic()  # Unix time = monotonic + offset
@@ -173,7 +199,8 @@ class Broker:
         self.sockets = (self.services, self.agents)
         self.socket_names = (SERVICES_SOCKET, AGENTS_SOCKET)
         self.monitors = tuple(
-            sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURES) for sock in self.sockets
+            sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURES)
+            for sock in self.sockets
         )
         eps = self.endpoints
         for sock, ipc, tcp, name in (
@@ -305,6 +332,7 @@ class Broker:
         now = time.monotonic()  # one reading of each clock per batch
         self._clock_offset = time.time() - now  # wall = monotonic + offset: converts wire deadlines
         recv = sock.recv
+        monitor = self.monitors[index]
         peers = self.registry.peers
         received = size = 0
         for _ in range(BATCH if index == SERVICES else AGENT_BATCH):
@@ -313,23 +341,24 @@ class Broker:
             except zmq.Again:
                 break
             key = (index, ident)
-            address = grant = None
-            refused = False
-            if index == SERVICES and key in peers:
+            grant, refused = None, False
+            # A connection's ACCEPTED (or its predecessor's DISCONNECTED) is in the monitor before its
+            # first message is here: take it up first, so the message is judged by its own connection.
+            if _get(monitor, EVENTS) & POLLIN:
+                self._on_monitor(index)
+            peer = peers.get(key)
+            if peer is not None and peer.connection.live:
+                connection = peer.connection  # ZeroMQ never gives a live connection's routing id to another
                 envelope = recv(NOBLOCK)  # a ROUTER message always has a frame after the routing id
-            else:
-                # A new peer, or an agent: read the kernel credentials off the frame. For agents this
-                # is done on every message, so a new connection that chose a departed agent's routing
-                # id is seen as the new peer it is.
+            else:  # a new peer, or one whose connection has closed: which connection is it on?
                 frame = recv(NOBLOCK, copy=False)
-                envelope, address = frame.bytes, peer_address(frame)
-                if key not in peers:  # which connection it uses, so the monitor can tell when it closes
-                    fd = frame.get(SRCFD)
-                    self._connections.setdefault((index, fd), set()).add(key)
-                    user = curve.frame_user(frame)
-                    if user is not None:  # came over tcp://, authenticated with the key named `user`
-                        grant = self._admit_keyed(key, user, fd, address, now)
-                        refused = grant is None
+                envelope = frame.bytes
+                fd = frame.get(SRCFD)
+                connection = self._connection_of(index, fd, peer)
+                user = curve.frame_user(frame) if peer is None or peer.connection is not connection else None
+                if user is not None:  # a new peer over tcp://, authenticated with the key named `user`
+                    grant = self._admit_keyed(key, user, fd, peer_address(frame), now)
+                    refused = grant is None
             extra = 0
             while _get(sock, RCVMORE):
                 recv(NOBLOCK)
@@ -339,7 +368,7 @@ class Broker:
             if refused:
                 continue  # its key has gone since its handshake: refused, and its connection closed
             try:
-                self._handle(key, envelope, extra, address, now, grant)
+                self._handle(key, envelope, extra, connection, now, grant)
             except Exception:  # a bug must cost one message, never the broker
                 log.exception("failed to handle a message", extra={"peer": ident.hex()})
                 self.errors["INTERNAL"] = self.errors.get("INTERNAL", 0) + 1
@@ -349,7 +378,7 @@ class Broker:
         self.counters["bytes_in"] += size
 
     def _handle(
-        self, key, envelope: bytes, extra: int, address: str | None, now: float, grant: Grant | None = None
+        self, key, envelope: bytes, extra: int, connection: Connection, now: float, grant: Grant | None = None
     ) -> None:
         kind = wire.kind_of(envelope)
         if not kind or extra:
@@ -361,9 +390,12 @@ class Broker:
             )
             return
         known = self.registry.peers.get(key)
-        if known is not None and address is not None and address != known.address:
+        if known is not None and known.connection is not connection:  # a departed peer's routing id
             self._answer_all(*self.registry.drop_peer(key, "was replaced by another connection"))
-        peer = self.registry.touch(key, self.socket_names[key[0]], address, now, grant)
+        peer = self.registry.touch(key, self.socket_names[key[0]], connection, now, grant)
+        if connection.revoked:
+            self._refuse_revoked(peer, kind, envelope, now)
+            return
         try:
             if kind == wire.REQUEST:
                 self._on_request(peer, envelope, now)
@@ -380,6 +412,8 @@ class Broker:
                     self._on_event(peer, topic, body, now)
             elif kind == wire.REGISTER:
                 self._on_register(peer, wire.split(envelope)[1])
+            elif kind == wire.SUBSCRIBE and key[0] == AGENTS:  # host peers have the PUB socket
+                self._on_subscribe(peer, wire.split(envelope)[1], now)
             elif kind == wire.DISCONNECT:  # a clean goodbye: nothing to count or log
                 self._answer_all(*self.registry.drop_peer(key, "disconnected"))
             else:
@@ -400,7 +434,7 @@ class Broker:
             return
         denial = authorize(peer.role, CALL, header.target)
         if denial is not None:
-            self._reply_error(peer.key, header.id, BusError(ErrorCode.PERMISSION_DENIED, denial.message))
+            self._refuse(peer, header.id, denial)
             return
         if header.target.startswith("bus."):
             self._builtin(peer, header, wire.split(envelope)[1], now)
@@ -430,14 +464,18 @@ class Broker:
                 peer.key, "unregistered_reply", "only a registered service instance may reply", now
             )
             return
+        answered = self.registry.in_flight.get(header.token)
+        if answered is not None and answered.instance.peer is peer:
+            # Judged before the request is marked done: a refused answer leaves it in flight, to be
+            # answered by the instance as it may, or TIMEOUT at its deadline (and cancelled there).
+            denial = authorize(peer.role, ANSWER, answered.target)
+            if denial is not None:
+                self._refuse(peer, "", denial)
+                return
         request = self.registry.complete(peer, header.token, final, header.error)
         if request is None:
             if not final:  # a stream whose caller is gone or cancelled: tell the handler to stop
                 self._send(peer.key, wire.pack(wire.CANCEL, body=header.token))
-            return
-        denial = authorize(peer.role, ANSWER, request.target)
-        if denial is not None:
-            self._reply_error(peer.key, "", BusError(ErrorCode.PERMISSION_DENIED, denial.message))
             return
         self._send(request.client, envelope)
 
@@ -479,11 +517,14 @@ class Broker:
         log.info("service registered", extra={"service": instance.service, "instance": instance.instance_id})
 
     def _on_event(self, peer: Peer, topic_bytes: bytes, body: bytes, now: float) -> None:
-        """Refusals are answered with a REPLY whose id is "" (an event has no id to answer)."""
-        topic = topic_bytes.decode(errors="replace")
-        denial = authorize(peer.role, PUBLISH, topic)
+        """Refusals are answered with a REPLY whose id is "" (an event has no id to answer). An agent's
+        event is published in its own session (bus/authorize.py publish_topic)."""
+        caller = peer.caller
+        topic, denial = publish_topic(
+            peer.role, caller.session, topic_bytes.decode(errors="replace"), caller.service
+        )
         if denial is not None:
-            self._reply_error(peer.key, "", BusError(ErrorCode.PERMISSION_DENIED, denial.message))
+            self._refuse(peer, "", denial)
             return
         if len(body) > self.max_event:
             message = f"event of {len(body)} bytes exceeds the limit of {self.max_event} bytes"
@@ -495,21 +536,71 @@ class Broker:
             if refusal is not None:
                 self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, refusal))
                 return
-        source = peer.caller.service or f"{peer.socket}:{peer.caller.peer}"
+        if caller.container:
+            source = f"{caller.role}:{caller.container}"
+        else:
+            source = caller.service or f"{peer.socket}:{caller.peer}"
         try:
             self._publish(topic, source, body, now + self._clock_offset, from_agent)
         except BusError as exc:  # not one msgpack value: never kept, never republished
             self._malformed(peer.key, "event_body", exc.message, now, exc.details)
 
     def publish_own(self, event) -> None:
-        self._publish(topic_of(type(event)), "bus", wire.encode(event), time.time())
+        self._publish(topic_for(event), "bus", wire.encode(event), time.time())
 
     def _publish(self, topic: str, source: str, body: bytes, wall: float, from_agent: bool = False) -> None:
         event = self.events.append(topic, source, body, wall, from_agent)
-        stamp = wire.encode(wire.EventStamp(event.seq, wall, source, self.epoch))
+        stamp = wire.encode(wire.EventStamp(event.seq, wall, source, self.epoch, event.seq - 1))
         # PUB never blocks: a subscriber past its high-water mark loses messages, sees a gap and replays.
         _send(self.pub, topic.encode(), SNDMORE_NOBLOCK)
         _send(self.pub, wire.pack(wire.EVENT, stamp, body), NOBLOCK)
+        session = split_topic(topic)[1]
+        if session in self._subscribers:
+            self._deliver_to_agents(session, topic, event.seq, wall, source, body)
+
+    def _deliver_to_agents(self, session: str, topic: str, seq: int, wall: float, source: str, body: bytes):
+        """The event, to each agent of its session subscribed to it that its role may receive, on the
+        agent's own connection: [EVENT envelope, topic], stamped with the previous match's seq."""
+        keys = self._subscribers[session]
+        for key in list(keys):
+            peer = self.registry.peers.get(key)
+            subscription = peer.subscription if peer is not None else None
+            if subscription is None or peer.caller.session != session:
+                keys.discard(key)  # gone, unsubscribed or re-identified: lazily forgotten here
+                continue
+            if not topic.startswith(subscription.prefixes) or not may_receive(peer.role, session, topic):
+                continue
+            stamp = wire.EventStamp(seq, wall, source, self.epoch, subscription.last_matched)
+            subscription.last_matched = seq
+            self._send(key, wire.pack(wire.EVENT, wire.encode(stamp), body), topic.encode())
+        if not keys:
+            del self._subscribers[session]
+
+    def _on_subscribe(self, peer: Peer, body: bytes, now: float) -> None:
+        """An agent's topic prefixes (replacing those before; none stops): its own session's events
+        that its role may receive. A prefix naming another session is refused."""
+        prefixes = wire.subscribe_body.decode(body)
+        denial = self._foreign_prefixes(peer, prefixes)
+        if denial is not None:
+            self._refuse(peer, "", denial)
+            return
+        if not prefixes:
+            peer.subscription = None
+            return
+        peer.subscription = AgentSubscription(tuple(prefixes), self.events.last_seq)
+        if peer.caller.session:
+            self._subscribers.setdefault(peer.caller.session, set()).add(peer.key)
+
+    def _foreign_prefixes(self, peer: Peer, prefixes: list[str]) -> auth.Denial | None:
+        """Refuse topic prefixes that name another session than the agent's own (or too many)."""
+        if len(prefixes) > MAX_PREFIXES:
+            return auth.Denial(f"at most {MAX_PREFIXES} topic prefixes, not {len(prefixes)}")
+        own = peer.caller.session
+        for prefix in prefixes:
+            session = split_topic(prefix)[1]
+            if session and not (own and own.startswith(session)):
+                return auth.Denial(f"{peer.role} peers see only their own session's events, not {session!r}")
+        return None
 
     # -- built-in bus.* methods ---------------------------------------------------------------
 
@@ -527,11 +618,10 @@ class Broker:
             return
         try:
             request = decoder.decode(body)
+            result = self._builtin_result(peer, request, now)
         except msgspec.DecodeError as exc:
             self._reply_error(peer.key, header.id, validation_error(header.target, exc))
             return
-        try:
-            result = self._builtin_result(peer, request, now)
         except BusError as exc:
             self._reply_error(peer.key, header.id, exc)
             return
@@ -566,8 +656,26 @@ class Broker:
             )
         if isinstance(request, (BusAuthKeysIssue, BusAuthKeysList, BusAuthKeysRevoke)):
             return self._keys_result(request, now + self._clock_offset)
+        if isinstance(request, BusAgentsList):
+            return BusAgentsListResult(agents=self.registry.agents_view(now))
+        if isinstance(request, BusAgentsUpdate):
+            return self._update_identity(request.container_id)
+        if isinstance(request, BusAuthRules):
+            return rules_result()
         assert isinstance(request, BusEventsReplay)  # the last of BUILTINS
-        events = self.events.replay(request.since, request.topics, min(request.limit, REPLAY_LIMIT_MAX))
+        return self._replay(peer, request)
+
+    def _replay(self, peer: Peer, request: BusEventsReplay) -> ReplayResult:
+        """Kept events; an agent's only of its own session and of tags its role may receive."""
+        visible = None
+        if peer.socket == AGENTS_SOCKET:
+            denial = self._foreign_prefixes(peer, request.topics)
+            if denial is not None:
+                raise BusError(ErrorCode.PERMISSION_DENIED, denial.message)
+            role, session = peer.role, peer.caller.session
+            visible = lambda topic: may_receive(role, session, topic)  # noqa: E731
+        limit = min(request.limit, REPLAY_LIMIT_MAX)
+        events = self.events.replay(request.since, request.topics, limit, visible)
         return ReplayResult(
             events=events, first_seq=self.events.first_seq, last_seq=self.events.last_seq, epoch=self.epoch
         )
@@ -581,9 +689,15 @@ class Broker:
             self._expire_keys(now)
         for failure in self.auth_failures.flush(now):
             self.publish_own(failure)
-        for key in list(self.registry.peers):
-            self._send(key, HEARTBEAT)
-        stamp = wire.EventStamp(self.events.last_seq, time.time(), "bus", self.epoch)
+        wall = time.time()
+        for key, peer in list(self.registry.peers.items()):
+            subscription = peer.subscription
+            if subscription is None:
+                self._send(key, HEARTBEAT)
+            else:  # with the last match's seq: a subscribed agent sees a loss even when all is quiet
+                stamp = wire.EventStamp(subscription.last_matched, wall, "bus", self.epoch)
+                self._send(key, wire.pack(wire.HEARTBEAT, wire.encode(stamp)))
+        stamp = wire.EventStamp(self.events.last_seq, wall, "bus", self.epoch)
         self.pub.send_multipart([b"", wire.pack(wire.HEARTBEAT, wire.encode(stamp))])
         self.bad_input.flush(now)
 
@@ -595,19 +709,27 @@ class Broker:
     # -- departures ---------------------------------------------------------------------------
 
     def _on_monitor(self, index: int) -> None:
-        """Connections that closed: their peers are probed until ZeroMQ has forgotten them."""
+        """Connections accepted (who is at the other end is read now) and closed (their peers are
+        probed until ZeroMQ has forgotten them)."""
         monitor = self.monitors[index]
         for _ in range(BATCH):
             try:
                 event = parse_monitor_message(monitor.recv_multipart(NOBLOCK))
             except zmq.Again:
                 return
-            if event["event"] != zmq.EVENT_DISCONNECTED:
+            if event["event"] not in (zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPTED):
                 self._on_handshake_failed(self.socket_names[index], event)
                 continue
-            for key in self._connections.pop((index, int(event["value"])), ()):
-                if key in self.registry.peers:
-                    self._suspects[key] = PROBES
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._accept(index, fd)
+            else:
+                self._suspect(self.connections.closed(index, fd))
+
+    def _suspect(self, connection: Connection | None) -> None:
+        for key in connection.peers if connection is not None else ():
+            if key in self.registry.peers:
+                self._suspects[key] = PROBES
 
     def _probe(self) -> None:
         """A heartbeat to each suspect: unroutable means gone. ZeroMQ drops the route a moment
@@ -733,6 +855,123 @@ class Broker:
                 curve.Refusal(curve.EXPIRED, message), self.socket_names[key[0]], now, key=record.name
             )
 
+    # -- connections and identity -------------------------------------------------------------
+
+    def _accept(self, index: int, fd: int) -> Connection:
+        """A new connection: its kernel credentials and, on the agent socket, its container's identity,
+        read once, now, while the process that connected is there (docs/IDENTITY.md)."""
+        credentials = credentials_of_fd(fd)
+        container, identity = "", None
+        if index == AGENTS:
+            if credentials is not None and credentials.pid > 0:
+                container = self.identities.container_of(credentials.pid) or ""
+            identity = self._identity_of(container) if container else None
+            role = agent_role(identity)
+        else:
+            role = host_role(credentials, self.host_uid) if credentials is not None else auth.REFUSED
+        connection, replaced = self.connections.accepted(
+            index, fd, credentials or UNKNOWN, time.time(), role, container, identity
+        )
+        self._suspect(replaced)
+        if role == auth.REFUSED:
+            uid = connection.credentials.uid
+            detail = f"uid {uid} is neither the host's ({self.host_uid}) nor root's"
+            self._auth_failure(connection, "foreign_uid", detail)
+        elif identity is not None and role == auth.UNIDENTIFIED:
+            self._auth_failure(connection, "bad_role", f"an identity may not grant role {identity.role!r}")
+        return connection
+
+    def _connection_of(self, index: int, fd: int, peer: Peer | None) -> Connection:
+        connection = self.connections.current(index, fd)
+        if connection is not None:
+            return connection
+        if peer is not None and peer.connection.fd == fd:
+            return peer.connection  # the last words of a connection that has closed
+        return self._accept(index, fd)  # its ACCEPTED never came (the monitor's queue overflowed)
+
+    def _identity_of(self, container: str) -> AgentIdentity | None:
+        try:
+            identity = self.identities.identity(container)
+        except (OSError, ValueError) as exc:  # msgspec.DecodeError is a ValueError: a damaged file
+            log.warning("unreadable identity", extra={"container": container, "error": str(exc)})
+            return None
+        return identity if identity is not None and identity.container_id == container else None
+
+    def _update_identity(self, container: str) -> BusAgentsUpdateResult:
+        """bus.agents.update: re-read the container's identity for its connections; none any more =
+        revoked: they are refused from now on and disconnected at once."""
+        self._on_monitor(AGENTS)  # every connection accepted so far is known
+        identity = self._identity_of(container)
+        connections = self.connections.of_container(container)
+        revoked = False
+        for connection in connections:
+            if self.connections.reidentify(connection, identity):
+                revoked = True
+                self._revoke(connection)
+                continue
+            for key in connection.peers:
+                peer = self.registry.peers[key]
+                self.registry.restamp(peer)
+                if peer.subscription is not None and peer.caller.session:
+                    self._subscribers.setdefault(peer.caller.session, set()).add(key)
+        log.info(
+            "identity updated",
+            extra={"container": container, "connections": len(connections), "revoked": revoked},
+        )
+        return BusAgentsUpdateResult(
+            connections=len(connections),
+            revoked=revoked,
+            role=agent_role(identity),
+            session=identity.session_id if identity is not None else "",
+        )
+
+    def _revoke(self, connection: Connection) -> None:
+        """Forget its peers (what they asked is cancelled at the services) and end the connection."""
+        for key in list(connection.peers):
+            self._answer_all(*self.registry.drop_peer(key, "its identity was revoked"))
+        if not shut_down(connection.fd, connection.credentials.inode):
+            log.warning("could not shut a revoked connection down", extra={"fd": connection.fd})
+
+    def _refuse_revoked(self, peer: Peer, kind: bytes, envelope: bytes, now: float) -> None:
+        """A message on a connection whose identity was revoked: refused (a request by its id), counted,
+        and the connection shut down (again: it may not have been the same socket at the first try)."""
+        if kind in (wire.HEARTBEAT, wire.DISCONNECT):
+            return
+        request_id = ""
+        if kind == wire.REQUEST:
+            try:
+                request_id = wire.request_header.decode(wire.header_of(envelope)).id
+            except (msgspec.DecodeError, wire.MalformedFrame):
+                pass
+        connection = peer.connection
+        message = f"the identity of container {connection.container} was revoked"
+        self._reply_error(peer.key, request_id, BusError(ErrorCode.PERMISSION_DENIED, message))
+        self._auth_failure(connection, "revoked", message)
+        shut_down(connection.fd, connection.credentials.inode)
+
+    def _refuse(self, peer: Peer, request_id: str, denial: auth.Denial) -> None:
+        """PERMISSION_DENIED for what a peer's role may not do; an unidentified agent's attempt is an
+        identity failure too."""
+        self._reply_error(peer.key, request_id, BusError(ErrorCode.PERMISSION_DENIED, denial.message))
+        if peer.role == auth.UNIDENTIFIED:
+            self._auth_failure(peer.connection, "unidentified", denial.message)
+        elif len(peer.connection.refusals_logged) < REFUSALS_LOGGED:
+            if denial.message not in peer.connection.refusals_logged:
+                peer.connection.refusals_logged.add(denial.message)
+                log.warning(
+                    "refused", extra={"caller": peer.caller.peer, "role": peer.role, "why": denial.message}
+                )
+
+    def _auth_failure(self, connection: Connection, reason: str, detail: str) -> None:
+        """An identity failure: counted, logged and published (bus.auth.failed) as every refusal is
+        (bus/auth_failures.py: one in full per reason and period, the rest summed up)."""
+        credentials = connection.credentials
+        address = f"uid {credentials.uid}, pid {credentials.pid}"
+        if connection.container:
+            address += f", container {connection.container}"
+        socket_name = self.socket_names[connection.index]
+        self._auth_failed(curve.Refusal(reason, detail), socket_name, time.monotonic(), address)
+
     # -- sending ------------------------------------------------------------------------------
 
     def _answer_all(self, failures: list[Failure], cancels: list[InFlight]) -> None:
@@ -786,20 +1025,38 @@ def peer_address(frame: zmq.Frame) -> str | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def rules_result() -> BusAuthRulesResult:
+    """bus.auth.rules: the table of bus/authorize.py, `!pattern` for a denying rule."""
+    rules = [
+        AuthRule(role=role, action=action, patterns=[p if allowed else f"!{p}" for p, allowed in rules])
+        for role, action, rules in auth.rules_table()
+    ]
+    return BusAuthRulesResult(rules=rules, domains={s: list(t) for s, t in auth.DOMAINS.items()})
+
+
+def arguments(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Run the baaaht bus broker.")
+    parser.add_argument("--config", default=os.environ.get("BAAAHT_CONFIG"))
+    return parser
+
+
+def serve(config_path: str | None, identities_for: Callable[[str], Identities] | None = None) -> None:
+    """Run a broker until SIGTERM or SIGINT; `identities_for(run_dir)` is its identity adapter."""
     from baaaht.common.config import load_config
     from baaaht.common.logs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="baaaht-broker", description="Run the baaaht bus broker.")
-    parser.add_argument("--config", default=os.environ.get("BAAAHT_CONFIG"))
-    args = parser.parse_args(argv)
-    config, _sources = load_config(args.config)
+    config, _sources = load_config(config_path)
     setup_logging(config.log, "broker")
-    broker = Broker(config)
+    run_dir = Endpoints.for_config(config.bus).run_dir
+    broker = Broker(config, identities=identities_for(run_dir) if identities_for else None)
     broker.bind()
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)
     broker.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    serve(arguments("baaaht-broker").parse_args(argv).config)
 
 
 if __name__ == "__main__":

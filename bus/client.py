@@ -26,9 +26,8 @@ from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import Call, Reply
 from baaaht.bus.subscription import Subscription
 from baaaht.common.endpoints import Endpoints, tcp_endpoints
-from baaaht.schemas.base import Empty, Event, Request, target_of, topic_of
+from baaaht.schemas.base import Empty, Event, Request, target_of, topic_for
 from baaaht.schemas.config import Config
-from baaaht.schemas.errors import ErrorCode
 
 _encode = msgspec.msgpack.Encoder().encode
 _decoders: dict[type, msgspec.msgpack.Decoder] = {}
@@ -150,7 +149,7 @@ class BusClient(ClientFace):
     # -- events -------------------------------------------------------------------------------
 
     def publish(self, event: Event, subtopic: str = "") -> None:
-        topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
+        topic = topic_for(event, subtopic)
         self.connection.send(wire.pack(wire.EVENT, topic.encode(), _encode(event)))
 
     def subscribe(
@@ -158,9 +157,8 @@ class BusClient(ClientFace):
     ) -> Subscription:
         """Live events whose topic starts with one of `topics` (all when empty); with `since`,
         first every kept event after that sequence number (of the broker `epoch`, when given: a
-        restarted broker's history is then replayed whole). Gaps are filled by replay."""
-        if not self.events_endpoint:
-            raise BusError(ErrorCode.FAILED_PRECONDITION, "this client has no events endpoint")
+        restarted broker's history is then replayed whole). Gaps are filled by replay. A client with
+        no events endpoint (an agent) gets them on its connection: its own session's only."""
         return Subscription(self, self.events_endpoint, topics or [], since, epoch)
 
 

@@ -12,6 +12,7 @@ the broker goes away — is bus/protocol.py's ClientCore, which this thread driv
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -25,7 +26,7 @@ from baaaht.bus import wire
 from baaaht.bus.curve import ClientCurve
 from baaaht.bus.dealer import HANDSHAKE_FAILED, close_dealer, monitor_event, new_dealer
 from baaaht.bus.errors import BusError
-from baaaht.bus.protocol import Call, ClientCore
+from baaaht.bus.protocol import Call, ClientCore, EventSink
 from baaaht.schemas.errors import ErrorBody, ErrorCode
 
 log = logging.getLogger("baaaht.bus")
@@ -41,6 +42,17 @@ class _Abandon:
 
     def __init__(self, call: Call):
         self.call = call
+
+
+class _Subscribe:
+    """Start (with a sink) or stop (sink None) one of the connection's event subscriptions."""
+
+    __slots__ = ("subscription_id", "prefixes", "sink")
+
+    def __init__(self, subscription_id: int, prefixes: tuple[str, ...] = (), sink: EventSink | None = None):
+        self.subscription_id = subscription_id
+        self.prefixes = prefixes
+        self.sink = sink
 
 
 class _EventBatch:
@@ -97,7 +109,8 @@ class Connection:
             registration=registration,
             health=health,
         )
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # envelopes, Calls, _Abandons
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # envelopes, Calls, _Abandons, _Subscribes
+        self._subscription_ids = itertools.count(1)
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closing = threading.Event()
         self._connected = threading.Event()  # set once the socket has connected (and registered)
@@ -125,6 +138,16 @@ class Connection:
 
     def abandon(self, call: Call) -> None:
         self._put(_Abandon(call))
+
+    def subscribe(self, prefixes: list[str], sink: EventSink) -> int:
+        """Events sent on this connection (an agent's: bus/protocol.py ClientCore.subscribe) go to
+        `sink(topic, envelope)` on the I/O thread; the id to `unsubscribe` with."""
+        subscription_id = next(self._subscription_ids)
+        self._put(_Subscribe(subscription_id, tuple(prefixes), sink))
+        return subscription_id
+
+    def unsubscribe(self, subscription_id: int) -> None:
+        self._put(_Subscribe(subscription_id))
 
     def _put(self, item) -> None:
         self._outbox.put(item)
@@ -237,6 +260,11 @@ class Connection:
                         core.fail(
                             item, BusError(ErrorCode.UNAVAILABLE, "the connection to the broker is backed up")
                         )
+                elif type(item) is _Subscribe:
+                    if item.sink is None:
+                        self._send_all(core.unsubscribe(item.subscription_id))
+                    else:
+                        self._send_all(core.subscribe(item.subscription_id, item.prefixes, item.sink))
                 else:
                     cancel = core.abandon(item.call)
                     if cancel is not None:

@@ -38,6 +38,7 @@ DISCONNECT = wire.pack(wire.DISCONNECT)
 NOTHING: tuple[bytes, ...] = ()
 
 Reply = tuple[bytes, wire.ReplyHeader, bytes]  # (REPLY or PARTIAL, header, body)
+EventSink = Callable[[bytes, bytes], None]  # (topic, envelope) of an event sent on the connection
 
 
 class Call:
@@ -103,6 +104,8 @@ class ClientCore:
         self._retry_at: float | None = None  # when to try a refused handshake again (a new socket)
         self.last_heard = 0.0
         self.next_beat = 0.0
+        # An agent's subscriptions on its own connection (it has no event socket): id -> (prefixes, sink)
+        self._subscriptions: dict[int, tuple[tuple[str, ...], EventSink]] = {}
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -172,6 +175,12 @@ class ClientCore:
             call = self._calls.pop(header.id, None) if kind == wire.REPLY else self._calls.get(header.id)
             if call is not None:
                 call.deliver((kind, header, body))
+        elif kind == wire.EVENT or (kind == wire.HEARTBEAT and len(envelope) > wire.PREFIX):
+            # An event of the agent's subscription ([envelope, topic]), or the broker's stamped heartbeat
+            # (the last matching seq): every subscription judges it (bus/subscription.py EventOrder).
+            topic = frames[1] if len(frames) > 1 else b""
+            for _prefixes, sink in self._subscriptions.values():
+                sink(topic, envelope)
         elif kind == wire.DISCONNECT:
             return self._disconnected_by_broker(wire.error_body.decode(wire.split(envelope)[1]))
         elif (kind == wire.REQUEST or kind == wire.CANCEL) and self._on_message is not None:
@@ -193,6 +202,26 @@ class ClientCore:
     def _register(self) -> bytes:
         return wire.pack(wire.REGISTER, body=self._registration())
 
+    # -- events on the connection (agents) ----------------------------------------------------
+
+    def subscribe(
+        self, subscription_id: int, prefixes: tuple[str, ...], sink: EventSink
+    ) -> tuple[bytes, ...]:
+        """Have the broker send the events whose topic starts with one of `prefixes` (all, when none)
+        on this connection; returns the SUBSCRIBE to send (again on every connect)."""
+        self._subscriptions[subscription_id] = (prefixes or ("",), sink)
+        return (self._subscribe(),) if self.connected else NOTHING
+
+    def unsubscribe(self, subscription_id: int) -> tuple[bytes, ...]:
+        if self._subscriptions.pop(subscription_id, None) is None or not self.connected:
+            return NOTHING
+        return (self._subscribe(),)
+
+    def _subscribe(self) -> bytes:
+        """One SUBSCRIBE with the union of every subscription's prefixes (none: stop)."""
+        prefixes = sorted({p for prefixes, _sink in self._subscriptions.values() for p in prefixes})
+        return wire.pack(wire.SUBSCRIBE, body=wire.encode(prefixes))
+
     # -- the socket ---------------------------------------------------------------------------
 
     def on_connected(self, now: float) -> tuple[bytes, ...]:
@@ -201,7 +230,8 @@ class ClientCore:
         self.handshake_error = self._retry_at = None
         self.last_heard = now
         self.next_beat = now
-        return (self._register(),) if self._registration is not None else NOTHING
+        sends = (self._register(),) if self._registration is not None else NOTHING
+        return sends + ((self._subscribe(),) if self._subscriptions else NOTHING)
 
     def on_disconnected(self, now: float) -> None:
         """The socket lost the broker (ZeroMQ reconnects by itself): nothing in flight will be answered."""

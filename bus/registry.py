@@ -13,14 +13,17 @@ import itertools
 import math
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
+from typing import Callable
 
 import msgspec
 
 from baaaht.bus import authorize
+from baaaht.bus.connections import Connection
 from baaaht.bus.errors import BusError
 from baaaht.bus.wire import TOKEN_SIZE
 from baaaht.common.rate import TokenBucket
 from baaaht.schemas.bus import (
+    AgentInfo,
     Caller,
     InstanceInfo,
     PeerInfo,
@@ -39,7 +42,6 @@ PeerKey = tuple[int, bytes]  # (index of the socket it came through, routing id)
 SERVICES_SOCKET = "services"
 AGENTS_SOCKET = "agents"
 SERVICE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
-SOCKET_ROLES = {SERVICES_SOCKET: authorize.OPERATOR, AGENTS_SOCKET: authorize.AGENT}
 _DEFAULT_LIMITS = LimitsConfig()
 
 
@@ -58,14 +60,24 @@ class Grant:
 class Peer:
     key: PeerKey
     socket: str
-    address: str | None  # the connection's Peer-Address, kernel credentials on ipc://
+    connection: Connection  # the one its messages come through: who is at the other end
     caller: Caller
     caller_frame: bytes
     last_seen: float
-    role: str  # what authorize() judges it as: from its socket, `service` once registered
+    role: str  # what authorize() judges it as: its connection's, `service` once registered
     messages: int = 0
     malformed: int = 0
     instance: Instance | None = None
+    subscription: AgentSubscription | None = None  # an agent's SUBSCRIBE: events sent on its connection
+
+
+@dataclass(slots=True)
+class AgentSubscription:
+    """The topic prefixes an agent asked for, and the seq of the last event that matched them (sent
+    or not): each delivery carries it as `prev`, so the agent sees a loss as a gap."""
+
+    prefixes: tuple[str, ...]
+    last_matched: int
 
 
 @dataclass(slots=True)
@@ -200,15 +212,20 @@ class Failure:
     message: str
 
 
-def parse_peer_address(address: str | None) -> tuple[int, int, int]:
-    """`localhost:UID:GID:PID` (ipc:// peer credentials) -> (uid, gid, pid); -1 when absent."""
-    if not address:
-        return -1, -1, -1
-    parts = address.rsplit(":", 3)
-    try:
-        return int(parts[1]), int(parts[2]), int(parts[3])
-    except (IndexError, ValueError):
-        return -1, -1, -1
+def caller_of(key: PeerKey, socket: str, connection: Connection, role: str, service: str = "") -> Caller:
+    """The Caller stamped on everything a peer sends: from its connection, never from the peer."""
+    credentials = connection.credentials
+    return Caller(
+        socket=socket,
+        peer=key[1].hex(),
+        service=service,
+        uid=credentials.uid,
+        gid=credentials.gid,
+        pid=credentials.pid,
+        role=role,
+        session=connection.session,
+        container=connection.container if connection.identity is not None else "",
+    )
 
 
 class Registry:
@@ -242,25 +259,37 @@ class Registry:
     # -- peers --------------------------------------------------------------------------------
 
     def touch(
-        self, key: PeerKey, socket: str, peer_address: str | None, now: float, grant: Grant | None = None
+        self, key: PeerKey, socket: str, connection: Connection, now: float, grant: Grant | None = None
     ) -> Peer:
-        """The peer a message came from; `peer_address` (kernel credentials) and `grant` matter only for
-        a new one."""
+        """The peer a message came from; `connection` (who is at the other end) and `grant` (its CURVE
+        key's role and scope, on tcp://) matter only for a new one: the broker drops a peer whose routing
+        id turns up on another connection first."""
         peer = self.peers.get(key)
         if peer is None:
-            uid, gid, pid = parse_peer_address(peer_address)
-            caller = Caller(socket=socket, peer=key[1].hex(), uid=uid, gid=gid, pid=pid)
-            role = SOCKET_ROLES[socket]
+            role = connection.role if grant is None else grant.role
+            caller = caller_of(key, socket, connection, role)
             if grant is not None:
-                role = grant.role
                 caller = msgspec.structs.replace(
-                    caller, role=grant.role, session=grant.session, container=grant.container, key=grant.key
+                    caller, session=grant.session, container=grant.container, key=grant.key
                 )
-            peer = Peer(key, socket, peer_address, caller, self._encode_caller(caller), now, role)
+            peer = Peer(key, socket, connection, caller, self._encode_caller(caller), now, role)
             self.peers[key] = peer
+            connection.peers.add(key)
         peer.last_seen = now
         peer.messages += 1
         return peer
+
+    def restamp(self, peer: Peer) -> None:
+        """It registered, or its connection's identity changed (bus.agents.update): stamp what it sends
+        anew. A CURVE peer keeps its key's scope (its connection has no identity of its own)."""
+        service = peer.instance.service if peer.instance is not None else ""
+        if peer.caller.key:
+            peer.role = authorize.SERVICE if peer.instance is not None else peer.role
+            peer.caller = msgspec.structs.replace(peer.caller, service=service, role=peer.role)
+        else:
+            peer.role = authorize.SERVICE if peer.instance is not None else peer.connection.role
+            peer.caller = caller_of(peer.key, peer.socket, peer.connection, peer.role, service)
+        peer.caller_frame = self._encode_caller(peer.caller)
 
     def register(self, peer: Peer, reg: Register) -> tuple[Instance, list[Failure]]:
         """Add (or replace) the peer's instance; the failures are what its previous one was serving."""
@@ -290,9 +319,7 @@ class Registry:
             reason=reg.reason,
         )
         peer.instance = instance
-        peer.caller = msgspec.structs.replace(peer.caller, service=reg.service)
-        peer.caller_frame = self._encode_caller(peer.caller)
-        peer.role = authorize.SERVICE
+        self.restamp(peer)
         self.pools.setdefault(reg.service, []).append(instance)
         self._routes.clear()
         if not known:
@@ -336,6 +363,7 @@ class Registry:
         peer = self.peers.pop(key, None)
         if peer is None:
             return [], []
+        peer.connection.peers.discard(key)
         failures = self.drop_instance(peer, reason)
         abandoned = [r for r in self.in_flight.values() if r.client == key]
         for request in abandoned:
@@ -484,8 +512,30 @@ class Registry:
                 last_seen_age=round(now - p.last_seen, 3),
                 messages=p.messages,
                 malformed=p.malformed,
+                role=p.role,
+                session=p.caller.session,
+                container=p.caller.container,
             )
             for p in self.peers.values()
+        ]
+
+    def agents_view(self, now: float) -> list[AgentInfo]:
+        """The agent socket's peers, with who their connection is and what they have in flight."""
+        asked = collections.Counter(r.client for r in self.in_flight.values())
+        return [
+            AgentInfo(
+                container=p.connection.container,
+                session=p.caller.session,
+                role=p.role,
+                peer=p.caller.peer,
+                pid=p.caller.pid,
+                connected_since=p.connection.accepted_at,
+                last_seen_age=round(now - p.last_seen, 3),
+                in_flight=asked[p.key],
+                messages=p.messages,
+            )
+            for p in self.peers.values()
+            if p.socket == AGENTS_SOCKET
         ]
 
 
@@ -598,13 +648,19 @@ class EventLog:
         firsts = [history.events[0].seq for history in (self.host, self.agents) if history.events]
         return min(firsts) if firsts else self.last_seq + 1
 
-    def replay(self, since: int, topics: list[str], limit: int) -> list[StampedEvent]:
+    def replay(
+        self, since: int, topics: list[str], limit: int, visible: Callable[[str], bool] | None = None
+    ) -> list[StampedEvent]:
+        """Kept events after `since` whose topic starts with one of `topics` (and is `visible`)."""
         if limit <= 0:
             return []
         found = []
+        prefixes = tuple(topics)
         for event in heapq.merge(self.host.after(since), self.agents.after(since), key=_seq_of):
-            if (not topics or any(event.topic.startswith(t) for t in topics)) and is_one_msgpack_value(
-                event.body
+            if (
+                (not prefixes or event.topic.startswith(prefixes))
+                and (visible is None or visible(event.topic))
+                and is_one_msgpack_value(event.body)
             ):
                 found.append(event)
                 if len(found) >= limit:

@@ -42,7 +42,7 @@ from typing import Callable, ClassVar
 
 from baaaht.bus.background import BackgroundSpec
 from baaaht.bus.errors import BusError
-from baaaht.schemas.base import SCHEMA_VERSION, Event, Request, target_of
+from baaaht.schemas.base import SCHEMA_VERSION, SESSION_SEPARATOR, Event, Request, target_of
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.errors import ErrorCode
 
@@ -110,11 +110,13 @@ def on_event(*patterns: str):
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
+    """`x.*` matches every topic under `x.`; `x` matches `x`, its subtopics `x.…` and its sessions'
+    `x/<session id>` (schemas/base.py topic_for)."""
     if pattern == "*":
         return True
     if pattern.endswith(".*"):
         return topic.startswith(pattern[:-1])
-    return topic == pattern or topic.startswith(pattern + ".")
+    return topic == pattern or topic.startswith((pattern + ".", pattern + SESSION_SEPARATOR))
 
 
 LIFECYCLE_HOOKS = ("on_start", "on_stop", "on_reload", "health_report")

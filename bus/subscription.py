@@ -1,16 +1,20 @@
-"""Event subscriptions: live PUB delivery plus replay, so nothing is lost.
+"""Event subscriptions: live delivery plus replay, so nothing is lost.
 
-The SUB socket takes every topic and filters here: the broker's sequence
+On the host the SUB socket takes every topic and filters here: the broker's sequence
 numbers are global, so only an unfiltered stream shows a real gap (events the
-PUB dropped at its high-water mark). A gap, or a `since` at start, is filled
-from the broker's history with `bus.events.replay`; duplicates are skipped by
-sequence number.
+PUB dropped at its high-water mark). An agent has no event socket: the broker sends it
+its own session's events on its connection (SUBSCRIBE), each stamped with the seq of
+the previous one it matched (`prev`), so that filtered stream shows a gap too. A gap,
+or a `since` at start, is filled from the broker's history with `bus.events.replay`
+(filtered for an agent as its live events are); duplicates are skipped by sequence
+number.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import queue
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -76,8 +80,11 @@ class EventOrder:
     A face feeds it PUB messages (`take_live`) and, while `next_replay()` returns a
     request, calls it and feeds the result back (`take_replay`); it yields `backlog`."""
 
-    def __init__(self, topics: list[str], since: int | None = None, epoch: int | None = None):
+    def __init__(
+        self, topics: list[str], since: int | None = None, epoch: int | None = None, filtered: bool = False
+    ):
         self.topics = topics
+        self.filtered = filtered  # the broker sends only matching events: gaps are seen by `prev`
         self._prefixes = tuple(topics)  # str.startswith takes them all in one call
         self.last_seq = 0  # set by the first replay: the caller's `since`, or the broker's "now"
         self.epoch = epoch
@@ -113,7 +120,8 @@ class EventOrder:
         if stamp.seq <= self.last_seq:
             return  # already delivered by a replay
         delivery = Delivery(stamp.seq, stamp.time, topic.decode(), stamp.source, body)
-        if stamp.seq > self.last_seq + 1:
+        previous = stamp.prev if self.filtered else stamp.seq - 1
+        if previous > self.last_seq:
             self.gaps += 1
             self._replay, self._held = (self.last_seq, stamp.seq), delivery
         else:
@@ -175,20 +183,78 @@ def sub_socket(context: zmq.Context, endpoint: str, curve: ClientCurve | None = 
     return sub
 
 
+class _SubSocket:
+    """A host subscription's source: the broker's PUB, every topic."""
+
+    def __init__(self, context: zmq.Context, endpoint: str):
+        self.sub = sub_socket(context, endpoint)
+
+    def take(self) -> tuple[bytes, bytes] | None:
+        """The next [topic, envelope], without waiting. Every PUB message is two frames, and a message
+        arrives whole, so the second receive never waits."""
+        try:
+            topic = _recv(self.sub, NOBLOCK)
+        except zmq.Again:
+            return None
+        return topic, _recv(self.sub, NOBLOCK)
+
+    def wait(self, timeout: float) -> bool:
+        return bool(self.sub.poll(timeout * 1000))
+
+    def close(self) -> None:
+        self.sub.close(linger=0)
+
+
+class _ConnectionEvents:
+    """An agent subscription's source: what the broker sends on the client's own connection."""
+
+    def __init__(self, connection, topics: list[str]):
+        self.connection = connection
+        self.queue: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
+        self._waited: tuple[bytes, bytes] | None = None
+        self.subscription_id = connection.subscribe(
+            topics, lambda topic, envelope: self.queue.put((topic, envelope))
+        )
+
+    def take(self) -> tuple[bytes, bytes] | None:
+        if self._waited is not None:
+            item, self._waited = self._waited, None
+            return item
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def wait(self, timeout: float) -> bool:
+        if self._waited is None:
+            try:
+                self._waited = self.queue.get(timeout=timeout)
+            except queue.Empty:
+                return False
+        return True
+
+    def close(self) -> None:
+        self.connection.unsubscribe(self.subscription_id)
+
+
 class Subscription:
-    """The blocking face of EventOrder: iterate, or `next(timeout)`."""
+    """The blocking face of EventOrder: iterate, or `next(timeout)`. From the PUB socket at
+    `endpoint`, or, with none (an agent), from the client's own connection."""
 
     def __init__(
         self, client: BusClient, endpoint: str, topics: list[str], since: int | None, epoch: int | None = None
     ):
         self.client = client
-        self.order = EventOrder(topics, since, epoch)
-        # Connect before the replay, so that nothing slips between the two.
-        self._sub = sub_socket(client.connection.context, endpoint, client.curve)
+        self.order = EventOrder(topics, since, epoch, filtered=not endpoint)
+        # Subscribed before the replay, so that nothing slips between the two.
+        if endpoint:
+            self._source = _SubSocket(client.connection.context, endpoint, client.curve)
+        else:
+            self._source = _ConnectionEvents(client.connection, topics)
         try:
             self._catch_up()
         except BaseException:
-            self._sub.close(linger=0)
+            self._source.close()
             raise
 
     @property
@@ -219,7 +285,7 @@ class Subscription:
         self.close()
 
     def close(self) -> None:
-        self._sub.close(linger=0)
+        self._source.close()
 
     def next(self, timeout: float) -> Delivery | None:
         """The next matching event, or None when none came within `timeout` seconds."""
@@ -230,22 +296,20 @@ class Subscription:
         while not backlog:
             deadline = deadline or time.monotonic() + timeout
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._sub.poll(remaining * 1000):
+            if remaining <= 0 or not self._source.wait(remaining):
                 return None
             self._drain()
         return backlog.popleft()
 
     def _drain(self) -> None:
-        """Take what the SUB socket holds (up to DRAIN messages) without waiting: one poll
-        per batch, not per event. Every PUB message is two frames, [topic, envelope], and a
-        message arrives whole, so the second receive never waits."""
-        sub, order = self._sub, self.order
+        """Take what the source holds (up to DRAIN messages) without waiting: one wait per batch,
+        not per event."""
+        source, order = self._source, self.order
         for _ in range(DRAIN):
-            try:
-                topic = _recv(sub, NOBLOCK)
-            except zmq.Again:
+            item = source.take()
+            if item is None:
                 return
-            order.take_live(topic, _recv(sub, NOBLOCK))
+            order.take_live(*item)
             if order.next_replay() is not None:
                 self._catch_up()  # the gap is filled before any later live event is taken
 

@@ -31,6 +31,10 @@ HEARTBEAT = PROTOCOL + b"\x06"  # body: ServiceHealth from a registered service,
 DISCONNECT = PROTOCOL + b"\x07"  # body: ErrorBody (broker->peer: refused, or unknown so register again)
 EVENT = PROTOCOL + b"\x08"  # header: the topic (UTF-8); on PUB: [topic, envelope with an EventStamp header]
 EVENTS = PROTOCOL + b"\x09"  # header empty; body: EVENT envelopes, each after its 4-byte length
+# agent->broker on the agent socket: body a msgpack array of topic prefixes (replacing any before; []
+# stops). The broker then sends the agent [EVENT envelope with an EventStamp header, topic] for each
+# event of its own session that its role may receive (bus/authorize.py may_receive).
+SUBSCRIBE = PROTOCOL + b"\x0a"
 
 KIND_NAMES = {
     REQUEST: "request",
@@ -42,6 +46,7 @@ KIND_NAMES = {
     DISCONNECT: "disconnect",
     EVENT: "event",
     EVENTS: "events",
+    SUBSCRIBE: "subscribe",
 }
 
 EVENTS_BATCH_BYTES = 32 * 1024  # a batch stays within the broker's per-frame slack whatever its limits
@@ -73,6 +78,9 @@ class EventStamp(msgspec.Struct, array_like=True):
     time: float
     source: str
     epoch: int = 0  # the broker's start time (ms): numbering starts again when it changes
+    # The seq of the previous event sent on this stream: on PUB seq - 1 (every event is sent); on an
+    # agent connection the previous one that matched its subscription, so a filtered stream shows a loss.
+    prev: int = 0
 
 
 encode = msgspec.msgpack.Encoder().encode
@@ -81,6 +89,7 @@ reply_header = msgspec.msgpack.Decoder(ReplyHeader)
 event_stamp = msgspec.msgpack.Decoder(EventStamp)
 error_body = msgspec.msgpack.Decoder(ErrorBody)
 register_body = msgspec.msgpack.Decoder(Register)
+subscribe_body = msgspec.msgpack.Decoder(list[str])
 health_body = msgspec.msgpack.Decoder(ServiceHealth)
 caller_body = msgspec.msgpack.Decoder(Caller)
 

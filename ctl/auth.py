@@ -1,4 +1,5 @@
-"""`baaaht-ctl auth keys ...`: the CURVE keys of peers on other hosts (docs/IDENTITY.md).
+"""`baaaht-ctl auth`: `rules`, who may do what on the bus as the running broker has it; `keys ...`, the
+CURVE keys of peers on other hosts (docs/IDENTITY.md).
 
 `issue` makes the key pair here, writes it with the broker's public key into the file given
 (0600, never over an existing one) and sends the broker only the public key: no secret crosses the bus.
@@ -17,7 +18,14 @@ import typer
 from baaaht.bus import curve
 from baaaht.common.units import parse_duration
 from baaaht.ctl.common import Ctl, JsonOption, fail, iso_time
-from baaaht.schemas.bus import BusAuthKeysIssue, BusAuthKeysList, BusAuthKeysRevoke, KeyRecord, KeyRole
+from baaaht.schemas.bus import (
+    BusAuthKeysIssue,
+    BusAuthKeysList,
+    BusAuthKeysRevoke,
+    BusAuthRules,
+    KeyRecord,
+    KeyRole,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -118,3 +126,26 @@ def revoke(
     typer.echo(f"revoked {result.key.name}: {result.disconnected} connection(s) closed", err=True)
     if ctl.json:
         ctl.emit(result)
+
+
+@app.command()
+def rules(ctx: typer.Context, _json: JsonOption = False) -> None:
+    """The permission table (roles × actions × patterns, the first match decides, default deny) and the
+    topics each service may publish."""
+    ctl: Ctl = ctx.obj
+    result = ctl.call(BusAuthRules())
+    if ctl.json:
+        ctl.emit(result)
+        return
+    rows = [
+        {"role": r.role, "action": r.action, "allowed": ", ".join(r.patterns) or "nothing"}
+        for r in result.rules
+    ]
+    ctl.emit(rows, ["role", "action", "allowed"])
+    typer.echo("")
+    domains = [
+        {"service": s, "publishes": ", ".join(dict.fromkeys([f"{s}.*", *t]))}
+        for s, t in result.domains.items()
+    ]
+    ctl.emit(domains, ["service", "publishes"])
+    typer.echo("(`!pattern` denies; a service not listed publishes `<its name>.*` only)", err=True)

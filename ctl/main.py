@@ -311,15 +311,16 @@ def role_of(cls: type) -> str:
 
 def register_domains() -> None:
     """The domain command groups live beside their services' schemas."""
-    from baaaht.ctl import auth, config_cmd, containers, credentials, policy, sessions, tasks
+    from baaaht.ctl import agents, auth, config_cmd, containers, credentials, policy, sessions, tasks
 
+    app.add_typer(agents.app, name="agents", help="Agents connected to the bus.")
     app.add_typer(config_cmd.app, name="config", help="The effective configuration.")
     app.add_typer(containers.app, name="containers", help="Containers on this host.")
     app.add_typer(credentials.app, name="credentials", help="Secrets kept by the credential manager.")
     app.add_typer(sessions.app, name="sessions", help="Sessions and their conversations.")
     app.add_typer(policy.app, name="policy", help="The container policy.")
     app.add_typer(policy.audit_app, name="audit", help="The policy decision audit log.")
-    app.add_typer(auth.app, name="auth", help="Who may connect: keys of peers on other hosts.")
+    app.add_typer(auth.app, name="auth", help="Who may do what on the bus, and keys of peers on other hosts.")
     app.command("send")(sessions.send)
     app.add_typer(tasks.app, name="tasks", help="Tasks of the scheduler: submit, list, cancel, dead letters.")
     app.add_typer(tasks.schedules_app, name="schedules", help="Recurring tasks.")

@@ -20,6 +20,7 @@ from baaaht.ctl.common import (
     key_values,
     option_value,
 )
+from baaaht.schemas.base import session_topic
 from baaaht.schemas.bus import BusStats
 from baaaht.schemas.sessions import (
     Message,
@@ -260,7 +261,7 @@ def watch(
             show_message(ctl, message)
             shown = message.seq
     try:
-        topics = [f"session.message.{session_id}", "session.closed"]
+        topics = [session_topic(SessionMessage, session_id), "session.closed"]
         with interruptible(), ctl.client.subscribe(topics, since=since) as events:
             for delivery in events:
                 event = delivery.event

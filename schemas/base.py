@@ -40,6 +40,29 @@ def topic_of(event_type: type[Event]) -> str:
     return event_type.__struct_config__.tag
 
 
+SESSION_SEPARATOR = "/"  # tags never hold one: what follows it in a topic is the session id
+
+
+def topic_for(event: Event, subtopic: str = "") -> str:
+    """The topic `event` is published on: its tag (and `.subtopic`), then `/<session id>` when the
+    event has a non-empty `session_id` field. Subscribers match prefixes: `<tag>` still gets every
+    session's events; the broker delivers an agent only its own session's."""
+    topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
+    session = getattr(event, "session_id", "")
+    return f"{topic}{SESSION_SEPARATOR}{session}" if isinstance(session, str) and session else topic
+
+
+def session_topic(event_type: type[Event], session_id: str) -> str:
+    """The topic of `event_type`'s events about one session."""
+    return f"{topic_of(event_type)}{SESSION_SEPARATOR}{session_id}"
+
+
+def split_topic(topic: str) -> tuple[str, str]:
+    """(tag part, session id) of a topic; the session is "" for a host-wide event."""
+    tag, _, session = topic.partition(SESSION_SEPARATOR)
+    return tag, session
+
+
 def all_subclasses(cls: type) -> list[type]:
     found = []
     for sub in cls.__subclasses__():

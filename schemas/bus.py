@@ -8,6 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from baaaht.schemas.base import Event, Request, Response
+from baaaht.schemas.ids import ContainerId
 
 
 class Caller(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
@@ -102,6 +103,9 @@ class PeerInfo(msgspec.Struct, kw_only=True):
     last_seen_age: float
     messages: int
     malformed: int = 0  # messages from it the broker refused as malformed
+    role: str = ""  # as stamped in its Caller
+    session: str = ""
+    container: str = ""
 
 
 class BusPeersResult(Response, kw_only=True):
@@ -247,3 +251,60 @@ class BusAuthFailed(Event, tag="bus.auth.failed", kw_only=True):
     address: str = ""  # the peer's address, when known
     key: str = ""  # the key's name, when it is a known one
     count: int = 1
+
+
+class AgentInfo(msgspec.Struct, kw_only=True):
+    """One peer on the agent socket, as `bus.agents.list` shows it."""
+
+    container: str  # "" when its process is in no container
+    session: str
+    role: str
+    peer: str
+    pid: int
+    connected_since: float  # Unix time its connection was accepted
+    last_seen_age: float
+    in_flight: int  # its calls in flight
+    messages: int
+
+
+class BusAgentsListResult(Response, kw_only=True):
+    agents: list[AgentInfo]
+
+
+class BusAgentsList(Request, tag="bus.agents.list", kw_only=True):
+    response: ClassVar[type] = BusAgentsListResult
+
+
+class BusAgentsUpdateResult(Response, kw_only=True):
+    connections: int  # the container's connections that took up the change
+    revoked: bool = False  # it has no identity any more: those connections were refused and closed
+    role: str = ""  # what they are now
+    session: str = ""
+
+
+class BusAgentsUpdate(Request, tag="bus.agents.update", kw_only=True):
+    """The container manager wrote or removed this container's identity: the broker re-reads it for
+    the container's connections (none any more = revoked: refused and disconnected at once)."""
+
+    response: ClassVar[type] = BusAgentsUpdateResult
+
+    container_id: ContainerId
+
+
+class AuthRule(msgspec.Struct, kw_only=True):
+    """One role's rules for one action: patterns in order, the first match decides."""
+
+    role: str
+    action: str
+    patterns: list[str]  # `pattern` allows, `!pattern` denies
+
+
+class BusAuthRulesResult(Response, kw_only=True):
+    rules: list[AuthRule]
+    domains: dict[str, list[str]]  # service -> the topics it may publish besides its own name's
+
+
+class BusAuthRules(Request, tag="bus.auth.rules", kw_only=True):
+    """The broker's permission table (bus/authorize.py), as it is running."""
+
+    response: ClassVar[type] = BusAuthRulesResult

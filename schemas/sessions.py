@@ -229,7 +229,8 @@ class SessionDeleted(Event, tag="session.deleted", kw_only=True):
 
 
 class SessionMessage(Event, tag="session.message", kw_only=True):
-    """Published under `session.message.<session id>`, so one conversation can be followed."""
+    """Published under `session.message/<session id>` (schemas/base.py topic_for), so one
+    conversation can be followed."""
 
     session_id: str
     message: Message

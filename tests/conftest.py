@@ -18,6 +18,7 @@ UNIT_TEST_FILES = frozenset(
     {
         "test_agent_sdk_echo.py",
         "test_agent_sdk_settings.py",
+        "test_authorize.py",
         "test_config.py",
         "test_containers_identities.py",
         "test_containers_logic.py",
@@ -26,6 +27,7 @@ UNIT_TEST_FILES = frozenset(
         "test_containers_service.py",
         "test_credentials_service.py",
         "test_credentials_store.py",
+        "test_event_order.py",
         "test_fairness.py",
         "test_identity.py",
         "test_images_logic.py",

@@ -32,6 +32,7 @@ def request(dealer, request_id: str, target: str, body: bytes, timeout: float = 
 
 
 def test_an_event_body_that_is_not_msgpack_is_refused_and_never_replayed(echo):
+    echo.identify("s1")
     agent = raw_dealer(echo, "agents")
     try:
         before = echo.client().call(BusEventsReplay(limit=0)).last_seq
@@ -39,7 +40,7 @@ def test_an_event_body_that_is_not_msgpack_is_refused_and_never_replayed(echo):
         header, body = next_reply(agent, "")  # an event has no id: refusals answer id ""
         assert header.error == "INVALID_ARGUMENT"
         error = wire.error_body.decode(body)
-        assert "not one msgpack value" in error.message and error.details == {"topic": "agent.progress"}
+        assert "not one msgpack value" in error.message and error.details == {"topic": "agent.progress/s1"}
         with echo.client().subscribe(["agent.progress"]) as progress:
             agent.send(wire.pack(wire.EVENT, b"agent.progress", msgspec.msgpack.encode({"done": 1})))
             done = next_event(

@@ -205,26 +205,30 @@ def test_socket_files_and_run_directory_are_private(host):
     assert stat.S_IMODE(os.stat(endpoints.agent_dir).st_mode) == 0o750
 
 
-def test_agents_cannot_register_but_can_call(echo):
+def test_agents_cannot_register_and_call_only_what_their_role_may(echo):
     endpoints = Endpoints.for_config(echo.config.bus)
-    agent = BusClient(endpoints.agents, timeout=5)
+    identity = echo.identify("s1")
+    agent = echo.agent_client()
+    caller = agent.call(BusPing()).caller
+    assert (caller.role, caller.session, caller.container) == ("agent", "s1", identity.container_id)
+    with pytest.raises(BusError) as caught:
+        agent.call(Say(text="from an agent"))
+    assert caught.value.code == ErrorCode.PERMISSION_DENIED
+    assert caught.value.message.startswith("agent peers may not call 'echo.say'")
+    dealer = raw_dealer(echo, "agents")
     try:
-        assert agent.call(Say(text="from an agent")).caller_socket == "agents"
-        context = zmq.Context.instance()
-        dealer = context.socket(zmq.DEALER)
-        dealer.connect(endpoints.agents)
         body = msgspec.msgpack.encode({"service": "session", "instance": "evil", "methods": ["session.get"]})
         dealer.send(wire.pack(wire.REGISTER, body=body))
         assert dealer.poll(5000)
         envelope = dealer.recv()
         assert wire.kind_of(envelope) == wire.DISCONNECT
         assert wire.error_body.decode(wire.split(envelope)[1]).code == ErrorCode.PERMISSION_DENIED
-        dealer.close(0)
-        peers = echo.client().call(BusPeers()).peers
-        assert any(p.socket == "agents" and p.pid == os.getpid() for p in peers)
-        assert "session" not in {s.name for s in echo.client().call(BusServices()).services}
     finally:
-        agent.close()
+        dealer.close(0)
+    peers = echo.client().call(BusPeers()).peers
+    assert any(p.socket == "agents" and p.pid == os.getpid() and p.role == "agent" for p in peers)
+    assert "session" not in {s.name for s in echo.client().call(BusServices()).services}
+    assert endpoints.agents == agent.endpoint
 
 
 def raw_dealer(host, socket: str = "services", routing_id: bytes = b"") -> zmq.Socket:
@@ -233,6 +237,16 @@ def raw_dealer(host, socket: str = "services", routing_id: bytes = b"") -> zmq.S
     if routing_id:
         dealer.setsockopt(zmq.ROUTING_ID, routing_id)
     dealer.connect(getattr(Endpoints.for_config(host.config.bus), socket))
+    return dealer
+
+
+def raw_service(host, service: str) -> zmq.Socket:
+    """A DEALER registered as `service` (no methods): it may publish that service's topics."""
+    dealer = raw_dealer(host)
+    register = {"service": service, "instance": f"raw-{service}", "methods": []}
+    dealer.send(wire.pack(wire.REGISTER, body=msgspec.msgpack.encode(register)))
+    dealer.send(wire.request("registered", "bus.ping", time.time() + 5, "", False, b"\x80"))
+    next_reply(dealer, "registered")  # after the REGISTER: the broker has it
     return dealer
 
 
@@ -277,7 +291,8 @@ def test_an_agent_cannot_answer_calls_it_was_not_given(echo):
         agent.close(0)
 
 
-def test_agents_publish_only_agent_topics_and_see_no_history(echo):
+def test_agents_publish_only_agent_topics_in_their_session_and_see_no_host_state(echo):
+    identity = echo.identify("s1")
     agent = raw_dealer(echo, "agents")
     operator = echo.client()
     try:
@@ -291,28 +306,33 @@ def test_agents_publish_only_agent_topics_and_see_no_history(echo):
         assert header.error == "PERMISSION_DENIED" and b"agent." in body
         agent.send(wire.pack(wire.EVENT, b"agent.progress", msgspec.msgpack.encode({"done": 1})))
         delivery = subscription.next(timeout=5)
-        assert delivery.topic == "agent.progress" and delivery.source.startswith("agents:")
+        assert delivery.topic == "agent.progress/s1"  # its own session's, whatever it named
+        assert delivery.source == f"agent:{identity.container_id}"
         subscription.close()
-        for target in ("bus.events.replay", "bus.peers", "bus.services", "bus.stats"):
+        for target in ("bus.peers", "bus.services", "bus.stats", "bus.agents.list", "bus.agents.update"):
             agent.send(wire.request(target, target, time.time() + 5, "", False, b"\x80"))
             header, _ = next_reply(agent, target)
             assert header.error == "PERMISSION_DENIED", target
         agent.send(wire.request("ping", "bus.ping", time.time() + 5, "", False, b"\x80"))
         assert next_reply(agent, "ping")[0].error == ""
+        agent.send(wire.request("replay", "bus.events.replay", time.time() + 5, "", False, b"\x80"))
+        header, body = next_reply(agent, "replay")
+        # Its own session's events only: not bus.started, bus.service.up, echo's or other sessions'.
+        assert [event[2] for event in msgspec.msgpack.decode(body)["events"]] == ["agent.progress/s1"]
     finally:
         agent.close(0)
 
 
 def test_oversized_events_are_refused(make_host):
     host = make_host({"bus": {"max_event_size": "1KiB"}})
-    dealer = raw_dealer(host)
+    dealer = raw_service(host, "echo")
     try:
         dealer.send(wire.pack(wire.EVENT, b"echo.big", b"x" * 2048))
         header, body = next_reply(dealer, "")
         assert header.error == "RESOURCE_EXHAUSTED"
     finally:
         dealer.close(0)
-    assert host.client().call(BusEventsReplay(limit=0)).last_seq == 1  # only bus.started
+    assert host.client().call(BusEventsReplay(topics=["echo."])).events == []
 
 
 AGENT_PING = """
@@ -426,7 +446,7 @@ def test_sigterm_drains_in_flight_work(echo):
 
 
 def test_events_published_in_order_from_many_threads_arrive_in_that_order(host):
-    client = host.client()
+    client = host.service_client("echo")
     subscription = client.subscribe(["echo."])
     lock = threading.Lock()
     counter = iter(range(400))

@@ -13,6 +13,7 @@ import pytest
 from baaaht.bus.errors import BusError
 from baaaht.bus.testing import code_of, next_event, wait_for
 from baaaht.common.socket_group import DEFAULT_SOCKET_GROUP
+from baaaht.schemas.base import split_topic
 from baaaht.schemas.bus import BusServices
 from baaaht.schemas.containers import (
     ContainerCreate,
@@ -144,7 +145,7 @@ def test_full_lifecycle_with_events(orchestrator, busybox):
 
         def up_to_removed(delivery) -> bool:
             if delivery.event.container_id == container:
-                topics.append(delivery.topic)
+                topics.append(split_topic(delivery.topic)[0])  # each is its session's: `<tag>/<session>`
             return topics[-1:] == ["container.removed"]
 
         next_event(events, up_to_removed, timeout=15, what="the container's container.removed")

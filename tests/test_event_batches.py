@@ -56,6 +56,7 @@ def test_the_outbox_batches_only_events_and_only_up_to_the_batch_size():
 
 @pytest.fixture
 def agent(echo):
+    echo.identify("s1")
     dealer = raw_dealer(echo, "agents")
     yield dealer
     dealer.close(0)
@@ -80,8 +81,8 @@ def test_each_event_of_a_batch_is_authorized_checked_and_stamped_in_order(echo, 
     wait_for(lambda: client.call(BusEventsReplay(limit=0)).last_seq == before + 2)
     replayed = client.call(BusEventsReplay(since=before)).events
     assert [(e.seq, e.topic, bytes(e.body)) for e in replayed] == [
-        (before + 1, "agent.progress", good[0]),
-        (before + 2, "agent.progress", good[1]),
+        (before + 1, "agent.progress/s1", good[0]),
+        (before + 2, "agent.progress/s1", good[1]),
     ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import baaaht.services
 from baaaht.bus import broker, registry, wire
-from baaaht.bus.authorize import RULES
+from baaaht.bus.authorize import ACTIONS, DOMAINS, RULES
 from baaaht.bus.service import Service
 from baaaht.schemas.bus import BusEventsReplay
 from baaaht.schemas.config import BusConfig, LimitsConfig
@@ -63,9 +63,13 @@ def rules_cell(rules) -> str:
 
 
 def test_the_authorization_table_is_the_one_authorize_uses():
-    actions = ["call", "answer", "publish", "register"]
-    in_code = [[f"`{role}`", *(rules_cell(RULES[role].get(a, ())) for a in actions)] for role in RULES]
+    in_code = [[f"`{role}`", *(rules_cell(RULES[role].get(a, ())) for a in ACTIONS)] for role in RULES]
     assert section("authorization") == in_code
+
+
+def test_the_service_domains_are_the_ones_authorize_uses():
+    in_code = [[f"`{service}`", ", ".join(f"`{t}`" for t in topics)] for service, topics in DOMAINS.items()]
+    assert section("domains") == in_code
 
 
 def size(n: int) -> str:

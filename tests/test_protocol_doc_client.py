@@ -144,10 +144,11 @@ def test_a_client_written_from_the_doc_pings_calls_times_out_cancels_and_subscri
         stamp = wait_for_shout(client, sub)
     finally:
         sub.close()
-    topic, (seq, at, source, epoch), event = stamp
+    topic, (seq, at, source, epoch, prev), event = stamp
     assert topic == "echo.shouted.loud" and event == {"type": "echo.shouted", "text": "hear me"}
     assert source == "echo" and abs(at - time.time()) < 60
     assert epoch == int(pong["started_at"] * 1000)  # the broker's start time in ms
+    assert prev == seq - 1  # on PUB every event is sent: the previous one sent is the previous seq
 
     # The same event by replay: items are [seq, time, topic, source, body] with the body's map inline.
     _, replayed = client.call("r1", "bus.events.replay", {"since": seq - 1, "topics": ["echo."]})
@@ -166,7 +167,7 @@ def wait_for_shout(client: DocClient, sub: zmq.Socket):
             topic, frame = sub.recv_multipart()
             kind, header, body = split(frame)
             if kind == HEARTBEAT:
-                assert topic == b"" and len(decode(header)) == 4  # [last seq, time, "bus", epoch]
+                assert topic == b"" and len(decode(header)) == 5  # [last seq, time, "bus", epoch, prev]
                 continue
             assert kind == EVENT
             if topic.decode() == "echo.shouted.loud":

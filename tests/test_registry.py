@@ -5,18 +5,40 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from baaaht.bus.connections import Connections, Credentials, agent_role, host_role
 from baaaht.bus.errors import BusError
-from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Registry, parse_peer_address
-from baaaht.schemas.bus import Register, ReplayResult, ServiceDown, ServiceUp, StampedEvent
+from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Registry
+from baaaht.common.identity import AgentIdentity
+from baaaht.schemas.bus import Caller, Register, ReplayResult, ServiceDown, ServiceUp, StampedEvent
 from baaaht.schemas.errors import ErrorCode
+
+CONTAINER = "c" * 64
+_connections = Connections()
+_fds = iter(range(10, 10**6))
 
 
 def make_registry() -> Registry:
     return Registry(heartbeat_interval=1.0, liveness=3, encode_caller=msgspec.msgpack.encode)
 
 
+def connection(index=0, uid=1000, pid=42, role="operator", identity=None, container=""):
+    accepted, _replaced = _connections.accepted(
+        index, next(_fds), Credentials(uid, uid, pid, 7), 0.0, role, container, identity
+    )
+    return accepted
+
+
+def agent_connection(session="s1", role="agent", container=CONTAINER):
+    identity = AgentIdentity(
+        container_id=container, session_id=session, role=role, install_id="i", issued_at=0
+    )
+    return connection(
+        1, uid=1000, pid=4242, role=agent_role(identity), identity=identity, container=container
+    )
+
+
 def add_instance(registry, ident: bytes, now=0.0, methods=("echo.say",), concurrency=1, service="echo"):
-    peer = registry.touch((0, ident), SERVICES_SOCKET, "localhost:1000:1000:42", now)
+    peer = registry.touch((0, ident), SERVICES_SOCKET, connection(), now)
     registry.register(
         peer,
         Register(service=service, instance=ident.decode(), methods=list(methods), concurrency=concurrency),
@@ -25,17 +47,77 @@ def add_instance(registry, ident: bytes, now=0.0, methods=("echo.say",), concurr
 
 
 def client(registry, ident=b"c", now=0.0, socket=SERVICES_SOCKET):
-    index = 0 if socket == SERVICES_SOCKET else 1
-    return registry.touch((index, ident), socket, None, now)
+    if socket == SERVICES_SOCKET:
+        return registry.touch((0, ident), socket, connection(), now)
+    return registry.touch((1, ident), socket, connection(1, role="unidentified"), now)
 
 
 def test_peer_credentials_come_from_the_connection():
-    assert parse_peer_address("localhost:1000:100:4242") == (1000, 100, 4242)
-    assert parse_peer_address("127.0.0.1") == (-1, -1, -1)
-    assert parse_peer_address(None) == (-1, -1, -1)
     registry = make_registry()
     peer = add_instance(registry, b"a")
-    assert (peer.caller.uid, peer.caller.pid, peer.caller.service) == (1000, 42, "echo")
+    assert (peer.caller.uid, peer.caller.pid, peer.caller.service, peer.caller.role) == (
+        1000,
+        42,
+        "echo",
+        "service",
+    )
+
+
+def test_an_agent_is_stamped_with_its_containers_identity():
+    registry = make_registry()
+    peer = registry.touch((1, b"agent"), AGENTS_SOCKET, agent_connection("s1", "worker"), 0.0)
+    assert peer.role == "worker"
+    assert peer.caller == Caller(
+        socket="agents",
+        peer=b"agent".hex(),
+        uid=1000,
+        gid=1000,
+        pid=4242,
+        role="worker",
+        session="s1",
+        container=CONTAINER,
+    )
+    assert msgspec.msgpack.decode(peer.caller_frame, type=Caller) == peer.caller
+
+
+def test_an_agent_without_an_identity_is_unidentified_and_names_no_container():
+    registry = make_registry()
+    bare = connection(1, role="unidentified", container=CONTAINER)
+    peer = registry.touch((1, b"agent"), AGENTS_SOCKET, bare, 0.0)
+    assert (peer.role, peer.caller.session, peer.caller.container) == ("unidentified", "", "")
+
+
+@pytest.mark.parametrize("role", ["service", "operator", "unidentified", "root", ""])
+def test_an_identity_grants_only_an_agent_role(role):
+    identity = AgentIdentity(container_id=CONTAINER, session_id="s", role=role, install_id="i", issued_at=0)
+    assert agent_role(identity) == "unidentified"
+
+
+def test_a_new_identity_is_stamped_on_what_the_peer_sends_from_then_on():
+    """A warm-pool claim: the connection had no identity; then it has one; then it is revoked."""
+    registry = make_registry()
+    bare = connection(1, role="unidentified", container=CONTAINER)
+    peer = registry.touch((1, b"pooled"), AGENTS_SOCKET, bare, 0.0)
+    identity = AgentIdentity(
+        container_id=CONTAINER, session_id="s9", role="assistant", install_id="i", issued_at=0
+    )
+    assert not Connections.reidentify(bare, identity)
+    registry.restamp(peer)
+    assert (peer.role, peer.caller.session, peer.caller.container) == ("assistant", "s9", CONTAINER)
+    assert msgspec.msgpack.decode(peer.caller_frame, type=Caller) == peer.caller
+    assert Connections.reidentify(bare, None)  # revoked
+    assert bare.revoked and bare.role == "unidentified"
+
+
+def test_a_reused_fd_is_a_new_connection_and_the_old_ones_peers_are_handed_back():
+    connections = Connections()
+    first, replaced = connections.accepted(1, 9, Credentials(1000, 1000, 5, 1), 0.0, "agent", CONTAINER)
+    assert replaced is None
+    first.peers.add((1, b"a"))
+    second, replaced = connections.accepted(1, 9, Credentials(1000, 1000, 6, 2), 0.0, "unidentified")
+    assert replaced is first and not first.live and replaced.peers == {(1, b"a")}
+    assert connections.current(1, 9) is second and connections.of_container(CONTAINER) == []
+    assert connections.closed(1, 9) is second and connections.current(1, 9) is None
 
 
 def test_least_loaded_instance_gets_the_request():
@@ -95,9 +177,9 @@ def test_unhealthy_instances_are_skipped():
     assert registry.route(client(registry), "2", "echo.say", 10, 0).instance.instance_id == "well"
 
 
-def test_roles_come_from_the_socket_and_registration():
+def test_roles_come_from_the_connection_and_registration():
     registry = make_registry()
-    assert client(registry, b"agent", socket=AGENTS_SOCKET).role == "agent"
+    assert client(registry, b"agent", socket=AGENTS_SOCKET).role == "unidentified"
     assert client(registry, b"ctl").role == "operator"
     assert add_instance(registry, b"svc").role == "service"
 
@@ -278,7 +360,7 @@ def test_an_instance_is_announced_up_once_and_down_when_its_last_registration_go
     registry = make_registry()
     first = add_instance(registry, b"a")
     add_instance(registry, b"a")  # the same connection registers again (the broker asked it to)
-    reconnected = registry.touch((0, b"a2"), SERVICES_SOCKET, None, 0)
+    reconnected = registry.touch((0, b"a2"), SERVICES_SOCKET, connection(), 0)
     registry.register(reconnected, Register(service="echo", instance="a", methods=["echo.say"]))
     assert registry.announcements == [ServiceUp(service="echo", instance="a")]
     registry.announcements.clear()
@@ -294,3 +376,12 @@ def test_registering_again_answers_what_the_previous_instance_was_serving():
     request = registry.route(client(registry), "1", "echo.say", 10, 0)
     _, failures = registry.register(peer, Register(service="echo", instance="a", methods=["echo.say"]))
     assert [(f.request, f.code) for f in failures] == [(request, ErrorCode.UNAVAILABLE)]
+
+
+@pytest.mark.parametrize(
+    "uid, role",
+    [(1000, "operator"), (0, "operator"), (1001, "refused"), (65534, "refused"), (-1, "operator")],
+)
+def test_on_the_services_socket_only_the_hosts_uid_and_root_are_the_operator(uid, role):
+    """-1: a tcp peer, judged by the TCP authentication instead."""
+    assert host_role(Credentials(uid, uid, 1, 1), host_uid=1000) == role

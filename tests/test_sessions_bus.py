@@ -125,10 +125,12 @@ def test_closing_removes_the_sessions_containers_and_reports_what_would_not_go(s
     assert [c.id for c in client.call(ContainerList()).containers] == [bystander]
     with client.subscribe(["container.removed", "session.closed"], since=0) as subscription:
         seen = [subscription.next(timeout=2) for _ in range(3)]
-    removed = {d.event.container_id for d in seen if d.topic == "container.removed"}
+    removed = {d.event.container_id for d in seen if d.topic == f"container.removed/{session_id}"}
     assert removed == {attached, unattached}
     assert [
-        (d.event.session_id, d.event.remaining_containers) for d in seen if d.topic == "session.closed"
+        (d.event.session_id, d.event.remaining_containers)
+        for d in seen
+        if d.topic == f"session.closed/{session_id}"
     ] == [(session_id, [])]
     # A container that does not go away is reported and left to the container manager's reconcile.
     stuck_session = client.call(SessionCreate(owner="carol")).id
@@ -244,7 +246,7 @@ def test_concurrent_writers_keep_one_order_and_followers_see_it(sessions):
     assert [m.seq for m in stored] == list(range(1, total + 1))
     for writer, seqs in acknowledged.items():
         assert [stored[seq - 1].content for seq in seqs] == [f"{writer}:{n}" for n in range(each)]
-    with sessions.client().subscribe([f"session.message.{session_id}"], since=0) as subscription:
+    with sessions.client().subscribe([f"session.message/{session_id}"], since=0) as subscription:
         followed = [subscription.next(timeout=2).event.message.seq for _ in range(total)]
     assert followed == list(range(1, total + 1))
 

@@ -303,7 +303,7 @@ def test_send_message_appends_in_order_and_publishes_on_the_session_topic(world)
     info = world.get(session_id)
     assert (info.message_count, info.last_activity_at) == (2, world.clock.now)
     assert [t for t in world.topics() if t.startswith("session.message")] == [
-        f"session.message.{session_id}"
+        f"session.message/{session_id}"
     ] * 2
     assert [e.message for e in world.events(SessionMessage)] == [first, second]
 

@@ -17,7 +17,7 @@ import msgspec
 from baaaht.bus.errors import BusError
 from baaaht.bus.service import CallContext
 from baaaht.bus.testing.waits import DEFAULT_TIMEOUT, Recorded
-from baaaht.schemas.base import Event, Request, target_of, topic_of
+from baaaht.schemas.base import Event, Request, target_of, topic_for
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.errors import ErrorCode
 
@@ -77,7 +77,7 @@ class FakeBus:
     # -- the bus as a service sees it ---------------------------------------------------------
 
     def publish(self, event: Event, subtopic: str = "") -> None:
-        topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
+        topic = topic_for(event, subtopic)
         self.published.append(Published(topic, round_trip(event)))
 
     def call(self, request: Request, timeout: float | None = None, correlation_id: str = "") -> Any:

@@ -7,6 +7,11 @@
     ...
     host.stop()                                                   # every process and client it made
 
+Agents without containers: `host.identify(pid, session)` makes process `pid` (the test's own, by
+default) a process of a container with that identity, as the container manager would (the kit's
+broker also reads a fake /proc: baaaht.bus.testing.broker); `host.agent_client()` connects on the
+agent socket; `host.service_client()` is a registered service (say, to call `bus.agents.update`).
+
 The `host` and `make_host` pytest fixtures (baaaht.bus.testing.fixtures) do the starting and stopping.
 """
 
@@ -14,19 +19,32 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+from baaaht.bus import wire
 from baaaht.bus.client import BusClient
+from baaaht.bus.connection import Connection
 from baaaht.bus.runner import STARTING
 from baaaht.bus.testing.waits import next_event, wait_for
 from baaaht.common.config import load_config
+from baaaht.common.endpoints import Endpoints
+from baaaht.common.identity import AgentIdentity, IdentityStore
 from baaaht.schemas.base import topic_of
-from baaaht.schemas.bus import BusPing, BusServices, ServiceUp
+from baaaht.schemas.bus import (
+    BusAgentsUpdate,
+    BusAgentsUpdateResult,
+    BusPing,
+    BusServices,
+    Register,
+    ServiceUp,
+)
 
 # Short heartbeats so that a killed process is noticed within a test's patience.
 TEST_BUS = {"heartbeat_interval": "200ms", "heartbeat_liveness": 3, "call_timeout": "5s"}
@@ -62,6 +80,10 @@ class Host:
         self.config, _ = load_config(str(self.config_path), env={})
         self.processes: dict[str, subprocess.Popen] = {}
         self.clients: list[BusClient] = []
+        self.endpoints = Endpoints.for_config(self.config.bus)
+        self.identities = IdentityStore(self.run_dir)
+        self.fake_proc = tmp_path / "proc"  # read by the kit's broker before the real /proc
+        self._manager: BusClient | None = None  # the service client that calls bus.agents.update
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -76,7 +98,7 @@ class Host:
         return process
 
     def start_broker(self) -> None:
-        self.spawn("broker", ["-m", "baaaht.bus.broker"])
+        self.spawn("broker", ["-m", "baaaht.bus.testing.broker", "--proc", str(self.fake_proc)])
         probe = self.client(timeout=0.5)
         # Nothing is published before the broker answers: poll it.
         wait_for(lambda: probe.call(BusPing()), what="the broker to answer bus.ping")
@@ -131,6 +153,70 @@ class Host:
         client = BusClient.for_config(self.config, timeout=timeout)
         self.clients.append(client)
         return client
+
+    # -- agents without containers ------------------------------------------------------------
+
+    def identify(
+        self, session: str, role: str = "agent", pid: int | None = None, container: str = ""
+    ) -> AgentIdentity:
+        """Make process `pid` (this one by default) a process of `container` (a new id by default) and
+        issue that container the identity, as the container manager does. Connections made from then
+        on are that agent; one made before keeps what it was (`update` re-reads)."""
+        container = container or secrets.token_hex(32)
+        cgroup = self.fake_proc / str(os.getpid() if pid is None else pid) / "cgroup"
+        cgroup.parent.mkdir(parents=True, exist_ok=True)
+        cgroup.write_text(f"0::/system.slice/docker-{container}.scope\n")
+        identity = AgentIdentity(
+            container_id=container, session_id=session, role=role, install_id="test", issued_at=time.time()
+        )
+        self.identities.put(identity)
+        return identity
+
+    def forget_pid(self, pid: int | None = None) -> None:
+        """Process `pid` is in no container any more (for connections made from now on)."""
+        (self.fake_proc / str(os.getpid() if pid is None else pid) / "cgroup").unlink(missing_ok=True)
+
+    def agent_client(self, timeout: float = 5.0) -> BusClient:
+        """A client on the agent socket (no event socket: it subscribes on its connection)."""
+        bus = self.config.bus
+        client = BusClient(
+            self.endpoints.agents,
+            timeout=timeout,
+            heartbeat_interval=float(bus.heartbeat_interval),
+            liveness=bus.heartbeat_liveness,
+        )
+        self.clients.append(client)
+        return client
+
+    def service_client(self, service: str = "kit", timeout: float = 5.0) -> BusClient:
+        """A client registered as service `service` (with no methods): it has the service role."""
+        registration = Register(service=service, instance=f"{service}-{secrets.token_hex(4)}", methods=[])
+        connection = Connection(
+            self.endpoints.services,
+            heartbeat_interval=float(self.config.bus.heartbeat_interval),
+            liveness=self.config.bus.heartbeat_liveness,
+            registration=lambda: wire.encode(registration),
+        )
+        client = BusClient(
+            self.endpoints.services,
+            events_endpoint=self.endpoints.events,
+            timeout=timeout,
+            connection=connection,
+        )
+        self.clients.append(client)
+        client.call(BusPing())  # after the REGISTER on the same connection: the broker has it
+        return client
+
+    def update(self, container: str) -> BusAgentsUpdateResult:
+        """`bus.agents.update`, as the container manager calls it after writing or removing an identity."""
+        if self._manager is None:
+            self._manager = self.service_client("kit-container-manager")
+        return self._manager.call(BusAgentsUpdate(container_id=container))
+
+    def revoke(self, container: str) -> BusAgentsUpdateResult:
+        """Remove the container's identity and tell the broker, as when the container is removed."""
+        self.identities.remove(container)
+        return self.update(container)
 
     def stop(self) -> None:
         for client in self.clients:

@@ -28,7 +28,7 @@ from baaaht.bus.peers import Peer, requests_of
 from baaaht.bus.service import CallContext, Service, topic_matches
 from baaaht.bus.subscription import Delivery
 from baaaht.bus.testing.fakes import FakeBus, context, round_trip
-from baaaht.schemas.base import Event, Request, target_of, topic_of
+from baaaht.schemas.base import Event, Request, target_of, topic_for
 
 S = TypeVar("S", bound=Service)
 PUBLISHER_PARAMETER = "events"
@@ -102,7 +102,7 @@ class ServiceHarness(Generic[S]):
     def deliver(self, event: Event, subtopic: str = "") -> int:
         """Hand `event` to every handler whose pattern matches its topic, as the runner does; how
         many handlers took it (a test of a handler asserts this is not 0)."""
-        topic = topic_of(type(event)) + (f".{subtopic}" if subtopic else "")
+        topic = topic_for(event, subtopic)
         delivery = Delivery(0, time.time(), topic, "test", msgspec.msgpack.encode(event))
         handled = 0
         for spec in self.service_type.event_handlers():

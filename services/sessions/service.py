@@ -318,7 +318,7 @@ class SessionService(Service):
         session.last_activity_at = session.updated_at = now
         tx.put(session)
         tx.append_message(session.id, message)
-        self._publish_after(tx, SessionMessage(session_id=session.id, message=message), subtopic=session.id)
+        self._publish_after(tx, SessionMessage(session_id=session.id, message=message))
         if previous is not ACTIVE:
             self._announce(tx, session, "state", previous)
         return message
@@ -556,10 +556,10 @@ class SessionService(Service):
     ) -> None:
         self._publish_after(tx, SessionUpdated(session=session, change=change, previous_state=previous))
 
-    def _publish_after(self, tx: Transaction, event: Event, subtopic: str = "") -> None:
+    def _publish_after(self, tx: Transaction, event: Event) -> None:
         """Publish the event once the change is committed. The store's lock is still held then and
         the bus connection sends in the order it is given messages, so events leave in commit order."""
-        tx.after_commit(lambda: self.events.publish(event, subtopic))
+        tx.after_commit(lambda: self.events.publish(event))
 
 
 def authored(req: SessionSendMessage, ctx: CallContext) -> SessionSendMessage:

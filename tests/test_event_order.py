@@ -1,0 +1,70 @@
+"""EventOrder, the sequencing both subscription faces share, on a filtered stream (an agent's): a gap is
+seen by the `prev` each delivery carries, not by the global numbering."""
+
+from __future__ import annotations
+
+import msgspec
+
+from baaaht.bus import wire
+from baaaht.bus.subscription import EventOrder
+from baaaht.schemas.bus import BusEventsReplay, ReplayResult, StampedEvent
+
+EPOCH = 7
+
+
+def live(seq: int, prev: int, topic: str = "session.closed/s1") -> tuple[bytes, bytes]:
+    stamp = wire.encode(wire.EventStamp(seq, 1.0, "session", EPOCH, prev))
+    return topic.encode(), wire.pack(wire.EVENT, stamp, msgspec.msgpack.encode({"n": seq}))
+
+
+def heartbeat(last_matched: int) -> tuple[bytes, bytes]:
+    return b"", wire.pack(wire.HEARTBEAT, wire.encode(wire.EventStamp(last_matched, 1.0, "bus", EPOCH)))
+
+
+def started(filtered: bool = True) -> EventOrder:
+    order = EventOrder(["session."], filtered=filtered)
+    assert order.next_replay() == BusEventsReplay(limit=0)
+    order.take_replay(ReplayResult(events=[], first_seq=1, last_seq=10, epoch=EPOCH))
+    return order
+
+
+def kept(*seqs: int) -> ReplayResult:
+    events = [
+        StampedEvent(seq=s, time=1.0, topic="session.closed/s1", source="session", body=msgspec.Raw(b"\x80"))
+        for s in seqs
+    ]
+    return ReplayResult(events=events, first_seq=1, last_seq=max(seqs, default=0), epoch=EPOCH)
+
+
+def test_sparse_seqs_chained_by_prev_are_no_gap():
+    order = started()
+    for seq, prev in ((14, 10), (20, 14), (21, 20)):
+        order.take_live(*live(seq, prev))
+    assert [d.seq for d in order.backlog] == [14, 20, 21]
+    assert order.gaps == 0 and order.next_replay() is None
+
+
+def test_a_lost_delivery_is_replayed_before_the_one_that_showed_it():
+    order = started()
+    order.take_live(*live(14, 10))
+    order.take_live(*live(30, 20))  # 20 matched too, and never came
+    assert order.gaps == 1
+    assert order.next_replay() == BusEventsReplay(since=14, topics=["session."], limit=1000)
+    order.take_replay(kept(20))
+    assert order.next_replay() is None
+    assert [d.seq for d in order.backlog] == [14, 20, 30]
+
+
+def test_a_quiet_stream_shows_a_loss_by_the_stamped_heartbeat():
+    order = started()
+    order.take_live(*heartbeat(10))
+    assert order.next_replay() is None
+    order.take_live(*heartbeat(12))  # 12 matched and never came
+    assert order.gaps == 1 and order.next_replay().since == 10
+
+
+def test_the_same_stream_read_as_unfiltered_would_see_gaps_everywhere():
+    """Why the flag: on PUB every seq is sent, so a jump is a loss."""
+    order = started(filtered=False)
+    order.take_live(*live(14, 10))
+    assert order.gaps == 1
