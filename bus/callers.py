@@ -15,7 +15,7 @@ import functools
 import inspect
 from typing import TypeVar
 
-from baaaht.bus.authorize import AGENT, OPERATOR, SERVICE
+from baaaht.bus.authorize import AGENT, AGENT_ROLES, OPERATOR, SERVICE, UNIDENTIFIED
 from baaaht.bus.errors import BusError
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.errors import ErrorCode
@@ -23,12 +23,7 @@ from baaaht.schemas.policy import Principal
 
 S = TypeVar("S", bound=type)
 
-ASSISTANT = "assistant"
-WORKER = "worker"
-UNIDENTIFIED = "unidentified"
-
 HOST_ROLES = frozenset({SERVICE, OPERATOR})
-AGENT_ROLES = frozenset({AGENT, ASSISTANT, WORKER})
 
 # A broker that does not stamp roles yet judged a peer by its socket (bus/registry.py): an agent-socket
 # peer so judged names no session, so every session check refuses it.

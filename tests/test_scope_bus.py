@@ -7,7 +7,6 @@ import pytest
 
 from baaaht.bus.client import BusClient
 from baaaht.bus.testing import error_of
-from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.containers import ContainerSpec
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import PolicyAuditTail, PolicyAuditVerify, PolicyEvaluate, Principal
@@ -25,11 +24,11 @@ def scoped(make_host):
     return host
 
 
-def agent_client(host) -> BusClient:
-    """A peer on the agent socket, as an agent in a container connects."""
-    client = BusClient(Endpoints.for_config(host.config.bus).agents, timeout=5.0)
-    host.clients.append(client)
-    return client
+def agent_client(host, session: str = "agent-session") -> BusClient:
+    """A peer on the agent socket, as an agent in a container of `session` connects (the kit's broker
+    takes this process for a process of a container with that identity)."""
+    host.identify(session)
+    return host.agent_client()
 
 
 def test_an_agent_cannot_read_or_write_another_sessions_messages(scoped):
