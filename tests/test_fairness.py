@@ -16,6 +16,7 @@ from baaaht.common.session_quotas import SessionQuotas
 from baaaht.schemas.bus import Caller, Register
 from baaaht.schemas.config import LimitsConfig, Size
 from baaaht.schemas.errors import ErrorCode
+from tests.test_registry import connection
 
 # -- token buckets --------------------------------------------------------------------------------
 
@@ -149,13 +150,16 @@ def test_session_quotas_are_forgotten_once_full_again():
 
 def registry_with(**limits) -> Registry:
     registry = Registry(1.0, 3, msgspec.msgpack.encode, limits=LimitsConfig(**limits))
-    service = registry.touch((0, b"svc"), SERVICES_SOCKET, "localhost:1000:1000:42", 0.0)
+    service = registry.touch((0, b"svc"), SERVICES_SOCKET, connection(), 0.0)
     registry.register(service, Register(service="echo", instance="i", methods=["echo.say"], concurrency=4))
     return registry
 
 
 def peer(registry, ident: bytes, socket: str, container: str = ""):
-    touched = registry.touch((0 if socket == SERVICES_SOCKET else 1, ident), socket, None, 0.0)
+    index = 0 if socket == SERVICES_SOCKET else 1
+    touched = registry.touch(
+        (index, ident), socket, connection(index, role="agent" if index else "operator"), 0.0
+    )
     if container:
         touched.caller = msgspec.structs.replace(touched.caller, container=container)
     return touched

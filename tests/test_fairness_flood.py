@@ -3,8 +3,8 @@ can, from a real container of the agent image made by the container manager) doe
 another agent or the operator, and does not evict the host's event history.
 
 The bound is a correctness bound, not a performance target: each caller's p99 for the call the
-flooder floods (`echo.say` of the test service: a peer on the agents' socket is not given a
-session until agents have identities, and every session method is scoped to the caller's own)
+flooder floods (`session.get`, each agent of its own session: the broker's roles table lets an
+agent call nothing else of the host's)
 under the flood within 10x its quiet p99, measured in the same test. "Quiet" is the bus without
 the flood but under the same CPU load: busy processes that never touch the bus, as many as the
 flood keeps busy (the flooder, the broker's loop and its I/O thread). On two shared cores such
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from baaaht.bus.client import BusClient
-from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.bus import BusEventsReplay
+from baaaht.schemas.sessions import SessionGet
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import (
     ContainerCreate,
@@ -37,8 +37,6 @@ from baaaht.schemas.containers import (
 )
 from baaaht.services.containers.docker_runtime import DockerRuntime
 from tests import container_support
-from tests.conftest import ECHO_SERVICE
-from tests.services.echo import Say
 from tests.test_containers_bus import SETTINGS, Orchestrator
 
 docker_client = container_support.docker_client
@@ -60,16 +58,14 @@ def p99(latencies: list[float]) -> float:
     return sorted(latencies)[int(len(latencies) * 0.99) - 1]
 
 
-PROBE = Say(text="probe")
-
-
-def timed_calls(callers: dict[str, BusClient]) -> dict[str, float]:
-    """p99 of the probe call for each caller, the callers taking turns."""
+def timed_calls(callers: dict[str, BusClient], session: str) -> dict[str, float]:
+    """p99 of `session.get` of `session` for each caller, the callers taking turns."""
+    probe = SessionGet(session_id=session)
     latencies: dict[str, list[float]] = {name: [] for name in callers}
     for _ in range(CALLS):
         for name, client in callers.items():
             began = time.perf_counter()
-            assert client.call(PROBE).text == PROBE.text
+            assert client.call(probe).id == session
             latencies[name].append(time.perf_counter() - began)
     return {name: p99(found) for name, found in latencies.items()}
 
@@ -80,11 +76,10 @@ class Flooder:
 
     def __init__(self, orchestrator: Orchestrator, image: str, event_bytes: int):
         self.bus = orchestrator.bus
-        body = json.dumps({"text": "flood"})
-        command = ["python3", "-c", FLOODER.read_text(), "echo.say", body, str(event_bytes)]
-        create = ContainerCreate(
-            spec=ContainerSpec(image=image, command=command), session_id=orchestrator.session()
-        )
+        session = orchestrator.session()
+        body = json.dumps({"type": "session.get", "session_id": session})  # its own session's
+        command = ["python3", "-c", FLOODER.read_text(), "session.get", body, str(event_bytes)]
+        create = ContainerCreate(spec=ContainerSpec(image=image, command=command), session_id=session)
         self.container = self.bus.call(create).id
         self.replies: dict[str, int] = {}
         self.reports: queue.SimpleQueue[str] = queue.SimpleQueue()  # its lines; "" once its log ends
@@ -125,23 +120,9 @@ class Flooder:
         self.runtime.close()
 
 
-def agent_client(host) -> BusClient:
-    """A client on the agent socket, heartbeating as the host's broker expects."""
-    bus = host.config.bus
-    client = BusClient(
-        Endpoints.for_config(bus).agents,
-        timeout=5,
-        heartbeat_interval=float(bus.heartbeat_interval),
-        liveness=bus.heartbeat_liveness,
-    )
-    host.clients.append(client)
-    return client
-
-
 @pytest.fixture
 def orchestrator(make_host, docker_client):
     made = Orchestrator(make_host({**SETTINGS, "limits": LIMITS}), docker_client)
-    made.host.start_service(ECHO_SERVICE, "echo")
     yield made
     made.cleanup()
 
@@ -159,21 +140,22 @@ def with_busy_processes(measure):
 def test_a_flooding_agent_starves_nobody_and_evicts_no_host_history(orchestrator, agent_image):
     host = orchestrator.host
     operator = host.client()
-    orchestrator.session()  # host history: the session's events
-    other_agent = agent_client(host)
+    session = orchestrator.session()  # host history: the session's events
+    host.identify(session)  # this process: the other agent, of the probed session (the kit's fake /proc)
+    other_agent = host.agent_client()
     callers = {"operator": operator, "other agent": other_agent}
-    timed_calls(callers)  # warm both paths up
+    timed_calls(callers, session)  # warm both paths up
     history = operator.call(BusEventsReplay(since=0, topics=["session."], limit=1000)).events
     assert history, "the host published session events before the flood"
 
     failures = []
     for _ in range(ROUNDS):
-        quiet = timed_calls(callers)
-        loaded = with_busy_processes(lambda: timed_calls(callers))
+        quiet = timed_calls(callers, session)
+        loaded = with_busy_processes(lambda: timed_calls(callers, session))
         flooder = Flooder(orchestrator, agent_image, int(host.config.bus.max_event_size))
         try:
             flooder.wait_until(lambda r: sum(r.values()) > 1000, "the flood to be under way")
-            flooded = timed_calls(callers)
+            flooded = timed_calls(callers, session)
             flooder.wait_until(lambda r: True, "the flooder's last report")
         finally:
             flooder.stop()
@@ -183,7 +165,7 @@ def test_a_flooding_agent_starves_nobody_and_evicts_no_host_history(orchestrator
         assert replies.get("call RESOURCE_EXHAUSTED") and replies.get("event RESOURCE_EXHAUSTED"), replies
         assert replies.get("call OK", 0) > CALLS, replies
         failures = [
-            f"{name}: {PROBE.__struct_config__.tag} p99 {flooded[name] * 1000:.1f} ms under the flood; quiet"
+            f"{name}: session.get p99 {flooded[name] * 1000:.1f} ms under the flood; quiet"
             f" {quiet[name] * 1000:.1f} ms, with busy processes {loaded[name] * 1000:.1f} ms"
             for name in callers
             if flooded[name] > BOUND * max(quiet[name], loaded[name], QUIET_FLOOR)
