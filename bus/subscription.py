@@ -186,8 +186,8 @@ def sub_socket(context: zmq.Context, endpoint: str, curve: ClientCurve | None = 
 class _SubSocket:
     """A host subscription's source: the broker's PUB, every topic."""
 
-    def __init__(self, context: zmq.Context, endpoint: str):
-        self.sub = sub_socket(context, endpoint)
+    def __init__(self, context: zmq.Context, endpoint: str, curve: ClientCurve | None = None):
+        self.sub = sub_socket(context, endpoint, curve)
 
     def take(self) -> tuple[bytes, bytes] | None:
         """The next [topic, envelope], without waiting. Every PUB message is two frames, and a message
