@@ -26,7 +26,6 @@ import pytest
 
 from baaaht.bus.client import BusClient
 from baaaht.schemas.bus import BusEventsReplay
-from baaaht.schemas.sessions import SessionGet
 from baaaht.schemas.config import Config
 from baaaht.schemas.containers import (
     ContainerCreate,
@@ -35,6 +34,7 @@ from baaaht.schemas.containers import (
     ContainerSpec,
     ContainerStart,
 )
+from baaaht.schemas.sessions import SessionGet
 from baaaht.services.containers.docker_runtime import DockerRuntime
 from tests import container_support
 from tests.test_containers_bus import SETTINGS, Orchestrator
