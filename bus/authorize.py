@@ -101,6 +101,7 @@ RULES: dict[str, dict[str, Rules]] = {
             ("bus.ping", ALLOW),
             ("bus.events.replay", ALLOW),
             ("task.work", ALLOW),
+            ("task.ack", ALLOW),
             ("task.heartbeat", ALLOW),
             ("task.complete", ALLOW),
         ),

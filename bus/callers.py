@@ -16,6 +16,8 @@ import inspect
 from typing import TypeVar
 
 from baaaht.bus.authorize import AGENT, AGENT_ROLES, OPERATOR, SERVICE, UNIDENTIFIED
+from baaaht.bus.authorize import ASSISTANT as ASSISTANT  # re-exported: the roles are authorize's
+from baaaht.bus.authorize import WORKER as WORKER
 from baaaht.bus.errors import BusError
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.errors import ErrorCode

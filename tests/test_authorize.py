@@ -94,6 +94,7 @@ TABLE = [
     (ASSISTANT, RECEIVE, "session.message", ALLOWED),
     # a worker: takes and reports its session's tasks, nothing of the conversation
     (WORKER, CALL, "task.work", ALLOWED),
+    (WORKER, CALL, "task.ack", ALLOWED),
     (WORKER, CALL, "task.heartbeat", ALLOWED),
     (WORKER, CALL, "task.complete", ALLOWED),
     (WORKER, CALL, "task.submit", DENIED),
