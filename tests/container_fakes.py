@@ -355,3 +355,17 @@ def engine_event(action: str, container_id: str, labels: dict[str, str], **attrs
 
 def replace(spec: ContainerSpec, **changes) -> ContainerSpec:
     return msgspec.structs.replace(spec, **changes)
+
+
+class FakeAgents:
+    """The broker's `bus.agents.update` as the container manager sees it: records each container it was
+    told about; `error` is raised instead while the broker cannot be asked."""
+
+    def __init__(self):
+        self.told: Recorded[str] = Recorded()
+        self.error: BusError | None = None
+
+    def updated(self, container_id: str) -> None:
+        if self.error is not None:
+            raise self.error
+        self.told.append(container_id)

@@ -1,6 +1,6 @@
 """The identities the container manager issues its agent containers (common/identity.py): written
 before a container can run, revoked when it stops, dies, is removed or its session ends, settled by
-reconcile after a crash."""
+reconcile after a crash; the broker is told of every change."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import errno
 import pytest
 
 from baaaht.bus.errors import unavailable
-from baaaht.bus.testing import code_of, context, serving, wait_for
+from baaaht.bus.testing import code_of, context, serving
 from baaaht.common.identity import AgentIdentity, IdentityStore
 from baaaht.schemas.containers import (
     ContainerCreate,
@@ -27,7 +27,7 @@ from baaaht.services.containers.ownership import (
     LABEL_ROLE,
     LABEL_SESSION,
 )
-from tests.container_fakes import FakeRuntime, FakeSessions, engine_event, session_info
+from tests.container_fakes import FakeAgents, FakeRuntime, FakeSessions, engine_event, session_info
 from tests.test_containers_service import INSTALL, OURS, make_service
 from tests.test_containers_service import run_dir as run_dir  # the fixture
 
@@ -39,9 +39,12 @@ def agent_labels(session: str = "s1", role: str = "agent") -> dict[str, str]:
 class World:
     def __init__(self, directory, *sessions, runtime=None):
         self.store = IdentityStore(str(directory))
+        self.agents = FakeAgents()
         self.sessions = FakeSessions(*(sessions or (session_info("s1"),)))
         self.runtime = runtime or FakeRuntime()
-        self.service = make_service(directory, self.runtime, sessions=self.sessions, identities=self.store)
+        self.service = make_service(
+            directory, self.runtime, sessions=self.sessions, identities=self.store, agents=self.agents
+        )
 
     def create(self, session="s1", role="agent", agent_bus=True) -> str:
         request = ContainerCreate(
@@ -68,11 +71,12 @@ def test_an_agent_container_has_its_identity_before_it_can_start(world):
         "worker",
         INSTALL,
     )
+    assert list(world.agents.told) == [container_id]
 
 
 def test_a_container_without_the_agent_bus_has_no_identity(world):
     container_id = world.create(agent_bus=False, role="tool")
-    assert world.identity(container_id) is None
+    assert world.identity(container_id) is None and list(world.agents.told) == []
 
 
 @pytest.mark.parametrize("role", ["tool", "service", "operator", "unidentified"])
@@ -86,6 +90,8 @@ def test_a_container_its_session_refuses_is_removed_with_its_identity(run_dir):
     kept = world.create()
     assert code_of(lambda: world.create()) is ErrorCode.RESOURCE_EXHAUSTED
     assert [i.container_id for i in world.store.all()] == [kept]
+    refused = [c for c in world.agents.told if c != kept]
+    assert len(refused) == 2  # issued, then revoked: the broker was told both times
 
 
 def test_an_identity_that_cannot_be_written_leaves_no_container(world, monkeypatch):
@@ -102,6 +108,7 @@ def test_stop_and_destroy_revoke_at_once(world):
     world.service.stop(ContainerStop(id=stopped), context())
     world.service.destroy(ContainerDestroy(id=destroyed, force=True), context())
     assert world.identity(stopped) is None and world.identity(destroyed) is None
+    assert list(world.agents.told).count(stopped) == 2 and list(world.agents.told).count(destroyed) == 2
 
 
 def test_a_start_renews_the_identity_only_while_the_session_is_open(world):
@@ -123,11 +130,13 @@ def test_the_engine_saying_a_container_ended_revokes_and_a_restart_renews(world)
         feed = world.runtime.event_streams[0]
         for action in ("die", "stop", "destroy"):
             world.service.identities.issue(container_id, "s1", "agent")
+            told = len(world.agents.told)
             feed.put(engine_event(action, container_id, labels))
-            wait_for(lambda: world.identity(container_id) is None, what=f"the identity to go at {action}")
+            world.agents.told.wait_for_count(told + 1, what=f"the broker told of the {action}")
+            assert world.identity(container_id) is None, action
         # The restart policy starts it again: its session is open, so it is an agent again.
         feed.put(engine_event("start", container_id, labels))
-        wait_for(lambda: world.identity(container_id) is not None, what="the identity back at the start")
+        world.agents.told.wait_for_count(len(world.agents.told) + 1, what="the broker told of the start")
         assert world.identity(container_id).role == "agent"
 
 
@@ -176,6 +185,7 @@ def test_reconcile_after_a_crash_reissues_what_it_keeps_and_revokes_what_is_gone
     assert world.identity(young) is not None  # left as it is until its session can be judged
     assert world.identity(plain) is None
     assert world.identity(foreign.container_id) == foreign  # another installation's: never touched
+    assert set(world.agents.told) == {kept, gone, exited, of_closed}
 
 
 def test_a_skipped_reconcile_still_revokes_the_identities_of_containers_that_are_gone(world):
@@ -184,6 +194,19 @@ def test_a_skipped_reconcile_still_revokes_the_identities_of_containers_that_are
     world.sessions.error = unavailable("no instance of service 'session' is registered")
     assert world.service.reconcile_now().skipped
     assert world.identity(container_id) is None
+
+
+def test_a_broker_that_cannot_be_told_is_told_later(world):
+    world.agents.error = unavailable("the broker is restarting")
+    container_id = world.create()
+    world.service.destroy(ContainerDestroy(id=container_id, force=True), context())
+    assert world.identity(container_id) is None  # the file is what new connections read
+    assert list(world.agents.told) == []
+    world.agents.error = None
+    world.service.maintain()
+    assert list(world.agents.told) == [container_id]
+    world.service.maintain()
+    assert list(world.agents.told) == [container_id]
 
 
 def test_agent_role_comes_from_labels_only_for_session_agent_containers():
@@ -195,8 +218,8 @@ def test_agent_role_comes_from_labels_only_for_session_agent_containers():
 
 
 def test_identities_settle_keeps_what_it_cannot_judge(tmp_path):
-    store = IdentityStore(str(tmp_path))
-    identities = Identities(store, INSTALL, clock=lambda: 5.0)
+    store, agents = IdentityStore(str(tmp_path)), FakeAgents()
+    identities = Identities(store, INSTALL, agents, clock=lambda: 5.0)
     identities.issue("a" * 64, "s1", "agent")
     identities.settle([("a" * 64, agent_labels("s1"))], {})
     assert store.get("a" * 64).issued_at == 5.0

@@ -23,6 +23,7 @@ from baaaht.bus.testing import (
 )
 from baaaht.common.identity import IdentityStore
 from baaaht.schemas import containers as c
+from baaaht.schemas.bus import BusAgentsUpdate, BusAgentsUpdateResult
 from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConfig, RuntimeConfig
 from baaaht.schemas.containers import (
     ContainerCreate,
@@ -55,10 +56,11 @@ from baaaht.schemas.sessions import SessionDeleted, SessionState
 from baaaht.services.containers import session_volumes
 from baaaht.services.containers.hardening import BUS_ENV
 from baaaht.services.containers.ownership import LABEL_INSTALL, LABEL_MANAGED, LABEL_OWNER, LABEL_SESSION
-from baaaht.services.containers.peers import BusPolicyGate, BusSessionDirectory
+from baaaht.services.containers.peers import BusAgentDirectory, BusPolicyGate, BusSessionDirectory
 from baaaht.services.containers.runtime import EngineUnavailable
 from baaaht.services.containers.service import ContainerService
 from tests.container_fakes import (
+    FakeAgents,
     FakePolicy,
     FakeRuntime,
     FakeSessions,
@@ -94,6 +96,7 @@ def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0
         policy=kw.pop("policy", FakePolicy()),
         sessions=kw.pop("sessions", FakeSessions(session_info("s1"))),
         identities=kw.pop("identities", IdentityStore(str(run_dir))),
+        agents=kw.pop("agents", FakeAgents()),
         **kw,
     )
     service.check_engine()
@@ -839,6 +842,7 @@ def test_no_agent_caller_gets_anything_done_by_the_container_manager(run_dir, ro
         policy=FakePolicy(),
         sessions=FakeSessions(session_info("s1")),
         identities=IdentityStore(str(run_dir)),
+        agents=FakeAgents(),
     )
     requests = every_container_request(own)
     assert {type(r) for r in requests} == {s.request_type for s in ContainerService.rpcs().values()}
@@ -895,3 +899,11 @@ def test_the_policy_gate_asks_about_the_containers_session_and_refuses_a_denial(
         ["TOKEN"],
         principal,
     )
+
+
+def test_the_broker_is_asked_to_judge_the_containers_connections_anew():
+    bus = FakeBus({BusAgentsUpdate: BusAgentsUpdateResult(connections=0)})
+    BusAgentDirectory(bus, 1.0).updated("a" * 64)
+    assert [r.container_id for r in bus.requests(BusAgentsUpdate)] == ["a" * 64]
+    unanswered = FakeBus()
+    assert code_of(lambda: BusAgentDirectory(unanswered, 1.0).updated("a" * 64)) is ErrorCode.UNAVAILABLE

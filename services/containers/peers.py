@@ -11,6 +11,7 @@ from baaaht.bus.errors import BusError
 from baaaht.bus.peers import Calls, Peer
 from baaaht.bus.service import CallContext
 from baaaht.schemas.base import Request
+from baaaht.schemas.bus import BusAgentsUpdate
 from baaaht.schemas.containers import ContainerExec, ContainerInfo, ContainerSpec
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Decision, Judged, Principal
@@ -183,3 +184,14 @@ class BusSessionDirectory:
 
     def attach(self, session_id: str, container_id: str, ctx: CallContext | None = None) -> None:
         self.sessions.attach_container(ctx, session_id=session_id, container_id=container_id)
+
+
+class BusAgentDirectory:
+    """The broker's `bus.agents.update`: it re-reads a container's identity for its connections (none any
+    more: they are refused and disconnected)."""
+
+    def __init__(self, bus: Calls, timeout: float):
+        self.broker = Peer(bus, "bus", timeout=timeout)
+
+    def updated(self, container_id: str) -> None:
+        self.broker.call(BusAgentsUpdate(container_id=container_id))

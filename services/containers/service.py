@@ -74,10 +74,11 @@ from baaaht.services.containers import reconcile, session_scope, session_volumes
 from baaaht.services.containers.engine_errors import maps_engine_errors
 from baaaht.services.containers.events import EventTranslator
 from baaaht.services.containers.hardening import Identity, UnsafeAddition, agent_bus_for, attach_identity
-from baaaht.services.containers.identities import Identities, agent_role
+from baaaht.services.containers.identities import AgentDirectory, Identities, agent_role
 from baaaht.services.containers.install import load_or_create
 from baaaht.services.containers.ownership import LABEL_SESSION, install_labels, owner_of
 from baaaht.services.containers.peers import (
+    BusAgentDirectory,
     BusPolicyGate,
     BusSessionDirectory,
     PolicyGate,
@@ -128,6 +129,7 @@ class ContainerService(Service):
         policy: PolicyGate,
         sessions: SessionDirectory,
         identities: IdentityStore,
+        agents: AgentDirectory,
         runtime_problem: str = "",
         clock: Callable[[], float] = time.time,
     ):
@@ -137,7 +139,7 @@ class ContainerService(Service):
         self.events = events
         self.policy = policy
         self.sessions = sessions
-        self.identities = Identities(identities, install_id, clock)
+        self.identities = Identities(identities, install_id, agents, clock)
         self.clock = clock
         self.max_containers = config.policy.max_containers
         self.max_ops = config.runtime.max_concurrent_ops
@@ -177,6 +179,7 @@ class ContainerService(Service):
             policy=BusPolicyGate(bus, timeout),
             sessions=BusSessionDirectory(bus, timeout),
             identities=IdentityStore(Endpoints.for_config(config.bus).run_dir),
+            agents=BusAgentDirectory(bus, timeout),
             runtime_problem=problem,
         )
 
@@ -799,7 +802,8 @@ class ContainerService(Service):
     @background(every=ENGINE_CHECK_INTERVAL)
     def maintain(self) -> None:
         """Check the engine; while it answers, reconcile every `container.reconcile_interval` (sooner
-        again after a reconcile that had to be skipped)."""
+        again after a reconcile that had to be skipped); tell the broker the identity changes it missed."""
+        self.identities.tell_untold()
         if not self.check_engine() or time.monotonic() < self._next_reconcile:
             return
         try:
