@@ -460,6 +460,12 @@ class Broker:
         final = kind == wire.REPLY
         header = wire.reply_header.decode(wire.header_of(envelope))
         if peer.instance is None:
+            # A peer of the agent socket forging an answer is refused by its role (no agent role may ANSWER).
+            forged = self.registry.in_flight.get(header.token)
+            denial = authorize(peer.role, ANSWER, forged.target if forged else "*")
+            if peer.socket == AGENTS_SOCKET and denial is not None:
+                self._refuse(peer, "", denial)
+                return
             self._malformed(
                 peer.key, "unregistered_reply", "only a registered service instance may reply", now
             )

@@ -264,6 +264,7 @@ def next_reply(dealer: zmq.Socket, request_id: str) -> tuple[wire.ReplyHeader, b
 
 def test_an_agent_cannot_answer_calls_it_was_not_given(echo):
     operator = echo.client(timeout=10)
+    echo.identify("s1")
     agent = raw_dealer(echo, "agents")
     try:
         said = operator.call(Say(text="learn a token", delay=0))
@@ -284,7 +285,8 @@ def test_an_agent_cannot_answer_calls_it_was_not_given(echo):
             )
             agent.send(forged)
         header, body = next_reply(agent, "")
-        assert header.error == "INVALID_ARGUMENT" and b"only a registered service" in body
+        refusal = wire.error_body.decode(body).message
+        assert header.error == "PERMISSION_DENIED" and "agent peers may not answer" in refusal
         thread.join(10)
         assert results[0].text == "genuine"
     finally:

@@ -440,8 +440,9 @@ class ContainerService(Service):
     def stop(self, req: ContainerStop, ctx: CallContext) -> Empty:
         with self._engine(ctx) as runtime:
             container_id = self._owned(req.id, runtime)
+            # Revoked before the stop signal: the agent may go on acting for the whole grace period.
+            self.identities.revoke(container_id)
             runtime.stop(container_id, req.timeout)
-        self.identities.revoke(container_id)
         return Empty()
 
     @rpc
