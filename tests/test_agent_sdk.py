@@ -1,11 +1,13 @@
 """The agent SDK in real containers of the agent image, started by the real container manager on a real
 broker: an agent joins, survives a broker restart, exits non-zero once the bus is gone for longer than
-its limit, and stops cleanly on SIGTERM."""
+its limit, and stops cleanly on SIGTERM; the echo agent answers its session's user messages."""
 
 from __future__ import annotations
 
 import pytest
 
+from baaaht.bus.testing import next_event
+from baaaht.schemas.base import topic_of
 from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerSpec,
@@ -13,6 +15,7 @@ from baaaht.schemas.containers import (
     ContainerStop,
     ContainerWait,
 )
+from baaaht.schemas.sessions import SessionMessage, SessionMessages, SessionSendMessage
 from tests import agent_support, container_support
 from tests.test_containers_bus import SETTINGS, Orchestrator
 
@@ -71,3 +74,22 @@ def test_an_agent_exits_non_zero_once_the_bus_is_gone_longer_than_its_limit(
     assert exit_code == EXIT_BUS_LOST
     logs = orchestrator.docker.containers.get(container).logs().decode()
     assert "the bus is gone for too long" in logs and "no broker at" in logs
+
+
+def test_the_echo_agent_answers_each_user_message_of_its_session(orchestrator, agent_image, agent_log):
+    bus = orchestrator.bus
+    session, other = orchestrator.session(), orchestrator.session()
+    container = start_agent(orchestrator, session, agent_image, "echo")
+    agent_log(container).wait_for("joined the bus")
+    with bus.subscribe([topic_of(SessionMessage)]) as messages:
+        bus.call(SessionSendMessage(session_id=other, content="not yours"))
+        bus.call(SessionSendMessage(session_id=session, content="hello, agent"))
+
+        def answer(delivery) -> bool:
+            return delivery.event.message.role == "assistant"
+
+        answered = next_event(messages, answer, timeout=WAIT, what="the echo agent's answer").event
+    assert (answered.session_id, answered.message.content) == (session, "hello, agent")
+    assert answered.message.sender.endswith(container)  # sent as itself: the broker stamped it
+    assert [m.role for m in bus.call(SessionMessages(session_id=session)).messages] == ["user", "assistant"]
+    assert [m.role for m in bus.call(SessionMessages(session_id=other)).messages] == ["user"]
