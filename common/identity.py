@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Annotated, Iterator
 
@@ -53,7 +54,9 @@ class IdentityStore:
     def put(self, identity: AgentIdentity) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         final = self._path(identity.container_id)
-        partial = final.with_suffix(".partial")
+        # One partial file per writer: two writers of the same identity (a call and the engine's event
+        # follower) must not rename each other's file away.
+        partial = final.with_suffix(f".{os.getpid()}.{threading.get_ident()}.partial")
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, _encode(identity))

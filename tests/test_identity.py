@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 from baaaht.common.identity import AgentIdentity, IdentityStore, container_in_cgroup, container_of_pid
 
@@ -24,6 +25,25 @@ def test_put_get_remove_round_trip_with_private_files(tmp_path):
     assert stat.S_IMODE(mode) == 0o600 and stat.S_IMODE(os.stat(store.directory).st_mode) == 0o700
     assert [i.container_id for i in store.all()] == [CID]
     assert store.remove(CID) is True and store.get(CID) is None and store.remove(CID) is False
+
+
+def test_two_writers_of_one_identity_do_not_rename_each_others_file_away(tmp_path):
+    store = IdentityStore(str(tmp_path))
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for _ in range(300):
+                store.put(identity())
+        except OSError as error:
+            failures.append(error)
+
+    writers = [threading.Thread(target=write) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(30)
+    assert failures == [] and sorted(p.name for p in store.directory.iterdir()) == [f"{CID}.json"]
 
 
 def test_a_name_that_is_not_a_container_id_is_never_a_path(tmp_path):
