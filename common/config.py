@@ -46,6 +46,7 @@ PATH_KEYS = frozenset(
         "docker.tls_key",
         "credentials.master_key_file",
         "credentials.passphrase_file",
+        "egress.ca_file",
     }
 )
 EFFECTIVE_CONFIG_NAME = "config.json"

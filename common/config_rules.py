@@ -99,6 +99,16 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda rates: all(rate >= 0 for rate in rates.values()),
         "has a negative rate (expected queue: starts per second, 0 for none)",
     ),
+    "egress.routes": (
+        lambda routes: len({route.name for route in routes}) == len(routes),
+        "names a route twice (expected unique route names)",
+    ),
+    "egress.deny_paths": (
+        lambda paths: all(path.startswith("/") for path in paths),
+        "holds a path not starting with '/' (expected path prefixes)",
+    ),
+    "egress.session_requests": (lambda cap: cap >= 0, "is out of range (expected 0, no cap, or more)"),
+    "egress.session_tokens": (lambda cap: cap >= 0, "is out of range (expected 0, no cap, or more)"),
 }
 
 

@@ -2,7 +2,7 @@
 
 import importlib
 
-DOMAINS = ("bus", "config", "containers", "credentials", "policy", "sessions", "tasks")
+DOMAINS = ("bus", "config", "containers", "credentials", "egress", "policy", "sessions", "tasks")
 
 
 def load_all() -> None:

@@ -7,7 +7,9 @@ for how file, environment and flags are merged.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -137,6 +139,78 @@ class SchedulerConfig(Section, kw_only=True):
     session_rate: float = 0.0
 
 
+EGRESS_INJECTIONS = ("bearer", "x-api-key", "header", "basic")
+# Paths that mint or manage keys, users or organisations at Anthropic (/v1/organizations/...: admin API
+# keys, workspaces, invites) and OpenAI (/v1/organization/...: admin keys, projects' api_keys, users):
+# an agent holding a route to the API never reaches them, whatever the route's own prefixes say.
+DEFAULT_EGRESS_DENY_PATHS = ["/v1/organizations", "/v1/organization", "/v1/api_keys", "/v1/admin"]
+
+
+class EgressRoute(Section, kw_only=True):
+    """One upstream an agent may reach through the egress proxy, as `http://egress/<name>/<path>`."""
+
+    name: str  # the first path part of the proxy URL: a-z, 0-9, '-', '_'
+    upstream: str  # base URL: https://api.anthropic.com (http only to loopback with allow_loopback_http)
+    credential: str  # the secret's name in the credential store
+    inject: Literal["bearer", "x-api-key", "header", "basic"] = "bearer"
+    header: str = ""  # the header's name, for inject: header
+    methods: list[str] = msgspec.field(default_factory=lambda: ["POST"])
+    paths: list[str]  # allowed path prefixes (whole segments), relative to the upstream base URL
+    roles: list[str]  # roles allowed: agent, assistant, worker
+    sessions: list[str] = msgspec.field(
+        default_factory=lambda: ["*"]
+    )  # session ids allowed, or "*" for every session
+    usage: Literal["anthropic", "openai", "none"] = "none"  # how responses report LLM tokens
+    allow_loopback_http: bool = False  # tests only: a plain-http upstream on 127.0.0.1/::1
+
+    def __post_init__(self) -> None:
+        problem = egress_route_problem(self)
+        if problem:
+            raise ValueError(f"route {self.name!r}: {problem}")
+
+
+def egress_route_problem(route: EgressRoute) -> str:
+    """What makes a route unusable, or "" (also checked by the proxy before serving)."""
+    if not _ROUTE_NAME.fullmatch(route.name):
+        return "name must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or a digit"
+    parts = urlsplit(route.upstream)
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if parts.scheme != "https" and not (parts.scheme == "http" and route.allow_loopback_http and loopback):
+        return (
+            f"upstream {route.upstream!r} must be https:// (http only to loopback with allow_loopback_http)"
+        )
+    if not parts.hostname or parts.query or parts.fragment or parts.username or parts.password:
+        return f"upstream {route.upstream!r} must be scheme://host[:port][/base path], nothing else"
+    if route.inject == "header" and not _HEADER_NAME.fullmatch(route.header):
+        return "inject: header needs `header`, a header name"
+    if not route.paths or any(not p.startswith("/") for p in route.paths):
+        return "paths must be a non-empty list of prefixes starting with '/'"
+    if not route.roles:
+        return "roles must name at least one role (agent, assistant, worker)"
+    if not route.methods or any(not m.isalpha() or not m.isupper() for m in route.methods):
+        return "methods must be a non-empty list of upper-case HTTP methods"
+    return ""
+
+
+_ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+class EgressConfig(Section, kw_only=True):
+    routes: list[EgressRoute] = []  # default deny: no route, no egress
+    ca_file: str = ""  # extra CA bundle trusted for upstreams (tests: the fake upstream's CA)
+    deny_paths: list[str] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_EGRESS_DENY_PATHS)
+    )  # refused on every route (key management)
+    max_request_size: Size = Size(32 * 1024 * 1024)
+    max_response_size: Size = Size(256 * 1024 * 1024)
+    upstream_timeout: Duration = Duration(600.0)  # a whole upstream call, streamed or not
+    connect_timeout: Duration = Duration(10.0)
+    # Per session, across routes; 0 is no cap.
+    session_requests: int = 0
+    session_tokens: int = 0
+
+
 class Config(Section, kw_only=True):
     data_dir: str = "/var/lib/baaaht"
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
@@ -149,3 +223,4 @@ class Config(Section, kw_only=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     credentials: CredentialsConfig = msgspec.field(default_factory=CredentialsConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    egress: EgressConfig = msgspec.field(default_factory=EgressConfig)

@@ -1,47 +1,14 @@
-"""The tamper-evident audit log: hash-chained JSON lines, each fsync'd before a decision is returned.
-
-Each line is one AuditRecord. Its `hash` is the sha256 of the line itself with the hash value
-emptied, and its `prev` is the previous line's hash (the first line's is GENESIS), so editing,
-removing or reordering any line breaks the chain. Removing lines from the end leaves a valid
-chain, so a small head file beside the log (rewritten atomically after every append) records the
-last sequence number and hash. A restarted service continues the chain from the last line.
-
-This makes tampering evident, not impossible: someone who can rewrite the log, recompute every
-hash and the head file is not caught. Ship the log elsewhere for that.
-"""
+"""The policy service's decision log: the shared hash chain (common/audit_chain.py) of AuditRecords."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import threading
 from pathlib import Path
 
-import msgspec
+from baaaht.common import audit_chain
+from baaaht.common.audit_chain import GENESIS, AuditError, check_seal, head_path, seal
+from baaaht.schemas.policy import AuditRecord, AuditReport
 
-from baaaht.common.config import write_private_file
-from baaaht.schemas.policy import AuditProblem, AuditRecord, AuditReport
-
-GENESIS = "0" * 64
-_HASH_PREFIX = b'"hash":"'
-_EMPTY_HASH_END = _HASH_PREFIX + b'"}'
-_SEALED_END_LENGTH = len(_HASH_PREFIX) + 64 + 2  # "hash":"<64 hex>"}
-_READ_BLOCK = 64 * 1024
-
-_encode = msgspec.json.Encoder().encode
-_decode_record = msgspec.json.Decoder(AuditRecord).decode
-
-
-class Head(msgspec.Struct, kw_only=True):
-    seq: int
-    hash: str
-
-
-_decode_head = msgspec.json.Decoder(Head).decode
-
-
-class AuditError(Exception):
-    """The log cannot be continued safely; the message says why and what to do."""
+__all__ = ["GENESIS", "AuditError", "AuditLog", "check_seal", "head_path", "seal"]
 
 
 def log_path(data_dir: str | Path) -> Path:
@@ -49,259 +16,26 @@ def log_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / "audit" / "policy.jsonl"
 
 
-def head_path(path: Path) -> Path:
-    return path.with_name(path.name + ".head")
-
-
-def seal(record: AuditRecord) -> tuple[bytes, str]:
-    """The record's line (without the newline) and its hash."""
-    body = _encode(msgspec.structs.replace(record, hash=""))
-    assert body.endswith(_EMPTY_HASH_END), "AuditRecord.hash must stay its last field"
-    digest = hashlib.sha256(body).hexdigest()
-    return body[: -len(_EMPTY_HASH_END)] + _HASH_PREFIX + digest.encode() + b'"}', digest
+class AuditLog(audit_chain.AuditLog):
+    def __init__(self, path: str | Path):
+        super().__init__(path, verify_hint="baaaht-ctl audit verify")
 
 
 def decode_line(line: bytes) -> AuditRecord:
-    try:
-        return _decode_record(line)
-    except msgspec.DecodeError as error:
-        raise ValueError(f"not a valid audit record ({error})") from None
-
-
-def check_seal(line: bytes, record: AuditRecord) -> None:
-    """Raise ValueError unless the line's hash matches its content."""
-    ending = _HASH_PREFIX + record.hash.encode() + b'"}'
-    if len(ending) != _SEALED_END_LENGTH or not line.endswith(ending):
-        raise ValueError("its hash field is not the last field of the line")
-    body = line[: -len(ending)] + _EMPTY_HASH_END
-    if hashlib.sha256(body).hexdigest() != record.hash:
-        raise ValueError("its content does not match its hash (the line was edited)")
+    return audit_chain.decode_line(line, AuditRecord)
 
 
 def unseal(line: bytes) -> AuditRecord:
-    """The record of a line whose hash matches its content; raises ValueError otherwise."""
-    record = decode_line(line)
-    check_seal(line, record)
-    return record
-
-
-def _last_lines(stream, end: int, count: int) -> list[bytes]:
-    """Up to `count` complete lines before byte offset `end`, oldest first."""
-    lines: list[bytes] = []
-    position, carry = end, b""
-    while position > 0 and len(lines) < count:
-        start = max(0, position - _READ_BLOCK)
-        stream.seek(start)
-        block = stream.read(position - start) + carry
-        parts = block.split(b"\n")
-        carry = parts[0] if start > 0 else b""
-        complete = parts[1:] if start > 0 else parts
-        lines[:0] = [part for part in complete if part]
-        position = start
-    return lines[-count:] if count else []
-
-
-def _complete_length(stream, size: int) -> int:
-    """The length of the file up to and including its last newline."""
-    position = size
-    while position > 0:
-        start = max(0, position - _READ_BLOCK)
-        stream.seek(start)
-        block = stream.read(position - start)
-        newline = block.rfind(b"\n")
-        if newline >= 0:
-            return start + newline + 1
-        position = start
-    return 0
-
-
-def _read_head(path: Path) -> Head | None:
-    try:
-        return _decode_head(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except msgspec.DecodeError as error:
-        raise AuditError(f"the audit head file {path} is unreadable ({error})") from None
-
-
-class AuditLog:
-    """Appends records under a lock; thread-safe. One writer process per log file."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.head_path = head_path(self.path)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._seq, self._hash = self._recover()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._size = os.fstat(self._fd).st_size
-
-    def _recover(self) -> tuple[int, str]:
-        """Where the chain stands: the last line's seq and hash, checked against the head file."""
-        head = _read_head(self.head_path)
-        if not self.path.exists():
-            if head is not None and head.seq > 0:
-                raise AuditError(
-                    f"the audit log {self.path} is missing but {head.seq} records were written to it; "
-                    f"restore it, or move {self.head_path} aside to start a new chain"
-                )
-            return 0, GENESIS
-        with open(self.path, "rb+") as stream:
-            size = stream.seek(0, os.SEEK_END)
-            stream.seek(max(0, size - 1))
-            if size and stream.read(1) != b"\n":
-                # A line cut short by a crash was never acknowledged: drop it.
-                size = _complete_length(stream, size)
-                stream.truncate(size)
-                os.fsync(stream.fileno())
-            lines = _last_lines(stream, size, 1)
-        if not lines:
-            last_seq, last_hash = 0, GENESIS
-        else:
-            try:
-                record = unseal(lines[0])
-            except ValueError as error:
-                raise AuditError(
-                    f"the last line of the audit log {self.path} is not a valid record: {error}; "
-                    "run `baaaht-ctl audit verify`, then move the log and its .head file aside "
-                    "to start a new chain"
-                ) from None
-            last_seq, last_hash = record.seq, record.hash
-        if head is not None and (head.seq > last_seq or (head.seq == last_seq and head.hash != last_hash)):
-            raise AuditError(
-                f"the audit log {self.path} ends at record {last_seq} but record {head.seq} was written: "
-                "lines were removed from its end; run `baaaht-ctl audit verify`"
-            )
-        return last_seq, last_hash
-
-    @property
-    def last_seq(self) -> int:
-        return self._seq
-
-    def append(self, record: AuditRecord) -> AuditRecord:
-        """Chain, write and fsync one record; returns it sealed (seq, prev and hash filled)."""
-        with self._lock:
-            record = msgspec.structs.replace(record, seq=self._seq + 1, prev=self._hash)
-            line, digest = seal(record)
-            try:
-                pending = memoryview(line + b"\n")
-                while pending:
-                    pending = pending[os.write(self._fd, pending) :]
-                os.fsync(self._fd)
-            except OSError:
-                os.ftruncate(self._fd, self._size)  # no half line for the next record to follow
-                raise
-            self._size += len(line) + 1
-            write_private_file(self.head_path, _encode(Head(seq=record.seq, hash=digest)))
-            self._seq, self._hash = record.seq, digest
-        return msgspec.structs.replace(record, hash=digest)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def read_tail(path: str | Path, count: int, since: int = 0) -> tuple[list[AuditRecord], int]:
-    """The last `count` complete records after record `since`, oldest first, and the byte offset to
-    follow from. Raises ValueError for a line that is not a record (`verify` says more)."""
-    with open(path, "rb") as stream:
-        end = _complete_length(stream, stream.seek(0, os.SEEK_END))
-        records = [decode_line(line) for line in _last_lines(stream, end, count)]
-        return [record for record in records if record.seq > since], end
-
-
-def read_after(path: str | Path, offset: int) -> tuple[list[AuditRecord], int]:
-    """The complete records written after byte `offset`, and the offset after them. Raises ValueError
-    when the log is shorter than `offset` (cut, or moved aside for a new chain)."""
-    with open(path, "rb") as stream:
-        size = stream.seek(0, os.SEEK_END)
-        if size < offset:
-            raise ValueError(
-                f"the log is {size} bytes, shorter than the {offset} already read: it was cut or replaced"
-            )
-        stream.seek(offset)
-        chunk = stream.read()
-    complete = chunk[: chunk.rfind(b"\n") + 1]
-    return [decode_line(line) for line in complete.splitlines()], offset + len(complete)
+    return audit_chain.unseal(line, AuditRecord)
 
 
 def verify(path: str | Path) -> AuditReport:
-    """Check every line's hash and its link to the previous one, and the end against the head file.
-    Raises FileNotFoundError when there is no log and the head file says none was written."""
-    path = Path(path)
-    problems: list[AuditProblem] = []
-    warnings: list[AuditProblem] = []
-    try:
-        head = _read_head(head_path(path))  # read first: the log may only grow after this
-    except AuditError as error:
-        head, problems = None, [AuditProblem(line=0, message=str(error))]
-    # What the next line must carry; None right after a line too broken to say.
-    expected_seq: int | None = 1
-    expected_prev: str | None = GENESIS
-    seq, last_hash, count = 0, GENESIS, 0
-    try:
-        stream = open(path, "rb")
-    except FileNotFoundError:
-        if head is None or head.seq == 0:
-            raise
-        problems.append(
-            AuditProblem(line=0, message=f"the log is missing but {head.seq} records were written")
-        )
-        return AuditReport(path=str(path), ok=False, records=0, problems=problems)
-    with stream:
-        for number, raw in enumerate(stream, start=1):
-            if not raw.endswith(b"\n"):
-                warnings.append(
-                    AuditProblem(line=number, message="incomplete last line (being written, or cut)")
-                )
-                break
-            line = raw[:-1]
-            try:
-                record = decode_line(line)
-            except ValueError as error:
-                problems.append(AuditProblem(line=number, message=str(error)))
-                expected_seq = expected_prev = None
-                continue
-            count += 1
-            try:
-                check_seal(line, record)
-            except ValueError as error:
-                problems.append(AuditProblem(line=number, message=str(error)))
-            if expected_seq is not None and record.seq != expected_seq:
-                problems.append(
-                    AuditProblem(
-                        line=number,
-                        message=f"holds record {record.seq} where {expected_seq} was expected: "
-                        "a line was removed or moved",
-                    )
-                )
-            if expected_prev is not None and record.prev != expected_prev:
-                problems.append(
-                    AuditProblem(
-                        line=number, message="does not follow the line before it (its prev hash differs)"
-                    )
-                )
-            seq, last_hash = record.seq, record.hash
-            expected_seq, expected_prev = seq + 1, last_hash
-    if head is None:
-        if count:
-            warnings.append(
-                AuditProblem(line=0, message="no head file: lines removed from the end would go unseen")
-            )
-    elif head.seq > seq or (head.seq == seq and head.hash != last_hash):
-        problems.append(
-            AuditProblem(
-                line=0,
-                message=f"the log ends at record {seq} but record {head.seq} was written: lines were removed",
-            )
-        )
-    elif head.seq < seq:
-        warnings.append(AuditProblem(line=0, message=f"the head file is behind (record {head.seq} of {seq})"))
-    return AuditReport(
-        path=str(path),
-        ok=not problems,
-        records=count,
-        last_hash=last_hash,
-        first_bad_line=min((problem.line for problem in problems if problem.line), default=0),
-        problems=problems,
-        warnings=warnings,
-    )
+    return audit_chain.verify(path, AuditRecord)
+
+
+def read_tail(path: str | Path, count: int, since: int = 0) -> tuple[list[AuditRecord], int]:
+    return audit_chain.read_tail(path, count, since, AuditRecord)
+
+
+def read_after(path: str | Path, offset: int) -> tuple[list[AuditRecord], int]:
+    return audit_chain.read_after(path, offset, AuditRecord)

@@ -1,0 +1,75 @@
+"""Per-session budgets: calls admitted and LLM tokens used, against the configured caps.
+
+A call is admitted (and counted) before it goes upstream, so concurrent calls cannot pass a request
+cap together; tokens are known only when a response ends, so a session may pass its token cap by the
+calls in flight when it is reached, never by a call admitted after. Thread-safe: the proxy's loop
+writes, `credential.usage` reads from a handler thread.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+
+from baaaht.schemas.egress import SessionUsage
+
+from .refusals import Refused
+from .usage import Usage
+
+
+class Budgets:
+    def __init__(self, request_cap: int, token_cap: int):
+        self.request_cap = request_cap
+        self.token_cap = token_cap
+        self._lock = threading.Lock()
+        self._sessions: dict[str, SessionUsage] = {}
+
+    def _of(self, session_id: str) -> SessionUsage:
+        usage = self._sessions.get(session_id)
+        if usage is None:
+            usage = self._sessions[session_id] = SessionUsage(
+                session_id=session_id, request_cap=self.request_cap, token_cap=self.token_cap
+            )
+        return usage
+
+    def admit(self, session_id: str) -> None:
+        """Count one call of the session, or Refused (429) naming the budget it is past."""
+        with self._lock:
+            usage = self._of(session_id)
+            if self.request_cap and usage.requests >= self.request_cap:
+                raise Refused(
+                    429,
+                    "budget",
+                    f"session {session_id!r} used its request budget ({usage.requests} of "
+                    f"{self.request_cap} calls, egress.session_requests)",
+                )
+            tokens = usage.input_tokens + usage.output_tokens
+            if self.token_cap and tokens >= self.token_cap:
+                raise Refused(
+                    429,
+                    "budget",
+                    f"session {session_id!r} used its token budget ({tokens} of {self.token_cap} "
+                    "tokens, egress.session_tokens)",
+                )
+            usage.requests += 1
+
+    def refused(self, session_id: str) -> None:
+        with self._lock:
+            self._of(session_id).refused += 1
+
+    def record(self, session_id: str, used: Usage, bytes_out: int, bytes_in: int) -> SessionUsage:
+        """Add a finished call's usage; the session's totals after it."""
+        with self._lock:
+            usage = self._of(session_id)
+            usage.input_tokens += used.input_tokens
+            usage.output_tokens += used.output_tokens
+            usage.bytes_out += bytes_out
+            usage.bytes_in += bytes_in
+            return msgspec.structs.replace(usage)
+
+    def sessions(self, session_id: str = "") -> list[SessionUsage]:
+        with self._lock:
+            chosen = [self._sessions[session_id]] if session_id in self._sessions else []
+            everything = sorted(self._sessions.values(), key=lambda usage: usage.session_id)
+            return [msgspec.structs.replace(usage) for usage in (chosen if session_id else everything)]

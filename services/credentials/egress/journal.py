@@ -1,0 +1,111 @@
+"""What the proxy keeps of each call: a line in its hash-chained audit log and an `egress.*` event.
+
+Both are written on one worker thread, in the order calls end, off the proxy's event loop (an
+fsync per line would stall every stream in flight). Neither ever holds a header value, a body or
+a secret: names, sizes, counts and times only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from baaaht.bus.service import Publisher
+from baaaht.common.audit_chain import AuditLog
+from baaaht.common.identity import AgentIdentity
+from baaaht.schemas.egress import EgressAuditRecord, EgressProxied, EgressRefused, SessionUsage
+
+from .routes import Target
+from .usage import Usage
+
+log = logging.getLogger("baaaht.egress")
+VERIFY_HINT = "baaaht-ctl credentials audit-verify"
+
+
+def audit_path(data_dir: str | Path) -> Path:
+    """The egress audit log, beside the policy's under the host's data directory."""
+    return Path(data_dir) / "audit" / "egress.jsonl"
+
+
+@dataclass
+class Call:
+    """What one call has come to, filled in by the proxy as it goes."""
+
+    started: float  # time.monotonic()
+    started_at: float  # Unix time
+    method: str
+    path: str
+    identity: AgentIdentity | None = None
+    container_id: str = ""
+    target: Target | None = None
+    status: int = 0
+    refused: str = ""
+    message: str = ""
+    forwarded: bool = False  # admitted by the budget and sent (or tried) upstream
+    bytes_out: int = 0
+    bytes_in: int = 0
+    usage: Usage = Usage()
+    duration: float = 0.0
+
+    def who(self) -> dict[str, str]:
+        """The fields every line and event of the call carries."""
+        identity, target = self.identity, self.target
+        return dict(
+            session_id=identity.session_id if identity else "",
+            container_id=self.container_id,
+            role=identity.role if identity else "",
+            route=target.route.name if target else "",
+            method=self.method,
+            path=self.path,
+        )
+
+
+class Journal:
+    def __init__(self, audit: AuditLog, events: Publisher):
+        self.audit = audit
+        self.events = events
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="egress-journal")
+
+    def record(self, call: Call, usage_after: SessionUsage | None) -> None:
+        """`usage_after`: the session's totals once the call went upstream; None when it never did."""
+        self._writer.submit(self._write, call, usage_after)
+
+    def close(self) -> None:
+        """Wait until every recorded call is written."""
+        self._writer.shutdown(wait=True)
+
+    def _write(self, call: Call, usage_after: SessionUsage | None) -> None:
+        common = call.who()
+        tokens = dict(input_tokens=call.usage.input_tokens, output_tokens=call.usage.output_tokens)
+        try:
+            self.audit.append(
+                EgressAuditRecord(
+                    seq=0,
+                    time=call.started_at,
+                    host=urlsplit(call.target.url).netloc if call.target else "",
+                    status=call.status,
+                    refused=call.refused,
+                    bytes_out=call.bytes_out,
+                    bytes_in=call.bytes_in,
+                    duration=call.duration,
+                    **common,
+                    **tokens,
+                )
+            )
+        except OSError as error:
+            log.error(
+                "egress audit line not written", extra={"path": str(self.audit.path), "error": str(error)}
+            )
+        if usage_after is None:
+            event = EgressRefused(refused=call.refused, message=call.message, **common)
+        else:
+            event = EgressProxied(
+                status=call.status, duration=call.duration, usage=usage_after, **common, **tokens
+            )
+        try:
+            self.events.publish(event)
+        except Exception as error:  # the bus being down must not stop the proxy; the audit line stands
+            log.warning("egress event not published", extra={"error": str(error)})

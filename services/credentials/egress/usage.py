@@ -1,0 +1,105 @@
+"""LLM token usage read from responses as they pass (pure, incremental).
+
+Anthropic Messages report `usage` in the JSON body, or in a stream in `message_start`
+(`message.usage`: input, cache and a first output count) and `message_delta` (`usage`: the output
+so far); OpenAI chat completions report `usage` in the body, or in a stream's last chunk when the
+request asked for it (`stream_options.include_usage`, which the proxy adds on `usage: openai`
+routes); the Responses API in `response.usage`. Counts in a stream are cumulative, so each field
+keeps the largest value seen. Only a bounded prefix of a JSON body and bounded SSE lines are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+MAX_KEPT = 4 * 1024 * 1024  # bytes of a JSON body, or of one SSE line, kept for reading usage
+_INPUT_FIELDS = ("input_tokens", "prompt_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+_OUTPUT_FIELDS = ("output_tokens", "completion_tokens")
+_decode = msgspec.json.decode
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def _usage_objects(document: object) -> list[dict]:
+    if not isinstance(document, dict):
+        return []
+    found = [document.get("usage")]
+    for holder in ("message", "response"):
+        inner = document.get(holder)
+        if isinstance(inner, dict):
+            found.append(inner.get("usage"))
+    return [usage for usage in found if isinstance(usage, dict)]
+
+
+class UsageReader:
+    """Feed it the response body's chunks; `usage()` says what they reported."""
+
+    def __init__(self, content_type: str):
+        self.streamed = content_type.split(";")[0].strip().lower() == "text/event-stream"
+        self._kept = bytearray()
+        self._overflow = False
+        self._largest: dict[str, int] = {}
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.streamed:
+            if len(self._kept) + len(chunk) > MAX_KEPT:
+                self._overflow = True
+            elif not self._overflow:
+                self._kept += chunk
+            return
+        self._kept += chunk
+        *lines, rest = self._kept.split(b"\n")
+        for line in lines:
+            self._read_sse_line(bytes(line))
+        self._kept = bytearray(rest) if len(rest) <= MAX_KEPT else bytearray()
+
+    def _read_sse_line(self, line: bytes) -> None:
+        if not line.startswith(b"data:") or b'"usage"' not in line:
+            return
+        self._take(line[5:].strip())
+
+    def _take(self, text: bytes) -> None:
+        try:
+            document = _decode(text)
+        except msgspec.DecodeError:
+            return
+        for usage in _usage_objects(document):
+            for name, value in usage.items():
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    self._largest[name] = max(self._largest.get(name, 0), value)
+
+    def usage(self) -> Usage:
+        if self.streamed:
+            self._read_sse_line(bytes(self._kept).rstrip(b"\r"))
+        elif not self._overflow:
+            self._take(bytes(self._kept))
+        self._kept = bytearray()
+        return Usage(
+            input_tokens=sum(self._largest.get(name, 0) for name in _INPUT_FIELDS),
+            output_tokens=sum(self._largest.get(name, 0) for name in _OUTPUT_FIELDS),
+        )
+
+
+def with_usage_requested(body: bytes) -> bytes:
+    """An OpenAI streaming request asking for the usage chunk; any other body as it is."""
+    try:
+        document = _decode(body)
+    except msgspec.DecodeError:
+        return body
+    if not isinstance(document, dict) or document.get("stream") is not True:
+        return body
+    options = document.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body
+    document["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return msgspec.json.encode(document)

@@ -1,0 +1,275 @@
+"""The egress proxy's pure parts: route matching, header rewriting, usage parsing, budgets."""
+
+from __future__ import annotations
+
+import base64
+
+import msgspec
+import pytest
+
+from baaaht.common.identity import AgentIdentity
+from baaaht.schemas.config import EgressConfig, EgressRoute
+from baaaht.services.credentials.egress.budgets import Budgets
+from baaaht.services.credentials.egress.headers import agent_headers, injected, upstream_headers
+from baaaht.services.credentials.egress.refusals import Refused
+from baaaht.services.credentials.egress.routes import RouteTable, path_problem, redirect_location
+from baaaht.services.credentials.egress.usage import Usage, UsageReader, with_usage_requested
+
+UPSTREAM = "https://api.example.com"
+
+
+def route(**overrides) -> EgressRoute:
+    fields = dict(
+        name="llm",
+        upstream=UPSTREAM,
+        credential="key",
+        paths=["/v1/messages", "/v1/models"],
+        roles=["agent"],
+        methods=["POST", "GET"],
+    )
+    return EgressRoute(**{**fields, **overrides})
+
+
+def who(role: str = "agent", session: str = "s1") -> AgentIdentity:
+    return AgentIdentity(container_id="a" * 64, session_id=session, role=role, install_id="i", issued_at=0.0)
+
+
+def table(*routes: EgressRoute, **settings) -> RouteTable:
+    return RouteTable(EgressConfig(routes=list(routes) or [route()], **settings))
+
+
+def refusal(call) -> Refused:
+    with pytest.raises(Refused) as caught:
+        call()
+    return caught.value
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+
+def test_a_matching_call_goes_to_the_upstream_below_its_base_path_with_its_query():
+    target = table(route(upstream=UPSTREAM + "/base/")).target(who(), "POST", "/llm/v1/messages", "beta=1")
+    assert target.url == "https://api.example.com/base/v1/messages?beta=1"
+    assert target.path == "/v1/messages"
+
+
+@pytest.mark.parametrize(
+    "role, session, method, path, refused, status",
+    [
+        ("agent", "s1", "POST", "/nothing/v1/messages", "route", 404),
+        ("worker", "s1", "POST", "/llm/v1/messages", "role", 403),
+        ("agent", "s2", "POST", "/limited/v1/messages", "session", 403),
+        ("agent", "s1", "DELETE", "/llm/v1/messages", "method", 405),
+        ("agent", "s1", "POST", "/llm/v1/files", "path", 403),
+        ("agent", "s1", "POST", "/llm/v1/messagesx", "path", 403),  # prefixes match whole segments
+        ("agent", "s1", "POST", "/llm/v1/organizations/api_keys", "path", 403),  # the denylist wins
+        ("agent", "s1", "POST", "/llm/V1/Organizations/api_keys", "path", 403),  # whatever the case
+        ("agent", "s1", "POST", "/llm/v1/messages/../organizations", "path", 400),
+        ("agent", "s1", "POST", "/llm/v1/messages/%2e%2e/organizations", "path", 400),
+        ("agent", "s1", "POST", "/llm/v1/messages%2F..%2Forganizations", "path", 400),
+        ("agent", "s1", "POST", "/llm//v1/messages", "path", 400),
+        ("agent", "s1", "POST", "/llm/v1/messages\\..", "path", 400),
+    ],
+)
+def test_each_rule_refuses_with_what_it_refused(role, session, method, path, refused, status):
+    routes = table(
+        route(paths=["/v1/messages", "/v1/organizations"]),
+        route(name="limited", sessions=["s1"]),
+    )
+    found = refusal(lambda: routes.target(who(role, session), method, path, ""))
+    assert (found.refused, found.status) == (refused, status)
+    assert msgspec.json.decode(found.body())["error"]["refused"] == refused
+
+
+def test_an_unknown_route_names_only_the_routes_open_to_the_caller():
+    routes = table(route(), route(name="workers-only", roles=["worker"]))
+    message = refusal(lambda: routes.target(who(), "POST", "/nope/x", "")).message
+    assert "llm" in message and "workers-only" not in message
+
+
+def test_sub_paths_of_an_allowed_prefix_pass():
+    assert table().target(who(), "POST", "/llm/v1/messages/batches", "").path == "/v1/messages/batches"
+
+
+@pytest.mark.parametrize("path", ["/a/b", "/a/b/", "/a/b.c", "/a/%41", "/a/b;c=d"])
+def test_ordinary_paths_have_no_problem(path):
+    assert path_problem(path) == ""
+
+
+@pytest.mark.parametrize(
+    "path", ["a/b", "/a//b", "/a/./b", "/a/..", "/a/%2f", "/a/%5C", "/a/%zz", "/a b", "/a/%00"]
+)
+def test_ambiguous_paths_have_a_problem(path):
+    assert path_problem(path) != ""
+
+
+def test_route_config_refuses_plain_http_except_to_loopback_when_allowed():
+    with pytest.raises(ValueError, match="https"):
+        route(upstream="http://api.example.com")
+    with pytest.raises(ValueError, match="https"):
+        route(upstream="http://127.0.0.1:8080")
+    assert route(upstream="http://127.0.0.1:8080", allow_loopback_http=True)
+    with pytest.raises(ValueError, match="https"):
+        route(upstream="http://api.example.com", allow_loopback_http=True)
+    with pytest.raises(ValueError, match="roles"):
+        route(roles=[])
+    with pytest.raises(ValueError, match="header"):
+        route(inject="header")
+
+
+def test_a_redirect_is_followed_only_to_the_same_origin_and_base_path():
+    base = route(upstream=UPSTREAM + "/base")
+    here = UPSTREAM + "/base/v1/messages"
+    assert redirect_location(base, "/base/v1/models?x=1", here) == "/llm/v1/models?x=1"
+    assert redirect_location(base, "https://API.example.com:443/base/v1/models", here) == "/llm/v1/models"
+    for elsewhere in (
+        "https://evil.example.net/base/v1",
+        "http://api.example.com/base/v1",
+        "/other",
+        "//evil.example.net/base",
+    ):
+        assert (
+            refusal(lambda elsewhere=elsewhere: redirect_location(base, elsewhere, here)).refused
+            == "redirect"
+        )
+
+
+# -- headers ---------------------------------------------------------------------------------------
+
+
+def test_every_credential_the_agent_sends_is_dropped_and_the_route_injects_its_own():
+    sent = [
+        ("Authorization", "Bearer agent-made"),
+        ("X-Api-Key", "agent-made"),
+        ("Proxy-Authorization", "Basic x"),
+        ("Cookie", "session=1"),
+        ("X-Custom-Key", "agent-made"),
+        ("Connection", "keep-alive, X-Hop"),
+        ("X-Hop", "1"),
+        ("Host", "egress"),
+        ("Content-Length", "10"),
+        ("Accept-Encoding", "gzip"),
+        ("anthropic-version", "2023-06-01"),
+    ]
+    custom = route(inject="header", header="x-custom-key")
+    headers = upstream_headers(sent, custom, injected(custom, "api_key", b"real"))
+    assert headers == [
+        ("anthropic-version", "2023-06-01"),
+        ("Accept-Encoding", "identity"),
+        ("x-custom-key", "real"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "inject, kind, value, header",
+    [
+        ("bearer", "api_key", b"k1", ("Authorization", "Bearer k1")),
+        ("x-api-key", "api_key", b"k1", ("x-api-key", "k1")),
+        ("basic", "basic", b"user:pw", ("Authorization", "Basic " + base64.b64encode(b"user:pw").decode())),
+    ],
+)
+def test_injection_forms(inject, kind, value, header):
+    assert injected(route(inject=inject), kind, value) == header
+
+
+def test_a_secret_that_would_break_the_header_is_refused_without_showing_it():
+    found = refusal(lambda: injected(route(), "api_key", b"k1\r\nX-Evil: 1"))
+    assert found.refused == "credential" and b"k1" not in found.body()
+
+
+def test_responses_lose_hop_by_hop_headers_and_cookies_and_turn_buffering_off():
+    back = agent_headers(
+        [("Content-Type", "text/event-stream"), ("Set-Cookie", "a=1"), ("Transfer-Encoding", "chunked")]
+    )
+    assert back == [("Content-Type", "text/event-stream"), ("X-Accel-Buffering", "no")]
+
+
+# -- usage -----------------------------------------------------------------------------------------
+
+
+def sse(*documents: dict) -> bytes:
+    return b"".join(b"event: x\ndata: " + msgspec.json.encode(d) + b"\n\n" for d in documents)
+
+
+ANTHROPIC_STREAM = sse(
+    {
+        "type": "message_start",
+        "message": {"usage": {"input_tokens": 25, "output_tokens": 1, "cache_read_input_tokens": 5}},
+    },
+    {"type": "content_block_delta", "delta": {"text": "hi"}},
+    {"type": "message_delta", "usage": {"output_tokens": 9}},
+    {"type": "message_delta", "usage": {"output_tokens": 15}},
+)
+OPENAI_STREAM = (
+    sse(
+        {"choices": [{"delta": {"content": "hi"}}]},
+        {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}},
+    )
+    + b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize(
+    "content_type, body, usage",
+    [
+        ("text/event-stream", ANTHROPIC_STREAM, Usage(30, 15)),
+        ("text/event-stream; charset=utf-8", OPENAI_STREAM, Usage(7, 3)),
+        ("application/json", b'{"usage": {"input_tokens": 4, "output_tokens": 2}}', Usage(4, 2)),
+        ("application/json", b'{"usage": {"prompt_tokens": 4, "completion_tokens": 2}}', Usage(4, 2)),
+        (
+            "application/json",
+            b'{"response": {"usage": {"input_tokens": 4, "output_tokens": 6}}}',
+            Usage(4, 6),
+        ),
+        ("application/json", b'{"usage": "lots", "x": 1}', Usage(0, 0)),
+        ("application/json", b"not json", Usage(0, 0)),
+        ("text/event-stream", b'data: {"usage": {"output_tokens": true}}\n\n', Usage(0, 0)),
+    ],
+)
+def test_usage_is_read_whatever_the_chunking(content_type, body, usage):
+    for size in (1, 7, len(body)):
+        reader = UsageReader(content_type)
+        for start in range(0, len(body), size):
+            reader.feed(body[start : start + size])
+        assert reader.usage() == usage, size
+
+
+def test_a_stream_ending_without_a_newline_still_counts_its_last_line():
+    reader = UsageReader("text/event-stream")
+    reader.feed(b'data: {"usage": {"output_tokens": 3}}')
+    assert reader.usage() == Usage(0, 3)
+
+
+def test_openai_streaming_requests_ask_for_the_usage_chunk_and_others_stay_as_they_are():
+    asked = msgspec.json.decode(with_usage_requested(b'{"stream": true, "stream_options": {"x": 1}}'))
+    assert asked["stream_options"] == {"x": 1, "include_usage": True}
+    for body in (
+        b'{"stream": false}',
+        b"not json",
+        b"[1]",
+        b'{"stream": true, "stream_options": {"include_usage": true}}',
+    ):
+        assert with_usage_requested(body) == body
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+
+
+def test_a_session_past_its_request_cap_is_refused_429_naming_the_budget_and_others_go_on():
+    budgets = Budgets(request_cap=2, token_cap=0)
+    budgets.admit("s1")
+    budgets.admit("s1")
+    found = refusal(lambda: budgets.admit("s1"))
+    assert (found.status, found.refused) == (429, "budget") and "request budget" in found.message
+    budgets.admit("s2")
+
+
+def test_a_session_past_its_token_cap_is_refused_from_its_next_call():
+    budgets = Budgets(request_cap=0, token_cap=100)
+    budgets.admit("s1")
+    after = budgets.record("s1", Usage(60, 40), bytes_out=10, bytes_in=20)
+    assert (after.input_tokens, after.output_tokens, after.requests) == (60, 40, 1)
+    assert "token budget" in refusal(lambda: budgets.admit("s1")).message
+    budgets.refused("s1")
+    assert [u.refused for u in budgets.sessions("s1")] == [1]
+    assert budgets.sessions("nobody") == [] and [u.session_id for u in budgets.sessions()] == ["s1"]

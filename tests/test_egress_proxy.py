@@ -1,0 +1,222 @@
+"""The egress proxy on a real unix socket, in front of the fake TLS upstream, from this process.
+
+The caller's container is this process (tests/egress_support.py `OwnPid`); the real pid -> container
+lookup runs from a real agent container in tests/test_egress_container.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import msgspec
+import pytest
+
+from baaaht.common import audit_chain
+from baaaht.schemas.egress import CredentialUsage, EgressAuditRecord, EgressProxied, EgressRefused
+from baaaht.services.credentials.egress.journal import audit_path
+from tests.egress_support import ANTHROPIC_KEY, CONTAINER, OPENAI_KEY, SESSION, running_egress
+
+MESSAGE = {"model": "claude-fake", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+CHAT = {"model": "gpt-fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def refused_as(response: httpx.Response) -> str:
+    assert response.headers["content-type"].startswith("application/json")
+    return msgspec.json.decode(response.content)["error"]["refused"]
+
+
+def audit_records(egress) -> list[EgressAuditRecord]:
+    egress.server.journal.close()  # everything recorded is written
+    path = audit_path(egress.data_dir)
+    assert audit_chain.verify(path).ok
+    return audit_chain.read_tail(path, 1000, 0, EgressAuditRecord)[0]
+
+
+def test_the_key_reaches_the_upstream_in_its_header_and_the_agents_own_are_dropped(tmp_path):
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        sent = {
+            "x-api-key": "agent-made",
+            "authorization": "Bearer agent-made",
+            "anthropic-version": "2023-06-01",
+        }
+        reply = client.post("/anthropic/v1/messages", json=MESSAGE, headers=sent)
+        assert reply.status_code == 200 and reply.json()["usage"] == {"input_tokens": 12, "output_tokens": 10}
+        chat = client.post("/openai/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer mine"})
+        assert chat.status_code == 200
+        anthropic_seen, openai_seen = egress.upstream.requests
+        assert anthropic_seen.headers["x-api-key"] == ANTHROPIC_KEY.decode()
+        assert "authorization" not in anthropic_seen.headers
+        assert anthropic_seen.headers["anthropic-version"] == "2023-06-01"
+        assert openai_seen.headers["authorization"] == f"Bearer {OPENAI_KEY.decode()}"
+        assert anthropic_seen.path == "/v1/messages"
+        for form in egress.secret_forms():
+            assert form not in reply.content and form not in chat.content
+            assert all(form.decode() not in value for value in reply.headers.values())
+        assert egress.secrets.used == ["anthropic", "openai"]
+
+
+def test_calls_are_audited_in_a_verifiable_chain_and_published_without_any_secret(tmp_path):
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        client.post("/anthropic/v1/messages", json={**MESSAGE, "stream": True})
+        client.post("/anthropic/v1/nothing", json=MESSAGE)
+        records = audit_records(egress)
+        proxied, refused = records
+        assert (proxied.container_id, proxied.session_id, proxied.role, proxied.route) == (
+            CONTAINER,
+            SESSION,
+            "agent",
+            "anthropic",
+        )
+        assert (proxied.method, proxied.path, proxied.status, proxied.refused) == (
+            "POST",
+            "/anthropic/v1/messages",
+            200,
+            "",
+        )
+        assert proxied.host == egress.upstream.url.removeprefix("https://")
+        assert (proxied.input_tokens, proxied.output_tokens) == (12, 10)
+        assert proxied.bytes_out > 0 and proxied.bytes_in > 0 and proxied.duration > 0
+        assert (refused.status, refused.refused, refused.bytes_out) == (403, "path", 0)
+        events = egress.events.wait_for_events(count=2)
+        assert [type(e) for e in events] == [EgressProxied, EgressRefused]
+        assert events[0].usage.input_tokens == 12 and events[0].usage.requests == 1
+        written = audit_path(egress.data_dir).read_bytes() + msgspec.json.encode(events)
+        for form in egress.secret_forms():
+            assert form not in written
+
+
+@pytest.mark.parametrize(
+    "method, path, role, body, refused",
+    [
+        ("POST", "/nothing/v1/messages", "agent", MESSAGE, "route"),
+        ("DELETE", "/anthropic/v1/messages", "agent", None, "method"),
+        ("POST", "/anthropic/v1/complete", "agent", MESSAGE, "path"),
+        ("POST", "/anthropic/v1/organizations/api_keys", "agent", MESSAGE, "path"),
+        ("POST", "/other-session/v1/messages", "agent", MESSAGE, "session"),
+        ("POST", "/workers/v1/messages", "agent", MESSAGE, "role"),
+        ("POST", "/anthropic/v1/messages", "worker", MESSAGE, "role"),
+        ("POST", "/expired/v1/messages", "agent", MESSAGE, "credential"),
+    ],
+)
+def test_each_refusal_has_a_clear_body_and_nothing_reaches_the_upstream(
+    tmp_path, method, path, role, body, refused
+):
+    with running_egress(tmp_path, role=role) as egress, egress.client() as client:
+        reply = client.request(method, path, json=body)
+        assert reply.status_code in (403, 404, 405) and refused_as(reply) == refused
+        assert egress.upstream.requests == []
+        assert [r.refused for r in audit_records(egress)] == [refused]
+
+
+def test_a_connection_without_an_identity_is_refused_and_so_is_one_whose_identity_was_revoked(tmp_path):
+    with running_egress(tmp_path) as egress:
+        with egress.client() as client:
+            assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+            egress.callers.store.remove(CONTAINER)  # the container manager revoked it
+            reply = client.post("/anthropic/v1/messages", json=MESSAGE)  # same connection
+            assert reply.status_code == 403 and refused_as(reply) == "identity"
+        egress.callers.inside = False
+        with egress.client() as client:
+            assert refused_as(client.post("/anthropic/v1/messages", json=MESSAGE)) == "identity"
+        assert len(egress.upstream.requests) == 1
+
+
+def test_the_container_is_looked_up_once_per_connection_not_per_call(tmp_path):
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        for _ in range(3):
+            assert client.get("/anthropic/v1/models").status_code == 200
+        assert egress.callers.looked_up == 1
+
+
+def test_oversized_request_bodies_are_refused_before_anything_is_forwarded(tmp_path):
+    with running_egress(tmp_path, max_request_size=1000) as egress, egress.client() as client:
+        declared = client.post("/anthropic/v1/messages", content=b"x" * 1001)
+        assert declared.status_code == 413 and refused_as(declared) == "size"
+        chunked = client.post("/anthropic/v1/messages", content=iter([b"x" * 600, b"x" * 600]))
+        assert chunked.status_code == 413 and refused_as(chunked) == "size"
+        assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+        assert len(egress.upstream.requests) == 1
+
+
+def test_an_oversized_response_is_refused(tmp_path):
+    with running_egress(tmp_path, max_response_size=1000) as egress, egress.client() as client:
+        assert client.get("/anthropic/bytes?size=1000").status_code == 200
+        reply = client.get("/anthropic/bytes?size=1001")
+        assert reply.status_code == 502 and refused_as(reply) == "size"
+
+
+def test_a_redirect_to_another_host_is_refused_and_one_home_is_handed_back_through_the_proxy(tmp_path):
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        away = client.get("/anthropic/redirect/away")
+        assert away.status_code == 502 and refused_as(away) == "redirect"
+        assert "elsewhere" not in away.text
+        home = client.get("/anthropic/redirect/home")
+        assert home.status_code == 302 and home.headers["location"] == "/anthropic/v1/models"
+        assert [r.path for r in egress.upstream.requests] == ["/redirect/away", "/redirect/home"]
+        assert client.get(home.headers["location"]).json()["data"][0]["id"] == "fake-model"
+
+
+def test_budgets_refuse_429_naming_the_budget(tmp_path):
+    with running_egress(tmp_path, session_requests=2) as egress, egress.client() as client:
+        for _ in range(2):
+            assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+        reply = client.post("/anthropic/v1/messages", json=MESSAGE)
+        assert reply.status_code == 429 and refused_as(reply) == "budget"
+        assert "request budget" in reply.json()["error"]["message"]
+        assert len(egress.upstream.requests) == 2
+    with running_egress(tmp_path / "tokens", session_tokens=30) as egress, egress.client() as client:
+        streamed = client.post("/anthropic/v1/messages", json={**MESSAGE, "stream": True})
+        assert streamed.status_code == 200  # 22 tokens, read from the stream
+        assert client.post("/openai/v1/chat/completions", json={**CHAT, "stream": True}).status_code == 200
+        reply = client.post("/anthropic/v1/messages", json=MESSAGE)
+        assert reply.status_code == 429 and "token budget" in reply.json()["error"]["message"]
+        (usage,) = egress.server.usage(CredentialUsage()).sessions
+        assert (usage.requests, usage.refused, usage.input_tokens, usage.output_tokens) == (2, 1, 24, 20)
+        assert egress.server.usage(CredentialUsage(session_id="s9")).sessions == []
+
+
+def test_openai_streams_report_usage_because_the_proxy_asks_for_it(tmp_path):
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        reply = client.post("/openai/v1/chat/completions", json={**CHAT, "stream": True})
+        assert b'"usage"' in reply.content
+        asked = msgspec.json.decode(egress.upstream.requests[0].body)
+        assert asked["stream_options"] == {"include_usage": True}
+        (usage,) = egress.server.usage(CredentialUsage(session_id=SESSION)).sessions
+        assert (usage.input_tokens, usage.output_tokens) == (12, 10)
+
+
+def test_streams_arrive_chunk_by_chunk_as_the_upstream_writes_them(tmp_path):
+    interval = 0.15
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        egress.upstream.chunk_interval = interval
+        egress.upstream.reply = "one two three four"
+        arrivals = []
+        with client.stream("POST", "/anthropic/v1/messages", json={**MESSAGE, "stream": True}) as reply:
+            assert reply.headers["x-accel-buffering"] == "no"
+            assert reply.headers["content-type"] == "text/event-stream"
+            for line in reply.iter_lines():
+                if line.startswith("event: content_block_delta"):
+                    arrivals.append(time.monotonic())
+        gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+        assert len(arrivals) == 4 and all(gap > interval * 0.5 for gap in gaps), gaps
+
+
+def test_an_agent_that_goes_away_cancels_the_upstream_call(tmp_path):
+    with running_egress(tmp_path) as egress:
+        egress.upstream.chunk_interval = 0.5
+        egress.upstream.reply = " ".join(["word"] * 100)  # 50 s if nobody stops it
+        with egress.client() as client:
+            with client.stream("POST", "/anthropic/v1/messages", json={**MESSAGE, "stream": True}) as reply:
+                next(reply.iter_raw())
+        assert egress.upstream.abandoned.wait(10), "the upstream stream went on after the agent left"
+        (record,) = audit_records(egress)
+        assert record.status == 499
+
+
+def test_an_untrusted_upstream_certificate_is_refused(tmp_path):
+    with running_egress(tmp_path, ca_file="") as egress, egress.client() as client:
+        reply = client.post("/anthropic/v1/messages", json=MESSAGE)
+        assert reply.status_code == 502 and refused_as(reply) == "upstream"
+        assert "not trusted" in reply.json()["error"]["message"]
+        assert egress.upstream.requests == []
