@@ -15,6 +15,7 @@ import pytest
 from baaaht.common import audit_chain
 from baaaht.schemas.egress import CredentialUsage, EgressAuditRecord, EgressProxied, EgressRefused
 from baaaht.services.credentials.egress.journal import audit_path
+from tests.egress_agent_client import run as run_sdks
 from tests.egress_support import ANTHROPIC_KEY, CONTAINER, OPENAI_KEY, SESSION, running_egress
 
 MESSAGE = {"model": "claude-fake", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
@@ -220,3 +221,17 @@ def test_an_untrusted_upstream_certificate_is_refused(tmp_path):
         assert reply.status_code == 502 and refused_as(reply) == "upstream"
         assert "not trusted" in reply.json()["error"]["message"]
         assert egress.upstream.requests == []
+
+
+def test_the_stock_anthropic_and_openai_sdks_work_through_the_proxy(tmp_path):
+    with running_egress(tmp_path) as egress:
+        found = run_sdks(egress.socket_path)
+        reply = egress.upstream.reply
+        for api in ("anthropic", "anthropic_stream", "openai", "openai_stream"):
+            assert found[api] == {"text": reply, "output_tokens": len(reply.split(" "))}, api
+        assert found["refused"]["status"] == 405
+        assert found["refused"]["body"]["error"]["refused"] == "method"
+        keys = [
+            r.headers.get("x-api-key") or r.headers.get("authorization") for r in egress.upstream.requests
+        ]
+        assert keys == [ANTHROPIC_KEY.decode()] * 2 + [f"Bearer {OPENAI_KEY.decode()}"] * 2
