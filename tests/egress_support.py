@@ -132,9 +132,15 @@ def identify(run_dir: Path, role: str = "agent", session: str = SESSION) -> Iden
 
 
 @contextmanager
-def running_egress(tmp_path: Path, *, role: str = "agent", **egress_settings):
+def running_egress(tmp_path: Path, *, role: str = "agent", agent_gid: int | None = None, **egress_settings):
+    """With `agent_gid`, the agents' directory is of that group and callers are found the real way
+    (peer pid -> /proc cgroup -> identity file), as for containers; else this process is the caller."""
     run_dir = tmp_path / "run"
     (run_dir / "agent").mkdir(parents=True)
+    if agent_gid is not None:
+        for directory in (run_dir, run_dir / "agent"):
+            os.chown(directory, -1, agent_gid)
+            directory.chmod(0o750)
     store = identify(run_dir, role)
     with FakeLLM(tmp_path / "upstream") as upstream:
         settings = {"routes": routes_for(upstream.url), "ca_file": upstream.ca_file, **egress_settings}
@@ -147,7 +153,9 @@ def running_egress(tmp_path: Path, *, role: str = "agent", **egress_settings):
         secrets.expired.add("old")
         events = FakeBus()
         callers = OwnPid(store)
-        server = EgressServer.for_config(config, secrets, events, callers=callers)
+        server = EgressServer.for_config(
+            config, secrets, events, callers=None if agent_gid is not None else callers
+        )
         server.start()
         try:
             yield Egress(

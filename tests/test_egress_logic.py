@@ -273,3 +273,16 @@ def test_a_session_past_its_token_cap_is_refused_from_its_next_call():
     budgets.refused("s1")
     assert [u.refused for u in budgets.sessions("s1")] == [1]
     assert budgets.sessions("nobody") == [] and [u.session_id for u in budgets.sessions()] == ["s1"]
+
+
+def test_an_overlong_line_or_body_is_skipped_and_reading_goes_on_after_it(monkeypatch):
+    from baaaht.services.credentials.egress import usage as usage_module
+
+    monkeypatch.setattr(usage_module, "MAX_KEPT", 64)
+    reader = UsageReader("text/event-stream")
+    reader.feed(b'data: {"usage": {"output_tokens": 99}, "pad": "' + b"x" * 100)
+    reader.feed(b'"}\ndata: {"usage": {"output_tokens": 4}}\n')
+    assert reader.usage() == Usage(0, 4)
+    body = UsageReader("application/json")
+    body.feed(b'{"usage": {"output_tokens": 5}, "pad": "' + b"x" * 100 + b'"}')
+    assert body.usage() == Usage(0, 0)

@@ -6,7 +6,7 @@ usage both APIs report) and not, behind a certificate of a test CA made with `cr
 (`ca_file`, to trust through `egress.ca_file`). It records every request it got (method, path,
 headers, body) and every stream whose reader went away, and answers a few paths tests need:
 `/redirect/away` (302 to another origin), `/redirect/home` (302 to its own `/v1/models`),
-`/v1/models`, `/bytes?size=N` (N bytes).
+`/v1/models`, `/bytes?size=N[&chunk=M]` (N bytes, streamed M at a time when M is given).
 
     with FakeLLM(tmp_path) as upstream:        # in a thread of this process
         upstream.url, upstream.ca_file, upstream.requests

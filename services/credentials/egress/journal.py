@@ -48,6 +48,7 @@ class Call:
     bytes_out: int = 0
     bytes_in: int = 0
     usage: Usage = Usage()
+    usage_after: SessionUsage | None = None  # the session's totals once the call was counted
     duration: float = 0.0
 
     def who(self) -> dict[str, str]:
@@ -69,15 +70,20 @@ class Journal:
         self.events = events
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="egress-journal")
 
-    def record(self, call: Call, usage_after: SessionUsage | None) -> None:
-        """`usage_after`: the session's totals once the call went upstream; None when it never did."""
-        self._writer.submit(self._write, call, usage_after)
+    def record(self, call: Call) -> None:
+        self._writer.submit(self._write_logging_failures, call)
+
+    def _write_logging_failures(self, call: Call) -> None:
+        try:
+            self._write(call)
+        except Exception:  # nobody waits on the worker's futures: say it here
+            log.exception("egress call not journalled", extra={"route": call.who()["route"]})
 
     def close(self) -> None:
         """Wait until every recorded call is written."""
         self._writer.shutdown(wait=True)
 
-    def _write(self, call: Call, usage_after: SessionUsage | None) -> None:
+    def _write(self, call: Call) -> None:
         common = call.who()
         tokens = dict(input_tokens=call.usage.input_tokens, output_tokens=call.usage.output_tokens)
         try:
@@ -99,11 +105,11 @@ class Journal:
             log.error(
                 "egress audit line not written", extra={"path": str(self.audit.path), "error": str(error)}
             )
-        if usage_after is None:
+        if call.usage_after is None:  # it never went upstream
             event = EgressRefused(refused=call.refused, message=call.message, **common)
         else:
             event = EgressProxied(
-                status=call.status, duration=call.duration, usage=usage_after, **common, **tokens
+                status=call.status, duration=call.duration, usage=call.usage_after, **common, **tokens
             )
         try:
             self.events.publish(event)

@@ -206,18 +206,25 @@ class EgressProxy:
             finally:
                 if reader is not None:
                     call.usage = reader.usage()
+            self._account(call)  # before the agent sees the end: its next call meets the new totals
             await response.write_eof()
             return response
 
+    def _account(self, call: Call) -> None:
+        """Add a forwarded call to its session's usage, once."""
+        if call.forwarded and call.usage_after is None:
+            call.usage_after = self.budgets.record(
+                call.identity.session_id, call.usage, call.bytes_out, call.bytes_in
+            )
+            self.secrets.mark_used(call.target.route.credential)
+
     def _finish(self, call: Call) -> None:
         call.duration = time.monotonic() - call.started
-        identity, after = call.identity, None
-        if identity is not None and call.forwarded:
-            after = self.budgets.record(identity.session_id, call.usage, call.bytes_out, call.bytes_in)
-            self.secrets.mark_used(call.target.route.credential)
-        elif identity is not None:
-            self.budgets.refused(identity.session_id)
-        self.journal.record(call, after)
+        if call.forwarded:
+            self._account(call)
+        elif call.identity is not None:
+            self.budgets.refused(call.identity.session_id)
+        self.journal.record(call)
 
 
 def _why(error: BaseException) -> str:

@@ -46,27 +46,36 @@ class UsageReader:
 
     def __init__(self, content_type: str):
         self.streamed = content_type.split(";")[0].strip().lower() == "text/event-stream"
-        self._kept = bytearray()
-        self._overflow = False
+        self._kept = bytearray()  # the JSON body, or the SSE line so far
+        self._too_long = False  # what is being kept went over MAX_KEPT: it is skipped
         self._largest: dict[str, int] = {}
 
     def feed(self, chunk: bytes) -> None:
         if not self.streamed:
-            if len(self._kept) + len(chunk) > MAX_KEPT:
-                self._overflow = True
-            elif not self._overflow:
-                self._kept += chunk
+            self._keep(chunk)
             return
-        self._kept += chunk
-        *lines, rest = self._kept.split(b"\n")
-        for line in lines:
-            self._read_sse_line(bytes(line))
-        self._kept = bytearray(rest) if len(rest) <= MAX_KEPT else bytearray()
+        start = 0
+        while (newline := chunk.find(b"\n", start)) >= 0:
+            self._keep(chunk[start:newline])
+            self._end_line()
+            start = newline + 1
+        self._keep(chunk[start:])
 
-    def _read_sse_line(self, line: bytes) -> None:
-        if not line.startswith(b"data:") or b'"usage"' not in line:
+    def _keep(self, part: bytes) -> None:
+        if self._too_long:
             return
-        self._take(line[5:].strip())
+        if len(self._kept) + len(part) > MAX_KEPT:
+            self._too_long = True
+            self._kept.clear()
+        else:
+            self._kept += part
+
+    def _end_line(self) -> None:
+        line = bytes(self._kept)
+        if not self._too_long and line.startswith(b"data:") and b'"usage"' in line:
+            self._take(line[5:].strip())
+        self._kept.clear()
+        self._too_long = False
 
     def _take(self, text: bytes) -> None:
         try:
@@ -80,10 +89,10 @@ class UsageReader:
 
     def usage(self) -> Usage:
         if self.streamed:
-            self._read_sse_line(bytes(self._kept).rstrip(b"\r"))
-        elif not self._overflow:
+            self._end_line()
+        elif not self._too_long:
             self._take(bytes(self._kept))
-        self._kept = bytearray()
+        self._kept.clear()
         return Usage(
             input_tokens=sum(self._largest.get(name, 0) for name in _INPUT_FIELDS),
             output_tokens=sum(self._largest.get(name, 0) for name in _OUTPUT_FIELDS),
