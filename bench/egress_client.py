@@ -68,6 +68,7 @@ def throughputs(conn: http.client.HTTPConnection, prefix: str, size: int, count:
         received = 0
         while chunk := response.read1(READ):
             received += len(chunk)
+        response.read()  # the end of the chunked body: the connection is ready for the next request
         assert response.status == 200 and received == size, (response.status, received)
         rates.append(size / (time.perf_counter() - started))
     return rates
