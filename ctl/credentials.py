@@ -28,6 +28,7 @@ from baaaht.schemas.credentials import (
     CredentialRotate,
     CredentialRotateMaster,
 )
+from baaaht.schemas.egress import CredentialUsage
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -169,6 +170,35 @@ def remove(
         ctl.emit({"name": name, "deleted": True})
     else:
         typer.echo(f"credential {name} deleted")
+
+
+@app.command()
+def usage(
+    ctx: typer.Context,
+    session: str = typer.Option("", "--session", help="Only this session."),
+    _json: JsonOption = False,
+) -> None:
+    """Egress calls and LLM tokens per session, against their budgets (0: no cap)."""
+    ctl: Ctl = ctx.obj
+    sessions = ctl.call(CredentialUsage(session_id=session)).sessions
+    ctl.emit(
+        sessions
+        if ctl.json
+        else [
+            {
+                "session": found.session_id,
+                "requests": found.requests,
+                "refused": found.refused,
+                "input_tokens": found.input_tokens,
+                "output_tokens": found.output_tokens,
+                "request_cap": found.request_cap,
+                "token_cap": found.token_cap,
+                "bytes_out": found.bytes_out,
+                "bytes_in": found.bytes_in,
+            }
+            for found in sessions
+        ]
+    )
 
 
 @app.command("rotate-master")

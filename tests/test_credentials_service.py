@@ -24,6 +24,7 @@ from baaaht.schemas.credentials import (
     CredentialRotate,
     CredentialRotateMaster,
 )
+from baaaht.schemas.egress import CredentialUsage
 from baaaht.schemas.errors import ErrorCode
 from baaaht.services.credentials.master import KeyFile, Passphrase
 from baaaht.services.credentials.service import CredentialService, master_source
@@ -141,6 +142,7 @@ def test_no_agent_caller_gets_anything_done(harness, role):
         CredentialRotate(name="a", value=b"other"),
         CredentialDelete(name="a"),
         CredentialRotateMaster(),
+        CredentialUsage(),
     ]
     assert {type(r) for r in requests} == {s.request_type for s in CredentialService.rpcs().values()}
     agent = context(caller=agent_caller("s1", role))

@@ -36,8 +36,10 @@ from baaaht.schemas.credentials import (
     CredentialRotateMaster,
     CredentialRotateMasterResult,
 )
+from baaaht.schemas.egress import CredentialUsage, CredentialUsageResult
+from baaaht.services.credentials.egress.server import EgressError, EgressServer
 from baaaht.services.credentials.master import KeyFile, MasterSource, Passphrase
-from baaaht.services.credentials.source import Secret, SecretExpired
+from baaaht.services.credentials.source import Secret, SecretExpired, SecretSource
 from baaaht.services.credentials.store import CredentialStore, StoreRefused
 
 log = logging.getLogger("baaaht.credential")
@@ -73,11 +75,14 @@ class CredentialService(Service):
         *,
         events: Publisher,
         clock: Callable[[], float] = time.time,
+        egress: Callable[[SecretSource], EgressServer] | None = None,
     ):
         self.store = store
         self.settings = config.credentials
         self.events = events
         self.clock = clock
+        # The egress proxy serves agents from this process, with this service as its SecretSource.
+        self.egress = egress(self) if egress is not None else None
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "CredentialService":
@@ -86,9 +91,24 @@ class CredentialService(Service):
         except StoreRefused as exc:
             log.error("refusing to start", extra={"reason": str(exc)})
             raise SystemExit(f"credential: refusing to start: {exc}") from None
-        return cls(store, config, events=bus)
+        return cls(
+            store,
+            config,
+            events=bus,
+            egress=lambda secrets: EgressServer.for_config(config, secrets, bus),
+        )
+
+    def on_start(self) -> None:
+        if self.egress is not None:
+            try:
+                self.egress.start()
+            except (EgressError, OSError) as exc:
+                log.error("refusing to start", extra={"reason": str(exc)})
+                raise SystemExit(f"credential: the egress proxy cannot start: {exc}") from None
 
     def on_stop(self) -> None:
+        if self.egress is not None:
+            self.egress.stop()  # calls in flight end, their audit lines are written
         self.store.close()
 
     # -- the in-process SecretSource (for the egress proxy) -------------------------------------
@@ -142,6 +162,13 @@ class CredentialService(Service):
         log.info("credential deleted", extra={"credential": req.name})
         self.events.publish(CredentialChanged(id=secret_id, name=req.name, change="deleted"))
         return Empty()
+
+    @rpc
+    def usage(self, req: CredentialUsage, ctx: CallContext) -> CredentialUsageResult:
+        """Egress usage per session since this service started (the proxy runs here)."""
+        if self.egress is None:
+            return CredentialUsageResult()
+        return self.egress.usage(req)
 
     @rpc
     def rotate_master(self, req: CredentialRotateMaster, ctx: CallContext) -> CredentialRotateMasterResult:
