@@ -115,10 +115,12 @@ class Egress:
         )
 
     def secret_forms(self) -> list[bytes]:
-        forms = []
-        for _kind, value in self.secrets.values.values():
-            forms += [value, base64.b64encode(value)]
-        return forms
+        return secret_forms([value for _kind, value in self.secrets.values.values()])
+
+
+def secret_forms(secrets: list[bytes]) -> list[bytes]:
+    """What a leak of each secret would look like: its bytes and their base64."""
+    return [form for secret in secrets for form in (secret, base64.b64encode(secret))]
 
 
 def identify(run_dir: Path, role: str = "agent", session: str = SESSION) -> IdentityStore:

@@ -108,7 +108,7 @@ class EgressProxy:
         except Refused as refusal:
             call.status, call.refused, call.message = refusal.status, refusal.refused, refusal.message
             return web.Response(status=refusal.status, body=refusal.body(), content_type="application/json")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError):  # the agent went away mid-call
             call.status = CLIENT_GONE
             raise
         finally:
