@@ -473,7 +473,8 @@ class Bench:
         self.round_trip = {
             "direct": lambda n: zmq_round_trips(direct, n),
             "broker": lambda n: zmq_round_trips(endpoints["services"], n),
-            "broker_agent": lambda n: zmq_round_trips(endpoints["agents"], n),
+            # bus.ping: a host process on the agent socket is unidentified, and may only ping
+            "broker_agent": lambda n: zmq_round_trips(endpoints["agents"], n, target="bus.ping", body=PING),
             "broker_curve": lambda n: zmq_round_trips(endpoints["tcp_services"], n, secured),
             "broker_ping": lambda n: zmq_round_trips(endpoints["services"], n, target="bus.ping", body=PING),
             "agent_container": agent.round_trips,
@@ -527,7 +528,7 @@ def report(samples: dict[str, dict[str, list[dict]]]) -> dict:
             ("broker", "direct"),
             ("broker", "nats"),
             ("nats", "direct"),
-            ("broker_agent", "broker"),
+            ("broker_agent", "broker_ping"),
             ("broker_curve", "broker"),
             ("agent_container", "broker_ping"),
         ],
@@ -580,8 +581,8 @@ def targets(result: dict) -> dict:
             rows["round_trips_1"]["broker"]["p99_ms"]["median"] < 1.0
         )
     if "round_trips_100" in rows:  # issue 10: identity and permission checks cost < 10%
-        found["broker_agent/broker at 100 outstanding >= 0.9"] = (
-            ratios["round_trips_100: broker_agent/broker"]["median"] >= 0.9
+        found["broker_agent/broker_ping at 100 outstanding >= 0.9"] = (
+            ratios["round_trips_100: broker_agent/broker_ping"]["median"] >= 0.9
         )
         # and so does CURVE, a peer on another host (every message encrypted as well)
         found["broker_curve/broker at 100 outstanding >= 0.9"] = (
