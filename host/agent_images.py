@@ -35,6 +35,7 @@ BUILD_TIMEOUT = 600  # seconds for the engine's build call
 SOURCE_LABEL = "baaaht.source"
 _SKIPPED_PARTS = {"__pycache__"}
 README = "README.md"  # the wheel's description: copied into the build, not part of the tag
+IMAGE_EXTRAS = ("llm",)  # the project's extras its images install: agents call LLMs through the egress
 
 
 class ImageBuildError(RuntimeError):
@@ -76,7 +77,7 @@ class Recipe:
         return cls(
             root=source_root(),
             mirror=debian_base.apt_mirror(),
-            pins=tuple(wheelhouse.dependency_pins()),
+            pins=tuple(wheelhouse.dependency_pins(extras=IMAGE_EXTRAS)),
             installer=wheelhouse.installer_pin(),
         )
 

@@ -17,6 +17,7 @@ PROJECT = "baaaht"
 INSTALLER = "pip"  # run from its wheel inside the build stage; never installed into an image
 PIP_TIMEOUT = 600.0  # seconds
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_EXTRA = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 
 
 class WheelhouseError(RuntimeError):
@@ -27,16 +28,25 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def dependency_pins(project: str = PROJECT) -> list[str]:
+def dependency_pins(project: str = PROJECT, extras: tuple[str, ...] = ()) -> list[str]:
     """`name==version` of every distribution the project needs at run time, as installed here: its
-    requirements and theirs, extras left out. A requirement not installed here is one this platform
-    does not need (its marker is false), or the project would not run here either."""
+    requirements (with those of the named extras) and theirs, other extras left out. A requirement not
+    installed here is one this platform does not need (its marker is false), or the project would not
+    run here either; a named extra's own requirements must be installed."""
+    distribution = importlib.metadata.distribution(project)
+    provided = {canonical(extra) for extra in distribution.metadata.get_all("Provides-Extra") or []}
+    missing = [extra for extra in extras if canonical(extra) not in provided]
+    if missing:
+        raise WheelhouseError(
+            f"the installed {project} declares no extra {', '.join(missing)}: reinstall it (pip install -e .)"
+        )
     pins: dict[str, str] = {}
-    pending = list(importlib.metadata.distribution(project).requires or [])
+    pending = [(requirement, True) for requirement in distribution.requires or []]
     while pending:
-        requirement = pending.pop()
+        requirement, own = pending.pop()
         name, _, marker = requirement.partition(";")
-        if "extra" in marker:
+        extra = _EXTRA.search(marker)
+        if extra is not None and not (own and canonical(extra.group(1)) in map(canonical, extras)):
             continue
         found = _NAME.match(name)
         if found is None or canonical(found.group(1)) in pins:
@@ -44,9 +54,13 @@ def dependency_pins(project: str = PROJECT) -> list[str]:
         try:
             dist = importlib.metadata.distribution(found.group(1))
         except importlib.metadata.PackageNotFoundError:
+            if extra is not None:
+                raise WheelhouseError(
+                    f"{found.group(1)} (extra {extra.group(1)}) is not installed here"
+                ) from None
             continue
         pins[canonical(found.group(1))] = f"{dist.metadata['Name']}=={dist.version}"
-        pending += dist.requires or []
+        pending += [(inner, False) for inner in dist.requires or []]
     return sorted(pins.values(), key=str.lower)
 
 

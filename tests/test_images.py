@@ -22,6 +22,7 @@ python3 -m pip --version >/dev/null 2>&1 && echo "tool: python -m pip"
 python3 -c 'import ensurepip' >/dev/null 2>&1 && echo "tool: ensurepip"
 find / -xdev -type f -perm /6000 2>/dev/null | sed 's/^/setuid: /'
 python3 -c 'import baaaht.bus.aio, zmq, msgspec; print("imports ok")' 2>/dev/null || echo 'no baaaht'
+python3 -c 'import anthropic, openai, httpx; print("llm clients ok")' 2>/dev/null || echo 'no llm clients'
 """
 
 
@@ -43,7 +44,7 @@ def run_hardened(client: docker.DockerClient, image: str, labels: dict, script: 
 
 def test_the_agent_image_runs_as_uid_1000_with_no_package_tooling(docker_client, agent_image, test_label):
     lines = run_hardened(docker_client, agent_image, test_label, INSPECTION).splitlines()
-    assert lines == ["1000", "1000", "imports ok"]
+    assert lines == ["1000", "1000", "imports ok", "llm clients ok"]
 
 
 def test_the_inspection_finds_tooling_where_there_is_some(docker_client, agent_image, test_label):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 from pathlib import Path
 
@@ -95,7 +96,21 @@ def test_the_pins_are_the_installed_runtime_closure():
     names = {wheelhouse.canonical(pin.split("==")[0]) for pin in pins}
     assert {"pyzmq", "msgspec", "docker", "requests", "urllib3", "supervisor"} <= names
     assert not names & {"pytest", "hypothesis", "ruff", "baaaht"}  # extras and the project itself are not
+    assert not names & {"anthropic", "openai", "httpx"}  # the llm extra is only there when asked for
     assert all("==" in pin for pin in pins)
+
+
+def test_the_images_pins_add_the_llm_extra_at_the_versions_installed_here():
+    pins = set(Recipe.here().pins)
+    for name in ("anthropic", "openai", "httpx", "httpx2"):
+        assert f"{name}=={importlib.metadata.version(name)}" in pins
+    assert set(wheelhouse.dependency_pins()) < pins
+    assert not any(pin.split("==")[0] in {"pytest", "hypothesis", "ruff"} for pin in pins)
+
+
+def test_an_extra_the_installed_project_does_not_declare_is_refused():
+    with pytest.raises(wheelhouse.WheelhouseError, match="no extra gpu: reinstall"):
+        wheelhouse.dependency_pins(extras=("gpu",))
 
 
 def test_an_unset_agent_image_means_the_agent_image_of_this_checkout():
