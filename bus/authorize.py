@@ -68,6 +68,7 @@ _SESSION_CALLS: Rules = (
     ("session.get", ALLOW),
     ("session.messages", ALLOW),
     ("session.send_message", ALLOW),
+    ("session.cancel", ALLOW),
 )
 _AGENT_EVENTS: Rules = (("agent.*", ALLOW),)
 

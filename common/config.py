@@ -47,6 +47,7 @@ PATH_KEYS = frozenset(
         "credentials.master_key_file",
         "credentials.passphrase_file",
         "egress.ca_file",
+        "assistant.dev_source",
     }
 )
 EFFECTIVE_CONFIG_NAME = "config.json"

@@ -107,6 +107,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda paths: all(path.startswith("/") for path in paths),
         "holds a path not starting with '/' (expected path prefixes)",
     ),
+    "assistant.command": (_is_not_empty, "is empty (expected the program the assistant container runs)"),
+    "assistant.workdir": (
+        lambda path: not path or path.startswith("/"),
+        "is not an absolute path (expected a directory inside the container, or empty for the image's)",
+    ),
+    "assistant.route": (_is_not_empty, "is empty (expected the name of an egress route)"),
+    "assistant.model": (_is_not_empty, "is empty (expected the provider's model name)"),
+    **{
+        f"assistant.{key}": (_is_positive, "is out of range (expected at least 1)")
+        for key in ("max_turns", "max_tool_calls", "context_budget")
+    },
     "egress.session_requests": (lambda cap: cap >= 0, "is out of range (expected 0, no cap, or more)"),
     "egress.session_tokens": (lambda cap: cap >= 0, "is out of range (expected 0, no cap, or more)"),
 }
@@ -150,6 +161,29 @@ def problems_in(values: Mapping[str, Any], types: Mapping[str, Any]) -> list[tup
         key = "docker.tls_cert" if values.get("docker.tls_cert") else "docker.tls_key"
         failed.append((key, "is set alone (expected docker.tls_cert and docker.tls_key together)"))
     failed += _credential_problems(values)
+    failed += _assistant_problems(values)
+    return failed
+
+
+def _assistant_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A writable root filesystem is a development exception: only with dev mode, which needs its source."""
+    failed = []
+    dev_mode = values.get("assistant.dev_mode", False)
+    if not values.get("assistant.readonly_rootfs", True) and not dev_mode:
+        failed.append(
+            (
+                "assistant.readonly_rootfs",
+                "is refused without assistant.dev_mode (a writable root filesystem is a development-only "
+                "exception: set assistant.dev_mode too, or leave readonly_rootfs true)",
+            )
+        )
+    if dev_mode and not values.get("assistant.dev_source"):
+        failed.append(
+            (
+                "assistant.dev_mode",
+                "needs assistant.dev_source (expected the host directory to bind-mount)",
+            )
+        )
     return failed
 
 

@@ -24,6 +24,7 @@ from baaaht.schemas.base import session_topic
 from baaaht.schemas.bus import BusStats
 from baaaht.schemas.sessions import (
     Message,
+    SessionCancel,
     SessionClose,
     SessionClosed,
     SessionCreate,
@@ -190,6 +191,22 @@ def close(
         typer.echo(
             "still removing its containers: `baaaht-ctl sessions get` shows when it is closed", err=True
         )
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    session_id: str = typer.Argument(..., help="Session id."),
+    reason: str = typer.Option("", "--reason"),
+    _json: JsonOption = False,
+) -> None:
+    """Stop the session's current turn: its assistant stops generating and cancels its running tools."""
+    ctl: Ctl = ctx.obj
+    ctl.call(SessionCancel(session_id=session_id, reason=reason))
+    if ctl.json:
+        ctl.emit({"id": session_id, "cancel_requested": True})
+    else:
+        typer.echo(f"cancel requested for {session_id}", err=True)
 
 
 @app.command()

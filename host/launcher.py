@@ -20,6 +20,7 @@ supervisord runs in its own session, so signals from the terminal reach only the
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.metadata
 import logging
 import os
@@ -86,6 +87,25 @@ SETTING_FLAGS = (
 
 TCP_FLAG_KEY = "bus.tcp_enabled"
 
+# The seed's assistant flags. A boolean is `--flag` (true) or `--flag=false`; --assistant-args is a
+# comma-separated list (`--assistant-args=-lc,"npm install, then run"`: CSV quoting keeps a comma).
+ASSISTANT_BOOL_FLAGS = (
+    ("--assistant-autostart", "assistant.autostart", "start the session's assistant on a user message"),
+    ("--assistant-dev-mode", "assistant.dev_mode", "bind-mount --assistant-dev-source for fast iteration"),
+    (
+        "--assistant-readonly-rootfs",
+        "assistant.readonly_rootfs",
+        "read-only root filesystem (=false only with --assistant-dev-mode: a logged exception)",
+    ),
+)
+ASSISTANT_FLAGS = (
+    ("--assistant-image", "assistant.image", "image of the assistant (default: container.agent_image)"),
+    ("--assistant-command", "assistant.command", "program the assistant container runs"),
+    ("--assistant-workdir", "assistant.workdir", "working directory inside the assistant container"),
+    ("--assistant-dev-source", "assistant.dev_source", "host directory mounted in dev mode"),
+)
+ASSISTANT_ARGS_KEY = "assistant.args"
+
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = dump_flat(Config())
@@ -109,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help=f"also listen on TCP (loopback unless --tcp-host says otherwise) [{TCP_FLAG_KEY}, default off]",
     )
+    for flag, key, text in ASSISTANT_FLAGS:
+        parser.add_argument(
+            flag, dest=key, metavar="VALUE", help=f"{text} [{key}, default {defaults[key]!r}]"
+        )
+    for flag, key, text in ASSISTANT_BOOL_FLAGS:
+        parser.add_argument(
+            flag,
+            dest=key,
+            nargs="?",
+            const="true",
+            metavar="BOOL",
+            help=f"{text} [{key}, default {str(defaults[key]).lower()}]",
+        )
+    parser.add_argument(
+        "--assistant-args",
+        dest=ASSISTANT_ARGS_KEY,
+        type=comma_list,
+        metavar="A,B,...",
+        help=f"arguments of --assistant-command, comma-separated [{ASSISTANT_ARGS_KEY}, "
+        f"default {','.join(defaults[ASSISTANT_ARGS_KEY])!r}]",
+    )
     parser.add_argument(
         "--set",
         dest="settings",
@@ -120,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def comma_list(text: str) -> list[str]:
+    """`a,b,"c, d"` -> ["a", "b", "c, d"] (CSV rules: the seed's string-slice flags); "" is no items."""
+    rows = list(csv.reader([text])) if text else []
+    return rows[0] if rows else []
+
+
 def flags_from(args: argparse.Namespace) -> dict[str, object]:
     """Dotted key -> value for every setting given on the command line; a named flag beats --set."""
     flags: dict[str, object] = {}
@@ -128,7 +175,8 @@ def flags_from(args: argparse.Namespace) -> dict[str, object]:
         if not sep:
             raise ConfigError([f"--set {setting!r}: expected KEY=VALUE, e.g. --set session.timeout=45m"])
         flags[key.strip()] = value
-    for key in [key for _flag, key, _text in SETTING_FLAGS] + [TCP_FLAG_KEY]:
+    named = [*SETTING_FLAGS, *ASSISTANT_FLAGS, *ASSISTANT_BOOL_FLAGS]
+    for key in [key for _flag, key, _text in named] + [TCP_FLAG_KEY, ASSISTANT_ARGS_KEY]:
         if (value := getattr(args, key)) is not None:
             flags[key] = value
     return flags

@@ -82,5 +82,6 @@ def known_types() -> dict[str, type[msgspec.Struct]]:
             found[cls.__name__] = cls
             tag = cls.__struct_config__.tag
             if isinstance(tag, str):
-                found[tag] = cls
+                # A request and the event it causes may share a tag (`session.cancel`): the request keeps it.
+                found.setdefault(tag, cls)
     return found

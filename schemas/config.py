@@ -211,6 +211,29 @@ class EgressConfig(Section, kw_only=True):
     session_tokens: int = 0
 
 
+class AssistantConfig(Section, kw_only=True):
+    """The session's assistant (docs/ASSISTANT.md): started per session by the container manager on the
+    session's first user message, from the agent image, hardened like every agent."""
+
+    autostart: bool = True  # start it for a session's user message; off: the operator starts it
+    image: str = ""  # "": container.agent_image (the agent image of this checkout)
+    command: str = "baaaht-agent"  # the program the container runs
+    args: list[str] = msgspec.field(default_factory=lambda: ["assistant"])
+    workdir: str = ""  # its working directory in the container ("": the image's; dev mode: /app)
+    # Dev mode: `dev_source`, a host directory, is bind-mounted read-only at the working directory
+    # (judged by the policy's mount rules like any mount), for iterating without rebuilding the image.
+    dev_mode: bool = False
+    dev_source: str = ""
+    # false only with dev_mode: a documented development exception, logged at every start.
+    readonly_rootfs: bool = True
+    provider: Literal["anthropic", "openai"] = "anthropic"
+    model: str = "claude-sonnet-4-5"
+    route: str = "anthropic"  # the egress route (egress.routes) its model calls go through
+    max_turns: int = 20  # model calls for one user message
+    max_tool_calls: int = 50  # tool calls for one user message
+    context_budget: int = 100_000  # tokens of conversation sent to the model (oldest turns dropped first)
+
+
 class Config(Section, kw_only=True):
     data_dir: str = "/var/lib/baaaht"
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
@@ -224,3 +247,4 @@ class Config(Section, kw_only=True):
     credentials: CredentialsConfig = msgspec.field(default_factory=CredentialsConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
+    assistant: AssistantConfig = msgspec.field(default_factory=AssistantConfig)

@@ -182,6 +182,16 @@ class SessionMessages(Request, tag="session.messages", kw_only=True):
     cursor: Cursor = 0
 
 
+class SessionCancel(Request, tag="session.cancel", kw_only=True):
+    """Stop the session's current turn: its assistant stops generating and cancels the tools it runs
+    (event `session.cancel/<session id>`). The operator, and the session's own agents, may ask."""
+
+    response: ClassVar[type] = Empty
+
+    session_id: SessionId
+    reason: str = ""
+
+
 class SessionAttachContainer(Request, tag="session.attach_container", kw_only=True):
     response: ClassVar[type] = SessionInfo
 
@@ -234,3 +244,11 @@ class SessionMessage(Event, tag="session.message", kw_only=True):
 
     session_id: str
     message: Message
+
+
+class SessionCancelled(Event, tag="session.cancel", kw_only=True):
+    """A `session.cancel` was asked for: the session's assistant stops its current turn."""
+
+    session_id: str
+    requested_by: str  # who asked, as the broker saw the caller
+    reason: str = ""

@@ -18,6 +18,7 @@ UNIT_TEST_FILES = frozenset(
     {
         "test_agent_sdk_echo.py",
         "test_agent_sdk_settings.py",
+        "test_assistant_config.py",
         "test_authorize.py",
         "test_config.py",
         "test_containers_identities.py",

@@ -73,6 +73,7 @@ TABLE = [
     (AGENT, CALL, "session.get", ALLOWED),
     (AGENT, CALL, "session.messages", ALLOWED),
     (AGENT, CALL, "session.send_message", ALLOWED),
+    (AGENT, CALL, "session.cancel", ALLOWED),
     (AGENT, CALL, "session.getx", DENIED),
     (AGENT, CALL, "task.submit", DENIED),
     (AGENT, CALL, "task.work", DENIED),
@@ -92,6 +93,9 @@ TABLE = [
     (ASSISTANT, CALL, "task.work", DENIED),
     (ASSISTANT, RECEIVE, "task.succeeded", ALLOWED),
     (ASSISTANT, RECEIVE, "session.message", ALLOWED),
+    (ASSISTANT, RECEIVE, "session.cancel", ALLOWED),
+    (ASSISTANT, CALL, "session.cancel", ALLOWED),
+    (WORKER, CALL, "session.cancel", DENIED),
     # a worker: takes and reports its session's tasks, nothing of the conversation
     (WORKER, CALL, "task.work", ALLOWED),
     (WORKER, CALL, "task.ack", ALLOWED),

@@ -7,7 +7,16 @@ import functools
 import orjson
 import pytest
 
-from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionGet, SessionSendMessage, SessionState
+from baaaht.bus.testing import next_event
+from baaaht.schemas.base import session_topic
+from baaaht.schemas.sessions import (
+    SessionCancelled,
+    SessionClose,
+    SessionCreate,
+    SessionGet,
+    SessionSendMessage,
+    SessionState,
+)
 from tests import ctl_runner
 from tests.session_doubles import start_sessions_host
 
@@ -123,3 +132,15 @@ def test_baaaht_ctl_script_sends_text_that_looks_like_a_flag_and_deletes(host):
     deleted = orjson.loads(run_ctl("--json", "sessions", "delete", session_id).stdout)
     assert deleted == {"id": session_id, "deleted": True}
     assert "NOT_FOUND" in run_ctl("sessions", "get", session_id, expect=1).stderr
+
+
+def test_cancel_publishes_the_sessions_cancel_event(host, run):
+    client = host.client()
+    session_id = client.call(SessionCreate(owner="alice")).id
+    with client.subscribe([session_topic(SessionCancelled, session_id)]) as events:
+        result = run("sessions", "cancel", session_id, "--reason", "too long")
+        assert f"cancel requested for {session_id}" in result.stderr
+        event = next_event(events, lambda d: True, 10.0, "the session.cancel event").event
+    assert (event.session_id, event.reason) == (session_id, "too long")
+    assert event.requested_by.startswith("operator/")
+    assert "error NOT_FOUND: no session nope" in run("sessions", "cancel", "nope", expect=1).stderr

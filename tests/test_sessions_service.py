@@ -7,6 +7,7 @@ import threading
 import msgspec
 import pytest
 
+from baaaht.bus.callers import name_of
 from baaaht.bus.service import CallContext
 from baaaht.bus.testing import (
     FakeBus,
@@ -17,6 +18,7 @@ from baaaht.bus.testing import (
     operator_caller,
     service_caller,
 )
+from baaaht.schemas.base import known_types
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.config import Config, Duration, LimitsConfig, PolicyConfig, SessionConfig, Size
 from baaaht.schemas.containers import ContainerDied, ContainerRemoved
@@ -25,6 +27,8 @@ from baaaht.schemas.policy import FieldError, PolicyValidate, ValidationResult
 from baaaht.schemas.sessions import (
     MessageMetadata,
     SessionAttachContainer,
+    SessionCancel,
+    SessionCancelled,
     SessionClose,
     SessionClosed,
     SessionCreate,
@@ -757,3 +761,44 @@ def test_agents_add_at_most_the_sessions_messages_per_minute_and_others_are_unto
         "from the operator",
         "from a service",
     ]
+
+
+# -- cancelling a turn -------------------------------------------------------------------------------
+
+
+def test_cancel_publishes_the_sessions_cancel_event_naming_who_asked(world):
+    own = world.create()
+    world.service.cancel(SessionCancel(session_id=own, reason="enough"), ctx(operator_caller()))
+    [event] = world.events(SessionCancelled)
+    assert (event.session_id, event.reason) == (own, "enough")
+    assert event.requested_by == name_of(operator_caller())
+    assert f"session.cancel/{own}" in world.topics()
+
+
+def test_the_sessions_own_assistant_may_cancel_and_another_sessions_may_not(world):
+    own, other = world.create(), world.create()
+    world.service.cancel(SessionCancel(session_id=own), ctx(agent_caller(own, "assistant", AGENT_CONTAINER)))
+    error = error_of(
+        lambda: world.service.cancel(
+            SessionCancel(session_id=other), ctx(agent_caller(own, "assistant", AGENT_CONTAINER))
+        )
+    )
+    assert error.code is ErrorCode.PERMISSION_DENIED
+    assert [e.session_id for e in world.events(SessionCancelled)] == [own]
+
+
+def test_cancel_of_a_missing_or_closed_session_is_refused_and_publishes_nothing(world):
+    assert error_of(lambda: world.service.cancel(SessionCancel(session_id="nope"), ctx())).code is (
+        ErrorCode.NOT_FOUND
+    )
+    closed = world.create()
+    world.close(closed)
+    error = error_of(lambda: world.service.cancel(SessionCancel(session_id=closed), ctx()))
+    assert error.code is ErrorCode.FAILED_PRECONDITION
+    assert "it is closed" in error.message
+    assert world.events(SessionCancelled) == []
+
+
+def test_the_cancel_request_keeps_its_tag_beside_the_event_of_the_same_name():
+    assert known_types()["session.cancel"] is SessionCancel
+    assert known_types()["SessionCancelled"] is SessionCancelled

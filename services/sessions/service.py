@@ -32,6 +32,8 @@ from baaaht.schemas.sessions import (
     Message,
     MessagePage,
     SessionAttachContainer,
+    SessionCancel,
+    SessionCancelled,
     SessionClose,
     SessionClosed,
     SessionContainer,
@@ -322,6 +324,20 @@ class SessionService(Service):
         if previous is not ACTIVE:
             self._announce(tx, session, "state", previous)
         return message
+
+    @rpc
+    def cancel(self, req: SessionCancel, ctx: CallContext) -> Empty:
+        """Publish `session.cancel/<S>`: the session's assistant stops its turn and records it."""
+        require_session(ctx.caller, req.session_id, "cancel the turn of")
+        validation.text("reason", req.reason, validation.MAX_DESCRIPTION, prose=True)
+        session = self._existing(req.session_id)
+        require_live(session, "cancel the turn of")
+        requested_by = name_of(ctx.caller)
+        self.events.publish(
+            SessionCancelled(session_id=session.id, requested_by=requested_by, reason=req.reason)
+        )
+        log.info("turn cancel requested", extra={"session_id": session.id, "requested_by": requested_by})
+        return Empty()
 
     @rpc
     def messages(self, req: SessionMessages, ctx: CallContext) -> MessagePage:
