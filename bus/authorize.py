@@ -93,7 +93,13 @@ RULES: dict[str, dict[str, Rules]] = {
         RECEIVE: (("session.*", ALLOW), ("agent.*", ALLOW)),
     },
     ASSISTANT: {
-        CALL: (*_SESSION_CALLS, ("task.submit", ALLOW), ("task.get", ALLOW)),
+        CALL: (
+            *_SESSION_CALLS,
+            ("task.submit", ALLOW),
+            ("task.get", ALLOW),
+            ("task.wait", ALLOW),
+            ("task.cancel", ALLOW),
+        ),
         PUBLISH: _AGENT_EVENTS,
         RECEIVE: (("session.*", ALLOW), ("agent.*", ALLOW), ("task.*", ALLOW)),
     },
@@ -104,6 +110,7 @@ RULES: dict[str, dict[str, Rules]] = {
             ("task.work", ALLOW),
             ("task.ack", ALLOW),
             ("task.heartbeat", ALLOW),
+            ("task.progress", ALLOW),
             ("task.complete", ALLOW),
         ),
         PUBLISH: _AGENT_EVENTS,

@@ -12,6 +12,11 @@ scheduler pushes the tasks it leases to it (at most `slots` at once) and cancels
 acknowledges each task (`task.ack`), heartbeats it while the handler runs (`task.heartbeat`, every
 third of the task's heartbeat timeout) and reports its outcome once (`task.complete`).
 
+A handler streams output with `task.progress(data)` (bytes, opaque to the scheduler: a waiter and the
+`task.progress` events get each chunk as it was given): it returns at once; the chunks go out in order,
+at most one `task.progress` call in flight per task, what comes meanwhile coalesced into the next call,
+and all of them before the outcome is reported.
+
 - A handler that returns succeeds; one that raises fails its attempt with the exception's class name as
   the error type (retried by the task's policy), NonRetryableError fails the task at once.
 - A cancel (from the scheduler, a closed session, or a timeout the scheduler saw) cancels the handler's
@@ -36,13 +41,23 @@ import msgspec
 from baaaht.bus.aio import AsyncBusClient
 from baaaht.bus.errors import BusError
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.tasks import TaskAck, TaskAssignment, TaskComplete, TaskHeartbeat, TaskWork
+from baaaht.schemas.tasks import (
+    MAX_PROGRESS_CHUNK,
+    MAX_PROGRESS_CHUNKS,
+    TaskAck,
+    TaskAssignment,
+    TaskComplete,
+    TaskHeartbeat,
+    TaskProgress,
+    TaskWork,
+)
 
 log = logging.getLogger("baaaht.worker")
 
 STREAM_TIMEOUT = 600.0  # seconds one task.work stream lasts before it is opened again
 RETRY_FIRST, RETRY_MOST = 0.05, 2.0  # seconds between attempts to reach an absent broker
 MAX_ERROR = 4096
+PROGRESS_BATCH_BYTES = 1024 * 1024  # of the chunks coalesced into one task.progress call
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -50,6 +65,59 @@ _decode = msgspec.msgpack.Decoder().decode
 
 class NonRetryableError(Exception):
     """Raise from a handler to fail the task without retrying it."""
+
+
+class LeaseLost(Exception):
+    """The scheduler no longer takes reports for this lease."""
+
+
+class ProgressSender:
+    """A task's streamed output on its way to the scheduler: in order, one call in flight at a time."""
+
+    def __init__(self, task_id: str, lease_id: str, report: Callable[[TaskProgress], Awaitable[Any]]):
+        self.task_id, self.lease_id = task_id, lease_id
+        self.report = report
+        self.pending: list[bytes] = []
+        self.next_seq = 1
+        self.sending: asyncio.Task | None = None
+        self.lost = False
+
+    def add(self, data: bytes) -> None:
+        if len(data) > MAX_PROGRESS_CHUNK:
+            raise ValueError(
+                f"a progress chunk is {len(data)} bytes, more than the {MAX_PROGRESS_CHUNK} allowed"
+            )
+        if self.lost:
+            return
+        self.pending.append(bytes(data))
+        if self.sending is None:
+            self.sending = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self.pending and not self.lost:
+                batch, size = [], 0
+                while self.pending and len(batch) < MAX_PROGRESS_CHUNKS:
+                    if batch and size + len(self.pending[0]) > PROGRESS_BATCH_BYTES:
+                        break
+                    size += len(self.pending[0])
+                    batch.append(self.pending.pop(0))
+                call = TaskProgress(
+                    task_id=self.task_id, lease_id=self.lease_id, seq=self.next_seq, chunks=batch
+                )
+                self.next_seq += len(batch)
+                try:
+                    await self.report(call)
+                except LeaseLost:
+                    self.lost = True
+                    self.pending.clear()
+        finally:
+            self.sending = None
+
+    async def flush(self) -> None:
+        """Until every chunk given so far was sent (or the lease was lost)."""
+        while self.sending is not None:
+            await asyncio.shield(self.sending)
 
 
 @dataclass
@@ -64,13 +132,17 @@ class WorkerTask:
     attempt: int
     lease_id: str
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # set before the handler is cancelled
+    sender: ProgressSender | None = field(default=None, repr=False)
+
+    def progress(self, data: bytes) -> None:
+        """Stream a chunk of output (at most MAX_PROGRESS_CHUNK bytes); never blocks. Call it on the
+        worker's event loop."""
+        if self.sender is None:
+            raise RuntimeError("this task has no lease to report progress on")
+        self.sender.add(data)
 
 
 Handler = Callable[[WorkerTask], Awaitable[Any]]
-
-
-class LeaseLost(Exception):
-    """The scheduler no longer takes reports for this lease."""
 
 
 class Worker:
@@ -141,6 +213,10 @@ class Worker:
             attempt=assignment.attempt,
             lease_id=assignment.lease_id,
         )
+        timeout = assignment.heartbeat_timeout
+        task.sender = ProgressSender(
+            task.id, task.lease_id, lambda call: self._report(call, time.monotonic() + timeout)
+        )
         runner = asyncio.create_task(self._work(task, assignment.heartbeat_timeout))
         self.running[task.lease_id] = (task, runner)
 
@@ -177,11 +253,14 @@ class Worker:
                 )
             finally:
                 beat.cancel()
+            await task.sender.flush()  # the output before the outcome: a waiter gets it all
             await self._report(outcome, time.monotonic() + heartbeat_timeout)
         except LeaseLost:
             log.info("lease lost", extra={"task_id": task.id})
         finally:
             self.running.pop(task.lease_id, None)
+            if task.sender.sending is not None:  # the worker is stopping
+                task.sender.sending.cancel()
 
     async def _heartbeat(self, task: WorkerTask, timeout: float, handler_task: asyncio.Task) -> None:
         every = max(0.01, timeout / 3)

@@ -37,6 +37,9 @@ Seconds = Annotated[float, Meta(ge=0, le=10 * 365 * 86400, description="Seconds,
 ErrorType = Annotated[str, Meta(max_length=128)]
 ErrorText = Annotated[str, Meta(max_length=4096)]
 PageLimit = Annotated[int, Meta(ge=1, le=1000)]
+MAX_PROGRESS_CHUNK = 256 * 1024  # bytes of one chunk of streamed output
+MAX_PROGRESS_CHUNKS = 64  # chunks in one task.progress call
+ProgressChunk = Annotated[bytes, Meta(max_length=MAX_PROGRESS_CHUNK)]
 Cursor = Annotated[int, Meta(ge=0)]
 
 # The error types the scheduler itself gives an attempt it ends.
@@ -252,6 +255,21 @@ class TaskComplete(Request, tag="task.complete", kw_only=True):
     non_retryable: bool = False
 
 
+class TaskProgress(Request, tag="task.progress", kw_only=True):
+    """Streamed output of the attempt a lease holds: `chunks` numbered from `seq` on (1 is the first
+    of an attempt), opaque to the scheduler, which publishes each as a `task.progress` event and hands
+    it to the task's waiters, keeping none of it. Counts as a heartbeat. A chunk numbered at most the
+    last one received (a call retried after a lost answer) is dropped. A lease that is no longer the
+    worker's is answered FAILED_PRECONDITION."""
+
+    response: ClassVar[type] = Empty
+
+    task_id: TaskId
+    lease_id: LeaseId
+    seq: Annotated[int, Meta(ge=1)]
+    chunks: Annotated[list[ProgressChunk], Meta(min_length=1, max_length=MAX_PROGRESS_CHUNKS)]
+
+
 class WorkerInfo(msgspec.Struct, kw_only=True):
     worker_id: str
     queues: list[str]
@@ -268,6 +286,33 @@ class TaskWorkersResult(Response, kw_only=True):
 
 class TaskWorkers(Request, tag="task.workers", kw_only=True):
     response: ClassVar[type] = TaskWorkersResult
+
+
+# -- waiting for a task -----------------------------------------------------------------------------
+
+
+class TaskProgressReport(Response, tag_field="kind", tag="progress", kw_only=True):
+    """A partial of `task.wait`: one chunk of the task's streamed output (see TaskProgress)."""
+
+    task_id: str
+    attempt: int  # seq starts again at 1 with each attempt
+    seq: int
+    data: bytes
+
+
+class TaskFinished(TaskInfo, tag_field="kind", tag="finished", kw_only=True):
+    """The last partial of `task.wait`: the task once it is finished."""
+
+
+class TaskWait(Request, tag="task.wait", kw_only=True):
+    """A stream: the task's output as it comes (TaskProgressReport, from the moment of the call on),
+    then the task once it is succeeded, failed, cancelled or dead (TaskFinished: at once if it already
+    is), and the stream ends. Bounded by the call's deadline: a task not finished by then is answered
+    TIMEOUT. Who may read the task may wait for it."""
+
+    response: ClassVar[object] = TaskProgressReport | TaskFinished
+
+    id: TaskId
 
 
 # -- schedules --------------------------------------------------------------------------------------
@@ -391,3 +436,14 @@ class TaskCancelled(TaskEvent, tag="task.cancelled", kw_only=True):
 class TaskDead(TaskEvent, tag="task.dead", kw_only=True):
     error_type: str = ""
     error: str = ""
+
+
+class TaskProgressed(Event, tag="task.progress", kw_only=True):
+    """One chunk of a running task's streamed output (see TaskProgress); published as
+    `task.progress/<session id>` for a session's task."""
+
+    task_id: str
+    session_id: str = ""
+    attempt: int
+    seq: int
+    data: bytes

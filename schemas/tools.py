@@ -21,6 +21,7 @@ MAX_OUTPUT = 64 * 1024 * 1024  # per stream of one exec
 MAX_EXEC_SECONDS = 3600.0
 MAX_FETCH_BODY = 64 * 1024 * 1024
 EGRESS_BASE_URL = "http://egress/"  # the only URLs fetch takes: routes of the egress proxy
+TOOLS_QUEUE = "tools"  # the scheduler queue of every session's tool calls (task_type: the tool's name)
 
 WorkspacePath = Annotated[
     str,

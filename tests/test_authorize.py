@@ -90,6 +90,9 @@ TABLE = [
     # the assistant: and submits tasks to its session's workers, sees them
     (ASSISTANT, CALL, "task.submit", ALLOWED),
     (ASSISTANT, CALL, "session.send_message", ALLOWED),
+    (ASSISTANT, CALL, "task.wait", ALLOWED),
+    (ASSISTANT, CALL, "task.cancel", ALLOWED),
+    (ASSISTANT, CALL, "task.progress", DENIED),
     (ASSISTANT, CALL, "task.work", DENIED),
     (ASSISTANT, RECEIVE, "task.succeeded", ALLOWED),
     (ASSISTANT, RECEIVE, "session.message", ALLOWED),
@@ -101,6 +104,8 @@ TABLE = [
     (WORKER, CALL, "task.ack", ALLOWED),
     (WORKER, CALL, "task.heartbeat", ALLOWED),
     (WORKER, CALL, "task.complete", ALLOWED),
+    (WORKER, CALL, "task.progress", ALLOWED),
+    (WORKER, CALL, "task.wait", DENIED),
     (WORKER, CALL, "task.submit", DENIED),
     (WORKER, CALL, "session.messages", DENIED),
     (WORKER, RECEIVE, "session.closed", ALLOWED),

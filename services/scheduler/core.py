@@ -22,7 +22,7 @@ import itertools
 import random
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import msgspec
 
@@ -41,7 +41,11 @@ from baaaht.schemas.tasks import (
     TaskComplete,
     TaskDead,
     TaskFailed,
+    TaskFinished,
     TaskInfo,
+    TaskProgress,
+    TaskProgressed,
+    TaskProgressReport,
     TaskQueued,
     TaskRetrying,
     TaskScheduleAdd,
@@ -63,6 +67,9 @@ CANCEL_GRACE_EXPIRED = "CancelGraceExpired"
 READY, START_DEADLINE, LEASE, CLOSE, GRACE, SCHEDULE, RATE = range(7)
 
 _msgpack = msgspec.msgpack.Decoder()
+_finished = msgspec.msgpack.Decoder(TaskFinished)
+_encode = msgspec.msgpack.Encoder().encode
+Push = Callable[[Any], None]  # puts an item into a stream's outbox (a worker's task.work, a task.wait)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Lease:
     worker_key: str
     timeout: float  # seconds without a heartbeat before it expires
     expires: float  # monotonic
+    progress_seq: int = 0  # the last chunk of streamed output received
 
 
 @dataclass
@@ -90,7 +98,7 @@ class Worker:
     session_id: str  # "" takes any session's tasks (a host worker)
     queues: tuple[str, ...]
     slots: int
-    push: Callable[[TaskAssignment | None], None] | None  # None: its stream is closed; push(None) ends it
+    push: Push | None  # None: its stream is closed; push(None) ends it
     stream: object = None
     leases: set[str] = field(default_factory=set)  # task ids
     last_seen: float = 0.0  # wall
@@ -110,10 +118,13 @@ class Effects:
     removed_schedules: set[str] = field(default_factory=set)
     keys_expired_before: float = 0.0  # idempotency keys older than this are forgotten
     events: list[Event] = field(default_factory=list)
-    # (a stream's outbox, what to send; None ends that stream)
-    pushes: list[tuple[Callable[[TaskAssignment | None], None], TaskAssignment | None]] = field(
-        default_factory=list
-    )
+    # (a stream's outbox, what to send; None ends a worker's stream)
+    pushes: list[tuple[Push, Any]] = field(default_factory=list)
+
+
+def finished(task: TaskInfo) -> TaskFinished:
+    """A finished task as task.wait answers it: a copy, since the waiter's thread encodes it."""
+    return _finished.decode(_encode(task))
 
 
 def visible(task: TaskInfo, scope: str | None) -> bool:
@@ -148,6 +159,7 @@ class Core:
         self.workers: dict[str, Worker] = {}
         self.schedules: dict[str, ScheduleInfo] = {}
         self.keys: dict[tuple[str, str], tuple[str, float]] = {}  # (session, key) -> (task id, created_at)
+        self.waiters: dict[str, list[Push]] = {}  # task id -> the outboxes of its task.wait streams
         self._ready: dict[
             str, dict[str, list]
         ] = {}  # queue -> session -> heap of (-priority, created, n, id)
@@ -365,6 +377,40 @@ class Core:
             cancel = TaskAssignment(kind="cancel", task_id=task.id, lease_id=lease.lease_id, reason=reason)
             self.effects.pushes.append((worker.push, cancel))
 
+    def wait_open(self, task_id: str, scope: str | None, push: Push) -> TaskFinished | None:
+        """A waiter of a task from now on (None), or the task when it is finished already."""
+        task = self.tasks.get(task_id)
+        if task is not None and visible(task, scope):
+            self.waiters.setdefault(task_id, []).append(push)
+            return None
+        stored = self.lookup(task_id)
+        if stored is None or not visible(stored, scope):
+            raise not_found(f"no task {task_id}", id=task_id)
+        return finished(stored)
+
+    def wait_closed(self, task_id: str, push: Push) -> None:
+        waiting = self.waiters.get(task_id)
+        if waiting is not None and push in waiting:
+            waiting.remove(push)
+            if not waiting:
+                del self.waiters[task_id]
+
+    def progress(self, req: TaskProgress, scope: str | None, now: Now) -> None:
+        task, lease = self._held(req.task_id, req.lease_id, scope)
+        self._seen(lease, now)  # output is a sign of life as good as a heartbeat
+        attempt = len(task.attempts)
+        for seq, data in enumerate(req.chunks, start=req.seq):
+            if seq <= lease.progress_seq:
+                continue  # received before: the worker retried a call whose answer it lost
+            lease.progress_seq = seq
+            self.effects.events.append(
+                TaskProgressed(
+                    task_id=task.id, session_id=task.session_id, attempt=attempt, seq=seq, data=data
+                )
+            )
+            report = TaskProgressReport(task_id=task.id, attempt=attempt, seq=seq, data=data)
+            self.effects.pushes.extend((push, report) for push in self.waiters.get(task.id, ()))
+
     def requeue(self, task_id: str, scope: str | None, now: Now) -> TaskInfo:
         if task_id in self.tasks and visible(self.tasks[task_id], scope):
             raise precondition(f"task {task_id} is {self.tasks[task_id].state.value}: not finished")
@@ -395,7 +441,7 @@ class Core:
         self,
         req: TaskWork,
         scope: str | None,
-        push: Callable[[TaskAssignment | None], None],
+        push: Push,
         stream: object,
         now: Now,
     ) -> str:
@@ -516,6 +562,10 @@ class Core:
             self._set_error(task, error_type, reason or error_type)
         del self.tasks[task.id]
         self._save(task)
+        waiting = self.waiters.pop(task.id, ())
+        if waiting:
+            answer = finished(task)
+            self.effects.pushes.extend((push, answer) for push in waiting)
         if state is TaskState.SUCCEEDED:
             self._event(TaskSucceeded, task)
         elif state is TaskState.CANCELLED:

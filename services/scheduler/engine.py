@@ -89,6 +89,8 @@ class Engine:
             self.store.schedules(),
             now,
         )
+        if self.core is not None:  # a reload: the task.wait streams still wait
+            core.waiters = self.core.waiters
         self.core = core
 
     # -- callers' side (RPC threads) --------------------------------------------------------------

@@ -7,17 +7,19 @@ pushes leases and cancels into the stream's outbox and the stream hands them to 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 from baaaht.bus.background import Stopping, background
 from baaaht.bus.client import BusClient
-from baaaht.bus.errors import exhausted, not_found
+from baaaht.bus.errors import BusError, exhausted, not_found
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config
+from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import SessionClosed
 from baaaht.schemas.tasks import (
     ScheduleInfo,
@@ -26,12 +28,15 @@ from baaaht.schemas.tasks import (
     TaskAssignment,
     TaskCancel,
     TaskComplete,
+    TaskFinished,
     TaskGet,
     TaskHeartbeat,
     TaskHeartbeatResult,
     TaskInfo,
     TaskList,
     TaskPage,
+    TaskProgress,
+    TaskProgressReport,
     TaskRequeue,
     TaskScheduleAdd,
     TaskScheduleList,
@@ -40,6 +45,7 @@ from baaaht.schemas.tasks import (
     TaskScheduleResume,
     TaskSubmit,
     TaskSubmitResult,
+    TaskWait,
     TaskWork,
     TaskWorkers,
     TaskWorkersResult,
@@ -51,7 +57,7 @@ from baaaht.services.scheduler.store import SchedulerStore
 
 log = logging.getLogger("baaaht.scheduler")
 
-CONCURRENCY = 256  # handler threads: every worker's open task.work stream holds one
+CONCURRENCY = 256  # handler threads: every open task.work or task.wait stream holds one
 MAX_STREAMS = CONCURRENCY - 32  # the rest stay free for submits and reports
 STREAM_CHECK = 0.5  # seconds between looks at whether a stream's caller left (items go out at once)
 KEY_SWEEP = 600.0  # seconds between purges of idempotency keys past their retention
@@ -115,6 +121,30 @@ class SchedulerService(Service):
         tasks, next_cursor = self.store.list(req.states, req.queue, session_id, req.limit, req.cursor)
         return TaskPage(tasks=tasks, next_cursor=next_cursor)
 
+    @rpc(stream=True)
+    def wait(self, req: TaskWait, ctx: CallContext) -> Iterator[TaskProgressReport | TaskFinished]:
+        scope = scope_of(ctx.caller, "read")
+        with self._stream_slot("wait for tasks"):
+            outbox: queue.SimpleQueue[TaskProgressReport | TaskFinished] = queue.SimpleQueue()
+            push = outbox.put
+            finished = self.engine.call(lambda core, now: core.wait_open(req.id, scope, push), ctx)
+            if finished is not None:
+                yield finished
+                return
+            try:
+                for item in self._drain(outbox, ctx):
+                    yield item
+                    if isinstance(item, TaskFinished):
+                        return
+                if not ctx.cancelled.is_set():
+                    raise BusError(
+                        ErrorCode.TIMEOUT,
+                        f"task {req.id} did not finish within the call's deadline",
+                        {"id": req.id},
+                    )
+            finally:
+                self.engine.tell(lambda core, now: core.wait_closed(req.id, push))
+
     @rpc
     def cancel(self, req: TaskCancel, ctx: CallContext) -> TaskInfo:
         scope = scope_of(ctx.caller, "submit")
@@ -131,34 +161,42 @@ class SchedulerService(Service):
 
     # -- workers ------------------------------------------------------------------------------------
 
-    @rpc(stream=True)
-    def work(self, req: TaskWork, ctx: CallContext) -> Iterator[TaskAssignment]:
-        scope = scope_of(ctx.caller, "work")
+    @contextlib.contextmanager
+    def _stream_slot(self, what: str) -> Iterator[None]:
+        """One of the MAX_STREAMS handler threads that streams may hold."""
         with self._streams_lock:
             if self._streams >= MAX_STREAMS:
-                raise exhausted(f"{self._streams} workers are taking work: the scheduler takes no more")
+                raise exhausted(f"{self._streams} streams are open: the scheduler opens no more to {what}")
             self._streams += 1
         try:
-            yield from self._serve_work(req, ctx, scope)
+            yield
         finally:
             with self._streams_lock:
                 self._streams -= 1
 
-    def _serve_work(self, req: TaskWork, ctx: CallContext, scope: str | None) -> Iterator[TaskAssignment]:
-        outbox: queue.SimpleQueue[TaskAssignment | None] = queue.SimpleQueue()
-        stream = object()
-        key = self.engine.call(lambda core, now: core.work_open(req, scope, outbox.put, stream, now), ctx)
-        try:
-            while not ctx.cancelled.is_set() and ctx.remaining() > 0:
-                try:
-                    item = outbox.get(timeout=min(STREAM_CHECK, max(0.0, ctx.remaining())))
-                except queue.Empty:
-                    continue
-                if item is None:  # the same worker opened a newer stream
-                    return
-                yield item
-        finally:
-            self.engine.tell(lambda core, now: core.work_closed(key, stream))
+    @staticmethod
+    def _drain(outbox: queue.SimpleQueue, ctx: CallContext) -> Iterator[Any]:
+        """What the engine pushes into a stream's outbox, until the caller leaves or its deadline passes."""
+        while not ctx.cancelled.is_set() and ctx.remaining() > 0:
+            try:
+                yield outbox.get(timeout=min(STREAM_CHECK, max(0.0, ctx.remaining())))
+            except queue.Empty:
+                continue
+
+    @rpc(stream=True)
+    def work(self, req: TaskWork, ctx: CallContext) -> Iterator[TaskAssignment]:
+        scope = scope_of(ctx.caller, "work")
+        with self._stream_slot("take work"):
+            outbox: queue.SimpleQueue[TaskAssignment | None] = queue.SimpleQueue()
+            stream = object()
+            key = self.engine.call(lambda core, now: core.work_open(req, scope, outbox.put, stream, now), ctx)
+            try:
+                for item in self._drain(outbox, ctx):
+                    if item is None:  # the same worker opened a newer stream
+                        return
+                    yield item
+            finally:
+                self.engine.tell(lambda core, now: core.work_closed(key, stream))
 
     @rpc
     def ack(self, req: TaskAck, ctx: CallContext) -> Empty:
@@ -174,6 +212,12 @@ class SchedulerService(Service):
             return TaskHeartbeatResult(cancel_requested=core.heartbeat(req.task_id, req.lease_id, scope, now))
 
         return self.engine.call(apply, ctx)
+
+    @rpc
+    def progress(self, req: TaskProgress, ctx: CallContext) -> Empty:
+        scope = scope_of(ctx.caller, "work")
+        self.engine.call(lambda core, now: core.progress(req, scope, now), ctx)
+        return Empty()
 
     @rpc
     def complete(self, req: TaskComplete, ctx: CallContext) -> Empty:

@@ -6,7 +6,9 @@ Every handler start, cancel and end is appended to the record file as a JSON lin
 outcome is reported, so a test that saw the task's event finds the line). Handlers by task type:
 noop, echo (returns the payload), sleep ({"seconds"}), fail (ValueError), flaky (fails while the attempt
 is at most {"fail_times"}), fatal (NonRetryableError), block (until cancelled), hold_first (blocks on the
-first attempt only), freeze ({"seconds"}: blocks the whole event loop, so no heartbeat goes out).
+first attempt only), freeze ({"seconds"}: blocks the whole event loop, so no heartbeat goes out),
+chatter (streams chunks b"<n>" as progress, one every few ms, until the file {"gate"} exists, then
+{"after"} more; returns how many it sent).
 """
 
 from __future__ import annotations
@@ -88,6 +90,19 @@ def main() -> None:
             await asyncio.Event().wait()
         return task.attempt
 
+    async def chatter(task):
+        sent = 0
+        while not os.path.exists(task.payload["gate"]):
+            if sent >= 5000:
+                raise ValueError("the gate never opened")
+            sent += 1
+            task.progress(str(sent).encode())
+            await asyncio.sleep(0.005)
+        for _ in range(task.payload["after"]):
+            sent += 1
+            task.progress(str(sent).encode())  # many at once: coalesced into few calls
+        return sent
+
     async def freeze(task):
         time.sleep(task.payload["seconds"])  # the event loop stops: no heartbeat goes out
 
@@ -103,6 +118,7 @@ def main() -> None:
             block=block,
             hold_first=hold_first,
             freeze=freeze,
+            chatter=chatter,
         ).items()
     }
 

@@ -1,0 +1,104 @@
+"""Streamed task output end to end: a real broker, the scheduler process, a test worker process
+(tests/services/task_worker.py) or worker agents on the agent socket; waiters on `task.wait`."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+
+from baaaht.bus.testing import error_of, next_event
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.tasks import (
+    TaskAssignment,
+    TaskCancel,
+    TaskFinished,
+    TaskProgress,
+    TaskProgressed,
+    TaskProgressReport,
+    TaskState,
+    TaskWait,
+    TaskWork,
+)
+from tests.scheduler_doubles import start_scheduler
+
+
+@pytest.fixture
+def scheduler(make_host):
+    return start_scheduler(make_host)
+
+
+def test_progress_reaches_a_waiter_and_the_events_in_order_then_the_finished_task(scheduler, tmp_path):
+    scheduler.start_worker("talk")
+    gate = tmp_path / "gate"
+    with scheduler.client.subscribe(["task.progress"], since=None) as events:
+        task = scheduler.submit("talk", "chatter", {"gate": str(gate), "after": 300}, session_id="s1")
+        partials, final = [], None
+        for item in scheduler.client.stream(TaskWait(id=task.id), timeout=30.0):
+            if isinstance(item, TaskFinished):
+                final = item
+                continue
+            assert isinstance(item, TaskProgressReport) and item.task_id == task.id
+            partials.append(item)
+            if len(partials) == 3:
+                gate.touch()  # the waiter got output: let the handler finish
+        assert final is not None and final.state is TaskState.SUCCEEDED
+        sent = msgspec.msgpack.decode(final.result)
+        seqs = [p.seq for p in partials]
+        assert seqs == list(range(seqs[0], sent + 1))  # from the call on: none lost, none twice, in order
+        assert all(p.data == str(p.seq).encode() and p.attempt == 1 for p in partials)
+        published = []
+        while len(published) < sent:
+            delivery = next_event(events, timeout=10.0, what=f"progress event {len(published) + 1} of {sent}")
+            assert delivery.topic == "task.progress/s1"
+            published.append(delivery.event)
+    assert all(isinstance(e, TaskProgressed) and e.task_id == task.id for e in published)
+    assert [e.seq for e in published] == list(range(1, sent + 1))
+    assert [e.data for e in published] == [str(n).encode() for n in range(1, sent + 1)]
+
+
+def test_a_wait_on_a_finished_task_is_answered_at_once(scheduler):
+    scheduler.start_worker("q")
+    task = scheduler.submit("q", "echo", {"x": 1})
+    scheduler.wait_state(task.id)
+    items = list(scheduler.client.stream(TaskWait(id=task.id), timeout=5.0))
+    assert len(items) == 1 and isinstance(items[0], TaskFinished)
+    assert items[0].state is TaskState.SUCCEEDED and msgspec.msgpack.decode(items[0].result) == {"x": 1}
+    missing = error_of(lambda: list(scheduler.client.stream(TaskWait(id="nope"), timeout=5.0)))
+    assert missing.code is ErrorCode.NOT_FOUND
+
+
+def test_a_wait_ends_at_the_calls_deadline_and_the_task_goes_on(scheduler):
+    scheduler.start_worker("q")
+    task = scheduler.submit("q", "block")
+    scheduler.wait_record("start", task.id)
+    began = time.monotonic()
+    timed_out = error_of(lambda: list(scheduler.client.stream(TaskWait(id=task.id), timeout=1.0)))
+    assert timed_out.code is ErrorCode.TIMEOUT and time.monotonic() - began < 5.0
+    waiting = scheduler.client.stream(TaskWait(id=task.id), timeout=15.0)
+    scheduler.client.call(TaskCancel(id=task.id))
+    (final,) = list(waiting)
+    assert isinstance(final, TaskFinished) and final.state is TaskState.CANCELLED
+
+
+def test_a_worker_of_one_session_cannot_report_progress_on_anothers_task(scheduler):
+    host, operator = scheduler.host, scheduler.client
+    host.identify("sess-b", role="worker")
+    worker_b = host.agent_client(timeout=10.0)
+    host.identify("sess-a", role="worker")
+    worker_a = host.agent_client(timeout=10.0)
+    task = scheduler.submit("tools", "exec", session_id="sess-b")
+    work = worker_b.stream(TaskWork(worker_id="b", queues=["tools"]), timeout=30.0)
+    lease: TaskAssignment = next(work)
+    assert lease.kind == "lease" and lease.task_id == task.id
+    with operator.subscribe(["task.progress"], since=None) as events:
+        forged = TaskProgress(task_id=task.id, lease_id=lease.lease_id, seq=1, chunks=[b"forged"])
+        refused = error_of(lambda: worker_a.call(forged))
+        assert refused.code is ErrorCode.FAILED_PRECONDITION
+        worker_b.call(TaskProgress(task_id=task.id, lease_id=lease.lease_id, seq=1, chunks=[b"real"]))
+        first = next_event(events, timeout=10.0, what="the real progress event").event
+    assert first.data == b"real" and first.seq == 1
+    not_yours = error_of(lambda: list(worker_a.stream(TaskWait(id=task.id), timeout=5.0)))
+    assert not_yours.code is ErrorCode.PERMISSION_DENIED  # a worker may not wait on tasks at all
+    work.close()
