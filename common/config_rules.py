@@ -18,6 +18,7 @@ from baaaht.schemas.config import BusConfig, Duration, Size
 
 RUNTIME_ENTRY_POINTS = "baaaht.runtimes"
 BUILTIN_RUNTIMES = ("auto", "docker", "apple")
+MIN_WORKSPACE_SIZE = 16 * 1024 * 1024
 MAX_IPC_PATH = 107  # bytes in a unix socket path (sun_path, less its terminating NUL)
 
 
@@ -76,6 +77,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "session.max_sessions": (_is_positive, "is out of range (expected at least 1)"),
     "policy.max_containers": (_is_positive, "is out of range (expected at least 1)"),
     "container.orphan_grace": (lambda grace: grace >= 0, "is out of range (expected 0s or more)"),
+    "workspace.size": (
+        lambda size: size >= MIN_WORKSPACE_SIZE,
+        "is too small (expected at least 16MiB, room for an ext4 filesystem and its journal)",
+    ),
     **{
         f"limits.{key}": (_is_positive, f"is out of range (expected at least 1 {what})")
         for key, what in (

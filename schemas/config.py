@@ -92,6 +92,13 @@ class ContainerConfig(Section, kw_only=True):
     agent_bus_mount: str = "/run/baaaht/agent"
 
 
+class WorkspaceConfig(Section, kw_only=True):
+    """Each session's workspace: an ext4 filesystem of this size in a sparse image under data_dir,
+    mounted at /workspace in the session's worker containers (services/containers/workspaces.py)."""
+
+    size: Size = Size(1024 * 1024 * 1024)
+
+
 class LimitsConfig(Section, kw_only=True):
     """What one peer, caller, agent or session may take of the host's shared capacity, so that one
     of them flooding the bus cannot starve the others (see docs/PROTOCOL.md, "Fairness")."""
@@ -243,6 +250,7 @@ class Config(Section, kw_only=True):
     session: SessionConfig = msgspec.field(default_factory=SessionConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     container: ContainerConfig = msgspec.field(default_factory=ContainerConfig)
+    workspace: WorkspaceConfig = msgspec.field(default_factory=WorkspaceConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     credentials: CredentialsConfig = msgspec.field(default_factory=CredentialsConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)

@@ -383,7 +383,8 @@ class OrphanRemoval(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class ReconcileReport(Response, kw_only=True):
     """`skipped` names why nothing was looked at or removed (e.g. the session service was unreachable).
-    `removed_volumes`, `failed_volumes`: session volumes whose session no longer exists."""
+    `removed_volumes`, `failed_volumes`: session volumes whose session no longer exists;
+    `removed_workspaces`, `failed_workspaces`: the sessions (no longer existing) whose workspaces went."""
 
     removed: list[OrphanRemoval] = []
     failed: list[str] = []
@@ -392,6 +393,8 @@ class ReconcileReport(Response, kw_only=True):
     skipped: str = ""
     removed_volumes: list[str] = []
     failed_volumes: list[str] = []
+    removed_workspaces: list[str] = []
+    failed_workspaces: list[str] = []
 
 
 class ContainerReconcile(Request, tag="container.reconcile", kw_only=True):

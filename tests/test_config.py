@@ -227,6 +227,7 @@ BAD_VALUES = [
     ("docker.host", "/var/run/docker.sock", "is not a Docker URL"),
     ("docker.tls_cert", "/etc/cert.pem", "expected docker.tls_cert and docker.tls_key together"),
     ("container.orphan_grace", "-1", "is not a duration"),
+    ("workspace.size", "8MiB", "is too small (expected at least 16MiB"),
     ("limits.agent_in_flight", "0", "expected at least 1 request"),
     ("limits.agent_events_per_second", "0", "expected a rate above zero"),
     ("limits.agent_event_burst_bytes", "1MiB", "is below bus.max_event_size (2097152 bytes)"),

@@ -59,6 +59,7 @@ from baaaht.services.containers.ownership import LABEL_INSTALL, LABEL_MANAGED, L
 from baaaht.services.containers.peers import BusAgentDirectory, BusPolicyGate, BusSessionDirectory
 from baaaht.services.containers.runtime import EngineUnavailable
 from baaaht.services.containers.service import ContainerService
+from baaaht.services.containers.workspaces import Workspaces
 from tests.container_fakes import (
     FakeAgents,
     FakePolicy,
@@ -68,6 +69,7 @@ from tests.container_fakes import (
     replace,
     session_info,
 )
+from tests.workspace_fakes import FakeWorkspaceMounts
 
 INSTALL = "c" * 32
 OURS = {LABEL_MANAGED: "true", LABEL_INSTALL: INSTALL}
@@ -97,10 +99,17 @@ def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0
         sessions=kw.pop("sessions", FakeSessions(session_info("s1"))),
         identities=kw.pop("identities", IdentityStore(str(run_dir))),
         agents=kw.pop("agents", FakeAgents()),
+        workspaces=kw.pop("workspaces", None) or fake_workspaces(run_dir),
         **kw,
     )
     service.check_engine()
     return service
+
+
+def fake_workspaces(run_dir) -> Workspaces:
+    return Workspaces(
+        str(run_dir.parent / "data"), 64 * 1024 * 1024, FakeWorkspaceMounts(str(run_dir.parent / "aside"))
+    )
 
 
 def create(service, session="s1", **spec):
@@ -843,6 +852,7 @@ def test_no_agent_caller_gets_anything_done_by_the_container_manager(run_dir, ro
         sessions=FakeSessions(session_info("s1")),
         identities=IdentityStore(str(run_dir)),
         agents=FakeAgents(),
+        workspaces=fake_workspaces(run_dir),
     )
     requests = every_container_request(own)
     assert {type(r) for r in requests} == {s.request_type for s in ContainerService.rpcs().values()}
@@ -907,3 +917,37 @@ def test_the_broker_is_asked_to_judge_the_containers_connections_anew():
     assert [r.container_id for r in bus.requests(BusAgentsUpdate)] == ["a" * 64]
     unanswered = FakeBus()
     assert code_of(lambda: BusAgentDirectory(unanswered, 1.0).updated("a" * 64)) is ErrorCode.UNAVAILABLE
+
+
+def test_a_deleted_sessions_workspace_is_removed_and_reconcile_removes_what_was_missed(run_dir):
+    sessions = FakeSessions(session_info("s1"), session_info("s2"), session_info("s3"), session_info("s4"))
+    service = make_service(run_dir, sessions=sessions)
+    workspaces = service.workspaces
+    for session in ("s1", "s2", "s3", "s4"):
+        workspaces.ensure(session)
+    del sessions.sessions["s1"]
+    service.on_session_deleted(SessionDeleted(session_id="s1", owner="alice"))
+    assert workspaces.sessions() == ["s2", "s3", "s4"] and workspaces.path("s1") is None
+    # A forged or mistaken session.deleted costs an existing session nothing.
+    service.on_session_deleted(SessionDeleted(session_id="s4", owner="alice"))
+    sessions.error = unavailable("the session service is away")
+    service.on_session_deleted(SessionDeleted(session_id="s4", owner="alice"))
+    assert workspaces.sessions() == ["s2", "s3", "s4"]
+    sessions.error = None
+    # s2 was deleted while nobody listened; s3 is closed, and its files outlive the close.
+    del sessions.sessions["s2"]
+    sessions.sessions["s3"].state = SessionState.CLOSED
+    report = service.reconcile_now()
+    assert report.removed_workspaces == ["s2"] and report.failed_workspaces == []
+    assert workspaces.sessions() == ["s3", "s4"]
+
+
+def test_the_container_manager_mounts_existing_workspaces_when_it_starts(run_dir):
+    first = make_service(run_dir)
+    mounts = first.workspaces.mounts
+    first.workspaces.ensure("s1")
+    mounts.forget_mounts()  # the host restarted
+    again = make_service(run_dir, workspaces=Workspaces(str(run_dir.parent / "data"), 1 << 26, mounts))
+    assert again.workspaces.path("s1") is None
+    again.on_start()
+    assert again.workspaces.path("s1") == first.workspaces.target_of("s1")

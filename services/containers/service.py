@@ -94,6 +94,7 @@ from baaaht.services.containers.runtime import (
     select_runtime,
 )
 from baaaht.services.containers.watchdog import TICK, Watchdog
+from baaaht.services.containers.workspaces import LoopMounts, WorkspaceError, Workspaces
 
 log = logging.getLogger("baaaht.containers")
 
@@ -130,6 +131,7 @@ class ContainerService(Service):
         sessions: SessionDirectory,
         identities: IdentityStore,
         agents: AgentDirectory,
+        workspaces: Workspaces,
         runtime_problem: str = "",
         clock: Callable[[], float] = time.time,
     ):
@@ -140,6 +142,7 @@ class ContainerService(Service):
         self.policy = policy
         self.sessions = sessions
         self.identities = Identities(identities, install_id, agents, clock)
+        self.workspaces = workspaces
         self.clock = clock
         self.max_containers = config.policy.max_containers
         self.max_ops = config.runtime.max_concurrent_ops
@@ -180,6 +183,7 @@ class ContainerService(Service):
             sessions=BusSessionDirectory(bus, timeout),
             identities=IdentityStore(Endpoints.for_config(config.bus).run_dir),
             agents=BusAgentDirectory(bus, timeout),
+            workspaces=Workspaces(config.data_dir, config.workspace.size, LoopMounts()),
             runtime_problem=problem,
         )
 
@@ -187,6 +191,8 @@ class ContainerService(Service):
 
     def on_start(self) -> None:
         self.check_engine()  # registered healthy at once when the engine answers
+        # After a host restart the images are there and their mounts are not; one that fails is logged.
+        self.workspaces.mount_existing()
 
     def on_stop(self) -> None:
         if self.runtime is not None:
@@ -645,24 +651,42 @@ class ContainerService(Service):
 
     @on_event("session.deleted")
     def on_session_deleted(self, event: SessionDeleted) -> None:
-        """The session's volumes go with it, once the session service confirms that it is gone (any host
-        peer may publish the event, and files are not lost on its word). One still in use (a container
-        its close could not remove), or not confirmed, stays until reconcile."""
+        """The session's workspace and volumes go with it, once the session service confirms that it is
+        gone (any host peer may publish the event, and files are not lost on its word). One still in use
+        (a container its close could not remove), or not confirmed, stays until reconcile."""
         self.identities.revoke_session(event.session_id)  # revoking needs no confirmation
+        try:
+            verdict = self.sessions.verdict(event.session_id)
+        except BusError as exc:
+            log.warning("files of deleted session %s not removed: %s", event.session_id, exc.message)
+            return
+        if verdict != "missing":
+            log.warning(
+                "session.deleted for session %s, which is %s: its files stay", event.session_id, verdict
+            )
+            return
+        self._remove_workspaces([event.session_id])
         if self.runtime is None:
             return
         try:
-            verdict = self.sessions.verdict(event.session_id)
-            if verdict != "missing":
-                log.warning(
-                    "session.deleted for session %s, which is %s: its volumes stay", event.session_id, verdict
-                )
-                return
             volumes = self._session_volumes(self.runtime, {LABEL_SESSION: event.session_id})
-        except (BusError, EngineError) as exc:
+        except EngineError as exc:
             log.warning("volumes of deleted session %s not removed: %s", event.session_id, exc.message)
             return
         self._remove_volumes(self.runtime, volumes)
+
+    def _remove_workspaces(self, session_ids: list[str]) -> tuple[list[str], list[str]]:
+        """(removed, failed) session ids; a workspace that cannot be unmounted stays until reconcile."""
+        removed, failed = [], []
+        for session_id in session_ids:
+            try:
+                self.workspaces.remove(session_id)
+            except WorkspaceError as error:
+                log.error("workspace not removed: %s", error.message, extra={"session": session_id})
+                failed.append(session_id)
+                continue
+            removed.append(session_id)
+        return removed, failed
 
     # -- identities ---------------------------------------------------------------------------------
 
@@ -724,12 +748,13 @@ class ContainerService(Service):
             runtime = self._runtime()
             containers = runtime.list(self.install_labels)
             volumes = runtime.list_volumes(self.install_labels)
+            workspaces = self.workspaces.images(self.install_id)
             now = self.clock()
             try:
                 verdicts = {
                     session: self.sessions.verdict(session)
                     for session in reconcile.sessions_to_check(
-                        [*containers, *volumes], self.install_id, now, self.orphan_grace
+                        [*containers, *volumes, *workspaces], self.install_id, now, self.orphan_grace
                     )
                 }
             except BusError as exc:
@@ -778,6 +803,13 @@ class ContainerService(Service):
             removed_volumes, failed_volumes = self._remove_volumes(
                 runtime, [removal.target for removal in orphan_volumes.remove]
             )
+            # Like volumes, a workspace outlives its session's close and goes once the session is gone.
+            orphan_workspaces = reconcile.plan(
+                workspaces, self.install_id, verdicts, now, self.orphan_grace, reconcile.VOLUME_ENDS
+            )
+            removed_workspaces, failed_workspaces = self._remove_workspaces(
+                [removal.target.session_id for removal in orphan_workspaces.remove]
+            )
             return ReconcileReport(
                 removed=removed,
                 failed=failed,
@@ -785,6 +817,8 @@ class ContainerService(Service):
                 too_young=decision.too_young,
                 removed_volumes=removed_volumes,
                 failed_volumes=failed_volumes,
+                removed_workspaces=removed_workspaces,
+                failed_workspaces=failed_workspaces,
             )
 
     def _remove_volumes(self, runtime: Runtime, volumes: list[VolumeInfo]) -> tuple[list[str], list[str]]:
