@@ -130,6 +130,22 @@ def test_a_taken_name_is_already_exists(harness):
     harness.call(CredentialPut(name="a", kind="api_key", value=VALUE))
     error = error_of(lambda: harness.call(CredentialPut(name="a", kind="api_key", value=b"other")))
     assert error.code is ErrorCode.ALREADY_EXISTS and "rotate" in error.message
+    assert error.details == {"name": "a"}
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        CredentialDescribe(name="nope"),
+        CredentialRotate(name="nope", value=b"x"),
+        CredentialDelete(name="nope"),
+    ],
+)
+def test_a_missing_name_is_not_found_naming_it(harness, request_):
+    # The store raises its own error; the service maps it to the code (issue 9.8).
+    error = error_of(lambda: harness.call(request_))
+    assert error.code is ErrorCode.NOT_FOUND and error.message == "no credential named 'nope'"
+    assert error.details == {"name": "nope"}
 
 
 @pytest.mark.parametrize("role", ["agent", "assistant", "worker", "unidentified"])

@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from baaaht.bus.errors import BusError
 from baaaht.schemas.credentials import CredentialPut
-from baaaht.schemas.errors import ErrorCode
 from baaaht.services.credentials import crypto, master
 from baaaht.services.credentials.master import KeyFile, Passphrase
 from baaaht.services.credentials.source import Secret, SecretExpired, SecretNotFound
-from baaaht.services.credentials.store import STORE_DIR, STORE_FILE, CredentialStore, StoreRefused
+from baaaht.services.credentials.store import (
+    STORE_DIR,
+    STORE_FILE,
+    CredentialExists,
+    CredentialStore,
+    StoreRefused,
+)
 from tests.session_doubles import FakeClock
 
 VALUE = b"sk-ant-test-0123456789abcdef"
@@ -279,13 +283,12 @@ def test_missing_names_and_taken_names(open_store):
         lambda: store.delete("nope"),
         lambda: store.rotate("nope", b"x", None, 0),
     ):
-        with pytest.raises(BusError) as error:
+        with pytest.raises(SecretNotFound, match="no credential named 'nope'"):
             action()
-        assert error.value.code is ErrorCode.NOT_FOUND
     store.put("a", "api_key", VALUE, "", 0.0)
-    with pytest.raises(BusError, match="rotate it") as taken:
+    with pytest.raises(CredentialExists, match="rotate it") as taken:
         store.put("a", "api_key", b"other", "", 0.0)
-    assert taken.value.code is ErrorCode.ALREADY_EXISTS
+    assert taken.value.name == "a"
     assert store.secret_for("a").value == VALUE
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from baaaht.bus.background import background
 from baaaht.bus.callers import host_callers_only
 from baaaht.bus.client import BusClient
-from baaaht.bus.errors import invalid
+from baaaht.bus.errors import BusError, invalid, not_found
 from baaaht.bus.service import CallContext, Publisher, Service, rpc
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config, CredentialsConfig
@@ -37,10 +38,11 @@ from baaaht.schemas.credentials import (
     CredentialRotateMasterResult,
 )
 from baaaht.schemas.egress import CredentialUsage, CredentialUsageResult
+from baaaht.schemas.errors import ErrorCode
 from baaaht.services.credentials.egress.server import EgressError, EgressServer
 from baaaht.services.credentials.master import KeyFile, MasterSource, Passphrase
-from baaaht.services.credentials.source import Secret, SecretExpired, SecretSource
-from baaaht.services.credentials.store import CredentialStore, StoreRefused
+from baaaht.services.credentials.source import Secret, SecretExpired, SecretNotFound, SecretSource
+from baaaht.services.credentials.store import CredentialExists, CredentialStore, StoreRefused
 
 log = logging.getLogger("baaaht.credential")
 
@@ -62,6 +64,17 @@ def check_value(kind: str, value: bytes) -> None:
         )
     if kind == "basic" and b":" not in value:
         raise invalid("a basic credential's value is `user:password` (no ':' found)")
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """The store's errors as the bus codes a caller acts on (the store knows nothing of the bus)."""
+    try:
+        yield
+    except SecretNotFound as exc:
+        raise not_found(exc.message, name=exc.name) from None
+    except CredentialExists as exc:
+        raise BusError(ErrorCode.ALREADY_EXISTS, str(exc), {"name": exc.name}) from None
 
 
 @host_callers_only  # agents use secrets only through the proxy (and the broker refuses them first)
@@ -128,7 +141,8 @@ class CredentialService(Service):
     @rpc
     def put(self, req: CredentialPut, ctx: CallContext) -> CredentialInfo:
         check_value(req.kind, req.value)
-        info = self.store.put(req.name, req.kind, req.value, req.description, req.expires_at)
+        with store_errors():
+            info = self.store.put(req.name, req.kind, req.value, req.description, req.expires_at)
         log.info("credential added", extra={"credential": req.name, "kind": req.kind})
         self.events.publish(
             CredentialChanged(id=info.id, name=info.name, change="added", version=info.version)
@@ -142,14 +156,16 @@ class CredentialService(Service):
 
     @rpc
     def describe(self, req: CredentialDescribe, ctx: CallContext) -> CredentialInfo:
-        return self.store.describe(req.name)
+        with store_errors():
+            return self.store.describe(req.name)
 
     @rpc
     def rotate(self, req: CredentialRotate, ctx: CallContext) -> CredentialInfo:
-        kind = self.store.describe(req.name).kind
-        check_value(kind, req.value)
-        grace = float(self.settings.grace_period) if req.grace is None else req.grace
-        info = self.store.rotate(req.name, req.value, req.expires_at, grace)
+        with store_errors():
+            kind = self.store.describe(req.name).kind
+            check_value(kind, req.value)
+            grace = float(self.settings.grace_period) if req.grace is None else req.grace
+            info = self.store.rotate(req.name, req.value, req.expires_at, grace)
         log.info("credential rotated", extra={"credential": req.name, "version": info.version})
         self.events.publish(
             CredentialChanged(id=info.id, name=info.name, change="rotated", version=info.version)
@@ -158,7 +174,8 @@ class CredentialService(Service):
 
     @rpc
     def delete(self, req: CredentialDelete, ctx: CallContext) -> Empty:
-        secret_id = self.store.delete(req.name)
+        with store_errors():
+            secret_id = self.store.delete(req.name)
         log.info("credential deleted", extra={"credential": req.name})
         self.events.publish(CredentialChanged(id=secret_id, name=req.name, change="deleted"))
         return Empty()

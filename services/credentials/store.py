@@ -27,9 +27,7 @@ from typing import Callable, Iterator
 
 import orjson
 
-from baaaht.bus.errors import BusError, not_found
 from baaaht.schemas.credentials import CredentialInfo, CredentialVersion
-from baaaht.schemas.errors import ErrorCode
 from baaaht.services.credentials import crypto
 from baaaht.services.credentials.master import Kdf, MasterKeyError, MasterSource, fsync_directory
 from baaaht.services.credentials.source import Secret, SecretExpired, SecretNotFound
@@ -77,6 +75,14 @@ _SECRET_COLUMNS = (
 
 class StoreRefused(Exception):
     """The store cannot be used: the service must not start. The message names the file and the cause."""
+
+
+class CredentialExists(Exception):
+    """A put of a name the store already holds."""
+
+    def __init__(self, name: str):
+        super().__init__(f"a credential named {name!r} exists: rotate it to change its value")
+        self.name = name
 
 
 def _connect(target: str, *, uri: bool = False) -> sqlite3.Connection:
@@ -272,7 +278,7 @@ class CredentialStore:
     def _row(db: sqlite3.Connection, name: str) -> tuple:
         row = db.execute(f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE name = ?", (name,)).fetchone()
         if row is None:
-            raise not_found(f"no credential named {name!r}", name=name)
+            raise SecretNotFound(name)
         return row
 
     def describe(self, name: str) -> CredentialInfo:
@@ -317,11 +323,7 @@ class CredentialStore:
         wrapped, sealed = crypto.seal_version(self._key, secret_id, name, 1, value)
         with self._write() as db:
             if db.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone():
-                raise BusError(
-                    ErrorCode.ALREADY_EXISTS,
-                    f"a credential named {name!r} exists: rotate it to change its value",
-                    {"name": name},
-                )
+                raise CredentialExists(name)
             db.execute(
                 "INSERT INTO secrets (id, name, kind, description, version, created_at, rotated_at,"
                 " expires_at, last_used_at, expiry_announced) VALUES (?, ?, ?, ?, 1, ?, 0, ?, 0, 0)",
