@@ -27,6 +27,7 @@ import os
 import pwd
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -63,6 +64,7 @@ DATA_DIR_MODE = 0o700
 RELOAD_ON_SIGHUP = ("policy", "container", "session", "scheduler")
 SUPERVISORCTL_TIMEOUT = 15.0  # seconds; supervisord answers at once unless it is stuck
 WAIT_INTERVAL = 0.2  # seconds between checks for a requested reload while supervisord runs
+ENV_COMMAND = "/usr/bin/env"  # coreutils: on the host and in the orchestrator image
 _PLACEHOLDER = re.compile(r"%\(ENV_(BAAAHT_[A-Z0-9_]+)\)s")
 
 # (flag, dotted key, help): every flag is a plain setting, validated like the file and environment.
@@ -243,6 +245,14 @@ def render_supervisord_conf(template: str, values: Mapping[str, str]) -> str:
     return _PLACEHOLDER.sub(substitute, template)
 
 
+def without_passphrase(config: Config) -> str:
+    """The command prefix of every program but the credential service: supervisord hands each child its
+    own environment, so the master key's passphrase variable (credentials.passphrase_env) is removed
+    from theirs by `env -u` as they start (it is never written to a file)."""
+    name = config.credentials.passphrase_env
+    return f"{ENV_COMMAND} -u {shlex.quote(name)} " if name else ""
+
+
 def prepare_run(config: Config, sources: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> Run:
     """Create the directories and write everything supervisord and the children read."""
     run_dir = Path(config.bus.run_dir)
@@ -259,6 +269,7 @@ def prepare_run(config: Config, sources: Mapping[str, str], environ: Mapping[str
         "BAAAHT_CONFIG": str(config_path),
         "BAAAHT_RUN_DIR": str(run_dir),
         "BAAAHT_USER": _current_user(),
+        "BAAAHT_WITHOUT_PASSPHRASE": without_passphrase(config),
     }
     template = resources.files(__package__).joinpath(SUPERVISORD_CONF).read_text()
     password = secrets.token_urlsafe(24)

@@ -105,9 +105,9 @@ def test_a_bad_flag_stops_the_launcher_before_anything_is_written(run_dir):
 # --- the prepared run --------------------------------------------------------------------------
 
 
-def prepared(run_dir: Path, environ: dict[str, str] | None = None):
+def prepared(run_dir: Path, environ: dict[str, str] | None = None, flags: dict[str, str] | None = None):
     config, sources = load_config(
-        None, env={}, flags={"bus.run_dir": str(run_dir), "data_dir": str(run_dir / "data")}
+        None, env={}, flags={"bus.run_dir": str(run_dir), "data_dir": str(run_dir / "data"), **(flags or {})}
     )
     return config, prepare_run(config, sources, environ or {})
 
@@ -129,6 +129,26 @@ def test_the_children_get_the_effective_config_and_no_orchestrator_variables(run
     assert run.environment["PATH"] == "/usr/bin"
     assert not [name for name in run.environment if name.startswith("ORCHESTRATOR_")]
     assert "BAAAHT_SUPERVISOR_PASSWORD" not in run.environment
+
+
+def program_commands(conf: Path) -> dict[str, str]:
+    options = ServerOptions()
+    options.configfile = str(conf)
+    options.process_config(do_usage=False)
+    return {group.name: group.process_configs[0].command for group in options.process_group_configs}
+
+
+def test_only_the_credential_service_starts_with_the_passphrase_variable(run_dir):
+    _, run = prepared(run_dir, flags={"credentials.passphrase_env": "MASTER_PASSPHRASE"})
+    commands = program_commands(run.supervisord_conf)
+    assert set(commands) == set(PROGRAMS)
+    for name, command in commands.items():
+        stripped = command.startswith("/usr/bin/env -u MASTER_PASSPHRASE ")
+        assert stripped == (name != "credential"), command
+    plain = run_dir / "plain"
+    plain.mkdir()
+    _, run = prepared(plain)  # no passphrase variable: nothing to remove
+    assert not [command for command in program_commands(run.supervisord_conf).values() if "env -u" in command]
 
 
 def test_supervisord_reads_the_run_config(run_dir):
@@ -239,7 +259,7 @@ def supervisorctl_status(conf: Path) -> dict[str, tuple[str, str]]:
 class Launched:
     """One real `baaaht-orchestrator` process and what it started."""
 
-    def __init__(self, run_dir: Path, data_dir: Path, sigint: str, args: list[str]):
+    def __init__(self, run_dir: Path, data_dir: Path, sigint: str, args: list[str], environ: dict[str, str]):
         self.run_dir = run_dir
         self.conf = run_dir / "supervisord.conf"
         self.stderr_path = run_dir.with_name(run_dir.name + ".launcher.log")
@@ -250,6 +270,7 @@ class Launched:
             f"credentials.master_key_file={run_dir / 'keys' / 'credentials.key'}",
         ]  # not in /etc
         env = {name: value for name, value in os.environ.items() if not name.startswith("ORCHESTRATOR_")}
+        env.update(environ)
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
                 with_sigint(sigint, argv + args), env=env, stdout=subprocess.DEVNULL, stderr=stderr
@@ -289,8 +310,14 @@ class Launched:
 def launch(run_dir):
     launched: list[Launched] = []
 
-    def start(*args: str, sigint: str = "SIG_DFL", run: Path | None = None, data: Path | None = None):
-        host = Launched(run or run_dir, data or run_dir / "data", sigint, list(args))
+    def start(
+        *args: str,
+        sigint: str = "SIG_DFL",
+        run: Path | None = None,
+        data: Path | None = None,
+        environ: dict[str, str] | None = None,
+    ):
+        host = Launched(run or run_dir, data or run_dir / "data", sigint, list(args), environ or {})
         launched.append(host)
         return host
 
@@ -319,6 +346,28 @@ def test_the_host_runs_under_supervisord_and_stops_on_ctrl_c(launch):
     assert host.process.wait(timeout=60) == 0
     assert [pid for pid in started if is_running(pid)] == []
     assert "CRIT" not in (host.run_dir / "logs" / "supervisord.log").read_text()
+
+
+def environ_of(pid: str) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode(errors="replace").partition("=")[::2] for entry in entries if entry)
+
+
+def test_the_passphrase_variable_reaches_the_credential_process_alone(launch):
+    passphrase = "correct horse battery staple 0f3a"
+    host = launch(
+        "--set",
+        "credentials.passphrase_env=BAAAHT_TEST_PASSPHRASE",
+        environ={"BAAAHT_TEST_PASSPHRASE": passphrase},
+    )
+    pids = host.wait_running()  # the credential service opened its store with the passphrase
+    holding = {
+        name for name, pid in pids.items() if environ_of(pid).get("BAAAHT_TEST_PASSPHRASE") == passphrase
+    }
+    assert holding == {"credential"}
+    assert all(
+        environ_of(pid)["BAAAHT_CONFIG"] for pid in pids.values()
+    )  # the rest of the environment is kept
 
 
 def test_a_host_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigterm(launch):
