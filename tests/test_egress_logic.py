@@ -13,6 +13,7 @@ from baaaht.services.credentials.egress.budgets import Budgets
 from baaaht.services.credentials.egress.headers import agent_headers, injected, upstream_headers
 from baaaht.services.credentials.egress.refusals import Refused
 from baaaht.services.credentials.egress.routes import RouteTable, path_problem, redirect_location
+from baaaht.services.credentials.egress.scrub import REDACTED, echo_forms, scrub, scrub_headers
 from baaaht.services.credentials.egress.usage import Usage, UsageReader, with_usage_requested
 
 UPSTREAM = "https://api.example.com"
@@ -286,3 +287,30 @@ def test_an_overlong_line_or_body_is_skipped_and_reading_goes_on_after_it(monkey
     body = UsageReader("application/json")
     body.feed(b'{"usage": {"output_tokens": 5}, "pad": "' + b"x" * 100 + b'"}')
     assert body.usage() == Usage(0, 0)
+
+
+@pytest.mark.parametrize(
+    "kind, value, injected_value, forms",
+    [
+        ("api_key", b"sk-abc123", "sk-abc123", [b"sk-abc123", base64.b64encode(b"sk-abc123")]),
+        ("api_key", b"sk-abc123", "Bearer sk-abc123", [b"Bearer sk-abc123"]),
+        ("basic", b"user:hunter22", "Basic " + base64.b64encode(b"user:hunter22").decode(), [b"hunter22"]),
+        ("basic", b"user:pw", "Basic " + base64.b64encode(b"user:pw").decode(), [b"user:pw"]),
+    ],
+)
+def test_the_forms_an_echo_of_a_key_could_take(kind, value, injected_value, forms):
+    found = echo_forms(kind, value, injected_value)
+    assert set(forms) <= set(found) and value in found and injected_value.encode() in found
+    assert b"pw" not in found  # a fragment under MIN_FORM bytes would redact ordinary text
+    assert [len(form) for form in found] == sorted((len(form) for form in found), reverse=True)
+
+
+def test_scrubbing_replaces_every_form_in_bodies_and_headers():
+    forms = echo_forms("api_key", b"sk-abc123", "Bearer sk-abc123")
+    body = b'{"message": "bad key Bearer sk-abc123 (sk-abc123, c2stYWJjMTIz)"}'
+    scrubbed = scrub(body, forms)
+    assert b"sk-abc123" not in scrubbed and b"c2stYWJjMTIz" not in scrubbed
+    assert scrubbed.count(REDACTED) == 3
+    headers = scrub_headers([("WWW-Authenticate", 'Bearer key="sk-abc123"'), ("X-Other", "kept")], forms)
+    assert headers == [("WWW-Authenticate", f'Bearer key="{REDACTED.decode()}"'), ("X-Other", "kept")]
+    assert scrub(b"nothing to see", forms) == b"nothing to see"

@@ -235,3 +235,32 @@ def test_the_stock_anthropic_and_openai_sdks_work_through_the_proxy(tmp_path):
             r.headers.get("x-api-key") or r.headers.get("authorization") for r in egress.upstream.requests
         ]
         assert keys == [ANTHROPIC_KEY.decode()] * 2 + [f"Bearer {OPENAI_KEY.decode()}"] * 2
+
+
+def leaks(response: httpx.Response, egress) -> int:
+    seen = response.content + repr(list(response.headers.items())).encode()
+    return sum(seen.count(form) for form in egress.secret_forms())
+
+
+def test_an_upstream_error_quoting_the_key_reaches_the_agent_with_the_key_redacted(tmp_path):
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        egress.upstream.reject_key = True
+        for path, body in (("/anthropic/v1/messages", MESSAGE), ("/openai/v1/chat/completions", CHAT)):
+            reply = client.post(path, json=body)
+            assert reply.status_code == 401
+            sent = egress.upstream.requests[-1].headers
+            assert any(form.decode() in str(sent) for form in egress.secret_forms())  # the key went upstream
+            assert leaks(reply, egress) == 0, reply.content
+            message = reply.json()["error"]["message"]
+            assert message.startswith("invalid credential: ") and "[redacted by the egress proxy]" in message
+            assert "[redacted by the egress proxy]" in reply.headers["www-authenticate"]
+            assert int(reply.headers["content-length"]) == len(reply.content)
+
+
+def test_an_encoded_upstream_error_is_withheld_since_it_cannot_be_searched(tmp_path):
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        egress.upstream.reject_key, egress.upstream.reject_encoding = True, "gzip"
+        reply = client.post("/anthropic/v1/messages", json=MESSAGE)
+        assert reply.status_code == 401 and "content-encoding" not in reply.headers
+        assert reply.text.startswith("the upstream's error body was gzip-encoded and is withheld")
+        assert leaks(reply, egress) == 0

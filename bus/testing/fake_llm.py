@@ -6,7 +6,9 @@ usage both APIs report) and not, behind a certificate of a test CA made with `cr
 (`ca_file`, to trust through `egress.ca_file`). It records every request it got (method, path,
 headers, body) and every stream whose reader went away, and answers a few paths tests need:
 `/redirect/away` (302 to another origin), `/redirect/home` (302 to its own `/v1/models`),
-`/v1/models`, `/bytes?size=N[&chunk=M]` (N bytes, streamed M at a time when M is given).
+`/v1/models`, `/bytes?size=N[&chunk=M]` (N bytes, streamed M at a time when M is given). With
+`reject_key` set it answers every call 401 quoting the key it got, in the body and a header, as some
+APIs do (gzip-encoded when `reject_encoding` is "gzip").
 
     with FakeLLM(tmp_path) as upstream:        # in a thread of this process
         upstream.url, upstream.ca_file, upstream.requests
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gzip
 import ipaddress
 import ssl
 import sys
@@ -115,6 +118,8 @@ class FakeLLM:
     first_byte_delay: float = 0.0  # seconds before a response starts
     requests: list[SeenRequest] = field(default_factory=list)
     abandoned: threading.Event = field(default_factory=threading.Event)  # a stream's reader went away
+    reject_key: bool = False  # answer 401, quoting the credential headers
+    reject_encoding: str = ""  # "gzip": that 401's body compressed
     url: str = ""
     ca: TestCA | None = None
 
@@ -176,7 +181,27 @@ class FakeLLM:
         self.requests.append(SeenRequest(request.method, request.path_qs, headers, body, time.monotonic()))
         if self.first_byte_delay:
             await asyncio.sleep(self.first_byte_delay)
+        if self.reject_key:
+            return self._rejected(headers)
         return await handler(request)
+
+    def _rejected(self, headers: dict[str, str]) -> web.Response:
+        quoted = headers.get("x-api-key") or headers.get("authorization", "")
+        body = msgspec.json.encode(
+            {
+                "type": "error",
+                "error": {"type": "authentication_error", "message": f"invalid credential: {quoted}"},
+            }
+        )
+        extra = {}
+        if self.reject_encoding == "gzip":
+            body, extra = gzip.compress(body), {"Content-Encoding": "gzip"}
+        return web.Response(
+            status=401,
+            body=body,
+            content_type="application/json",
+            headers={"WWW-Authenticate": f'Bearer error="invalid_token", credential="{quoted}"', **extra},
+        )
 
     def _words(self) -> list[str]:
         words = self.reply.split(" ")

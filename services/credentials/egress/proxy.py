@@ -30,12 +30,18 @@ from .headers import agent_headers, injected, upstream_headers
 from .journal import Call, Journal
 from .refusals import Refused
 from .routes import RouteTable, Target, redirect_location
+from .scrub import echo_forms, scrub, scrub_headers
 from .usage import UsageReader, with_usage_requested
 
 log = logging.getLogger("baaaht.egress")
 SHUTDOWN_TIMEOUT = 5.0  # seconds calls in flight get when the proxy stops
 CLIENT_GONE = 499  # the status recorded when the agent went away before the response ended
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+ERROR_STATUS = 400  # from here on a body is read whole and scrubbed of the key before the agent sees it
+MAX_ERROR_BODY = 1 << 20  # bytes of an error body handed on; the rest is cut
+WITHHELD = (
+    b"the upstream's error body was %s-encoded and is withheld by the egress proxy: it could quote the key"
+)
 
 
 def upstream_ssl_context(ca_file: str) -> ssl.SSLContext:
@@ -130,6 +136,7 @@ class EgressProxy:
         except SecretError as error:
             raise Refused(503, "credential", error.message) from None
         credential = injected(target.route, secret.kind, secret.value)
+        echoes = echo_forms(secret.kind, secret.value, credential[1])
         del secret
         body = await self._body(request)
         if target.route.usage == "openai":
@@ -138,7 +145,7 @@ class EgressProxy:
         self.budgets.admit(identity.session_id)
         call.forwarded = True
         call.bytes_out = len(body)
-        return await self._forward(request, call, target, headers, body)
+        return await self._forward(request, call, target, headers, body, echoes)
 
     def _container_of(self, request: web.Request) -> str:
         """The caller's container, looked up once per connection."""
@@ -161,7 +168,9 @@ class EgressProxy:
                 raise Refused(413, "size", f"the request body is over {cap} bytes")
         return bytes(body)
 
-    async def _forward(self, request, call: Call, target: Target, headers, body: bytes) -> web.StreamResponse:
+    async def _forward(
+        self, request, call: Call, target: Target, headers, body: bytes, echoes: tuple[bytes, ...]
+    ) -> web.StreamResponse:
         assert self._client is not None
         try:
             upstream = await self._client.request(
@@ -173,7 +182,7 @@ class EgressProxy:
             ) from None
         async with upstream:
             call.status = upstream.status
-            returned = CIMultiDict(agent_headers(upstream.headers.items()))
+            returned = CIMultiDict(scrub_headers(agent_headers(upstream.headers.items()), echoes))
             if upstream.status in _REDIRECTS and "Location" in upstream.headers:
                 returned["Location"] = redirect_location(
                     target.route, upstream.headers["Location"], target.url
@@ -183,6 +192,8 @@ class EgressProxy:
                 raise Refused(
                     502, "size", f"the upstream's response is {upstream.content_length} bytes, over {cap}"
                 )
+            if upstream.status >= ERROR_STATUS:
+                return await self._error_answer(upstream, call, returned, echoes)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=returned)
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
@@ -209,6 +220,27 @@ class EgressProxy:
             self._account(call)  # before the agent sees the end: its next call meets the new totals
             await response.write_eof()
             return response
+
+    async def _error_answer(
+        self, upstream: aiohttp.ClientResponse, call: Call, returned: CIMultiDict, echoes: tuple[bytes, ...]
+    ) -> web.Response:
+        """An upstream error, read whole (it is small) and handed on with any echo of the key redacted.
+        An encoded body cannot be searched: it is withheld, with a note saying so."""
+        body = bytearray()
+        async for chunk in upstream.content.iter_any():
+            body += chunk
+            if len(body) > MAX_ERROR_BODY:
+                body = body[:MAX_ERROR_BODY]
+                break
+        call.bytes_in = len(body)
+        encoding = upstream.headers.get("Content-Encoding", "identity").lower()
+        if encoding != "identity":
+            returned.popall("Content-Encoding")
+            returned["Content-Type"] = "text/plain; charset=utf-8"
+            answer = WITHHELD % encoding.encode("latin-1", "replace")
+        else:
+            answer = scrub(bytes(body), echoes)
+        return web.Response(status=upstream.status, reason=upstream.reason, headers=returned, body=answer)
 
     def _account(self, call: Call) -> None:
         """Add a forwarded call to its session's usage, once."""
