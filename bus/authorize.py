@@ -100,7 +100,8 @@ RULES: dict[str, dict[str, Rules]] = {
             ("task.wait", ALLOW),
             ("task.cancel", ALLOW),
         ),
-        PUBLISH: _AGENT_EVENTS,
+        # Its answer as it is generated, to its own session (publish_topic keeps it there).
+        PUBLISH: (*_AGENT_EVENTS, ("session.partial", ALLOW)),
         RECEIVE: (("session.*", ALLOW), ("agent.*", ALLOW), ("task.*", ALLOW)),
     },
     WORKER: {

@@ -73,11 +73,32 @@ class SessionInfo(Response, kw_only=True):
     message_count: int = 0
 
 
+class MessageToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A tool call the model asked for, as stored with the assistant message that asked for it."""
+
+    id: str  # the model's id of the call; the tool's answer names it in tool_call_id
+    name: str  # a tool of schemas/tools.py
+    arguments: str = "{}"  # the JSON object the model gave as the tool's input
+
+
+# How an assistant turn ended, on the turn's last message: answered, stopped by a cancel, failed (a
+# provider error, no route or credential), or cut by the assistant's caps on turns and tool calls.
+TurnEnd = Literal["", "done", "cancelled", "failed", "limit"]
+
+
 class MessageMetadata(msgspec.Struct, kw_only=True, omit_defaults=True):
     tool_name: str = ""
     tool_call_id: str = ""
     container_id: str = ""
     extra: dict[str, str] = {}
+    # An assistant's messages (agent/assistant/): the turn they belong to, the user message it answers,
+    # the tool calls the model asked for in this message, whether a tool's answer is an error, and
+    # on the turn's last message how it ended.
+    turn_id: str = ""
+    reply_to: str = ""
+    tool_calls: list[MessageToolCall] = []
+    is_error: bool = False
+    turn_end: TurnEnd = ""
 
 
 class Message(Response, kw_only=True):
@@ -252,3 +273,21 @@ class SessionCancelled(Event, tag="session.cancel", kw_only=True):
     session_id: str
     requested_by: str  # who asked, as the broker saw the caller
     reason: str = ""
+
+
+PartialKind = Literal["text", "tool_call", "tool_result", "status"]
+
+
+class SessionPartial(Event, tag="session.partial", kw_only=True):
+    """A piece of an assistant's answer as it is generated, published by the assistant itself under
+    `session.partial/<session id>`: model text as it streams (`text`), a tool call it asked for
+    (`tool_call`: name and arguments), a tool's answer (`tool_result`), a change of state
+    (`status`: e.g. retrying, cancelled). `seq` counts from 1 within a turn; the stored message is
+    the record, partials are only for watching live."""
+
+    session_id: str
+    turn_id: str
+    seq: int
+    kind: PartialKind
+    text: str = ""
+    tool_call_id: str = ""  # of a tool_call or tool_result

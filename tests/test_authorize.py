@@ -99,6 +99,11 @@ TABLE = [
     (ASSISTANT, RECEIVE, "session.cancel", ALLOWED),
     (ASSISTANT, CALL, "session.cancel", ALLOWED),
     (WORKER, CALL, "session.cancel", DENIED),
+    # the assistant's answer as it is generated: its own event, no other agent's
+    (ASSISTANT, PUBLISH, "session.partial", ALLOWED),
+    (ASSISTANT, PUBLISH, "session.message", DENIED),
+    (AGENT, PUBLISH, "session.partial", DENIED),
+    (WORKER, PUBLISH, "session.partial", DENIED),
     # a worker: takes and reports its session's tasks, nothing of the conversation
     (WORKER, CALL, "task.work", ALLOWED),
     (WORKER, CALL, "task.ack", ALLOWED),
@@ -174,6 +179,8 @@ def test_an_agents_event_is_published_in_its_own_session_only():
     topic, denial = publish_topic(AGENT, "s1", "agent.progress/s2")
     assert denial is not None and "'s2'" in denial.message
     assert publish_topic(AGENT, "s1", "session.message/s1")[1] is not None
+    assert publish_topic(ASSISTANT, "s1", "session.partial") == ("session.partial/s1", None)
+    assert publish_topic(ASSISTANT, "s1", "session.partial/s2")[1] is not None
     # host peers publish on the topic they name, any session's
     assert publish_topic(SERVICE, "", "session.message/s2", "session") == ("session.message/s2", None)
 

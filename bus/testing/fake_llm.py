@@ -10,14 +10,28 @@ headers, body) and every stream whose reader went away, and answers a few paths 
 `reject_key` set it answers every call 401 quoting the key it got, in the body and a header, as some
 APIs do (gzip-encoded when `reject_encoding` is "gzip").
 
-    with FakeLLM(tmp_path) as upstream:        # in a thread of this process
+A test scripts the model: `script` holds one reply per streamed request, in order (then the plain
+`reply` again), each a list of steps, JSON-shaped so a script file drives the fake in its own process:
+
+    say("Let me look.")                         text, one chunk per word
+    call_tool("read_file", path="notes.txt")    a tool call (its arguments streamed in two pieces)
+    say_tool_result("content", line=1)          a line of a field of the request's last tool result
+    pause(0.5)                                  nothing for a while (a slow model, to cancel)
+    fail(429)                                   an HTTP error answer instead of a stream (first step)
+    stream_error("overloaded_error")            the provider's error event inside the stream
+    cut()                                       the connection closed mid-stream
+
+    with FakeLLM(tmp_path, script=[[call_tool("read_file", path="notes.txt")],
+                                   [say_tool_result("content")]]) as upstream:  # in a thread
         upstream.url, upstream.ca_file, upstream.requests
 
-    python -m baaaht.bus.testing.fake_llm DIR  # its own process: prints the URL, runs until stdin ends
+    python -m baaaht.bus.testing.fake_llm DIR [CHUNK_INTERVAL] [--script FILE]
+        # its own process: prints the URL, runs until stdin ends
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime
 import gzip
@@ -28,6 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -99,6 +114,79 @@ def make_test_ca(directory: str | Path) -> TestCA:
     return found
 
 
+Step = dict[str, Any]
+
+
+def say(text: str) -> Step:
+    return {"say": text}
+
+
+def call_tool(name: str, call_id: str = "", **arguments: Any) -> Step:
+    return {"tool": name, "id": call_id, "input": arguments}
+
+
+def say_tool_result(field: str = "", line: int = 0) -> Step:
+    """Say the request's last tool result: its JSON `field` (whole when ""), its `line` (from 1; 0: all)."""
+    return {"tool_result": {"field": field, "line": line}}
+
+
+def pause(seconds: float) -> Step:
+    return {"pause": seconds}
+
+
+def fail(status: int, error_type: str = "", message: str = "") -> Step:
+    return {"fail": status, "type": error_type, "message": message or f"fake upstream error {status}"}
+
+
+def stream_error(error_type: str = "overloaded_error", message: str = "fake stream error") -> Step:
+    return {"stream_error": error_type, "message": message}
+
+
+def cut() -> Step:
+    return {"cut": True}
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}
+
+
+def _last_tool_result(asked: dict) -> str:
+    """The content of the last tool result in a request of either API."""
+    found = ""
+    for message in asked.get("messages", []):
+        if message.get("role") == "tool":
+            found = message.get("content") or ""
+        elif isinstance(message.get("content"), list):
+            for block in message["content"]:
+                if block.get("type") == "tool_result":
+                    content = block.get("content")
+                    found = (
+                        content if isinstance(content, str) else "".join(b.get("text", "") for b in content)
+                    )
+    return found
+
+
+def _tool_result_text(asked: dict, spec: dict) -> str:
+    text = _last_tool_result(asked)
+    if spec.get("field"):
+        try:
+            text = str(msgspec.json.decode(text)[spec["field"]])
+        except (msgspec.DecodeError, KeyError, TypeError):
+            text = f"(no field {spec['field']!r} in the tool result {text!r})"
+    if spec.get("line"):
+        lines = text.splitlines()
+        text = lines[spec["line"] - 1] if len(lines) >= spec["line"] else ""
+    return text
+
+
+def _words_of(text: str) -> list[str]:
+    words = text.split(" ")
+    return [word if i == len(words) - 1 else word + " " for i, word in enumerate(words)]
+
+
+class _Cut(Exception):
+    """A scripted `cut()`: close the connection without ending the response."""
+
+
 @dataclass(frozen=True)
 class SeenRequest:
     method: str
@@ -116,6 +204,7 @@ class FakeLLM:
     reply: str = DEFAULT_REPLY
     chunk_interval: float = 0.0  # seconds between streamed chunks
     first_byte_delay: float = 0.0  # seconds before a response starts
+    script: list[list[Step]] = field(default_factory=list)  # one reply per streamed request, then `reply`
     requests: list[SeenRequest] = field(default_factory=list)
     abandoned: threading.Event = field(default_factory=threading.Event)  # a stream's reader went away
     reject_key: bool = False  # answer 401, quoting the credential headers
@@ -204,12 +293,17 @@ class FakeLLM:
         )
 
     def _words(self) -> list[str]:
-        words = self.reply.split(" ")
-        return [word if i == len(words) - 1 else word + " " for i, word in enumerate(words)]
+        return _words_of(self.reply)
+
+    def _scripted(self, asked: dict) -> list[Step] | None:
+        """The next scripted reply for a streamed request, or None (then the plain reply)."""
+        return self.script.pop(0) if asked.get("stream") and self.script else None
 
     async def anthropic(self, request: web.Request) -> web.StreamResponse:
         asked = msgspec.json.decode(await request.read())
         model = asked.get("model", "claude-fake")
+        if (steps := self._scripted(asked)) is not None:
+            return await self._anthropic_script(request, asked, model, steps)
         words = self._words()
         if not asked.get("stream"):
             return web.json_response(
@@ -275,6 +369,8 @@ class FakeLLM:
     async def openai(self, request: web.Request) -> web.StreamResponse:
         asked = msgspec.json.decode(await request.read())
         model = asked.get("model", "gpt-fake")
+        if (steps := self._scripted(asked)) is not None:
+            return await self._openai_script(request, asked, model, steps)
         words = self._words()
         usage = {
             "prompt_tokens": INPUT_TOKENS,
@@ -313,17 +409,164 @@ class FakeLLM:
         chunks = [b"data: %s\n\n" % msgspec.json.encode(document) for document in documents]
         return await self._stream(request, [*chunks, b"data: [DONE]\n\n"])
 
-    async def _stream(self, request: web.Request, chunks: list[bytes]) -> web.StreamResponse:
+    # -- scripted replies -------------------------------------------------------------------------
+
+    async def _anthropic_script(self, request: web.Request, asked: dict, model: str, steps: list[Step]):
+        if steps and "fail" in steps[0]:
+            step = steps[0]
+            error = {
+                "type": step["type"] or ERROR_TYPES.get(step["fail"], "api_error"),
+                "message": step["message"],
+            }
+            return web.json_response({"type": "error", "error": error}, status=step["fail"])
+
+        def event(name: str, data: dict) -> bytes:
+            return b"event: %s\ndata: %s\n\n" % (name.encode(), msgspec.json.encode({"type": name, **data}))
+
+        def produce():
+            message = {
+                "id": "msg_fake",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+            }
+            message |= {"stop_reason": None, "stop_sequence": None}
+            yield event(
+                "message_start",
+                {"message": {**message, "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}},
+            )
+            index, used_tools, output = 0, False, 0
+            for step in steps:
+                if "say" in step or "tool_result" in step:
+                    text = step["say"] if "say" in step else _tool_result_text(asked, step["tool_result"])
+                    yield event(
+                        "content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}}
+                    )
+                    for word in _words_of(text):
+                        output += 1
+                        yield event(
+                            "content_block_delta",
+                            {"index": index, "delta": {"type": "text_delta", "text": word}},
+                        )
+                    yield event("content_block_stop", {"index": index})
+                    index += 1
+                elif "tool" in step:
+                    used_tools = True
+                    block = {
+                        "type": "tool_use",
+                        "id": step["id"] or f"toolu_{index}",
+                        "name": step["tool"],
+                        "input": {},
+                    }
+                    yield event("content_block_start", {"index": index, "content_block": block})
+                    arguments = msgspec.json.encode(step["input"]).decode()
+                    half = len(arguments) // 2
+                    for piece in (arguments[:half], arguments[half:]):
+                        yield event(
+                            "content_block_delta",
+                            {"index": index, "delta": {"type": "input_json_delta", "partial_json": piece}},
+                        )
+                    yield event("content_block_stop", {"index": index})
+                    index += 1
+                elif "pause" in step:
+                    yield step["pause"]
+                elif "stream_error" in step:
+                    yield event(
+                        "error", {"error": {"type": step["stream_error"], "message": step["message"]}}
+                    )
+                    return
+                elif "cut" in step:
+                    raise _Cut()
+            stop = "tool_use" if used_tools else "end_turn"
+            yield event(
+                "message_delta",
+                {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": output}},
+            )
+            yield event("message_stop", {})
+
+        return await self._stream(request, produce())
+
+    async def _openai_script(self, request: web.Request, asked: dict, model: str, steps: list[Step]):
+        if steps and "fail" in steps[0]:
+            step = steps[0]
+            error = {
+                "message": step["message"],
+                "type": step["type"] or ERROR_TYPES.get(step["fail"], "server_error"),
+            }
+            return web.json_response({"error": {**error, "code": None, "param": None}}, status=step["fail"])
+        base = {
+            "id": "chatcmpl-fake",
+            "created": int(time.time()),
+            "model": model,
+            "object": "chat.completion.chunk",
+        }
+
+        def chunk(delta: dict, finish: str | None = None) -> bytes:
+            document = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return b"data: %s\n\n" % msgspec.json.encode(document)
+
+        def produce():
+            yield chunk({"role": "assistant", "content": ""})
+            tools, output = 0, 0
+            for step in steps:
+                if "say" in step or "tool_result" in step:
+                    text = step["say"] if "say" in step else _tool_result_text(asked, step["tool_result"])
+                    for word in _words_of(text):
+                        output += 1
+                        yield chunk({"content": word})
+                elif "tool" in step:
+                    arguments = msgspec.json.encode(step["input"]).decode()
+                    half = len(arguments) // 2
+                    call_id = step["id"] or f"call_{tools}"
+                    first = {"index": tools, "id": call_id, "type": "function"}
+                    yield chunk(
+                        {
+                            "tool_calls": [
+                                {**first, "function": {"name": step["tool"], "arguments": arguments[:half]}}
+                            ]
+                        }
+                    )
+                    yield chunk(
+                        {"tool_calls": [{"index": tools, "function": {"arguments": arguments[half:]}}]}
+                    )
+                    tools += 1
+                elif "pause" in step:
+                    yield step["pause"]
+                elif "stream_error" in step:
+                    yield b"data: %s\n\n" % msgspec.json.encode(
+                        {"error": {"message": step["message"], "type": step["stream_error"]}}
+                    )
+                    return
+                elif "cut" in step:
+                    raise _Cut()
+            yield chunk({}, "tool_calls" if tools else "stop")
+            usage = {
+                "prompt_tokens": INPUT_TOKENS,
+                "completion_tokens": output,
+                "total_tokens": INPUT_TOKENS + output,
+            }
+            yield b"data: %s\n\n" % msgspec.json.encode({**base, "choices": [], "usage": usage})
+            yield b"data: [DONE]\n\n"
+
+        return await self._stream(request, produce())
+
+    async def _stream(self, request: web.Request, chunks) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
         try:
             for i, chunk in enumerate(chunks):
+                if isinstance(chunk, (int, float)):  # a scripted pause
+                    await asyncio.sleep(chunk)
+                    continue
                 if i and self.chunk_interval:
                     await asyncio.sleep(self.chunk_interval)
                 await response.write(chunk)
             await response.write_eof()
+        except _Cut:
+            request.transport.close()  # no last chunk: the client sees its stream end mid-answer
         except (asyncio.CancelledError, ConnectionError):
             self.abandoned.set()
             raise
@@ -345,7 +588,13 @@ class FakeLLM:
 
 
 def main() -> None:
-    with FakeLLM(sys.argv[1], chunk_interval=float(sys.argv[2]) if len(sys.argv) > 2 else 0.0) as upstream:
+    parser = argparse.ArgumentParser(prog="python -m baaaht.bus.testing.fake_llm")
+    parser.add_argument("directory", help="where its test CA is written")
+    parser.add_argument("chunk_interval", nargs="?", type=float, default=0.0, help="seconds between chunks")
+    parser.add_argument("--script", help="a JSON file: a list of scripted replies, each a list of steps")
+    args = parser.parse_args()
+    script = msgspec.json.decode(Path(args.script).read_bytes()) if args.script else []
+    with FakeLLM(args.directory, chunk_interval=args.chunk_interval, script=script) as upstream:
         print(upstream.url, flush=True)
         sys.stdin.read()
 
