@@ -1,23 +1,95 @@
 """What an agent runs to reach the LLM APIs through the egress proxy with the stock SDKs.
 
-Standalone (only the SDKs), so it runs inside an agent container as it does on the host:
+Standalone (only the SDKs and the standard library), so it runs inside an agent container as it does
+on the host:
 
-    python egress_agent_client.py /run/baaaht/agent/egress.sock
+    python egress_agent_client.py /run/baaaht/agent/egress.sock [rejected]
 
-prints one JSON object: the text and usage each SDK got, streamed and not. The SDKs need some
-api_key: the placeholder never leaves the proxy, which drops it and adds the real key.
+prints one JSON object: the text and usage each SDK got, streamed and not, and what plain `httpx` and
+`http.client` got with the documented base URL; with `rejected` (the upstream refuses the key), the
+error each client saw. The SDKs need some api_key: the placeholder never leaves the proxy, which drops
+it and adds the real key.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import sys
 
 import anthropic
+import httpx
 import httpx2
 import openai
 
 PLACEHOLDER_KEY = "held-by-the-egress-proxy"
+
+
+BASE_URL = "http://egress"  # the host part is not used: the transport connects to the socket
+MESSAGE = {"model": "claude-fake", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+
+
+class UnixConnection(http.client.HTTPConnection):
+    """http.client on the egress socket: `Host: egress`, the path as through any proxy URL."""
+
+    def __init__(self, path: str):
+        super().__init__("egress")
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.socket_path)
+
+
+def plain(socket_path: str) -> dict:
+    """The same Messages call with plain httpx (streamed) and with the standard library."""
+    found = {}
+    with httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url=BASE_URL) as client:
+        with client.stream("POST", "/anthropic/v1/messages", json={**MESSAGE, "stream": True}) as reply:
+            deltas = [
+                json.loads(line[len("data: ") :])["delta"].get("text", "")
+                for line in reply.iter_lines()
+                if line.startswith("data: ") and '"content_block_delta"' in line
+            ]
+        found["httpx_stream"] = {"status": reply.status_code, "text": "".join(deltas)}
+    connection = UnixConnection(socket_path)
+    try:
+        connection.request(
+            "POST",
+            "/anthropic/v1/messages",
+            body=json.dumps(MESSAGE),
+            headers={"Content-Type": "application/json"},
+        )
+        response = connection.getresponse()
+        body = json.loads(response.read())
+        found["http_client"] = {"status": response.status, "text": body["content"][0]["text"]}
+    finally:
+        connection.close()
+    return found
+
+
+def rejected(socket_path: str) -> dict:
+    """What each client shows of an upstream that refuses the key (and quotes it)."""
+    found = {}
+    with anthropic.Anthropic(
+        base_url=f"{BASE_URL}/anthropic",
+        api_key=PLACEHOLDER_KEY,
+        http_client=httpx2.Client(transport=httpx2.HTTPTransport(uds=socket_path)),
+        max_retries=0,
+    ) as claude:
+        try:
+            claude.messages.create(**MESSAGE)
+        except anthropic.APIStatusError as error:
+            found["anthropic"] = {
+                "status": error.status_code,
+                "error": str(error),
+                "headers": dict(error.response.headers),
+            }
+    with httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url=BASE_URL) as client:
+        reply = client.post("/openai/v1/chat/completions", json={"model": "gpt-fake", "messages": []})
+        found["httpx"] = {"status": reply.status_code, "body": reply.text, "headers": dict(reply.headers)}
+    return found
 
 
 def run(socket_path: str) -> dict:
@@ -27,13 +99,13 @@ def run(socket_path: str) -> dict:
     found: dict = {}
     with (
         anthropic.Anthropic(
-            base_url="http://egress/anthropic",
+            base_url=f"{BASE_URL}/anthropic",
             api_key=PLACEHOLDER_KEY,
             http_client=http_client(),
             max_retries=0,
         ) as claude,
         openai.OpenAI(
-            base_url="http://egress/openai/v1",
+            base_url=f"{BASE_URL}/openai/v1",
             api_key=PLACEHOLDER_KEY,
             http_client=http_client(),
             max_retries=0,
@@ -41,17 +113,13 @@ def run(socket_path: str) -> dict:
     ):
         _anthropic(claude, found)
         _openai(gpt, found)
-    return found
+    return {**found, **plain(socket_path)}
 
 
 def _anthropic(claude: anthropic.Anthropic, found: dict) -> None:
-    message = claude.messages.create(
-        model="claude-fake", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
-    )
+    message = claude.messages.create(**MESSAGE)
     found["anthropic"] = {"text": message.content[0].text, "output_tokens": message.usage.output_tokens}
-    with claude.messages.stream(
-        model="claude-fake", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
-    ) as stream:
+    with claude.messages.stream(**MESSAGE) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     found["anthropic_stream"] = {"text": text, "output_tokens": final.usage.output_tokens}
@@ -79,4 +147,5 @@ def _openai(gpt: openai.OpenAI, found: dict) -> None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(sys.argv[1])), flush=True)
+    mode = sys.argv[2] if len(sys.argv) > 2 else "calls"
+    print(json.dumps(rejected(sys.argv[1]) if mode == "rejected" else run(sys.argv[1])), flush=True)

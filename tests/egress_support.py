@@ -17,7 +17,7 @@ from baaaht.bus.testing.fake_llm import FakeLLM
 from baaaht.common.identity import AgentIdentity, IdentityStore
 from baaaht.schemas.config import BusConfig, Config, EgressConfig, EgressRoute
 from baaaht.services.credentials.egress.server import EgressServer
-from baaaht.services.credentials.source import Secret, SecretExpired, SecretNotFound
+from baaaht.services.credentials.source import Secret, SecretExpired, SecretNotFound, SecretSource
 
 CONTAINER = "c" * 64
 SESSION = "s1"
@@ -104,7 +104,7 @@ class Egress:
     upstream: FakeLLM
     server: EgressServer
     events: FakeBus
-    secrets: FakeSecrets
+    secrets: FakeSecrets | SecretSource
     callers: OwnPid
     socket_path: str
     data_dir: Path
@@ -115,7 +115,7 @@ class Egress:
         )
 
     def secret_forms(self) -> list[bytes]:
-        return secret_forms([value for _kind, value in self.secrets.values.values()])
+        return secret_forms([ANTHROPIC_KEY, OPENAI_KEY])
 
 
 def secret_forms(secrets: list[bytes]) -> list[bytes]:
@@ -134,9 +134,17 @@ def identify(run_dir: Path, role: str = "agent", session: str = SESSION) -> Iden
 
 
 @contextmanager
-def running_egress(tmp_path: Path, *, role: str = "agent", agent_gid: int | None = None, **egress_settings):
+def running_egress(
+    tmp_path: Path,
+    *,
+    role: str = "agent",
+    agent_gid: int | None = None,
+    secrets: SecretSource | None = None,
+    **egress_settings,
+):
     """With `agent_gid`, the agents' directory is of that group and callers are found the real way
-    (peer pid -> /proc cgroup -> identity file), as for containers; else this process is the caller."""
+    (peer pid -> /proc cgroup -> identity file), as for containers; else this process is the caller.
+    `secrets` (holding ANTHROPIC_KEY and OPENAI_KEY under those names) replaces the FakeSecrets."""
     run_dir = tmp_path / "run"
     (run_dir / "agent").mkdir(parents=True)
     if agent_gid is not None:
@@ -151,8 +159,9 @@ def running_egress(tmp_path: Path, *, role: str = "agent", agent_gid: int | None
             bus=BusConfig(run_dir=str(run_dir)),
             egress=EgressConfig(**settings),
         )
-        secrets = FakeSecrets({"anthropic": ("api_key", ANTHROPIC_KEY), "openai": ("api_key", OPENAI_KEY)})
-        secrets.expired.add("old")
+        fakes = FakeSecrets({"anthropic": ("api_key", ANTHROPIC_KEY), "openai": ("api_key", OPENAI_KEY)})
+        fakes.expired.add("old")
+        secrets = secrets or fakes
         events = FakeBus()
         callers = OwnPid(store)
         server = EgressServer.for_config(

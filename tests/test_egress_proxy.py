@@ -234,7 +234,9 @@ def test_the_stock_anthropic_and_openai_sdks_work_through_the_proxy(tmp_path):
         keys = [
             r.headers.get("x-api-key") or r.headers.get("authorization") for r in egress.upstream.requests
         ]
-        assert keys == [ANTHROPIC_KEY.decode()] * 2 + [f"Bearer {OPENAI_KEY.decode()}"] * 2
+        anthropic_key, openai_key = ANTHROPIC_KEY.decode(), f"Bearer {OPENAI_KEY.decode()}"
+        assert keys == [anthropic_key] * 2 + [openai_key] * 2 + [anthropic_key] * 2
+        assert found["httpx_stream"] == found["http_client"] == {"status": 200, "text": reply}
 
 
 def leaks(response: httpx.Response, egress) -> int:
