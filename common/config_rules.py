@@ -81,6 +81,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda size: size >= MIN_WORKSPACE_SIZE,
         "is too small (expected at least 16MiB, room for an ext4 filesystem and its journal)",
     ),
+    "pool.size": (lambda n: n >= 0, "is out of range (expected 0, no pool, or more)"),
+    "pool.max": (lambda n: n >= 0, "is out of range (expected 0 or more containers)"),
+    "pool.roles": (
+        lambda roles: set(roles) <= {"worker"},
+        "names a role the pool cannot give (expected worker: pooled containers run baaaht-agent worker)",
+    ),
     **{
         f"limits.{key}": (_is_positive, f"is out of range (expected at least 1 {what})")
         for key, what in (
@@ -162,6 +168,9 @@ def problems_in(values: Mapping[str, Any], types: Mapping[str, Any]) -> list[tup
                 " an event that large",
             )
         )
+    size, most = values.get("pool.size"), values.get("pool.max")
+    if size is not None and most is not None and size > most:
+        failed.append(("pool.size", f"is above pool.max ({most}): the pool's quota would refuse its size"))
     if bool(values.get("docker.tls_cert")) != bool(values.get("docker.tls_key")):
         key = "docker.tls_cert" if values.get("docker.tls_cert") else "docker.tls_key"
         failed.append((key, "is set alone (expected docker.tls_cert and docker.tls_key together)"))

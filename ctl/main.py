@@ -311,11 +311,12 @@ def role_of(cls: type) -> str:
 
 def register_domains() -> None:
     """The domain command groups live beside their services' schemas."""
-    from baaaht.ctl import agents, auth, config_cmd, containers, credentials, policy, sessions, tasks
+    from baaaht.ctl import agents, auth, config_cmd, containers, credentials, policy, pool, sessions, tasks
 
     app.add_typer(agents.app, name="agents", help="Agents connected to the bus.")
     app.add_typer(config_cmd.app, name="config", help="The effective configuration.")
     app.add_typer(containers.app, name="containers", help="Containers on this host.")
+    app.add_typer(pool.app, name="pool", help="The warm pool of worker containers.")
     app.add_typer(credentials.app, name="credentials", help="Secrets kept by the credential manager.")
     app.add_typer(sessions.app, name="sessions", help="Sessions and their conversations.")
     app.add_typer(policy.app, name="policy", help="The container policy.")

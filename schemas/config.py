@@ -99,6 +99,14 @@ class WorkspaceConfig(Section, kw_only=True):
     size: Size = Size(1024 * 1024 * 1024)
 
 
+class PoolConfig(Section, kw_only=True):
+    """The warm pool: worker containers started ahead of need, claimed by a session's first tool call."""
+
+    size: int = 2  # unclaimed containers kept ready (baaaht-ctl pool resize changes it until a restart)
+    max: int = 8  # the pool's own quota: at most this many unclaimed pool containers, and the largest size
+    roles: list[str] = msgspec.field(default_factory=lambda: ["worker"])  # roles a claim may give
+
+
 class LimitsConfig(Section, kw_only=True):
     """What one peer, caller, agent or session may take of the host's shared capacity, so that one
     of them flooding the bus cannot starve the others (see docs/PROTOCOL.md, "Fairness")."""
@@ -251,6 +259,7 @@ class Config(Section, kw_only=True):
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     container: ContainerConfig = msgspec.field(default_factory=ContainerConfig)
     workspace: WorkspaceConfig = msgspec.field(default_factory=WorkspaceConfig)
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     credentials: CredentialsConfig = msgspec.field(default_factory=CredentialsConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)

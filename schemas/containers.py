@@ -27,6 +27,9 @@ class Mount(msgspec.Struct, kw_only=True, omit_defaults=True):
     source: str = ""
     read_only: bool = False
     tmpfs_size: NonNegative = 0
+    # A bind mount's propagation: "rslave" lets mounts the host makes beneath the source later appear
+    # inside the running container (the warm pool delivers a session's workspace that way).
+    propagation: Literal["", "rslave"] = ""
 
 
 class PortBinding(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -401,6 +404,40 @@ class ContainerReconcile(Request, tag="container.reconcile", kw_only=True):
     """Reconcile with the engine now (it also runs at start and every container.reconcile_interval)."""
 
     response: ClassVar[type] = ReconcileReport
+
+
+class PoolSlot(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One warm-pool container: `state` is ready (running, unclaimed), starting, claimed (its session's
+    from then on) or ended (gone or exited; removed, and refilled, by the pool)."""
+
+    slot: str
+    container_id: str
+    state: Literal["starting", "ready", "claimed", "ended"]
+    created: float  # unix seconds
+    session_id: str = ""
+    role: str = ""
+
+
+class PoolStatus(Response, kw_only=True):
+    size: int  # unclaimed containers the pool keeps ready
+    max: int  # pool.max: the most unclaimed pool containers at once
+    slots: list[PoolSlot] = []
+    problem: str = ""  # why the pool cannot fill now (no agent image, no engine, a failed start)
+
+
+class ContainerPoolStatus(Request, tag="container.pool_status", kw_only=True):
+    """The warm pool's containers, claimed ones included."""
+
+    response: ClassVar[type] = PoolStatus
+
+
+class ContainerPoolResize(Request, tag="container.pool_resize", kw_only=True):
+    """Keep `size` unclaimed containers ready from now on (until the container manager restarts: pool.size
+    in the config is the default); the operator only. At most pool.max."""
+
+    response: ClassVar[type] = PoolStatus
+
+    size: NonNegative
 
 
 # -- events (topic = tag) ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ UNIT_TEST_FILES = frozenset(
         "test_containers_logic.py",
         "test_curve_logic.py",
         "test_containers_ownership.py",
+        "test_containers_pool.py",
         "test_containers_service.py",
         "test_credentials_service.py",
         "test_credentials_store.py",

@@ -40,6 +40,8 @@ from baaaht.services.containers.runtime import (
 )
 from baaaht.services.policy import defaults
 
+HARMLESS_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP")  # the fake's processes handle these and live on
+
 
 class FakeRuntime:
     name = "fake"
@@ -54,6 +56,7 @@ class FakeRuntime:
         self.down_reason = ""
         self.health_script: list[ContainerHealthReport] = []
         self.calls: list[tuple[str, str]] = []
+        self.signals: list[tuple[str, str]] = []
         self.gate: threading.Event | None = None  # when set, start() blocks until the gate opens
         self.in_flight = 0
         self.max_in_flight = 0
@@ -133,7 +136,10 @@ class FakeRuntime:
 
     def kill(self, container: str, signal: str) -> None:
         container_id, _ = self._get(container)
-        self.exit(container_id, 137)
+        self._record("kill", container_id)
+        self.signals.append((container_id, signal))
+        if signal not in HARMLESS_SIGNALS:
+            self.exit(container_id, 137)
 
     def pause(self, container: str) -> None:
         self._get(container)[1]["state"] = "paused"

@@ -210,6 +210,8 @@ BAD_VALUES = [
     ("session.max_sessions", "ten", "is not an integer"),
     ("session.max_sessions", "0", "expected at least 1"),
     ("policy.max_containers", "-1", "expected at least 1"),
+    ("pool.size", "9", "is above pool.max (8)"),
+    ("pool.size", "-1", "expected 0, no pool, or more"),
     ("docker.tls_verify", "maybe", "is not a boolean (expected true or false)"),
     ("log.level", "loud", "is not one of debug, info, warn, error"),
     ("log.format", "xml", "is not one of json, text"),

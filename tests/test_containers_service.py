@@ -825,6 +825,8 @@ def every_container_request(container_id: str) -> list:
         c.ContainerList(),
         c.ContainerLogs(id=container_id),
         c.ContainerPause(id=container_id),
+        c.ContainerPoolResize(size=0),
+        c.ContainerPoolStatus(),
         c.ContainerPull(image="busybox:1"),
         c.ContainerReconcile(),
         c.ContainerRestart(id=container_id),

@@ -20,8 +20,11 @@ from collections import OrderedDict
 from functools import partial
 from typing import Callable, Iterator
 
+import msgspec
+
+from baaaht.bus.authorize import OPERATOR
 from baaaht.bus.background import Stopping, background
-from baaaht.bus.callers import AGENT_ROLES, host_callers_only, principal_of
+from baaaht.bus.callers import AGENT_ROLES, denied, host_callers_only, principal_of, role_of
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition, unavailable
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
@@ -44,6 +47,8 @@ from baaaht.schemas.containers import (
     ContainerListResult,
     ContainerLogs,
     ContainerPause,
+    ContainerPoolResize,
+    ContainerPoolStatus,
     ContainerPull,
     ContainerReconcile,
     ContainerRestart,
@@ -60,7 +65,9 @@ from baaaht.schemas.containers import (
     ExecResult,
     ImageStatus,
     LogChunk,
+    Mount,
     OrphanRemoval,
+    PoolStatus,
     PullProgress,
     ReconcileReport,
     StatsSample,
@@ -69,6 +76,7 @@ from baaaht.schemas.containers import (
     WaitResult,
 )
 from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.policy import Principal
 from baaaht.schemas.sessions import SessionClosed, SessionDeleted, SessionInfo, SessionState, SessionUpdated
 from baaaht.services.containers import reconcile, session_scope, session_volumes, validation
 from baaaht.services.containers.engine_errors import maps_engine_errors
@@ -76,7 +84,7 @@ from baaaht.services.containers.events import EventTranslator
 from baaaht.services.containers.hardening import Identity, UnsafeAddition, agent_bus_for, attach_identity
 from baaaht.services.containers.identities import AgentDirectory, Identities, agent_role
 from baaaht.services.containers.install import load_or_create
-from baaaht.services.containers.ownership import LABEL_SESSION, install_labels, owner_of
+from baaaht.services.containers.ownership import LABEL_SESSION, OwnerKind, install_labels, owner_of
 from baaaht.services.containers.peers import (
     BusAgentDirectory,
     BusPolicyGate,
@@ -84,6 +92,7 @@ from baaaht.services.containers.peers import (
     PolicyGate,
     SessionDirectory,
 )
+from baaaht.services.containers.pool import WORKSPACE_TARGET, HostMounts, Pool, SlotMounts
 from baaaht.services.containers.runtime import (
     EngineError,
     EngineEvent,
@@ -110,6 +119,9 @@ ORPHAN_STOP_TIMEOUT = 5.0
 SLOT_WAIT_MAX = 300.0
 # The engine samples stats about once a second; a requested interval is met within this slack.
 STATS_SLACK = 0.1
+POOL_CHECK_INTERVAL = 5.0  # between pool passes nothing asked for (claims and engine events wake it)
+POOL_COMMAND = ["baaaht-agent", "worker"]
+POOL_PRINCIPAL = Principal(user="service/container", role="worker")  # no session: the host's policy alone
 
 
 @host_callers_only  # agents never manage containers (the broker refuses them first)
@@ -134,6 +146,7 @@ class ContainerService(Service):
         workspaces: Workspaces,
         runtime_problem: str = "",
         clock: Callable[[], float] = time.time,
+        mounts: SlotMounts | None = None,
     ):
         self.runtime = runtime
         self.runtime_problem = runtime_problem or "no container runtime"
@@ -164,6 +177,19 @@ class ContainerService(Service):
         self._translator = EventTranslator(install_id)
         self._events_since = clock()  # the engine's events are republished from here on
         self._seen_at_since: set[tuple[str, str]] = set()
+        self.agent_image = config.container.agent_image
+        self.pool = Pool(
+            config.pool,
+            run_dir=Endpoints.for_config(config.bus).run_dir,
+            install_id=install_id,
+            runtime=runtime,
+            mounts=mounts or HostMounts(),
+            identities=self.identities,
+            sessions=sessions,
+            build_spec=self._pool_spec,
+            workspace_of=workspaces.ensure,
+            clock=clock,
+        )
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "ContainerService":
@@ -400,7 +426,11 @@ class ContainerService(Service):
         appeared in the engine may briefly count twice, which errs on the side of refusing."""
         with self._quota_lock:
             with self._engine(ctx) as runtime:
-                live = [c for c in self._listed(runtime, {}) if c.state in LIVE_STATES]
+                live = [
+                    c
+                    for c in self._listed(runtime, {})
+                    if c.state in LIVE_STATES and not self.pool.unclaimed(c)
+                ]
             host = len(live) + self._reserved
             if host >= self.max_containers:
                 raise exhausted(
@@ -486,6 +516,7 @@ class ContainerService(Service):
             runtime.remove(container_id, req.force, req.remove_volumes)
         self._forget(container_id)
         self.identities.revoke(container_id)
+        self.pool.release(container_id)
         return Empty()
 
     @rpc
@@ -733,6 +764,34 @@ class ContainerService(Service):
     def on_session_closed(self, event: SessionClosed) -> None:
         self.identities.revoke_session(event.session_id)
 
+    # -- warm pool ----------------------------------------------------------------------------------
+
+    @rpc
+    def pool_status(self, req: ContainerPoolStatus, ctx: CallContext) -> PoolStatus:
+        self._runtime()
+        return self.pool.status()
+
+    @rpc
+    def pool_resize(self, req: ContainerPoolResize, ctx: CallContext) -> PoolStatus:
+        if role_of(ctx.caller) != OPERATOR:
+            raise denied("only the operator may resize the warm pool", ctx.caller)
+        self._runtime()
+        return self.pool.resize(req.size)
+
+    def _pool_spec(self, slot_dir: str, live: int) -> ContainerSpec:
+        """A pool container's spec: the agent image's worker, hardened by the host's policy (no session's
+        settings: a session that has any is never given a pool container), its slot at /workspace."""
+        requested = ContainerSpec(image=self.agent_image, command=POOL_COMMAND)
+        spec, warnings = self.policy.evaluate(requested, POOL_PRINCIPAL, live, 0, {})
+        for warning in warnings:
+            log.warning("pool container allowed with a policy warning: %s", warning)
+        # The slot is the orchestrator's own directory, added after the policy like the agents' bus.
+        slot = Mount(type="bind", source=slot_dir, target=WORKSPACE_TARGET, propagation="rslave")
+        spec = msgspec.structs.replace(spec, mounts=[*spec.mounts, slot])
+        return attach_identity(
+            spec, Identity(self.install_id, "", "worker", OwnerKind.POOL), self._agent_bus()
+        )
+
     # -- reconcile ----------------------------------------------------------------------------------
 
     @rpc
@@ -746,7 +805,8 @@ class ContainerService(Service):
         # not wait behind a full queue of callers' operations to remove what nobody owns.
         with self._reconcile_lock:
             runtime = self._runtime()
-            containers = runtime.list(self.install_labels)
+            # A claimed pool container is judged as its session's.
+            containers = self.pool.as_session_view(runtime.list(self.install_labels))
             volumes = runtime.list_volumes(self.install_labels)
             workspaces = self.workspaces.images(self.install_id)
             now = self.clock()
@@ -778,6 +838,7 @@ class ContainerService(Service):
                     failed.append(container.id)
                     continue
                 self._forget(container.id)
+                self.pool.release(container.id)
                 log.info(
                     "orphan removed",
                     extra={
@@ -849,6 +910,17 @@ class ContainerService(Service):
         delay = RECONCILE_RETRY if report.skipped else self.reconcile_interval
         self._next_reconcile = time.monotonic() + min(delay, self.reconcile_interval)
 
+    @background
+    def keep_pool(self, stopping: Stopping) -> None:
+        """Keep the warm pool filled: a pass at start (which also tidies what a crash left), after every
+        claim, resize and death of a pool container, and every POOL_CHECK_INTERVAL."""
+        while not stopping.is_set():
+            if self._engine_ok and self.agent_image:
+                self.pool.refill()
+            elif not self.agent_image:
+                self.pool.problem = "container.agent_image is not set: the pool has no image to start"
+            self.pool.wait_for_work(POOL_CHECK_INTERVAL)
+
     @background(every=TICK)
     def close_abandoned_streams(self) -> None:
         self.watchdog.close_abandoned()
@@ -870,6 +942,7 @@ class ContainerService(Service):
                     self._events_since, self._seen_at_since = event.time, set()
                 self._seen_at_since.add(key)
                 self._follow_identity(event)
+                self.pool.on_engine_event(event)
                 published = self._translator.translate(event)
                 if published is not None:
                     self.events.publish(published)

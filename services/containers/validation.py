@@ -67,6 +67,8 @@ def _validate_mounts(spec: ContainerSpec) -> None:
             )
         if mount.type == "tmpfs" and mount.source:
             raise _field(f"{where}.source", "a tmpfs mount has no source", mount.source)
+        if mount.propagation and mount.type != "bind":
+            raise _field(f"{where}.propagation", "only applies to bind mounts", mount.propagation)
         if mount.tmpfs_size and mount.type != "tmpfs":
             raise _field(f"{where}.tmpfs_size", "only applies to tmpfs mounts", mount.tmpfs_size)
 

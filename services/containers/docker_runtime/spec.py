@@ -27,6 +27,7 @@ def create_args(spec: ContainerSpec, api_version: str) -> dict[str, Any]:
                 type=m.type,
                 read_only=m.read_only,
                 tmpfs_size=m.tmpfs_size or None,
+                propagation=m.propagation or None,
             )
             for m in spec.mounts
         ],
