@@ -8,9 +8,10 @@
         await Worker(bus, queues=["images"], slots=4, handlers={"resize": resize}).run()
 
 Workers never register as services: a worker opens the streaming call `task.work`, on which the
-scheduler pushes the tasks it leases to it (at most `slots` at once) and cancels; the worker
-acknowledges each task (`task.ack`), heartbeats it while the handler runs (`task.heartbeat`, every
-third of the task's heartbeat timeout) and reports its outcome once (`task.complete`).
+scheduler pushes the tasks it leases to it (at most `slots` at once) and cancels. A lease is the start
+of the task (nothing to acknowledge); the worker heartbeats it while the handler runs
+(`task.heartbeat`, every third of the task's heartbeat timeout) and reports its outcome once
+(`task.complete`): a no-op task costs two calls, its submit and its outcome.
 
 A handler streams output with `task.progress(data)` (bytes, opaque to the scheduler: a waiter and the
 `task.progress` events get each chunk as it was given): it returns at once; the chunks go out in order,
@@ -44,7 +45,6 @@ from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import (
     MAX_PROGRESS_CHUNK,
     MAX_PROGRESS_CHUNKS,
-    TaskAck,
     TaskAssignment,
     TaskComplete,
     TaskHeartbeat,
@@ -221,9 +221,7 @@ class Worker:
         self.running[task.lease_id] = (task, runner)
 
     async def _work(self, task: WorkerTask, heartbeat_timeout: float) -> None:
-        lease_ends = time.monotonic() + heartbeat_timeout
         try:
-            await self._report(TaskAck(task_id=task.id, lease_id=task.lease_id), lease_ends)
             handler = self.handlers.get(task.type)
             handler_task = asyncio.current_task()
             beat = asyncio.create_task(self._heartbeat(task, heartbeat_timeout, handler_task))

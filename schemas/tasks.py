@@ -50,12 +50,12 @@ WORKER_LOST = "WorkerLost"
 
 
 class TaskState(str, enum.Enum):
-    """queued -> leased -> running -> succeeded | failed | cancelled | dead; a failed attempt with
-    attempts left goes back to queued (after its backoff)."""
+    """queued -> running -> succeeded | failed | cancelled | dead; a failed attempt with attempts left
+    goes back to queued (after its backoff)."""
 
     QUEUED = "queued"  # waiting for a worker (or for its not-before time, or its retry backoff)
-    LEASED = "leased"  # handed to a worker that has not acknowledged it yet
-    RUNNING = "running"
+    LEASED = "leased"  # leased, not acknowledged: only in a store of a version whose workers acked first
+    RUNNING = "running"  # leased to a worker (the lease is the start: no acknowledgement waited for)
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # a non-retryable error, or its schedule-to-start timeout passed
     CANCELLED = "cancelled"
@@ -219,7 +219,7 @@ class TaskWork(Request, tag="task.work", kw_only=True):
 
 
 class TaskAck(Request, tag="task.ack", kw_only=True):
-    """The worker started the leased task: leased -> running."""
+    """Optional: the lease started the task already; an ack keeps the lease like a heartbeat."""
 
     response: ClassVar[type] = Empty
 

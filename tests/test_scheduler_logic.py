@@ -148,7 +148,8 @@ def core_with_worker(clock, session_scope=None, slots=1, **config):
 def dispatched(core: Core, now: Now) -> None:
     """Dispatch, and deliver what the engine would push after its commit."""
     core.dispatch(now)
-    for push, assignment in core.take_effects().pushes:
+    effects = core.take_effects()
+    for push, assignment in [*effects.leases, *effects.pushes]:
         push(assignment)
 
 
@@ -168,6 +169,19 @@ def test_dispatch_is_by_priority_then_age_and_a_completion_is_recorded_once():
     assert caught.value.code is ErrorCode.FAILED_PRECONDITION
     dispatched(core, clock.now())
     assert [a.task_id for a in pushed] == [high.id, low.id]
+
+
+def test_a_lease_starts_its_task_and_goes_out_before_the_commit_where_the_rest_waits():
+    clock = Clock()
+    core, pushed = core_with_worker(clock)
+    task, _ = core.submit(TaskSubmit(queue="q", task_type="t"), "", clock.now())
+    core.dispatch(clock.now())
+    effects = core.take_effects()
+    assert [(a.kind, a.task_id) for _push, a in effects.leases] == [("lease", task.id)]
+    assert effects.pushes == []  # nothing else is handed out before the commit
+    assert effects.tasks[task.id].state is TaskState.RUNNING  # no acknowledgement is waited for
+    assert effects.tasks[task.id].attempts[0].started_at == clock.wall
+    assert [type(e).__name__ for e in effects.events] == ["TaskQueued", "TaskStarted"]
 
 
 def test_a_session_worker_gets_only_its_sessions_tasks():

@@ -118,8 +118,9 @@ class Effects:
     removed_schedules: set[str] = field(default_factory=set)
     keys_expired_before: float = 0.0  # idempotency keys older than this are forgotten
     events: list[Event] = field(default_factory=list)
-    # (a stream's outbox, what to send; None ends a worker's stream)
+    # (a stream's outbox, what to send; None ends a worker's stream): after the commit
     pushes: list[tuple[Push, Any]] = field(default_factory=list)
+    leases: list[tuple[Push, TaskAssignment]] = field(default_factory=list)  # new leases: before it
 
 
 def finished(task: TaskInfo) -> TaskFinished:
@@ -486,6 +487,8 @@ class Core:
             worker.last_seen = now.wall
 
     def ack(self, task_id: str, lease_id: str, scope: str | None, now: Now) -> None:
+        """A lease is the start of its attempt: an ack only keeps it (and starts a task that an older
+        version's store has leased)."""
         task, lease = self._held(task_id, lease_id, scope)
         self._seen(lease, now)
         if task.state is LEASED:
@@ -629,13 +632,19 @@ class Core:
         worker.leases.add(task.id)
         self.limits.started(task.queue, task.session_id, now.mono)
         self._timer(lease.expires, LEASE, task.id, lease_id)
-        if started:  # a new attempt (else one loaded from the store)
-            task.state = LEASED
+        if started:  # a new attempt (else one loaded from the store), running from its lease on
+            task.state = RUNNING
             task.attempts.append(
-                TaskAttempt(number=len(task.attempts) + 1, worker=worker.worker_id, leased_at=now.wall)
+                TaskAttempt(
+                    number=len(task.attempts) + 1,
+                    worker=worker.worker_id,
+                    leased_at=now.wall,
+                    started_at=now.wall,
+                )
             )
             task.updated_at = now.wall
             self._save(task)
+            self._event(TaskStarted, task, worker=worker.worker_id)
             assignment = TaskAssignment(
                 kind="lease",
                 task_id=task.id,
@@ -648,7 +657,7 @@ class Core:
                 heartbeat_timeout=timeout,
                 start_to_close=task.timeouts.start_to_close,
             )
-            self.effects.pushes.append((worker.push, assignment))
+            self.effects.leases.append((worker.push, assignment))
         if task.timeouts.start_to_close:
             began = task.attempts[-1].leased_at
             self._timer(now.mono_of(began + task.timeouts.start_to_close), CLOSE, task.id, lease_id)

@@ -3,9 +3,14 @@
 Every change goes through `call(apply)`: the command is queued to the engine's thread, which takes every
 command waiting at once (up to MAX_BATCH), applies them to the Core in order, fires the timers that are
 due, dispatches, and writes all of it in one transaction: one commit, one fsync for the lot (group
-commit). Only then are the callers answered, the events published and the leases pushed to workers, so
-nothing is acknowledged or handed out before it is durable. It waits for the next command or the next
-timer, whichever comes first: there is no polling interval.
+commit). Only then are the callers answered, the events published and cancels and finished tasks
+pushed, so nothing is acknowledged or announced before it is durable. New leases alone go out before
+the commit, so that the worker starts while the fsync runs (an idle worker gets a task in less time
+than a commit takes): a lease whose commit then fails, or whose scheduler dies first, is unknown to
+the store, and its worker's reports are refused (FAILED_PRECONDITION); the task runs again from
+what the store holds. That is the at-least-once execution the scheduler promises anyway; completions
+are still recorded once, and only after the lease's own commit (the next turn's). It waits for the
+next command or the next timer, whichever comes first: there is no polling interval.
 
 A commit that fails leaves the Core ahead of the store: it is rebuilt from the store, and every command
 of that turn is answered UNAVAILABLE.
@@ -37,13 +42,21 @@ MIN_WAIT = 0.01  # seconds a caller is given even when its deadline is nearly go
 
 
 class Command:
-    __slots__ = ("apply", "done", "result", "error")
+    __slots__ = ("apply", "_pending", "result", "error")
 
     def __init__(self, apply: Callable[[Core, Now], Any]):
         self.apply = apply
-        self.done = threading.Event()
+        # Held until the command is done: a bare lock is the cheapest thing a thread can wait on.
+        self._pending = threading.Lock()
+        self._pending.acquire()
         self.result: Any = None
         self.error: BusError | None = None
+
+    def done(self) -> None:
+        self._pending.release()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._pending.acquire(timeout=-1 if timeout is None else timeout)
 
 
 _STOP = Command(lambda core, now: None)
@@ -100,7 +113,7 @@ class Engine:
         command = Command(apply)
         self._inbox.put(command)
         wait = max(MIN_WAIT, ctx.remaining()) if ctx is not None else None
-        if not command.done.wait(wait):
+        if not command.wait(wait):
             raise BusError(ErrorCode.TIMEOUT, "the scheduler did not answer within the call's deadline")
         if command.error is not None:
             raise command.error
@@ -124,7 +137,7 @@ class Engine:
                     for command in commands:
                         if command is not _STOP:
                             command.error = unavailable("the scheduler is stopping")
-                            command.done.set()
+                            command.done()
                     return
                 self.turn(commands)
 
@@ -144,7 +157,8 @@ class Engine:
         return commands
 
     def turn(self, commands: list[Command]) -> None:
-        """Apply the commands, fire due timers, dispatch; commit; then answer, publish and push."""
+        """Apply the commands, fire due timers, dispatch; push the leases; commit; then answer, publish
+        and push the rest."""
         core = self.core
         now = self.now()
         for command in commands:
@@ -158,17 +172,19 @@ class Engine:
         core.fire_timers(now)
         core.dispatch(now)
         effects = core.take_effects()
+        for push, lease in effects.leases:
+            push(lease)
         try:
             self._write(core, effects)
         except Exception as exc:
             log.exception("scheduler commit failed: reloading from the store")
             for command in commands:
                 command.error = unavailable(f"the scheduler could not commit: {exc}")
-                command.done.set()
+                command.done()
             self.load()
             return
         for command in commands:
-            command.done.set()
+            command.done()
         for event in effects.events:
             try:
                 self.events.publish(event)
