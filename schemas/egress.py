@@ -44,7 +44,7 @@ class CredentialUsageResult(Response, kw_only=True):
 
 
 class CredentialUsage(Request, tag="credential.usage", kw_only=True):
-    """Egress usage per session since the credential service started (all sessions, or one)."""
+    """Egress usage per session, kept across restarts of the credential service (all sessions, or one)."""
 
     response: ClassVar[type] = CredentialUsageResult
 

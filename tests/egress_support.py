@@ -146,7 +146,7 @@ def running_egress(
     (peer pid -> /proc cgroup -> identity file), as for containers; else this process is the caller.
     `secrets` (holding ANTHROPIC_KEY and OPENAI_KEY under those names) replaces the FakeSecrets."""
     run_dir = tmp_path / "run"
-    (run_dir / "agent").mkdir(parents=True)
+    (run_dir / "agent").mkdir(parents=True, exist_ok=True)  # a second run on the same tmp_path: a restart
     if agent_gid is not None:
         for directory in (run_dir, run_dir / "agent"):
             os.chown(directory, -1, agent_gid)

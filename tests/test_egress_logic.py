@@ -9,6 +9,7 @@ import pytest
 
 from baaaht.common.identity import AgentIdentity
 from baaaht.schemas.config import EgressConfig, EgressRoute
+from baaaht.schemas.egress import SessionUsage
 from baaaht.services.credentials.egress.budgets import Budgets
 from baaaht.services.credentials.egress.headers import agent_headers, injected, upstream_headers
 from baaaht.services.credentials.egress.refusals import Refused
@@ -274,6 +275,23 @@ def test_a_session_past_its_token_cap_is_refused_from_its_next_call():
     budgets.refused("s1")
     assert [u.refused for u in budgets.sessions("s1")] == [1]
     assert budgets.sessions("nobody") == [] and [u.session_id for u in budgets.sessions()] == ["s1"]
+
+
+def test_budgets_hand_out_each_change_once_and_take_back_what_was_not_saved():
+    budgets = Budgets(request_cap=10, token_cap=0)
+    budgets.restore([SessionUsage(session_id="old", requests=4, request_cap=99, token_cap=7)])
+    assert budgets.take_changes() == []  # restored totals are saved already
+    (old,) = budgets.sessions("old")
+    assert (old.requests, old.request_cap, old.token_cap) == (4, 10, 0)  # today's caps
+    budgets.admit("s1")
+    budgets.record("s1", Usage(5, 6), bytes_out=1, bytes_in=2)
+    budgets.admit("old")
+    changes = budgets.take_changes()
+    assert [(u.session_id, u.requests, u.output_tokens) for u in changes] == [("old", 5, 0), ("s1", 1, 6)]
+    assert budgets.take_changes() == []
+    budgets.put_back(changes[1:])  # its save failed
+    budgets.refused("s1")
+    assert [(u.session_id, u.refused) for u in budgets.take_changes()] == [("s1", 1)]
 
 
 def test_an_overlong_line_or_body_is_skipped_and_reading_goes_on_after_it(monkeypatch):

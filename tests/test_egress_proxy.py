@@ -12,9 +12,11 @@ import httpx
 import msgspec
 import pytest
 
+from baaaht.bus.testing import wait_for
 from baaaht.common import audit_chain
 from baaaht.schemas.egress import CredentialUsage, EgressAuditRecord, EgressProxied, EgressRefused
 from baaaht.services.credentials.egress.journal import audit_path
+from baaaht.services.credentials.egress.usage_store import UsageStore, usage_path
 from tests.egress_agent_client import run as run_sdks
 from tests.egress_support import ANTHROPIC_KEY, CONTAINER, OPENAI_KEY, SESSION, running_egress
 
@@ -175,6 +177,49 @@ def test_budgets_refuse_429_naming_the_budget(tmp_path):
         (usage,) = egress.server.usage(CredentialUsage()).sessions
         assert (usage.requests, usage.refused, usage.input_tokens, usage.output_tokens) == (2, 1, 24, 20)
         assert egress.server.usage(CredentialUsage(session_id="s9")).sessions == []
+
+
+def saved_usage(path) -> list:
+    """The totals on disk, read by another connection (as the next process would)."""
+    store = UsageStore(path)
+    try:
+        return store.load()
+    finally:
+        store.close()
+
+
+def test_budgets_survive_a_restart_of_the_proxy(tmp_path):
+    with (
+        running_egress(tmp_path, session_requests=3, session_tokens=1000) as egress,
+        egress.client() as client,
+    ):
+        for _ in range(2):
+            assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+        # what a kill -9 now would leave: the saver's last batch, committed without any stop
+        saved = usage_path(egress.data_dir)
+        wait_for(
+            lambda: [u.requests for u in saved_usage(saved)] == [2],
+            timeout=10,
+            what="the usage to be saved within its interval",
+        )
+        before = egress.server.usage(CredentialUsage(session_id=SESSION)).sessions
+    with (
+        running_egress(tmp_path, session_requests=3, session_tokens=1000) as egress,
+        egress.client() as client,
+    ):
+        assert egress.server.usage(CredentialUsage(session_id=SESSION)).sessions == before
+        assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+        reply = client.post("/anthropic/v1/messages", json=MESSAGE)
+        assert reply.status_code == 429 and "3 of 3 calls" in reply.json()["error"]["message"]
+        (usage,) = egress.server.usage(CredentialUsage(session_id=SESSION)).sessions
+        assert (usage.requests, usage.refused, usage.output_tokens) == (
+            3,
+            1,
+            3 * len(egress.upstream.reply.split()),
+        )
+    with running_egress(tmp_path, session_requests=5) as egress:  # the caps are today's configuration
+        (usage,) = egress.server.usage(CredentialUsage(session_id=SESSION)).sessions
+        assert (usage.requests, usage.request_cap, usage.token_cap) == (3, 5, 0)
 
 
 def test_openai_streams_report_usage_because_the_proxy_asks_for_it(tmp_path):

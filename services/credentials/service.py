@@ -182,7 +182,7 @@ class CredentialService(Service):
 
     @rpc
     def usage(self, req: CredentialUsage, ctx: CallContext) -> CredentialUsageResult:
-        """Egress usage per session since this service started (the proxy runs here)."""
+        """Egress usage per session (the proxy runs here; the totals are kept across restarts)."""
         if self.egress is None:
             return CredentialUsageResult()
         return self.egress.usage(req)

@@ -4,11 +4,16 @@ A call is admitted (and counted) before it goes upstream, so concurrent calls ca
 cap together; tokens are known only when a response ends, so a session may pass its token cap by the
 calls in flight when it is reached, never by a call admitted after. Thread-safe: the proxy's loop
 writes, `credential.usage` reads from a handler thread.
+
+The totals outlive the process: they start from what was saved (`restore`), and `take_changes` hands
+the sessions changed since its last call to whoever saves them (usage_store.py, in batches); a save
+that fails gives them back with `put_back`.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 import msgspec
 
@@ -24,14 +29,36 @@ class Budgets:
         self.token_cap = token_cap
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionUsage] = {}
+        self._changed: set[str] = set()
+
+    def restore(self, known: Iterable[SessionUsage]) -> None:
+        """Start from saved totals (before serving); the caps are today's configuration."""
+        with self._lock:
+            for usage in known:
+                self._sessions[usage.session_id] = msgspec.structs.replace(
+                    usage, request_cap=self.request_cap, token_cap=self.token_cap
+                )
 
     def _of(self, session_id: str) -> SessionUsage:
+        self._changed.add(session_id)  # every caller is about to change it
         usage = self._sessions.get(session_id)
         if usage is None:
             usage = self._sessions[session_id] = SessionUsage(
                 session_id=session_id, request_cap=self.request_cap, token_cap=self.token_cap
             )
         return usage
+
+    def take_changes(self) -> list[SessionUsage]:
+        """Copies of the sessions changed since the last call (their current totals)."""
+        with self._lock:
+            changed = [msgspec.structs.replace(self._sessions[name]) for name in sorted(self._changed)]
+            self._changed.clear()
+            return changed
+
+    def put_back(self, changes: Iterable[SessionUsage]) -> None:
+        """Changes whose save failed: the next take_changes hands them out again (with newer totals)."""
+        with self._lock:
+            self._changed.update(usage.session_id for usage in changes)
 
     def admit(self, session_id: str) -> None:
         """Count one call of the session, or Refused (429) naming the budget it is past."""

@@ -25,6 +25,7 @@ from .budgets import Budgets
 from .callers import Callers, HostCallers
 from .journal import VERIFY_HINT, Journal, audit_path
 from .proxy import EgressProxy
+from .usage_store import UsageSaver, UsageStoreError, usage_path
 
 SOCKET_NAME = "egress.sock"
 START_TIMEOUT = 10.0
@@ -66,9 +67,10 @@ def bind_socket(agent_dir: str) -> socket.socket:
 class EgressServer:
     """Runs an EgressProxy on its own thread and event loop; `start` returns once it listens."""
 
-    def __init__(self, proxy: EgressProxy, journal: Journal, agent_dir: str):
+    def __init__(self, proxy: EgressProxy, journal: Journal, agent_dir: str, saver: UsageSaver):
         self.proxy = proxy
         self.journal = journal
+        self.saver = saver
         self.path = os.path.join(agent_dir, SOCKET_NAME)
         self.agent_dir = agent_dir
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,16 +84,28 @@ class EgressServer:
         endpoints = Endpoints.for_config(config.bus)
         egress = config.egress
         journal = Journal(AuditLog(audit_path(config.data_dir), verify_hint=VERIFY_HINT), events)
+        budgets = Budgets(egress.session_requests, egress.session_tokens)
         proxy = EgressProxy(
             egress,
             callers=callers or HostCallers(endpoints.run_dir),
             secrets=secrets,
             journal=journal,
-            budgets=Budgets(egress.session_requests, egress.session_tokens),
+            budgets=budgets,
         )
-        return cls(proxy, journal, endpoints.agent_dir)
+        return cls(proxy, journal, endpoints.agent_dir, UsageSaver(budgets, usage_path(config.data_dir)))
 
     def start(self) -> None:
+        try:
+            self.saver.start()  # the sessions' totals so far, before the first call is counted
+        except UsageStoreError as error:
+            raise EgressError(str(error)) from None
+        try:
+            self._serve()
+        except BaseException:
+            self.saver.stop()
+            raise
+
+    def _serve(self) -> None:
         sock = bind_socket(self.agent_dir)
         self._inode = os.stat(self.path).st_ino
         started = threading.Event()
@@ -130,6 +144,7 @@ class EgressServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(STOP_TIMEOUT)
         self._remove_socket()
+        self.saver.stop()
         self.journal.close()
         self.journal.audit.close()
 
