@@ -2,6 +2,8 @@
 
     baaaht-agent idle    join the bus and stay until SIGTERM (exit 0)
     baaaht-agent echo    answer each user message of the agent's session with the same text
+    baaaht-agent worker  run the session's tool calls on its workspace (agent/worker.py); --slots N
+                         (else BAAAHT_WORKER_SLOTS, else 4) at once
 
 Exit status: 0 when stopped by SIGTERM or SIGINT, 2 for bad settings, 3 when the bus was gone for longer
 than the bus loss limit (`--bus-loss-limit`, else BAAAHT_BUS_LOSS_LIMIT, else 30 s), 1 for anything else.
@@ -14,9 +16,12 @@ import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from baaaht.agent.sdk import Agent, BusLost
 from baaaht.agent.settings import AgentSettings, SettingsError
+from baaaht.agent.worker import MAX_SLOTS, slots_setting
+from baaaht.agent.worker import work as tool_worker
 from baaaht.common.logs import setup_logging
 from baaaht.common.units import parse_duration
 from baaaht.schemas.base import topic_of
@@ -45,7 +50,7 @@ async def echo(agent: Agent) -> None:
             await agent.call(answer)
 
 
-AGENTS: dict[str, Callable[[Agent], Awaitable[None]]] = {"idle": idle, "echo": echo}
+AGENTS: dict[str, Callable[..., Awaitable[None]]] = {"idle": idle, "echo": echo, "worker": tool_worker}
 
 
 async def run_agent(work: Callable[[Agent], Awaitable[None]], settings: AgentSettings) -> None:
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="exit with status 3 after this long without a broker (default: BAAAHT_BUS_LOSS_LIMIT, else 30s)",
     )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        metavar="N",
+        help=f"worker: tool calls run at once, 1 to {MAX_SLOTS} (default: BAAAHT_WORKER_SLOTS, else 4)",
+    )
     parser.add_argument("--log-format", choices=["json", "text"], default="json")
     return parser
 
@@ -91,11 +102,16 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as error:
                 raise SettingsError(f"--bus-loss-limit {args.bus_loss_limit!r} {error}") from None
         settings = AgentSettings.from_env(**overrides)
+        work = AGENTS[args.agent]
+        if args.agent == "worker":
+            work = partial(work, slots=slots_setting(args.slots))
+        elif args.slots is not None:
+            raise SettingsError(f"--slots is the worker's, not the {args.agent} agent's")
     except SettingsError as error:
         print(f"baaaht-agent: {error}", file=sys.stderr)
         sys.exit(EXIT_SETTINGS)
     try:
-        asyncio.run(run_agent(AGENTS[args.agent], settings))
+        asyncio.run(run_agent(work, settings))
     except BusLost as error:
         print(f"baaaht-agent: {error}", file=sys.stderr)
         sys.exit(EXIT_BUS_LOST)

@@ -64,7 +64,12 @@ _decode = msgspec.msgpack.Decoder().decode
 
 
 class NonRetryableError(Exception):
-    """Raise from a handler to fail the task without retrying it."""
+    """Raise from a handler to fail the task without retrying it; `error_type` names the failure (the
+    class name when empty)."""
+
+    def __init__(self, message: str, error_type: str = ""):
+        super().__init__(message)
+        self.error_type = error_type or type(self).__name__
 
 
 class LeaseLost(Exception):
@@ -245,7 +250,9 @@ class Worker:
                     task_id=task.id,
                     lease_id=task.lease_id,
                     outcome="failed",
-                    error_type=type(exc).__name__[:128],
+                    error_type=(exc.error_type if isinstance(exc, NonRetryableError) else type(exc).__name__)[
+                        :128
+                    ],
                     error=str(exc)[:MAX_ERROR],
                     non_retryable=isinstance(exc, NonRetryableError),
                 )

@@ -215,6 +215,18 @@ AnyToolCall = (
     ToolReadFile | ToolWriteFile | ToolEditFile | ToolListDir | ToolGlob | ToolGrep | ToolExec | ToolFetch
 )
 CALL_DECODER = msgspec.msgpack.Decoder(AnyToolCall)
+AnyToolOutput = (
+    ToolReadFileResult
+    | ToolWriteFileResult
+    | ToolEditFileResult
+    | ToolListDirResult
+    | ToolGlobResult
+    | ToolGrepResult
+    | ToolExecChunk
+    | ToolExecResult
+    | ToolFetchResult
+)
+OUTPUT_DECODER = msgspec.msgpack.Decoder(AnyToolOutput)  # a tool task's result, or an exec chunk
 
 
 def tool_name(call: type[ToolCall]) -> str:

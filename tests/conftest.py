@@ -17,6 +17,7 @@ ECHO_SERVICE = str(Path(__file__).parent / "services" / "echo.py")
 UNIT_TEST_FILES = frozenset(
     {
         "test_agent_sdk_echo.py",
+        "test_agent_worker.py",
         "test_agent_sdk_settings.py",
         "test_assistant_config.py",
         "test_assistant_context.py",
@@ -49,6 +50,7 @@ UNIT_TEST_FILES = frozenset(
         "test_policy_service.py",
         "test_registry.py",
         "test_schema_constraints.py",
+        "test_session_agents.py",
         "test_sessions_service.py",
         "test_sessions_states.py",
         "test_sessions_store.py",

@@ -132,9 +132,12 @@ def test_non_retryable_errors_fail_at_once(scheduler):
     scheduler.start_worker("nr")
     fatal = scheduler.submit("nr", "fatal")
     listed = scheduler.submit("nr", "fail", retry=RetryPolicy(non_retryable_errors=["ValueError"]))
-    for task_id in (fatal.id, listed.id):
+    coded = scheduler.submit("nr", "coded")
+    for task_id in (fatal.id, listed.id, coded.id):
         done = scheduler.wait_state(task_id)
         assert done.state is S.FAILED and len(done.attempts) == 1
+    assert scheduler.get(fatal.id).error_type == "NonRetryableError"
+    assert scheduler.get(coded.id).error_type == "NOT_FOUND"
 
 
 def test_out_of_attempts_is_dead_and_a_requeue_runs_it_again(scheduler):

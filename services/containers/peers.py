@@ -16,6 +16,7 @@ from baaaht.schemas.containers import ContainerExec, ContainerInfo, ContainerSpe
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Decision, Judged, Principal
 from baaaht.schemas.sessions import SessionInfo, SessionState
+from baaaht.schemas.tasks import TaskState
 from baaaht.services.containers.reconcile import SessionVerdict
 
 # Answers from the policy service that are its judgement of the request, passed on as they are;
@@ -195,3 +196,26 @@ class BusAgentDirectory:
 
     def updated(self, container_id: str) -> None:
         self.broker.call(BusAgentsUpdate(container_id=container_id))
+
+
+class TaskDirectory(Protocol):
+    def queued_sessions(self, queue: str) -> set[str]:
+        """The sessions with tasks queued on `queue`; raises BusError when the scheduler cannot be asked."""
+
+
+class BusTaskDirectory:
+    """The scheduler's `task.list`: which sessions wait for a worker."""
+
+    def __init__(self, bus: Calls, timeout: float):
+        self.scheduler = Peer(bus, "task", timeout=timeout)
+
+    def queued_sessions(self, queue: str) -> set[str]:
+        sessions, cursor = set(), 0
+        while True:
+            page = self.scheduler.list(
+                None, states=[TaskState.QUEUED], queue=queue, limit=1000, cursor=cursor
+            )
+            sessions.update(task.session_id for task in page.tasks if task.session_id)
+            if not page.next_cursor:
+                return sessions
+            cursor = page.next_cursor

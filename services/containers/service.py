@@ -78,6 +78,8 @@ from baaaht.schemas.containers import (
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Principal
 from baaaht.schemas.sessions import SessionClosed, SessionDeleted, SessionInfo, SessionState, SessionUpdated
+from baaaht.schemas.tasks import TaskQueued
+from baaaht.schemas.tools import TOOLS_QUEUE
 from baaaht.services.containers import reconcile, session_scope, session_volumes, validation
 from baaaht.services.containers.engine_errors import maps_engine_errors
 from baaaht.services.containers.events import EventTranslator
@@ -89,8 +91,10 @@ from baaaht.services.containers.peers import (
     BusAgentDirectory,
     BusPolicyGate,
     BusSessionDirectory,
+    BusTaskDirectory,
     PolicyGate,
     SessionDirectory,
+    TaskDirectory,
 )
 from baaaht.services.containers.pool import WORKSPACE_TARGET, HostMounts, Pool, SlotMounts
 from baaaht.services.containers.runtime import (
@@ -101,6 +105,13 @@ from baaaht.services.containers.runtime import (
     RuntimeConfigError,
     RuntimeUnavailable,
     select_runtime,
+)
+from baaaht.services.containers.session_agents import (
+    LABEL_SESSION_AGENT,
+    WORKER,
+    AgentSpec,
+    SessionAgents,
+    worker_spec,
 )
 from baaaht.services.containers.watchdog import TICK, Watchdog
 from baaaht.services.containers.workspaces import LoopMounts, WorkspaceError, Workspaces
@@ -122,6 +133,11 @@ STATS_SLACK = 0.1
 POOL_CHECK_INTERVAL = 5.0  # between pool passes nothing asked for (claims and engine events wake it)
 POOL_COMMAND = ["baaaht-agent", "worker"]
 POOL_PRINCIPAL = Principal(user="service/container", role="worker")  # no session: the host's policy alone
+# Sessions no longer needing their agents; a closing session's containers go with its close anyway.
+AGENTS_END_STATES = (SessionState.IDLE, SessionState.CLOSING, SessionState.CLOSED)
+AGENT_START_TIMEOUT = 60.0  # seconds for creating and starting a session agent's container
+TOOL_SWEEP_INTERVAL = 10.0  # seconds between looks for queued tool calls whose task.queued was missed
+TEND_WAIT_MAX = 1.0  # seconds the session agents' tending sleeps at most between looks
 
 
 @host_callers_only  # agents never manage containers (the broker refuses them first)
@@ -144,6 +160,7 @@ class ContainerService(Service):
         identities: IdentityStore,
         agents: AgentDirectory,
         workspaces: Workspaces,
+        tasks: TaskDirectory | None = None,
         runtime_problem: str = "",
         clock: Callable[[], float] = time.time,
         mounts: SlotMounts | None = None,
@@ -190,6 +207,9 @@ class ContainerService(Service):
             workspace_of=workspaces.ensure,
             clock=clock,
         )
+        self.tasks = tasks
+        self.session_agents = SessionAgents(_OwnAgentHost(self), {WORKER: self._worker_spec}, self.pool.claim)
+        self._agents_adopted = False
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "ContainerService":
@@ -210,6 +230,7 @@ class ContainerService(Service):
             identities=IdentityStore(Endpoints.for_config(config.bus).run_dir),
             agents=BusAgentDirectory(bus, timeout),
             workspaces=Workspaces(config.data_dir, config.workspace.size, LoopMounts()),
+            tasks=BusTaskDirectory(bus, timeout),
             runtime_problem=problem,
         )
 
@@ -299,6 +320,17 @@ class ContainerService(Service):
 
     @rpc
     def create(self, req: ContainerCreate, ctx: CallContext) -> CreateResult:
+        return self._create(req, ctx)
+
+    def _create(
+        self,
+        req: ContainerCreate,
+        ctx: CallContext,
+        own_mounts: tuple[Mount, ...] = (),
+        own_labels: dict[str, str] | None = None,
+    ) -> CreateResult:
+        """A create as the RPC does it; the orchestrator's own callers add mounts the policy does not
+        judge (a session's workspace, like its own volumes) and labels of the reserved prefix."""
         validation.validate_spec(req.spec)
         if req.agent_bus and req.role not in AGENT_ROLES:
             # Its identity would give the container a role the broker's table does not know, or a host's.
@@ -320,7 +352,9 @@ class ContainerService(Service):
             enforced, policy_warnings = self.policy.evaluate(
                 spec, principal, host_containers, session_containers, override, ctx
             )
-            spec = session_volumes.with_own_volumes(spec, enforced, own_volumes)
+            spec = session_volumes.with_own_volumes(spec, enforced, [*own_volumes, *own_mounts])
+            if own_labels:
+                spec = msgspec.structs.replace(spec, labels={**spec.labels, **own_labels})
             spec = attach_identity(spec, Identity(self.install_id, req.session_id, req.role), bus)
             with self._engine(ctx) as runtime:
                 container_id, warnings = runtime.create(spec)
@@ -686,6 +720,7 @@ class ContainerService(Service):
         gone (any host peer may publish the event, and files are not lost on its word). One still in use
         (a container its close could not remove), or not confirmed, stays until reconcile."""
         self.identities.revoke_session(event.session_id)  # revoking needs no confirmation
+        self.session_agents.stop_session(event.session_id)
         try:
             verdict = self.sessions.verdict(event.session_id)
         except BusError as exc:
@@ -746,6 +781,8 @@ class ContainerService(Service):
             return
         if event.action in ENDING_ACTIONS:
             self.identities.revoke(event.id)
+            if event.action == "die":
+                self.session_agents.died(event.id)
         elif event.action == "start":
             try:
                 self._entitle(event.id, event.attributes)
@@ -759,10 +796,79 @@ class ContainerService(Service):
     def on_session_updated(self, event: SessionUpdated) -> None:
         if event.session.state in ENDING_SESSION_STATES:
             self.identities.revoke_session(event.session.id)
+        if event.session.state in AGENTS_END_STATES:
+            self.session_agents.stop_session(event.session.id)
 
     @on_event("session.closed")
     def on_session_closed(self, event: SessionClosed) -> None:
         self.identities.revoke_session(event.session_id)
+        self.session_agents.stop_session(event.session_id)
+
+    # -- session agents -----------------------------------------------------------------------------
+
+    def _worker_spec(self, session_id: str) -> AgentSpec:
+        if not self.agent_image:
+            raise precondition(
+                "no worker can be started: container.agent_image is not set (the agent image's reference)"
+            )
+        try:
+            workspace = self.workspaces.ensure(session_id)
+        except WorkspaceError as error:
+            raise unavailable(f"no worker can be started: {error}", session_id=session_id) from None
+        return worker_spec(self.agent_image, workspace)
+
+    def start_session_agent(self, session_id: str, role: str, agent: AgentSpec) -> str:
+        """Create and start a session's agent container, like `create` and `start` of a caller (the
+        session's checks, quota, policy, identity); one that does not start is removed again."""
+        ctx = CallContext(deadline=time.time() + AGENT_START_TIMEOUT)
+        request = ContainerCreate(spec=agent.spec, session_id=session_id, role=role, agent_bus=True)
+        created = self._create(request, ctx, agent.own_mounts, {LABEL_SESSION_AGENT: role})
+        try:
+            self._bring_to_life(created.id, ctx, lambda runtime, container_id: runtime.start(container_id))
+        except (BusError, EngineError):
+            self._discard(created.id)
+            raise
+        return created.id
+
+    def live_session_agents(self) -> list[tuple[str, str, str]]:
+        with self._engine(None) as runtime:
+            found = self._listed(runtime, {})
+        running = {c.id: c for c in found if c.state == "running"}
+        claimed = [(claim.container_id, claim.session_id, claim.role) for claim in self.pool.claims.all()]
+        return [
+            (c.id, c.session_id, c.labels[LABEL_SESSION_AGENT])
+            for c in running.values()
+            if c.labels.get(LABEL_SESSION_AGENT)
+        ] + [found for found in claimed if found[0] in running]
+
+    @on_event("task.queued")
+    def on_task_queued(self, event: TaskQueued) -> None:
+        """A tool call waits: its session gets a worker (if it has none)."""
+        if event.queue == TOOLS_QUEUE and event.session_id and self.runtime is not None:
+            self.session_agents.ensure(event.session_id, WORKER)
+
+    @background(every=TOOL_SWEEP_INTERVAL)
+    def sweep_tool_calls(self) -> None:
+        """Sessions with tool calls queued get a worker, whether or not their task.queued came through."""
+        if self.tasks is None or self.runtime is None:
+            return
+        for session_id in self.tasks.queued_sessions(TOOLS_QUEUE):
+            self.session_agents.ensure(session_id, WORKER)
+
+    @background
+    def tend_session_agents(self, stopping: Stopping) -> None:
+        """Start, restart and remove sessions' agents (session_agents.py); first, take up those the
+        engine has from before a restart."""
+        while not stopping.is_set():
+            if self._engine_ok and not self._agents_adopted:
+                self.session_agents.adopt()
+                self._agents_adopted = True
+            if self._agents_adopted:
+                self.session_agents.tend()
+            due = self.session_agents.next_due()
+            wait = TEND_WAIT_MAX if due is None else max(0.0, min(TEND_WAIT_MAX, due - time.monotonic()))
+            if self.session_agents.wake.wait(wait):
+                self.session_agents.wake.clear()
 
     # -- warm pool ----------------------------------------------------------------------------------
 
@@ -946,6 +1052,15 @@ class ContainerService(Service):
                 published = self._translator.translate(event)
                 if published is not None:
                     self.events.publish(published)
+
+
+class _OwnAgentHost:
+    """The session agents' AgentHost: the container manager's own operations."""
+
+    def __init__(self, service: ContainerService):
+        self.start = service.start_session_agent
+        self.live = service.live_session_agents
+        self.remove = service._discard
 
 
 def live_of(containers) -> list[tuple[str, dict[str, str]]]:

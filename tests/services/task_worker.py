@@ -82,6 +82,9 @@ def main() -> None:
     async def fatal(task):
         raise NonRetryableError("this cannot work")
 
+    async def coded(task):
+        raise NonRetryableError("no such thing", error_type="NOT_FOUND")
+
     async def block(task):
         await asyncio.Event().wait()
 
@@ -115,6 +118,7 @@ def main() -> None:
             fail=fail,
             flaky=flaky,
             fatal=fatal,
+            coded=coded,
             block=block,
             hold_first=hold_first,
             freeze=freeze,
