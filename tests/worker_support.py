@@ -5,13 +5,16 @@ on the session's workspace and the task's result is the tool's."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import msgspec
 
+from baaaht.bus.errors import BusError
 from baaaht.bus.testing import Host, next_event, wait_for
 from baaaht.schemas.containers import ContainerList
-from baaaht.schemas.sessions import SessionCreate
+from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionDelete
 from baaaht.schemas.tasks import TERMINAL, RetryPolicy, TaskGet, TaskInfo, TaskState, TaskSubmit
 from baaaht.schemas.tools import OUTPUT_DECODER, TOOLS_QUEUE, ToolCall, ToolOutput, tool_name
 from baaaht.services.containers.install import FILE_NAME as INSTALL_FILE
@@ -42,9 +45,12 @@ class WorkerHost:
         host.start_service("baaaht.services.containers", service="container")
         self.install_id = (host.data_dir / INSTALL_FILE).read_text().strip()
         self.bus = host.client(timeout=30)
+        self.sessions: list[str] = []
 
     def session(self) -> str:
-        return self.bus.call(SessionCreate(owner="tester")).id
+        session = self.bus.call(SessionCreate(owner="tester")).id
+        self.sessions.append(session)
+        return session
 
     def workspace(self, session: str) -> Path:
         return self.host.data_dir / "workspaces" / session
@@ -104,4 +110,16 @@ class WorkerHost:
         )
 
     def cleanup(self) -> None:
+        """Delete the sessions (their workspaces go with them), remove what is left of the containers, and
+        unmount any workspace still mounted (a session that could not be deleted)."""
+        for session in self.sessions:
+            try:
+                self.bus.call(SessionClose(session_id=session), timeout=60)
+                self.bus.call(SessionDelete(session_id=session))
+            except BusError:
+                pass  # closed or deleted by the test already
         container_support.remove_labelled(self.docker, f"{LABEL_INSTALL}={self.install_id}")
+        for session in self.sessions:
+            path = self.workspace(session)
+            if os.path.ismount(path):
+                subprocess.run(["umount", str(path)], timeout=30, check=False)
