@@ -44,6 +44,7 @@ bench: $(BENCH_STAMP) docker
 	$(PY) bench/containers.py
 	$(PY) bench/sessions.py
 	$(PY) bench/scheduler.py
+	$(PY) bench/egress.py
 
 docs: $(STAMP)
 	$(PY) -m baaaht.bus.reference docs/WIRE-TYPES.md
