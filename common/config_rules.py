@@ -123,7 +123,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda path: not path or path.startswith("/"),
         "is not an absolute path (expected a directory inside the container, or empty for the image's)",
     ),
-    "assistant.route": (_is_not_empty, "is empty (expected the name of an egress route)"),
     "assistant.model": (_is_not_empty, "is empty (expected the provider's model name)"),
     **{
         f"assistant.{key}": (_is_positive, "is out of range (expected at least 1)")

@@ -311,7 +311,18 @@ def role_of(cls: type) -> str:
 
 def register_domains() -> None:
     """The domain command groups live beside their services' schemas."""
-    from baaaht.ctl import agents, auth, config_cmd, containers, credentials, policy, pool, sessions, tasks
+    from baaaht.ctl import (
+        agents,
+        auth,
+        chat,
+        config_cmd,
+        containers,
+        credentials,
+        policy,
+        pool,
+        sessions,
+        tasks,
+    )
 
     app.add_typer(agents.app, name="agents", help="Agents connected to the bus.")
     app.add_typer(config_cmd.app, name="config", help="The effective configuration.")
@@ -323,6 +334,7 @@ def register_domains() -> None:
     app.add_typer(policy.audit_app, name="audit", help="The policy decision audit log.")
     app.add_typer(auth.app, name="auth", help="Who may do what on the bus, and keys of peers on other hosts.")
     app.command("send")(sessions.send)
+    app.command("chat")(chat.chat)
     app.add_typer(tasks.app, name="tasks", help="Tasks of the scheduler: submit, list, cancel, dead letters.")
     app.add_typer(tasks.schedules_app, name="schedules", help="Recurring tasks.")
     app.add_typer(tasks.workers_app, name="workers", help="Workers taking tasks.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import io
 import sys
 from typing import Annotated, Iterator, Optional
 
@@ -20,7 +21,7 @@ from baaaht.ctl.common import (
     key_values,
     option_value,
 )
-from baaaht.schemas.base import session_topic
+from baaaht.ctl.conversation import Conversation, Follower, conversation_topics
 from baaaht.schemas.bus import BusStats
 from baaaht.schemas.sessions import (
     Message,
@@ -266,38 +267,33 @@ def watch(
     history: int = typer.Option(10, "--history", min=0, help="First show this many recent messages."),
     _json: JsonOption = False,
 ) -> None:
-    """Follow a conversation live until the session closes (Ctrl-C stops)."""
+    """Follow a conversation live until the session closes (Ctrl-C stops): its messages, and the
+    assistant's answers as they are generated (each tool call and result on one line)."""
     ctl: Ctl = ctx.obj
     since = ctl.call(BusStats()).last_event_seq  # events from here on are not missed
     session = ctl.call(SessionGet(session_id=session_id))
     if session.state is SessionState.CLOSED:
         fail(f"session {session_id} is closed: `baaaht-ctl sessions messages` shows its conversation")
+    view = Conversation()
     shown = 0
     if history:
         for message in reversed(list(all_messages(ctl, session_id, newest_first=True, limit=history))):
-            show_message(ctl, message)
+            json_line(message) if ctl.json else view.message(message)
             shown = message.seq
     try:
-        topics = [session_topic(SessionMessage, session_id), "session.closed"]
-        with interruptible(), ctl.client.subscribe(topics, since=since) as events:
+        with interruptible(), ctl.client.subscribe(conversation_topics(session_id), since=since) as events:
             for delivery in events:
                 event = delivery.event
-                if isinstance(event, SessionMessage) and event.message.seq > shown:  # not already in history
-                    show_message(ctl, event.message)
-                    shown = event.message.seq
-                elif isinstance(event, SessionClosed) and event.session_id == session_id:
+                if isinstance(event, SessionMessage) and event.message.seq <= shown:
+                    continue  # already in the history
+                if isinstance(event, SessionClosed) and event.session_id != session_id:
+                    continue
+                json_line(event) if ctl.json else view.take(event, session_id)
+                if isinstance(event, SessionClosed):
                     typer.echo(f"session closed: {event.reason}", err=True)
                     return
     except BusError as exc:
         ctl.explain(exc)
-
-
-def show_message(ctl: Ctl, message: Message) -> None:
-    if ctl.json:
-        json_line(message)
-    else:
-        typer.echo(f"[{iso_time(message.time)}] #{message.seq} {message.role}: {message.content}")
-        sys.stdout.flush()
 
 
 def send(
@@ -306,10 +302,49 @@ def send(
     text: str = typer.Argument(
         ..., metavar="TEXT", help="The message; `-` reads it from stdin. After `--` it may start with `-`."
     ),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the assistant's answer and print it."),
+    wait_timeout: str = typer.Option("10m", "--wait-timeout", help="How long --wait waits, e.g. 30s."),
     _json: JsonOption = False,
 ) -> None:
-    """Append a user message to a session's conversation (`send S -- --looks-like-a-flag`)."""
+    """Append a user message to a session's conversation (`send S -- --looks-like-a-flag`); with --wait,
+    print the assistant's answer once its turn ends (exit 1 when the turn failed or was cancelled)."""
     ctl: Ctl = ctx.obj
     content = sys.stdin.read() if text == "-" else text
+    limit = seconds("--wait-timeout", wait_timeout)
+    since = ctl.call(BusStats()).last_event_seq if wait else 0  # the answer's events are not missed
     message = ctl.call(SessionSendMessage(session_id=session_id, content=content))
-    ctl.emit(message if ctl.json else {"id": message.id, "seq": message.seq, "time": iso_time(message.time)})
+    if not wait:
+        ctl.emit(
+            message if ctl.json else {"id": message.id, "seq": message.seq, "time": iso_time(message.time)}
+        )
+        return
+    answer = wait_for_answer(ctl, session_id, message, since, limit)
+    if ctl.json:
+        ctl.emit(answer)
+    else:
+        typer.echo("\n".join(m.content for m in answer if m.role == "assistant" and m.content))
+    ended = answer[-1].metadata.turn_end
+    if ended != "done":
+        fail(f"the turn ended {ended}: `baaaht-ctl sessions messages {session_id}` shows it all")
+
+
+def wait_for_answer(ctl: Ctl, session_id: str, message: Message, since: int, limit: float) -> list[Message]:
+    """The messages answering `message` once its turn has ended; fails after `limit` seconds."""
+    view = Conversation(io.StringIO())  # shows nothing: only the answer is printed
+    ended = view.expect(message.id)
+    follower = Follower(ctl.client, session_id, since, view).start()
+    try:
+        with interruptible():
+            if not ended.wait(limit):
+                fail(
+                    f"no answer within {limit:g}s (--wait-timeout); it may still come: "
+                    f"`baaaht-ctl sessions watch {session_id}`"
+                )
+    finally:
+        follower.stop()
+    if isinstance(follower.error, BusError):
+        ctl.explain(follower.error)
+    answer = view.answer(message.id)
+    if not answer or not answer[-1].metadata.turn_end:
+        fail(f"no answer: session {session_id} closed, or the wait was interrupted")
+    return answer

@@ -23,6 +23,7 @@ UNIT_TEST_FILES = frozenset(
         "test_assistant_context.py",
         "test_assistant_streams.py",
         "test_assistant_turns.py",
+        "test_ctl_conversation.py",
         "test_authorize.py",
         "test_config.py",
         "test_containers_identities.py",
