@@ -16,6 +16,7 @@ from baaaht.bus.testing import wait_for
 from baaaht.common import audit_chain
 from baaaht.schemas.egress import CredentialUsage, EgressAuditRecord, EgressProxied, EgressRefused
 from baaaht.services.credentials.egress.journal import audit_path
+from baaaht.services.credentials.egress.proxy import MAX_ERROR_BODY
 from baaaht.services.credentials.egress.usage_store import UsageStore, usage_path
 from tests.egress_agent_client import run as run_sdks
 from tests.egress_support import ANTHROPIC_KEY, CONTAINER, OPENAI_KEY, SESSION, running_egress
@@ -310,4 +311,15 @@ def test_an_encoded_upstream_error_is_withheld_since_it_cannot_be_searched(tmp_p
         reply = client.post("/anthropic/v1/messages", json=MESSAGE)
         assert reply.status_code == 401 and "content-encoding" not in reply.headers
         assert reply.text.startswith("the upstream's error body was gzip-encoded and is withheld")
+        assert leaks(reply, egress) == 0
+
+
+def test_a_key_across_the_cut_of_an_overlong_error_body_is_redacted_not_halved(tmp_path):
+    before_key = b'{"type":"error","error":{"type":"authentication_error","message":"invalid credential: '
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        egress.upstream.reject_key = True
+        egress.upstream.reject_padding = MAX_ERROR_BODY - 5 - len(before_key)  # the key starts 5 bytes before
+        reply = client.post("/anthropic/v1/messages", json=MESSAGE)
+        assert reply.status_code == 401 and len(reply.content) == MAX_ERROR_BODY
+        assert ANTHROPIC_KEY[:5] not in reply.content[-50:] and reply.content.endswith(b"[reda")
         assert leaks(reply, egress) == 0

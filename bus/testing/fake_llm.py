@@ -209,6 +209,7 @@ class FakeLLM:
     abandoned: threading.Event = field(default_factory=threading.Event)  # a stream's reader went away
     reject_key: bool = False  # answer 401, quoting the credential headers
     reject_encoding: str = ""  # "gzip": that 401's body compressed
+    reject_padding: int = 0  # filler bytes in that 401's message before the quoted key
     url: str = ""
     ca: TestCA | None = None
 
@@ -279,7 +280,10 @@ class FakeLLM:
         body = msgspec.json.encode(
             {
                 "type": "error",
-                "error": {"type": "authentication_error", "message": f"invalid credential: {quoted}"},
+                "error": {
+                    "type": "authentication_error",
+                    "message": f"invalid credential: {'x' * self.reject_padding}{quoted}",
+                },
             }
         )
         extra = {}

@@ -226,11 +226,12 @@ class EgressProxy:
     ) -> web.Response:
         """An upstream error, read whole (it is small) and handed on with any echo of the key redacted.
         An encoded body cannot be searched: it is withheld, with a note saying so."""
+        # Read past the cut by the longest form: a key that starts before the cut is then whole, and redacted.
+        limit = MAX_ERROR_BODY + max(map(len, echoes), default=0)
         body = bytearray()
         async for chunk in upstream.content.iter_any():
             body += chunk
-            if len(body) > MAX_ERROR_BODY:
-                body = body[:MAX_ERROR_BODY]
+            if len(body) >= limit:
                 break
         call.bytes_in = len(body)
         encoding = upstream.headers.get("Content-Encoding", "identity").lower()
@@ -239,7 +240,7 @@ class EgressProxy:
             returned["Content-Type"] = "text/plain; charset=utf-8"
             answer = WITHHELD % encoding.encode("latin-1", "replace")
         else:
-            answer = scrub(bytes(body), echoes)
+            answer = scrub(bytes(body), echoes)[:MAX_ERROR_BODY]
         return web.Response(status=upstream.status, reason=upstream.reason, headers=returned, body=answer)
 
     def _account(self, call: Call) -> None:
