@@ -6,7 +6,10 @@ lookup runs from a real agent container in tests/test_egress_container.py.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -221,6 +224,45 @@ def test_budgets_survive_a_restart_of_the_proxy(tmp_path):
     with running_egress(tmp_path, session_requests=5) as egress:  # the caps are today's configuration
         (usage,) = egress.server.usage(CredentialUsage(session_id=SESSION)).sessions
         assert (usage.requests, usage.request_cap, usage.token_cap) == (3, 5, 0)
+
+
+# Run in a child process: a proxy that makes CALLS calls to itself (OwnPid: its own pid is the agent),
+# waits until they are saved, says so and waits to be killed.
+_CALLS_THEN_WAIT = """
+import sys, time
+from pathlib import Path
+from baaaht.bus.testing import wait_for
+from tests.egress_support import running_egress
+from tests.test_egress_proxy import MESSAGE, saved_usage
+from baaaht.services.credentials.egress.usage_store import usage_path
+
+tmp_path, calls = Path(sys.argv[1]), int(sys.argv[2])
+with running_egress(tmp_path) as egress, egress.client() as client:
+    for _ in range(calls):
+        assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+    wait_for(lambda: [u.requests for u in saved_usage(usage_path(egress.data_dir))] == [calls], timeout=10)
+    print("saved", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_kill_9_after_a_save_loses_no_counted_call(tmp_path):
+    calls = 4
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CALLS_THEN_WAIT, str(tmp_path), str(calls)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert child.stdout.readline().strip() == "saved"
+    finally:
+        child.kill()  # SIGKILL: no stop, no last save
+        child.wait(30)
+        child.stdout.close()
+    with running_egress(tmp_path) as egress:
+        (usage,) = egress.server.usage(CredentialUsage(session_id=SESSION)).sessions
+        assert usage.requests == calls and usage.output_tokens == calls * len(egress.upstream.reply.split())
 
 
 def test_openai_streams_report_usage_because_the_proxy_asks_for_it(tmp_path):
