@@ -8,6 +8,7 @@ import hashlib
 import random
 import secrets
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -253,3 +254,19 @@ def test_no_secret_value_appears_in_logs_events_errors_or_the_store_file(credent
         forms = [secret.encode()] + [base64.b64encode(secret[offset:].encode())[:-4] for offset in range(3)]
         for form in forms:
             assert seen.count(form) == 0, form
+
+
+def core_limit(pid: int) -> list[str]:
+    (line,) = [line for line in Path(f"/proc/{pid}/limits").read_text().splitlines() if "core file" in line]
+    return line.split()[4:6]  # soft, hard
+
+
+def test_the_credential_process_writes_no_core_file_and_is_not_dumpable(credential_host):
+    assert core_limit(credential_host.processes[NAME].pid) == ["0", "0"]
+    check = (
+        "import resource; from baaaht.services.credentials import hardening;"
+        "assert hardening.is_dumpable(); hardening.keep_secrets_in_process();"
+        "print(hardening.is_dumpable(), resource.getrlimit(resource.RLIMIT_CORE))"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split("\n")[0] == "False (0, 0)", done.stderr

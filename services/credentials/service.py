@@ -40,6 +40,7 @@ from baaaht.schemas.credentials import (
 from baaaht.schemas.egress import CredentialUsage, CredentialUsageResult
 from baaaht.schemas.errors import ErrorCode
 from baaaht.services.credentials.egress.server import EgressError, EgressServer
+from baaaht.services.credentials.hardening import keep_secrets_in_process
 from baaaht.services.credentials.master import KeyFile, MasterSource, Passphrase
 from baaaht.services.credentials.source import Secret, SecretExpired, SecretNotFound, SecretSource
 from baaaht.services.credentials.store import CredentialExists, CredentialStore, StoreRefused
@@ -99,6 +100,7 @@ class CredentialService(Service):
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "CredentialService":
+        keep_secrets_in_process()  # this is the service's own process: before any key is read
         try:
             store = CredentialStore.open(config.data_dir, master_source(config.credentials))
         except StoreRefused as exc:
