@@ -24,7 +24,14 @@ from baaaht.bus.testing import (
 from baaaht.common.identity import IdentityStore
 from baaaht.schemas import containers as c
 from baaaht.schemas.bus import BusAgentsUpdate, BusAgentsUpdateResult
-from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConfig, RuntimeConfig
+from baaaht.schemas.config import (
+    AssistantConfig,
+    BusConfig,
+    Config,
+    ContainerConfig,
+    PolicyConfig,
+    RuntimeConfig,
+)
 from baaaht.schemas.containers import (
     ContainerCreate,
     ContainerDestroy,
@@ -83,12 +90,15 @@ def run_dir(tmp_path):
     return tmp_path / "run"
 
 
-def make_service(run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0.0, **kw):
+def make_service(
+    run_dir, runtime=None, *, max_containers=10, max_ops=8, grace=0.0, agent_image="", assistant=None, **kw
+):
     config = Config(
         bus=BusConfig(run_dir=str(run_dir)),
         policy=PolicyConfig(max_containers=max_containers),
         runtime=RuntimeConfig(max_concurrent_ops=max_ops),
-        container=ContainerConfig(orphan_grace=grace, reconcile_interval=3600),
+        container=ContainerConfig(orphan_grace=grace, reconcile_interval=3600, agent_image=agent_image),
+        assistant=assistant or AssistantConfig(),
     )
     service = ContainerService(
         config,

@@ -77,10 +77,18 @@ from baaaht.schemas.containers import (
 )
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Principal
-from baaaht.schemas.sessions import SessionClosed, SessionDeleted, SessionInfo, SessionState, SessionUpdated
+from baaaht.schemas.sessions import (
+    SessionClosed,
+    SessionDeleted,
+    SessionInfo,
+    SessionMessage,
+    SessionState,
+    SessionUpdated,
+)
 from baaaht.schemas.tasks import TaskQueued
 from baaaht.schemas.tools import TOOLS_QUEUE
 from baaaht.services.containers import reconcile, session_scope, session_volumes, validation
+from baaaht.services.containers.assistants import ASSISTANT, BusConversations, Conversations, assistant_spec
 from baaaht.services.containers.engine_errors import maps_engine_errors
 from baaaht.services.containers.events import EventTranslator
 from baaaht.services.containers.hardening import Identity, UnsafeAddition, agent_bus_for, attach_identity
@@ -138,6 +146,7 @@ AGENTS_END_STATES = (SessionState.IDLE, SessionState.CLOSING, SessionState.CLOSE
 AGENT_START_TIMEOUT = 60.0  # seconds for creating and starting a session agent's container
 TOOL_SWEEP_INTERVAL = 10.0  # seconds between looks for queued tool calls whose task.queued was missed
 TEND_WAIT_MAX = 1.0  # seconds the session agents' tending sleeps at most between looks
+RESUME_INTERVAL = 5.0  # seconds between tries to resume the assistants (until the session service answers)
 
 
 @host_callers_only  # agents never manage containers (the broker refuses them first)
@@ -161,6 +170,7 @@ class ContainerService(Service):
         agents: AgentDirectory,
         workspaces: Workspaces,
         tasks: TaskDirectory | None = None,
+        conversations: Conversations | None = None,
         runtime_problem: str = "",
         clock: Callable[[], float] = time.time,
         mounts: SlotMounts | None = None,
@@ -208,7 +218,18 @@ class ContainerService(Service):
             clock=clock,
         )
         self.tasks = tasks
-        self.session_agents = SessionAgents(_OwnAgentHost(self), {WORKER: self._worker_spec}, self.pool.claim)
+        self.assistant = config.assistant
+        # Without an image there is nothing to start: said once here rather than at every user message.
+        self.autostart = self.assistant.autostart and bool(self.assistant.image or self.agent_image)
+        if self.assistant.autostart and not self.autostart:
+            log.warning(
+                "assistant.autostart is on, but neither assistant.image nor container.agent_image is set"
+            )
+        self.conversations = conversations
+        self._assistants_resumed = False
+        self.session_agents = SessionAgents(
+            _OwnAgentHost(self), {WORKER: self._worker_spec, ASSISTANT: self._assistant_spec}, self.pool.claim
+        )
         self._agents_adopted = False
 
     @classmethod
@@ -231,6 +252,7 @@ class ContainerService(Service):
             agents=BusAgentDirectory(bus, timeout),
             workspaces=Workspaces(config.data_dir, config.workspace.size, LoopMounts()),
             tasks=BusTaskDirectory(bus, timeout),
+            conversations=BusConversations(bus, timeout),
             runtime_problem=problem,
         )
 
@@ -817,6 +839,12 @@ class ContainerService(Service):
             raise unavailable(f"no worker can be started: {error}", session_id=session_id) from None
         return worker_spec(self.agent_image, workspace)
 
+    def _assistant_spec(self, session_id: str) -> AgentSpec:
+        try:
+            return AgentSpec(spec=assistant_spec(self.assistant, self.agent_image))
+        except ValueError as error:
+            raise precondition(f"no assistant can be started: {error}", session_id=session_id) from None
+
     def start_session_agent(self, session_id: str, role: str, agent: AgentSpec) -> str:
         """Create and start a session's agent container, like `create` and `start` of a caller (the
         session's checks, quota, policy, identity); one that does not start is removed again."""
@@ -846,6 +874,23 @@ class ContainerService(Service):
         """A tool call waits: its session gets a worker (if it has none)."""
         if event.queue == TOOLS_QUEUE and event.session_id and self.runtime is not None:
             self.session_agents.ensure(event.session_id, WORKER)
+
+    @on_event("session.message")
+    def on_session_message(self, event: SessionMessage) -> None:
+        """A user message: its session gets its assistant (if it has none), with assistant.autostart."""
+        if event.message.role == "user" and self.autostart and self.runtime is not None:
+            self.session_agents.ensure(event.session_id, ASSISTANT)
+
+    @background(every=RESUME_INTERVAL)
+    def resume_assistants(self) -> None:
+        """Once after a start: a session whose newest user message has no answer (it came while no
+        assistant ran, or its turn was cut by a host restart) gets its assistant back."""
+        if self._assistants_resumed or self.conversations is None or self.runtime is None:
+            return
+        if self.autostart:
+            for session_id in self.conversations.awaiting_answer():  # BusError: tried again later
+                self.session_agents.ensure(session_id, ASSISTANT)
+        self._assistants_resumed = True
 
     @background(every=TOOL_SWEEP_INTERVAL)
     def sweep_tool_calls(self) -> None:
