@@ -320,6 +320,7 @@ def register_domains() -> None:
         credentials,
         policy,
         pool,
+        session_files,
         sessions,
         tasks,
     )
@@ -329,6 +330,8 @@ def register_domains() -> None:
     app.add_typer(containers.app, name="containers", help="Containers on this host.")
     app.add_typer(pool.app, name="pool", help="The warm pool of worker containers.")
     app.add_typer(credentials.app, name="credentials", help="Secrets kept by the credential manager.")
+    sessions.app.command("files")(session_files.files)
+    sessions.app.command("cp")(session_files.cp)
     app.add_typer(sessions.app, name="sessions", help="Sessions and their conversations.")
     app.add_typer(policy.app, name="policy", help="The container policy.")
     app.add_typer(policy.audit_app, name="audit", help="The policy decision audit log.")

@@ -62,6 +62,7 @@ UNIT_TEST_FILES = frozenset(
         "test_tools_fetch.py",
         "test_tools_files.py",
         "test_tools_schemas.py",
+        "test_workspace_files.py",
         "test_workspaces_logic.py",
     }
 )

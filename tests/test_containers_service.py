@@ -60,6 +60,7 @@ from baaaht.schemas.containers import (
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import Decision, ExecDecision, Principal, Violation
 from baaaht.schemas.sessions import SessionDeleted, SessionState
+from baaaht.schemas.workspaces import ContainerWorkspaceList, ContainerWorkspaceRead, ContainerWorkspaceWrite
 from baaaht.services.containers import session_volumes
 from baaaht.services.containers.hardening import BUS_ENV
 from baaaht.services.containers.ownership import LABEL_INSTALL, LABEL_MANAGED, LABEL_OWNER, LABEL_SESSION
@@ -848,6 +849,9 @@ def every_container_request(container_id: str) -> list:
         c.ContainerVolumeCreate(session_id="s1", name="work"),
         c.ContainerVolumeList(),
         c.ContainerWait(id=container_id),
+        ContainerWorkspaceList(session_id="s1"),
+        ContainerWorkspaceRead(session_id="s1", path="f"),
+        ContainerWorkspaceWrite(session_id="s1", path="f", data=b"x"),
     ]
 
 

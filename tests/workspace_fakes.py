@@ -21,6 +21,7 @@ class FakeWorkspaceMounts:
         self.made: list[str] = []
         self.checked: list[str] = []
         self.fail_mount: set[str] = set()  # images whose mount fails
+        self.owners: dict[str, tuple[int, int]] = {}  # files-aside dir -> the root's owner
         self._aside = aside  # where unmounted images' files are kept
         os.makedirs(aside, exist_ok=True)
         self._lock = threading.Lock()
@@ -30,6 +31,7 @@ class FakeWorkspaceMounts:
             file.write(FAKE_FILESYSTEM + str(size).encode())
         shutil.rmtree(self._files_of(image), ignore_errors=True)
         os.makedirs(self._files_of(image))
+        self.owners[self._files_of(image)] = (uid, gid)
         with self._lock:
             self.made.append(image)
 
@@ -49,6 +51,7 @@ class FakeWorkspaceMounts:
             self.mounted[target] = image
         _move_entries(self._files_of(image), target)
         os.chmod(target, 0o755)
+        os.chown(target, *self.owners[self._files_of(image)])
 
     def unmount(self, target: str) -> None:
         with self._lock:

@@ -33,7 +33,7 @@ from baaaht.schemas.tools import (
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK  # a FIFO never blocks a read; it is refused below
 
 
-def _open_regular(workspace: Workspace, path: str) -> int:
+def open_regular(workspace: Workspace, path: str) -> int:
     fd = workspace.open(path, _READ_FLAGS)
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
@@ -46,7 +46,7 @@ def _open_regular(workspace: Workspace, path: str) -> int:
 def read_file(workspace: Workspace, call: ToolReadFile) -> ToolReadFileResult:
     if call.end_line and call.end_line < call.start_line:
         raise ToolError.invalid(f"end_line {call.end_line} is before start_line {call.start_line}")
-    fd = _open_regular(workspace, call.path)
+    fd = open_regular(workspace, call.path)
     with os.fdopen(fd, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         kept: list[bytes] = []
@@ -74,7 +74,7 @@ def read_file(workspace: Workspace, call: ToolReadFile) -> ToolReadFileResult:
     )
 
 
-def _replace_atomically(workspace: Workspace, path: str, data: bytes, *, create_dirs: bool) -> bool:
+def replace_atomically(workspace: Workspace, path: str, data: bytes, *, create_dirs: bool) -> bool:
     """Write `data` to a new file beside `path` and rename it over `path`; True if it was new."""
     dir_fd, name = workspace.open_parent(path, create=create_dirs)
     temporary = f".{name}.{secrets.token_hex(6)}.tmp"
@@ -114,12 +114,12 @@ def _replace_atomically(workspace: Workspace, path: str, data: bytes, *, create_
 
 def write_file(workspace: Workspace, call: ToolWriteFile) -> ToolWriteFileResult:
     data = call.content.encode()
-    created = _replace_atomically(workspace, call.path, data, create_dirs=call.create_dirs)
+    created = replace_atomically(workspace, call.path, data, create_dirs=call.create_dirs)
     return ToolWriteFileResult(path=call.path, size=len(data), created=created)
 
 
 def edit_file(workspace: Workspace, call: ToolEditFile) -> ToolEditFileResult:
-    fd = _open_regular(workspace, call.path)
+    fd = open_regular(workspace, call.path)
     with os.fdopen(fd, "rb") as file:
         text = file.read().decode("utf-8", "surrogateescape")
     if call.start_line:
@@ -153,11 +153,11 @@ def edit_file(workspace: Workspace, call: ToolEditFile) -> ToolEditFileResult:
         edited = text[:at] + call.new + text[at + len(call.old) :]
         first_line = text.count("\n", 0, at) + 1
     data = edited.encode("utf-8", "surrogateescape")
-    _replace_atomically(workspace, call.path, data, create_dirs=False)
+    replace_atomically(workspace, call.path, data, create_dirs=False)
     return ToolEditFileResult(path=call.path, size=len(data), first_line=first_line)
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISDIR(mode):
@@ -175,7 +175,7 @@ def list_dir(workspace: Workspace, call: ToolListDir) -> ToolListDirResult:
         entries = []
         for entry in found[: call.max_entries]:
             info = entry.stat(follow_symlinks=False)
-            kind = _kind(info.st_mode)
+            kind = kind_of(info.st_mode)
             entries.append(DirEntry(name=entry.name, kind=kind, size=info.st_size if kind == "file" else 0))
     finally:
         os.close(fd)
@@ -258,7 +258,7 @@ def grep(workspace: Workspace, call: ToolGrep) -> ToolGrepResult:
         files = [base]
     for path in files:
         try:
-            fd = _open_regular(workspace, path)
+            fd = open_regular(workspace, path)
         except ToolError:
             continue  # removed or swapped meanwhile
         with os.fdopen(fd, "rb") as file:

@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 
 import msgspec
 
+from baaaht.agent.tools.errors import ToolError
+from baaaht.agent.tools.workspace import Workspace
 from baaaht.bus.authorize import OPERATOR
 from baaaht.bus.background import Stopping, background
 from baaaht.bus.callers import AGENT_ROLES, denied, host_callers_only, principal_of, role_of
@@ -87,7 +89,15 @@ from baaaht.schemas.sessions import (
 )
 from baaaht.schemas.tasks import TaskQueued
 from baaaht.schemas.tools import TOOLS_QUEUE
-from baaaht.services.containers import reconcile, session_scope, session_volumes, validation
+from baaaht.schemas.workspaces import (
+    ContainerWorkspaceList,
+    ContainerWorkspaceRead,
+    ContainerWorkspaceWrite,
+    WorkspaceData,
+    WorkspaceEntries,
+    WorkspaceWritten,
+)
+from baaaht.services.containers import reconcile, session_scope, session_volumes, validation, workspace_files
 from baaaht.services.containers.assistants import ASSISTANT, BusConversations, Conversations, assistant_spec
 from baaaht.services.containers.engine_errors import maps_engine_errors
 from baaaht.services.containers.events import EventTranslator
@@ -775,6 +785,51 @@ class ContainerService(Service):
                 continue
             removed.append(session_id)
         return removed, failed
+
+    # -- workspaces (the operator's files of a session) --------------------------------------------
+
+    @rpc
+    def workspace_list(self, req: ContainerWorkspaceList, ctx: CallContext) -> WorkspaceEntries:
+        with self._workspace(req.session_id, ctx) as workspace:
+            return workspace_files.entries(workspace, req)
+
+    @rpc
+    def workspace_read(self, req: ContainerWorkspaceRead, ctx: CallContext) -> WorkspaceData:
+        with self._workspace(req.session_id, ctx) as workspace:
+            return workspace_files.read(workspace, req)
+
+    @rpc
+    def workspace_write(self, req: ContainerWorkspaceWrite, ctx: CallContext) -> WorkspaceWritten:
+        with self._workspace(req.session_id, ctx, writing=True) as workspace:
+            return workspace_files.write(workspace, req)
+
+    @contextlib.contextmanager
+    def _workspace(self, session_id: str, ctx: CallContext, *, writing: bool = False) -> Iterator[Workspace]:
+        """The session's workspace, used as its owner; tool errors become the call's. The session must
+        exist; a write needs it active or idle, and makes the workspace if it has none yet."""
+        session = self.sessions.session(session_id, ctx)
+        if writing and session.state not in session_scope.OPEN_STATES:
+            raise precondition(
+                f"workspace write refused: session {session_id} is {session.state.value}; only an active "
+                "or idle session's workspace is written",
+                session_id=session_id,
+                state=session.state.value,
+            )
+        try:
+            root = self.workspaces.ensure(session_id) if writing else self.workspaces.existing(session_id)
+        except WorkspaceError as error:
+            raise precondition(error.message, path=error.path) from None
+        if root is None:
+            raise not_found(
+                f"session {session_id} has no workspace yet (its first worker or a write makes it)",
+                session_id=session_id,
+                workspace="none",
+            )
+        try:
+            with workspace_files.as_owner(root) as workspace:
+                yield workspace
+        except ToolError as error:
+            raise BusError(error.code, error.message, error.details) from None
 
     # -- identities ---------------------------------------------------------------------------------
 

@@ -191,6 +191,12 @@ class Workspaces:
             log.info("workspace mounted", extra={"session": session_id, "path": target})
             return target
 
+    def existing(self, session_id: str) -> str | None:
+        """The host path of the session's workspace, mounted if it was not; None when it has none."""
+        if not os.path.exists(self.image_of(session_id)):
+            return None
+        return self.ensure(session_id)
+
     def path(self, session_id: str) -> str | None:
         """The host path of the session's workspace while it is mounted, else None."""
         target = self.target_of(session_id)

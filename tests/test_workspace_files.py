@@ -1,0 +1,158 @@
+"""The operator's workspace RPCs (container.workspace_list/read/write) on the fake mounts adapter: the
+tools' beneath-the-root opens, chunked atomic uploads, the agent user's ownership, session rules."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from baaaht.bus.testing import code_of, context, error_of
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.sessions import SessionState
+from baaaht.schemas.workspaces import (
+    ContainerWorkspaceList,
+    ContainerWorkspaceRead,
+    ContainerWorkspaceWrite,
+)
+from baaaht.services.containers.workspaces import AGENT_GID, AGENT_UID
+from tests.container_fakes import FakeSessions, session_info
+from tests.test_containers_service import make_service, run_dir  # noqa: F401 - the fixture
+
+UPLOAD = "0123456789abcdef"
+
+
+@pytest.fixture
+def sessions():
+    return FakeSessions(session_info("s1"), session_info("s2"))
+
+
+@pytest.fixture
+def service(run_dir, sessions):  # noqa: F811
+    return make_service(run_dir, sessions=sessions)
+
+
+def write(service, path, data, session="s1", **fields):
+    request = ContainerWorkspaceWrite(session_id=session, path=path, data=data, **fields)
+    return service.workspace_write(request, context())
+
+
+def read(service, path, session="s1", **fields):
+    return service.workspace_read(ContainerWorkspaceRead(session_id=session, path=path, **fields), context())
+
+
+def listing(service, path=".", session="s1", **fields):
+    return service.workspace_list(ContainerWorkspaceList(session_id=session, path=path, **fields), context())
+
+
+def fs_ids() -> tuple[int, int]:
+    """This thread's filesystem uid and gid (the 4th field of Uid: and Gid: in its status)."""
+    with open(f"/proc/self/task/{threading.get_native_id()}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["Uid"].split()[3]), int(fields["Gid"].split()[3])
+
+
+def test_a_written_file_is_read_and_listed_and_belongs_to_the_agent_user(service):
+    made = write(service, "notes/a.txt", b"hello\n", create_dirs=True)
+    assert made.created and made.size == 6
+    assert read(service, "notes/a.txt").data == b"hello\n"
+    root = listing(service)
+    assert root.kind == "dir" and [(e.name, e.kind) for e in root.entries] == [("notes", "dir")]
+    file = listing(service, "notes/a.txt")
+    assert (file.kind, file.size, file.entries) == ("file", 6, [])
+    host = service.workspaces.path("s1")
+    for made_path in ("notes", "notes/a.txt"):
+        info = os.stat(os.path.join(host, made_path))
+        assert (info.st_uid, info.st_gid) == (AGENT_UID, AGENT_GID)
+    assert fs_ids() == (os.geteuid(), os.getegid())  # the handler thread is itself again
+    assert not write(service, "notes/a.txt", b"again").created
+
+
+def test_reads_go_by_offset_and_length_and_tell_the_size(service):
+    write(service, "big", bytes(range(256)) * 40)
+    first = read(service, "big", length=4000)
+    rest = read(service, "big", offset=4000, length=4000)
+    assert (len(first.data), first.size, rest.offset, len(rest.data)) == (4000, 10240, 4000, 4000)
+    assert read(service, "big", offset=10240).data == b""
+
+
+def test_a_chunked_upload_replaces_the_file_only_with_its_last_chunk(service):
+    write(service, "f", b"old")
+    write(service, "f", b"aaa", upload=UPLOAD, final=False)
+    write(service, "f", b"bbXXXX", upload=UPLOAD, offset=3, final=False)
+    write(service, "f", b"bbb", upload=UPLOAD, offset=3, final=False)  # sent again: written again
+    assert read(service, "f").data == b"old"
+    done = write(service, "f", b"cc", upload=UPLOAD, offset=6)
+    assert (done.size, done.created) == (8, False)
+    assert read(service, "f").data == b"aaabbbcc"
+    assert [e.name for e in listing(service).entries] == ["f"]  # no upload left behind
+
+
+def test_an_upload_out_of_order_or_never_begun_is_refused(service):
+    missing = error_of(lambda: write(service, "f", b"x", upload=UPLOAD, offset=5))
+    assert missing.code is ErrorCode.FAILED_PRECONDITION and "has not begun" in missing.message
+    write(service, "f", b"abc", upload=UPLOAD, final=False)
+    gap = error_of(lambda: write(service, "f", b"x", upload=UPLOAD, offset=9))
+    assert gap.code is ErrorCode.FAILED_PRECONDITION and "next chunk has offset 3, not 9" in gap.message
+    without_id = error_of(lambda: write(service, "f", b"x", offset=3))
+    assert without_id.code is ErrorCode.INVALID_ARGUMENT and "names its upload" in without_id.message
+
+
+@pytest.mark.parametrize("path", ["../outside", "/etc/passwd", "a/../../b"])
+def test_paths_outside_the_workspace_are_refused(service, path):
+    write(service, "a/inside", b"x", create_dirs=True)
+    for call in (
+        lambda: read(service, path),
+        lambda: write(service, path, b"x"),
+        lambda: listing(service, path),
+    ):
+        assert code_of(call) is ErrorCode.PERMISSION_DENIED
+
+
+def test_a_symlink_out_of_the_workspace_is_not_followed(service):
+    write(service, "x", b"x")
+    os.symlink("/etc", os.path.join(service.workspaces.path("s1"), "etc"))
+    assert code_of(lambda: read(service, "etc/passwd")) is ErrorCode.PERMISSION_DENIED
+    assert code_of(lambda: listing(service, "etc")) is ErrorCode.PERMISSION_DENIED
+    assert code_of(lambda: write(service, "etc/evil", b"x")) is ErrorCode.PERMISSION_DENIED
+    assert not os.path.exists("/etc/evil")
+
+
+def test_errors_name_the_problem(service):
+    write(service, "d/f", b"x", create_dirs=True)
+    assert code_of(lambda: read(service, "nope")) is ErrorCode.NOT_FOUND
+    assert code_of(lambda: read(service, "d")) is ErrorCode.FAILED_PRECONDITION
+    assert code_of(lambda: write(service, "d", b"x")) is ErrorCode.FAILED_PRECONDITION
+    assert code_of(lambda: write(service, "no/such/dir", b"x")) is ErrorCode.NOT_FOUND
+
+
+def test_each_session_sees_only_its_own_workspace(service):
+    write(service, "mine", b"s1's", session="s1")
+    write(service, "other", b"s2's", session="s2")
+    assert [e.name for e in listing(service, session="s1").entries] == ["mine"]
+    assert [e.name for e in listing(service, session="s2").entries] == ["other"]
+    assert code_of(lambda: read(service, "mine", session="s2")) is ErrorCode.NOT_FOUND
+
+
+def test_the_session_must_exist_and_be_open_for_writes(service, sessions):
+    assert code_of(lambda: listing(service, session="nope")) is ErrorCode.NOT_FOUND
+    assert code_of(lambda: write(service, "f", b"x", session="nope")) is ErrorCode.NOT_FOUND
+    nothing_yet = error_of(lambda: listing(service))
+    assert nothing_yet.code is ErrorCode.NOT_FOUND and "no workspace yet" in nothing_yet.message
+    write(service, "f", b"kept")
+    sessions.sessions["s1"].state = SessionState.CLOSED
+    refused = error_of(lambda: write(service, "f", b"x"))
+    assert refused.code is ErrorCode.FAILED_PRECONDITION and "closed" in refused.message
+    assert read(service, "f").data == b"kept"  # a closed session's files may still be read
+
+
+def test_a_damaged_workspace_is_an_error_naming_its_image(service):
+    write(service, "f", b"x")
+    service.workspaces.mounts.forget_mounts()
+    image = service.workspaces.image_of("s1")
+    with open(image, "wb") as file:
+        file.write(b"garbage")
+    error = error_of(lambda: listing(service))
+    assert error.code is ErrorCode.FAILED_PRECONDITION and image in error.message
+    assert error_of(lambda: write(service, "f", b"y")).code is ErrorCode.FAILED_PRECONDITION
