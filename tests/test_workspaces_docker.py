@@ -15,7 +15,7 @@ from baaaht.schemas.sessions import SessionClose, SessionDelete
 from baaaht.schemas.workspaces import WORKSPACE_CHUNK, ContainerWorkspaceList
 from tests import container_support, ctl_runner
 from tests.test_containers_bus import SETTINGS, Orchestrator
-from tests.test_workspaces_loop import loop_devices_of, mounted_below
+from tests.test_workspaces_loop import mounted_below, wait_loop_devices_freed
 
 pytestmark = [
     pytest.mark.docker,
@@ -34,7 +34,7 @@ def orchestrator(make_host, docker_client):
     made.cleanup()
     for target in mounted_below(str(host.data_dir)):
         subprocess.run(["umount", target], timeout=30, check=False)
-    assert loop_devices_of(str(host.data_dir)) == []
+    wait_loop_devices_freed(str(host.data_dir))
 
 
 def ctl(orchestrator, *args: str, expect: int | None = 0):
@@ -150,7 +150,7 @@ def test_a_deleted_sessions_workspace_is_unmounted_and_removed(orchestrator, tmp
     wait_for(lambda: not image.exists(), 30, what="the deleted session's workspace image to go")
     assert not os.path.exists(workspace_of(orchestrator, session))
     assert [t for t in mounted_below(str(orchestrator.host.data_dir))] == [workspace_of(orchestrator, kept)]
-    assert len(loop_devices_of(str(orchestrator.host.data_dir))) == 1
+    wait_loop_devices_freed(str(orchestrator.host.data_dir), keep=1)
 
 
 def test_a_restarted_container_manager_mounts_the_workspaces_again(orchestrator, tmp_path):

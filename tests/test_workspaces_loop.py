@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from baaaht.bus.testing import wait_for
 from baaaht.services.containers.workspaces import AGENT_UID, LoopMounts, WorkspaceError, Workspaces
 
 SIZE = 32 * 1024 * 1024
@@ -33,13 +34,19 @@ def loop_devices_of(directory: str) -> list[str]:
     return [line for line in listing.splitlines() if directory in line]
 
 
+def wait_loop_devices_freed(directory: str, keep: int = 0) -> None:
+    """Until `keep` loop devices hold images below `directory` (the kernel frees an autoclear device
+    after its last unmount, asynchronously)."""
+    wait_for(lambda: len(loop_devices_of(directory)) == keep, 10, what=f"loop devices of {directory} freed")
+
+
 @pytest.fixture
 def workspaces(tmp_path):
     made = Workspaces(str(tmp_path), SIZE, LoopMounts())
     yield made
     for target in mounted_below(str(tmp_path)):
         subprocess.run(["umount", target], timeout=30, check=False)
-    assert loop_devices_of(str(tmp_path)) == []
+    wait_loop_devices_freed(str(tmp_path))
 
 
 def test_a_workspace_is_an_ext4_mount_of_its_image_owned_by_the_agent_user(workspaces, tmp_path):
@@ -96,7 +103,8 @@ def test_remove_unmounts_frees_the_loop_device_and_deletes_the_image(workspaces,
     assert len(loop_devices_of(str(tmp_path))) == 1
     workspaces.remove("s1")
     assert not os.path.exists(path) and not os.path.exists(workspaces.image_of("s1"))
-    assert loop_devices_of(str(tmp_path)) == [] and mounted_below(str(tmp_path)) == []
+    assert mounted_below(str(tmp_path)) == []
+    wait_loop_devices_freed(str(tmp_path))
 
 
 def test_a_damaged_image_is_refused_naming_its_file(workspaces):
