@@ -4,6 +4,8 @@
     baaaht-agent echo    answer each user message of the agent's session with the same text
     baaaht-agent worker  run the session's tool calls on its workspace (agent/worker.py); --slots N
                          (else BAAAHT_WORKER_SLOTS, else 4) at once
+    baaaht-agent assistant  answer the session's user messages with an LLM and the session's tools
+                         (settings: BAAAHT_ASSISTANT_*, docs/ASSISTANT.md)
 
 Exit status: 0 when stopped by SIGTERM or SIGINT, 2 for bad settings, 3 when the bus was gone for longer
 than the bus loss limit (`--bus-loss-limit`, else BAAAHT_BUS_LOSS_LIMIT, else 30 s), 1 for anything else.
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+from baaaht.agent.assistant.config import AssistantConfig
 from baaaht.agent.sdk import Agent, BusLost
 from baaaht.agent.settings import AgentSettings, SettingsError
 from baaaht.agent.worker import MAX_SLOTS, slots_setting
@@ -50,7 +53,20 @@ async def echo(agent: Agent) -> None:
             await agent.call(answer)
 
 
-AGENTS: dict[str, Callable[..., Awaitable[None]]] = {"idle": idle, "echo": echo, "worker": tool_worker}
+async def assistant(agent: Agent, config: AssistantConfig) -> None:
+    """The session's assistant (agent/assistant/); imported here only, so the other agents start
+    without loading the LLM SDKs."""
+    from baaaht.agent.assistant.run import assistant as serve
+
+    await serve(agent, config)
+
+
+AGENTS: dict[str, Callable[..., Awaitable[None]]] = {
+    "idle": idle,
+    "echo": echo,
+    "worker": tool_worker,
+    "assistant": assistant,
+}
 
 
 async def run_agent(work: Callable[[Agent], Awaitable[None]], settings: AgentSettings) -> None:
@@ -105,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         work = AGENTS[args.agent]
         if args.agent == "worker":
             work = partial(work, slots=slots_setting(args.slots))
+        elif args.agent == "assistant":
+            work = partial(work, config=AssistantConfig.from_env())
         elif args.slots is not None:
             raise SettingsError(f"--slots is the worker's, not the {args.agent} agent's")
     except SettingsError as error:
@@ -115,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     except BusLost as error:
         print(f"baaaht-agent: {error}", file=sys.stderr)
         sys.exit(EXIT_BUS_LOST)
+    except SettingsError as error:  # found once joined (an assistant's identity)
+        print(f"baaaht-agent: {error}", file=sys.stderr)
+        sys.exit(EXIT_SETTINGS)
 
 
 if __name__ == "__main__":
