@@ -12,8 +12,17 @@ import pytest
 
 from baaaht.bus.errors import BusError
 from baaaht.bus.testing import wait_for
-from baaaht.schemas.tasks import HEARTBEAT_TIMEOUT, TaskList, TaskState, TaskSubmit
-from tests.scheduler_doubles import start_scheduler
+from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionDelete
+from baaaht.schemas.tasks import (
+    HEARTBEAT_TIMEOUT,
+    TaskList,
+    TaskScheduleAdd,
+    TaskScheduleList,
+    TaskState,
+    TaskSubmit,
+)
+from tests.scheduler_doubles import FAST, Scheduler, start_scheduler
+from tests.session_doubles import start_sessions_host
 
 S = TaskState
 
@@ -105,3 +114,23 @@ def test_a_worker_stream_does_not_hold_up_the_schedulers_stop(scheduler):
     scheduler.host.kill("scheduler", signal.SIGTERM)
     assert process.returncode == 0
     assert time.monotonic() - began < 5.0
+
+
+def test_sessions_that_ended_while_the_scheduler_was_down_have_their_tasks_cancelled(make_host):
+    host = start_sessions_host(lambda overrides: make_host({**overrides, **FAST}))
+    scheduler = Scheduler(host)
+    scheduler.start()
+    client = scheduler.client
+    closed, deleted, still_open = (client.call(SessionCreate(owner="alice")).id for _ in range(3))
+    tasks = {s: scheduler.submit("nobody", "noop", session_id=s).id for s in (closed, deleted, still_open)}
+    for session_id in (closed, still_open):
+        client.call(TaskScheduleAdd(queue="nobody", task_type="noop", every=3600, session_id=session_id))
+    host.kill("scheduler", signal.SIGKILL)
+    for session_id in (closed, deleted):
+        client.call(SessionClose(session_id=session_id))  # its session.closed goes unheard
+    client.call(SessionDelete(session_id=deleted))
+    scheduler.start()
+    for session_id in (closed, deleted):
+        assert scheduler.wait_state(tasks[session_id]).state is S.CANCELLED
+    assert scheduler.get(tasks[still_open]).state is S.QUEUED
+    assert [s.session_id for s in client.call(TaskScheduleList()).schedules] == [still_open]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from baaaht.bus.background import Stopping
 from baaaht.bus.errors import BusError
 from baaaht.schemas.bus import Caller
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.sessions import SessionInfo, SessionState
 from baaaht.schemas.tasks import (
     RetryPolicy,
     ScheduleInfo,
@@ -21,6 +23,7 @@ from baaaht.services.scheduler import retry, schedules
 from baaaht.services.scheduler.core import Core, Now
 from baaaht.services.scheduler.limits import Limit, TokenBucket
 from baaaht.services.scheduler.scope import scope_of, session_for
+from baaaht.services.scheduler.sessions import catch_up, session_peer
 
 
 def test_backoff_grows_by_the_coefficient_up_to_the_cap():
@@ -240,3 +243,37 @@ def test_a_timer_the_clocks_put_early_is_armed_again():
     dispatched(core, clock.now())
     assert core.schedules[schedule.id].runs == 1
     assert delayed.id in [a.task_id for a in pushed]
+
+
+class SessionsAnswering:
+    """A bus on which the session service answers from `states` (missing: NOT_FOUND), after
+    `unavailable` calls that found no session service (the broker's own NOT_FOUND, naming no session)."""
+
+    def __init__(self, states: dict[str, SessionState], unavailable: int = 0):
+        self.states, self.unavailable = states, unavailable
+
+    def call(self, request, timeout=None, correlation_id=""):
+        if self.unavailable:
+            self.unavailable -= 1
+            raise BusError(ErrorCode.NOT_FOUND, "no service 'session' is registered")
+        if request.session_id not in self.states:
+            raise BusError(ErrorCode.NOT_FOUND, "no session", {"session_id": request.session_id})
+        return SessionInfo(
+            id=request.session_id,
+            state=self.states[request.session_id],
+            owner="o",
+            created_at=1.0,
+            updated_at=1.0,
+            last_activity_at=1.0,
+        )
+
+
+def test_sessions_that_ended_are_those_closed_or_gone_once_the_session_service_answers():
+    bus = SessionsAnswering({"open": SessionState.ACTIVE, "shut": SessionState.CLOSED}, unavailable=2)
+    stopping = Stopping()
+    pauses = []
+    stopping.wait = lambda seconds: pauses.append(seconds) or False
+    ended = []
+    catch_up(session_peer(bus, 1.0), {"open", "shut", "gone"}, ended.append, stopping)
+    assert ended == ["gone", "shut"]
+    assert pauses == [1.0, 2.0]  # the broker's NOT_FOUND was no answer about a session: asked again

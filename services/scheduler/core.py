@@ -429,6 +429,12 @@ class Core:
         self._add(task, now)
         return task
 
+    def sessions_in_use(self) -> set[str]:
+        """The sessions of the unfinished tasks and the schedules."""
+        in_use = {t.session_id for t in self.tasks.values()} | {s.session_id for s in self.schedules.values()}
+        in_use.discard("")
+        return in_use
+
     def session_closed(self, session_id: str, now: Now) -> None:
         for task in [t for t in self.tasks.values() if t.session_id == session_id]:
             self._cancel(task, SESSION_CLOSED, now)

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from baaaht.bus.background import Stopping, background
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, not_found
+from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config
@@ -53,6 +54,7 @@ from baaaht.schemas.tasks import (
 from baaaht.services.scheduler.core import visible
 from baaaht.services.scheduler.engine import Engine
 from baaaht.services.scheduler.scope import scope_of, session_for
+from baaaht.services.scheduler.sessions import catch_up, session_peer
 from baaaht.services.scheduler.store import SchedulerStore
 
 log = logging.getLogger("baaaht.scheduler")
@@ -67,19 +69,23 @@ class SchedulerService(Service):
     name = "task"
     concurrency = CONCURRENCY
 
-    def __init__(self, store: SchedulerStore, config: Config, *, events: Publisher):
+    def __init__(self, store: SchedulerStore, config: Config, *, events: Publisher, sessions: Peer):
         self.store = store
         self.config = config.scheduler
         self.engine = Engine(store, self.config, events)
+        self.sessions = sessions
+        self._sessions_at_start: set[str] = set()
         self._streams = 0
         self._streams_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "SchedulerService":
-        return cls(SchedulerStore.in_data_dir(config.data_dir), config, events=bus)
+        store = SchedulerStore.in_data_dir(config.data_dir)
+        return cls(store, config, events=bus, sessions=session_peer(bus, float(config.bus.call_timeout)))
 
     def on_start(self) -> None:
         self.engine.load()
+        self._sessions_at_start = self.engine.core.sessions_in_use()
 
     def on_stop(self) -> None:
         self.store.close()
@@ -87,6 +93,15 @@ class SchedulerService(Service):
     @background
     def run_engine(self, stopping: Stopping) -> None:
         self.engine.run(stopping)
+
+    @background
+    def catch_up_ended_sessions(self, stopping: Stopping) -> None:
+        """The session.closed events missed while the scheduler was down."""
+
+        def end(session_id: str) -> None:
+            self.engine.tell(lambda core, now: core.session_closed(session_id, now))
+
+        catch_up(self.sessions, self._sessions_at_start, end, stopping)
 
     @background(every=KEY_SWEEP)
     def forget_old_keys(self) -> None:
