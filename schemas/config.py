@@ -147,6 +147,10 @@ class SchedulerConfig(Section, kw_only=True):
     max_payload: Size = Size(256 * 1024)
     max_result: Size = Size(256 * 1024)
     key_retention: Duration = Duration(24 * 3600.0)  # how long an idempotency key answers its task
+    # Finished tasks (succeeded, failed, cancelled, dead) are forgotten this long after they finished;
+    # 0 keeps them for ever. Looked for every prune_interval.
+    task_retention: Duration = Duration(7 * 24 * 3600.0)
+    prune_interval: Duration = Duration(60.0)
     # Limits: 0 is none. Rates are task starts per second (a token bucket holding one second's worth).
     queue_max_running: dict[str, int] = {}
     queue_rate: dict[str, float] = {}

@@ -60,6 +60,7 @@ UNIT_TEST_FILES = frozenset(
         "test_sessions_states.py",
         "test_sessions_store.py",
         "test_scheduler_logic.py",
+        "test_scheduler_store.py",
         "test_testing.py",
         "test_tools_fetch.py",
         "test_tools_files.py",

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import pytest
 
-from baaaht.bus.testing import error_of
+from baaaht.bus.testing import error_of, wait_for
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import (
     HEARTBEAT_TIMEOUT,
@@ -274,3 +276,50 @@ def test_closing_a_session_cancels_its_queued_and_running_tasks(make_host):
     scheduler.wait_record("cancelled", running.id)
     assert scheduler.records(task_id=queued.id) == []
     assert scheduler.get(other.id).state is S.QUEUED
+
+
+def start_times(scheduler, task_ids) -> list[float]:
+    return sorted(r["time"] for r in scheduler.records("start") if r["task"] in task_ids)
+
+
+def test_a_queue_rate_spaces_the_starts_after_its_burst(make_host):
+    scheduler = start_scheduler(make_host, {"scheduler": {"queue_rate": {"slow": 4.0}}})
+    scheduler.start_worker("slow,fast", slots=4)
+    slow = [scheduler.submit("slow", "noop").id for _ in range(12)]
+    fast = [scheduler.submit("fast", "noop").id for _ in range(12)]
+    for task_id in slow + fast:
+        scheduler.wait_state(task_id)
+    starts = start_times(scheduler, slow)
+    # A burst of one second's worth (4), then one start every 1/4 s: the 12th at least 2 s after the first.
+    for n in range(4, 12):
+        assert starts[n] - starts[0] >= (n - 3) * 0.25 - 0.05, (n, starts)
+    fast_starts = start_times(scheduler, fast)
+    assert fast_starts[-1] < starts[-1]  # the other queue is not held behind the slow one
+
+
+def test_a_session_rate_holds_each_session_apart(make_host):
+    scheduler = start_scheduler(make_host, {"scheduler": {"session_rate": 2.0}})
+    scheduler.start_worker("s", slots=4)
+    in_a = [scheduler.submit("s", "noop", session_id="a").id for _ in range(6)]
+    in_b = [scheduler.submit("s", "noop", session_id="b").id for _ in range(6)]
+    for task_id in in_a + in_b:
+        scheduler.wait_state(task_id)
+    for session_tasks in (in_a, in_b):
+        starts = start_times(scheduler, session_tasks)
+        for n in range(2, 6):  # a burst of 2, then one every 1/2 s, in each session alone
+            assert starts[n] - starts[0] >= (n - 1) * 0.5 - 0.05, (n, starts)
+    assert start_times(scheduler, in_b)[0] < start_times(scheduler, in_a)[-1]  # b did not wait for a
+
+
+def test_finished_tasks_are_pruned_after_the_retention_and_nothing_else(make_host):
+    scheduler = start_scheduler(make_host, {"scheduler": {"task_retention": "1s", "prune_interval": "100ms"}})
+    scheduler.start_worker("p")
+    done = scheduler.wait_state(scheduler.submit("p", "noop").id)
+    waiting = scheduler.submit("nobody", "noop")
+    wait_for(
+        lambda: error_of(lambda: scheduler.get(done.id)).code is ErrorCode.NOT_FOUND,
+        15,
+        what="the finished task to be pruned",
+    )
+    assert time.time() >= done.finished_at + 1.0
+    assert [t.id for t in scheduler.client.call(TaskList()).tasks] == [waiting.id]

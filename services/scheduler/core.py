@@ -117,6 +117,7 @@ class Effects:
     schedules: dict[str, ScheduleInfo] = field(default_factory=dict)
     removed_schedules: set[str] = field(default_factory=set)
     keys_expired_before: float = 0.0  # idempotency keys older than this are forgotten
+    finished_before: float = 0.0  # tasks that finished before this are forgotten
     events: list[Event] = field(default_factory=list)
     # (a stream's outbox, what to send; None ends a worker's stream): after the commit
     pushes: list[tuple[Push, Any]] = field(default_factory=list)
@@ -147,6 +148,7 @@ class Core:
         self.lease_timeout = float(config.lease_timeout)
         self.cancel_grace = float(config.cancel_grace)
         self.key_retention = float(config.key_retention)
+        self.task_retention = float(config.task_retention)
         self.max_payload = int(config.max_payload)
         self.max_result = int(config.max_result)
         self.lookup = lookup  # a finished task, from the store
@@ -310,6 +312,11 @@ class Core:
         before = now.wall - self.key_retention
         self.keys = {k: v for k, v in self.keys.items() if v[1] >= before}
         self.effects.keys_expired_before = before
+
+    def prune(self, now: Now) -> None:
+        """Finished tasks past their retention are forgotten (none with a retention of 0)."""
+        if self.task_retention:
+            self.effects.finished_before = now.wall - self.task_retention
 
     def _add(self, task: TaskInfo, now: Now) -> None:
         self.tasks[task.id] = task

@@ -195,7 +195,7 @@ class Engine:
 
     def _write(self, core: Core, effects: Effects) -> None:
         if not (effects.tasks or effects.keys or effects.schedules or effects.removed_schedules):
-            if not effects.keys_expired_before:
+            if not (effects.keys_expired_before or effects.finished_before):
                 return
         with self.store.batch() as batch:
             for task in effects.tasks.values():
@@ -204,6 +204,8 @@ class Engine:
                 batch.put_key(*key)
             if effects.keys_expired_before:
                 batch.drop_keys_before(effects.keys_expired_before)
+            if effects.finished_before:
+                batch.drop_finished_before(effects.finished_before)
             for schedule in effects.schedules.values():
                 batch.put_schedule(schedule)
             for schedule_id in effects.removed_schedules:

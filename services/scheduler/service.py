@@ -107,6 +107,10 @@ class SchedulerService(Service):
     def forget_old_keys(self) -> None:
         self.engine.tell(lambda core, now: core.forget_keys(now))
 
+    @background(every=lambda self: float(self.config.prune_interval))
+    def prune_finished(self) -> None:
+        self.engine.tell(lambda core, now: core.prune(now))
+
     # -- tasks --------------------------------------------------------------------------------------
 
     @rpc

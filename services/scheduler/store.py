@@ -5,7 +5,8 @@ one commit (`batch`), and answers their callers only after that commit, so an ac
 durable and many submits share one fsync. Readers (task.get, task.list) have their own connection and
 see only committed data. WAL with synchronous=FULL: a commit survives a crash of the host as well.
 
-A task is a row with the columns its filters need and the whole TaskInfo as msgpack.
+A task is a row with the columns its filters need and the whole TaskInfo as msgpack. Finished tasks
+are pruned once they are older than `scheduler.task_retention` (`drop_finished_before`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import msgspec
 
 from baaaht.schemas.tasks import TERMINAL, ScheduleInfo, TaskInfo, TaskState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 10.0
+PRUNE_BATCH = 10_000  # finished tasks deleted in one transaction at most: the rest go at the next sweep
 
 _SCHEMA = f"""
 BEGIN IMMEDIATE;
@@ -33,9 +35,11 @@ CREATE TABLE tasks (
     session_id TEXT NOT NULL,
     lease_id TEXT NOT NULL DEFAULT '',  -- the current lease's secret: never in the TaskInfo others read
     worker_key TEXT NOT NULL DEFAULT '',
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    finished_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX tasks_by_state ON tasks (state, seq);
+CREATE INDEX tasks_by_finish ON tasks (finished_at) WHERE finished_at > 0;
 CREATE INDEX tasks_by_queue ON tasks (queue, seq);
 CREATE INDEX tasks_by_session ON tasks (session_id, seq);
 CREATE TABLE task_keys (
@@ -72,10 +76,28 @@ class Batch:
 
     def put_task(self, task: TaskInfo, lease_id: str = "", worker_key: str = "") -> None:
         self._db.execute(
-            "INSERT INTO tasks (id, queue, state, session_id, lease_id, worker_key, body)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state,"
-            " lease_id = excluded.lease_id, worker_key = excluded.worker_key, body = excluded.body",
-            (task.id, task.queue, task.state.value, task.session_id, lease_id, worker_key, _encode(task)),
+            "INSERT INTO tasks (id, queue, state, session_id, lease_id, worker_key, body, finished_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state,"
+            " lease_id = excluded.lease_id, worker_key = excluded.worker_key, body = excluded.body,"
+            " finished_at = excluded.finished_at",
+            (
+                task.id,
+                task.queue,
+                task.state.value,
+                task.session_id,
+                lease_id,
+                worker_key,
+                _encode(task),
+                task.finished_at if task.state in TERMINAL else 0.0,
+            ),
+        )
+
+    def drop_finished_before(self, finished_at: float) -> None:
+        """Forget (at most PRUNE_BATCH of) the tasks that finished before `finished_at`."""
+        self._db.execute(
+            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_at > 0 AND finished_at < ?"
+            " ORDER BY finished_at LIMIT ?)",
+            (finished_at, PRUNE_BATCH),
         )
 
     def get_task(self, task_id: str) -> TaskInfo | None:
@@ -123,12 +145,36 @@ class SchedulerStore:
                 raise StoreError(f"{path} has schema version {version}; this version knows {SCHEMA_VERSION}")
             if version == 0:
                 self._db.executescript(_SCHEMA)
+            elif version == 1:
+                self._migrate_from_1()
             self._reader = self._connect()
             self._reader.execute("PRAGMA query_only = ON")
         except BaseException:
             self._db.close()
             raise
         self._read_lock = threading.Lock()
+
+    def _migrate_from_1(self) -> None:
+        """Version 1 had no finished_at column: add it, filled from the finished tasks' bodies."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("ALTER TABLE tasks ADD COLUMN finished_at REAL NOT NULL DEFAULT 0")
+            db.execute("CREATE INDEX tasks_by_finish ON tasks (finished_at) WHERE finished_at > 0")
+            finished = [state.value for state in TERMINAL]
+            rows = db.execute(
+                f"SELECT seq, body FROM tasks WHERE state IN ({','.join('?' * len(finished))})", finished
+            ).fetchall()
+            db.executemany(
+                "UPDATE tasks SET finished_at = ? WHERE seq = ?",
+                [(_task.decode(body).finished_at, seq) for seq, body in rows],
+            )
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     @classmethod
     def in_data_dir(cls, data_dir: str) -> "SchedulerStore":
