@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from baaaht.bus.testing import error_of, next_event
+from baaaht.schemas.bus import BusPing
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import (
     TaskAssignment,
@@ -86,6 +87,7 @@ def test_a_worker_of_one_session_cannot_report_progress_on_anothers_task(schedul
     host, operator = scheduler.host, scheduler.client
     host.identify("sess-b", role="worker")
     worker_b = host.agent_client(timeout=10.0)
+    worker_b.call(BusPing())  # connected (and identified) before this process becomes session A's
     host.identify("sess-a", role="worker")
     worker_a = host.agent_client(timeout=10.0)
     task = scheduler.submit("tools", "exec", session_id="sess-b")
