@@ -43,6 +43,7 @@ from machine import finish, load_before  # bench/machine.py, beside this script
 
 from baaaht.bus import curve, wire
 from baaaht.bus.client import BusClient
+from baaaht.bus.connection import Connection
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Event
 from baaaht.schemas.bus import BusAuthKeysIssue, BusPing, Register
@@ -123,8 +124,8 @@ class Arrivals:
     def __init__(self) -> None:
         self.received, self.first, self.last = 0, 0.0, 0.0
 
-    def add(self) -> None:
-        self.received += 1
+    def add(self, count: int = 1) -> None:
+        self.received += count
         self.last = time.perf_counter()
         self.first = self.first or self.last
 
@@ -137,16 +138,22 @@ class Arrivals:
 
 
 def raw_subscriber(endpoints: dict, expected: int, results) -> None:
-    """What the PUB socket delivers, with nothing decoded: the transport's ceiling."""
+    """What the PUB socket delivers, with no body decoded: the transport's ceiling. The broker sends the
+    events of one round of its loop together (an EVENTS batch): a batch's stamp says how many it holds."""
     sock = zmq.Context().socket(zmq.SUB)
-    sock.setsockopt(zmq.SUBSCRIBE, b"bench.")
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.setsockopt(zmq.RCVHWM, 100_000)
     sock.connect(endpoints["events"])
     results.put("ready")
     arrivals = Arrivals()
     while arrivals.received < expected and sock.poll(arrivals.patience() * 1000):
-        sock.recv_multipart()
-        arrivals.add()
+        topic, envelope = sock.recv_multipart()
+        kind = wire.kind_of(envelope)
+        if kind == wire.EVENTS:
+            stamp = wire.event_stamp.decode(wire.header_of(envelope))
+            arrivals.add(stamp.seq - stamp.prev)
+        elif kind == wire.EVENT and topic.startswith(b"bench."):
+            arrivals.add()
     results.put(arrivals.result())
 
 
@@ -399,19 +406,39 @@ def nats_round_trips(url: str, outstanding: int) -> dict:
     return asyncio.run(run())
 
 
+def publisher_registration() -> Register:
+    """Only a registered service publishes (its own domain's topics): the publishers are service `bench`."""
+    return Register(service="bench", instance=f"bench-publisher-{os.getpid()}", methods=[])
+
+
 def publish_raw(endpoints: dict) -> None:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.LINGER, 60_000)  # closing waits until every event is with the broker
+    sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoints["services"])
+    sock.send(wire.pack(wire.REGISTER, body=msgspec.msgpack.encode(publisher_registration())))
+    ping_and_wait(sock, "registered")  # the broker knows this connection before the events come
     frame = wire.pack(wire.EVENT, TOPIC.encode(), TICK)
     for _ in range(EVENTS):
         sock.send(frame)
+    ping_and_wait(sock, "published")  # answered only after every event before it reached the broker
     sock.close()
 
 
+def ping_and_wait(sock: zmq.Socket, request_id: str) -> None:
+    sock.send(wire.request(request_id, "bus.ping", time.time() + 60, "", False, PING))
+    while sock.poll(60_000):
+        envelope = sock.recv()
+        if wire.kind_of(envelope) == wire.REPLY:
+            return
+    raise RuntimeError("the broker did not answer bus.ping")
+
+
 def publish_client(endpoints: dict) -> None:
-    with BusClient(endpoints["services"]) as bus:
+    registration = wire.encode(publisher_registration())
+    connection = Connection(endpoints["services"], registration=lambda: registration)
+    with BusClient(endpoints["services"], connection=connection) as bus:
+        bus.call(BusPing())  # after the REGISTER on the same connection: the broker has it
         for n in range(EVENTS):
             bus.publish(Tick(n=n))
         bus.call(BusPing())  # answered only after every event before it reached the broker

@@ -80,6 +80,7 @@ from baaaht.schemas.bus import (
     BusStatsReport,
     Pong,
     ReplayResult,
+    StampedEvent,
 )
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorBody, ErrorCode
@@ -103,6 +104,8 @@ REPLAY_LIMIT_MAX = 10_000  # events in one bus.events.replay reply, whatever `li
 # a million requests per millisecond between the two starts): a late reply to the old broker's
 # request is dropped rather than taken for a new request's. Epoch ms << 20 fits 8 bytes until 2527.
 TOKENS_PER_MS_BITS = 20
+# The events stamped in one round of the loop go out on PUB together, in batches of about this size.
+PUB_BATCH_BYTES = 64 * 1024
 HEADER_SLACK = 64 * 1024  # ZMQ_MAXMSGSIZE is per frame: leave room so an oversized body still gets a reply
 # Plain ints and the backend's send: pyzmq's flag enums and its Python-level send
 # wrapper cost more per call than the send itself.
@@ -178,6 +181,8 @@ class Broker:
         self._subscribers: dict[str, set[PeerKey]] = {}  # session -> agents with a SUBSCRIBE
         self._suspects: dict[PeerKey, int] = {}  # peers of a closed connection -> probes left
         self._departed: set[PeerKey] = set()  # peers a send found unroutable: to drop after the batch
+        self._unpublished: list[StampedEvent] = []  # stamped and kept, not yet sent on PUB: _flush_events
+        self._unpublished_bytes = 0
         self._clock_offset = time.time() - time.monotonic()  # Unix time = monotonic + offset
         self._lock_file = None
 
@@ -275,6 +280,7 @@ class Broker:
         next_probe = 0.0  # while there are suspects
         log.info("broker ready", extra={"endpoints": self.endpoints.__dict__})
         while self.running:
+            self._flush_events()  # what this round stamped goes out before the loop waits again
             deadline = self.registry.next_deadline()
             wake = min(
                 next_tick,
@@ -406,10 +412,9 @@ class Broker:
             elif kind == wire.CANCEL:
                 self._on_cancel(peer, wire.split(envelope)[1].decode(errors="replace"))
             elif kind == wire.EVENT:
-                self._on_event(peer, *wire.split(envelope), now)
+                self._on_events(peer, [wire.split(envelope)], now)
             elif kind == wire.EVENTS:  # a publisher's batch: each event judged as if sent alone
-                for topic, body in wire.events_in(wire.split(envelope)[1]):
-                    self._on_event(peer, topic, body, now)
+                self._on_events(peer, wire.events_in(wire.split(envelope)[1]), now)
             elif kind == wire.REGISTER:
                 self._on_register(peer, wire.split(envelope)[1])
             elif kind == wire.SUBSCRIBE and key[0] == AGENTS:  # host peers have the PUB socket
@@ -522,47 +527,70 @@ class Broker:
         self._answer_all(failures, [])
         log.info("service registered", extra={"service": instance.service, "instance": instance.instance_id})
 
-    def _on_event(self, peer: Peer, topic_bytes: bytes, body: bytes, now: float) -> None:
-        """Refusals are answered with a REPLY whose id is "" (an event has no id to answer). An agent's
-        event is published in its own session (bus/authorize.py publish_topic)."""
-        caller = peer.caller
-        topic, denial = publish_topic(
-            peer.role, caller.session, topic_bytes.decode(errors="replace"), caller.service
-        )
-        if denial is not None:
-            self._refuse(peer, "", denial)
-            return
-        if len(body) > self.max_event:
-            message = f"event of {len(body)} bytes exceeds the limit of {self.max_event} bytes"
-            self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, message))
-            return
+    def _on_events(self, peer: Peer, events: list[tuple[bytes, bytes]], now: float) -> None:
+        """(topic, body) of each event a peer sent (one EVENT, or an EVENTS batch), each judged as if sent
+        alone. Refusals are answered with a REPLY whose id is "" (an event has no id to answer). An
+        agent's event is published in its own session (bus/authorize.py publish_topic)."""
+        caller, role = peer.caller, peer.role
         from_agent = peer.socket == AGENTS_SOCKET
-        if from_agent:
-            refusal = self.registry.event_quotas.refusal(peer, len(body), now)
-            if refusal is not None:
-                self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, refusal))
-                return
         if caller.container:
             source = f"{caller.role}:{caller.container}"
         else:
             source = caller.service or f"{peer.socket}:{caller.peer}"
-        try:
-            self._publish(topic, source, body, now + self._clock_offset, from_agent)
-        except BusError as exc:  # not one msgpack value: never kept, never republished
-            self._malformed(peer.key, "event_body", exc.message, now, exc.details)
+        wall = now + self._clock_offset
+        judged: tuple[bytes, str, auth.Denial | None] = (b"", "", None)  # a batch's topics mostly repeat
+        for topic_bytes, body in events:
+            if topic_bytes != judged[0]:
+                topic = topic_bytes.decode(errors="replace")
+                judged = (topic_bytes, *publish_topic(role, caller.session, topic, caller.service))
+            _, topic, denial = judged
+            if denial is not None:
+                self._refuse(peer, "", denial)
+                continue
+            if len(body) > self.max_event:
+                message = f"event of {len(body)} bytes exceeds the limit of {self.max_event} bytes"
+                self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, message))
+                continue
+            if from_agent:
+                refusal = self.registry.event_quotas.refusal(peer, len(body), now)
+                if refusal is not None:
+                    self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, refusal))
+                    continue
+            try:
+                self._publish(topic, source, body, wall, from_agent)
+            except BusError as exc:  # not one msgpack value: never kept, never republished
+                self._malformed(peer.key, "event_body", exc.message, now, exc.details)
 
     def publish_own(self, event) -> None:
         self._publish(topic_for(event), "bus", wire.encode(event), time.time())
 
     def _publish(self, topic: str, source: str, body: bytes, wall: float, from_agent: bool = False) -> None:
         event = self.events.append(topic, source, body, wall, from_agent)
-        stamp = wire.encode(wire.EventStamp(event.seq, wall, source, self.epoch, event.seq - 1))
-        # PUB never blocks: a subscriber past its high-water mark loses messages, sees a gap and replays.
-        _send(self.pub, topic.encode(), SNDMORE_NOBLOCK)
-        _send(self.pub, wire.pack(wire.EVENT, stamp, body), NOBLOCK)
+        self._unpublished.append(event)
+        self._unpublished_bytes += len(topic) + len(body)
+        if self._unpublished_bytes >= PUB_BATCH_BYTES:
+            self._flush_events()
         session = split_topic(topic)[1]
         if session in self._subscribers:
             self._deliver_to_agents(session, topic, event.seq, wall, source, body)
+
+    def _flush_events(self) -> None:
+        """Publish on PUB the events stamped since the last flush: one alone as [topic, EVENT], more as
+        one [b"", EVENTS] (one send and one receive for all; docs/PROTOCOL.md). PUB never blocks: a
+        subscriber past its high-water mark loses messages, sees a gap and replays."""
+        events = self._unpublished
+        if not events:
+            return
+        self._unpublished, self._unpublished_bytes = [], 0
+        last = events[-1]
+        if len(events) == 1:
+            stamp = wire.EventStamp(last.seq, last.time, last.source, self.epoch, last.seq - 1)
+            _send(self.pub, last.topic.encode(), SNDMORE_NOBLOCK)
+            _send(self.pub, wire.pack(wire.EVENT, wire.encode(stamp), last.body), NOBLOCK)
+        else:
+            stamp = wire.EventStamp(last.seq, last.time, "bus", self.epoch, events[0].seq - 1)
+            _send(self.pub, b"", SNDMORE_NOBLOCK)
+            _send(self.pub, wire.pack(wire.EVENTS, wire.encode(stamp), wire.encode(events)), NOBLOCK)
 
     def _deliver_to_agents(self, session: str, topic: str, seq: int, wall: float, source: str, body: bytes):
         """The event, to each agent of its session subscribed to it that its role may receive, on the
@@ -703,6 +731,7 @@ class Broker:
             else:  # with the last match's seq: a subscribed agent sees a loss even when all is quiet
                 stamp = wire.EventStamp(subscription.last_matched, wall, "bus", self.epoch)
                 self._send(key, wire.pack(wire.HEARTBEAT, wire.encode(stamp)))
+        self._flush_events()  # the heartbeat's seq is the last one sent
         stamp = wire.EventStamp(self.events.last_seq, wall, "bus", self.epoch)
         self.pub.send_multipart([b"", wire.pack(wire.HEARTBEAT, wire.encode(stamp))])
         self.bad_input.flush(now)

@@ -112,6 +112,9 @@ class Connection:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # envelopes, Calls, _Abandons, _Subscribes
         self._subscription_ids = itertools.count(1)
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Set by a caller that wrote a wake-up, cleared by the I/O thread (after reading the pipe) before
+        # it takes the outbox: a burst of sends costs one write(2) and one wake-up, not one each.
+        self._woken = False
         self._closing = threading.Event()
         self._connected = threading.Event()  # set once the socket has connected (and registered)
         self._dealer, self._monitor = new_dealer(self.context, endpoint, curve)
@@ -151,7 +154,9 @@ class Connection:
 
     def _put(self, item) -> None:
         self._outbox.put(item)
-        self._wake()
+        if not self._woken:  # else the I/O thread has yet to take the outbox: it takes this item too
+            self._woken = True
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -237,6 +242,7 @@ class Connection:
             os.read(self._wake_read, 65536)
         except BlockingIOError:
             pass
+        self._woken = False  # after the read: a wake-up written from now on is still in the pipe
         core = self.core
         events = _EventBatch()  # consecutive events go out as one message, in their order
         try:

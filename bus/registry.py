@@ -560,6 +560,8 @@ def is_one_msgpack_value(body: bytes) -> bool:
         value = _any_msgpack.decode(body)
     except (msgspec.DecodeError, RecursionError):
         return False
+    if len(body) <= MAX_NESTING:  # each level takes a byte at least: nearly every body ends here
+        return True
     headers = len(bytes(body).translate(None, _OTHER_BYTES))  # bytes(): replay passes a msgspec.Raw
     return headers <= MAX_NESTING or _nesting_within(value, MAX_NESTING)
 
@@ -580,6 +582,9 @@ def _nesting_within(value, limit: int) -> bool:
     return False
 
 
+_Raw = msgspec.Raw
+
+
 def _kept_size(event: StampedEvent) -> int:
     """What an event costs the history: its topic counts, since a peer may send one of up to 64 KiB."""
     return len(event.topic) + len(event.body)
@@ -596,10 +601,12 @@ class History:
         self.bytes = 0
 
     def add(self, event: StampedEvent) -> None:
-        self.events.append(event)
-        self.bytes += _kept_size(event)
-        while len(self.events) > self.capacity or (self.bytes > self.max_bytes and len(self.events) > 1):
-            self.bytes -= _kept_size(self.events.popleft())
+        events = self.events
+        events.append(event)
+        self.bytes += len(event.topic) + len(event.body)  # as _kept_size
+        if len(events) > self.capacity or self.bytes > self.max_bytes:
+            while len(events) > self.capacity or (self.bytes > self.max_bytes and len(events) > 1):
+                self.bytes -= _kept_size(events.popleft())
 
     def after(self, since: int) -> Iterator[StampedEvent]:
         """Kept events with seq > since, oldest first."""
@@ -639,7 +646,7 @@ class EventLog:
                 {"topic": topic},
             )
         self.last_seq += 1
-        event = StampedEvent(seq=self.last_seq, time=now, topic=topic, source=source, body=msgspec.Raw(body))
+        event = StampedEvent(seq=self.last_seq, time=now, topic=topic, source=source, body=_Raw(body))
         (self.agents if from_agent else self.host).add(event)
         return event
 

@@ -25,7 +25,7 @@ import zmq
 from baaaht.bus import wire
 from baaaht.bus.curve import ClientCurve
 from baaaht.schemas.base import Event, all_subclasses
-from baaaht.schemas.bus import BusEventsReplay, ReplayResult
+from baaaht.schemas.bus import BusEventsReplay, ReplayResult, StampedEvent
 
 REPLAY_PAGE = 1000
 # "From now" is the broker's last seq when the subscription starts: the SUB socket connects
@@ -93,7 +93,7 @@ class EventOrder:
         # (since, until) of the history still to fetch: at first, after `since`, or just "now".
         self._replay: tuple[int, int | None] | None = (since or 0, None)
         self._from_now = since is None
-        self._held: Delivery | None = None  # the live event that showed a gap: delivered after it
+        self._held: list[Delivery] = []  # the live events that showed a gap: delivered after it
 
     def next_replay(self) -> BusEventsReplay | None:
         """The `bus.events.replay` request to make before anything more is delivered, if any."""
@@ -104,14 +104,16 @@ class EventOrder:
         return BusEventsReplay(since=self._replay[0], topics=self.topics, limit=REPLAY_PAGE)
 
     def take_live(self, topic: bytes, envelope: bytes) -> None:
-        """One PUB message: deliver it, or first replay the gap it shows."""
+        """One PUB message (an event, the broker's batch of consecutive ones, or its heartbeat):
+        deliver what it holds, or first replay the gap it shows."""
         stamp_bytes, body = wire.split(envelope)
         stamp = _decode_stamp(stamp_bytes)
         if stamp.epoch != self.epoch:
             if self.epoch is not None:
                 self.last_seq = 0  # a restarted broker numbers from 1 again: replay all it has kept
             self.epoch = stamp.epoch
-        if envelope.startswith(wire.HEARTBEAT):
+        kind = envelope[:_KIND]
+        if kind == wire.HEARTBEAT:
             # The broker's last seq, published every interval: a loss is seen even when all is quiet.
             if stamp.seq > self.last_seq:
                 self.gaps += 1
@@ -119,18 +121,27 @@ class EventOrder:
             return
         if stamp.seq <= self.last_seq:
             return  # already delivered by a replay
-        delivery = Delivery(stamp.seq, stamp.time, topic.decode(), stamp.source, body)
-        previous = stamp.prev if self.filtered else stamp.seq - 1
+        if kind == wire.EVENTS:
+            events = [_delivery_of(event) for event in _decode_batch(body)]
+            previous = stamp.prev
+        else:
+            events = [Delivery(stamp.seq, stamp.time, topic.decode(), stamp.source, body)]
+            previous = stamp.prev if self.filtered else stamp.seq - 1
         if previous > self.last_seq:
             self.gaps += 1
-            self._replay, self._held = (self.last_seq, stamp.seq), delivery
+            self._replay, self._held = (self.last_seq, events[0].seq), events
         else:
-            self._accept(delivery)
+            self._accept(events)
 
-    def _accept(self, delivery: Delivery) -> None:
-        self.last_seq = delivery.seq
-        if not self._prefixes or delivery.topic.startswith(self._prefixes):
-            self.backlog.append(delivery)
+    def _accept(self, deliveries: list[Delivery]) -> None:
+        """Deliveries in seq order: those not delivered yet are, when their topic matches."""
+        prefixes, backlog, last_seq = self._prefixes, self.backlog, self.last_seq
+        for delivery in deliveries:
+            if delivery.seq > last_seq:
+                last_seq = delivery.seq
+                if not prefixes or delivery.topic.startswith(prefixes):
+                    backlog.append(delivery)
+        self.last_seq = last_seq
 
     def take_replay(self, result: ReplayResult) -> None:
         """One page of history, for the request `next_replay` gave."""
@@ -142,9 +153,8 @@ class EventOrder:
         self._replay = (self._take_page(result, until), until)
         if self._replay[0] is None:
             self._replay = None
-            if self._held is not None and self._held.seq > self.last_seq:
-                self._accept(self._held)
-            self._held = None
+            self._accept(self._held)
+            self._held = []
 
     def _take_page(self, result: ReplayResult, until: int | None) -> int | None:
         """Queue one page; the `since` of the next page, or None when done."""
@@ -155,7 +165,7 @@ class EventOrder:
         for event in result.events:
             if until is not None and event.seq >= until:
                 break
-            self.backlog.append(Delivery(event.seq, event.time, event.topic, event.source, bytes(event.body)))
+            self.backlog.append(_delivery_of(event))
         since = result.events[-1].seq if result.events else result.last_seq
         if len(result.events) < REPLAY_PAGE or (until is not None and since >= until - 1):
             # What the broker no longer keeps is gone for good; carry on after it.
@@ -164,7 +174,13 @@ class EventOrder:
         return since
 
 
+def _delivery_of(event: StampedEvent) -> Delivery:
+    return Delivery(event.seq, event.time, event.topic, event.source, bytes(event.body))
+
+
 _decode_stamp = wire.event_stamp.decode
+_decode_batch = wire.published_batch.decode
+_KIND = len(wire.EVENT)
 # The backend's recv with int flags: pyzmq's Python-level wrapper and its flag enums cost
 # more per call than the receive itself.
 _recv = zmq.backend.Socket.recv

@@ -15,7 +15,7 @@ from __future__ import annotations
 import msgspec
 
 from baaaht.bus.errors import BusError
-from baaaht.schemas.bus import Caller, Register, ServiceHealth
+from baaaht.schemas.bus import Caller, Register, ServiceHealth, StampedEvent
 from baaaht.schemas.errors import ErrorBody
 
 PROTOCOL = b"BHT1"
@@ -30,7 +30,10 @@ REGISTER = PROTOCOL + b"\x05"  # body: Register
 HEARTBEAT = PROTOCOL + b"\x06"  # body: ServiceHealth from a registered service, else empty
 DISCONNECT = PROTOCOL + b"\x07"  # body: ErrorBody (broker->peer: refused, or unknown so register again)
 EVENT = PROTOCOL + b"\x08"  # header: the topic (UTF-8); on PUB: [topic, envelope with an EventStamp header]
-EVENTS = PROTOCOL + b"\x09"  # header empty; body: EVENT envelopes, each after its 4-byte length
+# publisher->broker: header empty; body: EVENT envelopes, each after its 4-byte length. On PUB (the
+# broker's batch of consecutive events): [b"", envelope with an EventStamp header (seq: the last one's,
+# prev: the one before the first) and a msgpack array of StampedEvent (as bus.events.replay's) as body].
+EVENTS = PROTOCOL + b"\x09"
 # agent->broker on the agent socket: body a msgpack array of topic prefixes (replacing any before; []
 # stops). The broker then sends the agent [EVENT envelope with an EventStamp header, topic] for each
 # event of its own session that its role may receive (bus/authorize.py may_receive).
@@ -87,6 +90,7 @@ encode = msgspec.msgpack.Encoder().encode
 request_header = msgspec.msgpack.Decoder(RequestHeader)
 reply_header = msgspec.msgpack.Decoder(ReplyHeader)
 event_stamp = msgspec.msgpack.Decoder(EventStamp)
+published_batch = msgspec.msgpack.Decoder(list[StampedEvent])
 error_body = msgspec.msgpack.Decoder(ErrorBody)
 register_body = msgspec.msgpack.Decoder(Register)
 subscribe_body = msgspec.msgpack.Decoder(list[str])
@@ -135,12 +139,15 @@ def events_in(body: bytes) -> list[tuple[bytes, bytes]]:
         raise MalformedFrame(f"a batch of {len(body)} bytes is over {EVENTS_BATCH_BYTES}")
     events, at, end = [], 0, len(body)
     while at < end:
-        size = int.from_bytes(body[at : at + 4], "big")
-        envelope = body[at + 4 : at + 4 + size]
-        if at + 4 + size > end or not envelope.startswith(EVENT) or len(envelope) < PREFIX:
+        start = at + 4  # the envelope's
+        stop = start + int.from_bytes(body[at:start], "big")
+        topic_at = start + PREFIX
+        whole = topic_at <= stop <= end and body.startswith(EVENT, start)
+        topic_end = topic_at + (body[start + 5] << 8 | body[start + 6]) if whole else stop + 1
+        if topic_end > stop:
             raise MalformedFrame(f"item at byte {at} of the batch is not a whole EVENT envelope")
-        events.append(split(envelope))
-        at += 4 + size
+        events.append((body[topic_at:topic_end], body[topic_end:stop]))
+        at = stop
     return events
 
 

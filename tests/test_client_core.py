@@ -181,6 +181,47 @@ def test_a_gap_is_replayed_before_the_live_event_that_showed_it():
     assert len(order.backlog) == 3
 
 
+def published_batch(*seqs: int, topics=("echo.shouted",), epoch: int = 7) -> tuple[bytes, bytes]:
+    """The broker's PUB batch: the stamp says the last seq and the one before the first."""
+    events = [
+        StampedEvent(seq=s, time=1.0, topic=topics[i % len(topics)], source="echo", body=msgspec.Raw(b"\x80"))
+        for i, s in enumerate(seqs)
+    ]
+    stamp = wire.encode(wire.EventStamp(seqs[-1], 1.0, "bus", epoch, seqs[0] - 1))
+    return b"", wire.pack(wire.EVENTS, stamp, wire.encode(events))
+
+
+def test_a_published_batch_is_delivered_in_order_and_filtered_by_topic():
+    order = EventOrder(["echo."], since=0, epoch=7)
+    order.take_replay(replayed(last_seq=0))
+    order.take_live(*published_batch(1, 2, 3, 4, topics=("echo.shouted", "other.thing")))
+    assert [(d.seq, d.topic, d.body) for d in order.backlog] == [
+        (1, "echo.shouted", b"\x80"),
+        (3, "echo.shouted", b"\x80"),
+    ]
+    assert order.last_seq == 4 and order.gaps == 0 and order.next_replay() is None
+
+
+def test_a_lost_batch_is_replayed_before_the_batch_that_showed_it():
+    order = EventOrder(["echo."], since=0, epoch=7)
+    order.take_replay(replayed(last_seq=0))
+    order.take_live(*published_batch(1, 2))
+    order.take_live(*published_batch(5, 6))  # 3 and 4 were dropped at the high-water mark
+    assert order.gaps == 1
+    assert order.next_replay() == BusEventsReplay(since=2, topics=["echo."], limit=REPLAY_PAGE)
+    order.take_replay(replayed(3, 4, last_seq=6))
+    assert [d.seq for d in order.backlog] == [1, 2, 3, 4, 5, 6]
+
+
+def test_events_of_a_batch_already_replayed_are_delivered_once():
+    order = EventOrder(["echo."], since=1, epoch=7)
+    order.take_replay(replayed(2, 3, last_seq=3))
+    order.take_live(*published_batch(2, 3, 4, 5))  # the subscription started while these were published
+    assert [d.seq for d in order.backlog] == [2, 3, 4, 5] and order.gaps == 0
+    order.take_live(*published_batch(4, 5))
+    assert len(order.backlog) == 4
+
+
 def test_a_restarted_broker_is_replayed_from_its_start():
     order = EventOrder([], since=50, epoch=7)
     order.take_replay(replayed(last_seq=50))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+import zmq
 
 from baaaht.bus import wire
 from baaaht.bus.connection import _EventBatch
+from baaaht.bus.subscription import sub_socket
 from baaaht.bus.testing import wait_for
 from baaaht.schemas.bus import BusEventsReplay, BusStats
 from tests.test_bus import next_reply, raw_dealer
@@ -94,3 +96,33 @@ def test_a_malformed_batch_publishes_nothing(echo, agent):
     assert next_reply(agent, "")[0].error == "INVALID_ARGUMENT"
     assert client.call(BusStats()).malformed_kinds.get("undecodable_events") == 1
     assert client.call(BusEventsReplay(limit=0)).last_seq == before
+
+
+def test_a_burst_goes_out_on_pub_in_batches_and_each_event_arrives_once_in_order(host):
+    publisher = host.service_client("kit")  # a registered service publishes its own topics
+    sub = sub_socket(zmq.Context.instance(), host.endpoints.events)
+    try:
+        assert sub.poll(5000), "no heartbeat on PUB"  # connected: what is published from now on comes
+        with host.client().subscribe(["kit."]) as events:
+            bodies = [msgspec.msgpack.encode({"n": n}) for n in range(2000)]
+            for body in bodies:
+                publisher.connection.send(event("kit.tick", body))
+            delivered = [events.next(timeout=5) for _ in bodies]
+        assert [d.body for d in delivered if d is not None] == bodies
+        seqs, batches = [], 0
+        while len([s for s, topic in seqs if topic == "kit.tick"]) < len(bodies):
+            assert sub.poll(5000), "PUB sent fewer events than were published"
+            topic, envelope = sub.recv_multipart()
+            kind, (header, body) = wire.kind_of(envelope), wire.split(envelope)
+            if kind == wire.EVENTS:
+                batches += 1
+                stamp = wire.event_stamp.decode(header)
+                batch = wire.published_batch.decode(body)
+                assert [e.seq for e in batch] == list(range(stamp.prev + 1, stamp.seq + 1))
+                seqs += [(e.seq, e.topic) for e in batch]
+            elif kind == wire.EVENT:
+                seqs.append((wire.event_stamp.decode(header).seq, topic.decode()))
+    finally:
+        sub.close(0)
+    assert batches >= 1  # the broker sent what one round of its loop stamped together
+    assert [s for s, _ in seqs] == list(range(seqs[0][0], seqs[0][0] + len(seqs)))  # none lost, in order

@@ -15,8 +15,8 @@ from baaaht.bus.testing import Host
 from tests.conftest import ECHO_SERVICE
 
 # "Messages": envelope = "BHT1" | kind | header length (2 bytes, big-endian) | header | body
-REQUEST, REPLY, PARTIAL, CANCEL, HEARTBEAT, DISCONNECT, EVENT = (
-    b"BHT1" + bytes([kind]) for kind in (1, 2, 3, 4, 6, 7, 8)
+REQUEST, REPLY, PARTIAL, CANCEL, HEARTBEAT, DISCONNECT, EVENT, EVENTS = (
+    b"BHT1" + bytes([kind]) for kind in (1, 2, 3, 4, 6, 7, 8, 9)
 )
 STREAM = 1  # RequestHeader flags bit 0
 encode = msgspec.msgpack.encode
@@ -168,6 +168,14 @@ def wait_for_shout(client: DocClient, sub: zmq.Socket):
             kind, header, body = split(frame)
             if kind == HEARTBEAT:
                 assert topic == b"" and len(decode(header)) == 5  # [last seq, time, "bus", epoch, prev]
+                continue
+            if kind == EVENTS:  # the broker's batch: [seq, time, topic, source, body] of consecutive events
+                seq, at, source, epoch, prev = decode(header)
+                batch = decode(body)
+                assert topic == b"" and [e[0] for e in batch] == list(range(prev + 1, seq + 1))
+                for seq, at, topic_name, source, event in batch:
+                    if topic_name == "echo.shouted.loud":
+                        return topic_name, [seq, at, source, epoch, seq - 1], event
                 continue
             assert kind == EVENT
             if topic.decode() == "echo.shouted.loud":
