@@ -126,6 +126,19 @@ def test_closing_a_stream_ends_it_at_once(runtime, busybox, test_label):
         sampled.result(timeout=10)
 
 
+def test_a_stream_left_after_the_line_it_wanted_is_closed_by_close(runtime, busybox, test_label):
+    # As tests/agent_support.py's AgentLog does: read up to a line, stop, close. Left open, its engine
+    # socket is found by the garbage collector later (ResourceWarning), failing whichever test runs then.
+    container, _ = runtime.create(spec_for(busybox, test_label, "echo ready; sleep 600"))
+    runtime.start(container)
+    follower = runtime.logs(container, ContainerLogs(id=container, follow=True))
+    lines = iter(follower)
+    assert next(lines).text == "ready"
+    follower.close()
+    assert follower._response.raw.closed  # closed now, not when the collector gets to it
+    assert list(lines) == []
+
+
 def test_stats_stream_ends_with_the_container(runtime, busybox, test_label):
     container, _ = runtime.create(spec_for(busybox, test_label, "sleep 2"))
     runtime.start(container)

@@ -102,7 +102,11 @@ class Connection:
             response = send(
                 api._url(path, target) if target else api._url(path), params=params, stream=True, timeout=None
             )
-            api._raise_for_status(response)
+            try:
+                api._raise_for_status(response)
+            except BaseException:
+                response.close()  # an error status: its connection is not left to the garbage collector
+                raise
         return EngineStream(response, parse(api, response), f"{operation} {target}".strip())
 
     def close(self) -> None:

@@ -20,35 +20,46 @@ class EngineStream(Generic[T]):
 
     def __init__(self, response: requests.Response, items: Iterable[T], what: str):
         self._response = response
-        self._items = items
+        self._items = iter(items)
         self._what = what
         self._closed = threading.Event()
-        self._reading = False
-        self._lock = threading.Lock()  # close() and the start of the reading decide who closes the response
+        self._reading = False  # a thread is inside a read of the response (not between two items)
+        self._lock = threading.Lock()  # close() and each read decide who closes the response
 
     def __iter__(self) -> Iterator[T]:
-        with self._lock:
-            if self._closed.is_set():  # closed before the first read: nothing more is read
-                return
-            self._reading = True
         try:
-            yield from self._items
-        except (OSError, urllib3.exceptions.HTTPError, requests.exceptions.RequestException) as exc:
-            if not self._closed.is_set():
-                raise EngineUnavailable(f"{self._what}: the engine connection broke: {exc}") from None
+            while True:
+                with self._lock:
+                    if self._closed.is_set():  # closed between two reads: nothing more is read
+                        return
+                    self._reading = True
+                try:
+                    item = next(self._items)
+                except StopIteration:
+                    return
+                except (OSError, urllib3.exceptions.HTTPError, requests.exceptions.RequestException) as exc:
+                    if not self._closed.is_set():
+                        raise EngineUnavailable(f"{self._what}: the engine connection broke: {exc}") from None
+                    return
+                finally:
+                    with self._lock:
+                        self._reading = False
+                yield item
         finally:
             self._closed.set()
             self._response.close()
 
     def close(self) -> None:
-        """Safe from any thread: it only shuts the socket down; the reading thread, seeing the end of
-        the data, closes the response itself (closing it here would race with that read)."""
+        """Safe from any thread: during a read it only shuts the socket down, and the reading thread,
+        seeing the end of the data, closes the response itself (closing it here would race with that
+        read); otherwise (never read, or left between two items) it closes the response here."""
         with self._lock:
             if self._closed.is_set():
                 return
             self._closed.set()
-            shutdown_socket(self._response)
-            if not self._reading:
+            if self._reading:
+                shutdown_socket(self._response)
+            else:
                 self._response.close()
 
 
