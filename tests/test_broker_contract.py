@@ -17,6 +17,7 @@ import pytest
 from baaaht.bus import wire
 from baaaht.bus.errors import BusError
 from baaaht.bus.testing import next_event, wait_for
+from baaaht.bus.testing.host import TEST_BUS
 from baaaht.schemas.bus import BusEventsReplay, BusPing, BusServices, BusStats
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
@@ -159,7 +160,7 @@ def test_calls_in_flight_at_a_kill_are_answered_at_once_not_after_missed_heartbe
 
 def test_pong_tells_the_heartbeat_rule(host):
     pong = host.client().call(BusPing())
-    assert (pong.heartbeat_interval, pong.heartbeat_liveness) == (0.2, 3)
+    assert (pong.heartbeat_interval, pong.heartbeat_liveness) == (0.2, TEST_BUS["heartbeat_liveness"])
 
 
 def test_a_caller_without_heartbeats_is_told_why_its_calls_end(host):
