@@ -15,7 +15,7 @@ import functools
 import inspect
 from typing import TypeVar
 
-from baaaht.bus.authorize import AGENT, AGENT_ROLES, OPERATOR, SERVICE, UNIDENTIFIED
+from baaaht.bus.authorize import AGENT_ROLES, OPERATOR, SERVICE, UNIDENTIFIED
 from baaaht.bus.authorize import ASSISTANT as ASSISTANT  # re-exported: the roles are authorize's
 from baaaht.bus.authorize import WORKER as WORKER
 from baaaht.bus.errors import BusError
@@ -27,13 +27,10 @@ S = TypeVar("S", bound=type)
 
 HOST_ROLES = frozenset({SERVICE, OPERATOR})
 
-# A broker that does not stamp roles yet judged a peer by its socket (bus/registry.py): an agent-socket
-# peer so judged names no session, so every session check refuses it.
-_SOCKET_ROLES = {"services": OPERATOR, "agents": AGENT}
-
 
 def role_of(caller: Caller) -> str:
-    return caller.role or _SOCKET_ROLES.get(caller.socket, UNIDENTIFIED)
+    """The role the broker stamped (it stamps every message it routes); none is `unidentified`."""
+    return caller.role or UNIDENTIFIED
 
 
 def is_host(caller: Caller) -> bool:

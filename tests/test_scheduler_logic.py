@@ -101,7 +101,6 @@ def test_token_bucket_and_concurrency_limit():
 
 def test_scope_comes_from_the_stamp_only():
     assert scope_of(Caller(socket="services", role="operator"), "submit") is None
-    assert scope_of(Caller(socket="services"), "read") is None
     assistant = Caller(socket="agents", role="assistant", session="s1")
     assert scope_of(assistant, "submit") == "s1" and session_for(assistant, "", "submit") == "s1"
     worker = Caller(socket="agents", role="worker", session="s1")
@@ -111,6 +110,7 @@ def test_scope_comes_from_the_stamp_only():
         (worker, "submit"),
         (Caller(socket="agents", role="agent", session="s1"), "read"),
         (Caller(socket="agents"), "read"),
+        (Caller(socket="services"), "read"),  # no stamped role: unidentified, whatever its socket
         (Caller(socket="agents", role="worker"), "work"),
     ):
         with pytest.raises(BusError) as caught:

@@ -669,7 +669,7 @@ def test_an_agent_never_reads_or_writes_another_session(world, role):
 
 def test_an_agent_without_a_session_reads_nothing(world):
     own = world.create()
-    # As a broker that stamps no role sees an agent-socket peer, and as `unidentified`.
+    # With no role stamped (unidentified, whatever its socket), and stamped `unidentified`.
     for caller in (Caller(socket="agents", uid=1000), agent_caller("", "unidentified")):
         error = error_of(lambda caller=caller: world.service.get(SessionGet(session_id=own), ctx(caller)))
         assert error.code is ErrorCode.PERMISSION_DENIED
