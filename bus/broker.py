@@ -570,9 +570,10 @@ class Broker:
         self._unpublished_bytes += len(topic) + len(body)
         if self._unpublished_bytes >= PUB_BATCH_BYTES:
             self._flush_events()
-        session = split_topic(topic)[1]
-        if session in self._subscribers:
-            self._deliver_to_agents(session, topic, event.seq, wall, source, body)
+        if self._subscribers:  # agents subscribed to their session's events
+            session = split_topic(topic)[1]
+            if session in self._subscribers:
+                self._deliver_to_agents(session, topic, event.seq, wall, source, body)
 
     def _flush_events(self) -> None:
         """Publish on PUB the events stamped since the last flush: one alone as [topic, EVENT], more as

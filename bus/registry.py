@@ -600,13 +600,18 @@ class History:
         self.max_bytes = max_bytes
         self.bytes = 0
 
-    def add(self, event: StampedEvent) -> None:
+    def add(self, event: StampedEvent, size: int) -> None:
+        """Keep `event`, whose _kept_size is `size` (the caller has it at hand: once per event published)."""
         events = self.events
+        if len(events) >= self.capacity:
+            if self.capacity <= 0:
+                return  # keeps nothing
+            oldest = events.popleft()
+            size -= len(oldest.topic) + len(oldest.body)
         events.append(event)
-        self.bytes += len(event.topic) + len(event.body)  # as _kept_size
-        if len(events) > self.capacity or self.bytes > self.max_bytes:
-            while len(events) > self.capacity or (self.bytes > self.max_bytes and len(events) > 1):
-                self.bytes -= _kept_size(events.popleft())
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(events) > 1:
+            self.bytes -= _kept_size(events.popleft())
 
     def after(self, since: int) -> Iterator[StampedEvent]:
         """Kept events with seq > since, oldest first."""
@@ -647,7 +652,7 @@ class EventLog:
             )
         self.last_seq += 1
         event = StampedEvent(seq=self.last_seq, time=now, topic=topic, source=source, body=_Raw(body))
-        (self.agents if from_agent else self.host).add(event)
+        (self.agents if from_agent else self.host).add(event, len(topic) + len(body))
         return event
 
     @property
