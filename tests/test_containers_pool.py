@@ -11,12 +11,13 @@ import pytest
 
 from baaaht.bus.testing import FakeBus, code_of, context, error_of, operator_caller, service_caller
 from baaaht.common.identity import IdentityStore
+from baaaht.common.mounts import mount_points
 from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConfig, PoolConfig
 from baaaht.schemas.containers import ContainerDestroy, ContainerPoolResize, ContainerPoolStatus
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import SessionContainer, SessionState
 from baaaht.services.containers.ownership import LABEL_OWNER, OwnerKind, owner_labels
-from baaaht.services.containers.pool import LABEL_POOL_SLOT, MAX_BACKOFF, WORKSPACE_TARGET
+from baaaht.services.containers.pool import LABEL_POOL_SLOT, MAX_BACKOFF, WORKSPACE_TARGET, HostMounts
 from baaaht.services.containers.service import ContainerService
 from tests.container_fakes import (
     FakeAgents,
@@ -301,3 +302,19 @@ def test_containers_that_keep_dying_unclaimed_hold_the_refill_back(run_dir, tmp_
     service.pool.monotonic = lambda: time.monotonic() + MAX_BACKOFF  # the backoff has passed
     service.pool.refill()
     assert len(pool_containers(service.runtime)) == 1
+
+
+def test_the_mount_table_is_read_with_its_escapes_and_propagation(tmp_path):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+        "90 27 8:1 /run/pool /run/pool rw,relatime shared:41 - ext4 /dev/sda1 rw\n"
+        "91 90 7:3 / /run/pool/a\\040b rw,nodev master:7 - ext4 /dev/loop3 rw\n"
+    )
+    assert mount_points(str(mountinfo)) == [
+        ("/", ""),
+        ("/run/pool", "shared:41"),
+        ("/run/pool/a b", "master:7"),
+    ]
+    mounts = HostMounts(str(mountinfo))
+    assert mounts.is_mounted("/run/pool/a b") and not mounts.is_mounted("/run/pool/a")

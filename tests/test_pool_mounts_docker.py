@@ -4,12 +4,12 @@ written into the session's workspace on the host beforehand; releasing it unmoun
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 
 import pytest
 
 from baaaht.common.identity import IdentityStore
+from baaaht.common.mounts import unmount_beneath
 from baaaht.schemas.config import Config, PoolConfig
 from baaaht.schemas.containers import ContainerSpec, Mount
 from baaaht.services.containers.docker_runtime import DockerRuntime
@@ -80,4 +80,4 @@ def test_a_claim_mounts_the_workspace_into_the_running_container(engine, busybox
         assert not slot_dir.exists() and not HostMounts().is_mounted(str(slot_dir))
         assert (workspace / "notes.txt").exists()  # the session's files stay where they are
     finally:
-        subprocess.run(["umount", "--recursive", "--lazy", str(run_dir / "pool")], capture_output=True)
+        unmount_beneath(str(run_dir))

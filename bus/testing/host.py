@@ -36,6 +36,7 @@ from baaaht.bus.testing.waits import next_event, wait_for
 from baaaht.common.config import load_config
 from baaaht.common.endpoints import Endpoints
 from baaaht.common.identity import AgentIdentity, IdentityStore
+from baaaht.common.mounts import unmount_beneath
 from baaaht.schemas.base import topic_of
 from baaaht.schemas.bus import (
     BusAgentsUpdate,
@@ -72,6 +73,8 @@ class Host:
                 "data_dir": str(self.data_dir),
                 "bus": {"run_dir": self.run_dir, **TEST_BUS},
                 "log": {"level": "debug", "format": "json"},
+                # No warm pool unless a test asks for one: its containers would start on every host.
+                "pool": {"size": 0},
                 # Outside data_dir, as the configuration requires, and inside the test's directory.
                 "credentials": {"master_key_file": str(tmp_path / "keys" / "credentials.key")},
             },
@@ -233,4 +236,8 @@ class Host:
                 process.kill()
                 process.wait(5)
         self.processes.clear()
+        # The container manager's mounts (workspaces, the warm pool's slots) outlive it: taken down
+        # first, so that removing the directories never reaches into a mounted workspace.
+        unmount_beneath(self.run_dir)
+        unmount_beneath(str(self.tmp_path))
         shutil.rmtree(self.run_dir, ignore_errors=True)

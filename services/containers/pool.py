@@ -33,6 +33,7 @@ import msgspec
 
 from baaaht.bus.background import backoff
 from baaaht.bus.errors import BusError, invalid, unavailable
+from baaaht.common.mounts import MOUNTINFO, mount_points
 from baaaht.schemas.config import PoolConfig
 from baaaht.schemas.containers import ContainerSpec, ContainerSummary, PoolSlot, PoolStatus
 from baaaht.schemas.sessions import SessionInfo
@@ -83,19 +84,11 @@ class HostMounts:
     """mount(8) and /proc/self/mountinfo: the container manager runs as root in the host's mount
     namespace, the one the engine makes containers' mounts from."""
 
-    def __init__(self, mountinfo: str = "/proc/self/mountinfo") -> None:
+    def __init__(self, mountinfo: str = MOUNTINFO) -> None:
         self.mountinfo = mountinfo
 
     def _mounts(self) -> list[tuple[str, str]]:
-        """(mount point, optional fields) of every mount, in the order they were made."""
-        found = []
-        with open(self.mountinfo) as f:
-            for line in f:
-                fields = line.split()
-                separator = fields.index("-")
-                point = fields[4].encode().decode("unicode_escape")  # \040 for a space, etc.
-                found.append((point, " ".join(fields[6:separator])))
-        return found
+        return mount_points(self.mountinfo)
 
     def _run(self, *argv: str) -> None:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
