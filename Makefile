@@ -48,6 +48,7 @@ bench: bench-bus
 	$(PY) bench/sessions.py
 	$(PY) bench/scheduler.py
 	$(PY) bench/egress.py
+	$(PY) bench/tools.py
 
 docs: $(STAMP)
 	$(PY) -m baaaht.bus.reference docs/WIRE-TYPES.md

@@ -6,7 +6,8 @@ A task's payload is a ToolCall (schemas/tools.py), its result the tool's ToolOut
 out as it comes (`WorkerTask.progress`, one msgpack'd ToolExecChunk each). A ToolError fails the task
 without a retry, its error type the error code (NOT_FOUND, PERMISSION_DENIED, ...). A worker whose
 container has no identity yet (a warm-pool container before its claim) is refused `task.work`: it asks
-again every second, and at once on SIGUSR1 (what a claim sends).
+again every second, and at once on SIGURG (what a claim sends: ignored by default, so one that comes
+while Python is still starting does no harm).
 """
 
 from __future__ import annotations
@@ -129,10 +130,10 @@ async def work(agent: Agent, slots: int, workspace_root: str = WORKSPACE) -> Non
     worker = Worker(agent.bus, [TOOLS_QUEUE], slots, {tool_name(call): handle for call in TOOLS})
     retry_now = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGUSR1, retry_now.set)
+    loop.add_signal_handler(signal.SIGURG, retry_now.set)
     log.info("worker started", extra={"slots": slots, "workspace": workspace_root})
     try:
         await serve(worker, retry_now)
     finally:
-        loop.remove_signal_handler(signal.SIGUSR1)
+        loop.remove_signal_handler(signal.SIGURG)
         tools.close()

@@ -40,7 +40,7 @@ from baaaht.services.containers.runtime import (
 )
 from baaaht.services.policy import defaults
 
-HARMLESS_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP")  # the fake's processes handle these and live on
+HARMLESS_SIGNALS = ("SIGURG", "SIGUSR1", "SIGUSR2", "SIGHUP")  # the fake's processes handle these and live on
 
 
 class FakeRuntime:

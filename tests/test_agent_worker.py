@@ -106,7 +106,7 @@ def test_while_unidentified_task_work_is_asked_again_every_second_and_at_once_wh
         running = asyncio.create_task(serve(worker, retry_now))
         while len(worker.runs) < 2:
             await asyncio.sleep(0.01)  # the second run came after the 1 s pause
-        retry_now.set()  # SIGUSR1: the third comes at once
+        retry_now.set()  # SIGURG: the third comes at once
         with pytest.raises(asyncio.CancelledError):
             await running
         return worker.runs

@@ -131,7 +131,7 @@ def test_a_claim_gives_one_ready_container_to_the_session_and_the_pool_refills(r
     assert claimed in [c.id for c in service.sessions.sessions["s1"].containers]
     slot = service.runtime.containers[claimed]["labels"][LABEL_POOL_SLOT]
     assert service.pool.mounts.table[str(run_dir / "pool" / slot)] == [service.workspaces.path("s1")]
-    assert ("kill", claimed) in service.runtime.calls and service.runtime.signals[-1] == (claimed, "SIGUSR1")
+    assert ("kill", claimed) in service.runtime.calls and service.runtime.signals[-1] == (claimed, "SIGURG")
     assert service.pool.claimed("s1", "worker") == [claimed] and service.pool.claimed("s2") == []
     service.pool.refill()
     states = {s.container_id: s.state for s in service.pool.status().slots}

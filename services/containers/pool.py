@@ -7,7 +7,8 @@ so each slot has a host directory `<run_dir>/pool/<slot>/` beneath `<run_dir>/po
 shared mount of its own; the slot directory is bind-mounted at /workspace with `rslave` propagation.
 Claiming binds the session's workspace onto the slot directory (the mount propagates into the running
 container), records the claim, attaches the container to its session, writes its identity (the broker is
-told) and sends it SIGUSR1 (the worker asks for work again at once).
+told) and sends it SIGURG (the worker asks for work again at once; a signal ignored by default, so one
+that arrives before the worker set its handler, while Python is still starting, kills nothing).
 
 The claim record (`<run_dir>/pool/claims/<container id>.json`, made with O_EXCL) is what makes a
 container a session's: taken once, never given back, so no container serves two sessions. A claimed
@@ -57,7 +58,7 @@ POOL_DIR = "pool"  # under the run directory
 CLAIMS_DIR = "claims"  # under the pool directory (slot names are hex, never this)
 LABEL_POOL_SLOT = "baaaht.pool_slot"
 WORKSPACE_TARGET = "/workspace"
-WAKE_SIGNAL = "SIGUSR1"  # the worker asks for its work again at once
+WAKE_SIGNAL = "SIGURG"  # the worker asks for its work again at once (ignored by default: harmless early)
 REMOVE_TIMEOUT = 5.0
 # Engine actions after which an unclaimed pool container can serve nobody and is replaced.
 ENDING_ACTIONS = ("die", "stop", "destroy", "oom")

@@ -472,6 +472,7 @@ class ContainerService(Service):
             return exc.message
         self._forget(container_id)
         self.identities.revoke(container_id)
+        self.pool.release(container_id)  # a claimed pool container's slot goes with it
         return ""
 
     def _agent_bus(self):
@@ -917,7 +918,11 @@ class ContainerService(Service):
         with self._engine(None) as runtime:
             found = self._listed(runtime, {})
         running = {c.id: c for c in found if c.state == "running"}
-        claimed = [(claim.container_id, claim.session_id, claim.role) for claim in self.pool.claims.all()]
+        claimed = [
+            (claim.container_id, claim.session_id, claim.role)
+            for claim in self.pool.claims.all()
+            if claim.session_id  # not one being retired
+        ]
         return [
             (c.id, c.session_id, c.labels[LABEL_SESSION_AGENT])
             for c in running.values()
