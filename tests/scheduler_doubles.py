@@ -67,7 +67,7 @@ class Scheduler:
 
             def reached(delivery) -> bool:
                 event = delivery.event
-                return getattr(event, "task_id", "") == task_id and event.state in wanted
+                return getattr(event, "task_id", "") == task_id and getattr(event, "state", None) in wanted
 
             next_event(
                 events, reached, timeout, f"task {task_id} to become {sorted(s.value for s in wanted)}"

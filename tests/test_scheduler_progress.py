@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 
 import msgspec
 import pytest
 
-from baaaht.bus.testing import error_of, next_event
+from baaaht.bus.aio import AsyncBusClient
+from baaaht.bus.testing import error_of, next_event, run_async
+from baaaht.bus.worker import Worker
 from baaaht.schemas.bus import BusPing
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import (
@@ -104,3 +108,46 @@ def test_a_worker_of_one_session_cannot_report_progress_on_anothers_task(schedul
     not_yours = error_of(lambda: list(worker_a.stream(TaskWait(id=task.id), timeout=5.0)))
     assert not_yours.code is ErrorCode.PERMISSION_DENIED  # a worker may not wait on tasks at all
     work.close()
+
+
+def test_a_worker_agent_with_four_slots_gets_every_report_through_within_its_share(make_host):
+    """One agent connection runs at most limits.agent_running_per_caller (2) calls at a time at the
+    scheduler: its heartbeats, progress and outcomes of 4 tasks at once must queue, not be refused or
+    starved past the 1 s lease."""
+    scheduler = start_scheduler(make_host, {"limits": {"agent_running_per_caller": 2}})
+    host = scheduler.host
+    host.identify("sess-w", role="worker")
+    chunks, running, most = 30, set(), []
+
+    async def busy(task):
+        running.add(task.id)
+        most.append(len(running))
+        for n in range(chunks):
+            task.progress(str(n).encode())
+            await asyncio.sleep(0.05)  # 1.5 s in all: several heartbeats of a 1 s lease
+        running.discard(task.id)
+
+    task_ids = [scheduler.submit("tools", "busy", session_id="sess-w").id for _ in range(8)]
+
+    async def work_them() -> None:
+        bus = AsyncBusClient(host.endpoints.agents, timeout=10.0)
+        async with bus:
+            worker = Worker(bus, ["tools"], 4, {"busy": busy}, worker_id="four-slots")
+            working = asyncio.create_task(worker.run())
+            try:
+                for task_id in task_ids:
+                    await asyncio.to_thread(scheduler.wait_state, task_id)
+            finally:
+                working.cancel()
+                await asyncio.gather(working, return_exceptions=True)
+
+    with scheduler.client.subscribe(["task.progress"], since=None) as events:
+        run_async(work_them(), 90, "8 tasks on a worker agent with 4 slots")
+        counted = collections.Counter()
+        while sum(counted.values()) < chunks * len(task_ids):
+            counted[next_event(events, timeout=10.0, what="progress events").event.task_id] += 1
+    assert max(most) == 4  # four at once on one connection
+    for task_id in task_ids:
+        done = scheduler.get(task_id)
+        assert done.state is TaskState.SUCCEEDED and len(done.attempts) == 1, done.attempts  # no lease lost
+        assert counted[task_id] == chunks
