@@ -118,3 +118,17 @@ def test_a_damaged_image_is_refused_naming_its_file(workspaces):
         workspaces.ensure("s1")
     assert image in raised.value.message
     assert workspaces.path("s1") is None and os.stat(image).st_size == SIZE
+
+
+def test_an_image_still_in_use_elsewhere_is_never_mounted_a_second_time(workspaces):
+    path = workspaces.ensure("s1")
+    elsewhere = os.path.join(os.path.dirname(path), "elsewhere")
+    os.mkdir(elsewhere)
+    subprocess.run(["mount", "--bind", path, elsewhere], timeout=30, check=True)  # e.g. a pool slot
+    subprocess.run(["umount", path], timeout=30, check=True)
+    with pytest.raises(WorkspaceError) as raised:
+        workspaces.ensure("s1")
+    assert (
+        "is in use (/dev/loop" in raised.value.message and workspaces.image_of("s1") in raised.value.message
+    )
+    assert workspaces.path("s1") is None

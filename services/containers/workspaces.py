@@ -101,6 +101,16 @@ class LoopMounts:
             raise WorkspaceError(f"could not make the workspace image {image}: {_failed(result)}", image)
 
     def check_image(self, image: str) -> None:
+        # A second loop device on an image in use would be a second filesystem writing the same blocks,
+        # and e2fsck of a filesystem in use could damage it: an image still attached is refused.
+        attached = _run(["losetup", "-j", image], "could not check the workspace image", image)
+        if attached.returncode != 0 or attached.stdout.strip():
+            in_use = attached.stdout.strip().split(":", 1)[0] or _failed(attached)
+            raise WorkspaceError(
+                f"the workspace image {image} is in use ({in_use}) but not mounted at its workspace; "
+                "unmount or detach it first",
+                image,
+            )
         # -p repairs what is safe to repair unattended; 4 and above: errors left, or e2fsck failed.
         result = _run(["e2fsck", "-p", image], "could not check the workspace image", image)
         if result.returncode >= 4:
