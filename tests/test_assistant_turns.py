@@ -367,6 +367,7 @@ def test_retries_are_bounded_and_the_failure_is_told_in_the_session():
 @pytest.mark.parametrize(
     ("refused", "says"),
     [
+        ("role", ["route `anthropic` is not open to this assistant", "list `assistant`"]),
         (
             "route",
             ["no route `anthropic`", "egress.routes", "baaaht-ctl credentials add anthropic --kind api-key"],
@@ -418,3 +419,26 @@ def test_model_calls_over_the_cap_end_the_turn_with_limit():
         "limit",
         True,
     ) and "2 model calls" in last.content
+
+
+def test_a_session_cancel_also_cancels_the_messages_waiting_for_their_turn():
+    bus = SessionBus()
+    bus.add("user", "first")
+    hold = asyncio.Event()
+    model = Model([TextDelta("Work"), hold])
+
+    async def scenario():
+        serving = asyncio.create_task(serve_until(assistant(bus, model), bus, ended(2)))
+        while not bus.partials:
+            await asyncio.sleep(0.01)
+        waiting = bus.add("user", "second, sent while the first was answered")
+        await asyncio.sleep(0)  # the assistant has seen it
+        bus.cancel()
+        await serving
+        return waiting
+
+    waiting = run_async(scenario(), timeout=10)
+    first, second = [m for m in bus.own()]
+    assert (first.metadata.reply_to, first.metadata.turn_end) == ("m1", "cancelled")
+    assert (second.metadata.reply_to, second.metadata.turn_end) == (waiting.id, "cancelled")
+    assert second.content == "Cancelled before it was answered." and len(model.requests) == 1

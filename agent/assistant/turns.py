@@ -259,7 +259,7 @@ class Assistant:
                 reply = await self._ask_model(state)
             except ProviderError as error:
                 await state.partials.publish("status", f"model call failed: {error.kind}: {error}")
-                await self._end(state, explain(error, self.config, self.model), "failed", is_error=True)
+                await self._end(state, explain(error, self.config), "failed", is_error=True)
                 return
             model_calls += 1
             allowed = max(0, self.config.max_tool_calls - tool_calls)
@@ -386,7 +386,7 @@ def _unanswered_calls(own: list[Message]) -> list[MessageToolCall]:
     return [c for m in own if m.role == "assistant" for c in m.metadata.tool_calls if c.id not in answered]
 
 
-def explain(error: ProviderError, config: AssistantConfig, model: Model) -> str:
+def explain(error: ProviderError, config: AssistantConfig) -> str:
     """What the user is told when the model cannot answer: what happened and what to configure."""
     route, provider = config.route_name, config.provider
     add = f"`baaaht-ctl credentials add {provider} --kind api-key`"
@@ -400,6 +400,11 @@ def explain(error: ProviderError, config: AssistantConfig, model: Model) -> str:
         return (
             f"I cannot reach my model: the credential of the egress route `{route}` is missing or expired "
             f"({error}). Add it: {add}."
+        )
+    if error.kind == "refused" and error.refused in ("role", "session"):
+        return (
+            f"I cannot reach my model: the egress route `{route}` is not open to this assistant ({error}). "
+            f"Open it: the route's `roles` must list `assistant` (and its `sessions` this session, or `*`)."
         )
     if error.kind == "refused":
         return f"I cannot reach my model: the egress proxy refused the call ({error.refused}: {error})."
