@@ -323,12 +323,14 @@ def register_domains() -> None:
         session_files,
         sessions,
         tasks,
+        tools,
     )
 
     app.add_typer(agents.app, name="agents", help="Agents connected to the bus.")
     app.add_typer(config_cmd.app, name="config", help="The effective configuration.")
     app.add_typer(containers.app, name="containers", help="Containers on this host.")
     app.add_typer(pool.app, name="pool", help="The warm pool of worker containers.")
+    app.add_typer(tools.app, name="tools", help="The worker's tools, run in a session.")
     app.add_typer(credentials.app, name="credentials", help="Secrets kept by the credential manager.")
     sessions.app.command("files")(session_files.files)
     sessions.app.command("cp")(session_files.cp)

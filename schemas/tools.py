@@ -100,6 +100,8 @@ class DirEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class ToolListDir(ToolCall, tag="list_dir", kw_only=True):
+    """The entries of a directory, sorted by name, with their kind and size."""
+
     path: WorkspacePath = "."
     max_entries: Annotated[int, msgspec.Meta(ge=1, le=MAX_ENTRIES)] = 1000
 

@@ -37,9 +37,11 @@ def invoke(host, *args: str, json: bool = False, expect: int | None = 0, stdin: 
     return invoke_app([*host_args(host), *args, *(["--json"] if json else [])], expect, stdin)
 
 
-def run(host, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """The console script in its own process."""
-    return subprocess.run([CTL, *host_args(host), *args], capture_output=True, text=True, timeout=timeout)
+def run(host, *args: str, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The console script in its own process (fed `stdin`)."""
+    return subprocess.run(
+        [CTL, *host_args(host), *args], capture_output=True, text=True, timeout=timeout, input=stdin
+    )
 
 
 def popen(host, *args: str) -> subprocess.Popen:

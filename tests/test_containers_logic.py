@@ -37,6 +37,7 @@ from baaaht.services.containers.docker_runtime.stats import sample_is_live, stat
 from baaaht.services.containers.events import EventTranslator
 from baaaht.services.containers.hardening import (
     BUS_ENV,
+    HEARTBEAT_ENV,
     AgentBus,
     Identity,
     attach_identity,
@@ -75,7 +76,9 @@ OURS = {LABEL_MANAGED: "true", LABEL_INSTALL: INSTALL}
 
 def test_attach_identity_sets_authoritative_labels_unique_names_and_the_bus():
     spec = ContainerSpec(image="i", labels={"app": "x", LABEL_SESSION: "spoofed"})
-    bus = AgentBus(host_dir="/run/b/agent", container_dir="/run/baaaht/agent", gid=4321)
+    bus = AgentBus(
+        host_dir="/run/b/agent", container_dir="/run/baaaht/agent", gid=4321, heartbeat_interval=0.2
+    )
     done = attach_identity(spec, Identity(INSTALL, "s1", "agent"), bus)
     assert done.labels == {
         "app": "x",
@@ -92,6 +95,7 @@ def test_attach_identity_sets_authoritative_labels_unique_names_and_the_bus():
     ]
     assert done.group_add == ["4321"]
     assert done.env[BUS_ENV] == "ipc:///run/baaaht/agent/bus.sock"
+    assert done.env[HEARTBEAT_ENV] == "0.2s"  # the host's: the broker drops an agent that beats slower
     again = attach_identity(spec, Identity(INSTALL, "s1", "agent"), None)
     assert again.name != done.name and again.mounts == [] and BUS_ENV not in again.env
     assert LABEL_AGENT_BUS not in again.labels

@@ -14,12 +14,8 @@ docker_client, test_label = container_support.docker_client, container_support.t
 
 pytestmark = pytest.mark.docker
 
-SCRIPT = r"""
-import asyncio, json, os
-from baaaht.agent.tools import ToolError, Tools, Workspace
-from baaaht.schemas.tools import ToolExec, ToolReadFile, ToolWriteFile
-
-NETWORK = '''
+# What exec runs to see the network: the interfaces on one line, then whether a name resolves.
+NETWORK = """
 import socket
 print(" ".join(sorted(name for _, name in socket.if_nameindex())))
 try:
@@ -27,7 +23,14 @@ try:
     print("dns")
 except OSError:
     print("no-dns")
-'''
+"""
+SCRIPT = (
+    f"NETWORK = {NETWORK!r}\n"
+    + r"""
+import asyncio, json, os
+from baaaht.agent.tools import ToolError, Tools, Workspace
+from baaaht.schemas.tools import ToolExec, ToolReadFile, ToolWriteFile
+
 workspace = Workspace("/workspace")
 tools = Tools(workspace, "/run/baaaht/agent/egress.sock")
 chunks = []
@@ -43,6 +46,7 @@ except ToolError as error:
     found["escape"] = error.code.value
 print(json.dumps(found))
 """
+)
 
 
 def test_the_tools_in_a_hardened_agent_container(docker_client, agent_image, test_label, tmp_path):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from baaaht.agent.tools.errors import ToolError
-from baaaht.agent.tools.exec import run_exec
+from baaaht.agent.tools.exec import _Stream, run_exec
 from baaaht.agent.tools.workspace import Workspace
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tools import ToolExec, ToolExecChunk
@@ -152,3 +152,15 @@ def test_errors_name_the_program_and_the_cwd(ws):
     with pytest.raises(ToolError) as caught:
         run(ws, argv=["true"], cwd="missing")
     assert caught.value.code == ErrorCode.NOT_FOUND
+
+
+def test_output_that_fills_the_limit_exactly_in_one_read_is_marked_truncated_by_the_next():
+    chunks: list[ToolExecChunk] = []
+    stream = _Stream("stdout", 4, chunks.append)
+    stream.take(b"abcd")  # exactly the limit: nothing cut yet
+    assert not stream.truncated
+    stream.take(b"ef")
+    stream.take(b"gh")
+    stream.finish()
+    assert [c.data for c in chunks] == ["abcd", "\n[stdout truncated after 4 bytes]\n"]
+    assert stream.truncated and stream.seen == 8 and chunks[-1].truncated

@@ -15,7 +15,15 @@ from baaaht.bus.errors import BusError
 from baaaht.bus.testing import Host, next_event, wait_for
 from baaaht.schemas.containers import ContainerList
 from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionDelete
-from baaaht.schemas.tasks import TERMINAL, RetryPolicy, TaskGet, TaskInfo, TaskState, TaskSubmit
+from baaaht.schemas.tasks import (
+    TERMINAL,
+    RetryPolicy,
+    TaskGet,
+    TaskInfo,
+    TaskProgressed,
+    TaskState,
+    TaskSubmit,
+)
 from baaaht.schemas.tools import OUTPUT_DECODER, TOOLS_QUEUE, ToolCall, ToolOutput, tool_name
 from baaaht.services.containers.install import FILE_NAME as INSTALL_FILE
 from baaaht.services.containers.ownership import LABEL_INSTALL
@@ -74,7 +82,10 @@ class WorkerHost:
             if info.state not in states:
                 next_event(
                     events,
-                    lambda d: getattr(d.event, "task_id", "") == task_id and d.event.state in states,
+                    lambda d: (
+                        getattr(d.event, "task_id", "") == task_id
+                        and getattr(d.event, "state", None) in states
+                    ),
                     timeout,
                     f"task {task_id} to become {sorted(s.value for s in states)}",
                 )
@@ -95,6 +106,30 @@ class WorkerHost:
         assert info.state is TaskState.FAILED, (info.state, info.result)
         assert len(info.attempts) == 1
         return info.error_type, info.error
+
+    def output_of(self, session: str, task_id: str, text: str, timeout: float = WORKER_START) -> str:
+        """The task's streamed exec output (from the event history) once it holds `text`."""
+        seen: list[str] = []
+        with self.bus.subscribe([f"task.progress/{session}"], since=0) as events:
+
+            def holds(delivery) -> bool:
+                event = delivery.event
+                if isinstance(event, TaskProgressed) and event.task_id == task_id:
+                    seen.append(OUTPUT_DECODER.decode(event.data).data)
+                return text in "".join(seen)
+
+            next_event(events, holds, timeout, f"output {text!r} of task {task_id}")
+        return "".join(seen)
+
+    def all_output(self, session: str, task_id: str) -> str:
+        """The whole streamed exec output of a finished task (published before its end, so all in the
+        event history that a subscription replays first)."""
+        seen = []
+        with self.bus.subscribe([f"task.progress/{session}"], since=0) as events:
+            while (delivery := events.next(timeout=0.5)) is not None:
+                if delivery.event.task_id == task_id:
+                    seen.append(OUTPUT_DECODER.decode(delivery.event.data).data)
+        return "".join(seen)
 
     def workers(self, session: str) -> list[str]:
         listed = self.bus.call(ContainerList(session_id=session, labels={LABEL_SESSION_AGENT: "worker"}))

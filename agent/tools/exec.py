@@ -54,13 +54,14 @@ class _Stream:
     def take(self, data: bytes) -> None:
         room = self.limit - self.seen
         self.seen += len(data)
-        if room <= 0:
+        if self.truncated:
             return
-        kept = data[:room]
-        text = self.decoder.decode(kept, final=len(kept) < len(data))
+        kept = data[: max(0, room)]  # nothing when the last read ended right at the limit
+        cut = len(kept) < len(data)
+        text = self.decoder.decode(kept, final=cut)
         if text:
             self.emit(ToolExecChunk(stream=self.name, data=text))
-        if len(kept) < len(data):
+        if cut:
             self.truncated = True
             self.emit(
                 ToolExecChunk(

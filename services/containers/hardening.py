@@ -19,6 +19,7 @@ from baaaht.schemas.containers import ContainerSpec, Mount
 from baaaht.services.containers.ownership import LABEL_AGENT_BUS, OwnerKind, owner_labels
 
 BUS_ENV = "BAAAHT_BUS"
+HEARTBEAT_ENV = "BAAAHT_HEARTBEAT_INTERVAL"  # the host's: an agent beating slower is dropped by the broker
 BUS_SOCKET_NAME = "bus.sock"
 
 
@@ -41,6 +42,7 @@ class AgentBus:
     host_dir: str
     container_dir: str
     gid: int
+    heartbeat_interval: float = 1.0  # seconds: bus.heartbeat_interval, which the broker holds agents to
 
     def __post_init__(self) -> None:
         # Added after the policy, so never judged by it: group 0 would open what root's group may touch.
@@ -73,13 +75,18 @@ def attach_identity(spec: ContainerSpec, identity: Identity, bus: AgentBus | Non
         labels={**labels, LABEL_AGENT_BUS: "true"},
         mounts=[*spec.mounts, bus_mount],
         group_add=[*spec.group_add, str(bus.gid)],
-        env={**spec.env, BUS_ENV: bus.address},
+        env={**spec.env, BUS_ENV: bus.address, HEARTBEAT_ENV: f"{bus.heartbeat_interval:g}s"},
     )
 
 
-def agent_bus_for(agent_dir: str, container_dir: str) -> AgentBus:
+def agent_bus_for(agent_dir: str, container_dir: str, heartbeat_interval: float) -> AgentBus:
     """The bus mount for the broker's agents directory (made by the broker, owned by the socket group)."""
-    return AgentBus(host_dir=agent_dir, container_dir=container_dir, gid=os.stat(agent_dir).st_gid)
+    return AgentBus(
+        host_dir=agent_dir,
+        container_dir=container_dir,
+        gid=os.stat(agent_dir).st_gid,
+        heartbeat_interval=heartbeat_interval,
+    )
 
 
 def unique_name(role: str, session_id: str) -> str:

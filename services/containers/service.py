@@ -200,6 +200,7 @@ class ContainerService(Service):
         self.orphan_grace = float(config.container.orphan_grace)
         self.agent_dir = Endpoints.for_config(config.bus).agent_dir
         self.agent_mount = config.container.agent_bus_mount
+        self.heartbeat_interval = float(config.bus.heartbeat_interval)
         self.install_labels = install_labels(install_id)
         self.watchdog = Watchdog()
         self._ops = threading.BoundedSemaphore(self.max_ops)
@@ -477,7 +478,7 @@ class ContainerService(Service):
 
     def _agent_bus(self):
         try:
-            return agent_bus_for(self.agent_dir, self.agent_mount)
+            return agent_bus_for(self.agent_dir, self.agent_mount, self.heartbeat_interval)
         except FileNotFoundError:
             raise precondition(
                 f"the agents' bus directory {self.agent_dir} does not exist (is the broker running?)",
