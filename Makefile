@@ -38,7 +38,7 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-# The bus against a direct baseline and NATS: 5 alternating rounds (BENCH_ROUNDS), about 6 minutes.
+# The bus against a direct baseline and NATS: 5 alternating rounds (BENCH_ROUNDS), under 10 minutes.
 bench-bus: $(BENCH_STAMP) docker
 	bash bench/ensure-nats.sh
 	$(PY) bench/bus.py

@@ -404,7 +404,11 @@ def test_sighup_reloads_the_policy_without_restarting_anything(launch, run_dir):
     config_file = run_dir.with_name(run_dir.name + ".config.json")
     policy_file = run_dir.with_name(run_dir.name + ".policy.yaml")
     policy_file.write_text("mode: strict\nquotas:\n  max_pids: 300\n")
-    settings = {"policy": {"path": str(policy_file), "reload_interval": "1h"}}  # only SIGHUP reloads
+    settings = {
+        "policy": {"path": str(policy_file), "reload_interval": "1h"},  # only SIGHUP reloads
+        # 10 s of silence before a peer counts as gone, not 3: a stall of a loaded machine is no dropped call
+        "bus": {"heartbeat_liveness": 10},
+    }
     config_file.write_text(json.dumps({**settings, "session": {"timeout": "30m"}}))
     try:
         host = launch("--config", str(config_file))
