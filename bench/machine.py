@@ -6,8 +6,13 @@ benchmark's own processes keep 2 cores busy, so counting that load would call ev
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_before() -> dict:
@@ -26,3 +31,10 @@ def finish(machine: dict) -> dict:
             file=sys.stderr,
         )
     return machine
+
+
+def save(name: str, machine: dict, figures: dict) -> None:
+    """bench/results/<name>.json: when, the figures, and the load around the run (`finish`)."""
+    RESULTS.mkdir(exist_ok=True)
+    result = {"when": time.time(), **figures, "machine": finish(machine)}
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

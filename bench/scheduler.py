@@ -14,7 +14,6 @@ Prints a table, the load around the run, and writes bench/results/scheduler.json
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -23,14 +22,13 @@ import threading
 import time
 from pathlib import Path
 
-from machine import finish, load_before  # bench/machine.py, beside this script
+from machine import load_before, save  # bench/machine.py, beside this script
 
 from baaaht.bus.aio import AsyncBusClient
 from baaaht.bus.testing import Host
 from baaaht.bus.worker import Worker
 from baaaht.schemas.tasks import TaskSubmit, TaskSucceeded
 
-ROOT = Path(__file__).resolve().parent
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
 LATENCY_SAMPLES = int(os.environ.get("BENCH_LATENCY_SAMPLES", "300"))
 THROUGHPUT_TASKS = int(os.environ.get("BENCH_TASKS", "3000"))
@@ -283,18 +281,16 @@ def main() -> None:
         print(f"{name:<38} {mine:>10.{shape}} {theirs:>10.{shape}}")
     ratio = ours["throughput"]["tasks_per_s"] / huey["tasks_per_s"]
     print(f"throughput {ratio:.2f}x Huey's")
-    machine = finish(machine)
-    out = ROOT / "results" / "scheduler.json"
-    out.parent.mkdir(exist_ok=True)
-    result = {
-        "when": time.time(),
-        "seconds": SECONDS,
-        "ours": ours,
-        "huey": {**huey, "poll_interval_s": HUEY_POLL, "fsync": True, "journal_mode": "wal"},
-        "throughput_vs_huey": ratio,
-        "machine": machine,
-    }
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save(
+        "scheduler",
+        machine,
+        {
+            "seconds": SECONDS,
+            "ours": ours,
+            "huey": {**huey, "poll_interval_s": HUEY_POLL, "fsync": True, "journal_mode": "wal"},
+            "throughput_vs_huey": ratio,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ and writes bench/results/sessions.json.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -22,12 +21,10 @@ import threading
 import time
 from pathlib import Path
 
-from machine import finish, load_before  # bench/machine.py, beside this script
+from machine import load_before, save  # bench/machine.py, beside this script
 
 from baaaht.bus.testing import Host
 from baaaht.schemas.sessions import SessionCreate, SessionSendMessage
-
-ROOT = Path(__file__).resolve().parent
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
 WARMUP = 0.5
@@ -116,18 +113,11 @@ def main() -> None:
         print(f"raw SQLite commits/s, WAL synchronous={mode}: {rate:.0f}")
     ratio = rows["writers_16"]["round_trips_per_s"] / raw["FULL"]
     print(f"16 writers acknowledge {ratio:.2f}x the raw FULL commit rate")
-    machine = finish(machine)
-    out = ROOT / "results" / "sessions.json"
-    out.parent.mkdir(exist_ok=True)
-    result = {
-        "when": time.time(),
-        "seconds": SECONDS,
-        "rows": rows,
-        "raw_sqlite_commits_per_s": raw,
-        "writers_16_vs_raw_full": ratio,
-        "machine": machine,
-    }
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save(
+        "sessions",
+        machine,
+        {"seconds": SECONDS, "rows": rows, "raw_sqlite_commits_per_s": raw, "writers_16_vs_raw_full": ratio},
+    )
 
 
 if __name__ == "__main__":

@@ -305,21 +305,19 @@ def schedule_rm(ctx: typer.Context, schedule_id: str = typer.Argument(..., metav
     typer.echo(f"schedule {schedule_id} removed", err=True)
 
 
-@schedules_app.command("pause")
-def schedule_pause(
-    ctx: typer.Context, schedule_id: str = typer.Argument(..., metavar="ID"), _json: JsonOption = False
-) -> None:
-    ctl: Ctl = ctx.obj
-    show_schedule(ctl, ctl.call(TaskSchedulePause(id=schedule_id)))
+def _schedule_switch(name: str, request_type: type[TaskSchedulePause | TaskScheduleResume]) -> None:
+    """`schedules pause ID` and `schedules resume ID`: the same command with another request."""
+
+    @schedules_app.command(name, help=request_type.__doc__)
+    def switch(
+        ctx: typer.Context, schedule_id: str = typer.Argument(..., metavar="ID"), _json: JsonOption = False
+    ) -> None:
+        ctl: Ctl = ctx.obj
+        show_schedule(ctl, ctl.call(request_type(id=schedule_id)))
 
 
-@schedules_app.command("resume")
-def schedule_resume(
-    ctx: typer.Context, schedule_id: str = typer.Argument(..., metavar="ID"), _json: JsonOption = False
-) -> None:
-    """Runs from now on; what was missed while paused is not made up."""
-    ctl: Ctl = ctx.obj
-    show_schedule(ctl, ctl.call(TaskScheduleResume(id=schedule_id)))
+_schedule_switch("pause", TaskSchedulePause)
+_schedule_switch("resume", TaskScheduleResume)
 
 
 @workers_app.command("list")

@@ -318,35 +318,8 @@ class TaskWait(Request, tag="task.wait", kw_only=True):
 # -- schedules --------------------------------------------------------------------------------------
 
 
-class ScheduleInfo(Response, kw_only=True):
-    id: str
-    cron: str = ""
-    every: float = 0.0
-    queue: str
-    task_type: str
-    payload: bytes = b""
-    priority: int = 0
-    session_id: str = ""
-    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
-    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
-    overlap: Overlap = "skip"
-    catch_up_window: float = 0.0
-    paused: bool = False
-    next_run_at: float = 0.0
-    last_run_at: float = 0.0
-    last_task_id: str = ""
-    buffered: bool = False  # buffer_one: one run waits for the running one to finish
-    runs: int = 0
-    created_at: float
-
-
-class TaskScheduleAdd(Request, tag="task.schedule.add", kw_only=True):
-    """A recurring task: `cron` (five fields, UTC) or `every` seconds, exactly one. A run that comes
-    while the last one has not finished is skipped, buffered (one at most) or started anyway
-    (`overlap`); runs missed while the scheduler was down are made up by one run when the latest was
-    less than `catch_up_window` ago, else skipped."""
-
-    response: ClassVar[type] = ScheduleInfo
+class ScheduleSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a schedule runs and when: the fields its request and its record share."""
 
     cron: Annotated[str, Meta(max_length=256)] = ""
     every: Annotated[float, Meta(ge=0, le=366 * 86400)] = 0.0
@@ -358,8 +331,29 @@ class TaskScheduleAdd(Request, tag="task.schedule.add", kw_only=True):
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     overlap: Overlap = "skip"
-    catch_up_window: Seconds = 60.0
     paused: bool = False
+
+
+class ScheduleInfo(Response, ScheduleSpec, kw_only=True):
+    id: str
+    catch_up_window: float = 0.0
+    next_run_at: float = 0.0
+    last_run_at: float = 0.0
+    last_task_id: str = ""
+    buffered: bool = False  # buffer_one: one run waits for the running one to finish
+    runs: int = 0
+    created_at: float
+
+
+class TaskScheduleAdd(Request, ScheduleSpec, tag="task.schedule.add", kw_only=True):
+    """A recurring task: `cron` (five fields, UTC) or `every` seconds, exactly one. A run that comes
+    while the last one has not finished is skipped, buffered (one at most) or started anyway
+    (`overlap`); runs missed while the scheduler was down are made up by one run when the latest was
+    less than `catch_up_window` ago, else skipped."""
+
+    response: ClassVar[type] = ScheduleInfo
+
+    catch_up_window: Seconds = 60.0
 
 
 class ScheduleListResult(Response, kw_only=True):
@@ -379,6 +373,8 @@ class TaskScheduleRemove(Request, tag="task.schedule.remove", kw_only=True):
 
 
 class TaskSchedulePause(Request, tag="task.schedule.pause", kw_only=True):
+    """No runs until it is resumed."""
+
     response: ClassVar[type] = ScheduleInfo
 
     id: ScheduleId

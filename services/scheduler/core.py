@@ -35,6 +35,7 @@ from baaaht.schemas.tasks import (
     START_TO_CLOSE_TIMEOUT,
     WORKER_LOST,
     ScheduleInfo,
+    ScheduleSpec,
     TaskAssignment,
     TaskAttempt,
     TaskCancelled,
@@ -695,20 +696,11 @@ class Core:
     def add_schedule(self, req: TaskScheduleAdd, session_id: str, now: Now) -> ScheduleInfo:
         schedules.check(req.cron, req.every)
         self._check_payload(req.payload, "payload")
+        spec = {name: getattr(req, name) for name in ScheduleSpec.__struct_fields__}
         schedule = ScheduleInfo(
+            **{**spec, "session_id": session_id},
             id=self.new_id()[:16],
-            cron=req.cron,
-            every=req.every,
-            queue=req.queue,
-            task_type=req.task_type,
-            payload=req.payload,
-            priority=req.priority,
-            session_id=session_id,
-            timeouts=req.timeouts,
-            retry=req.retry,
-            overlap=req.overlap,
             catch_up_window=req.catch_up_window,
-            paused=req.paused,
             created_at=now.wall,
         )
         schedule.next_run_at = schedules.next_after(schedule, now.wall)

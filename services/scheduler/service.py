@@ -273,10 +273,12 @@ class SchedulerService(Service):
 
     @rpc
     def schedule_pause(self, req: TaskSchedulePause, ctx: CallContext) -> ScheduleInfo:
-        scope = scope_of(ctx.caller, "submit")
-        return self.engine.call(lambda core, now: core.pause_schedule(req.id, scope, True, now), ctx)
+        return self._pause(req.id, True, ctx)
 
     @rpc
     def schedule_resume(self, req: TaskScheduleResume, ctx: CallContext) -> ScheduleInfo:
+        return self._pause(req.id, False, ctx)
+
+    def _pause(self, schedule_id: str, paused: bool, ctx: CallContext) -> ScheduleInfo:
         scope = scope_of(ctx.caller, "submit")
-        return self.engine.call(lambda core, now: core.pause_schedule(req.id, scope, False, now), ctx)
+        return self.engine.call(lambda core, now: core.pause_schedule(schedule_id, scope, paused, now), ctx)

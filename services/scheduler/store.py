@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import msgspec
 
+from baaaht.common.sqlite_pages import Filters, page
 from baaaht.schemas.tasks import TERMINAL, ScheduleInfo, TaskInfo, TaskState
 
 SCHEMA_VERSION = 2
@@ -232,23 +233,10 @@ class SchedulerStore:
         self, states: Iterable[TaskState], queue: str, session_id: str, limit: int, cursor: int
     ) -> tuple[list[TaskInfo], int]:
         """Matching tasks oldest first after `cursor`, and the cursor of the next page (0: none)."""
-        where, params = ["seq > ?"], [cursor]
-        values = [state.value for state in states]
-        if values:
-            where.append(f"state IN ({','.join('?' * len(values))})")
-            params.extend(values)
-        if queue:
-            where.append("queue = ?")
-            params.append(queue)
-        if session_id:
-            where.append("session_id = ?")
-            params.append(session_id)
-        sql = f"SELECT seq, body FROM tasks WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        filters = Filters(cursor).one_of("state", [state.value for state in states])
+        filters.equal("queue", queue).equal("session_id", session_id)
         with self._read_lock:
-            rows = self._reader.execute(sql, [*params, limit + 1]).fetchall()
-        page = rows[:limit]
-        next_cursor = page[-1][0] if len(rows) > limit else 0
-        return [_task.decode(body) for _, body in page], next_cursor
+            return page(self._reader, "tasks", filters, limit, _task.decode)
 
     def list_schedules(self, session_id: str) -> list[ScheduleInfo]:
         sql, params = "SELECT body FROM schedules ORDER BY id", ()

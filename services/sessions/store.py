@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import msgspec
 
+from baaaht.common.sqlite_pages import Filters, page
 from baaaht.schemas.sessions import Message, SessionInfo, SessionState
 
 log = logging.getLogger("baaaht.session.store")
@@ -294,23 +295,13 @@ class SessionStore:
         cursor: int,
     ) -> tuple[list[SessionInfo], int]:
         """Matching sessions oldest first after `cursor`, and the cursor of the next page (0: none)."""
-        where, params = ["seq > ?"], [cursor]
-        values = [state.value for state in states]
-        if values:
-            where.append(f"state IN ({','.join('?' * len(values))})")
-            params.extend(values)
-        if owner:
-            where.append("owner = ?")
-            params.append(owner)
+        filters = Filters(cursor).one_of("state", [state.value for state in states]).equal("owner", owner)
         for key, value in labels.items():
-            where.append("EXISTS (SELECT 1 FROM json_each(body, '$.labels') WHERE key = ? AND value = ?)")
-            params.extend((key, value))
-        sql = f"SELECT seq, body FROM sessions WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+            filters.add(
+                "EXISTS (SELECT 1 FROM json_each(body, '$.labels') WHERE key = ? AND value = ?)", key, value
+            )
         with self._read_lock:
-            rows = self._reader.execute(sql, [*params, limit + 1]).fetchall()
-        page = rows[:limit]
-        next_cursor = page[-1][0] if len(rows) > limit else 0
-        return [_session.decode(body) for _, body in page], next_cursor
+            return page(self._reader, "sessions", filters, limit, _session.decode)
 
     def messages(
         self, session_id: str, newest_first: bool, limit: int, cursor: int
