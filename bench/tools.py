@@ -96,7 +96,9 @@ class Tools:
             if isinstance(item, TaskFinished):
                 elapsed = time.perf_counter() - started
                 if item.state is not TaskState.SUCCEEDED:
-                    raise RuntimeError(f"{task.task_type} failed: {item.error_type}: {item.error}")
+                    last = item.attempts[-1] if item.attempts else None
+                    why = f"{last.error_type}: {last.error} (worker {last.worker})" if last else "no attempt"
+                    raise RuntimeError(f"{task.task_type} ended {item.state.value}: {why}")
                 return elapsed
         raise RuntimeError(f"task.wait of {task.id} ended without the task")
 
@@ -156,6 +158,7 @@ def run(tools: Tools, client: docker.DockerClient) -> dict:
     tools.wait_for_pool()
     steady = tools.new_session()
     tools.call(steady, READ)  # claims the session's worker
+    tools.wait_for_pool()  # refilled
     warm_read = [tools.call(steady, READ) for _ in range(SAMPLES)]
     warm_exec = [tools.call(steady, TRUE) for _ in range(SAMPLES)]
     worker = tools.worker_of(steady)
