@@ -91,6 +91,9 @@ def test_a_tool_call_in_a_new_session_is_served_by_a_warm_container(pooled, dock
     [fresh] = ready(pooled, without=frozenset({warm}))  # refilled
     listed = json.loads(ctl_runner.invoke(pooled.host, "pool", "status", "--json").stdout)
     assert {s["container_id"]: s["state"] for s in listed["slots"]} == {warm: "claimed", fresh: "ready"}
+    table = ctl_runner.invoke(pooled.host, "pool", "status").stdout.splitlines()
+    assert table[0].split() == ["SLOT", "CONTAINER", "STATE", "AGE", "SESSION"]
+    assert any(row.split()[1:3] == [warm[:12], "claimed"] and row.split()[4] == session for row in table[1:])
 
 
 def test_no_pool_container_serves_two_sessions(pooled, docker_client):
