@@ -265,3 +265,28 @@ def test_ctl_tools_run_file_tools_their_errors_and_json(world, session):
     assert bad.returncode != 0 and "start_line" in bad.stderr
     tools = ctl_runner.run(world.host, "tools", "list", "--json")
     assert [t["name"] for t in json.loads(tools.stdout)] == [tool_name(call) for call in TOOLS]
+
+
+def test_a_session_going_idle_has_its_worker_removed(world):
+    idle = world.session(idle_timeout=15.0)
+    world.output(idle, ToolListDir())
+    worker = world.worker(idle)
+    wait_for(lambda: not world.workers(idle), 90, interval=0.5, what="the idle session's worker to go")
+    assert world.docker.containers.list(all=True, filters={"id": worker}) == []
+
+
+def test_a_restarted_container_manager_keeps_its_workers_and_serves_the_calls_it_missed(world, session):
+    world.output(session, ToolWriteFile(path="before-restart.txt", content="x"))
+    worker = world.worker(session)
+    fresh = world.session()
+    world.host.kill("baaaht.services.containers")
+    # Queued while nobody listened for task.queued: the sweep finds them.
+    missed = [
+        world.submit(session, ToolReadFile(path="before-restart.txt")),
+        world.submit(fresh, ToolListDir()),
+    ]
+    world.host.start_service("baaaht.services.containers", service="container")
+    for task_id in missed:
+        assert world.finished(task_id).state is TaskState.SUCCEEDED
+    assert world.workers(session) == [worker]  # taken up again, not doubled
+    assert len(world.workers(fresh)) == 1

@@ -14,7 +14,7 @@ import msgspec
 from baaaht.bus.errors import BusError
 from baaaht.bus.testing import Host, next_event, wait_for
 from baaaht.schemas.containers import ContainerList
-from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionDelete
+from baaaht.schemas.sessions import SessionClose, SessionCreate, SessionDelete, SessionSettings
 from baaaht.schemas.tasks import (
     TERMINAL,
     RetryPolicy,
@@ -39,6 +39,7 @@ def settings(agent_image: str, **more) -> dict:
         "container": {"orphan_grace": "0s", "reconcile_interval": "1h", "agent_image": agent_image},
         "scheduler": {"lease_timeout": "3s", "cancel_grace": "5s"},
         "pool": {"size": 0},  # cold starts: the warm pool's claims have tests of their own
+        "session": {"sweep_interval": "500ms"},
         **more,
     }
 
@@ -55,8 +56,9 @@ class WorkerHost:
         self.bus = host.client(timeout=30)
         self.sessions: list[str] = []
 
-    def session(self) -> str:
-        session = self.bus.call(SessionCreate(owner="tester")).id
+    def session(self, **settings) -> str:
+        request = SessionCreate(owner="tester", settings=SessionSettings(**settings))
+        session = self.bus.call(request).id
         self.sessions.append(session)
         return session
 
