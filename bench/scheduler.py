@@ -4,8 +4,9 @@ no-op throughput through 4 workers with 4 slots each; and the same no-op work on
 Every submit is acknowledged only after its SQLite commit (WAL, synchronous=FULL, group commit); Huey
 runs with the same durability (SqliteHuey fsync=True: synchronous=FULL, WAL), its consumer's 16 worker
 threads in this process, polling every 10 ms (its default starts at 100 ms and backs off to 10 s, which
-would only make its latency worse). Our workers are the worker library (baaaht.bus.worker) on one event
-loop in this process, one bus connection each; broker and scheduler are their own processes.
+would only make its latency worse). Our workers are the worker library (baaaht.bus.worker): for the
+latency one idle worker on an event loop in this process; for the throughput 4 worker processes
+(bench/noop_worker.py), as worker agents are; broker and scheduler are their own processes.
 
 Targets (issue 12): enqueue-to-start p50 under 2 ms; at least 2x Huey's throughput and a lower latency.
 Prints a table, the load around the run, and writes bench/results/scheduler.json.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import statistics
 import tempfile
 import threading
@@ -25,9 +27,9 @@ from pathlib import Path
 from machine import load_before, save  # bench/machine.py, beside this script
 
 from baaaht.bus.aio import AsyncBusClient
-from baaaht.bus.testing import Host
+from baaaht.bus.testing import Host, wait_for
 from baaaht.bus.worker import Worker
-from baaaht.schemas.tasks import TaskSubmit, TaskSucceeded
+from baaaht.schemas.tasks import TaskSubmit, TaskSucceeded, TaskWorkers
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
 LATENCY_SAMPLES = int(os.environ.get("BENCH_LATENCY_SAMPLES", "300"))
@@ -142,16 +144,26 @@ def our_latency(host: Host) -> dict:
     return ms(samples)
 
 
+def start_worker_processes(host: Host, queue: str) -> list[str]:
+    """WORKERS processes of SLOTS slots each taking `queue`, once the scheduler lists them all."""
+    names = [f"bench-worker-{n}" for n in range(WORKERS)]
+    for name in names:
+        host.spawn(name, [str(Path(__file__).with_name("noop_worker.py")), queue, str(SLOTS), name])
+    probe = host.client(timeout=30)
+    wait_for(
+        lambda: {w.worker_id for w in probe.call(TaskWorkers()).workers if w.connected} >= set(names),
+        30,
+        what="the bench's worker processes to take work",
+    )
+    return names
+
+
 def our_throughput(host: Host) -> dict:
-    """THROUGHPUT_TASKS no-op tasks submitted by 16 threads, run by 4 workers x 4 slots: submit to done."""
-
-    async def handler(task):
-        return None
-
-    workers = Workers(host, WORKERS, SLOTS, "bench-throughput", handler)
+    """THROUGHPUT_TASKS no-op tasks submitted by 16 threads, run by 4 worker processes x 4 slots: submit
+    to done."""
+    workers = start_worker_processes(host, "bench-throughput")
     clients = [host.client(timeout=30) for _ in range(SUBMITTERS)]
     watcher = host.client(timeout=30)
-    done = threading.Event()
     try:
         with watcher.subscribe(["task.succeeded"]) as events:
             began = time.perf_counter()
@@ -171,10 +183,10 @@ def our_throughput(host: Host) -> dict:
                 if isinstance(delivery.event, TaskSucceeded) and delivery.event.queue == "bench-throughput":
                     seen += 1
             elapsed = time.perf_counter() - began
-            done.set()
             submitting.join(30)
     finally:
-        workers.stop()
+        for name in workers:
+            host.kill(name, signal.SIGTERM)
     return {"tasks": total, "workers": WORKERS, "slots": SLOTS, "tasks_per_s": total / elapsed}
 
 
