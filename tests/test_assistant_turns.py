@@ -10,7 +10,7 @@ import pytest
 
 from baaaht.agent.assistant.config import AssistantConfig
 from baaaht.agent.assistant.model import Finished, ModelRequest, ProviderError, TextDelta, ToolCallReady
-from baaaht.agent.assistant.turns import CANCELLED, Assistant, ToolAnswer
+from baaaht.agent.assistant.turns import CANCELLED, Assistant, Partials, ToolAnswer
 from baaaht.bus.subscription import Delivery
 from baaaht.bus.testing import run_async
 from baaaht.schemas.sessions import (
@@ -442,3 +442,28 @@ def test_a_session_cancel_also_cancels_the_messages_waiting_for_their_turn():
     assert (first.metadata.reply_to, first.metadata.turn_end) == ("m1", "cancelled")
     assert (second.metadata.reply_to, second.metadata.turn_end) == (waiting.id, "cancelled")
     assert second.content == "Cancelled before it was answered." and len(model.requests) == 1
+
+
+def test_model_text_is_coalesced_the_first_piece_at_once_and_nothing_lost_or_reordered():
+    bus = SessionBus()
+    partials = Partials(bus, S, "t1", text_interval=0.05)
+
+    async def scenario():
+        await partials.text("a")  # at once: the first token is never held back
+        assert [p.text for p in bus.partials] == ["a"]
+        await partials.text("b")
+        await partials.text("c")
+        assert len(bus.partials) == 1  # held within the interval
+        while len(bus.partials) < 2:
+            await asyncio.sleep(0.01)  # sent once the interval is over, without another piece
+        await partials.text("d")
+        await partials.publish("tool_call", "read_file {}", "c1")  # held text goes first
+        await partials.flush()  # nothing held: nothing sent
+
+    run_async(scenario(), timeout=10)
+    assert [(p.seq, p.kind, p.text) for p in bus.partials] == [
+        (1, "text", "a"),
+        (2, "text", "bc"),
+        (3, "text", "d"),
+        (4, "tool_call", "read_file {}"),
+    ]

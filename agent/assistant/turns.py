@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,6 +52,7 @@ SYSTEM_PROMPT = (
     "use tools when the answer needs the workspace or a command."
 )
 CANCELLED = "cancelled: the turn was stopped"
+TEXT_INTERVAL = 0.02  # seconds between two text partials: at most 50 a second, well in an agent's budget
 LIMIT_TOOL_CALLS = "not run: the limit of {limit} tool calls for one user message is reached"
 
 
@@ -78,14 +81,51 @@ class Bus(Protocol):  # what the assistant needs of agent/sdk.py Agent
 
 @dataclass
 class Partials:
-    """The `session.partial` events of one turn, numbered from 1."""
+    """The `session.partial` events of one turn, numbered from 1. Model text is coalesced: the first
+    piece goes at once, later ones at most every `text_interval` seconds (a fast model streams more
+    pieces a second than an agent may publish events: limits.agent_events_per_second)."""
 
     bus: Bus
     session_id: str
     turn_id: str
+    text_interval: float = TEXT_INTERVAL
     seq: int = 0
+    _text: str = ""  # model text not published yet
+    _last_text: float = -math.inf
+    _flusher: asyncio.Task | None = None
+
+    async def text(self, piece: str) -> None:
+        self._text += piece
+        if self._flusher is not None:
+            return  # published with the pieces before it, when the interval is over
+        wait = self._last_text + self.text_interval - time.monotonic()
+        if wait <= 0:
+            await self._send_text()
+        else:
+            self._flusher = asyncio.create_task(self._send_text_after(wait))
+
+    async def flush(self) -> None:
+        """Publish the model text held back (before anything else of the turn, or at its end)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        await self._send_text()
 
     async def publish(self, kind: str, text: str = "", tool_call_id: str = "") -> None:
+        await self.flush()
+        await self._send(kind, text, tool_call_id)
+
+    async def _send_text_after(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        self._flusher = None
+        await self._send_text()
+
+    async def _send_text(self) -> None:
+        if self._text:
+            text, self._text, self._last_text = self._text, "", time.monotonic()
+            await self._send("text", text)
+
+    async def _send(self, kind: str, text: str, tool_call_id: str = "") -> None:
         self.seq += 1
         event = SessionPartial(
             session_id=self.session_id,
@@ -297,14 +337,15 @@ class Assistant:
     async def _ask_model(self, state: TurnState) -> ModelReply:
         """The model's answer, streamed as partials; 429, 5xx and cut streams retried with backoff."""
         request = self._request(state.user)
-        for attempt in range(self.config.retries + 1):
+        attempt = 0
+        while True:
             reply, state.text = ModelReply(), ""
             try:
                 async for event in self.model.stream(request):
                     if isinstance(event, TextDelta):
                         reply.text += event.text
                         state.text = reply.text
-                        await state.partials.publish("text", event.text)
+                        await state.partials.text(event.text)
                     elif isinstance(event, ToolCallReady):
                         reply.tool_calls.append(event.call)
                         await state.partials.publish(
@@ -312,6 +353,7 @@ class Assistant:
                         )
                     elif isinstance(event, Finished):
                         reply.stop_reason = event.stop_reason
+                await state.partials.flush()
                 return reply
             except ProviderError as error:
                 if not error.retryable or attempt == self.config.retries:
@@ -326,7 +368,7 @@ class Assistant:
                     f"retrying in {delay:g}s ({attempt + 1} of {self.config.retries}): {error.kind}: {error}",
                 )
                 await self.sleep(delay)
-        raise AssertionError("unreachable")  # the last attempt returns or raises
+                attempt += 1
 
     async def _run_tools(self, state: TurnState) -> None:
         calls = list(state.open_calls)
