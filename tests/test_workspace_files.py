@@ -156,3 +156,26 @@ def test_a_damaged_workspace_is_an_error_naming_its_image(service):
     error = error_of(lambda: listing(service))
     assert error.code is ErrorCode.FAILED_PRECONDITION and image in error.message
     assert error_of(lambda: write(service, "f", b"y")).code is ErrorCode.FAILED_PRECONDITION
+
+
+def test_an_upload_the_agent_swapped_for_a_fifo_is_refused_not_waited_on(service):
+    """Between two chunks the agent (owner of the directory) replaces the staged upload by a FIFO
+    nobody reads: opening it for writing must not block the container manager's handler thread."""
+    write(service, "f", b"abc", upload=UPLOAD, final=False)
+    host = service.workspaces.path("s1")
+    (staged,) = [name for name in os.listdir(host) if UPLOAD in name]
+    os.unlink(os.path.join(host, staged))
+    os.mkfifo(os.path.join(host, staged), 0o666)
+    os.chown(os.path.join(host, staged), AGENT_UID, AGENT_GID)  # as the agent makes it
+    outcome: list = []
+    writer = threading.Thread(
+        target=lambda: outcome.append(code_of(lambda: write(service, "f", b"d", upload=UPLOAD, offset=3))),
+        daemon=True,
+    )
+    writer.start()
+    writer.join(timeout=10)
+    if writer.is_alive():  # unblock the handler (a reader appears), then fail
+        os.close(os.open(os.path.join(host, staged), os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(timeout=10)
+        pytest.fail("the chunk's write blocked on the FIFO")
+    assert outcome == [ErrorCode.FAILED_PRECONDITION]

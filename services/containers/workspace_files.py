@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import stat
 from typing import Iterator
@@ -106,7 +107,10 @@ def write(workspace: Workspace, req: ContainerWorkspaceWrite) -> WorkspaceWritte
 def _write_chunk(dir_fd: int, staged: str, req: ContainerWorkspaceWrite) -> int:
     """Write the chunk into the staged upload; the upload's size after it. A failed write (a full
     workspace) deletes the upload, so it takes no space."""
-    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: the agent owns the directory and may swap the upload for a FIFO between two chunks; a
+    # FIFO's open then fails (ENXIO) or is refused below instead of blocking this handler thread for good
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    not_regular = ToolError(ErrorCode.FAILED_PRECONDITION, f"upload {staged!r} is not a regular file")
     try:
         fd = os.open(
             staged, flags | (os.O_CREAT | os.O_TRUNC if req.offset == 0 else 0), 0o644, dir_fd=dir_fd
@@ -118,9 +122,13 @@ def _write_chunk(dir_fd: int, staged: str, req: ContainerWorkspaceWrite) -> int:
             "offset 0",
             path=req.path,
         ) from None
+    except OSError as error:
+        if error.errno != errno.ENXIO:
+            raise
+        raise not_regular from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ToolError(ErrorCode.FAILED_PRECONDITION, f"upload {staged!r} is not a regular file")
+            raise not_regular
         so_far = os.fstat(fd).st_size
         if req.offset > so_far:
             raise ToolError(
