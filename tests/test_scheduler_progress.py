@@ -151,3 +151,19 @@ def test_a_worker_agent_with_four_slots_gets_every_report_through_within_its_sha
         done = scheduler.get(task_id)
         assert done.state is TaskState.SUCCEEDED and len(done.attempts) == 1, done.attempts  # no lease lost
         assert counted[task_id] == chunks
+
+
+def test_an_assistant_waits_on_and_cancels_its_own_sessions_tasks_only(scheduler):
+    host = scheduler.host
+    host.identify("sess-mine", role="assistant")
+    assistant = host.agent_client(timeout=10.0)
+    mine = scheduler.submit("nobody", "noop", session_id="sess-mine")
+    theirs = scheduler.submit("nobody", "noop", session_id="sess-theirs")
+    not_seen = error_of(lambda: list(assistant.stream(TaskWait(id=theirs.id), timeout=5.0)))
+    not_cancelled = error_of(lambda: assistant.call(TaskCancel(id=theirs.id)))
+    assert not_seen.code is ErrorCode.NOT_FOUND and not_cancelled.code is ErrorCode.NOT_FOUND
+    assert scheduler.get(theirs.id).state is TaskState.QUEUED
+    waiting = assistant.stream(TaskWait(id=mine.id), timeout=10.0)
+    assert assistant.call(TaskCancel(id=mine.id)).state is TaskState.CANCELLED
+    (final,) = list(waiting)
+    assert isinstance(final, TaskFinished) and final.state is TaskState.CANCELLED
