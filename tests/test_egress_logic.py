@@ -15,7 +15,7 @@ from baaaht.services.credentials.egress.headers import agent_headers, injected, 
 from baaaht.services.credentials.egress.refusals import Refused
 from baaaht.services.credentials.egress.routes import RouteTable, path_problem, redirect_location
 from baaaht.services.credentials.egress.scrub import REDACTED, echo_forms, scrub, scrub_headers
-from baaaht.services.credentials.egress.usage import Usage, UsageReader, with_usage_requested
+from baaaht.services.credentials.egress.usage import Usage, UsageReader, usage_reader, with_usage_requested
 
 UPSTREAM = "https://api.example.com"
 
@@ -236,6 +236,27 @@ def test_usage_is_read_whatever_the_chunking(content_type, body, usage):
         assert reader.usage() == usage, size
 
 
+def test_usage_is_read_only_from_bodies_that_can_carry_it():
+    for readable in ("text/event-stream", "application/json; charset=utf-8", "application/problem+json", ""):
+        assert isinstance(usage_reader(readable), UsageReader), readable
+    for other in ("application/octet-stream", "text/plain", "image/png"):
+        assert usage_reader(other) is None, other
+
+
+def test_whole_lines_inside_one_chunk_are_read_and_a_line_over_the_cap_is_skipped(monkeypatch):
+    from baaaht.services.credentials.egress import usage as usage_module
+
+    monkeypatch.setattr(usage_module, "MAX_KEPT", 64)
+    reader = UsageReader("text/event-stream")
+    reader.feed(
+        b'event: x\ndata: {"usage": {"input_tokens": 2}}\n'
+        b'data: {"usage": {"output_tokens": 99}, "pad": "' + b"x" * 100 + b'"}\n'
+        b'data: {"usage": {"output_tokens": 4}}\ndata: {"usa'
+    )
+    reader.feed(b'ge": {"output_tokens": 5}}\n')
+    assert reader.usage() == Usage(2, 5)
+
+
 def test_a_stream_ending_without_a_newline_still_counts_its_last_line():
     reader = UsageReader("text/event-stream")
     reader.feed(b'data: {"usage": {"output_tokens": 3}}')
@@ -332,3 +353,44 @@ def test_scrubbing_replaces_every_form_in_bodies_and_headers():
     headers = scrub_headers([("WWW-Authenticate", 'Bearer key="sk-abc123"'), ("X-Other", "kept")], forms)
     assert headers == [("WWW-Authenticate", f'Bearer key="{REDACTED.decode()}"'), ("X-Other", "kept")]
     assert scrub(b"nothing to see", forms) == b"nothing to see"
+
+
+# -- journal ---------------------------------------------------------------------------------------
+
+
+def test_calls_ending_while_the_journal_writes_are_written_next_as_one_batch():
+    import threading
+
+    from baaaht.services.credentials.egress.journal import Call, Journal
+
+    class Audit:
+        path = "audit.jsonl"
+
+        def __init__(self):
+            self.batches: list[list[str]] = []
+
+        def append_all(self, records):
+            self.batches.append([r.path for r in records])
+
+    class Events:
+        def __init__(self):
+            self.published: list[str] = []
+            self.first_taken = threading.Event()
+            self.go_on = threading.Event()
+
+        def publish(self, event, subtopic: str = "") -> None:
+            self.first_taken.set()
+            assert self.go_on.wait(10)
+            self.published.append(event.path)
+
+    audit, events = Audit(), Events()
+    journal = Journal(audit, events)
+    call = lambda n: Call(started=0.0, started_at=0.0, method="GET", path=f"/{n}", refused="identity")  # noqa: E731
+    journal.record(call(1))
+    assert events.first_taken.wait(10)  # the worker is busy with the first call
+    for n in (2, 3, 4):
+        journal.record(call(n))
+    events.go_on.set()
+    journal.close()
+    assert audit.batches == [["/1"], ["/2", "/3", "/4"]]
+    assert events.published == ["/1", "/2", "/3", "/4"]

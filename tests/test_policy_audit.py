@@ -174,6 +174,40 @@ def test_concurrent_appends_keep_one_chain(log_path):
     assert (report.ok, report.records) == (True, 80)
 
 
+def test_a_batch_is_one_chain_with_one_fsync_and_continues_after_single_appends(log_path, monkeypatch):
+    log = AuditLog(log_path)
+    first = log.append(record(1))
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    batch = log.append_all([record(n) for n in range(2, 6)])
+    assert len(fsyncs) == 2  # the log's and the head file's, for four records
+    assert log.append_all([]) == [] and len(fsyncs) == 2
+    last = log.append(record(6))
+    log.close()
+    assert [r.seq for r in batch] == [2, 3, 4, 5] and batch[0].prev == first.hash
+    assert last.prev == batch[-1].hash
+    report = audit.verify(log_path)
+    assert (report.ok, report.records, report.last_hash) == (True, 6, last.hash)
+
+
+def test_a_batch_that_cannot_be_written_leaves_no_line_and_the_chain_goes_on(log_path, monkeypatch):
+    log = AuditLog(log_path)
+    log.append(record(1))
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        log.append_all([record(2), record(3)])
+    monkeypatch.undo()
+    assert log.append(record(4)).seq == 2
+    log.close()
+    report = audit.verify(log_path)
+    assert (report.ok, report.records) == (True, 2)
+
+
 def test_reading_the_tail_and_following(log_path):
     log = AuditLog(log_path)
     try:

@@ -1,14 +1,17 @@
 """What the proxy keeps of each call: a line in its hash-chained audit log and an `egress.*` event.
 
 Both are written on one worker thread, in the order calls end, off the proxy's event loop (an
-fsync per line would stall every stream in flight). Neither ever holds a header value, a body or
-a secret: names, sizes, counts and times only.
+fsync per line would stall every stream in flight). The calls that end while the worker writes are
+written next as one batch: one write, one fsync and one head file for all of them, so a busy proxy
+costs the disk (and the event loop, which shares the GIL with the worker) per batch, not per call.
+Neither ever holds a header value, a body or a secret: names, sizes, counts and times only.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -69,49 +72,65 @@ class Journal:
         self.audit = audit
         self.events = events
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="egress-journal")
+        self._lock = threading.Lock()
+        self._pending: list[Call] = []  # recorded, not yet taken by the worker
 
     def record(self, call: Call) -> None:
-        self._writer.submit(self._write_logging_failures, call)
+        with self._lock:
+            self._pending.append(call)
+            if len(self._pending) > 1:  # a write that takes this call too is already queued
+                return
+        self._writer.submit(self._write_pending_logging_failures)
 
-    def _write_logging_failures(self, call: Call) -> None:
+    def _write_pending_logging_failures(self) -> None:
+        with self._lock:
+            calls, self._pending = self._pending, []
         try:
-            self._write(call)
+            self._write(calls)
         except Exception:  # nobody waits on the worker's futures: say it here
-            log.exception("egress call not journalled", extra={"route": call.who()["route"]})
+            log.exception("egress calls not journalled", extra={"calls": len(calls)})
 
     def close(self) -> None:
         """Wait until every recorded call is written."""
         self._writer.shutdown(wait=True)
 
-    def _write(self, call: Call) -> None:
-        common = call.who()
-        tokens = dict(input_tokens=call.usage.input_tokens, output_tokens=call.usage.output_tokens)
+    def _write(self, calls: list[Call]) -> None:
         try:
-            self.audit.append(
-                EgressAuditRecord(
-                    seq=0,
-                    time=call.started_at,
-                    host=urlsplit(call.target.url).netloc if call.target else "",
-                    status=call.status,
-                    refused=call.refused,
-                    bytes_out=call.bytes_out,
-                    bytes_in=call.bytes_in,
-                    duration=call.duration,
-                    **common,
-                    **tokens,
-                )
-            )
+            self.audit.append_all([_audit_record(call) for call in calls])
         except OSError as error:
             log.error(
-                "egress audit line not written", extra={"path": str(self.audit.path), "error": str(error)}
+                "egress audit lines not written",
+                extra={"path": str(self.audit.path), "error": str(error), "calls": len(calls)},
             )
-        if call.usage_after is None:  # it never went upstream
-            event = EgressRefused(refused=call.refused, message=call.message, **common)
-        else:
-            event = EgressProxied(
-                status=call.status, duration=call.duration, usage=call.usage_after, **common, **tokens
-            )
-        try:
-            self.events.publish(event)
-        except Exception as error:  # the bus being down must not stop the proxy; the audit line stands
-            log.warning("egress event not published", extra={"error": str(error)})
+        for call in calls:
+            try:
+                self.events.publish(_event(call))
+            except Exception as error:  # the bus being down must not stop the proxy; the audit line stands
+                log.warning("egress event not published", extra={"error": str(error)})
+
+
+def _tokens(call: Call) -> dict[str, int]:
+    return dict(input_tokens=call.usage.input_tokens, output_tokens=call.usage.output_tokens)
+
+
+def _audit_record(call: Call) -> EgressAuditRecord:
+    return EgressAuditRecord(
+        seq=0,
+        time=call.started_at,
+        host=urlsplit(call.target.url).netloc if call.target else "",
+        status=call.status,
+        refused=call.refused,
+        bytes_out=call.bytes_out,
+        bytes_in=call.bytes_in,
+        duration=call.duration,
+        **call.who(),
+        **_tokens(call),
+    )
+
+
+def _event(call: Call) -> EgressRefused | EgressProxied:
+    if call.usage_after is None:  # it never went upstream
+        return EgressRefused(refused=call.refused, message=call.message, **call.who())
+    return EgressProxied(
+        status=call.status, duration=call.duration, usage=call.usage_after, **call.who(), **_tokens(call)
+    )

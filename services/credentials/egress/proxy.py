@@ -31,7 +31,7 @@ from .journal import Call, Journal
 from .refusals import Refused
 from .routes import RouteTable, Target, redirect_location
 from .scrub import echo_forms, scrub, scrub_headers
-from .usage import UsageReader, with_usage_requested
+from .usage import usage_reader, with_usage_requested
 
 log = logging.getLogger("baaaht.egress")
 SHUTDOWN_TIMEOUT = 5.0  # seconds calls in flight get when the proxy stops
@@ -198,7 +198,7 @@ class EgressProxy:
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             reader = (
-                UsageReader(upstream.headers.get("Content-Type", ""))
+                usage_reader(upstream.headers.get("Content-Type", ""))
                 if target.route.usage != "none"
                 else None
             )

@@ -41,6 +41,15 @@ def _usage_objects(document: object) -> list[dict]:
     return [usage for usage in found if isinstance(usage, dict)]
 
 
+def usage_reader(content_type: str) -> "UsageReader | None":
+    """A reader for a body that can report usage (JSON or Server-Sent Events; an untyped body is read
+    as JSON); None for any other type, whose chunks then pass with no Python work on them."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind in ("", "text/event-stream", "application/json") or kind.endswith("+json"):
+        return UsageReader(content_type)
+    return None
+
+
 class UsageReader:
     """Feed it the response body's chunks; `usage()` says what they reported."""
 
@@ -54,12 +63,18 @@ class UsageReader:
         if not self.streamed:
             self._keep(chunk)
             return
-        start = 0
-        while (newline := chunk.find(b"\n", start)) >= 0:
-            self._keep(chunk[start:newline])
-            self._end_line()
-            start = newline + 1
-        self._keep(chunk[start:])
+        first = chunk.find(b"\n")
+        if first < 0:
+            self._keep(chunk)
+            return
+        self._keep(chunk[:first])
+        self._end_line()
+        last = chunk.rfind(b"\n")
+        # The whole lines in between are read in place, and split only when one names usage.
+        if chunk.find(b'"usage"', first + 1, last) >= 0:
+            for line in chunk[first + 1 : last].split(b"\n"):
+                self._line(line)
+        self._keep(chunk[last + 1 :])
 
     def _keep(self, part: bytes) -> None:
         if self._too_long:
@@ -71,11 +86,14 @@ class UsageReader:
             self._kept += part
 
     def _end_line(self) -> None:
-        line = bytes(self._kept)
-        if not self._too_long and line.startswith(b"data:") and b'"usage"' in line:
-            self._take(line[5:].strip())
+        if not self._too_long:
+            self._line(bytes(self._kept))
         self._kept.clear()
         self._too_long = False
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(b"data:") and b'"usage"' in line and len(line) <= MAX_KEPT:
+            self._take(line[5:].strip())
 
     def _take(self, text: bytes) -> None:
         try:
