@@ -49,6 +49,7 @@ bench: bench-bus
 	$(PY) bench/scheduler.py
 	$(PY) bench/egress.py
 	$(PY) bench/tools.py
+	$(PY) bench/assistant.py
 
 docs: $(STAMP)
 	$(PY) -m baaaht.bus.reference docs/WIRE-TYPES.md
