@@ -4,9 +4,13 @@ test CA), both APIs: a scripted tool call streamed, and each failure classified 
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import anthropic
 import httpx2
+import msgspec
 import openai
 import pytest
 
@@ -91,3 +95,30 @@ def test_failures_are_classified(provider, step, kind, status, tmp_path):
         with pytest.raises(ProviderError) as failed:
             events_of(upstream, provider)
     assert (failed.value.kind, failed.value.status) == (kind, status)
+
+
+def test_the_fake_llm_in_its_own_process_follows_a_script_file(tmp_path):
+    script = tmp_path / "script.json"
+    script.write_bytes(msgspec.json.encode([[say("from the file"), call_tool("glob", "g1", pattern="*")]]))
+    argv = [
+        sys.executable,
+        "-m",
+        "baaaht.bus.testing.fake_llm",
+        str(tmp_path / "llm"),
+        "--script",
+        str(script),
+    ]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            url = process.stdout.readline().strip()  # printed once it serves
+            assert url.startswith("https://127.0.0.1:")
+            upstream = SimpleNamespace(url=url, ca_file=str(tmp_path / "llm" / "ca.pem"))
+            events = events_of(upstream, "openai")
+        finally:
+            process.stdin.close()  # it runs until its stdin ends
+            process.wait(timeout=30)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "from the file"
+    assert [e.call for e in events if isinstance(e, ToolCallReady)] == [
+        MessageToolCall(id="g1", name="glob", arguments='{"pattern":"*"}')
+    ]
+    assert process.returncode == 0
