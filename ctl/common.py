@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Iterable, Iterator, TextIO, TypeVar
@@ -33,6 +34,9 @@ from baaaht.schemas.errors import ErrorCode
 T = TypeVar("T")
 EXIT_ERROR = 1
 EXIT_UNREACHABLE = 2
+# C0 and C1 control characters but newline and tab: text agents wrote (messages, partials, file names)
+# reaches the operator's terminal, where an escape sequence would be obeyed (clipboard writes, cursor moves)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 WHERE_HINT = "Point baaaht-ctl elsewhere with --run-dir DIR, BAAAHT_RUN_DIR or --config FILE"
 
 
@@ -263,6 +267,11 @@ def to_builtins(data: Any) -> Any:
     return with_iso_times(msgspec.to_builtins(data, builtin_types=(datetime.datetime,)))
 
 
+def visible(text: str) -> str:
+    """`text` with its control characters (but newline and tab) shown as \\xNN escapes, for a terminal."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
 def cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}".rstrip("0").rstrip(".")
@@ -270,7 +279,7 @@ def cell(value: Any) -> str:
         return orjson.dumps(value).decode() if value else "-"
     if value is None or value == "":
         return "-"
-    return str(value)
+    return visible(str(value))
 
 
 def table(rows: Iterable[dict], columns: list[str] | None = None) -> str:

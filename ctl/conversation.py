@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import TextIO
 
-from baaaht.ctl.common import iso_time
+from baaaht.ctl.common import iso_time, visible
 from baaaht.schemas.base import session_topic
 from baaaht.schemas.sessions import Message, SessionClosed, SessionMessage, SessionPartial
 
@@ -121,7 +121,7 @@ class Conversation:
             self._open_turn = ""
 
     def _write(self, text: str) -> None:
-        self.out.write(text)
+        self.out.write(visible(text))
 
 
 class Follower:

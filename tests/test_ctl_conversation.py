@@ -103,3 +103,27 @@ def test_the_sessions_close_ends_every_wait_and_other_sessions_closes_do_not():
 def test_tool_lines_are_one_line_and_shortened():
     assert one_line("a\n  b\tc") == "a b c"
     assert one_line("x" * 200, 10) == "x" * 9 + "…"
+
+
+def test_terminal_control_sequences_from_an_agent_are_shown_not_obeyed():
+    """An assistant's text (model output a prompt injection may steer) and its stored messages reach the
+    operator's terminal: escape sequences (OSC 52 clipboard writes, cursor moves, screen clears) and
+    carriage returns are shown as visible escapes, never sent raw."""
+    attack = "ok\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\rfake\x9b1A"
+    text = shown(
+        SessionMessage(session_id=S, message=message(1, "user", "hi")),
+        partial(1, attack),
+        partial(2, attack, "tool_result"),
+        SessionMessage(session_id=S, message=message(2, "assistant", attack, turn_id="t2", reply_to="m1")),
+    )
+    assert not any(ch in text for ch in "\x1b\x07\r\x9b"), repr(text)
+    assert "ok\\x1b]52;c;" in text and "\\x0d" in text
+    assert "\n" in text  # the view's own line ends stay
+
+
+def test_table_cells_show_control_characters_as_escapes():
+    from baaaht.ctl.common import table
+
+    rendered = table([{"name": "evil\x1b[31mred\rx", "kind": "file"}])
+    assert "\x1b" not in rendered and "\r" not in rendered
+    assert "evil\\x1b[31mred\\x0dx" in rendered
