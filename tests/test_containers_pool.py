@@ -13,12 +13,19 @@ from baaaht.bus.testing import FakeBus, code_of, context, error_of, operator_cal
 from baaaht.common.identity import IdentityStore
 from baaaht.common.mounts import mount_points
 from baaaht.schemas.config import BusConfig, Config, ContainerConfig, PolicyConfig, PoolConfig
-from baaaht.schemas.containers import ContainerDestroy, ContainerPoolResize, ContainerPoolStatus
+from baaaht.schemas.containers import (
+    ContainerDestroy,
+    ContainerGet,
+    ContainerList,
+    ContainerPoolResize,
+    ContainerPoolStatus,
+)
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import SessionContainer, SessionState
 from baaaht.services.containers.ownership import LABEL_OWNER, OwnerKind, owner_labels
 from baaaht.services.containers.pool import LABEL_POOL_SLOT, MAX_BACKOFF, WORKSPACE_TARGET, HostMounts
 from baaaht.services.containers.service import ContainerService
+from baaaht.services.containers.session_agents import LABEL_SESSION_AGENT
 from tests.container_fakes import (
     FakeAgents,
     FakePolicy,
@@ -41,8 +48,11 @@ class FakeMounts:
         self.table: dict[str, list[str]] = {}
         self.shared: set[str] = set()
         self.fail_bind = ""
+        self.fail_share = ""
 
     def share(self, path: str) -> None:
+        if self.fail_share:
+            raise OSError(self.fail_share)
         self.shared.add(path)
 
     def bind(self, source: str, target: str) -> None:
@@ -264,7 +274,7 @@ def test_after_a_crash_healthy_unclaimed_containers_are_kept_and_the_rest_remove
     assert not stray_slot.exists()
     assert second.pool.claimed("s1", "worker") == [claimed]
     report = second.reconcile_now()
-    assert claimed not in [r.id for r in report.removed]
+    assert report.removed == []  # pool containers are never orphans; the claimed one's session is open
     assert IdentityStore(str(run_dir)).get(claimed).session_id == "s1"  # settled as the session's
 
 
@@ -318,3 +328,26 @@ def test_the_mount_table_is_read_with_its_escapes_and_propagation(tmp_path):
     ]
     mounts = HostMounts(str(mountinfo))
     assert mounts.is_mounted("/run/pool/a b") and not mounts.is_mounted("/run/pool/a")
+
+
+def test_a_claimed_container_is_listed_and_shown_as_its_sessions(run_dir, tmp_path):
+    service = make_pool_service(run_dir, tmp_path, size=2)
+    service.pool.refill()
+    claimed = service.pool.claim("s1", "worker")
+    ctx = context(caller=operator_caller())
+    [listed] = service.list(ContainerList(session_id="s1"), ctx).containers
+    assert (listed.id, listed.session_id, listed.role) == (claimed, "s1", "worker")
+    assert [
+        c.id for c in service.list(ContainerList(labels={LABEL_SESSION_AGENT: "worker"}), ctx).containers
+    ] == [claimed]
+    assert service.get(ContainerGet(id=claimed), ctx).session_id == "s1"
+    assert len(service.list(ContainerList(), ctx).containers) == 2  # the ready one, with no session
+
+
+def test_a_pool_directory_that_cannot_be_shared_starts_nothing_and_says_why(run_dir, tmp_path):
+    mounts = FakeMounts()
+    mounts.fail_share = "mount: permission denied"
+    service = make_pool_service(run_dir, tmp_path, mounts=mounts)
+    service.pool.refill()
+    assert pool_containers(service.runtime) == {}
+    assert "could not be made a shared mount: mount: permission denied" in service.pool.status().problem

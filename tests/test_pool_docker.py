@@ -86,11 +86,11 @@ def test_a_tool_call_in_a_new_session_is_served_by_a_warm_container(pooled, dock
     [slot] = [s for s in pool_of(pooled).slots if s.container_id == warm]
     assert (slot.state, slot.session_id, slot.role) == ("claimed", session, "worker")
     assert docker_client.api.inspect_container(warm)["State"]["StartedAt"] == started  # not restarted
-    cold = pooled.bus.call(ContainerList(session_id=session)).containers
-    assert cold == []  # no container was started for the session
+    listed = pooled.bus.call(ContainerList(session_id=session)).containers
+    assert [c.id for c in listed] == [warm]  # no container was started for the session
     [fresh] = ready(pooled, without=frozenset({warm}))  # refilled
-    listed = json.loads(ctl_runner.invoke(pooled.host, "pool", "status", "--json").stdout)
-    assert {s["container_id"]: s["state"] for s in listed["slots"]} == {warm: "claimed", fresh: "ready"}
+    status = json.loads(ctl_runner.invoke(pooled.host, "pool", "status", "--json").stdout)
+    assert {s["container_id"]: s["state"] for s in status["slots"]} == {warm: "claimed", fresh: "ready"}
     table = ctl_runner.invoke(pooled.host, "pool", "status").stdout.splitlines()
     assert table[0].split() == ["SLOT", "CONTAINER", "STATE", "AGE", "SESSION"]
     assert any(row.split()[1:3] == [warm[:12], "claimed"] and row.split()[4] == session for row in table[1:])

@@ -50,6 +50,7 @@ from baaaht.services.containers.ownership import (
 )
 from baaaht.services.containers.peers import SessionDirectory
 from baaaht.services.containers.runtime import EngineError, EngineEvent, NotFound, Runtime
+from baaaht.services.containers.session_agents import LABEL_SESSION_AGENT
 from baaaht.services.containers.workspaces import WorkspaceError
 
 log = logging.getLogger("baaaht.containers.pool")
@@ -265,8 +266,8 @@ class Pool:
         return self.claims.get(container.id) is None
 
     def as_session_view(self, containers: list[ContainerSummary]) -> list[ContainerSummary]:
-        """`containers` with each claimed pool container labelled as its session's (with the agents' bus),
-        so that reconcile and identities judge it by its session like any of the session's containers."""
+        """`containers` with each claimed pool container labelled as its session's agent (with the agents'
+        bus), so that reconcile, identities and listings take it for one of the session's containers."""
         claims = {claim.container_id: claim for claim in self.claims.all()}
         viewed = []
         for container in containers:
@@ -278,6 +279,7 @@ class Pool:
                 **container.labels,
                 **owner_labels(self.install_id, OwnerKind.SESSION, claim.session_id, claim.role),
                 LABEL_AGENT_BUS: "true",
+                LABEL_SESSION_AGENT: claim.role,
             }
             viewed.append(
                 msgspec.structs.replace(
@@ -380,7 +382,12 @@ class Pool:
         until `size` are ready or starting (at most pool.max unclaimed), remove the surplus."""
         if self.runtime is None:
             return
-        self._prepare()
+        try:
+            self._prepare()
+        except OSError as error:
+            self.problem = f"the pool directory {self.root} could not be made a shared mount: {error}"
+            log.error("%s", self.problem)
+            return
         members = self.members()
         claims = {claim.container_id: claim for claim in self.claims.all()}
         unclaimed = [m for m in members if m.id not in claims]

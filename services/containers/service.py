@@ -602,7 +602,8 @@ class ContainerService(Service):
     @rpc
     def get(self, req: ContainerGet, ctx: CallContext) -> ContainerInfo:
         with self._engine(ctx) as runtime:
-            return self._owned_info(req.id, runtime)
+            [info] = self.pool.as_session_view([self._owned_info(req.id, runtime)])
+        return info
 
     @rpc
     def list(self, req: ContainerList, ctx: CallContext) -> ContainerListResult:
@@ -610,7 +611,9 @@ class ContainerService(Service):
         if req.session_id:
             labels[LABEL_SESSION] = req.session_id
         with self._engine(ctx) as runtime:
-            found = self._listed(runtime, labels)
+            # A claimed pool container is its session's, and listed as such (its own labels name no session).
+            found = self.pool.as_session_view(self._listed(runtime, {}))
+        found = [c for c in found if all(c.labels.get(key) == value for key, value in labels.items())]
         if req.states:
             found = [c for c in found if c.state in req.states]
         return ContainerListResult(containers=found)
