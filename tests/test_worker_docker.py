@@ -288,5 +288,14 @@ def test_a_restarted_container_manager_keeps_its_workers_and_serves_the_calls_it
     world.host.start_service("baaaht.services.containers", service="container")
     for task_id in missed:
         assert world.finished(task_id).state is TaskState.SUCCEEDED
-    assert world.workers(session) == [worker]  # taken up again, not doubled
+    assert world.workers(session) == [worker]  # not doubled
     assert len(world.workers(fresh)) == 1
+    # Taken up again: its death is noticed and it is replaced, with no call waiting.
+    world.docker.containers.get(worker).kill(signal="SIGKILL")
+    replacement = wait_for(
+        lambda: (found := world.workers(session)) and found[0] != worker and found[0],
+        90,
+        interval=0.5,
+        what="the adopted worker's replacement",
+    )
+    assert world.workers(session) == [replacement]
