@@ -9,7 +9,9 @@ import msgspec
 
 from baaaht.agent.assistant.tools import SchedulerTools
 from baaaht.agent.assistant.turns import Partials, ToolAnswer
+from baaaht.bus.errors import BusError
 from baaaht.bus.testing import run_async
+from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import MessageToolCall
 from baaaht.schemas.tasks import (
     TaskCancel,
@@ -35,8 +37,8 @@ def finished(state: TaskState, **fields) -> TaskFinished:
 
 
 class Bus:
-    def __init__(self, *waited, hold: asyncio.Event | None = None):
-        self.waited, self.hold = list(waited), hold
+    def __init__(self, *waited, hold: asyncio.Event | None = None, wait_error: BusError | None = None):
+        self.waited, self.hold, self.wait_error = list(waited), hold, wait_error
         self.calls: list = []
         self.partials: list = []
 
@@ -59,6 +61,8 @@ class Bus:
         self.calls.append(request)
         for part in self.waited:
             yield part
+        if self.wait_error is not None:
+            raise self.wait_error
         if self.hold is not None:
             await self.hold.wait()
 
@@ -129,6 +133,13 @@ def test_a_call_cut_short_is_cancelled_by_its_task_id():
         await tools.cancel("turn1", READ)  # once only
 
     run_async(scenario(), timeout=10)
-    assert [c for c in bus.calls if isinstance(c, TaskCancel)] == [
-        TaskCancel(id=TASK, reason="the assistant's turn was cancelled")
-    ]
+    (cancel,) = [c for c in bus.calls if isinstance(c, TaskCancel)]
+    assert cancel == TaskCancel(id=TASK, reason="the assistant's turn was cancelled")  # once only
+
+
+def test_a_wait_past_its_deadline_cancels_the_task_and_says_so():
+    bus = Bus(wait_error=BusError(ErrorCode.TIMEOUT, "the call's deadline passed"))
+    answer = run(bus)
+    assert answer.is_error and "could not be run" in answer.content and "deadline" in answer.content
+    (cancel,) = [c for c in bus.calls if isinstance(c, TaskCancel)]
+    assert cancel.id == TASK and cancel.reason.startswith("the assistant stopped waiting for it")

@@ -27,6 +27,7 @@ from baaaht.schemas.tasks import (
 from baaaht.schemas.tools import TOOLS_QUEUE, AnyToolCall, ToolExecChunk
 
 SUBMIT_TIMEOUT = 10.0
+TURN_CANCELLED = "the assistant's turn was cancelled"
 _chunk = msgspec.msgpack.Decoder(ToolExecChunk)
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -88,15 +89,16 @@ class SchedulerTools:
                     self._tasks.pop(key, None)
                     return answer_of(part)
         except BusError as error:
-            self._tasks.pop(key, None)
+            # A wait given up on (its deadline passed): the task is not left running.
+            await self.cancel(turn_id, call, f"the assistant stopped waiting for it: {error.message}")
             return ToolAnswer(f"the tool call could not be run: {error}", True)
         return ToolAnswer("the tool call's wait ended without its result", True)
 
-    async def cancel(self, turn_id: str, call: MessageToolCall) -> None:
+    async def cancel(self, turn_id: str, call: MessageToolCall, reason: str = TURN_CANCELLED) -> None:
         task_id = self._tasks.pop(f"{turn_id}:{call.id}", None)
         if task_id:
             try:
-                await self.bus.call(TaskCancel(id=task_id, reason="the assistant's turn was cancelled"))
+                await self.bus.call(TaskCancel(id=task_id, reason=reason))
             except BusError:
                 pass  # finished meanwhile, or the scheduler away: the answer is `cancelled` either way
 
