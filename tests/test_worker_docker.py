@@ -20,6 +20,7 @@ from baaaht.schemas.tools import (
     ToolEditFile,
     ToolExec,
     ToolExecResult,
+    ToolFetch,
     ToolGlob,
     ToolGrep,
     ToolListDir,
@@ -88,6 +89,12 @@ def test_the_first_tool_call_starts_the_sessions_worker_and_the_file_tools_work(
         (ToolListDir(path="src/notes.txt"), "FAILED_PRECONDITION", "not a directory"),
         (ToolGrep(pattern="(unclosed"), "INVALID_ARGUMENT", "pattern"),
         (ToolReadFile(path="src"), "FAILED_PRECONDITION", "directory"),
+        (ToolExec(argv=["no-such-program"]), "NOT_FOUND", "was not found"),
+        (ToolExec(argv=["true"], cwd="../elsewhere"), "PERMISSION_DENIED", "`..`"),
+        (ToolExec(argv=["true"], cwd="missing"), "NOT_FOUND", "does not exist"),
+        (ToolFetch(url="https://example.com/"), "PERMISSION_DENIED", "not a route of the egress proxy"),
+        # no credential service in this host: nothing listens on the egress socket
+        (ToolFetch(url="http://egress/anything/x"), "UNAVAILABLE", "egress proxy is not listening"),
     ],
 )
 def test_a_tool_error_fails_the_call_at_once_with_its_code(world, session, call, code, says):
