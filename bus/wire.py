@@ -12,6 +12,8 @@ routing id in front on the broker side.
 
 from __future__ import annotations
 
+import struct
+
 import msgspec
 
 from baaaht.bus.errors import BusError
@@ -138,17 +140,24 @@ def events_in(body: bytes) -> list[tuple[bytes, bytes]]:
     if len(body) > EVENTS_BATCH_BYTES:
         raise MalformedFrame(f"a batch of {len(body)} bytes is over {EVENTS_BATCH_BYTES}")
     events, at, end = [], 0, len(body)
+    append = events.append
     while at < end:
+        try:
+            size, kind, header_size = _item_head(body, at)  # one call for the fields of each item
+        except struct.error:  # fewer bytes left than an item's length and envelope prefix
+            size, kind, header_size = 0, b"", 0
         start = at + 4  # the envelope's
-        stop = start + int.from_bytes(body[at:start], "big")
-        topic_at = start + PREFIX
-        whole = topic_at <= stop <= end and body.startswith(EVENT, start)
-        topic_end = topic_at + (body[start + 5] << 8 | body[start + 6]) if whole else stop + 1
-        if topic_end > stop:
+        stop = start + size
+        topic_end = start + PREFIX + header_size
+        if kind != EVENT or topic_end > stop or stop > end:
             raise MalformedFrame(f"item at byte {at} of the batch is not a whole EVENT envelope")
-        events.append((body[topic_at:topic_end], body[topic_end:stop]))
+        append((body[start + PREFIX : topic_end], body[topic_end:stop]))
         at = stop
     return events
+
+
+# An EVENTS item's length (4 bytes), then its envelope's kind (5) and header length (2), big-endian.
+_item_head = struct.Struct(">I5sH").unpack_from
 
 
 def request(
