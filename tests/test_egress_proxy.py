@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+import uvloop
 
 from baaaht.bus.testing import wait_for
 from baaaht.common import audit_chain
@@ -38,6 +39,12 @@ def audit_records(egress) -> list[EgressAuditRecord]:
     path = audit_path(egress.data_dir)
     assert audit_chain.verify(path).ok
     return audit_chain.read_tail(path, 1000, 0, EgressAuditRecord)[0]
+
+
+def test_the_proxy_serves_on_uvloop_and_still_knows_its_caller_by_peer_credentials(tmp_path):
+    with running_egress(tmp_path) as egress, egress.client() as client:
+        assert isinstance(egress.server._loop, uvloop.Loop)
+        assert client.get("/anthropic/v1/models").status_code == 200
 
 
 def test_the_key_reaches_the_upstream_in_its_header_and_the_agents_own_are_dropped(tmp_path):
