@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from baaaht.agent.assistant import anthropic_api, openai_api
+from baaaht.agent.assistant.context import EMPTY_MESSAGE
 from baaaht.agent.assistant.model import (
     Finished,
     ModelRequest,
@@ -232,3 +233,9 @@ def test_error_answers_are_classified(status, body, kind, retryable):
 def test_a_proxy_refusal_names_what_was_refused_and_keeps_the_proxys_message():
     error = status_error(404, PROXY_REFUSAL, "Error code: 404")
     assert error.refused == "route" and str(error) == "no route 'anthropic' (open: none)"
+
+
+def test_an_empty_user_message_is_never_an_empty_text_block():
+    body = anthropic_api.request_body(ModelRequest("", [msg(1, "user", "")], []), "claude-x", 10)
+    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": EMPTY_MESSAGE}]}]
+    assert "system" not in body and "tools" not in body

@@ -152,6 +152,10 @@ def every_call_answered(messages: list[Message]) -> list[Message]:
     return found
 
 
+EMPTY_MESSAGE = "(an empty message)"  # the Messages API refuses an empty text block
+
+
 def user_text(message: Message) -> str:
     """A user's message as the model reads it; a host's (system) note marked as such."""
-    return message.content if message.role == "user" else f"[{message.role} message] {message.content}"
+    content = message.content or EMPTY_MESSAGE
+    return content if message.role == "user" else f"[{message.role} message] {content}"
