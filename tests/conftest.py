@@ -56,6 +56,7 @@ UNIT_TEST_FILES = frozenset(
         "test_registry.py",
         "test_schema_constraints.py",
         "test_session_agents.py",
+        "test_session_agents_ended.py",
         "test_sessions_service.py",
         "test_sessions_states.py",
         "test_sessions_store.py",

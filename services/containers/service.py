@@ -129,6 +129,7 @@ from baaaht.services.containers.session_agents import (
     WORKER,
     AgentSpec,
     SessionAgents,
+    SessionEnded,
     worker_spec,
 )
 from baaaht.services.containers.watchdog import TICK, Watchdog
@@ -888,11 +889,24 @@ class ContainerService(Service):
 
     # -- session agents -----------------------------------------------------------------------------
 
+    def _require_agent_session(self, session_id: str) -> None:
+        """A session agent (and its workspace) is made only for an open session: SessionEnded for one
+        closed or gone (a task.queued or sweep that came after its close or delete), BusError when the
+        session service cannot be asked (tried again after the backoff)."""
+        ctx = CallContext(deadline=time.time() + AGENT_START_TIMEOUT)
+        try:
+            self._open_session(session_id, ctx, "session agent")
+        except BusError as error:
+            if error.code in (ErrorCode.FAILED_PRECONDITION, ErrorCode.NOT_FOUND):
+                raise SessionEnded(error.message) from None
+            raise
+
     def _worker_spec(self, session_id: str) -> AgentSpec:
         if not self.agent_image:
             raise precondition(
                 "no worker can be started: container.agent_image is not set (the agent image's reference)"
             )
+        self._require_agent_session(session_id)
         try:
             workspace = self.workspaces.ensure(session_id)
         except WorkspaceError as error:
@@ -900,6 +914,7 @@ class ContainerService(Service):
         return worker_spec(self.agent_image, workspace)
 
     def _assistant_spec(self, session_id: str) -> AgentSpec:
+        self._require_agent_session(session_id)
         try:
             return AgentSpec(spec=assistant_spec(self.assistant, self.agent_image))
         except ValueError as error:

@@ -33,6 +33,11 @@ STEADY_AFTER = 60.0  # seconds alive after which an agent's restarts count from 
 Claim = Callable[[str, str], "str | None"]  # (session, role) -> a pooled container now the session's, or None
 
 
+class SessionEnded(Exception):
+    """Raised by a role's spec or a start: the session is closed or gone (the trigger came late), so it
+    needs no agent any more; unlike a failed start, it is not tried again."""
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     """What a role's container is made of: the spec for the policy to judge, and the orchestrator's own
@@ -168,9 +173,19 @@ class SessionAgents:
 
     def _start(self, agent: _Agent) -> None:
         try:
+            spec = self.specs[agent.role](agent.session_id)  # first: it raises SessionEnded for an ended one
             container_id = self.claim(agent.session_id, agent.role) or self.host.start(
-                agent.session_id, agent.role, self.specs[agent.role](agent.session_id)
+                agent.session_id, agent.role, spec
             )
+        except SessionEnded as ended:
+            with self._lock:
+                if self._agents.get((agent.session_id, agent.role)) is agent:
+                    del self._agents[(agent.session_id, agent.role)]
+            log.info(
+                "no session agent for an ended session",
+                extra={"session": agent.session_id, "role": agent.role, "why": str(ended)},
+            )
+            return
         except Exception as exc:  # noqa: BLE001 - one session's failed start must not stop the others
             with self._lock:
                 agent.failures += 1
