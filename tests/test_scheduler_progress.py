@@ -167,3 +167,39 @@ def test_an_assistant_waits_on_and_cancels_its_own_sessions_tasks_only(scheduler
     assert assistant.call(TaskCancel(id=mine.id)).state is TaskState.CANCELLED
     (final,) = list(waiting)
     assert isinstance(final, TaskFinished) and final.state is TaskState.CANCELLED
+
+
+def test_one_sessions_agents_hold_at_most_their_share_of_the_schedulers_streams(scheduler):
+    """A hostile assistant opening task.wait streams by the hundred (on its own task) would take every
+    stream the scheduler has and leave every other session's worker without task.work: past
+    SESSION_STREAMS its waits are refused, and the ones it holds still end normally."""
+    from baaaht.services.scheduler.service import SESSION_STREAMS
+
+    host = scheduler.host
+    host.identify("sess-greedy", role="assistant")
+    task = scheduler.submit("nobody", "noop", session_id="sess-greedy")
+    extra = 3
+    refused: list[ErrorCode] = []
+    finished: list[TaskState] = []
+
+    async def wait_once(bus: AsyncBusClient) -> None:
+        try:
+            async for item in bus.stream(TaskWait(id=task.id), timeout=60.0):
+                if isinstance(item, TaskFinished):
+                    finished.append(item.state)
+        except Exception as error:  # noqa: BLE001 - the refusal is what is counted
+            refused.append(getattr(error, "code", error))
+
+    async def storm() -> None:
+        bus = AsyncBusClient(host.endpoints.agents, timeout=60.0)
+        async with bus:
+            waits = [asyncio.create_task(wait_once(bus)) for _ in range(SESSION_STREAMS + extra)]
+            deadline = time.monotonic() + 30
+            while len(refused) < extra and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert refused == [ErrorCode.RESOURCE_EXHAUSTED] * extra, refused
+            await bus.call(TaskCancel(id=task.id))
+            await asyncio.gather(*waits)
+
+    run_async(storm(), 90, "a storm of task.wait streams")
+    assert finished == [TaskState.CANCELLED] * SESSION_STREAMS

@@ -7,6 +7,7 @@ pushes leases and cancels into the stream's outbox and the stream hands them to 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -61,6 +62,10 @@ log = logging.getLogger("baaaht.scheduler")
 
 CONCURRENCY = 256  # handler threads: every open task.work or task.wait stream holds one
 MAX_STREAMS = CONCURRENCY - 32  # the rest stay free for submits and reports
+# Streams one session's agents may hold at once (its assistant's parallel tool waits, its worker's
+# task.work): a hostile agent opening waits or worker ids by the hundred must not take every stream and
+# leave the other sessions' workers no task.work.
+SESSION_STREAMS = 64
 STREAM_CHECK = 0.5  # seconds between looks at whether a stream's caller left (items go out at once)
 KEY_SWEEP = 600.0  # seconds between purges of idempotency keys past their retention
 
@@ -76,6 +81,7 @@ class SchedulerService(Service):
         self.sessions = sessions
         self._sessions_at_start: set[str] = set()
         self._streams = 0
+        self._session_streams: collections.Counter[str] = collections.Counter()
         self._streams_lock = threading.Lock()
 
     @classmethod
@@ -143,7 +149,7 @@ class SchedulerService(Service):
     @rpc(stream=True)
     def wait(self, req: TaskWait, ctx: CallContext) -> Iterator[TaskProgressReport | TaskFinished]:
         scope = scope_of(ctx.caller, "read")
-        with self._stream_slot("wait for tasks"):
+        with self._stream_slot("wait for tasks", scope):
             outbox: queue.SimpleQueue[TaskProgressReport | TaskFinished] = queue.SimpleQueue()
             push = outbox.put
             finished = self.engine.call(lambda core, now: core.wait_open(req.id, scope, push), ctx)
@@ -181,17 +187,31 @@ class SchedulerService(Service):
     # -- workers ------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _stream_slot(self, what: str) -> Iterator[None]:
-        """One of the MAX_STREAMS handler threads that streams may hold."""
+    def _stream_slot(self, what: str, scope: str | None) -> Iterator[None]:
+        """One of the MAX_STREAMS handler threads that streams may hold; a session's agents (`scope`, None
+        for a host caller) at most SESSION_STREAMS of them."""
         with self._streams_lock:
             if self._streams >= MAX_STREAMS:
                 raise exhausted(f"{self._streams} streams are open: the scheduler opens no more to {what}")
+            if scope is not None and self._session_streams[scope] >= SESSION_STREAMS:
+                raise exhausted(
+                    f"the agents of session {scope} hold {SESSION_STREAMS} streams, a session's most: the "
+                    f"scheduler opens no more to {what} until one ends",
+                    session_id=scope,
+                    limit=SESSION_STREAMS,
+                )
             self._streams += 1
+            if scope is not None:
+                self._session_streams[scope] += 1
         try:
             yield
         finally:
             with self._streams_lock:
                 self._streams -= 1
+                if scope is not None:
+                    self._session_streams[scope] -= 1
+                    if not self._session_streams[scope]:
+                        del self._session_streams[scope]
 
     @staticmethod
     def _drain(outbox: queue.SimpleQueue, ctx: CallContext) -> Iterator[Any]:
@@ -205,7 +225,7 @@ class SchedulerService(Service):
     @rpc(stream=True)
     def work(self, req: TaskWork, ctx: CallContext) -> Iterator[TaskAssignment]:
         scope = scope_of(ctx.caller, "work")
-        with self._stream_slot("take work"):
+        with self._stream_slot("take work", scope):
             outbox: queue.SimpleQueue[TaskAssignment | None] = queue.SimpleQueue()
             stream = object()
             key = self.engine.call(lambda core, now: core.work_open(req, scope, outbox.put, stream, now), ctx)
