@@ -11,7 +11,8 @@ Workers never register as services: a worker opens the streaming call `task.work
 scheduler pushes the tasks it leases to it (at most `slots` at once) and cancels. A lease is the start
 of the task (nothing to acknowledge); the worker heartbeats it while the handler runs
 (`task.heartbeat`, every third of the task's heartbeat timeout) and reports its outcome once
-(`task.complete`): a no-op task costs two calls, its submit and its outcome.
+(`task.complete`): a no-op task costs two calls, its submit and its outcome, and the outcomes of
+tasks that end while one is being reported share the next call.
 
 A handler streams output with `task.progress(data)` (bytes, opaque to the scheduler: a waiter and the
 `task.progress` events get each chunk as it was given): it returns at once; the chunks go out in order,
@@ -43,10 +44,13 @@ from baaaht.bus.aio import AsyncBusClient
 from baaaht.bus.errors import BusError
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import (
+    MAX_ERROR_TEXT,
+    MAX_OUTCOMES,
     MAX_PROGRESS_CHUNK,
     MAX_PROGRESS_CHUNKS,
     TaskAssignment,
     TaskComplete,
+    TaskCompleteResult,
     TaskHeartbeat,
     TaskProgress,
     TaskWork,
@@ -56,7 +60,6 @@ log = logging.getLogger("baaaht.worker")
 
 STREAM_TIMEOUT = 600.0  # seconds one task.work stream lasts before it is opened again
 RETRY_FIRST, RETRY_MOST = 0.05, 2.0  # seconds between attempts to reach an absent broker
-MAX_ERROR = 4096
 PROGRESS_BATCH_BYTES = 1024 * 1024  # of the chunks coalesced into one task.progress call
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -125,6 +128,52 @@ class ProgressSender:
             await asyncio.shield(self.sending)
 
 
+class OutcomeSender:
+    """A worker's outcomes on their way to the scheduler: one task.complete in flight at a time, the
+    outcomes that end meanwhile reported together in the next call (the first goes at once): a worker
+    whose slots finish together makes one call for them, not one each."""
+
+    def __init__(self, report: Callable[[TaskComplete, float], Awaitable[TaskCompleteResult]]):
+        self.report = report
+        self.pending: list[tuple[TaskComplete, float, asyncio.Future]] = []
+        self.sending: asyncio.Task | None = None
+
+    async def send(self, outcome: TaskComplete, until: float) -> None:
+        """Once the scheduler recorded `outcome`; LeaseLost when it did not (`until`: see _report)."""
+        loop = asyncio.get_running_loop()
+        recorded = loop.create_future()  # cancelled with its awaiter (the worker stopping)
+        self.pending.append((outcome, until, recorded))
+        if self.sending is None:
+            self.sending = loop.create_task(self._send())
+        await recorded
+
+    async def _send(self) -> None:
+        try:
+            while self.pending:
+                batch = self.pending[: MAX_OUTCOMES + 1]
+                del self.pending[: len(batch)]
+                lost: dict[str, LeaseLost] | None = None  # by lease id, once the call was answered
+                try:
+                    first, rest = batch[0][0], [outcome for outcome, _, _ in batch[1:]]
+                    request = msgspec.structs.replace(first, more=rest) if rest else first
+                    answer = await self.report(request, max(until for _, until, _ in batch))
+                    lost = {r.lease_id: LeaseLost(f"{r.code.value}: {r.message}") for r in answer.refused}
+                except LeaseLost as exc:
+                    lost = {outcome.lease_id: exc for outcome, _, _ in batch}
+                finally:
+                    for outcome, _, recorded in batch:
+                        if recorded.done():
+                            continue
+                        if lost is None:  # this sender was stopped (or failed) before the answer
+                            recorded.set_exception(LeaseLost("the outcome's report was interrupted"))
+                        elif outcome.lease_id in lost:
+                            recorded.set_exception(lost[outcome.lease_id])
+                        else:
+                            recorded.set_result(None)
+        finally:
+            self.sending = None
+
+
 @dataclass
 class WorkerTask:
     """What a handler is given."""
@@ -169,6 +218,7 @@ class Worker:
         self.stream_timeout = stream_timeout
         self.running: dict[str, tuple[WorkerTask, asyncio.Task]] = {}  # by lease id
         self.streams_opened = 0  # how many task.work streams this worker has opened (1 + reconnects)
+        self.outcomes = OutcomeSender(self._report)
 
     async def run(self) -> None:
         """Take work until cancelled; the tasks still running are cancelled (and reported) on the way out."""
@@ -199,6 +249,8 @@ class Worker:
                 await asyncio.gather(
                     *(runner for _t, runner in self.running.values()), return_exceptions=True
                 )
+            if self.outcomes.sending is not None:
+                self.outcomes.sending.cancel()
 
     def _take(self, assignment: TaskAssignment) -> None:
         if assignment.kind == "cancel":
@@ -253,13 +305,13 @@ class Worker:
                     error_type=(exc.error_type if isinstance(exc, NonRetryableError) else type(exc).__name__)[
                         :128
                     ],
-                    error=str(exc)[:MAX_ERROR],
+                    error=str(exc)[:MAX_ERROR_TEXT],
                     non_retryable=isinstance(exc, NonRetryableError),
                 )
             finally:
                 beat.cancel()
             await task.sender.flush()  # the output before the outcome: a waiter gets it all
-            await self._report(outcome, time.monotonic() + heartbeat_timeout)
+            await self.outcomes.send(outcome, time.monotonic() + heartbeat_timeout)
         except LeaseLost:
             log.info("lease lost", extra={"task_id": task.id})
         finally:

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from baaaht.schemas.base import Empty, Event, Request, Response
+from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.ids import ID_PATTERN, ID_RULE, MAX_ID, SessionFilter
 
 
@@ -35,10 +36,12 @@ IdempotencyKey = Annotated[str, Meta(max_length=256, description="Empty: none.")
 Priority = Annotated[int, Meta(ge=-1000, le=1000, description="Higher runs first; then older first.")]
 Seconds = Annotated[float, Meta(ge=0, le=10 * 365 * 86400, description="Seconds, 0 or more.")]
 ErrorType = Annotated[str, Meta(max_length=128)]
-ErrorText = Annotated[str, Meta(max_length=4096)]
+MAX_ERROR_TEXT = 4096
+ErrorText = Annotated[str, Meta(max_length=MAX_ERROR_TEXT)]
 PageLimit = Annotated[int, Meta(ge=1, le=1000)]
 MAX_PROGRESS_CHUNK = 256 * 1024  # bytes of one chunk of streamed output
 MAX_PROGRESS_CHUNKS = 64  # chunks in one task.progress call
+MAX_OUTCOMES = 256  # outcomes in the `more` of one task.complete call
 ProgressChunk = Annotated[bytes, Meta(max_length=MAX_PROGRESS_CHUNK)]
 Cursor = Annotated[int, Meta(ge=0)]
 
@@ -240,11 +243,25 @@ class TaskHeartbeat(Request, tag="task.heartbeat", kw_only=True):
     lease_id: LeaseId
 
 
+class TaskRefused(msgspec.Struct, kw_only=True):
+    """An outcome of a task.complete batch the scheduler did not record, and why."""
+
+    lease_id: LeaseId
+    code: ErrorCode
+    message: ErrorText = ""
+
+
+class TaskCompleteResult(Response, kw_only=True):
+    refused: list[TaskRefused] = []  # of the outcomes in `more` and the call's own (empty with no `more`)
+
+
 class TaskComplete(Request, tag="task.complete", kw_only=True):
     """The attempt's outcome; recorded once (a second report, or one for a lease no longer the worker's,
-    is answered FAILED_PRECONDITION)."""
+    is answered FAILED_PRECONDITION). A worker whose attempts end together reports them in one call:
+    the others in `more` (each with no `more` of its own). Then each is recorded or refused on its own,
+    and the refused ones are listed in the answer instead of failing the call."""
 
-    response: ClassVar[type] = Empty
+    response: ClassVar[type] = TaskCompleteResult
 
     task_id: TaskId
     lease_id: LeaseId
@@ -253,6 +270,7 @@ class TaskComplete(Request, tag="task.complete", kw_only=True):
     error_type: ErrorType = ""
     error: ErrorText = ""
     non_retryable: bool = False
+    more: Annotated[list[TaskComplete], Meta(max_length=MAX_OUTCOMES)] = []
 
 
 class TaskProgress(Request, tag="task.progress", kw_only=True):

@@ -174,6 +174,43 @@ def test_dispatch_is_by_priority_then_age_and_a_completion_is_recorded_once():
     assert [a.task_id for a in pushed] == [high.id, low.id]
 
 
+def test_outcomes_completed_together_are_each_recorded_or_refused_on_their_own():
+    clock = Clock()
+    core, pushed = core_with_worker(clock, slots=3)
+    tasks = [core.submit(TaskSubmit(queue="q", task_type="t"), "", clock.now())[0] for _ in range(3)]
+    dispatched(core, clock.now())
+    lease = {a.task_id: a.lease_id for a in pushed}
+    first, second, third = (lease[t.id] for t in tasks)
+    core.complete(TaskComplete(task_id=tasks[2].id, lease_id=third, outcome="succeeded"), None, clock.now())
+    core.take_effects()
+
+    def outcome(n, lease_id, **fields):
+        return TaskComplete(task_id=tasks[n].id, lease_id=lease_id, **fields)
+
+    nested = outcome(0, first, outcome="succeeded", more=[outcome(1, second, outcome="failed")])
+    with pytest.raises(BusError) as caught:  # refused whole: nothing recorded
+        core.complete_batch(outcome(2, third, outcome="succeeded", more=[nested]), None, clock.now())
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert core.take_effects().tasks == {}
+
+    batch = outcome(
+        0,
+        first,
+        outcome="succeeded",
+        result=b"\xc0",
+        more=[
+            outcome(1, second, outcome="failed", error_type="Boom", non_retryable=True),
+            outcome(2, third, outcome="succeeded"),  # already recorded
+        ],
+    )
+    answer = core.complete_batch(batch, None, clock.now())
+    assert [(r.lease_id, r.code) for r in answer.refused] == [(third, ErrorCode.FAILED_PRECONDITION)]
+    written = core.take_effects().tasks
+    assert set(written) == {tasks[0].id, tasks[1].id}
+    assert written[tasks[0].id].state is TaskState.SUCCEEDED and written[tasks[0].id].result == b"\xc0"
+    assert written[tasks[1].id].state is TaskState.FAILED and written[tasks[1].id].error_type == "Boom"
+
+
 def test_a_lease_starts_its_task_and_goes_out_before_the_commit_where_the_rest_waits():
     clock = Clock()
     core, pushed = core_with_worker(clock)

@@ -18,6 +18,7 @@ from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import (
     TaskAssignment,
     TaskCancel,
+    TaskComplete,
     TaskFinished,
     TaskProgress,
     TaskProgressed,
@@ -26,7 +27,7 @@ from baaaht.schemas.tasks import (
     TaskWait,
     TaskWork,
 )
-from tests.scheduler_doubles import start_scheduler
+from tests.scheduler_doubles import payload, start_scheduler
 
 
 @pytest.fixture
@@ -203,3 +204,71 @@ def test_one_sessions_agents_hold_at_most_their_share_of_the_schedulers_streams(
 
     run_async(storm(), 90, "a storm of task.wait streams")
     assert finished == [TaskState.CANCELLED] * SESSION_STREAMS
+
+
+def test_outcomes_reported_together_are_each_recorded_once_or_refused_alone(scheduler):
+    work = scheduler.client.stream(TaskWork(worker_id="batch", queues=["pair"], slots=2), timeout=30.0)
+    tasks = [scheduler.submit("pair", "noop") for _ in range(2)]
+    leases = {lease.task_id: lease.lease_id for lease in (next(work), next(work))}
+    first, second = (
+        TaskComplete(task_id=t.id, lease_id=leases[t.id], outcome="succeeded", result=payload(n))
+        for n, t in enumerate(tasks)
+    )
+    answer = scheduler.client.call(msgspec.structs.replace(first, more=[second, first]))
+    assert [(r.lease_id, r.code) for r in answer.refused] == [
+        (first.lease_id, ErrorCode.FAILED_PRECONDITION)  # its second report, in the same call
+    ]
+    for n, task in enumerate(tasks):
+        done = scheduler.get(task.id)
+        assert done.state is TaskState.SUCCEEDED and msgspec.msgpack.decode(done.result) == n
+    work.close()
+
+
+class CountingBus:
+    """A worker's bus that keeps the task.complete calls it makes."""
+
+    def __init__(self, bus: AsyncBusClient):
+        self.bus, self.completes = bus, []
+
+    def stream(self, request, **kwargs):
+        return self.bus.stream(request, **kwargs)
+
+    async def call(self, request, **kwargs):
+        if isinstance(request, TaskComplete):
+            self.completes.append(request)
+        return await self.bus.call(request, **kwargs)
+
+
+def test_a_workers_tasks_that_end_together_share_one_task_complete(scheduler):
+    slots, started, release = 4, [], None
+
+    async def held(task):
+        started.append(task.id)
+        if len(started) == slots:
+            release.set()
+        await release.wait()
+        return task.id
+
+    task_ids = [scheduler.submit("together", "held").id for _ in range(slots)]
+
+    async def work_them() -> CountingBus:
+        nonlocal release
+        release = asyncio.Event()
+        async with AsyncBusClient.for_config(scheduler.host.config, timeout=10.0) as client:
+            bus = CountingBus(client)
+            working = asyncio.create_task(Worker(bus, ["together"], slots, {"held": held}).run())
+            try:
+                for task_id in task_ids:
+                    await asyncio.to_thread(scheduler.wait_state, task_id)
+            finally:
+                working.cancel()
+                await asyncio.gather(working, return_exceptions=True)
+        return bus
+
+    bus = run_async(work_them(), 60, "4 tasks that end together")
+    reported = [outcome.task_id for call in bus.completes for outcome in (call, *call.more)]
+    assert sorted(reported) == sorted(task_ids)  # each once
+    assert len(bus.completes) < slots, [len(call.more) for call in bus.completes]
+    for task_id in task_ids:
+        done = scheduler.get(task_id)
+        assert done.state is TaskState.SUCCEEDED and msgspec.msgpack.decode(done.result) == task_id

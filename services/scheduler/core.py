@@ -26,11 +26,12 @@ from typing import Any, Callable
 
 import msgspec
 
-from baaaht.bus.errors import invalid, not_found, precondition
+from baaaht.bus.errors import BusError, invalid, not_found, precondition
 from baaaht.schemas.base import Event
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.tasks import (
     HEARTBEAT_TIMEOUT,
+    MAX_ERROR_TEXT,
     SCHEDULE_TO_START_TIMEOUT,
     START_TO_CLOSE_TIMEOUT,
     WORKER_LOST,
@@ -40,6 +41,7 @@ from baaaht.schemas.tasks import (
     TaskAttempt,
     TaskCancelled,
     TaskComplete,
+    TaskCompleteResult,
     TaskDead,
     TaskFailed,
     TaskFinished,
@@ -48,6 +50,7 @@ from baaaht.schemas.tasks import (
     TaskProgressed,
     TaskProgressReport,
     TaskQueued,
+    TaskRefused,
     TaskRetrying,
     TaskScheduleAdd,
     TaskStarted,
@@ -529,6 +532,22 @@ class Core:
             self._finish(task, TaskState.CANCELLED, now, reason=req.error or "cancelled by the worker")
         else:
             self._failed(task, req.error_type or "Error", req.error, req.non_retryable, now)
+
+    def complete_batch(self, req: TaskComplete, scope: str | None, now: Now) -> TaskCompleteResult:
+        """The outcomes of one call (its own and those in `more`), each recorded or refused on its own."""
+        if any(outcome.more for outcome in req.more):
+            raise invalid("an outcome in a task.complete's more has a more of its own", field="more")
+        refused = []
+        for outcome in (req, *req.more):
+            try:
+                self.complete(outcome, scope, now)
+            except BusError as exc:
+                refused.append(
+                    TaskRefused(
+                        lease_id=outcome.lease_id, code=exc.code, message=exc.message[:MAX_ERROR_TEXT]
+                    )
+                )
+        return TaskCompleteResult(refused=refused)
 
     def _attempt_ended(self, task_id: str, error_type: str, error: str, now: Now) -> None:
         """The scheduler ends the current attempt (lease expired, ran too long, worker lost it)."""

@@ -30,6 +30,7 @@ from baaaht.schemas.tasks import (
     TaskAssignment,
     TaskCancel,
     TaskComplete,
+    TaskCompleteResult,
     TaskFinished,
     TaskGet,
     TaskHeartbeat,
@@ -259,10 +260,12 @@ class SchedulerService(Service):
         return Empty()
 
     @rpc
-    def complete(self, req: TaskComplete, ctx: CallContext) -> Empty:
+    def complete(self, req: TaskComplete, ctx: CallContext) -> TaskCompleteResult:
         scope = scope_of(ctx.caller, "work")
+        if req.more:
+            return self.engine.call(lambda core, now: core.complete_batch(req, scope, now), ctx)
         self.engine.call(lambda core, now: core.complete(req, scope, now), ctx)
-        return Empty()
+        return TaskCompleteResult()
 
     @rpc
     def workers(self, req: TaskWorkers, ctx: CallContext) -> TaskWorkersResult:
