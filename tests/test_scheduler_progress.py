@@ -111,6 +111,17 @@ def test_a_worker_of_one_session_cannot_report_progress_on_anothers_task(schedul
     work.close()
 
 
+async def work_until_finished(worker: Worker, scheduler, task_ids: list[str]) -> None:
+    """Run `worker` until every task of `task_ids` has finished, then stop it."""
+    working = asyncio.create_task(worker.run())
+    try:
+        for task_id in task_ids:
+            await asyncio.to_thread(scheduler.wait_state, task_id)
+    finally:
+        working.cancel()
+        await asyncio.gather(working, return_exceptions=True)
+
+
 def test_a_worker_agent_with_four_slots_gets_every_report_through_within_its_share(make_host):
     """One agent connection runs at most limits.agent_running_per_caller (2) calls at a time at the
     scheduler: its heartbeats, progress and outcomes of 4 tasks at once must queue, not be refused or
@@ -134,13 +145,7 @@ def test_a_worker_agent_with_four_slots_gets_every_report_through_within_its_sha
         bus = AsyncBusClient(host.endpoints.agents, timeout=10.0)
         async with bus:
             worker = Worker(bus, ["tools"], 4, {"busy": busy}, worker_id="four-slots")
-            working = asyncio.create_task(worker.run())
-            try:
-                for task_id in task_ids:
-                    await asyncio.to_thread(scheduler.wait_state, task_id)
-            finally:
-                working.cancel()
-                await asyncio.gather(working, return_exceptions=True)
+            await work_until_finished(worker, scheduler, task_ids)
 
     with scheduler.client.subscribe(["task.progress"], since=None) as events:
         run_async(work_them(), 90, "8 tasks on a worker agent with 4 slots")
@@ -256,13 +261,7 @@ def test_a_workers_tasks_that_end_together_share_one_task_complete(scheduler):
         release = asyncio.Event()
         async with AsyncBusClient.for_config(scheduler.host.config, timeout=10.0) as client:
             bus = CountingBus(client)
-            working = asyncio.create_task(Worker(bus, ["together"], slots, {"held": held}).run())
-            try:
-                for task_id in task_ids:
-                    await asyncio.to_thread(scheduler.wait_state, task_id)
-            finally:
-                working.cancel()
-                await asyncio.gather(working, return_exceptions=True)
+            await work_until_finished(Worker(bus, ["together"], slots, {"held": held}), scheduler, task_ids)
         return bus
 
     bus = run_async(work_them(), 60, "4 tasks that end together")
