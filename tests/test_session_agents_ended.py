@@ -4,6 +4,8 @@ the sweep of queued tool calls after its close or delete), and no start is tried
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 from baaaht.schemas.sessions import SessionState
 from baaaht.schemas.tasks import TaskQueued, TaskState
@@ -40,3 +42,28 @@ def test_an_open_sessions_worker_still_starts(run_dir):  # noqa: F811
     service.session_agents.tend()
     assert service.session_agents.container_of("s1", WORKER) != ""
     assert service.workspaces.path("s1") is not None
+
+
+def test_tending_waits_while_the_engine_is_down_instead_of_spinning(run_dir):  # noqa: F811
+    """A tool call queued while the engine does not answer (its agents not yet taken up): the tending
+    loop cannot start anything, and must sleep, not look again at once, round after round."""
+    from baaaht.bus.background import Stopping
+    from tests.container_fakes import FakeRuntime
+
+    runtime = FakeRuntime()
+    runtime.down_reason = "dockerd is restarting"
+    service = make_service(run_dir, runtime, agent_image="busybox:1")
+    assert not service.check_engine()
+    service.on_task_queued(queued("s1"))
+    looks = []
+    next_due = service.session_agents.next_due
+    service.session_agents.next_due = lambda: looks.append(1) or next_due()
+    stopping = Stopping()
+    tending = threading.Thread(target=service.tend_session_agents, args=(stopping,), daemon=True)
+    tending.start()
+    time.sleep(0.5)  # the rounds counted: a sleeping loop makes one or two in this time
+    stopping.set()
+    service.session_agents.wake.set()
+    tending.join(timeout=5)
+    assert not tending.is_alive()
+    assert len(looks) <= 3, f"{len(looks)} rounds in 0.5 s"

@@ -989,7 +989,9 @@ class ContainerService(Service):
                 self._agents_adopted = True
             if self._agents_adopted:
                 self.session_agents.tend()
-            due = self.session_agents.next_due()
+            # Until the engine answers and the agents are taken up nothing is started: a start due now
+            # must not make this loop look again at once, round after round (a busy spin).
+            due = self.session_agents.next_due() if self._agents_adopted else None
             wait = TEND_WAIT_MAX if due is None else max(0.0, min(TEND_WAIT_MAX, due - time.monotonic()))
             if self.session_agents.wake.wait(wait):
                 self.session_agents.wake.clear()
