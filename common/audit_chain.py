@@ -1,4 +1,4 @@
-"""A tamper-evident audit log: hash-chained JSON lines, each fsync'd when appended.
+"""A tamper-evident audit log: hash-chained JSON lines, fsync'd when appended (a batch with one fsync).
 
 Shared by the policy service's decision log (services/policy/audit.py) and the egress proxy's call
 log (services/credentials/egress/journal.py): each line is one record of the log's own msgspec type,
