@@ -106,6 +106,34 @@ def test_watch_shows_the_turn_as_it_streams(host, session_id, assistant):
     ]
 
 
+def test_watch_json_prints_every_event_of_the_turn_as_a_line(host, session_id, assistant):
+    client = host.client()
+    client.call(SessionSendMessage(session_id=session_id, role="system", content="welcome"))
+    watcher = ctl_runner.popen(host, "sessions", "watch", session_id, "--history", "1", "--json")
+    next_line = ctl_runner.line_reader(watcher, "a line from watch --json")
+    try:
+        assert orjson.loads(next_line())["content"] == "welcome"
+        sent = ctl_runner.run(host, "send", session_id, "what is in notes.txt?", "--wait")
+        assert sent.returncode == 0, sent.stderr
+        client.call(SessionClose(session_id=session_id))
+        ctl_runner.stderr_once_ended(watcher, 30)
+        lines = []
+        while (line := next_line()) and orjson.loads(line)["type"] != "session.closed":
+            lines.append(orjson.loads(line))
+    finally:
+        ctl_runner.reap(watcher)
+    partials = [event for event in lines if event["type"] == "session.partial"]
+    assert [(p["seq"], p["kind"]) for p in partials] == [
+        (1, "text"),
+        (2, "text"),
+        (3, "tool_call"),
+        (4, "tool_result"),
+        (5, "text"),
+    ]
+    stored = [event["message"] for event in lines if event["type"] == "session.message"]
+    assert [m["role"] for m in stored] == ["user", "assistant", "assistant"]
+
+
 class Chat:
     """`baaaht-ctl chat` in its own process, its output read as it comes."""
 
