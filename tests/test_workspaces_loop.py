@@ -132,3 +132,33 @@ def test_an_image_still_in_use_elsewhere_is_never_mounted_a_second_time(workspac
         "is in use (/dev/loop" in raised.value.message and workspaces.image_of("s1") in raised.value.message
     )
     assert workspaces.path("s1") is None
+
+
+def test_no_image_is_made_without_room_for_every_image_to_fill(tmp_path):
+    """Images are sparse: two 64 MiB workspaces on a 100 MiB filesystem let session A's fill take the
+    space session B's filesystem still shows free, and B's writes fail with I/O errors (kernel: 'potential
+    data loss'). The second image is refused instead, and the first fills to its own limit."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=100m", "review-room", str(small)], check=True, timeout=30
+    )
+    try:
+        workspaces = Workspaces(str(small), 64 * 1024 * 1024, LoopMounts())
+        first = workspaces.ensure("s1")
+        refused = pytest.raises(WorkspaceError, workspaces.ensure, "s2")
+        assert "no room for the workspace image" in refused.value.message
+        assert os.listdir(workspaces.images_dir) == [os.path.basename(workspaces.image_of("s1"))]
+        with pytest.raises(OSError) as full:
+            with open(os.path.join(first, "big"), "wb") as file:
+                while True:
+                    file.write(b"x" * (1024 * 1024))
+                    file.flush()
+                    os.fsync(file.fileno())
+        assert full.value.errno == errno.ENOSPC  # its own limit, not the host's
+        workspaces.remove("s1")
+    finally:
+        for target in mounted_below(str(small)):
+            subprocess.run(["umount", target], timeout=30, check=False)
+        wait_loop_devices_freed(str(small))
+        subprocess.run(["umount", str(small)], timeout=30, check=False)

@@ -169,6 +169,7 @@ class Workspaces:
         self.uid, self.gid = uid, gid
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._making = threading.Lock()  # one new image at a time: the room for it is judged alone
 
     def image_of(self, session_id: str) -> str:
         return os.path.join(self.images_dir, _checked(session_id) + IMAGE_SUFFIX)
@@ -278,15 +279,39 @@ class Workspaces:
     def _make(self, image: str) -> None:
         """A new image, made under a temporary name: a crash mid-mkfs leaves no half-made image."""
         partial = f"{image}.{os.getpid()}.{time.monotonic_ns()}{PARTIAL_SUFFIX}"
-        try:
-            self.mounts.make_image(partial, self.size, self.uid, self.gid)
-            os.rename(partial, image)
-        except BaseException:
+        with self._making:
+            self._require_room(image)
             try:
-                os.unlink(partial)
+                self.mounts.make_image(partial, self.size, self.uid, self.gid)
+                os.rename(partial, image)
+            except BaseException:
+                try:
+                    os.unlink(partial)
+                except FileNotFoundError:
+                    pass
+                raise
+
+    def _require_room(self, image: str) -> None:
+        """Images are sparse: each takes host space only as its agent writes. A new one is made only while
+        the filesystem holding them has room for every image to fill up, the new one too; else one
+        session filling its workspace would leave the others' loop devices failing writes (I/O errors,
+        data lost) although their own filesystems show space free."""
+        promised = self.size
+        for name in os.listdir(self.images_dir):
+            try:
+                info = os.stat(os.path.join(self.images_dir, name))
             except FileNotFoundError:
-                pass
-            raise
+                continue
+            promised += max(0, info.st_size - info.st_blocks * 512)
+        disk = os.statvfs(self.images_dir)
+        free = disk.f_bavail * disk.f_frsize
+        if promised > free:
+            raise WorkspaceError(
+                f"no room for the workspace image {image}: the workspaces' images may still grow by "
+                f"{promised} bytes (workspace.size {self.size} each, this one included) but "
+                f"{self.images_dir} has {free} bytes free; free space or lower workspace.size",
+                image,
+            )
 
     def _lock(self, session_id: str) -> threading.Lock:
         with self._locks_lock:
