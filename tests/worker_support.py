@@ -147,14 +147,16 @@ class WorkerHost:
         )
 
     def cleanup(self) -> None:
-        """Delete the sessions (their workspaces go with them), remove what is left of the containers, and
-        unmount any workspace still mounted (a session that could not be deleted)."""
+        """Delete the sessions (their workspaces go with them), stop the host, remove what is left of the
+        containers, and unmount any workspace still mounted (a session that could not be deleted)."""
         for session in self.sessions:
             try:
                 self.bus.call(SessionClose(session_id=session), timeout=60)
                 self.bus.call(SessionDelete(session_id=session))
             except BusError:
                 pass  # closed or deleted by the test already
+        # The host goes first: a warm pool refills until its container manager is gone.
+        self.host.stop()
         container_support.remove_labelled(self.docker, f"{LABEL_INSTALL}={self.install_id}")
         for session in self.sessions:
             path = self.workspace(session)
