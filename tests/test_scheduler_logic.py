@@ -22,7 +22,7 @@ from baaaht.schemas.tasks import (
 from baaaht.services.scheduler import retry, schedules
 from baaaht.services.scheduler.core import Core, Now
 from baaaht.services.scheduler.limits import Limit, TokenBucket
-from baaaht.services.scheduler.scope import scope_of, session_for
+from baaaht.services.scheduler.scope import check_submit_queue, scope_of, session_for
 from baaaht.services.scheduler.sessions import catch_up, session_peer
 
 
@@ -119,6 +119,17 @@ def test_scope_comes_from_the_stamp_only():
     with pytest.raises(BusError) as caught:
         session_for(assistant, "s2", "submit")
     assert caught.value.code is ErrorCode.PERMISSION_DENIED
+
+
+def test_an_assistant_submits_only_tool_calls_and_the_host_into_any_queue():
+    check_submit_queue(Caller(socket="services", role="operator"), "images")
+    check_submit_queue(Caller(socket="services", role="service", service="container"), "images")
+    assistant = Caller(socket="agents", role="assistant", session="s1")
+    check_submit_queue(assistant, "tools")
+    with pytest.raises(BusError) as caught:
+        check_submit_queue(assistant, "images")
+    assert caught.value.code is ErrorCode.PERMISSION_DENIED
+    assert "'images'" in caught.value.message and "tools" in caught.value.message
 
 
 class Clock:

@@ -11,8 +11,12 @@ from typing import Literal
 
 from baaaht.bus.callers import ASSISTANT, HOST_ROLES, WORKER, denied, role_of
 from baaaht.schemas.bus import Caller
+from baaaht.schemas.tools import TOOLS_QUEUE
 
 Action = Literal["submit", "read", "work"]
+# The queues an agent role may submit into: an assistant delegates tool calls to its session's worker, and
+# nothing else on the host serves a session's queue.
+SUBMIT_QUEUES: dict[str, frozenset[str]] = {ASSISTANT: frozenset({TOOLS_QUEUE})}
 SESSION_ROLES: dict[str, frozenset[str]] = {
     ASSISTANT: frozenset({"submit", "read"}),
     WORKER: frozenset({"work", "read"}),
@@ -41,3 +45,12 @@ def session_for(caller: Caller, asked: str, action: Action) -> str:
             f"{role_of(caller)} callers of session {scope} may not submit into session {asked}", caller
         )
     return scope
+
+
+def check_submit_queue(caller: Caller, queue: str) -> None:
+    """Refuse an agent's submit into a queue its role does not delegate to (host callers: any queue)."""
+    role = role_of(caller)
+    if role in HOST_ROLES or queue in SUBMIT_QUEUES.get(role, ()):
+        return
+    allowed = ", ".join(sorted(SUBMIT_QUEUES.get(role, ()))) or "none"
+    raise denied(f"{role} callers may not submit into queue {queue!r} (allowed: {allowed})", caller)

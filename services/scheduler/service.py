@@ -55,7 +55,7 @@ from baaaht.schemas.tasks import (
 )
 from baaaht.services.scheduler.core import visible
 from baaaht.services.scheduler.engine import Engine
-from baaaht.services.scheduler.scope import scope_of, session_for
+from baaaht.services.scheduler.scope import check_submit_queue, scope_of, session_for
 from baaaht.services.scheduler.sessions import catch_up, session_peer
 from baaaht.services.scheduler.store import SchedulerStore
 
@@ -123,6 +123,7 @@ class SchedulerService(Service):
     @rpc
     def submit(self, req: TaskSubmit, ctx: CallContext) -> TaskSubmitResult:
         session_id = session_for(ctx.caller, req.session_id, "submit")
+        check_submit_queue(ctx.caller, req.queue)
 
         def apply(core, now):
             task, duplicate = core.submit(req, session_id, now)
