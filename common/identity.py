@@ -67,12 +67,17 @@ class IdentityStore:
 
     def get(self, container_id: str) -> AgentIdentity | None:
         """The container's identity, or None when it has none (never issued, or revoked)."""
-        if not re.match(CONTAINER_ID_PATTERN, container_id):
+        path = self.path(container_id)
+        if path is None:
             return None
         try:
-            return _decode(self._path(container_id).read_bytes())
+            return _decode(path.read_bytes())
         except FileNotFoundError:
             return None
+
+    def path(self, container_id: str) -> Path | None:
+        """Where the container's identity file is (or would be); None for what is not a container id."""
+        return self._path(container_id) if re.match(CONTAINER_ID_PATTERN, container_id) else None
 
     def remove(self, container_id: str) -> bool:
         """Revoke: True when there was an identity to remove."""

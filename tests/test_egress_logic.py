@@ -394,3 +394,27 @@ def test_calls_ending_while_the_journal_writes_are_written_next_as_one_batch():
     journal.close()
     assert audit.batches == [["/1"], ["/2", "/3", "/4"]]
     assert events.published == ["/1", "/2", "/3", "/4"]
+
+
+# -- callers ---------------------------------------------------------------------------------------
+
+
+def test_an_identity_is_read_again_only_when_its_file_changed_and_a_revoked_one_is_refused_at_once(tmp_path):
+    from baaaht.common.identity import IdentityStore
+    from baaaht.services.credentials.egress.callers import HostCallers
+
+    callers = HostCallers(str(tmp_path))
+    store = IdentityStore(str(tmp_path))
+    reads = []
+    real_get = callers.store.get
+    callers.store.get = lambda container_id: (reads.append(container_id), real_get(container_id))[1]
+    container = "a" * 64
+    assert callers.identity(container) is None and reads == []  # no file: nothing to read
+    store.put(who(session="s1"))
+    assert callers.identity(container).session_id == "s1"
+    assert callers.identity(container).session_id == "s1" and len(reads) == 1
+    store.put(who(session="s2"))  # a new identity file for the same container
+    assert callers.identity(container).session_id == "s2" and len(reads) == 2
+    store.remove(container)
+    assert callers.identity(container) is None
+    assert callers.identity("../" + "a" * 61) is None
