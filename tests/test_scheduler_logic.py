@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from baaaht.bus.background import Stopping
@@ -21,6 +23,7 @@ from baaaht.schemas.tasks import (
 )
 from baaaht.services.scheduler import retry, schedules
 from baaaht.services.scheduler.core import Core, Now
+from baaaht.services.scheduler.ids import BATCH, ID_BYTES, RandomIds
 from baaaht.services.scheduler.limits import Limit, TokenBucket
 from baaaht.services.scheduler.scope import check_submit_queue, scope_of, session_for
 from baaaht.services.scheduler.sessions import catch_up, session_peer
@@ -325,3 +328,19 @@ def test_sessions_that_ended_are_those_closed_or_gone_once_the_session_service_a
     catch_up(session_peer(bus, 1.0), {"open", "shut", "gone"}, ended.append, stopping)
     assert ended == ["gone", "shut"]
     assert pauses == [1.0, 2.0]  # the broker's NOT_FOUND was no answer about a session: asked again
+
+
+def test_ids_are_random_hex_drawn_from_the_os_a_batch_at_a_time():
+    draws = []
+
+    def urandom(size: int) -> bytes:
+        draws.append(size)
+        return os.urandom(size)
+
+    ids = RandomIds(urandom)
+    made = [ids() for _ in range(BATCH + 1)]
+    assert draws == [ID_BYTES * BATCH] * 2  # one draw per BATCH ids, not one each
+    assert len(set(made)) == len(made) and all(len(i) == 2 * ID_BYTES for i in made)
+    assert all(int(i, 16) >= 0 for i in made)
+    default = Core(SchedulerConfig(), lambda _id: None).new_id
+    assert isinstance(default, RandomIds)

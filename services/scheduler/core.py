@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -61,6 +60,7 @@ from baaaht.schemas.tasks import (
     WorkerInfo,
 )
 from baaaht.services.scheduler import retry, schedules
+from baaaht.services.scheduler.ids import RandomIds
 from baaaht.services.scheduler.limits import Limits
 
 QUEUED, LEASED, RUNNING = TaskState.QUEUED, TaskState.LEASED, TaskState.RUNNING
@@ -145,7 +145,7 @@ class Core:
         lookup: Callable[[str], TaskInfo | None],
         *,
         uniform: Callable[[float, float], float] = random.uniform,
-        new_id: Callable[[], str] = lambda: secrets.token_hex(16),
+        new_id: Callable[[], str] | None = None,
     ):
         self.config = config
         # Plain numbers: Duration and Size are config types, not wire types.
@@ -157,7 +157,7 @@ class Core:
         self.max_result = int(config.max_result)
         self.lookup = lookup  # a finished task, from the store
         self.uniform = uniform
-        self.new_id = new_id
+        self.new_id = new_id or RandomIds()
         self.limits = Limits(
             config.queue_max_running, config.queue_rate, config.session_max_running, config.session_rate
         )
