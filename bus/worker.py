@@ -141,6 +141,15 @@ class OutcomeSender:
     async def send(self, outcome: TaskComplete, until: float) -> None:
         """Once the scheduler recorded `outcome`; LeaseLost when it did not (`until`: see _report)."""
         loop = asyncio.get_running_loop()
+        if self.sending is None and not self.pending:
+            # Nothing in flight: reported from here at once, not a loop turn later by a task (a worker's
+            # one slot is free again at the scheduler only once it has this).
+            self.sending = asyncio.current_task()
+            try:
+                await self.report(outcome, until)
+            finally:
+                self.sending = loop.create_task(self._send()) if self.pending else None
+            return
         recorded = loop.create_future()  # cancelled with its awaiter (the worker stopping)
         self.pending.append((outcome, until, recorded))
         if self.sending is None:
