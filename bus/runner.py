@@ -272,15 +272,30 @@ class ServiceRunner:
 
     # -- events -------------------------------------------------------------------------------
 
+    def _event_prefixes(self) -> list[str]:
+        patterns = [p for spec in self.event_handlers for p in spec.patterns]
+        return [] if "*" in patterns else [p[:-1] if p.endswith(".*") else p for p in patterns]
+
+    def _pin_events_start(self) -> None:
+        """Where the event follower starts: the broker's "now" before this instance reports itself healthy.
+        A caller that saw it healthy and then made an event (a user message that should start an
+        assistant) has that event replayed to the follower, however late its subscription comes."""
+        if not self.event_handlers or self._events_since is not None:
+            return
+        try:
+            with self.bus.subscribe(self._event_prefixes()) as now:
+                self._events_since, self._events_epoch = now.last_seq, now.epoch
+        except BusError as exc:  # the broker is away: the follower starts from its own "now"
+            log.warning("could not pin where events start", extra={"reason": exc.message})
+
     def _follow_events(self, stopping: Stopping) -> None:
         """Long-running background work of the runner: deliver subscribed events to the handlers."""
-        patterns = [p for spec in self.event_handlers for p in spec.patterns]
-        prefixes = [] if "*" in patterns else [p[:-1] if p.endswith(".*") else p for p in patterns]
+        prefixes = self._event_prefixes()
         decoders = {
             spec.method: msgspec.msgpack.Decoder(spec.event_type) if spec.event_type else None
             for spec in self.event_handlers
         }
-        # From the broker's "now" at first; after an interruption, from the last event seen.
+        # From where _pin_events_start pinned it at first; after an interruption, from the last event seen.
         while not stopping.is_set():
             try:
                 with self.bus.subscribe(
@@ -323,6 +338,7 @@ class ServiceRunner:
             raise
         self.service = service
         self.starting = False
+        self._pin_events_start()
         self._report_health()
         self.background.start()
         log.info("serving", extra={"service": self.name, "methods": sorted(self.rpcs)})

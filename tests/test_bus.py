@@ -26,7 +26,7 @@ from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.bus import BusEventsReplay, BusPeers, BusPing, BusServices, BusStats
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
-from tests.services.echo import Count, Emit, Fail, Say, SeenQuery, Shout
+from tests.services.echo import Count, EchoService, Emit, Fail, Say, SeenQuery, Shout
 
 
 def test_request_reply_carries_the_callers_identity(echo):
@@ -146,6 +146,34 @@ def test_subscription_survives_a_broker_restart(echo):
     subscription.close()
     # and the service's own @on_event handler follows the new broker too
     wait_for(lambda: "after" in client.call(SeenQuery()).topics, timeout=15, what="echo to see events again")
+
+
+def test_an_event_made_before_the_event_follower_subscribed_reaches_its_handlers(host, monkeypatch):
+    """The follower subscribes after the instance reports itself healthy; an event made in between (a
+    user message that should start an assistant, sent as soon as the host is up) is replayed to it."""
+    follower_may_start = threading.Event()
+    follow = ServiceRunner._follow_events
+
+    def late_follower(self, stopping):
+        follower_may_start.wait(10)
+        follow(self, stopping)
+
+    monkeypatch.setattr(ServiceRunner, "_follow_events", late_follower)
+    runner = ServiceRunner(EchoService, Endpoints.for_config(host.config.bus), heartbeat_interval=0.2)
+    serving = threading.Thread(target=runner.run, args=(EchoService(events=runner.bus),), daemon=True)
+    serving.start()
+    try:
+        client = host.client()
+        wait_for(
+            lambda: client.call(Say(text="up"), timeout=1).text == "up", timeout=10, what="echo to serve"
+        )
+        client.call(Emit(text="early"))  # the follower has not subscribed yet
+        follower_may_start.set()
+        wait_for(lambda: "early" in client.call(SeenQuery()).topics, timeout=10, what="echo's handler")
+    finally:
+        follower_may_start.set()
+        runner.stop()
+        serving.join(15)
 
 
 def test_events_fan_out_and_replay_after_a_gap(echo):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import msgspec
 import pytest
 
 from baaaht.bus.background import Stopping
@@ -16,6 +17,7 @@ from baaaht.schemas.tasks import (
     RetryPolicy,
     ScheduleInfo,
     TaskComplete,
+    TaskInfo,
     TaskScheduleAdd,
     TaskState,
     TaskSubmit,
@@ -186,6 +188,29 @@ def test_dispatch_is_by_priority_then_age_and_a_completion_is_recorded_once():
     assert caught.value.code is ErrorCode.FAILED_PRECONDITION
     dispatched(core, clock.now())
     assert [a.task_id for a in pushed] == [high.id, low.id]
+
+
+def test_a_task_finished_in_this_turn_is_answered_finished_before_its_commit():
+    """A fast task completes and its wait opens in the same engine turn: the store still holds it running
+    (the turn is not committed), and the wait must not take that row for the finished task."""
+    clock = Clock()
+    ids = (f"id{n}" for n in range(1000))
+    committed: dict[str, TaskInfo] = {}
+    core = Core(SchedulerConfig(), committed.get, new_id=lambda: next(ids))
+    core.load([], [], [], clock.now())
+    pushed = []
+    core.work_open(TaskWork(worker_id="w", queues=["q"], slots=1), None, pushed.append, object(), clock.now())
+    task, _ = core.submit(TaskSubmit(queue="q", task_type="t"), "", clock.now())
+    dispatched(core, clock.now())
+    committed[task.id] = msgspec.structs.replace(core.tasks[task.id])  # the store: running
+    core.complete(
+        TaskComplete(task_id=task.id, lease_id=pushed[0].lease_id, outcome="succeeded"), None, clock.now()
+    )
+    answer = core.wait_open(task.id, None, pushed.append)
+    assert answer is not None and answer.state is TaskState.SUCCEEDED
+    with pytest.raises(BusError) as caught:
+        core.task(task.id, None)
+    assert "succeeded" in caught.value.message
 
 
 def test_outcomes_completed_together_are_each_recorded_or_refused_on_their_own():

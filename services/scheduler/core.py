@@ -155,7 +155,7 @@ class Core:
         self.task_retention = float(config.task_retention)
         self.max_payload = int(config.max_payload)
         self.max_result = int(config.max_result)
-        self.lookup = lookup  # a finished task, from the store
+        self._stored = lookup  # a finished task, from the store (what is committed)
         self.uniform = uniform
         self.new_id = new_id or RandomIds()
         self.limits = Limits(
@@ -388,6 +388,11 @@ class Core:
         if worker is not None and worker.push is not None:
             cancel = TaskAssignment(kind="cancel", task_id=task.id, lease_id=lease.lease_id, reason=reason)
             self.effects.pushes.append((worker.push, cancel))
+
+    def lookup(self, task_id: str) -> TaskInfo | None:
+        """A finished task: one this turn finished (not committed yet, so the store still has it running)
+        first, else the store's."""
+        return self.effects.tasks.get(task_id) or self._stored(task_id)
 
     def wait_open(self, task_id: str, scope: str | None, push: Push) -> TaskFinished | None:
         """A waiter of a task from now on (None), or the task when it is finished already."""
