@@ -267,8 +267,10 @@ class Launched:
         argv = [str(launcher), "--run-dir", str(run_dir), "--data-dir", str(data_dir), "--log-format", "text"]
         argv += [
             "--set",
-            f"credentials.master_key_file={run_dir / 'keys' / 'credentials.key'}",
-        ]  # not in /etc
+            f"credentials.master_key_file={run_dir / 'keys' / 'credentials.key'}",  # not in /etc
+            "--set",
+            "pool.size=0",  # no warm pool: its containers would outlive the host (the pool has its own tests)
+        ]
         env = {name: value for name, value in os.environ.items() if not name.startswith("ORCHESTRATOR_")}
         env.update(environ)
         with open(self.stderr_path, "wb") as stderr:
