@@ -38,7 +38,7 @@ from machine import load_before, save  # bench/machine.py, beside this script
 
 from baaaht.bus.testing import next_event
 from baaaht.bus.testing.fake_llm import FakeLLM, call_tool, say, say_tool_result
-from baaaht.bus.testing.host import Host
+from baaaht.bus.testing.host import HOST_SERVICES, Host
 from baaaht.schemas.base import session_topic
 from baaaht.schemas.bus import BusPing
 from baaaht.schemas.credentials import CredentialPut
@@ -60,13 +60,6 @@ TOOL_ROUNDS = int(os.environ.get("BENCH_TOOL_ROUNDS", "10"))
 WARM_UP = 2  # rounds not counted: the first starts the assistant (and the worker) container
 TIMEOUT = 240.0  # seconds for one answer (a cold container start on a busy machine)
 PINGS = 200
-SERVICES = (
-    ("baaaht.services.policy", "policy"),
-    ("baaaht.services.sessions", "session"),
-    ("baaaht.services.credentials", "credential"),
-    ("baaaht.services.scheduler", "task"),
-    ("baaaht.services.containers", "container"),
-)
 
 
 def agent_image() -> str:
@@ -109,7 +102,7 @@ class Bench:
             },
         )
         self.host.start_broker()
-        for module, name in SERVICES:
+        for module, name in HOST_SERVICES:
             self.host.start_service(module, name)
         self.install_id = (self.host.data_dir / INSTALL_FILE).read_text().strip()
         self.bus = self.host.client(timeout=30)

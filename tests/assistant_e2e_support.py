@@ -11,6 +11,7 @@ from pathlib import Path
 from baaaht.bus.errors import BusError
 from baaaht.bus.testing import next_event
 from baaaht.bus.testing.fake_llm import FakeLLM
+from baaaht.bus.testing.host import HOST_SERVICES
 from baaaht.schemas.base import session_topic
 from baaaht.schemas.containers import ContainerList
 from baaaht.schemas.credentials import CredentialPut
@@ -30,13 +31,6 @@ from tests import container_support
 
 ANSWER_TIMEOUT = 240.0  # seconds: cold assistant and worker container starts on a busy, shared 2-core machine
 AGENT_UID = 1000
-SERVICES = (
-    ("baaaht.services.policy", "policy"),
-    ("baaaht.services.sessions", "session"),
-    ("baaaht.services.credentials", "credential"),
-    ("baaaht.services.scheduler", "task"),
-    ("baaaht.services.containers", "container"),
-)
 
 
 def anthropic_route(upstream: str) -> dict:
@@ -80,7 +74,7 @@ class AssistantHost:
         self.install_id = ""
         self.sessions: list[str] = []
         try:
-            for module, name in SERVICES:
+            for module, name in HOST_SERVICES:
                 self.host.start_service(module, name)
             self.install_id = (self.host.data_dir / INSTALL_FILE).read_text().strip()
             self.bus = self.host.client(timeout=30)

@@ -52,6 +52,14 @@ from baaaht.schemas.bus import (
 # counts as gone after 5 s of silence, not 0.6 s (suites under load 10 on 2 cores saw "lost the broker").
 TEST_BUS = {"heartbeat_interval": "200ms", "heartbeat_liveness": 25, "call_timeout": "5s"}
 REGISTER_TIMEOUT = 15.0
+# Every service of a whole host, as (module, name), in an order where each finds the peers it asks at start.
+HOST_SERVICES = (
+    ("baaaht.services.policy", "policy"),
+    ("baaaht.services.sessions", "session"),
+    ("baaaht.services.credentials", "credential"),
+    ("baaaht.services.scheduler", "task"),
+    ("baaaht.services.containers", "container"),
+)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
