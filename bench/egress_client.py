@@ -1,4 +1,5 @@
-"""The benchmark's HTTP client, stdlib only, so the same code runs in an agent container and on the host.
+"""The benchmark's HTTP client (standard library and baaaht's agent package), so the same code runs in an
+agent container and on the host.
 
     python3 egress_client.py TARGET PREFIX CA_FILE REQUESTS STREAM_BYTES STREAMS
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import ssl
 import sys
 import time
+
+from baaaht.agent.unix_http import UnixHTTPConnection
 
 MESSAGE = json.dumps(
     {
@@ -28,19 +30,9 @@ MESSAGE = json.dumps(
 READ = 256 * 1024
 
 
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str):
-        super().__init__("egress")
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.socket_path)
-
-
 def connection(target: str, ca_file: str) -> http.client.HTTPConnection:
     if target.startswith("unix:"):
-        return UnixConnection(target[len("unix:") :])
+        return UnixHTTPConnection(target[len("unix:") :])
     host, port = target.removeprefix("https://").rsplit(":", 1)
     return http.client.HTTPSConnection(host, int(port), context=ssl.create_default_context(cafile=ca_file))
 

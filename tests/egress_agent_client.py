@@ -1,7 +1,7 @@
 """What an agent runs to reach the LLM APIs through the egress proxy with the stock SDKs.
 
-Standalone (only the SDKs and the standard library), so it runs inside an agent container as it does
-on the host:
+Standalone (the SDKs, the standard library and baaaht's agent package), so it runs inside an agent
+container as it does on the host:
 
     python egress_agent_client.py /run/baaaht/agent/egress.sock [rejected]
 
@@ -13,9 +13,7 @@ it and adds the real key.
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import sys
 
 import anthropic
@@ -23,23 +21,13 @@ import httpx
 import httpx2
 import openai
 
+from baaaht.agent.unix_http import UnixHTTPConnection
+
 PLACEHOLDER_KEY = "held-by-the-egress-proxy"
 
 
 BASE_URL = "http://egress"  # the host part is not used: the transport connects to the socket
 MESSAGE = {"model": "claude-fake", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
-
-
-class UnixConnection(http.client.HTTPConnection):
-    """http.client on the egress socket: `Host: egress`, the path as through any proxy URL."""
-
-    def __init__(self, path: str):
-        super().__init__("egress")
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.socket_path)
 
 
 def plain(socket_path: str) -> dict:
@@ -53,7 +41,7 @@ def plain(socket_path: str) -> dict:
                 if line.startswith("data: ") and '"content_block_delta"' in line
             ]
         found["httpx_stream"] = {"status": reply.status_code, "text": "".join(deltas)}
-    connection = UnixConnection(socket_path)
+    connection = UnixHTTPConnection(socket_path)
     try:
         connection.request(
             "POST",

@@ -8,25 +8,14 @@ with the proxy's base URL is refused here, before anything is sent.
 from __future__ import annotations
 
 import http.client
-import socket
 from urllib.parse import urlsplit
 
 from baaaht.agent.tools.errors import ToolError
+from baaaht.agent.unix_http import UnixHTTPConnection
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tools import EGRESS_BASE_URL, ToolFetch, ToolFetchResult
 
 _DROPPED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        super().__init__(urlsplit(EGRESS_BASE_URL).hostname, timeout=timeout)
-        self.socket_path = socket_path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
 
 
 def egress_target(url: str) -> str:
@@ -46,7 +35,7 @@ def egress_target(url: str) -> str:
 def fetch(socket_path: str, call: ToolFetch) -> ToolFetchResult:
     target = egress_target(call.url)
     headers = {name: value for name, value in call.headers.items() if name.lower() not in _DROPPED_HEADERS}
-    connection = _UnixConnection(socket_path, call.timeout)
+    connection = UnixHTTPConnection(socket_path, urlsplit(EGRESS_BASE_URL).hostname, call.timeout)
     try:
         connection.request(
             call.method, target, body=call.body.encode() if call.body else None, headers=headers
