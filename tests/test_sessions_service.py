@@ -26,6 +26,7 @@ from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.policy import FieldError, PolicyValidate, ValidationResult
 from baaaht.schemas.sessions import (
     MessageMetadata,
+    MessageToolCall,
     SessionAttachContainer,
     SessionCancel,
     SessionCancelled,
@@ -723,6 +724,41 @@ def test_an_agent_cannot_claim_another_container(world):
     assert error.code is ErrorCode.PERMISSION_DENIED
     assert error.details["field"] == "metadata.container_id"
     assert world.all_messages(own) == []
+
+
+TURN_METADATA = [
+    MessageMetadata(turn_end="done"),
+    MessageMetadata(reply_to="m-1"),
+    MessageMetadata(turn_id="t-1"),
+    MessageMetadata(tool_calls=[MessageToolCall(id="c1", name="read_file")]),
+]
+
+
+@pytest.mark.parametrize("role", ["agent", "worker"])
+@pytest.mark.parametrize("metadata", TURN_METADATA, ids=["turn_end", "reply_to", "turn_id", "tool_calls"])
+def test_only_the_sessions_assistant_writes_turn_metadata(world, role, metadata):
+    """A plain agent or a worker of the session cannot forge the assistant's answer (the one `send --wait`
+    prints, the one resume_assistants takes as answered); it may still send plain assistant messages."""
+    own = world.create()
+    asked = world.send(own, "question")
+    forged = msgspec.structs.replace(metadata, reply_to=metadata.reply_to and asked.id)
+    request = SessionSendMessage(session_id=own, role="assistant", content="forged", metadata=forged)
+    error = error_of(
+        lambda: world.service.send_message(request, ctx(agent_caller(own, role, AGENT_CONTAINER)))
+    )
+    assert error.code is ErrorCode.PERMISSION_DENIED
+    [field] = [f for f in ("turn_end", "reply_to", "turn_id", "tool_calls") if getattr(metadata, f)]
+    assert error.details["field"] == f"metadata.{field}"
+    assert [m.content for m in world.all_messages(own)] == ["question"]
+    world.send(own, "plain", role="assistant", caller=agent_caller(own, role, AGENT_CONTAINER))
+    request = SessionSendMessage(
+        session_id=own,
+        role="assistant",
+        content="answer",
+        metadata=MessageMetadata(reply_to=asked.id, turn_end="done"),
+    )
+    answer = world.service.send_message(request, ctx(agent_caller(own, "assistant", AGENT_CONTAINER)))
+    assert (answer.metadata.reply_to, answer.metadata.turn_end) == (asked.id, "done")
 
 
 def test_create_takes_its_owner_from_the_caller_unless_a_host_caller_acts_for_another(world):

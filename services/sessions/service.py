@@ -17,7 +17,16 @@ from typing import Callable
 import msgspec
 
 from baaaht.bus.background import background
-from baaaht.bus.callers import AGENT_ROLES, denied, is_host, name_of, require_host, require_session, role_of
+from baaaht.bus.callers import (
+    AGENT_ROLES,
+    ASSISTANT,
+    denied,
+    is_host,
+    name_of,
+    require_host,
+    require_session,
+    role_of,
+)
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition
 from baaaht.bus.peers import Peer
@@ -69,6 +78,10 @@ ANSWER_MARGIN = 0.5  # seconds before the caller's deadline when a waiting close
 
 # Conversation roles that speak for the human and the host: an agent never writes them.
 HOST_MESSAGE_ROLES = ("user", "system")
+# The assistant protocol's metadata (agent/assistant/turns.py): which turn a message belongs to, the user
+# message it answers, the tool calls asked for, how the turn ended. `send --wait` prints the answer and
+# resume_assistants decides what is answered from these, so only the session's assistant writes them.
+TURN_FIELDS = ("turn_id", "reply_to", "tool_calls", "turn_end")
 
 _encode_json = msgspec.json.Encoder().encode
 
@@ -580,7 +593,8 @@ class SessionService(Service):
 
 def authored(req: SessionSendMessage, ctx: CallContext) -> SessionSendMessage:
     """The message as its author may send it. An agent speaks only for itself: never as the user or the
-    host (`user`, `system`), and the container named in its metadata is its own, whatever it claims."""
+    host (`user`, `system`), only the session's assistant writes turn metadata (TURN_FIELDS), and the
+    container named in its metadata is its own, whatever it claims."""
     caller = ctx.caller
     if role_of(caller) not in AGENT_ROLES:
         return req
@@ -591,6 +605,15 @@ def authored(req: SessionSendMessage, ctx: CallContext) -> SessionSendMessage:
             caller,
             session_id=req.session_id,
             message_role=req.role,
+        )
+    forged = [f for f in TURN_FIELDS if getattr(req.metadata, f)] if role_of(caller) != ASSISTANT else []
+    if forged:
+        raise denied(
+            f"{role_of(caller)} callers may not write metadata.{forged[0]} (the assistant protocol's turn "
+            "metadata is the session's assistant's)",
+            caller,
+            session_id=req.session_id,
+            field=f"metadata.{forged[0]}",
         )
     claimed = req.metadata.container_id
     if claimed and claimed != caller.container:
