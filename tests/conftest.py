@@ -25,6 +25,7 @@ UNIT_TEST_FILES = frozenset(
         "test_assistant_context.py",
         "test_assistant_settings.py",
         "test_assistant_streams.py",
+        "test_scheduler_streams.py",
         "test_assistant_tools.py",
         "test_assistant_turns.py",
         "test_ctl_conversation.py",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 
 import msgspec
@@ -209,6 +210,55 @@ def test_one_sessions_agents_hold_at_most_their_share_of_the_schedulers_streams(
 
     run_async(storm(), 90, "a storm of task.wait streams")
     assert finished == [TaskState.CANCELLED] * SESSION_STREAMS
+
+
+def test_hostile_sessions_opening_task_work_by_the_hundred_leave_another_sessions_worker_a_stream(scheduler):
+    """Four sessions' workers each open task.work streams under new worker ids until refused (their cap
+    of SESSION_STREAMS leaves the total to four of them): another session's worker still takes its task."""
+    from baaaht.services.scheduler.service import SESSION_STREAMS
+
+    host = scheduler.host
+    refused: collections.Counter[str] = collections.Counter()
+
+    async def work_until_refused(bus: AsyncBusClient, session: str, n: int) -> None:
+        try:
+            async for _ in bus.stream(TaskWork(worker_id=f"{session}-{n}", queues=["hog"]), timeout=60.0):
+                pass
+        except Exception as error:  # noqa: BLE001 - the refusal is what is counted
+            assert getattr(error, "code", error) is ErrorCode.RESOURCE_EXHAUSTED, error
+            refused[session] += 1
+
+    async def storm() -> TaskAssignment:
+        streams: list[asyncio.Task] = []
+        async with contextlib.AsyncExitStack() as clients:
+            try:
+                for session in (f"sess-hostile-{n}" for n in range(4)):
+                    host.identify(session, role="worker")
+                    bus = await clients.enter_async_context(
+                        AsyncBusClient(host.endpoints.agents, timeout=60.0)
+                    )
+                    opening = [work_until_refused(bus, session, n) for n in range(SESSION_STREAMS + 1)]
+                    streams += [asyncio.create_task(stream) for stream in opening]
+                    deadline = time.monotonic() + 30
+                    while not refused[session] and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    assert refused[session], f"{session} was never refused"
+                host.identify("sess-victim", role="worker")
+                victim = await clients.enter_async_context(
+                    AsyncBusClient(host.endpoints.agents, timeout=30.0)
+                )
+                work = victim.stream(TaskWork(worker_id="victim", queues=["tools"]), timeout=30.0)
+                await asyncio.to_thread(scheduler.submit, "tools", "noop", session_id="sess-victim")
+                lease = await anext(aiter(work))
+                await work.aclose()
+                return lease
+            finally:
+                for stream in streams:
+                    stream.cancel()
+                await asyncio.gather(*streams, return_exceptions=True)
+
+    lease = run_async(storm(), 120, "a storm of task.work streams")
+    assert isinstance(lease, TaskAssignment) and lease.task_type == "noop"
 
 
 def test_outcomes_reported_together_are_each_recorded_once_or_refused_alone(scheduler):

@@ -7,16 +7,13 @@ pushes leases and cancels into the stream's outbox and the stream hands them to 
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import logging
 import queue
-import threading
 from typing import Any, Iterator
 
 from baaaht.bus.background import Stopping, background
 from baaaht.bus.client import BusClient
-from baaaht.bus.errors import BusError, exhausted, not_found
+from baaaht.bus.errors import BusError, not_found
 from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.schemas.base import Empty
@@ -58,6 +55,7 @@ from baaaht.services.scheduler.engine import Engine
 from baaaht.services.scheduler.scope import check_submit_queue, scope_of, session_for
 from baaaht.services.scheduler.sessions import catch_up, session_peer
 from baaaht.services.scheduler.store import SchedulerStore
+from baaaht.services.scheduler.streams import StreamSlots
 
 log = logging.getLogger("baaaht.scheduler")
 
@@ -67,6 +65,9 @@ MAX_STREAMS = CONCURRENCY - 32  # the rest stay free for submits and reports
 # task.work): a hostile agent opening waits or worker ids by the hundred must not take every stream and
 # leave the other sessions' workers no task.work.
 SESSION_STREAMS = 64
+# Streams only task.work may take once the others hold the rest: one per session, and host workers'
+# (streams.py): a few hostile sessions at their SESSION_STREAMS each still leave every worker a stream.
+WORK_STREAMS = 64
 STREAM_CHECK = 0.5  # seconds between looks at whether a stream's caller left (items go out at once)
 KEY_SWEEP = 600.0  # seconds between purges of idempotency keys past their retention
 
@@ -81,9 +82,7 @@ class SchedulerService(Service):
         self.engine = Engine(store, self.config, events)
         self.sessions = sessions
         self._sessions_at_start: set[str] = set()
-        self._streams = 0
-        self._session_streams: collections.Counter[str] = collections.Counter()
-        self._streams_lock = threading.Lock()
+        self.streams = StreamSlots(MAX_STREAMS, SESSION_STREAMS, WORK_STREAMS)
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "SchedulerService":
@@ -151,7 +150,7 @@ class SchedulerService(Service):
     @rpc(stream=True)
     def wait(self, req: TaskWait, ctx: CallContext) -> Iterator[TaskProgressReport | TaskFinished]:
         scope = scope_of(ctx.caller, "read")
-        with self._stream_slot("wait for tasks", scope):
+        with self.streams.hold("wait for tasks", scope, work=False):
             outbox: queue.SimpleQueue[TaskProgressReport | TaskFinished] = queue.SimpleQueue()
             push = outbox.put
             finished = self.engine.call(lambda core, now: core.wait_open(req.id, scope, push), ctx)
@@ -188,33 +187,6 @@ class SchedulerService(Service):
 
     # -- workers ------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _stream_slot(self, what: str, scope: str | None) -> Iterator[None]:
-        """One of the MAX_STREAMS handler threads that streams may hold; a session's agents (`scope`, None
-        for a host caller) at most SESSION_STREAMS of them."""
-        with self._streams_lock:
-            if self._streams >= MAX_STREAMS:
-                raise exhausted(f"{self._streams} streams are open: the scheduler opens no more to {what}")
-            if scope is not None and self._session_streams[scope] >= SESSION_STREAMS:
-                raise exhausted(
-                    f"the agents of session {scope} hold {SESSION_STREAMS} streams, a session's most: the "
-                    f"scheduler opens no more to {what} until one ends",
-                    session_id=scope,
-                    limit=SESSION_STREAMS,
-                )
-            self._streams += 1
-            if scope is not None:
-                self._session_streams[scope] += 1
-        try:
-            yield
-        finally:
-            with self._streams_lock:
-                self._streams -= 1
-                if scope is not None:
-                    self._session_streams[scope] -= 1
-                    if not self._session_streams[scope]:
-                        del self._session_streams[scope]
-
     @staticmethod
     def _drain(outbox: queue.SimpleQueue, ctx: CallContext) -> Iterator[Any]:
         """What the engine pushes into a stream's outbox, until the caller leaves or its deadline passes."""
@@ -227,7 +199,7 @@ class SchedulerService(Service):
     @rpc(stream=True)
     def work(self, req: TaskWork, ctx: CallContext) -> Iterator[TaskAssignment]:
         scope = scope_of(ctx.caller, "work")
-        with self._stream_slot("take work", scope):
+        with self.streams.hold("take work", scope, work=True):
             outbox: queue.SimpleQueue[TaskAssignment | None] = queue.SimpleQueue()
             stream = object()
             key = self.engine.call(lambda core, now: core.work_open(req, scope, outbox.put, stream, now), ctx)
