@@ -37,8 +37,7 @@ def store(tmp_path):
 
 
 def test_database_is_wal_with_full_sync_and_private_files(store, tmp_path):
-    with store.write() as tx:
-        tx.insert(session("s1"))
+    store.write(lambda tx: tx.insert(session("s1")))
     directory = tmp_path / "data" / "sessions"
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     for name in os.listdir(directory):
@@ -53,12 +52,15 @@ def test_database_is_wal_with_full_sync_and_private_files(store, tmp_path):
 
 def test_a_change_that_raises_leaves_nothing_and_runs_no_commit_actions(store):
     ran = []
+
+    def half_way(tx: Transaction) -> None:
+        tx.insert(session("s1"))
+        tx.append_message("s1", message(1))
+        tx.after_commit(lambda: ran.append("published"))
+        raise RuntimeError("half-way")
+
     with pytest.raises(RuntimeError):
-        with store.write() as tx:
-            tx.insert(session("s1"))
-            tx.append_message("s1", message(1))
-            tx.after_commit(lambda: ran.append("published"))
-            raise RuntimeError("half-way")
+        store.write(half_way)
     assert store.get("s1") is None
     assert store.messages("s1", newest_first=False, limit=10, cursor=0) == ([], 0)
     assert ran == []
@@ -71,9 +73,11 @@ def test_commit_actions_run_after_commit_and_a_failing_one_does_not_undo_the_cha
         seen.append(store._db.in_transaction)
         raise RuntimeError("publishing failed")
 
-    with store.write() as tx:
+    def insert(tx: Transaction) -> None:
         tx.insert(session("s1"))
         tx.after_commit(check_committed)
+
+    store.write(insert)
     assert seen == [False]
     assert store.get("s1").id == "s1"
 
@@ -81,9 +85,12 @@ def test_commit_actions_run_after_commit_and_a_failing_one_does_not_undo_the_cha
 def test_changes_survive_reopening(tmp_path):
     data_dir = str(tmp_path / "data")
     first = SessionStore.in_data_dir(data_dir)
-    with first.write() as tx:
+
+    def insert(tx: Transaction) -> None:
         tx.insert(session("s1", state=SessionState.IDLE))
         tx.append_message("s1", message(1))
+
+    first.write(insert)
     first.close()
     second = SessionStore.in_data_dir(data_dir)
     try:
@@ -111,11 +118,13 @@ def test_a_file_that_is_not_a_database_is_refused_not_replaced(tmp_path):
 
 
 def test_list_pages_filters_and_matches_every_label(store):
-    with store.write() as tx:
+    def insert(tx: Transaction) -> None:
         tx.insert(session("a", owner="alice", team="x", env="prod"))
         tx.insert(session("b", owner="bob", team="x"))
         tx.insert(session("c", owner="alice", state=SessionState.CLOSED, team="y"))
         tx.insert(session("d", owner="alice", team="x", env="dev"))
+
+    store.write(insert)
     everyone = []
     cursor = 0
     while True:
@@ -132,10 +141,12 @@ def test_list_pages_filters_and_matches_every_label(store):
 
 
 def test_messages_page_in_either_order_without_gaps_or_repeats(store):
-    with store.write() as tx:
+    def insert(tx: Transaction) -> None:
         tx.insert(session("s1"))
         for seq in range(1, 8):
             tx.append_message("s1", message(seq))
+
+    store.write(insert)
     for newest_first, expected in ((False, list(range(1, 8))), (True, list(range(7, 0, -1)))):
         seen, cursor = [], 0
         while True:
@@ -149,13 +160,16 @@ def test_messages_page_in_either_order_without_gaps_or_repeats(store):
 def test_holding_container_and_count_not_closed(store):
     first = session("a")
     first.containers = [SessionContainer(id="c1", attached_at=1.0)]
-    with store.write() as tx:
+
+    def insert(tx: Transaction) -> None:
         tx.insert(first)
         tx.insert(session("b", state=SessionState.CLOSED))
         tx.insert(session("c", state=SessionState.CLOSING))
         assert [s.id for s in tx.holding_container("c1")] == ["a"]
         assert tx.holding_container("c2") == []
         assert tx.count_not_closed() == 2
+
+    store.write(insert)
 
 
 def committed_ids(path: str) -> list[str]:
@@ -174,13 +188,15 @@ def group_of_writers(store, changes: dict[str, Callable[[Transaction], None]]):
     outcome: dict[str, BaseException | None] = {}
     first_inside = threading.Event()
 
+    def apply(name: str, tx: Transaction) -> None:
+        if name == names[0]:
+            first_inside.set()
+            wait_for(lambda: store.writers_waiting == len(names) - 1, what="the others to queue")
+        changes[name](tx)
+
     def writer(name: str) -> None:
         try:
-            with store.write() as tx:
-                if name == names[0]:
-                    first_inside.set()
-                    wait_for(lambda: store.writers_waiting == len(names) - 1, what="the others to queue")
-                changes[name](tx)
+            store.write(lambda tx: apply(name, tx))
             outcome[name] = None
         except Exception as error:
             outcome[name] = error
@@ -242,8 +258,26 @@ def test_a_change_that_raises_in_a_group_is_undone_alone(store):
 
 
 def test_reads_see_only_committed_changes(store):
-    with store.write() as tx:
+    def insert(tx: Transaction) -> None:
         tx.insert(session("s1"))
         assert tx.get("s1") is not None  # the change sees itself
         assert store.get("s1") is None  # nobody else does before the commit
+
+    store.write(insert)
     assert store.get("s1").id == "s1"
+
+
+def test_a_change_may_not_wait_for_another_change(store):
+    def nested(tx: Transaction) -> None:
+        store.write(lambda inner: inner.insert(session("inner")))
+
+    with pytest.raises(RuntimeError, match="wait for itself"):
+        store.write(nested)
+    assert store.get("inner") is None
+
+
+def test_a_closed_store_refuses_changes(tmp_path):
+    closed = SessionStore.in_data_dir(str(tmp_path / "data"))
+    closed.close()
+    with pytest.raises(StoreError, match="closed"):
+        closed.write(lambda tx: tx.insert(session("s1")))

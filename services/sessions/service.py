@@ -1,13 +1,14 @@
 """The session manager: sessions, their conversations, idleness, expiry and session-scoped cleanup.
 
-Every change is one store transaction, answered only after its commit; its events are published
-right after the commit, in commit order. Clocks are wall-clock times kept in the store, so idle
-and expiry clocks continue across restarts, and a session caught in `closing` by a crash finishes
-closing after the restart.
+Every change is one store write (a function the store's committer thread runs), answered only
+after its commit; its events are published right after the commit, in commit order. Clocks are
+wall-clock times kept in the store, so idle and expiry clocks continue across restarts, and a
+session caught in `closing` by a crash finishes closing after the restart.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
@@ -175,7 +176,8 @@ class SessionService(Service):
             last_activity_at=now,
             expires_at=now + req.settings.max_duration if req.settings.max_duration else 0.0,
         )
-        with self.store.write() as tx:
+
+        def insert(tx: Transaction) -> None:
             open_sessions = tx.count_not_closed()
             if open_sessions >= self.limits.max_sessions:
                 raise exhausted(
@@ -185,6 +187,8 @@ class SessionService(Service):
                 )
             tx.insert(session)
             self._publish_after(tx, SessionCreated(session=session))
+
+        self.store.write(insert)
         log.info("session created", extra={"session_id": session_id, "owner": owner, "created_by": creator})
         return session
 
@@ -229,7 +233,8 @@ class SessionService(Service):
             validation.tags(req.tags)
         if req.current_task_id is not None:
             validation.text("current_task_id", req.current_task_id, MAX_ID)
-        with self.store.write() as tx:
+
+        def change(tx: Transaction) -> SessionInfo:
             session = self._for_change(tx, req.session_id)
             require_live(session, "update")
             for field in ("name", "description", "labels", "tags"):
@@ -243,7 +248,9 @@ class SessionService(Service):
             session.updated_at = self.clock()
             tx.put(session)
             self._announce(tx, session, "metadata")
-        return session
+            return session
+
+        return self.store.write(change)
 
     @rpc
     def close(self, req: SessionClose, ctx: CallContext) -> SessionInfo:
@@ -260,7 +267,8 @@ class SessionService(Service):
     @rpc
     def delete(self, req: SessionDelete, ctx: CallContext) -> Empty:
         require_host(ctx.caller, "delete sessions")
-        with self.store.write() as tx:
+
+        def remove(tx: Transaction) -> None:
             session = self._for_change(tx, req.session_id)
             if session.state is not CLOSED:
                 raise precondition(
@@ -270,7 +278,9 @@ class SessionService(Service):
                 )
             tx.delete(session.id)
             self._publish_after(tx, SessionDeleted(session_id=session.id, owner=session.owner))
-        log.info("session deleted", extra={"session_id": session.id})
+
+        self.store.write(remove)
+        log.info("session deleted", extra={"session_id": req.session_id})
         return Empty()
 
     # -- conversation -------------------------------------------------------------------------
@@ -285,7 +295,9 @@ class SessionService(Service):
         if not is_host(ctx.caller):
             self._charge(req.session_id, "messages")
         now = self.clock()
-        with self.store.write() as tx:
+        sender = name_of(ctx.caller)
+
+        def append(tx: Transaction) -> tuple[SessionInfo, Message | None]:
             session = self._for_change(tx, req.session_id)
             if session.state not in LIVE:
                 raise precondition(
@@ -293,10 +305,12 @@ class SessionService(Service):
                     session_id=session.id,
                     state=session.state.value,
                 )
-            expired = 0 < session.expires_at <= now
-            if not expired:
-                message = self._append(tx, session, req, now, name_of(ctx.caller))
-        if expired:
+            if 0 < session.expires_at <= now:
+                return session, None
+            return session, self._append(tx, session, req, now, sender)
+
+        session, message = self.store.write(append)
+        if message is None:
             # The sweep has not got to it yet: close it now rather than let the conversation go on.
             self.begin_close(session.id, EXPIRED)
             raise precondition(
@@ -369,7 +383,8 @@ class SessionService(Service):
     @rpc
     def attach_container(self, req: SessionAttachContainer, ctx: CallContext) -> SessionInfo:
         require_host(ctx.caller, "attach containers to sessions")
-        with self.store.write() as tx:
+
+        def attach(tx: Transaction) -> SessionInfo:
             session = self._for_change(tx, req.session_id)
             require_live(session, "attach a container to")
             if any(c.id == req.container_id for c in session.containers):
@@ -390,12 +405,15 @@ class SessionService(Service):
             session.updated_at = self.clock()
             tx.put(session)
             self._announce(tx, session, "containers")
-        return session
+            return session
+
+        return self.store.write(attach)
 
     @rpc
     def detach_container(self, req: SessionDetachContainer, ctx: CallContext) -> SessionInfo:
         require_host(ctx.caller, "detach containers from sessions")
-        with self.store.write() as tx:
+
+        def detach(tx: Transaction) -> SessionInfo:
             session = self._for_change(tx, req.session_id)
             if not self._drop_container(tx, session, req.container_id):
                 raise not_found(
@@ -403,7 +421,9 @@ class SessionService(Service):
                     session_id=session.id,
                     container_id=req.container_id,
                 )
-        return session
+            return session
+
+        return self.store.write(detach)
 
     def max_containers(self, session: SessionInfo) -> int:
         """The session's own limit, never above the host's current one."""
@@ -411,14 +431,18 @@ class SessionService(Service):
 
     @on_event("container.removed")
     def on_container_removed(self, event: ContainerRemoved) -> None:
-        with self.store.write() as tx:
+
+        def forget(tx: Transaction) -> None:
             for session in tx.holding_container(event.container_id):
                 self._drop_container(tx, session, event.container_id)
+
+        self.store.write(forget)
         self.reaper.removed(event.container_id)
 
     @on_event("container.died")
     def on_container_died(self, event: ContainerDied) -> None:
-        with self.store.write() as tx:
+
+        def mark_exited(tx: Transaction) -> None:
             for session in tx.holding_container(event.container_id):
                 for container in session.containers:
                     if container.id == event.container_id and not container.exited:
@@ -426,6 +450,8 @@ class SessionService(Service):
                         session.updated_at = self.clock()
                         tx.put(session)
                         self._announce(tx, session, "containers")
+
+        self.store.write(mark_exited)
 
     def _drop_container(self, tx: Transaction, session: SessionInfo, container_id: str) -> bool:
         kept = [c for c in session.containers if c.id != container_id]
@@ -469,28 +495,34 @@ class SessionService(Service):
                 log.info("container list not reconciled yet", extra={"reason": exc.message})
                 return False
             present = {container.id for container in listed.containers}
-            with self.store.write() as tx:
-                current = tx.get(session.id)
-                if current is None:
-                    continue
-                # Containers attached after the question was asked are not in its answer.
-                gone = [c.id for c in current.containers if c.id not in present and c.attached_at < asked_at]
-                for container_id in gone:
-                    self._drop_container(tx, current, container_id)
+            self.store.write(
+                functools.partial(
+                    self._drop_absent, session_id=session.id, present=present, asked_at=asked_at
+                )
+            )
         return True
+
+    def _drop_absent(self, tx: Transaction, session_id: str, present: set[str], asked_at: float) -> None:
+        current = tx.get(session_id)
+        if current is None:
+            return
+        # Containers attached after the question was asked are not in its answer.
+        gone = [c.id for c in current.containers if c.id not in present and c.attached_at < asked_at]
+        for container_id in gone:
+            self._drop_container(tx, current, container_id)
 
     def idle_timeout(self, session: SessionInfo) -> float:
         return session.settings.idle_timeout or float(self.limits.timeout)
 
     def _go_idle(self, session_id: str) -> None:
-        with self.store.write() as tx:
+        def change(tx: Transaction) -> bool:
             session = tx.get(session_id)
             # Re-checked inside the transaction: a message may have arrived since the sweep looked.
             now = self.clock()
             if session is None or session.state is not ACTIVE:
-                return
+                return False
             if now - session.last_activity_at < self.idle_timeout(session):
-                return
+                return False
             session.state = states.move(session.id, ACTIVE, IDLE, "mark the session idle")
             session.updated_at = now
             tx.put(session)
@@ -499,21 +531,30 @@ class SessionService(Service):
             )
             self._publish_after(tx, idle)
             self._announce(tx, session, "state", ACTIVE)
-        log.info("session idle", extra={"session_id": session_id})
+            return True
+
+        if self.store.write(change):
+            log.info("session idle", extra={"session_id": session_id})
 
     def begin_close(self, session_id: str, reason: str) -> SessionInfo:
         """Move the session to closing (no change if it is closing or closed already) and make
         sure the removal of its containers runs."""
-        with self.store.write() as tx:
+
+        def change(tx: Transaction) -> tuple[SessionInfo, bool]:
             session = self._for_change(tx, session_id)
             if session.state in (CLOSING, CLOSED):
-                return session
+                return session, False
             previous = session.state
             session.state = states.move(session.id, previous, CLOSING, "close the session")
             session.close_reason = reason
             session.updated_at = self.clock()
             tx.put(session)
             self._announce(tx, session, "state", previous)
+            return session, True
+
+        session, moved = self.store.write(change)
+        if not moved:
+            return session
         log.info("session closing", extra={"session_id": session_id, "reason": reason})
         self._closer(session_id)
         return session
@@ -541,22 +582,8 @@ class SessionService(Service):
             remaining = self.reaper.remove_all(session_id, [c.id for c in session.containers])
             if self._stopping.is_set():
                 return  # shutting down: the next start resumes the closing
-            with self.store.write() as tx:
-                session = tx.get(session_id)
-                if session is None or session.state is not CLOSING:
-                    return
-                session.state = states.move(session.id, CLOSING, CLOSED, "finish closing")
-                session.closed_at = session.updated_at = self.clock()
-                session.containers = [c for c in session.containers if c.id in remaining]
-                tx.put(session)
-                self._announce(tx, session, "state", CLOSING)
-                closed = SessionClosed(
-                    session_id=session.id,
-                    owner=session.owner,
-                    reason=session.close_reason,
-                    remaining_containers=remaining,
-                )
-                self._publish_after(tx, closed)
+            if not self.store.write(lambda tx: self._mark_closed(tx, session_id, remaining)):
+                return
             log.info("session closed", extra={"session_id": session_id, "remaining_containers": remaining})
         except Exception:
             # Left in closing: the next sweep tries again.
@@ -564,6 +591,24 @@ class SessionService(Service):
         finally:
             with self._closers_lock:
                 self._closers.pop(session_id, None)
+
+    def _mark_closed(self, tx: Transaction, session_id: str, remaining: list[str]) -> bool:
+        session = tx.get(session_id)
+        if session is None or session.state is not CLOSING:
+            return False
+        session.state = states.move(session.id, CLOSING, CLOSED, "finish closing")
+        session.closed_at = session.updated_at = self.clock()
+        session.containers = [c for c in session.containers if c.id in remaining]
+        tx.put(session)
+        self._announce(tx, session, "state", CLOSING)
+        closed = SessionClosed(
+            session_id=session.id,
+            owner=session.owner,
+            reason=session.close_reason,
+            remaining_containers=remaining,
+        )
+        self._publish_after(tx, closed)
+        return True
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -586,8 +631,9 @@ class SessionService(Service):
         self._publish_after(tx, SessionUpdated(session=session, change=change, previous_state=previous))
 
     def _publish_after(self, tx: Transaction, event: Event) -> None:
-        """Publish the event once the change is committed. The store's lock is still held then and
-        the bus connection sends in the order it is given messages, so events leave in commit order."""
+        """Publish the event once the change is committed. The store's committer runs commit actions in
+        change order before the next group's changes, and the bus connection sends in the order it is
+        given messages, so events leave in commit order."""
         tx.after_commit(lambda: self.events.publish(event))
 
 

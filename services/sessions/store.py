@@ -1,12 +1,13 @@
 """SQLite adapter: sessions and their conversations; concurrent changes share one commit.
 
-Group commit: a change runs alone on the write connection, inside a savepoint of the open
-transaction; when it ends and other writers are waiting for their turn, it leaves the
-transaction open for them, and the last of the group (no one waiting, or the group is full)
-commits for all: one transaction and one fsync for every change that was waiting. Each
-writer returns only after that commit, so nothing is acknowledged before it is durable; a
-change that raises is rolled back to its savepoint alone. Reads use their own connection
-and see only committed data.
+Group commit: a change is a function of a Transaction, queued for the one committer thread,
+which owns the write connection. It takes every change waiting (up to MAX_GROUP), runs them one
+after the other in one transaction, each inside a savepoint, and commits them together: one
+transaction and one fsync for every change that was waiting, with no thread handing a turn to
+the next. A change that raises is rolled back to its savepoint alone. Each writer returns only
+after that commit, so nothing is acknowledged before it is durable; the commit actions (events)
+run on the committer in change order before the next group begins. Reads use their own
+connection and see only committed data.
 
 One file, `<data_dir>/sessions/sessions.db`. Session and owner ids are only ever SQL parameters,
 never parts of a path. A session is a row with its id, state and owner as columns (for filters)
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sqlite3
 import threading
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, TypeVar
 
 import msgspec
 
@@ -36,6 +37,7 @@ MAX_GROUP = 64  # changes in one commit: bounds how long the first of a group wa
 # Seconds a writer waits for its group's commit: the changes queued before it plus the commit itself.
 COMMIT_WAIT = MAX_GROUP * BUSY_TIMEOUT
 NO_UPPER_BOUND = 2**62
+T = TypeVar("T")
 
 _SCHEMA = f"""
 BEGIN IMMEDIATE;
@@ -119,13 +121,22 @@ class Transaction:
         return [_session.decode(body) for (body,) in rows]
 
 
-class _Group:
-    """Changes that share one transaction and one commit."""
+class _Change:
+    """One writer's change waiting for the committer, and what became of it."""
 
-    def __init__(self) -> None:
-        self.changes: list[Transaction] = []
-        self.committed = threading.Event()  # set when the group ends, committed or not
-        self.error: BaseException | None = None  # why the group was not committed
+    __slots__ = ("apply", "state", "result", "error", "done")
+
+    def __init__(self, apply: Callable[[Transaction], object]):
+        self.apply = apply
+        self.state = _QUEUED
+        self.result: object = None
+        self.error: BaseException | None = None  # what the change raised, or why it was not committed
+        # Released by the committer once the change's group is over: a lock, cheaper than an Event.
+        self.done = threading.Lock()
+        self.done.acquire()
+
+
+_QUEUED, _STARTED, _ABANDONED = range(3)
 
 
 class SessionStore:
@@ -135,7 +146,7 @@ class SessionStore:
         os.chmod(directory, 0o700)
         # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        # isolation_level=None: no implicit transactions; `write` says BEGIN and COMMIT itself.
+        # isolation_level=None: no implicit transactions; the committer says BEGIN and COMMIT itself.
         self.path = path
         self._db = self._connect()
         try:
@@ -147,10 +158,13 @@ class SessionStore:
             self._db.close()
             raise
         self._read_lock = threading.Lock()
-        self._turn = threading.Lock()  # one change at a time on the write connection
-        self._queue_lock = threading.Lock()
-        self._waiting = 0  # writers waiting for their turn
-        self._group: _Group | None = None  # the open transaction's group
+        self._pending: queue.SimpleQueue[_Change | None] = queue.SimpleQueue()  # None: stop
+        self._state_lock = threading.Lock()  # a change is started by the committer or abandoned by its writer
+        self._closed = False
+        self._committer = threading.Thread(
+            target=self._commit_changes, name="session-store-commit", daemon=True
+        )
+        self._committer.start()
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT)
@@ -180,28 +194,117 @@ class SessionStore:
             self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
-        with self._turn, self._read_lock:
+        """Commit the changes already queued, then close; a change written from now on is refused."""
+        self._closed = True
+        self._pending.put(None)
+        self._committer.join(COMMIT_WAIT)
+        while True:  # queued after the stop (a writer that raced close()): never run
+            try:
+                change = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if change is not None:
+                self._finish(change, StoreError(f"{self.path}: the store is closed"))
+        with self._read_lock:
             self._reader.close()
             self._db.close()
 
     @property
     def writers_waiting(self) -> int:
-        """Writers waiting for their turn: the changes that will join the open group."""
-        with self._queue_lock:
-            return self._waiting
+        """Changes waiting for the committer: they join the next group."""
+        return self._pending.qsize()
 
-    @contextmanager
-    def write(self) -> Iterator[Transaction]:
-        """One change: durable when the block ends (the call returns after its group's commit),
-        rolled back if it raises. Changes are serialized, so reads inside the block see what the
-        change is based on."""
-        group = self._take_turn()
-        tx = Transaction(self._db)
-        failure: BaseException | None = None
+    def write(self, apply: Callable[[Transaction], T]) -> T:
+        """One change: `apply(tx)` runs on the committer thread, alone on the write connection, and
+        its result is returned once it is durable (after its group's commit). What it raises is raised
+        here, with the change rolled back alone; it still waits for the group's commit, since its answer
+        was based on the changes before it. Changes are serialized, so reads inside `apply` see what
+        the change is based on."""
+        if threading.current_thread() is self._committer:
+            raise RuntimeError("a change cannot wait for another change: it would wait for itself")
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed")
+        change = _Change(apply)
+        self._pending.put(change)
+        if not change.done.acquire(timeout=COMMIT_WAIT):
+            with self._state_lock:
+                started = change.state == _STARTED
+                change.state = _ABANDONED
+            # Not started: it never will be. Started: its commit is stuck; its outcome is unknown.
+            outcome = "started but its commit did not complete" if started else "did not start"
+            raise StoreError(f"{self.path}: the change {outcome} within {COMMIT_WAIT:g}s")
+        if change.error is not None:
+            raise change.error
+        return change.result  # type: ignore[return-value]
+
+    # -- the committer thread -----------------------------------------------------------------
+
+    def _commit_changes(self) -> None:
+        """Commit groups of changes until told to stop."""
+        while (first := self._pending.get()) is not None:
+            taken: list[_Change] = []
+            try:
+                if not self._commit_group(first, taken):
+                    return
+            except Exception:  # a bug here must not leave writers waiting for COMMIT_WAIT
+                log.exception("committing a group failed")
+                self._abort(taken)
+
+    def _abort(self, taken: list[_Change]) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        for change in taken:
+            if change.done.locked():  # not answered yet (only this thread answers)
+                self._finish(change, StoreError(f"{self.path}: the change was not committed"))
+
+    def _commit_group(self, change: _Change, taken: list[_Change]) -> bool:
+        """One transaction for `change` and every change queued while the group runs (up to MAX_GROUP),
+        then one commit; False once the stop was taken from the queue."""
+        # In change order; a change undone alone (tx None) is answered after the commit all the same.
+        ended: list[tuple[_Change, Transaction | None]] = []
+        while True:
+            taken.append(change)
+            if self._start(change):
+                if not ended and not self._db.in_transaction:
+                    try:
+                        self._db.execute("BEGIN IMMEDIATE")
+                    except Exception as error:  # locked by another connection past BUSY_TIMEOUT, I/O
+                        self._finish(change, error)
+                        return True
+                tx = Transaction(self._db)
+                if self._apply(change, tx):
+                    ended.append((change, tx))
+                elif self._db.in_transaction:
+                    ended.append((change, None))
+                else:  # SQLite rolled the whole transaction back (disk full, I/O): none of the group stands
+                    self._end_group([*ended, (change, None)], change.error)
+                    return True  # the changes still queued get a transaction of their own
+            if len(ended) >= MAX_GROUP:
+                break
+            try:
+                change = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if change is None:
+                self._end_group(ended, None)
+                return False
+        self._end_group(ended, None)
+        return True
+
+    def _start(self, change: _Change) -> bool:
+        """Whether the change is to run: its writer may have given up waiting."""
+        with self._state_lock:
+            if change.state != _QUEUED:
+                return False
+            change.state = _STARTED
+            return True
+
+    def _apply(self, change: _Change, tx: Transaction) -> bool:
+        """Run the change in a savepoint; whether it stands (else change.error says why)."""
         try:
             self._db.execute("SAVEPOINT change")
             try:
-                yield tx
+                change.result = change.apply(tx)
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK TO change")
@@ -209,69 +312,53 @@ class SessionStore:
             finally:
                 if self._db.in_transaction:
                     self._db.execute("RELEASE change")
-            group.changes.append(tx)
         except BaseException as error:
-            failure = error
-            if not self._db.in_transaction:  # SQLite rolled the whole transaction back (disk full, I/O)
-                group.error = error
-        finally:
-            self._end_turn(group)
-        # Even a change that failed waits: its answer was based on the changes before it in the group.
-        if not group.committed.wait(COMMIT_WAIT):
-            raise StoreError(f"{self.path}: the commit did not complete within {COMMIT_WAIT:g}s")
-        if failure is not None:
-            raise failure
-        if group.error is not None:
-            raise StoreError(f"{self.path}: the change was not committed: {group.error}") from group.error
+            change.error = error
+            return False
+        return True
 
-    def _take_turn(self) -> _Group:
-        """Wait for the write connection; the open group, or a new one with its transaction begun."""
-        with self._queue_lock:
-            self._waiting += 1
-        self._turn.acquire()
-        with self._queue_lock:
-            self._waiting -= 1
-        if self._group is not None:
-            return self._group
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self._turn.release()
-            raise
-        self._group = _Group()
-        return self._group
-
-    def _end_turn(self, group: _Group) -> None:
-        """Leave the transaction open for the next writer, or commit the group and tell its writers."""
-        with self._queue_lock:
-            others_waiting = self._waiting > 0
-        if group.error is None and others_waiting and len(group.changes) < MAX_GROUP:
-            self._turn.release()  # a waiting writer is sure to take the turn and end it in turn
+    def _end_group(
+        self, ended: list[tuple[_Change, Transaction | None]], failure: BaseException | None
+    ) -> None:
+        """Commit (unless `failure` already undid the transaction), run the commit actions in change
+        order, then answer the writers: a change that raised with what it raised, the others with
+        nothing, or why the group was not committed."""
+        if not ended:
             return
-        self._group = None
-        try:
-            if group.error is None:
+        if failure is None:
+            try:
                 self._db.execute("COMMIT")
-        except BaseException as error:
-            group.error = error
-        try:
-            if self._db.in_transaction:
+            except Exception as error:
+                failure = error
+        if self._db.in_transaction:
+            try:
                 self._db.execute("ROLLBACK")
-            if group.error is None:
-                self._run_commit_actions(group)
-        finally:
-            group.committed.set()
-            self._turn.release()
+            except sqlite3.Error:
+                log.exception("rollback after a failed commit failed")
+        not_committed = None
+        if failure is not None:
+            not_committed = StoreError(f"{self.path}: the change was not committed: {failure}")
+            not_committed.__cause__ = failure
+        else:
+            for _change, tx in ended:
+                if tx is not None:
+                    self._run_commit_actions(tx)
+        for change, tx in ended:
+            self._finish(change, not_committed if tx is not None else change.error)
 
     @staticmethod
-    def _run_commit_actions(group: _Group) -> None:
-        for tx in group.changes:
-            for callback in tx.on_commit:
-                try:
-                    callback()
-                except Exception:
-                    # The change is durable and acknowledged whatever happens to its notification.
-                    log.exception("after-commit action failed")
+    def _finish(change: _Change, error: BaseException | None) -> None:
+        change.error = error
+        change.done.release()
+
+    @staticmethod
+    def _run_commit_actions(tx: Transaction) -> None:
+        for callback in tx.on_commit:
+            try:
+                callback()
+            except Exception:
+                # The change is durable and acknowledged whatever happens to its notification.
+                log.exception("after-commit action failed")
 
     def get(self, session_id: str) -> SessionInfo | None:
         with self._read_lock:
