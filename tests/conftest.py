@@ -5,8 +5,10 @@ from pathlib import Path
 import docker.api.client
 import pytest
 
-# host, make_host from the test kit; pytester: tests/test_unit_boundary.py runs pytest on made-up test files
-pytest_plugins = ["baaaht.bus.testing.fixtures", "pytester"]
+# host, make_host from the test kit; pytester: tests/test_dev_targets.py and tests/test_leftover_mounts.py
+# run pytest on made-up test files; tests.leftover_mounts fails a module that leaves a mount or a loop
+# device in its own directories.
+pytest_plugins = ["baaaht.bus.testing.fixtures", "pytester", "tests.leftover_mounts"]
 
 ECHO_SERVICE = str(Path(__file__).parent / "services" / "echo.py")
 

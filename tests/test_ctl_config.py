@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import orjson
 import pytest
 from typer.testing import CliRunner
 
+from baaaht.bus.testing import short_run_dir
 from baaaht.common.config import dump_config, load_config, write_effective_config
 from baaaht.ctl.main import app
 
 
 @pytest.fixture
 def run_dir():
-    path = Path(tempfile.mkdtemp(prefix="bcc-", dir="/tmp"))
+    path = Path(short_run_dir("bcc-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

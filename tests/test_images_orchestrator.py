@@ -5,14 +5,13 @@ agent container from the agent image it was built with."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 import uuid
 
 import docker
 import pytest
 
 from baaaht.bus.client import BusClient
-from baaaht.bus.testing import wait_for
+from baaaht.bus.testing import short_run_dir, wait_for
 from baaaht.common.endpoints import Endpoints
 from baaaht.host import agent_images
 from baaaht.schemas.bus import BusServices
@@ -40,7 +39,7 @@ def orchestrator_image(docker_client) -> str:
 @pytest.fixture
 def orchestrator_container(docker_client, orchestrator_image):
     """The orchestrator image running as the README says, on a run directory of the test's own."""
-    run_dir = tempfile.mkdtemp(prefix="bo-", dir="/tmp")
+    run_dir = short_run_dir("bo-")
     volume = f"baaaht-test-data-{uuid.uuid4().hex[:12]}"
     container = docker_client.containers.run(
         orchestrator_image,

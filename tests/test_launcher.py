@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from supervisor.options import ClientOptions, ServerOptions
 
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
-from baaaht.bus.testing import wait_for
+from baaaht.bus.testing import short_run_dir, wait_for
 from baaaht.common.config import ConfigError, load_config
+from baaaht.common.mounts import unmount_beneath
 from baaaht.host.launcher import (
     HostAlreadyRunning,
     build_parser,
@@ -59,9 +59,11 @@ def with_sigint(disposition: str, argv: list[str]) -> list[str]:
 
 @pytest.fixture
 def run_dir():
-    # ipc:// socket paths are limited to ~107 bytes: pytest's tmp_path is too long for a run directory.
-    path = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+    path = Path(short_run_dir("bl-"))
     yield path
+    # The host's mounts (the container manager's shared pool directory) outlive it: taken down before the
+    # directory is removed (the fixture's teardown comes after `launch`'s, which stops the hosts).
+    unmount_beneath(str(path))
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -388,7 +390,7 @@ def test_a_host_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigte
 def test_a_second_host_on_the_same_data_directory_is_refused_naming_the_holder(launch, run_dir):
     first = launch()
     first.wait_running(("broker",))
-    other_run_dir = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+    other_run_dir = Path(short_run_dir("bl-"))
     try:
         second = launch(run=other_run_dir, data=run_dir / "data")
         assert second.process.wait(timeout=30) != 0
@@ -397,6 +399,7 @@ def test_a_second_host_on_the_same_data_directory_is_refused_naming_the_holder(l
         assert f"pid {first.process.pid}, run directory {run_dir}, started 20" in refusal
         assert not (other_run_dir / "supervisord.conf").exists()  # refused before anything was written
     finally:
+        unmount_beneath(str(other_run_dir))
         shutil.rmtree(other_run_dir, ignore_errors=True)
     with bus_client(run_dir) as client:
         assert client.call(BusPing()) is not None  # the first host never noticed

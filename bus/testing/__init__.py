@@ -7,7 +7,7 @@ services outside it.
   RPCs, event handlers and life cycle driven as the runner does (`serving` for a service built
   by hand).
 - `Host` (and the `host`, `make_host` fixtures in `baaaht.bus.testing.fixtures`): a real broker
-  and service processes on a private run directory.
+  and service processes on a private run directory (`short_run_dir` makes such a directory).
 - Bounded waits: `Recorded.wait_until`, `FakeBus.wait_for_events`, `next_event` on a real
   subscription, `run_async` for a coroutine, and `wait_for` (a poll) for what nothing announces.
 - `code_of`, `error_of`, `context` (for a stamped caller: `agent_caller`, `operator_caller`,
@@ -27,7 +27,7 @@ from baaaht.bus.testing.fakes import (
     round_trip,
     service_caller,
 )
-from baaaht.bus.testing.host import Host
+from baaaht.bus.testing.host import Host, short_run_dir
 from baaaht.bus.testing.services import ServiceHarness, serving
 from baaaht.bus.testing.waits import Recorded, next_event, run_async, wait_for
 
@@ -49,5 +49,6 @@ __all__ = [
     "run_async",
     "service_caller",
     "serving",
+    "short_run_dir",
     "wait_for",
 ]

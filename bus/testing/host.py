@@ -62,6 +62,13 @@ HOST_SERVICES = (
 )
 
 
+def short_run_dir(prefix: str = "bh-") -> str:
+    """A new private directory in /tmp for a run's ipc sockets (ipc:// paths are limited to ~107 bytes:
+    pytest's tmp_path is too long), named `<prefix><pid>-…` by the process that made it, so that a check
+    for mounts left behind (tests/leftover_mounts.py) tells its own from those of other runs."""
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir="/tmp")
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
@@ -73,8 +80,7 @@ class Host:
     def __init__(self, tmp_path: Path, overrides: dict | None = None):
         self.tmp_path = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
-        # ipc:// paths are limited to ~107 bytes: pytest's tmp_path is too long for the run directory.
-        self.run_dir = tempfile.mkdtemp(prefix="bh-", dir="/tmp")
+        self.run_dir = short_run_dir()
         self.data_dir = tmp_path / "data"
         raw = deep_merge(
             {
