@@ -24,9 +24,11 @@ from baaaht.schemas.workspaces import (
     ContainerWorkspaceList,
     ContainerWorkspaceRead,
     ContainerWorkspaceWrite,
+    WorkspaceData,
     WorkspaceEntries,
 )
 
+PRINTED_HOLES = 64 * 1024 * 1024  # bytes of a sparse file's holes `files` prints as zeros, at most
 # SESSION:PATH; a local path holding a ':' is written ./a:b (what comes before the ':' is no session id).
 _REMOTE = re.compile(rf"(?P<session>{ID_PATTERN[1:-1]}):(?P<path>.*)", re.DOTALL)
 
@@ -55,10 +57,7 @@ def files(
         if found.truncated:
             typer.echo(f"(only the first {len(found.entries)} entries)", err=True)
     elif found.kind == "file":
-        out = sys.stdout.buffer
-        for chunk in read_chunks(ctl, session_id, path):
-            out.write(chunk)
-        out.flush()
+        print_file(ctl, session_id, path, sys.stdout.buffer)
     else:
         what = "a symlink" if found.kind == "symlink" else "not a regular file"
         fail(f"{session_id}:{path} is {what}: nothing to show")
@@ -96,20 +95,40 @@ def cp(
         typer.echo(f"copied {size} bytes to {report['destination']}", err=True)
 
 
-def read_chunks(ctl: Ctl, session_id: str, path: str) -> Iterator[bytes]:
+def read_chunks(ctl: Ctl, session_id: str, path: str) -> Iterator[WorkspaceData]:
+    """The file's data as the service sends it, a range at a time (its holes skipped); the last chunk
+    names the size, so a hole at the end is known too."""
     offset = 0
     while True:
         chunk = ctl.call(ContainerWorkspaceRead(session_id=session_id, path=path, offset=offset))
-        if not chunk.data:
+        yield chunk
+        offset = chunk.offset + len(chunk.data)
+        if not chunk.data or offset >= chunk.size:
             return
-        yield chunk.data
-        offset += len(chunk.data)
-        if offset >= chunk.size:
-            return
+
+
+def print_file(ctl: Ctl, session_id: str, path: str, out: BinaryIO) -> None:
+    """The file's content, its holes as the zeros they read as, but no more than PRINTED_HOLES of them:
+    an agent's `truncate -s 10T` is not 10 TB of zeros on stdout (`cp` keeps the holes)."""
+    at = holes = 0
+    for chunk in read_chunks(ctl, session_id, path):
+        gap = (chunk.offset if chunk.data else chunk.size) - at
+        holes += gap
+        if holes > PRINTED_HOLES:
+            fail(
+                f"{session_id}:{path} is a sparse file with more than {PRINTED_HOLES} bytes of holes "
+                f"(size {chunk.size}): not printed; `baaaht-ctl sessions cp {session_id}:{path} LOCAL` "
+                "copies it keeping the holes"
+            )
+        out.write(bytes(gap))
+        out.write(chunk.data)
+        at += gap + len(chunk.data)
+    out.flush()
 
 
 def download(ctl: Ctl, session_id: str, path: str, local: str) -> tuple[str, int]:
-    """(the local file written, its size); written beside it and renamed into place."""
+    """(the local file written, its size); written beside it and renamed into place. A sparse file's
+    holes stay holes: only its data is sent and written, so its size on disk is its data's."""
     if os.path.isdir(local):
         local = os.path.join(local, os.path.basename(path.rstrip("/")))
     directory = os.path.dirname(os.path.abspath(local))
@@ -122,10 +141,15 @@ def download(ctl: Ctl, session_id: str, path: str, local: str) -> tuple[str, int
     os.fchmod(fd, 0o666 & ~umask)  # as any new file of this user's, not mkstemp's 0600
     size = 0
     try:
-        with os.fdopen(fd, "wb") as out:
+        try:
             for chunk in read_chunks(ctl, session_id, path):
-                out.write(chunk)
-                size += len(chunk)
+                written = 0
+                while written < len(chunk.data):
+                    written += os.pwrite(fd, chunk.data[written:], chunk.offset + written)
+                size = chunk.size
+            os.ftruncate(fd, size)  # a hole at the end
+        finally:
+            os.close(fd)
         os.replace(partial, local)
     except OSError as error:
         fail(f"cannot write {local}: {error.strerror}")

@@ -49,7 +49,9 @@ class ContainerWorkspaceList(Request, tag="container.workspace_list", kw_only=Tr
 
 
 class WorkspaceData(Response, kw_only=True):
-    """`data` read from `offset`; `size` is the whole file's, so the reader knows when it is done."""
+    """`data` read from `offset`; `size` is the whole file's, so the reader knows when it is done. A
+    sparse file's holes (unwritten ranges, zeros) are skipped: `offset` is where the data starts, past
+    the asked offset when that is in a hole, and the data stops at the next hole."""
 
     path: str
     offset: int

@@ -179,3 +179,70 @@ def test_an_upload_the_agent_swapped_for_a_fifo_is_refused_not_waited_on(service
         writer.join(timeout=10)
         pytest.fail("the chunk's write blocked on the FIFO")
     assert outcome == [ErrorCode.FAILED_PRECONDITION]
+
+
+SPARSE_SIZE = 64 * 1024 * 1024  # 16 reads of the whole size before holes were skipped
+DATA_AT = 40 * 1024 * 1024
+
+
+def make_sparse(service, name="sparse") -> str:
+    """A file of SPARSE_SIZE holding b"data" at DATA_AT, as an agent's `truncate -s` and one write make."""
+    write(service, "seed", b"")  # the workspace exists
+    host = os.path.join(service.workspaces.path("s1"), name)
+    with open(host, "wb") as made:
+        made.truncate(SPARSE_SIZE)
+        made.seek(DATA_AT)
+        made.write(b"data")
+    return host
+
+
+class DirectCtl:
+    """Just enough of ctl.common.Ctl for ctl/session_files.py: its calls go to the service directly."""
+
+    def __init__(self, service):
+        self.service = service
+        self.reads = 0
+
+    def call(self, request):
+        self.reads += 1
+        return self.service.workspace_read(request, context())
+
+
+def test_a_read_skips_a_sparse_files_holes_and_stops_at_the_next(service):
+    make_sparse(service)
+    first = read(service, "sparse")
+    assert first.size == SPARSE_SIZE and first.offset <= DATA_AT < first.offset + len(first.data)
+    assert first.data[DATA_AT - first.offset :].startswith(b"data") and len(first.data) <= 1024 * 1024
+    after = read(service, "sparse", offset=first.offset + len(first.data))
+    assert (after.offset, after.data) == (SPARSE_SIZE, b"")  # only a hole to the end
+
+
+def test_cp_of_a_sparse_file_copies_its_data_and_keeps_its_holes(service, tmp_path):
+    from baaaht.ctl.session_files import download
+
+    make_sparse(service)
+    ctl = DirectCtl(service)
+    local, size = download(ctl, "s1", "sparse", str(tmp_path / "copy"))
+    assert size == SPARSE_SIZE and ctl.reads <= 3
+    info = os.stat(local)
+    assert info.st_size == SPARSE_SIZE and info.st_blocks * 512 <= 1024 * 1024  # its data, not 64 MiB
+    with open(local, "rb") as copy:
+        copy.seek(DATA_AT)
+        assert copy.read(4) == b"data"
+
+
+def test_files_prints_a_sparse_files_holes_as_zeros_only_up_to_a_limit(service, monkeypatch):
+    import io
+
+    import typer
+
+    from baaaht.ctl import session_files
+
+    host = make_sparse(service)
+    out = io.BytesIO()
+    session_files.print_file(DirectCtl(service), "s1", "sparse", out)
+    with open(host, "rb") as original:
+        assert out.getvalue() == original.read()
+    monkeypatch.setattr(session_files, "PRINTED_HOLES", DATA_AT // 2)
+    with pytest.raises(typer.Exit):
+        session_files.print_file(DirectCtl(service), "s1", "sparse", io.BytesIO())

@@ -64,15 +64,32 @@ def entries(workspace: Workspace, req: ContainerWorkspaceList) -> WorkspaceEntri
 
 
 def read(workspace: Workspace, req: ContainerWorkspaceRead) -> WorkspaceData:
+    """Up to `length` bytes of the file's data from `offset` on: past a hole (a sparse file's unwritten
+    range, zeros) to where data starts, and never into the next hole. An agent's `truncate -s 10T` is
+    then read as its few data bytes and the size, not as 10 TB of zeros."""
     fd = open_regular(workspace, req.path)
     try:
         size = os.fstat(fd).st_size
-        data = os.pread(fd, req.length, req.offset)
+        start, end = data_range(fd, req.offset, size)
+        data = os.pread(fd, min(req.length, end - start), start)
     except OSError as error:
         raise from_os_error(error, req.path) from None
     finally:
         os.close(fd)
-    return WorkspaceData(path=req.path, offset=req.offset, data=data, size=size)
+    return WorkspaceData(path=req.path, offset=start, data=data, size=size)
+
+
+def data_range(fd: int, offset: int, size: int) -> tuple[int, int]:
+    """(start, end) of the first range of data at or after `offset`; (size, size) when there is none."""
+    if offset >= size:
+        return size, size
+    try:
+        start = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as error:
+        if error.errno != errno.ENXIO:  # ENXIO: only a hole from offset to the end
+            raise
+        return size, size
+    return start, os.lseek(fd, start, os.SEEK_HOLE)
 
 
 def write(workspace: Workspace, req: ContainerWorkspaceWrite) -> WorkspaceWritten:
