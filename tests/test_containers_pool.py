@@ -351,3 +351,18 @@ def test_a_pool_directory_that_cannot_be_shared_starts_nothing_and_says_why(run_
     service.pool.refill()
     assert pool_containers(service.runtime) == {}
     assert "could not be made a shared mount: mount: permission denied" in service.pool.status().problem
+
+
+def test_a_clean_stop_unmounts_the_pool_directory_when_no_pool_container_needs_it(run_dir, tmp_path):
+    service = make_pool_service(run_dir, tmp_path, size=1)
+    service.pool.refill()
+    root = str(run_dir / "pool")
+    service.pool.mounts.table[root] = [root]  # what share made (FakeMounts.share records only)
+    service.on_stop()
+    assert service.pool.mounts.is_mounted(root)  # its container runs on: a claim reaches it through it
+    restarted = make_pool_service(run_dir, tmp_path, runtime=service.runtime, mounts=service.pool.mounts)
+    restarted.pool.resize(0)
+    restarted.pool.refill()
+    assert pool_containers(restarted.runtime) == {}
+    restarted.on_stop()
+    assert not restarted.pool.mounts.is_mounted(root)

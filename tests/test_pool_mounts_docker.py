@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from baaaht.common.identity import IdentityStore
-from baaaht.common.mounts import unmount_beneath
+from baaaht.common.mounts import mount_points, unmount_beneath
 from baaaht.schemas.config import Config, PoolConfig
 from baaaht.schemas.containers import ContainerSpec, Mount
 from baaaht.services.containers.docker_runtime import DockerRuntime
@@ -19,6 +19,7 @@ from baaaht.services.containers.ownership import LABEL_INSTALL, OwnerKind
 from baaaht.services.containers.pool import LABEL_POOL_SLOT, WORKSPACE_TARGET, HostMounts, Pool
 from tests import container_support
 from tests.container_fakes import FakeAgents, FakeSessions, session_info
+from tests.test_containers_pool import make_pool_service
 
 pytestmark = pytest.mark.docker
 
@@ -79,5 +80,28 @@ def test_a_claim_mounts_the_workspace_into_the_running_container(engine, busybox
 
         assert not slot_dir.exists() and not HostMounts().is_mounted(str(slot_dir))
         assert (workspace / "notes.txt").exists()  # the session's files stay where they are
+    finally:
+        unmount_beneath(str(run_dir))
+
+
+def test_the_pool_directory_is_mounted_once_across_a_crash_and_unmounted_on_a_clean_stop(tmp_path):
+    """On the host's real mount table (root): a start shares it, a start after a crash (the mount still
+    there) stacks nothing on it, a clean stop with no pool container left takes it back."""
+    run_dir = tmp_path / "run"
+    (run_dir / "agent").mkdir(parents=True)
+    root = str(run_dir / "pool")
+
+    def mounts_at_root() -> int:
+        return sum(point == root for point, _ in mount_points())
+
+    try:
+        crashed = make_pool_service(run_dir, tmp_path, mounts=HostMounts(), size=0)
+        crashed.pool.refill()
+        assert mounts_at_root() == 1
+        restarted = make_pool_service(run_dir, tmp_path, mounts=HostMounts(), size=0)
+        restarted.pool.refill()
+        assert mounts_at_root() == 1
+        restarted.on_stop()
+        assert mounts_at_root() == 0
     finally:
         unmount_beneath(str(run_dir))

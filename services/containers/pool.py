@@ -439,6 +439,27 @@ class Pool:
         self.mounts.share(str(self.root))
         self._prepared = True
 
+    def close(self) -> None:
+        """On a clean stop: take back the pool directory's own mount when no pool container is left to
+        need it (a claim's bind reaches a running one through it). With some left it stays, and the next
+        start finds it shared and stacks nothing (HostMounts.share)."""
+        if not self._prepared or self.runtime is None:
+            return
+        try:
+            if self.members():
+                return
+        except EngineError as error:
+            log.warning(
+                "the pool directory stays mounted: its containers cannot be listed: %s", error.message
+            )
+            return
+        try:
+            self.mounts.unmount(str(self.root))
+        except OSError as error:
+            log.error("the pool directory %s not unmounted: %s", self.root, error)
+            return
+        self._prepared = False
+
     def _slot_is_empty(self, member: ContainerSummary) -> bool:
         """An unclaimed slot has nothing mounted on it (a claim that crashed before its record was written
         cannot have mounted anything, since the record comes first; anything else there is not ours)."""

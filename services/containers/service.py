@@ -276,6 +276,7 @@ class ContainerService(Service):
         self.workspaces.mount_existing()
 
     def on_stop(self) -> None:
+        self.pool.close()
         if self.runtime is not None:
             self.runtime.close()
 
