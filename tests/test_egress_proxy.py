@@ -16,12 +16,17 @@ import msgspec
 import pytest
 import uvloop
 
-from baaaht.bus.testing import wait_for
+from baaaht.bus.testing import ServiceHarness, wait_for
 from baaaht.common import audit_chain
+from baaaht.schemas.config import Config
 from baaaht.schemas.egress import CredentialUsage, EgressAuditRecord, EgressProxied, EgressRefused
+from baaaht.schemas.sessions import SessionDeleted
 from baaaht.services.credentials.egress.journal import audit_path
 from baaaht.services.credentials.egress.proxy import MAX_ERROR_BODY
 from baaaht.services.credentials.egress.usage_store import UsageStore, usage_path
+from baaaht.services.credentials.master import KeyFile
+from baaaht.services.credentials.service import CredentialService
+from baaaht.services.credentials.store import CredentialStore
 from tests.egress_agent_client import run as run_sdks
 from tests.egress_support import ANTHROPIC_KEY, CONTAINER, OPENAI_KEY, SESSION, running_egress
 
@@ -231,6 +236,28 @@ def test_budgets_survive_a_restart_of_the_proxy(tmp_path):
     with running_egress(tmp_path, session_requests=5) as egress:  # the caps are today's configuration
         (usage,) = egress.server.usage(CredentialUsage(session_id=SESSION)).sessions
         assert (usage.requests, usage.request_cap, usage.token_cap) == (3, 5, 0)
+
+
+def test_a_deleted_sessions_usage_goes_with_it_from_memory_and_from_the_file(tmp_path):
+    """session.deleted reaches the credential service: the session's totals and its row go, a change
+    not yet saved is not written back, and a restart does not bring it back."""
+    store = CredentialStore.open(str(tmp_path / "creds"), KeyFile(str(tmp_path / "keys" / "m.key")))
+    try:
+        with running_egress(tmp_path) as egress, egress.client() as client:
+            harness = ServiceHarness(CredentialService, store, Config(), egress=lambda secrets: egress.server)
+            assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+            saved = usage_path(egress.data_dir)
+            egress.server.saver.save()
+            assert [u.session_id for u in saved_usage(saved)] == [SESSION]
+            assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200  # not saved yet
+            assert harness.deliver(SessionDeleted(session_id=SESSION, owner="alice")) == 1
+            assert egress.server.usage(CredentialUsage()).sessions == []
+            egress.server.saver.save()
+            assert saved_usage(saved) == []
+        with running_egress(tmp_path) as egress:
+            assert egress.server.usage(CredentialUsage()).sessions == []
+    finally:
+        store.close()
 
 
 # Run in a child process: a proxy that makes CALLS calls to itself (OwnPid: its own pid is the agent),

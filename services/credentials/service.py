@@ -20,7 +20,7 @@ from baaaht.bus.background import background
 from baaaht.bus.callers import host_callers_only
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, invalid, not_found
-from baaaht.bus.service import CallContext, Publisher, Service, rpc
+from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config, CredentialsConfig
 from baaaht.schemas.credentials import (
@@ -39,6 +39,7 @@ from baaaht.schemas.credentials import (
 )
 from baaaht.schemas.egress import CredentialUsage, CredentialUsageResult
 from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.sessions import SessionDeleted
 from baaaht.services.credentials.egress.server import EgressError, EgressServer
 from baaaht.services.credentials.hardening import keep_secrets_in_process
 from baaaht.services.credentials.master import KeyFile, MasterSource, Passphrase
@@ -188,6 +189,12 @@ class CredentialService(Service):
         if self.egress is None:
             return CredentialUsageResult()
         return self.egress.usage(req)
+
+    @on_event("session.deleted")
+    def on_session_deleted(self, event: SessionDeleted) -> None:
+        """Its egress usage totals go with it: credential.usage shows it no more, its row is deleted."""
+        if self.egress is not None:
+            self.egress.forget_session(event.session_id)
 
     @rpc
     def rotate_master(self, req: CredentialRotateMaster, ctx: CallContext) -> CredentialRotateMasterResult:

@@ -60,6 +60,12 @@ class Budgets:
         with self._lock:
             self._changed.update(usage.session_id for usage in changes)
 
+    def forget(self, session_id: str) -> None:
+        """The session was deleted: its totals go (a later call of it would start from nothing)."""
+        with self._lock:
+            self._sessions.pop(session_id, None)
+            self._changed.discard(session_id)
+
     def admit(self, session_id: str) -> None:
         """Count one call of the session, or Refused (429) naming the budget it is past."""
         with self._lock:

@@ -156,6 +156,10 @@ class EgressServer:
     def usage(self, request: CredentialUsage) -> CredentialUsageResult:
         return CredentialUsageResult(sessions=self.proxy.budgets.sessions(request.session_id))
 
+    def forget_session(self, session_id: str) -> None:
+        """A deleted session's usage totals go with it."""
+        self.saver.forget(session_id)
+
     def _remove_socket(self) -> None:
         """Only our own socket: a newer instance may have put its own in place."""
         try:

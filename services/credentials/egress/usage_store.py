@@ -83,6 +83,10 @@ class UsageStore:
                 raise
             self._db.execute("COMMIT")
 
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM session_usage WHERE session_id = ?", (session_id,))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -99,6 +103,7 @@ class UsageSaver:
         self.store: UsageStore | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._saving = threading.Lock()  # a save's take and write, or a forget, at a time
 
     def start(self) -> None:
         self.store = UsageStore(self.path)
@@ -112,12 +117,21 @@ class UsageSaver:
 
     def save(self) -> None:
         assert self.store is not None, "start the saver first"
-        changes = self.budgets.take_changes()
-        try:
-            self.store.save(changes)
-        except sqlite3.Error as exc:  # kept for the next turn: nothing counted is dropped
-            self.budgets.put_back(changes)
-            log.error("egress usage not saved", extra={"path": str(self.path), "reason": str(exc)})
+        with self._saving:
+            changes = self.budgets.take_changes()
+            try:
+                self.store.save(changes)
+            except sqlite3.Error as exc:  # kept for the next turn: nothing counted is dropped
+                self.budgets.put_back(changes)
+                log.error("egress usage not saved", extra={"path": str(self.path), "reason": str(exc)})
+
+    def forget(self, session_id: str) -> None:
+        """The session was deleted: its totals go, here and in the file; under the save lock, so a save in
+        progress (its copy taken, not yet written) cannot write the row back."""
+        assert self.store is not None, "start the saver first"
+        with self._saving:
+            self.budgets.forget(session_id)
+            self.store.delete(session_id)
 
     def stop(self) -> None:
         if self.store is None:
