@@ -71,7 +71,8 @@ class FairQueue(Generic[Item]):
                 self._running[caller] = left
             elif caller not in self._queues:
                 del self._max_running[caller]
-            self._ready.notify()
+            if caller in self._queues:  # only its share held its next call back: else no taker can move
+                self._ready.notify()
 
     def close(self) -> None:
         """Every take returns None from now on; what is still queued stays unserved."""
