@@ -30,7 +30,7 @@ from baaaht.bus.connection import Connection
 from baaaht.bus.curve import ClientCurve
 from baaaht.bus.errors import BusError, exhausted, validation_error
 from baaaht.bus.fair import FairQueue
-from baaaht.bus.service import CallContext, RpcSpec, Service, topic_matches
+from baaaht.bus.service import CallContext, Deferred, RpcSpec, Service, topic_matches
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty
 from baaaht.schemas.bus import BusPing, Caller, Register, ServiceHealth
@@ -219,13 +219,17 @@ class ServiceRunner:
                 # send, and its caller's other calls (a worker's heartbeats beside its task.work) must
                 # not queue behind it.
                 self.queue.done(caller)
+            answered = True
             try:
-                self._serve(*call)
+                answered = self._serve(caller, *call)
             finally:
-                if not streaming:
+                if not streaming and answered:
                     self.queue.done(caller)
 
-    def _serve(self, target: str, body: bytes, token: bytes, context: CallContext) -> None:
+    def _serve(self, caller, target: str, body: bytes, token: bytes, context: CallContext) -> bool:
+        """Serve one call; False when its handler returned a Deferred, which answers it later (and
+        only then frees the caller's share and the call's place among the active ones)."""
+        deferred = False
         try:
             spec = self.rpcs.get(target)
             if spec is None:
@@ -243,15 +247,45 @@ class ServiceRunner:
                 self._serve_stream(spec, handler(*args), token, context)
             else:
                 result = handler(*args)
+                if isinstance(result, Deferred):
+                    deferred = True
+                    result.on_settled(
+                        lambda answer: self._answer_later(answer, caller, target, token, context)
+                    )
+                    return False
                 self._reply(wire.REPLY, context, _EMPTY if result is None else _encode(result), token)
-        except BusError as exc:
-            self._reply(wire.REPLY, context, _encode(exc.body()), token, exc.code.value)
         except Exception as exc:
-            log.exception("handler failed", extra={"target": target, "correlation": context.correlation_id})
-            error = BusError(ErrorCode.INTERNAL, f"{target} failed: {type(exc).__name__}: {exc}")
-            self._reply(wire.REPLY, context, _encode(error.body()), token, error.code.value)
+            self._reply_error(exc, target, token, context)
+        finally:
+            if not deferred:
+                self.active.pop(token, None)
+        return True
+
+    def _answer_later(
+        self, answer: Deferred, caller, target: str, token: bytes, context: CallContext
+    ) -> None:
+        """A Deferred's answer, on the thread that settled it."""
+        try:
+            if answer.error is not None:
+                self._reply_error(answer.error, target, token, context)
+            else:
+                result = answer.result
+                self._reply(wire.REPLY, context, _EMPTY if result is None else _encode(result), token)
+        except Exception as exc:  # the result would not encode
+            self._reply_error(exc, target, token, context)
         finally:
             self.active.pop(token, None)
+            self.queue.done(caller)
+
+    def _reply_error(self, exc: BaseException, target: str, token: bytes, context: CallContext) -> None:
+        if not isinstance(exc, BusError):
+            log.error(
+                "handler failed",
+                exc_info=exc,
+                extra={"target": target, "correlation": context.correlation_id},
+            )
+            exc = BusError(ErrorCode.INTERNAL, f"{target} failed: {type(exc).__name__}: {exc}")
+        self._reply(wire.REPLY, context, _encode(exc.body()), token, exc.code.value)
 
     def _serve_stream(self, spec: RpcSpec, items, token: bytes, context: CallContext) -> None:
         self.streaming.add(token)

@@ -23,7 +23,8 @@
 The bus target of an RPC is the tag of its request type (`session.create`), so
 the schema, the handler and every client agree on one name, and a method may be
 called what it does (`start`, `list`). Handlers run on a thread pool (see
-docs/PROTOCOL.md, "Threads"): they may block.
+docs/PROTOCOL.md, "Threads"): they may block, or return a `Deferred` that another
+thread settles with the answer.
 
 The life cycle is a separate set of hooks (`on_start`, `on_stop`, `on_reload`,
 `health_report`) that the runner calls; none of them can be an RPC, an event
@@ -66,6 +67,51 @@ class CallContext:
             raise BusError(ErrorCode.CANCELLED, "the caller cancelled the call")
         if self.remaining() <= 0:
             raise BusError(ErrorCode.TIMEOUT, "the call's deadline passed")
+
+
+class Deferred:
+    """An answer that comes later, from another thread. A handler whose result is made elsewhere (the
+    session store's committer thread) returns one; the runner answers the call once it is settled,
+    and the handler's thread serves other calls meanwhile. `wait` is for direct callers (unit tests)."""
+
+    __slots__ = ("result", "error", "_done", "_callback", "_lock", "_settled")
+
+    def __init__(self) -> None:
+        self.result: object = None
+        self.error: BaseException | None = None
+        self._done = False
+        self._callback: Callable[[Deferred], None] | None = None
+        self._lock = threading.Lock()
+        self._settled = threading.Lock()  # held until settled: a lock is cheaper than an Event
+        self._settled.acquire()
+
+    def settle(self, result: object = None, error: BaseException | None = None) -> None:
+        """The answer: `result`, or `error` (a BusError crosses the wire with its code)."""
+        with self._lock:
+            if self._done:
+                raise RuntimeError("a Deferred is settled once")
+            self.result, self.error, self._done = result, error, True
+            callback = self._callback
+        self._settled.release()
+        if callback is not None:
+            callback(self)
+
+    def on_settled(self, callback: Callable[[Deferred], None]) -> None:
+        """Call `callback(self)` once settled: at once if it is, else on the thread that settles it."""
+        with self._lock:
+            if not self._done:
+                self._callback = callback
+                return
+        callback(self)
+
+    def wait(self, timeout: float) -> object:
+        """The result, or raise the error, once settled; TimeoutError after `timeout` seconds."""
+        if not self._settled.acquire(timeout=timeout):
+            raise TimeoutError(f"the answer did not come within {timeout:g}s")
+        self._settled.release()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 @dataclass(frozen=True)

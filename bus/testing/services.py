@@ -25,13 +25,14 @@ import msgspec
 
 from baaaht.bus.background import Background
 from baaaht.bus.peers import Peer, requests_of
-from baaaht.bus.service import CallContext, Service, topic_matches
+from baaaht.bus.service import CallContext, Deferred, Service, topic_matches
 from baaaht.bus.subscription import Delivery
 from baaaht.bus.testing.fakes import FakeBus, context, round_trip
 from baaaht.schemas.base import Event, Request, target_of, topic_for
 
 S = TypeVar("S", bound=Service)
 PUBLISHER_PARAMETER = "events"
+DEFERRED_WAIT = 30.0  # seconds `call` waits for a Deferred answer (a store commit, say)
 
 
 def peer_service(parameter: str) -> str:
@@ -81,6 +82,8 @@ class ServiceHarness(Generic[S]):
         if stream:
             return [round_trip(item) for item in handler(*args)]
         result = handler(*args)
+        if isinstance(result, Deferred):  # answered later from another thread, as the runner waits for it
+            result = result.wait(DEFERRED_WAIT)
         return None if result is None else round_trip(result)
 
     def stream(self, request: Request, ctx: CallContext | None = None) -> Iterator[Any]:

@@ -1,0 +1,112 @@
+"""Handlers that return a Deferred: the runner answers when another thread settles it, and the
+handler's thread serves other calls meanwhile."""
+
+from __future__ import annotations
+
+import threading
+from typing import ClassVar
+
+import pytest
+
+from baaaht.bus.errors import BusError, precondition
+from baaaht.bus.runner import ServiceRunner
+from baaaht.bus.service import Deferred, Service, rpc
+from baaaht.bus.testing import wait_for
+from baaaht.common.endpoints import Endpoints
+from baaaht.schemas.base import Empty, Request, Response
+from baaaht.schemas.errors import ErrorCode
+from tests.test_runner import instance_state, serve_in_thread
+
+
+class Held(Response, kw_only=True):
+    text: str
+
+
+class Hold(Request, tag="later.hold", kw_only=True):
+    response: ClassVar[type] = Held
+    text: str
+
+
+class Release(Request, tag="later.release", kw_only=True):
+    response: ClassVar[type] = Empty
+
+
+class Later(Service):
+    """One handler thread; `hold` answers only when `release` settles what it returned."""
+
+    name = "later"
+    concurrency = 1
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, Deferred]] = []
+        self.lock = threading.Lock()
+
+    @rpc
+    def hold(self, request: Hold) -> Deferred:
+        answer = Deferred()
+        with self.lock:
+            self.held.append((request.text, answer))
+        return answer
+
+    @rpc
+    def release(self, request: Release) -> Empty:
+        with self.lock:
+            held, self.held = self.held, []
+
+        def settle() -> None:  # from another thread, as a store's committer would
+            for text, answer in held:
+                if text == "refuse":
+                    answer.settle(error=precondition("refused on purpose", text=text))
+                else:
+                    answer.settle(Held(text=text.upper()))
+
+        threading.Thread(target=settle).start()
+        return Empty()
+
+
+def test_a_deferred_answer_comes_when_settled_and_frees_the_handler_thread_meanwhile(host):
+    probe = host.client()
+    runner = ServiceRunner(Later, Endpoints.for_config(host.config.bus), heartbeat_interval=0.2)
+    service = Later()
+    thread = serve_in_thread(runner, service)
+    try:
+        wait_for(lambda: instance_state(probe, "later") == (True, ""), what="the service to be healthy")
+        outcomes: dict[str, object] = {}
+
+        def call(text: str) -> None:
+            try:
+                outcomes[text] = host.client(timeout=10).call(Hold(text=text)).text
+            except BusError as error:
+                outcomes[text] = error.code
+
+        callers = [threading.Thread(target=call, args=(text,)) for text in ("one", "refuse", "two")]
+        for caller in callers:
+            caller.start()
+        wait_for(lambda: len(service.held) == 3, what="three calls held at once by one handler thread")
+        assert outcomes == {}
+        probe.call(Release())  # served by the one handler thread while three answers are pending
+        for caller in callers:
+            caller.join(10)
+        assert outcomes == {"one": "ONE", "two": "TWO", "refuse": ErrorCode.FAILED_PRECONDITION}
+    finally:
+        runner.stop()
+        thread.join(30)
+
+
+def test_a_deferred_is_settled_once_and_waited_for_with_a_bound():
+    answer = Deferred()
+    with pytest.raises(TimeoutError):
+        answer.wait(0.01)
+    seen: list[object] = []
+    answer.on_settled(lambda settled: seen.append(settled.result))
+    answer.settle("done")
+    assert seen == ["done"] and answer.wait(0) == "done"
+    with pytest.raises(RuntimeError, match="settled once"):
+        answer.settle("again")
+    refused = Deferred()
+    refused.settle(error=precondition("no"))
+    with pytest.raises(BusError):
+        refused.wait(0)
+    late: list[object] = []
+    refused.on_settled(lambda settled: late.append(settled.error.code))  # settled already: called at once
+    assert late == [ErrorCode.FAILED_PRECONDITION]
