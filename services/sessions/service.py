@@ -31,7 +31,7 @@ from baaaht.bus.callers import (
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition
 from baaaht.bus.peers import Peer
-from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
+from baaaht.bus.service import CallContext, Deferred, Publisher, Service, on_event, rpc
 from baaaht.common.session_quotas import SessionQuotas
 from baaaht.schemas.base import Empty, Event
 from baaaht.schemas.config import Config
@@ -286,7 +286,9 @@ class SessionService(Service):
     # -- conversation -------------------------------------------------------------------------
 
     @rpc
-    def send_message(self, req: SessionSendMessage, ctx: CallContext) -> Message:
+    def send_message(self, req: SessionSendMessage, ctx: CallContext) -> Deferred:
+        """Answered with the stored Message once it is committed: the store's committer settles the
+        answer, so this handler thread does not wait for the commit."""
         require_session(ctx.caller, req.session_id, "write messages to")
         req = authored(req, ctx)
         validation.message_size(req.content, req.metadata, int(self.limits.max_message_size))
@@ -297,7 +299,8 @@ class SessionService(Service):
         now = self.clock()
         sender = name_of(ctx.caller)
 
-        def append(tx: Transaction) -> tuple[SessionInfo, Message | None]:
+        def append(tx: Transaction) -> Message | SessionInfo:
+            """The message appended, or the session when it expired: closed now instead."""
             session = self._for_change(tx, req.session_id)
             if session.state not in LIVE:
                 raise precondition(
@@ -306,20 +309,28 @@ class SessionService(Service):
                     state=session.state.value,
                 )
             if 0 < session.expires_at <= now:
-                return session, None
-            return session, self._append(tx, session, req, now, sender)
+                # The sweep has not got to it yet: close it now rather than let the conversation go on.
+                self._move_to_closing(tx, session, EXPIRED)
+                return session
+            return self._append(tx, session, req, now, sender)
 
-        session, message = self.store.write(append)
-        if message is None:
-            # The sweep has not got to it yet: close it now rather than let the conversation go on.
-            self.begin_close(session.id, EXPIRED)
-            raise precondition(
-                f"cannot add a message: session {session.id} expired (max_duration"
-                f" {session.settings.max_duration:g}s) and is being closed",
-                session_id=session.id,
+        answer = Deferred()
+
+        def settle(appended: Message | SessionInfo | None, error: BaseException | None) -> None:
+            if not isinstance(appended, SessionInfo):
+                answer.settle(appended, error)
+                return
+            self._closing_begun(appended.id, EXPIRED)
+            expired = precondition(
+                f"cannot add a message: session {appended.id} expired (max_duration"
+                f" {appended.settings.max_duration:g}s) and is being closed",
+                session_id=appended.id,
                 state=CLOSING.value,
             )
-        return message
+            answer.settle(error=expired)
+
+        self.store.submit(append, settle)
+        return answer
 
     def _charge(self, session_id: str, kind: str) -> None:
         """Count what an agent causes in a session against the session's quota (common/session_quotas.py)."""
@@ -544,20 +555,26 @@ class SessionService(Service):
             session = self._for_change(tx, session_id)
             if session.state in (CLOSING, CLOSED):
                 return session, False
-            previous = session.state
-            session.state = states.move(session.id, previous, CLOSING, "close the session")
-            session.close_reason = reason
-            session.updated_at = self.clock()
-            tx.put(session)
-            self._announce(tx, session, "state", previous)
+            self._move_to_closing(tx, session, reason)
             return session, True
 
         session, moved = self.store.write(change)
-        if not moved:
-            return session
+        if moved:
+            self._closing_begun(session_id, reason)
+        return session
+
+    def _move_to_closing(self, tx: Transaction, session: SessionInfo, reason: str) -> None:
+        previous = session.state
+        session.state = states.move(session.id, previous, CLOSING, "close the session")
+        session.close_reason = reason
+        session.updated_at = self.clock()
+        tx.put(session)
+        self._announce(tx, session, "state", previous)
+
+    def _closing_begun(self, session_id: str, reason: str) -> None:
+        """Once the move to closing is committed: the removal of its containers runs."""
         log.info("session closing", extra={"session_id": session_id, "reason": reason})
         self._closer(session_id)
-        return session
 
     def _closer(self, session_id: str) -> threading.Thread:
         """The one thread finishing this session's closing, started if none runs."""

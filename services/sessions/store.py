@@ -38,6 +38,7 @@ MAX_GROUP = 64  # changes in one commit: bounds how long the first of a group wa
 COMMIT_WAIT = MAX_GROUP * BUSY_TIMEOUT
 NO_UPPER_BOUND = 2**62
 T = TypeVar("T")
+Answer = Callable[[object, BaseException | None], None]
 
 _SCHEMA = f"""
 BEGIN IMMEDIATE;
@@ -124,10 +125,11 @@ class Transaction:
 class _Change:
     """One writer's change waiting for the committer, and what became of it."""
 
-    __slots__ = ("apply", "state", "result", "error", "done")
+    __slots__ = ("apply", "then", "state", "result", "error", "done")
 
-    def __init__(self, apply: Callable[[Transaction], object]):
+    def __init__(self, apply: Callable[[Transaction], object], then: Answer | None = None):
         self.apply = apply
+        self.then = then  # called on the committer with (result, error) once the group is over
         self.state = _QUEUED
         self.result: object = None
         self.error: BaseException | None = None  # what the change raised, or why it was not committed
@@ -214,18 +216,28 @@ class SessionStore:
         """Changes waiting for the committer: they join the next group."""
         return self._pending.qsize()
 
+    def submit(
+        self, apply: Callable[[Transaction], T], then: Callable[[T | None, BaseException | None], None]
+    ) -> None:
+        """`write` without the wait: `then(result, error)` is called on the committer thread once the
+        change's group is over (after its commit actions). `then` must not wait for the store."""
+        self._queue(_Change(apply, then))
+
+    def _queue(self, change: _Change) -> _Change:
+        if threading.current_thread() is self._committer:
+            raise RuntimeError("a change cannot wait for another change: it would wait for itself")
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed")
+        self._pending.put(change)
+        return change
+
     def write(self, apply: Callable[[Transaction], T]) -> T:
         """One change: `apply(tx)` runs on the committer thread, alone on the write connection, and
         its result is returned once it is durable (after its group's commit). What it raises is raised
         here, with the change rolled back alone; it still waits for the group's commit, since its answer
         was based on the changes before it. Changes are serialized, so reads inside `apply` see what
         the change is based on."""
-        if threading.current_thread() is self._committer:
-            raise RuntimeError("a change cannot wait for another change: it would wait for itself")
-        if self._closed:
-            raise StoreError(f"{self.path}: the store is closed")
-        change = _Change(apply)
-        self._pending.put(change)
+        change = self._queue(_Change(apply))
         if not change.done.acquire(timeout=COMMIT_WAIT):
             with self._state_lock:
                 started = change.state == _STARTED
@@ -349,6 +361,11 @@ class SessionStore:
     @staticmethod
     def _finish(change: _Change, error: BaseException | None) -> None:
         change.error = error
+        if change.then is not None:
+            try:
+                change.then(None if error is not None else change.result, error)
+            except Exception:
+                log.exception("answering a change failed")
         change.done.release()
 
     @staticmethod
