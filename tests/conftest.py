@@ -63,6 +63,7 @@ UNIT_TEST_FILES = frozenset(
         "test_sessions_service.py",
         "test_sessions_states.py",
         "test_sessions_store.py",
+        "test_scheduler_engine.py",
         "test_scheduler_logic.py",
         "test_scheduler_store.py",
         "test_testing.py",

@@ -1,19 +1,26 @@
-"""The scheduler's one thread of change: commands from RPC threads, timers, dispatch, commit, fan-out.
+"""The scheduler's one thread of change: commands from RPC threads, timers, dispatch; then a writer
+thread: commit, answer, fan-out.
 
 Every change goes through `call(apply)`: the command is queued to the engine's thread, which takes every
 command waiting at once (up to MAX_BATCH), applies them to the Core in order, fires the timers that are
-due, dispatches, and writes all of it in one transaction: one commit, one fsync for the lot (group
-commit). Only then are the callers answered, the events published and cancels and finished tasks
-pushed, so nothing is acknowledged or announced before it is durable. New leases alone go out before
-the commit, so that the worker starts while the fsync runs (an idle worker gets a task in less time
-than a commit takes): a lease whose commit then fails, or whose scheduler dies first, is unknown to
-the store, and its worker's reports are refused (FAILED_PRECONDITION); the task runs again from
-what the store holds. That is the at-least-once execution the scheduler promises anyway; completions
-are still recorded once, and only after the lease's own commit (the next turn's). It waits for the
-next command or the next timer, whichever comes first: there is no polling interval.
+due, dispatches, and encodes what the turn changed (the rows as they are at its end). The writer thread
+writes the turns handed to it in order, every turn waiting at once in one transaction: one commit, one
+fsync for the lot (group commit). Only then are those turns' callers answered, their events published
+and their cancels and finished tasks pushed, so nothing is acknowledged or announced before it is
+durable. The engine does not wait for the commit: while the writer's fsync runs it goes on with the
+next commands (a worker's outcome frees its slot and the next lease goes out without waiting for the
+disk), so the turns a commit carries are as many as arrived during the one before.
 
-A commit that fails leaves the Core ahead of the store: it is rebuilt from the store, and every command
-of that turn is answered UNAVAILABLE.
+New leases alone go out before the commit, so that the worker starts while the fsync runs (an idle
+worker gets a task in less time than a commit takes): a lease whose commit then fails, or whose
+scheduler dies first, is unknown to the store, and its worker's reports are refused
+(FAILED_PRECONDITION); the task runs again from what the store holds. That is the at-least-once
+execution the scheduler promises anyway; completions are still recorded once, and only with or after
+the lease's own commit (turns are written in their order). The engine waits for the next command or the
+next timer, whichever comes first: there is no polling interval.
+
+A commit that fails leaves the Core ahead of the store: every command of the turns it carried, and of
+the turns made on top of them before the Core is rebuilt from the store, is answered UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from baaaht.bus.service import CallContext, Publisher
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
 from baaaht.services.scheduler.core import Core, Effects, Now
-from baaaht.services.scheduler.store import SchedulerStore
+from baaaht.services.scheduler.store import Batch, SchedulerStore, schedule_row, task_row
 
 log = logging.getLogger("baaaht.scheduler")
 
@@ -60,6 +67,24 @@ class Command:
 
 
 _STOP = Command(lambda core, now: None)
+_RELOAD = Command(lambda core, now: None)  # from the writer: a commit failed, rebuild the Core
+
+
+class Turn:
+    """What one engine turn hands the writer: its commands (answered after the commit), its writes
+    (encoded on the engine's thread: the rows as the turn left them), its events and pushes."""
+
+    __slots__ = ("generation", "commands", "writes", "events", "pushes")
+
+    def __init__(self, generation: int, commands: list[Command], writes: list, events: list, pushes: list):
+        self.generation = generation
+        self.commands = commands
+        self.writes = writes
+        self.events = events
+        self.pushes = pushes
+
+
+_WRITER_STOP = Turn(-1, [], [], [], [])
 
 
 def snapshot(result: Any) -> Any:
@@ -88,6 +113,10 @@ class Engine:
         self.core_factory = core_factory
         self.core: Core | None = None
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._turns: queue.SimpleQueue[Turn] = queue.SimpleQueue()  # to the writer thread
+        # Bumped by each rebuild of the Core: the writer fails the turns of a generation whose commit failed.
+        self._generation = 0
+        self._failed_generation = -1  # the writer thread's
 
     def now(self) -> Now:
         return Now(self.clock(), self.monotonic())
@@ -130,16 +159,32 @@ class Engine:
     # -- the engine's thread ----------------------------------------------------------------------
 
     def run(self, stopping: Stopping) -> None:
-        with stopping.closing(self):
-            while not stopping.is_set():
-                commands = self._next_commands()
-                if _STOP in commands:
-                    for command in commands:
-                        if command is not _STOP:
-                            command.error = unavailable("the scheduler is stopping")
-                            command.done()
-                    return
-                self.turn(commands)
+        writer = threading.Thread(target=self._write_turns, name="scheduler-writer", daemon=True)
+        writer.start()
+        try:
+            with stopping.closing(self):
+                while not stopping.is_set():
+                    commands = self._next_commands()
+                    if _STOP in commands:
+                        for command in commands:
+                            if command is not _STOP and command is not _RELOAD:
+                                command.error = unavailable("the scheduler is stopping")
+                                command.done()
+                        return
+                    if _RELOAD in commands:
+                        self._reload()
+                        commands = [command for command in commands if command is not _RELOAD]
+                    self.turn(commands)  # with none: the timers that are due
+        finally:
+            self._turns.put(_WRITER_STOP)  # the turns handed over are still committed and answered
+            writer.join()
+
+    def _reload(self) -> None:
+        """A commit failed: the Core is rebuilt from the store (the commands not applied yet are applied
+        to the new one; those of turns made on the old one, ahead of the store, are refused by the writer)."""
+        log.warning("a scheduler commit failed: reloading from the store")
+        self.load()
+        self._generation += 1
 
     def _next_commands(self) -> list[Command]:
         due = self.core.next_timer()
@@ -157,8 +202,7 @@ class Engine:
         return commands
 
     def turn(self, commands: list[Command]) -> None:
-        """Apply the commands, fire due timers, dispatch; push the leases; commit; then answer, publish
-        and push the rest."""
+        """Apply the commands, fire due timers, dispatch; push the leases; hand the rest to the writer."""
         core = self.core
         now = self.now()
         for command in commands:
@@ -174,39 +218,76 @@ class Engine:
         effects = core.take_effects()
         for push, lease in effects.leases:
             push(lease)
-        try:
-            self._write(core, effects)
-        except Exception as exc:
-            log.exception("scheduler commit failed: reloading from the store")
-            for command in commands:
-                command.error = unavailable(f"the scheduler could not commit: {exc}")
-                command.done()
-            self.load()
-            return
-        for command in commands:
-            command.done()
-        for event in effects.events:
-            try:
-                self.events.publish(event)
-            except Exception:
-                log.exception("publishing a task event failed", extra={"event": type(event).__name__})
-        for push, assignment in effects.pushes:
-            push(assignment)
+        self._turns.put(
+            Turn(self._generation, commands, self._writes(core, effects), effects.events, effects.pushes)
+        )
 
-    def _write(self, core: Core, effects: Effects) -> None:
-        if not (effects.tasks or effects.keys or effects.schedules or effects.removed_schedules):
-            if not (effects.keys_expired_before or effects.finished_before):
+    def _writes(self, core: Core, effects: Effects) -> list[tuple]:
+        """The turn's changes to the store, encoded now (the Core's objects change in later turns): each
+        a Batch method and its arguments."""
+        writes: list[tuple] = [
+            (Batch.put_row, task_row(task, *core.lease_of(task.id))) for task in effects.tasks.values()
+        ]
+        for key in effects.keys:
+            writes.append((Batch.put_key, *key))
+        if effects.keys_expired_before:
+            writes.append((Batch.drop_keys_before, effects.keys_expired_before))
+        if effects.finished_before:
+            writes.append((Batch.drop_finished_before, effects.finished_before))
+        for schedule in effects.schedules.values():
+            writes.append((Batch.put_schedule_row, schedule_row(schedule)))
+        for schedule_id in effects.removed_schedules:
+            writes.append((Batch.remove_schedule, schedule_id))
+        return writes
+
+    # -- the writer's thread ----------------------------------------------------------------------
+
+    def _write_turns(self) -> None:
+        while True:
+            turns = [self._turns.get()]
+            while True:
+                try:
+                    turns.append(self._turns.get_nowait())
+                except queue.Empty:
+                    break
+            stop = turns[-1] is _WRITER_STOP  # nothing is handed over after it
+            self._commit([turn for turn in turns if turn is not _WRITER_STOP])
+            if stop:
                 return
-        with self.store.batch() as batch:
-            for task in effects.tasks.values():
-                batch.put_task(task, *core.lease_of(task.id))
-            for key in effects.keys:
-                batch.put_key(*key)
-            if effects.keys_expired_before:
-                batch.drop_keys_before(effects.keys_expired_before)
-            if effects.finished_before:
-                batch.drop_finished_before(effects.finished_before)
-            for schedule in effects.schedules.values():
-                batch.put_schedule(schedule)
-            for schedule_id in effects.removed_schedules:
-                batch.remove_schedule(schedule_id)
+
+    def _commit(self, turns: list[Turn]) -> None:
+        """Write the turns in one transaction; then answer, publish and push, in their order."""
+        doomed = [turn for turn in turns if turn.generation <= self._failed_generation]
+        turns = [turn for turn in turns if turn.generation > self._failed_generation]
+        for turn in doomed:  # made on a Core that was ahead of the store
+            self._refuse(turn, "the scheduler could not commit an earlier change: it reloads from its store")
+        writes = [write for turn in turns for write in turn.writes]
+        try:
+            if writes:
+                with self.store.batch() as batch:
+                    for method, *args in writes:
+                        method(batch, *args)
+        except Exception as exc:
+            log.exception("scheduler commit failed")
+            self._failed_generation = max(turn.generation for turn in turns)
+            for turn in turns:
+                self._refuse(turn, f"the scheduler could not commit: {exc}")
+            self._inbox.put(_RELOAD)
+            return
+        for turn in turns:
+            for command in turn.commands:
+                command.done()
+        for turn in turns:
+            for event in turn.events:
+                try:
+                    self.events.publish(event)
+                except Exception:
+                    log.exception("publishing a task event failed", extra={"event": type(event).__name__})
+            for push, assignment in turn.pushes:
+                push(assignment)
+
+    @staticmethod
+    def _refuse(turn: Turn, message: str) -> None:
+        for command in turn.commands:
+            command.error = unavailable(message)
+            command.done()

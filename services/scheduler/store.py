@@ -76,21 +76,16 @@ class Batch:
         self._db = db
 
     def put_task(self, task: TaskInfo, lease_id: str = "", worker_key: str = "") -> None:
+        self.put_row(task_row(task, lease_id, worker_key))
+
+    def put_row(self, row: tuple) -> None:
+        """A task's row as `task_row` made it."""
         self._db.execute(
             "INSERT INTO tasks (id, queue, state, session_id, lease_id, worker_key, body, finished_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state,"
             " lease_id = excluded.lease_id, worker_key = excluded.worker_key, body = excluded.body,"
             " finished_at = excluded.finished_at",
-            (
-                task.id,
-                task.queue,
-                task.state.value,
-                task.session_id,
-                lease_id,
-                worker_key,
-                _encode(task),
-                task.finished_at if task.state in TERMINAL else 0.0,
-            ),
+            row,
         )
 
     def drop_finished_before(self, finished_at: float) -> None:
@@ -113,14 +108,30 @@ class Batch:
     def drop_keys_before(self, created_at: float) -> None:
         self._db.execute("DELETE FROM task_keys WHERE created_at < ?", (created_at,))
 
-    def put_schedule(self, schedule: ScheduleInfo) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO schedules (id, session_id, body) VALUES (?, ?, ?)",
-            (schedule.id, schedule.session_id, _encode(schedule)),
-        )
+    def put_schedule_row(self, row: tuple) -> None:
+        """A schedule's row as `schedule_row` made it."""
+        self._db.execute("INSERT OR REPLACE INTO schedules (id, session_id, body) VALUES (?, ?, ?)", row)
 
     def remove_schedule(self, schedule_id: str) -> None:
         self._db.execute("DELETE FROM schedules WHERE id = ?", (schedule_id,))
+
+
+def task_row(task: TaskInfo, lease_id: str = "", worker_key: str = "") -> tuple:
+    """The task as its row holds it, encoded now (a later change of `task` does not change the row)."""
+    return (
+        task.id,
+        task.queue,
+        task.state.value,
+        task.session_id,
+        lease_id,
+        worker_key,
+        _encode(task),
+        task.finished_at if task.state in TERMINAL else 0.0,
+    )
+
+
+def schedule_row(schedule: ScheduleInfo) -> tuple:
+    return (schedule.id, schedule.session_id, _encode(schedule))
 
 
 def _get_task(db: sqlite3.Connection, task_id: str) -> TaskInfo | None:

@@ -1,0 +1,126 @@
+"""The scheduler's engine thread and its writer: the engine goes on while a commit runs; nothing is
+answered before its commit; a failed commit refuses its turns and rebuilds the Core from the store."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+
+import pytest
+
+from baaaht.bus.background import Stopping
+from baaaht.bus.errors import BusError
+from baaaht.schemas.config import SchedulerConfig
+from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.tasks import TaskState, TaskSubmit, TaskWork
+from baaaht.services.scheduler.engine import Engine
+from baaaht.services.scheduler.store import SchedulerStore
+
+WAIT = 10.0
+
+
+class GatedStore(SchedulerStore):
+    """A real store whose commits wait for `gate` (inside the transaction) and can be made to fail."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.committing = threading.Event()  # set when a commit reaches the gate
+        self.fail_next = False
+
+    @contextlib.contextmanager
+    def batch(self):
+        with super().batch() as batch:
+            yield batch
+            self.committing.set()
+            assert self.gate.wait(WAIT)
+            if self.fail_next:
+                self.fail_next = False
+                raise sqlite3.OperationalError("disk I/O error")
+
+
+class Events:
+    def __init__(self):
+        self.published = []
+
+    def publish(self, event, subtopic: str = "") -> None:
+        self.published.append(event)
+
+
+@pytest.fixture
+def engine(tmp_path):
+    store = GatedStore(str(tmp_path / "tasks.db"))
+    events = Events()
+    engine = Engine(store, SchedulerConfig(), events)
+    engine.load()
+    stopping = Stopping()
+    thread = threading.Thread(target=engine.run, args=(stopping,), daemon=True)
+    thread.start()
+    yield engine, store, events
+    store.gate.set()
+    stopping.set()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    store.close()
+
+
+def in_thread(call):
+    """Run `call()` in a thread; the thread and a dict that gets its result or error."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = call()
+        except BusError as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def submit(engine: Engine, queue: str = "q"):
+    return engine.call(lambda core, now: core.submit(TaskSubmit(queue=queue, task_type="t"), "", now)[0])
+
+
+def test_the_engine_leases_the_next_task_while_a_commit_runs_and_answers_only_after_it(engine):
+    engine, store, events = engine
+    leases = []
+    lease_seen = threading.Semaphore(0)
+
+    def push(assignment):
+        leases.append(assignment)
+        lease_seen.release()
+
+    work = TaskWork(worker_id="w", queues=["q"], slots=2)
+    engine.call(lambda core, now: core.work_open(work, None, push, object(), now))
+    store.gate.clear()
+    store.committing.clear()
+    first, first_out = in_thread(lambda: submit(engine))
+    assert lease_seen.acquire(timeout=WAIT) and store.committing.wait(WAIT)  # its commit is held
+    second, second_out = in_thread(lambda: submit(engine))
+    # The engine took the second submit and leased it while the first commit still waits.
+    assert lease_seen.acquire(timeout=WAIT)
+    assert len(leases) == 2 and first_out == {} and second_out == {}
+    assert store.get(leases[0].task_id) is None  # nothing of it is committed yet
+    store.gate.set()
+    first.join(WAIT)
+    second.join(WAIT)
+    assert [out["result"].id for out in (first_out, second_out)] == [a.task_id for a in leases]
+    assert {store.get(a.task_id).state for a in leases} == {TaskState.RUNNING}
+    assert [type(e).__name__ for e in events.published].count("TaskQueued") == 2
+
+
+def test_a_failed_commit_refuses_its_turns_and_the_core_is_rebuilt_from_the_store(engine):
+    engine, store, events = engine
+    kept = submit(engine)
+    store.fail_next = True
+    with pytest.raises(BusError) as caught:
+        submit(engine, queue="lost")
+    assert caught.value.code is ErrorCode.UNAVAILABLE
+    after = submit(engine)  # the engine took up work again, on a Core that has what the store has
+    queued = engine.call(lambda core, now: sorted(t.queue for t in core.tasks.values()))
+    assert queued == ["q", "q"] and {kept.id, after.id} <= {t.id for t in store.list([], "", "", 10, 0)[0]}
+    assert "lost" not in [getattr(e, "queue", "") for e in events.published]
