@@ -129,58 +129,76 @@ class ProgressSender:
 
 
 class OutcomeSender:
-    """A worker's outcomes on their way to the scheduler: one task.complete in flight at a time, the
-    outcomes that end meanwhile reported together in the next call (the first goes at once): a worker
-    whose slots finish together makes one call for them, not one each."""
+    """A worker's outcomes on their way to the scheduler. One that ends with nothing waiting to go out
+    is reported at once, from its own task; those that end while it waits for its answer go out
+    together in the next call, one loop turn later, without waiting for that answer (the answer comes
+    after the scheduler's commit, and the slot is free at the scheduler as soon as the outcome is
+    applied): a worker whose slots finish together makes one call for them, not one each, and a slot
+    never waits a commit for its next task."""
 
     def __init__(self, report: Callable[[TaskComplete, float], Awaitable[TaskCompleteResult]]):
         self.report = report
         self.pending: list[tuple[TaskComplete, float, asyncio.Future]] = []
-        self.sending: asyncio.Task | None = None
+        self.in_flight = 0  # task.complete calls sent, not yet answered
+        self.flushing: asyncio.Task | None = None  # the task that sends what is pending
+        self.calls: set[asyncio.Task] = set()  # the flushes whose calls are out (cancelled on stop)
 
     async def send(self, outcome: TaskComplete, until: float) -> None:
         """Once the scheduler recorded `outcome`; LeaseLost when it did not (`until`: see _report)."""
         loop = asyncio.get_running_loop()
-        if self.sending is None and not self.pending:
-            # Nothing in flight: reported from here at once, not a loop turn later by a task (a worker's
+        if not self.in_flight and self.flushing is None:
+            # Nothing on its way: reported from here at once, not a loop turn later by a task (a worker's
             # one slot is free again at the scheduler only once it has this).
-            self.sending = asyncio.current_task()
+            self.in_flight += 1
             try:
                 await self.report(outcome, until)
             finally:
-                self.sending = loop.create_task(self._send()) if self.pending else None
+                self.in_flight -= 1
             return
         recorded = loop.create_future()  # cancelled with its awaiter (the worker stopping)
         self.pending.append((outcome, until, recorded))
-        if self.sending is None:
-            self.sending = loop.create_task(self._send())
+        if self.flushing is None:
+            self._flush_soon()
         await recorded
 
+    def _flush_soon(self) -> None:
+        """What is pending goes out in one call from a task of its own, on the next loop turn."""
+        self.flushing = asyncio.get_running_loop().create_task(self._send())
+        self.calls.add(self.flushing)
+        self.flushing.add_done_callback(self.calls.discard)
+
+    def cancel(self) -> None:
+        """The worker stops: the calls still out are given up (their outcomes' awaiters see LeaseLost)."""
+        for call in list(self.calls):
+            call.cancel()
+
     async def _send(self) -> None:
+        batch = self.pending[: MAX_OUTCOMES + 1]
+        del self.pending[: len(batch)]
+        # What ends from now on goes in another call (or, past MAX_OUTCOMES, the rest at once).
+        self.flushing = None
+        if self.pending:
+            self._flush_soon()
+        self.in_flight += 1
+        lost: dict[str, LeaseLost] | None = None  # by lease id, once the call was answered
         try:
-            while self.pending:
-                batch = self.pending[: MAX_OUTCOMES + 1]
-                del self.pending[: len(batch)]
-                lost: dict[str, LeaseLost] | None = None  # by lease id, once the call was answered
-                try:
-                    first, rest = batch[0][0], [outcome for outcome, _, _ in batch[1:]]
-                    request = msgspec.structs.replace(first, more=rest) if rest else first
-                    answer = await self.report(request, max(until for _, until, _ in batch))
-                    lost = {r.lease_id: LeaseLost(f"{r.code.value}: {r.message}") for r in answer.refused}
-                except LeaseLost as exc:
-                    lost = {outcome.lease_id: exc for outcome, _, _ in batch}
-                finally:
-                    for outcome, _, recorded in batch:
-                        if recorded.done():
-                            continue
-                        if lost is None:  # this sender was stopped (or failed) before the answer
-                            recorded.set_exception(LeaseLost("the outcome's report was interrupted"))
-                        elif outcome.lease_id in lost:
-                            recorded.set_exception(lost[outcome.lease_id])
-                        else:
-                            recorded.set_result(None)
+            first, rest = batch[0][0], [outcome for outcome, _, _ in batch[1:]]
+            request = msgspec.structs.replace(first, more=rest) if rest else first
+            answer = await self.report(request, max(until for _, until, _ in batch))
+            lost = {r.lease_id: LeaseLost(f"{r.code.value}: {r.message}") for r in answer.refused}
+        except LeaseLost as exc:
+            lost = {outcome.lease_id: exc for outcome, _, _ in batch}
         finally:
-            self.sending = None
+            self.in_flight -= 1
+            for outcome, _, recorded in batch:
+                if recorded.done():
+                    continue
+                if lost is None:  # this sender was stopped (or failed) before the answer
+                    recorded.set_exception(LeaseLost("the outcome's report was interrupted"))
+                elif outcome.lease_id in lost:
+                    recorded.set_exception(lost[outcome.lease_id])
+                else:
+                    recorded.set_result(None)
 
 
 @dataclass
@@ -258,8 +276,7 @@ class Worker:
                 await asyncio.gather(
                     *(runner for _t, runner in self.running.values()), return_exceptions=True
                 )
-            if self.outcomes.sending is not None:
-                self.outcomes.sending.cancel()
+            self.outcomes.cancel()
 
     def _take(self, assignment: TaskAssignment) -> None:
         if assignment.kind == "cancel":
