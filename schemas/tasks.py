@@ -42,6 +42,7 @@ PageLimit = Annotated[int, Meta(ge=1, le=1000)]
 MAX_PROGRESS_CHUNK = 256 * 1024  # bytes of one chunk of streamed output
 MAX_PROGRESS_CHUNKS = 64  # chunks in one task.progress call
 MAX_OUTCOMES = 256  # outcomes in the `more` of one task.complete call
+MAX_SUBMITS = 256  # tasks in the `more` of one task.submit call
 ProgressChunk = Annotated[bytes, Meta(max_length=MAX_PROGRESS_CHUNK)]
 Cursor = Annotated[int, Meta(ge=0)]
 
@@ -133,11 +134,15 @@ class TaskPage(Response, kw_only=True):
 class TaskSubmitResult(Response, kw_only=True):
     task: TaskInfo
     duplicate: bool = False  # the idempotency key was seen: this is the first task with it
+    more: list[TaskSubmitResult] = []  # of the submit's `more`, in its order
 
 
 class TaskSubmit(Request, tag="task.submit", kw_only=True):
     """Answered once the task is durable. With a `key`, a second submit (in the same session) within
-    `scheduler.key_retention` answers the first task, duplicate=True."""
+    `scheduler.key_retention` answers the first task, duplicate=True. A caller with many tasks to submit
+    at once puts the others in `more` (each with no `more` of its own): one call, one commit, all of
+    them accepted or, when one is refused, none (the error names it: `more[i]`); the answer's `more`
+    has their results in the same order."""
 
     response: ClassVar[type] = TaskSubmitResult
 
@@ -151,6 +156,7 @@ class TaskSubmit(Request, tag="task.submit", kw_only=True):
     not_before: Seconds = 0.0  # an absolute time; the later of it and now + delay counts
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    more: Annotated[list[TaskSubmit], Meta(max_length=MAX_SUBMITS)] = []
 
 
 class TaskGet(Request, tag="task.get", kw_only=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import msgspec
@@ -369,3 +370,59 @@ def test_ids_are_random_hex_drawn_from_the_os_a_batch_at_a_time():
     assert all(int(i, 16) >= 0 for i in made)
     default = Core(SchedulerConfig(), lambda _id: None).new_id
     assert isinstance(default, RandomIds)
+
+
+def test_a_batch_submit_is_accepted_whole_in_order_or_refused_whole_naming_the_bad_task():
+    clock = Clock()
+    core, _pushed = core_with_worker(clock, slots=0)
+    good = TaskSubmit(queue="q", task_type="t", payload=b"\x01")
+    bad = TaskSubmit(queue="q", task_type="t", payload=b"\xc1")  # not msgpack
+    with pytest.raises(BusError) as caught:
+        core.submit_batch([good, good, bad], ["", "", ""], clock.now())
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert caught.value.message.startswith("more[1]: payload") and caught.value.details["item"] == 1
+    effects = core.take_effects()
+    assert core.tasks == {} and effects.tasks == {} and effects.events == []
+
+    keyed = TaskSubmit(queue="q", task_type="t", key="k")
+    accepted = core.submit_batch(
+        [good, keyed, TaskSubmit(queue="q", task_type="u"), keyed], ["", "s", "", "s"], clock.now()
+    )
+    assert [(task.task_type, task.session_id, duplicate) for task, duplicate in accepted] == [
+        ("t", "", False),
+        ("t", "s", False),
+        ("u", "", False),
+        ("t", "s", True),  # the same key in the same call: the first task with it
+    ]
+    assert accepted[3][0].id == accepted[1][0].id
+    assert set(core.take_effects().tasks) == {task.id for task, _ in accepted}
+
+
+def test_an_outcome_ending_while_another_waits_for_its_answer_goes_out_without_waiting_for_it():
+    from baaaht.bus.worker import OutcomeSender
+    from baaaht.schemas.tasks import TaskCompleteResult
+
+    async def scenario():
+        calls, answer = [], asyncio.Event()
+
+        async def report(request, until):
+            calls.append([o.lease_id for o in (request, *request.more)])
+            await answer.wait()  # the scheduler answers after its commit
+            return TaskCompleteResult()
+
+        sender = OutcomeSender(report)
+
+        def outcome(n):
+            return TaskComplete(task_id=f"t{n}", lease_id=f"l{n}", outcome="succeeded")
+
+        first = asyncio.create_task(sender.send(outcome(0), 1e9))
+        await asyncio.sleep(0)
+        together = [asyncio.create_task(sender.send(outcome(n), 1e9)) for n in (1, 2)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert calls == [["l0"], ["l1", "l2"]]  # the two that ended together share one call, at once
+        answer.set()
+        await asyncio.wait_for(asyncio.gather(first, *together), 5)
+        assert sender.in_flight == 0 and sender.flushing is None and not sender.calls
+
+    asyncio.run(scenario())

@@ -21,10 +21,12 @@ from baaaht.schemas.tasks import (
     TaskCancel,
     TaskComplete,
     TaskFinished,
+    TaskList,
     TaskProgress,
     TaskProgressed,
     TaskProgressReport,
     TaskState,
+    TaskSubmit,
     TaskWait,
     TaskWork,
 )
@@ -277,6 +279,23 @@ def test_outcomes_reported_together_are_each_recorded_once_or_refused_alone(sche
         done = scheduler.get(task.id)
         assert done.state is TaskState.SUCCEEDED and msgspec.msgpack.decode(done.result) == n
     work.close()
+
+
+def test_tasks_submitted_in_one_call_are_all_stored_in_order_or_none_are(scheduler):
+    def task(n: int, **fields) -> TaskSubmit:
+        return TaskSubmit(queue="bulk", task_type="noop", payload=payload(n), **fields)
+
+    nested = task(1, more=[task(2)])
+    error = error_of(lambda: scheduler.client.call(task(0, more=[task(3), nested])))
+    assert error.code is ErrorCode.INVALID_ARGUMENT and error.message.startswith("more[1]: ")
+    assert scheduler.client.call(TaskList(queue="bulk")).tasks == []
+
+    answer = scheduler.client.call(task(0, more=[task(n) for n in range(1, 5)]))
+    results = [answer.task, *(result.task for result in answer.more)]
+    assert [msgspec.msgpack.decode(t.payload) for t in results] == [0, 1, 2, 3, 4]
+    stored = scheduler.client.call(TaskList(queue="bulk")).tasks
+    assert [t.id for t in stored] == [t.id for t in results]
+    assert {t.state for t in stored} == {TaskState.QUEUED}
 
 
 class CountingBus:

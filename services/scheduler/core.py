@@ -17,11 +17,12 @@ only for the lease that is current.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import msgspec
 
@@ -131,6 +132,17 @@ class Effects:
 def finished(task: TaskInfo) -> TaskFinished:
     """A finished task as task.wait answers it: a copy, since the waiter's thread encodes it."""
     return _finished.decode(_encode(task))
+
+
+@contextlib.contextmanager
+def named_item(n: int) -> Iterator[None]:
+    """A refusal of the n-th task of a batch submit (0: the call's own) says which one it was."""
+    try:
+        yield
+    except BusError as exc:
+        if n == 0:
+            raise
+        raise BusError(exc.code, f"more[{n - 1}]: {exc.message}", {**exc.details, "item": n - 1}) from None
 
 
 def visible(task: TaskInfo, scope: str | None) -> bool:
@@ -278,6 +290,21 @@ class Core:
 
     def submit(self, req: TaskSubmit, session_id: str, now: Now) -> tuple[TaskInfo, bool]:
         self._check_payload(req.payload, "payload")
+        return self._accept(req, session_id, now)
+
+    def submit_batch(
+        self, items: list[TaskSubmit], session_ids: list[str], now: Now
+    ) -> list[tuple[TaskInfo, bool]]:
+        """The tasks of one task.submit (its own, then those of its `more`): every one accepted, or none
+        when one is refused (checked before anything changes; the error names it: `named_item`)."""
+        for n, item in enumerate(items):
+            with named_item(n):
+                self._check_payload(item.payload, "payload")
+        return [
+            self._accept(item, session_id, now) for item, session_id in zip(items, session_ids, strict=True)
+        ]
+
+    def _accept(self, req: TaskSubmit, session_id: str, now: Now) -> tuple[TaskInfo, bool]:
         if req.key:
             found = self.keys.get((session_id, req.key))
             if found is not None and found[1] >= now.wall - self.key_retention:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from baaaht.bus.background import Stopping, background
 from baaaht.bus.client import BusClient
-from baaaht.bus.errors import BusError, not_found
+from baaaht.bus.errors import BusError, invalid, not_found
 from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.schemas.base import Empty
@@ -50,7 +50,7 @@ from baaaht.schemas.tasks import (
     TaskWorkers,
     TaskWorkersResult,
 )
-from baaaht.services.scheduler.core import visible
+from baaaht.services.scheduler.core import named_item, visible
 from baaaht.services.scheduler.engine import Engine
 from baaaht.services.scheduler.scope import check_submit_queue, scope_of, session_for
 from baaaht.services.scheduler.sessions import catch_up, session_peer
@@ -121,14 +121,33 @@ class SchedulerService(Service):
 
     @rpc
     def submit(self, req: TaskSubmit, ctx: CallContext) -> TaskSubmitResult:
-        session_id = session_for(ctx.caller, req.session_id, "submit")
-        check_submit_queue(ctx.caller, req.queue)
+        if not req.more:
+            session_id = session_for(ctx.caller, req.session_id, "submit")
+            check_submit_queue(ctx.caller, req.queue)
 
-        def apply(core, now):
-            task, duplicate = core.submit(req, session_id, now)
-            return TaskSubmitResult(task=task, duplicate=duplicate)
+            def apply(core, now):
+                task, duplicate = core.submit(req, session_id, now)
+                return TaskSubmitResult(task=task, duplicate=duplicate)
 
-        return self.engine.call(apply, ctx)
+            return self.engine.call(apply, ctx)
+        items = [req, *req.more]
+        session_ids = []
+        for n, item in enumerate(items):
+            with named_item(n):
+                if n and item.more:
+                    raise invalid("a task in a task.submit's more has a more of its own", field="more")
+                session_ids.append(session_for(ctx.caller, item.session_id, "submit"))
+                check_submit_queue(ctx.caller, item.queue)
+
+        def apply_batch(core, now):
+            first, *rest = [
+                TaskSubmitResult(task=task, duplicate=duplicate)
+                for task, duplicate in core.submit_batch(items, session_ids, now)
+            ]
+            first.more = rest
+            return first
+
+        return self.engine.call(apply_batch, ctx)
 
     @rpc
     def get(self, req: TaskGet, ctx: CallContext) -> TaskInfo:
