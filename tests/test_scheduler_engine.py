@@ -13,7 +13,7 @@ from baaaht.bus.background import Stopping
 from baaaht.bus.errors import BusError
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.tasks import TaskState, TaskSubmit, TaskWork
+from baaaht.schemas.tasks import TaskComplete, TaskState, TaskSubmit, TaskWork
 from baaaht.services.scheduler.engine import Engine
 from baaaht.services.scheduler.store import SchedulerStore
 
@@ -124,3 +124,21 @@ def test_a_failed_commit_refuses_its_turns_and_the_core_is_rebuilt_from_the_stor
     queued = engine.call(lambda core, now: sorted(t.queue for t in core.tasks.values()))
     assert queued == ["q", "q"] and {kept.id, after.id} <= {t.id for t in store.list([], "", "", 10, 0)[0]}
     assert "lost" not in [getattr(e, "queue", "") for e in events.published]
+
+
+def test_a_task_finished_in_a_turn_not_committed_yet_is_answered_finished_to_a_later_turn(engine):
+    engine, store, _events = engine
+    leases = []
+    work = TaskWork(worker_id="w", queues=["q"], slots=1)
+    engine.call(lambda core, now: core.work_open(work, None, leases.append, object(), now))
+    task = submit(engine)
+    done = TaskComplete(task_id=task.id, lease_id=leases[0].lease_id, outcome="succeeded")
+    store.gate.clear()
+    store.committing.clear()
+    completing, completed = in_thread(lambda: engine.call(lambda core, now: core.complete(done, None, now)))
+    assert store.committing.wait(WAIT)  # the outcome's commit is held: the store has the task running
+    waiting, waited = in_thread(lambda: engine.call(lambda core, now: core.wait_open(task.id, None, print)))
+    store.gate.set()
+    completing.join(WAIT)
+    waiting.join(WAIT)
+    assert "error" not in completed and waited["result"].state is TaskState.SUCCEEDED

@@ -38,6 +38,7 @@ from baaaht.bus.errors import BusError, unavailable
 from baaaht.bus.service import CallContext, Publisher
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
+from baaaht.schemas.tasks import TERMINAL, TaskInfo
 from baaaht.services.scheduler.core import Core, Effects, Now
 from baaaht.services.scheduler.store import Batch, SchedulerStore, schedule_row, task_row
 
@@ -74,9 +75,12 @@ class Turn:
     """What one engine turn hands the writer: its commands (answered after the commit), its writes
     (encoded on the engine's thread: the rows as the turn left them), its events and pushes."""
 
-    __slots__ = ("generation", "commands", "writes", "events", "pushes")
+    __slots__ = ("seq", "generation", "commands", "writes", "events", "pushes")
 
-    def __init__(self, generation: int, commands: list[Command], writes: list, events: list, pushes: list):
+    def __init__(
+        self, seq: int, generation: int, commands: list[Command], writes: list, events: list, pushes: list
+    ):
+        self.seq = seq
         self.generation = generation
         self.commands = commands
         self.writes = writes
@@ -84,7 +88,7 @@ class Turn:
         self.pushes = pushes
 
 
-_WRITER_STOP = Turn(-1, [], [], [], [])
+_WRITER_STOP = Turn(-1, -1, [], [], [], [])
 
 
 def snapshot(result: Any) -> Any:
@@ -117,13 +121,19 @@ class Engine:
         # Bumped by each rebuild of the Core: the writer fails the turns of a generation whose commit failed.
         self._generation = 0
         self._failed_generation = -1  # the writer thread's
+        # Tasks finished in turns the writer may not have committed yet, by id: (turn, task). The store
+        # still has them unfinished; the Core, which no longer holds them, asks for them here first.
+        self._unwritten: dict[str, tuple[int, TaskInfo]] = {}
+        self._turn_seq = 0
+        self._written_through = 0  # the last turn committed (set by the writer)
 
     def now(self) -> Now:
         return Now(self.clock(), self.monotonic())
 
     def load(self) -> None:
         """Rebuild the Core from the store (at start, and after a failed commit)."""
-        core = self.core_factory(self.config, self.store.get)
+        self._unwritten.clear()  # what the store holds is all there is
+        core = self.core_factory(self.config, self._task)
         now = self.now()
         core.load(
             self.store.live_tasks(),
@@ -134,6 +144,11 @@ class Engine:
         if self.core is not None:  # a reload: the task.wait streams still wait
             core.waiters = self.core.waiters
         self.core = core
+
+    def _task(self, task_id: str) -> TaskInfo | None:
+        """A task the Core no longer holds: as the engine finished it, or as the store has it."""
+        unwritten = self._unwritten.get(task_id)
+        return unwritten[1] if unwritten is not None else self.store.get(task_id)
 
     # -- callers' side (RPC threads) --------------------------------------------------------------
 
@@ -218,9 +233,31 @@ class Engine:
         effects = core.take_effects()
         for push, lease in effects.leases:
             push(lease)
+        self._turn_seq += 1
+        self._remember_finished(effects, self._turn_seq)
         self._turns.put(
-            Turn(self._generation, commands, self._writes(core, effects), effects.events, effects.pushes)
+            Turn(
+                self._turn_seq,
+                self._generation,
+                commands,
+                self._writes(core, effects),
+                effects.events,
+                effects.pushes,
+            )
         )
+
+    def _remember_finished(self, effects: Effects, seq: int) -> None:
+        """Keep this turn's finished tasks until their commit; forget those committed since."""
+        unwritten, written = self._unwritten, self._written_through
+        while unwritten:
+            oldest = next(iter(unwritten))
+            if unwritten[oldest][0] > written:
+                break
+            del unwritten[oldest]
+        for task in effects.tasks.values():
+            if task.state in TERMINAL:
+                unwritten.pop(task.id, None)  # to the end: the dict stays in turn order
+                unwritten[task.id] = (seq, task)
 
     def _writes(self, core: Core, effects: Effects) -> list[tuple]:
         """The turn's changes to the store, encoded now (the Core's objects change in later turns): each
@@ -274,6 +311,8 @@ class Engine:
                 self._refuse(turn, f"the scheduler could not commit: {exc}")
             self._inbox.put(_RELOAD)
             return
+        if turns:
+            self._written_through = turns[-1].seq
         for turn in turns:
             for command in turn.commands:
                 command.done()
