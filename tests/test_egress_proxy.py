@@ -16,11 +16,12 @@ import msgspec
 import pytest
 import uvloop
 
-from baaaht.bus.testing import ServiceHarness, wait_for
+from baaaht.bus.errors import not_found
+from baaaht.bus.testing import FakeBus, ServiceHarness, wait_for
 from baaaht.common import audit_chain
 from baaaht.schemas.config import Config
 from baaaht.schemas.egress import CredentialUsage, EgressAuditRecord, EgressProxied, EgressRefused
-from baaaht.schemas.sessions import SessionDeleted
+from baaaht.schemas.sessions import SessionDeleted, SessionGet
 from baaaht.services.credentials.egress.journal import audit_path
 from baaaht.services.credentials.egress.proxy import MAX_ERROR_BODY
 from baaaht.services.credentials.egress.usage_store import UsageStore, usage_path
@@ -256,6 +257,29 @@ def test_a_deleted_sessions_usage_goes_with_it_from_memory_and_from_the_file(tmp
             assert saved_usage(saved) == []
         with running_egress(tmp_path) as egress:
             assert egress.server.usage(CredentialUsage()).sessions == []
+    finally:
+        store.close()
+
+
+def test_usage_of_a_session_deleted_while_the_service_was_down_is_pruned_once_sessions_answers(tmp_path):
+    store = CredentialStore.open(str(tmp_path / "creds"), KeyFile(str(tmp_path / "keys" / "m.key")))
+    try:
+        with running_egress(tmp_path) as egress, egress.client() as client:
+            assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+        bus = FakeBus()
+        with running_egress(tmp_path) as egress:  # restarted: the session was deleted meanwhile
+            harness = ServiceHarness(
+                CredentialService, store, Config(), bus=bus, egress=lambda s: egress.server
+            )
+            harness.service.prune_deleted_sessions()  # the session service is not there yet: kept
+            assert [u.session_id for u in egress.server.usage(CredentialUsage()).sessions] == [SESSION]
+            bus.answer(SessionGet, not_found(f"no session {SESSION}", session_id=SESSION))
+            harness.service.prune_deleted_sessions()
+            assert egress.server.usage(CredentialUsage()).sessions == []
+            assert [r.session_id for r in bus.requests(SessionGet)] == [SESSION, SESSION]
+            harness.service.prune_deleted_sessions()  # asked once: no more calls
+            assert len(bus.requests(SessionGet)) == 2
+        assert saved_usage(usage_path(egress.data_dir)) == []
     finally:
         store.close()
 

@@ -6,7 +6,8 @@ process, through the service's SecretSource face (`secret_for`, `mark_used`): th
 which runs here, injects them into upstream requests.
 
 Background work: last-use times are written in batches, retired versions erased once their grace
-period is over, and each expiry announced once as `credential.expired`.
+period is over, each expiry announced once as `credential.expired`, and the egress usage of sessions
+deleted while the service was down (their `session.deleted` never reached it) pruned.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from baaaht.bus.background import background
 from baaaht.bus.callers import host_callers_only
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, invalid, not_found
+from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config, CredentialsConfig
@@ -89,13 +91,18 @@ class CredentialService(Service):
         config: Config,
         *,
         events: Publisher,
+        sessions: Peer,
         clock: Callable[[], float] = time.time,
         egress: Callable[[SecretSource], EgressServer] | None = None,
     ):
         self.store = store
         self.settings = config.credentials
         self.events = events
+        self.sessions = sessions
         self.clock = clock
+        self._unconfirmed: set[str] | None = (
+            None  # sessions with usage at the first sweep, not yet asked about
+        )
         # The egress proxy serves agents from this process, with this service as its SecretSource.
         self.egress = egress(self) if egress is not None else None
 
@@ -111,6 +118,7 @@ class CredentialService(Service):
             store,
             config,
             events=bus,
+            sessions=Peer(bus, "session", timeout=float(config.bus.call_timeout)),
             egress=lambda secrets: EgressServer.for_config(config, secrets, bus),
         )
 
@@ -211,6 +219,28 @@ class CredentialService(Service):
         for name, version in self.store.erase_retired():
             log.info("retired version erased", extra={"credential": name, "version": version})
         self.announce_expired()
+        self.prune_deleted_sessions()
+
+    def prune_deleted_sessions(self) -> None:
+        """Each session that had usage at the first sweep is asked about once: one the session service no
+        longer has was deleted while this service was down, and its usage goes as session.deleted would
+        have taken it. Until the session service answers, the next sweep asks again."""
+        if self.egress is None:
+            return
+        if self._unconfirmed is None:
+            self._unconfirmed = {usage.session_id for usage in self.egress.usage(CredentialUsage()).sessions}
+        for session_id in sorted(self._unconfirmed):
+            try:
+                self.sessions.get(None, session_id=session_id)
+            except BusError as error:
+                if error.code is not ErrorCode.NOT_FOUND or error.details.get("session_id") != session_id:
+                    log.info(
+                        "the session service cannot say which sessions exist", extra={"reason": error.message}
+                    )
+                    return
+                log.info("a session was deleted while the service was down", extra={"session_id": session_id})
+                self.egress.forget_session(session_id)
+            self._unconfirmed.discard(session_id)
 
     def announce_expired(self) -> None:
         for secret_id, name, expires_at in self.store.announce_expired():
