@@ -103,6 +103,21 @@ class Stopping:
                 self._open.discard(resource)
             resource.close()
 
+    def waking(self, event: threading.Event) -> contextlib.AbstractContextManager:
+        """While inside, stopping also sets `event`: a task sleeping on its own wake-up event (set when
+        there is work) wakes to stop at once, instead of at the end of its sleep."""
+        return self.closing(_Setting(event))
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """An event as a Closable: closing it sets it."""
+
+    event: threading.Event
+
+    def close(self) -> None:
+        self.event.set()
+
 
 @dataclass(frozen=True)
 class Task:

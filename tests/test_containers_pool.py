@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 import time
 
 import pytest
 
+from baaaht.bus.background import Stopping
 from baaaht.bus.testing import FakeBus, code_of, context, error_of, operator_caller, service_caller
 from baaaht.common.identity import IdentityStore
 from baaaht.common.mounts import mount_points
@@ -22,6 +24,7 @@ from baaaht.schemas.containers import (
 )
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import SessionContainer, SessionState
+from baaaht.services.containers import service as container_service
 from baaaht.services.containers.ownership import LABEL_OWNER, OwnerKind, owner_labels
 from baaaht.services.containers.pool import LABEL_POOL_SLOT, MAX_BACKOFF, WORKSPACE_TARGET, HostMounts
 from baaaht.services.containers.service import ContainerService
@@ -366,3 +369,34 @@ def test_a_clean_stop_unmounts_the_pool_directory_when_no_pool_container_needs_i
     assert pool_containers(restarted.runtime) == {}
     restarted.on_stop()
     assert not restarted.pool.mounts.is_mounted(root)
+
+
+class WatchedEvent(threading.Event):
+    """A wake-up event that tells when someone sleeps on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.slept_on = threading.Event()
+
+    def wait(self, timeout=None) -> bool:
+        self.slept_on.set()
+        return super().wait(timeout)
+
+
+@pytest.mark.parametrize("task, owner", [("keep_pool", "pool"), ("tend_session_agents", "session_agents")])
+def test_stopping_wakes_an_upkeep_task_asleep_on_its_wake_up_event(
+    run_dir, tmp_path, monkeypatch, task, owner
+):
+    # Sleeps far longer than the join below: only the stop can end them in time (they slept out their 5 s
+    # and 1 s, and every container manager took 5 s to stop).
+    monkeypatch.setattr(container_service, "POOL_CHECK_INTERVAL", 3600.0)
+    monkeypatch.setattr(container_service, "TEND_WAIT_MAX", 3600.0)
+    service = make_pool_service(run_dir, tmp_path)
+    wake = getattr(service, owner).wake = WatchedEvent()
+    stopping = Stopping()
+    thread = threading.Thread(target=getattr(service, task), args=(stopping,), daemon=True)
+    thread.start()
+    assert wake.slept_on.wait(30), f"{task} never slept"
+    stopping.set()
+    thread.join(30)
+    assert not thread.is_alive(), f"{task} slept on through the stop"

@@ -207,7 +207,7 @@ class Pool:
         self.problem = ""
         self._labels = {**install_labels(install_id), LABEL_OWNER: OwnerKind.POOL.value}
         self._claim_lock = threading.Lock()  # one claim picks at a time (the claim file decides anyway)
-        self._wake = threading.Event()
+        self.wake = threading.Event()  # set when a pass is due (a claim, a resize, a death)
         self._prepared = False
         self._deaths = 0  # unclaimed pool containers that died in a row
         self._hold_until = 0.0  # monotonic: no start before this
@@ -301,7 +301,7 @@ class Pool:
         if not self._may_claim_for(session):
             return None
         claim = self._take_ready(session_id, role)
-        self._wake.set()  # refill, whatever happens next
+        self.wake.set()  # refill, whatever happens next
         if claim is None:
             return None
         try:
@@ -361,21 +361,21 @@ class Pool:
             raise invalid(f"pool size {size} is above pool.max ({self.max})", field="size", max=self.max)
         self.size = size
         log.info("pool resized", extra={"size": size})
-        self._wake.set()
+        self.wake.set()
         return self.status()
 
     # -- upkeep ---------------------------------------------------------------------------------------
 
     def wait_for_work(self, timeout: float) -> None:
         """Block until a claim, a resize or an engine event asks for a pass, or `timeout` passes."""
-        self._wake.wait(timeout)
-        self._wake.clear()
+        self.wake.wait(timeout)
+        self.wake.clear()
 
     def on_engine_event(self, event: EngineEvent) -> None:
         if event.kind != "container" or event.action not in ENDING_ACTIONS:
             return
         if owner_of(event.attributes, self.install_id).kind is OwnerKind.POOL:
-            self._wake.set()
+            self.wake.set()
 
     def refill(self) -> None:
         """One pass: remove unclaimed containers that cannot serve, release what is gone, start containers

@@ -984,18 +984,19 @@ class ContainerService(Service):
     def tend_session_agents(self, stopping: Stopping) -> None:
         """Start, restart and remove sessions' agents (session_agents.py); first, take up those the
         engine has from before a restart."""
-        while not stopping.is_set():
-            if self._engine_ok and not self._agents_adopted:
-                self.session_agents.adopt()
-                self._agents_adopted = True
-            if self._agents_adopted:
-                self.session_agents.tend()
-            # Until the engine answers and the agents are taken up nothing is started: a start due now
-            # must not make this loop look again at once, round after round (a busy spin).
-            due = self.session_agents.next_due() if self._agents_adopted else None
-            wait = TEND_WAIT_MAX if due is None else max(0.0, min(TEND_WAIT_MAX, due - time.monotonic()))
-            if self.session_agents.wake.wait(wait):
-                self.session_agents.wake.clear()
+        with stopping.waking(self.session_agents.wake):  # a stop ends the sleep below at once
+            while not stopping.is_set():
+                if self._engine_ok and not self._agents_adopted:
+                    self.session_agents.adopt()
+                    self._agents_adopted = True
+                if self._agents_adopted:
+                    self.session_agents.tend()
+                # Until the engine answers and the agents are taken up nothing is started: a start due now
+                # must not make this loop look again at once, round after round (a busy spin).
+                due = self.session_agents.next_due() if self._agents_adopted else None
+                wait = TEND_WAIT_MAX if due is None else max(0.0, min(TEND_WAIT_MAX, due - time.monotonic()))
+                if self.session_agents.wake.wait(wait):
+                    self.session_agents.wake.clear()
 
     # -- warm pool ----------------------------------------------------------------------------------
 
@@ -1147,12 +1148,13 @@ class ContainerService(Service):
     def keep_pool(self, stopping: Stopping) -> None:
         """Keep the warm pool filled: a pass at start (which also tidies what a crash left), after every
         claim, resize and death of a pool container, and every POOL_CHECK_INTERVAL."""
-        while not stopping.is_set():
-            if self._engine_ok and self.agent_image:
-                self.pool.refill()
-            elif not self.agent_image:
-                self.pool.problem = "container.agent_image is not set: the pool has no image to start"
-            self.pool.wait_for_work(POOL_CHECK_INTERVAL)
+        with stopping.waking(self.pool.wake):  # a stop ends the wait below at once, not after 5 s
+            while not stopping.is_set():
+                if self._engine_ok and self.agent_image:
+                    self.pool.refill()
+                elif not self.agent_image:
+                    self.pool.problem = "container.agent_image is not set: the pool has no image to start"
+                self.pool.wait_for_work(POOL_CHECK_INTERVAL)
 
     @background(every=TICK)
     def close_abandoned_streams(self) -> None:
