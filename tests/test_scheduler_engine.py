@@ -142,3 +142,16 @@ def test_a_task_finished_in_a_turn_not_committed_yet_is_answered_finished_to_a_l
     completing.join(WAIT)
     waiting.join(WAIT)
     assert "error" not in completed and waited["result"].state is TaskState.SUCCEEDED
+
+
+def test_a_deferred_answer_is_settled_only_once_its_change_is_committed(engine):
+    engine, store, _events = engine
+    store.gate.clear()
+    store.committing.clear()
+    answer = engine.defer(lambda core, now: core.submit(TaskSubmit(queue="q", task_type="t"), "", now)[0])
+    assert store.committing.wait(WAIT)
+    with pytest.raises(TimeoutError):
+        answer.wait(0.2)  # applied, not durable yet: no answer
+    store.gate.set()
+    task = answer.wait(WAIT)
+    assert store.get(task.id).state is TaskState.QUEUED

@@ -35,7 +35,7 @@ import msgspec
 
 from baaaht.bus.background import Stopping
 from baaaht.bus.errors import BusError, unavailable
-from baaaht.bus.service import CallContext, Publisher
+from baaaht.bus.service import CallContext, Deferred, Publisher
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import TERMINAL, TaskInfo
@@ -50,18 +50,21 @@ MIN_WAIT = 0.01  # seconds a caller is given even when its deadline is nearly go
 
 
 class Command:
-    __slots__ = ("apply", "_pending", "result", "error")
+    __slots__ = ("apply", "_pending", "result", "error", "deferred")
 
-    def __init__(self, apply: Callable[[Core, Now], Any]):
+    def __init__(self, apply: Callable[[Core, Now], Any], deferred: Deferred | None = None):
         self.apply = apply
         # Held until the command is done: a bare lock is the cheapest thing a thread can wait on.
         self._pending = threading.Lock()
         self._pending.acquire()
         self.result: Any = None
         self.error: BusError | None = None
+        self.deferred = deferred  # settled when done: the call is answered from the thread that did it
 
     def done(self) -> None:
         self._pending.release()
+        if self.deferred is not None:
+            self.deferred.settle(self.result, self.error)
 
     def wait(self, timeout: float | None) -> bool:
         return self._pending.acquire(timeout=-1 if timeout is None else timeout)
@@ -162,6 +165,13 @@ class Engine:
         if command.error is not None:
             raise command.error
         return command.result
+
+    def defer(self, apply: Callable[[Core, Now], Any]) -> Deferred:
+        """As `call`, but the caller's thread does not wait: the runner answers the call once the change
+        is durable, from the writer's thread (an RPC thread and a thread switch fewer per call)."""
+        deferred = Deferred()
+        self._inbox.put(Command(apply, deferred))
+        return deferred
 
     def tell(self, apply: Callable[[Core, Now], Any]) -> None:
         """Apply `apply` on the engine's thread without waiting for it."""

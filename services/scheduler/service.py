@@ -15,7 +15,7 @@ from baaaht.bus.background import Stopping, background
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, invalid, not_found
 from baaaht.bus.peers import Peer
-from baaaht.bus.service import CallContext, Publisher, Service, on_event, rpc
+from baaaht.bus.service import CallContext, Deferred, Publisher, Service, on_event, rpc
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode
@@ -120,7 +120,7 @@ class SchedulerService(Service):
     # -- tasks --------------------------------------------------------------------------------------
 
     @rpc
-    def submit(self, req: TaskSubmit, ctx: CallContext) -> TaskSubmitResult:
+    def submit(self, req: TaskSubmit, ctx: CallContext) -> Deferred:
         if not req.more:
             session_id = session_for(ctx.caller, req.session_id, "submit")
             check_submit_queue(ctx.caller, req.queue)
@@ -129,7 +129,7 @@ class SchedulerService(Service):
                 task, duplicate = core.submit(req, session_id, now)
                 return TaskSubmitResult(task=task, duplicate=duplicate)
 
-            return self.engine.call(apply, ctx)
+            return self.engine.defer(apply)
         items = [req, *req.more]
         session_ids = []
         for n, item in enumerate(items):
@@ -147,7 +147,7 @@ class SchedulerService(Service):
             first.more = rest
             return first
 
-        return self.engine.call(apply_batch, ctx)
+        return self.engine.defer(apply_batch)
 
     @rpc
     def get(self, req: TaskGet, ctx: CallContext) -> TaskInfo:
@@ -231,33 +231,30 @@ class SchedulerService(Service):
                 self.engine.tell(lambda core, now: core.work_closed(key, stream))
 
     @rpc
-    def ack(self, req: TaskAck, ctx: CallContext) -> Empty:
+    def ack(self, req: TaskAck, ctx: CallContext) -> Deferred:
         scope = scope_of(ctx.caller, "work")
-        self.engine.call(lambda core, now: core.ack(req.task_id, req.lease_id, scope, now), ctx)
-        return Empty()
+        return self.engine.defer(lambda core, now: core.ack(req.task_id, req.lease_id, scope, now) or Empty())
 
     @rpc
-    def heartbeat(self, req: TaskHeartbeat, ctx: CallContext) -> TaskHeartbeatResult:
+    def heartbeat(self, req: TaskHeartbeat, ctx: CallContext) -> Deferred:
         scope = scope_of(ctx.caller, "work")
 
         def apply(core, now):
             return TaskHeartbeatResult(cancel_requested=core.heartbeat(req.task_id, req.lease_id, scope, now))
 
-        return self.engine.call(apply, ctx)
+        return self.engine.defer(apply)
 
     @rpc
-    def progress(self, req: TaskProgress, ctx: CallContext) -> Empty:
+    def progress(self, req: TaskProgress, ctx: CallContext) -> Deferred:
         scope = scope_of(ctx.caller, "work")
-        self.engine.call(lambda core, now: core.progress(req, scope, now), ctx)
-        return Empty()
+        return self.engine.defer(lambda core, now: core.progress(req, scope, now) or Empty())
 
     @rpc
-    def complete(self, req: TaskComplete, ctx: CallContext) -> TaskCompleteResult:
+    def complete(self, req: TaskComplete, ctx: CallContext) -> Deferred:
         scope = scope_of(ctx.caller, "work")
         if req.more:
-            return self.engine.call(lambda core, now: core.complete_batch(req, scope, now), ctx)
-        self.engine.call(lambda core, now: core.complete(req, scope, now), ctx)
-        return TaskCompleteResult()
+            return self.engine.defer(lambda core, now: core.complete_batch(req, scope, now))
+        return self.engine.defer(lambda core, now: core.complete(req, scope, now) or TaskCompleteResult())
 
     @rpc
     def workers(self, req: TaskWorkers, ctx: CallContext) -> TaskWorkersResult:
