@@ -1,7 +1,8 @@
 """The scheduler's one thread of change: commands from RPC threads, timers, dispatch; then a writer
 thread: commit, answer, fan-out.
 
-Every change goes through `call(apply)`: the command is queued to the engine's thread, which takes every
+Every change goes through `call(apply)` (or `defer(apply)`, whose Deferred the runner answers from the
+writer's thread): the command is queued to the engine's thread, which takes every
 command waiting at once (up to MAX_BATCH), applies them to the Core in order, fires the timers that are
 due, dispatches, and encodes what the turn changed (the rows as they are at its end). The writer thread
 writes the turns handed to it in order, every turn waiting at once in one transaction: one commit, one
