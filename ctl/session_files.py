@@ -112,7 +112,8 @@ def print_file(ctl: Ctl, session_id: str, path: str, out: BinaryIO) -> None:
     an agent's `truncate -s 10T` is not 10 TB of zeros on stdout (`cp` keeps the holes)."""
     at = holes = 0
     for chunk in read_chunks(ctl, session_id, path):
-        gap = (chunk.offset if chunk.data else chunk.size) - at
+        # No data: the file ends at its size, which is below `at` if it shrank since the last read.
+        gap = max(0, (chunk.offset if chunk.data else chunk.size) - at)
         holes += gap
         if holes > PRINTED_HOLES:
             fail(

@@ -246,3 +246,27 @@ def test_files_prints_a_sparse_files_holes_as_zeros_only_up_to_a_limit(service, 
     monkeypatch.setattr(session_files, "PRINTED_HOLES", DATA_AT // 2)
     with pytest.raises(typer.Exit):
         session_files.print_file(DirectCtl(service), "s1", "sparse", io.BytesIO())
+
+
+def test_files_of_a_file_that_shrinks_while_it_is_printed_prints_what_was_read(service):
+    """An agent truncates the file between two reads of `sessions files`: the print ends where the file
+    now does (it printed a traceback: a hole of negative length)."""
+    import io
+
+    from baaaht.ctl import session_files
+    from baaaht.schemas.workspaces import WORKSPACE_CHUNK
+
+    write(service, "seed", b"")
+    host = os.path.join(service.workspaces.path("s1"), "shrinks")
+    with open(host, "wb") as made:
+        made.write(b"x" * (2 * WORKSPACE_CHUNK))
+
+    class ShrinkingCtl(DirectCtl):
+        def call(self, request):
+            answer = super().call(request)
+            os.truncate(host, 10)  # after the first read
+            return answer
+
+    out = io.BytesIO()
+    session_files.print_file(ShrinkingCtl(service), "s1", "shrinks", out)
+    assert out.getvalue() == b"x" * WORKSPACE_CHUNK
