@@ -4,6 +4,7 @@ answered before its commit; a failed commit refuses its turns and rebuilds the C
 from __future__ import annotations
 
 import contextlib
+import queue
 import sqlite3
 import threading
 
@@ -155,3 +156,23 @@ def test_a_deferred_answer_is_settled_only_once_its_change_is_committed(engine):
     store.gate.set()
     task = answer.wait(WAIT)
     assert store.get(task.id).state is TaskState.QUEUED
+
+
+def test_a_failed_commit_ends_the_open_task_work_streams_so_their_workers_open_them_again(engine):
+    """The rebuilt Core knows no open stream (a stream is no row): before, every worker connected then
+    got no task until its stream's deadline (bus/worker.py STREAM_TIMEOUT, 10 minutes)."""
+    engine, store, _events = engine
+    old_stream: queue.SimpleQueue = queue.SimpleQueue()
+    work = TaskWork(worker_id="w", queues=["q"], slots=1)
+    engine.call(lambda core, now: core.work_open(work, None, old_stream.put, object(), now))
+    store.fail_next = True
+    with pytest.raises(BusError):
+        submit(engine)
+    pushed = []
+    while (item := old_stream.get(timeout=WAIT)) is not None:  # the refused task's lease, then the end
+        pushed.append(item)
+    assert [a.kind for a in pushed] == ["lease"]
+    new_stream: queue.SimpleQueue = queue.SimpleQueue()  # the worker opens its stream again
+    engine.call(lambda core, now: core.work_open(work, None, new_stream.put, object(), now))
+    task = submit(engine)
+    assert new_stream.get(timeout=WAIT).task_id == task.id

@@ -147,6 +147,11 @@ class Engine:
         )
         if self.core is not None:  # a reload: the task.wait streams still wait
             core.waiters = self.core.waiters
+            # An open task.work stream is no row: ended, so that its worker opens it again at once and
+            # says which leases it holds (else it waits, idle, until the stream's deadline).
+            for worker in self.core.workers.values():
+                if worker.push is not None:
+                    worker.push(None)
         self.core = core
 
     def _task(self, task_id: str) -> TaskInfo | None:
