@@ -12,6 +12,7 @@ import pytest
 
 from baaaht.bus.background import Stopping
 from baaaht.bus.errors import BusError
+from baaaht.bus.testing import wait_for
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import TaskComplete, TaskState, TaskSubmit, TaskWork
@@ -176,3 +177,22 @@ def test_a_failed_commit_ends_the_open_task_work_streams_so_their_workers_open_t
     engine.call(lambda core, now: core.work_open(work, None, new_stream.put, object(), now))
     task = submit(engine)
     assert new_stream.get(timeout=WAIT).task_id == task.id
+
+
+def test_what_is_told_in_a_turn_a_failed_commit_undoes_is_applied_to_the_rebuilt_core(engine):
+    """A `tell` has no caller to refuse: a session.closed told while a failing commit ran was dropped,
+    and the closed session's tasks stayed queued (its schedules kept making more)."""
+    engine, store, _events = engine
+    task = engine.call(lambda core, now: core.submit(TaskSubmit(queue="q", task_type="t"), "s1", now)[0])
+    store.gate.clear()
+    store.committing.clear()
+    store.fail_next = True
+    failing, failed = in_thread(lambda: submit(engine))
+    assert store.committing.wait(WAIT)
+    turns = engine._turn_seq
+    engine.tell(lambda core, now: core.session_closed("s1", now))
+    wait_for(lambda: engine._turn_seq > turns, WAIT, what="the told change's turn")
+    store.gate.set()
+    failing.join(WAIT)
+    assert failed["error"].code is ErrorCode.UNAVAILABLE
+    wait_for(lambda: store.get(task.id).state is TaskState.CANCELLED, WAIT, what="the task cancelled")

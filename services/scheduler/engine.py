@@ -21,7 +21,9 @@ the lease's own commit (turns are written in their order). The engine waits for 
 next timer, whichever comes first: there is no polling interval.
 
 A commit that fails leaves the Core ahead of the store: every command of the turns it carried, and of
-the turns made on top of them before the Core is rebuilt from the store, is answered UNAVAILABLE.
+the turns made on top of them before the Core is rebuilt from the store, is answered UNAVAILABLE (what
+was only told, with no caller to try again, is applied again to the rebuilt Core), and the open task.work
+streams are ended so that their workers open them again on the rebuilt Core.
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ MIN_WAIT = 0.01  # seconds a caller is given even when its deadline is nearly go
 
 
 class Command:
-    __slots__ = ("apply", "_pending", "result", "error", "deferred")
+    __slots__ = ("apply", "told", "_pending", "result", "error", "deferred")
 
-    def __init__(self, apply: Callable[[Core, Now], Any], deferred: Deferred | None = None):
+    def __init__(
+        self, apply: Callable[[Core, Now], Any], deferred: Deferred | None = None, told: bool = False
+    ):
         self.apply = apply
+        self.told = told  # by `tell`: nobody waits for it to refuse it
         # Held until the command is done: a bare lock is the cheapest thing a thread can wait on.
         self._pending = threading.Lock()
         self._pending.acquire()
@@ -181,7 +186,7 @@ class Engine:
 
     def tell(self, apply: Callable[[Core, Now], Any]) -> None:
         """Apply `apply` on the engine's thread without waiting for it."""
-        self._inbox.put(Command(apply))
+        self._inbox.put(Command(apply, told=True))
 
     def close(self) -> None:
         """Stop `run` (Stopping closes the engine this way)."""
@@ -323,9 +328,9 @@ class Engine:
         except Exception as exc:
             log.exception("scheduler commit failed")
             self._failed_generation = max(turn.generation for turn in turns)
+            self._inbox.put(_RELOAD)  # before the told commands `_refuse` queues again
             for turn in turns:
                 self._refuse(turn, f"the scheduler could not commit: {exc}")
-            self._inbox.put(_RELOAD)
             return
         if turns:
             self._written_through = turns[-1].seq
@@ -341,8 +346,12 @@ class Engine:
             for push, assignment in turn.pushes:
                 push(assignment)
 
-    @staticmethod
-    def _refuse(turn: Turn, message: str) -> None:
+    def _refuse(self, turn: Turn, message: str) -> None:
+        """The turn's callers are answered UNAVAILABLE; what was told (a session closed, a stream ended)
+        has no caller to try again, so it is applied again, to the Core rebuilt after the reload."""
         for command in turn.commands:
+            if command.told:
+                self._inbox.put(command)
+                continue
             command.error = unavailable(message)
             command.done()
