@@ -30,6 +30,11 @@ class FairQueue(Generic[Item]):
         self._max_running: dict[Hashable, int] = {}  # of callers with work queued or running
         self._ready = threading.Condition()
         self._closed = False
+        # Handler threads waiting in take(), and how many of them were woken and have yet to look:
+        # a call wakes a thread only when no woken one is on its way (a taker wakes the next one
+        # while calls remain), so a burst of calls does not wake every idle handler at once.
+        self._idle = 0
+        self._woken = 0
 
     def put(self, caller: Hashable, item: Item, max_running: int) -> bool:
         """Queue `item` behind the caller's earlier ones; False (and not queued) when the caller
@@ -42,8 +47,15 @@ class FairQueue(Generic[Item]):
                 return False
             queue.append(item)
             self._max_running[caller] = max(1, max_running)
-            self._ready.notify()
+            if not self._woken:
+                self._wake_one()
             return True
+
+    def _wake_one(self) -> None:
+        """Under the lock: wake one waiting taker, if one waits and none was woken already."""
+        if self._idle > self._woken:
+            self._woken += 1
+            self._ready.notify()
 
     def take(self, timeout: float | None = None) -> tuple[Hashable, Item] | None:
         """The oldest item of the next caller in turn below its running share, counted as running
@@ -58,8 +70,17 @@ class FairQueue(Generic[Item]):
                         if queue:
                             self._queues[caller] = queue
                         self._running[caller] = self._running.get(caller, 0) + 1
+                        if self._queues and not self._woken:
+                            self._wake_one()  # more to take: the next taker is on its way
                         return caller, item
-                if not self._ready.wait(timeout):
+                self._idle += 1
+                try:
+                    notified = self._ready.wait(timeout)
+                finally:
+                    self._idle -= 1
+                # A timed-out wait may have been notified too late to count: never more woken than waiting.
+                self._woken = min(max(0, self._woken - 1) if notified else self._woken, self._idle)
+                if not notified:
                     return None
             return None
 
@@ -72,7 +93,7 @@ class FairQueue(Generic[Item]):
             elif caller not in self._queues:
                 del self._max_running[caller]
             if caller in self._queues:  # only its share held its next call back: else no taker can move
-                self._ready.notify()
+                self._wake_one()
 
     def close(self) -> None:
         """Every take returns None from now on; what is still queued stays unserved."""

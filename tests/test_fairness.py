@@ -116,6 +116,44 @@ def test_a_waiting_handler_wakes_for_a_put_and_for_close():
     assert queue.take() is None  # closed: nothing more is handed out
 
 
+def test_a_burst_of_calls_is_all_taken_though_idle_handlers_are_woken_one_at_a_time():
+    """A put wakes a handler only when none is on its way; each taker wakes the next while calls
+    remain, so a taker that then blocks (a long call) strands none of the others' calls."""
+    queue = FairQueue(per_caller=100)
+    release = threading.Event()
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def handler() -> None:
+        while (item := queue.take()) is not None:
+            caller, number = item
+            with lock:
+                taken.append(number)
+            if number == 0:
+                release.wait(30)  # the first call blocks its thread
+            queue.done(caller)
+
+    handlers = [threading.Thread(target=handler, daemon=True) for _ in range(4)]
+    for thread in handlers:
+        thread.start()
+    try:
+        wait_for(lambda: queue._idle == 4, what="four idle handlers")
+        for number in range(8):
+            queue.put(f"caller {number}", number, 1)
+        wait_for(
+            lambda: len(taken) == 8, timeout=5, what="every call taken while the first blocks its handler"
+        )
+        release.set()
+        queue.put("late", 8, 1)  # after the burst: still taken
+        wait_for(lambda: len(taken) == 9, what="the call after the burst")
+    finally:
+        release.set()
+        queue.close()
+        for thread in handlers:
+            thread.join(5)
+    assert sorted(taken) == list(range(9))
+
+
 def test_callers_are_their_container_or_else_their_connection():
     in_container = Caller(socket="agents", peer="p1", container="c" * 64)
     assert caller_key(in_container) == caller_key(Caller(socket="agents", peer="p2", container="c" * 64))
