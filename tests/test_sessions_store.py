@@ -4,6 +4,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from typing import Callable
 
 import pytest
@@ -281,3 +282,45 @@ def test_a_closed_store_refuses_changes(tmp_path):
     closed.close()
     with pytest.raises(StoreError, match="closed"):
         closed.write(lambda tx: tx.insert(session("s1")))
+
+
+def test_writers_waiting_while_the_database_is_locked_are_refused_together(tmp_path, monkeypatch):
+    """Another connection (the sqlite3 shell) holds the write lock past BUSY_TIMEOUT: the writers that
+    waited meanwhile are refused with the first; one after the other, the n-th waited n x BUSY_TIMEOUT
+    (64 queued: over ten minutes)."""
+    from baaaht.services.sessions import store as store_module
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT", 1.0)
+    locked = SessionStore.in_data_dir(str(tmp_path / "data"))
+    shell = sqlite3.connect(locked.path, isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    refused_at: list[float] = []
+    errors: list[BaseException] = []
+
+    writing = threading.Event()
+
+    def writer(n: int) -> None:
+        writing.set()
+        try:
+            locked.write(lambda tx: tx.insert(session(f"s{n}")))
+        except sqlite3.OperationalError as error:
+            errors.append(error)
+            refused_at.append(time.monotonic())
+
+    try:
+        first = threading.Thread(target=writer, args=(0,))
+        first.start()
+        assert writing.wait(5)
+        wait_for(lambda: locked.writers_waiting == 0, 5, what="the committer to take the first change")
+        others = [threading.Thread(target=writer, args=(n,)) for n in range(1, 6)]
+        for thread in others:
+            thread.start()
+        wait_for(lambda: locked.writers_waiting == 5, 5, what="the others to queue")
+        for thread in [first, *others]:
+            thread.join(30)
+        assert len(errors) == 6 and all("locked" in str(error) for error in errors)
+        assert max(refused_at) - min(refused_at) < 0.5
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+        locked.close()

@@ -282,7 +282,7 @@ class SessionStore:
                         self._db.execute("BEGIN IMMEDIATE")
                     except Exception as error:  # locked by another connection past BUSY_TIMEOUT, I/O
                         self._finish(change, error)
-                        return True
+                        return self._refuse_waiting(error)
                 tx = Transaction(self._db)
                 if self._apply(change, tx):
                     ended.append((change, tx))
@@ -302,6 +302,20 @@ class SessionStore:
                 return False
         self._end_group(ended, None)
         return True
+
+    def _refuse_waiting(self, error: Exception) -> bool:
+        """The changes queued while a BEGIN could not get the database are refused with its error too:
+        they waited as long, and one BEGIN after the other the n-th would wait n x BUSY_TIMEOUT. False
+        once the stop was taken."""
+        while True:
+            try:
+                change = self._pending.get_nowait()
+            except queue.Empty:
+                return True
+            if change is None:
+                return False
+            if self._start(change):
+                self._finish(change, error)
 
     def _start(self, change: _Change) -> bool:
         """Whether the change is to run: its writer may have given up waiting."""
