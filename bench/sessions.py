@@ -1,7 +1,9 @@
 """Session benchmark: `session.send_message` round trips through the bus, each acknowledged only
 after its SQLite commit (WAL, synchronous=FULL; concurrent writers share one commit and one fsync).
 
-Cases: 1 writer, 16 concurrent writers on 16 sessions, and 16 on one session (one order for all).
+Cases: 1 writer, 16 concurrent writers on 16 sessions, and 16 on one session (one order for all);
+and as the ceiling of the bus and the service's RPC path, 16 callers of `session.get` (a read: no
+write, no commit), so a figure shows how much of a round trip the write path itself costs.
 Every writer is a thread with its own bus connection; broker and session service are their own
 processes. In the same run, the same disk's raw SQLite commit rate (one row per commit) with
 synchronous=FULL and NORMAL is measured in process: 16 writers should acknowledge at least as many
@@ -24,23 +26,29 @@ from pathlib import Path
 from machine import load_before, save  # bench/machine.py, beside this script
 
 from baaaht.bus.testing import Host
-from baaaht.schemas.sessions import SessionCreate, SessionSendMessage
+from baaaht.schemas.sessions import SessionCreate, SessionGet, SessionSendMessage
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
 WARMUP = 0.5
 CONTENT = "x" * 301  # the bus benchmark's body size
 
 
-def writer(
-    host: Host, session_id: str, start: threading.Barrier, stop_at: list[float], latencies: list[float]
-):
+def send(session_id: str) -> SessionSendMessage:
+    return SessionSendMessage(session_id=session_id, content=CONTENT)
+
+
+def read(session_id: str) -> SessionGet:
+    return SessionGet(session_id=session_id)
+
+
+def caller(host: Host, request, start: threading.Barrier, stop_at: list[float], latencies: list[float]):
     client = host.client(timeout=30)
-    client.call(SessionSendMessage(session_id=session_id, content=CONTENT))  # connect before timing
+    client.call(request)  # connect before timing
     start.wait(30)
     measure_from = time.perf_counter() + WARMUP
     while True:
         began = time.perf_counter()
-        client.call(SessionSendMessage(session_id=session_id, content=CONTENT))
+        client.call(request)
         now = time.perf_counter()
         if now >= stop_at[0]:
             return
@@ -48,12 +56,12 @@ def writer(
             latencies.append(now - began)
 
 
-def send_rate(host: Host, session_ids: list[str]) -> dict:
+def call_rate(host: Host, session_ids: list[str], make=send) -> dict:
     start = threading.Barrier(len(session_ids) + 1)
     stop_at = [float("inf")]
     per_writer: list[list[float]] = [[] for _ in session_ids]
     threads = [
-        threading.Thread(target=writer, args=(host, session_id, start, stop_at, latencies))
+        threading.Thread(target=caller, args=(host, make(session_id), start, stop_at, latencies))
         for session_id, latencies in zip(session_ids, per_writer, strict=True)
     ]
     for thread in threads:
@@ -99,9 +107,10 @@ def main() -> None:
         host.start_service("baaaht.services.sessions", "session")
         client = host.client(timeout=30)
         own = [client.call(SessionCreate(owner="bench", name=f"writer {n}")).id for n in range(16)]
-        rows["writers_1"] = send_rate(host, own[:1])
-        rows["writers_16"] = send_rate(host, own)
-        rows["writers_16_one_session"] = send_rate(host, own[:1] * 16)
+        rows["writers_1"] = call_rate(host, own[:1])
+        rows["writers_16"] = call_rate(host, own)
+        rows["writers_16_one_session"] = call_rate(host, own[:1] * 16)
+        rows["readers_16"] = call_rate(host, own, make=read)
         raw = {mode: raw_commit_rate(str(work), mode) for mode in ("FULL", "NORMAL")}
     finally:
         host.stop()
@@ -112,11 +121,19 @@ def main() -> None:
     for mode, rate in raw.items():
         print(f"raw SQLite commits/s, WAL synchronous={mode}: {rate:.0f}")
     ratio = rows["writers_16"]["round_trips_per_s"] / raw["FULL"]
+    ceiling = rows["writers_16"]["round_trips_per_s"] / rows["readers_16"]["round_trips_per_s"]
     print(f"16 writers acknowledge {ratio:.2f}x the raw FULL commit rate")
+    print(f"16 writers acknowledge {ceiling:.2f}x the rate of 16 readers of the same service (no commit)")
     save(
         "sessions",
         machine,
-        {"seconds": SECONDS, "rows": rows, "raw_sqlite_commits_per_s": raw, "writers_16_vs_raw_full": ratio},
+        {
+            "seconds": SECONDS,
+            "rows": rows,
+            "raw_sqlite_commits_per_s": raw,
+            "writers_16_vs_raw_full": ratio,
+            "writers_16_vs_readers_16": ceiling,
+        },
     )
 
 
