@@ -7,6 +7,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -16,7 +17,7 @@ from baaaht.bus.testing import wait_for
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import TaskComplete, TaskState, TaskSubmit, TaskWork
-from baaaht.services.scheduler.engine import Engine
+from baaaht.services.scheduler.engine import TOLD_TRIES, Engine
 from baaaht.services.scheduler.store import SchedulerStore
 
 WAIT = 10.0
@@ -196,3 +197,41 @@ def test_what_is_told_in_a_turn_a_failed_commit_undoes_is_applied_to_the_rebuilt
     failing.join(WAIT)
     assert failed["error"].code is ErrorCode.UNAVAILABLE
     wait_for(lambda: store.get(task.id).state is TaskState.CANCELLED, WAIT, what="the task cancelled")
+
+
+def test_a_told_change_whose_commit_fails_every_time_is_given_up_after_a_few_tries(tmp_path):
+    """A commit failing every time (disk full): the told change and the reload it causes went round
+    and round, thousands of reloads of the whole store a second."""
+
+    class AlwaysFailing(GatedStore):
+        failing = False
+        reloads = 0
+
+        @contextlib.contextmanager
+        def batch(self):
+            with super().batch() as batch:
+                yield batch
+                if self.failing:
+                    raise sqlite3.OperationalError("database or disk is full")
+
+        def live_tasks(self):
+            self.reloads += 1
+            return super().live_tasks()
+
+    store = AlwaysFailing(str(tmp_path / "tasks.db"))
+    engine = Engine(store, SchedulerConfig(), Events())
+    engine.load()
+    stopping = Stopping()
+    thread = threading.Thread(target=engine.run, args=(stopping,), daemon=True)
+    thread.start()
+    try:
+        engine.call(lambda core, now: core.submit(TaskSubmit(queue="q", task_type="t"), "s1", now))
+        store.failing = True
+        engine.tell(lambda core, now: core.session_closed("s1", now))
+        wait_for(lambda: store.reloads >= 1 + TOLD_TRIES, WAIT, what="the told change's tries")
+        time.sleep(0.5)  # a window for more: none come
+        assert store.reloads == 1 + TOLD_TRIES
+    finally:
+        stopping.set()
+        thread.join(WAIT)
+        store.close()

@@ -49,17 +49,18 @@ log = logging.getLogger("baaaht.scheduler")
 
 MAX_BATCH = 512  # commands in one transaction: bounds the wait of the first for its commit
 IDLE_WAIT = 3600.0  # seconds the thread sleeps with no timer due (a command wakes it at once)
+# Applications of a told command whose turns failed to commit: again after a failed commit, but not
+# forever (a commit failing every time, disk full, made a told change and a reload a hot loop).
+TOLD_TRIES = 3
 MIN_WAIT = 0.01  # seconds a caller is given even when its deadline is nearly gone
 
 
 class Command:
     __slots__ = ("apply", "told", "_pending", "result", "error", "deferred")
 
-    def __init__(
-        self, apply: Callable[[Core, Now], Any], deferred: Deferred | None = None, told: bool = False
-    ):
+    def __init__(self, apply: Callable[[Core, Now], Any], deferred: Deferred | None = None, told: int = 0):
         self.apply = apply
-        self.told = told  # by `tell`: nobody waits for it to refuse it
+        self.told = told  # by `tell` (nobody waits for it to refuse it): the applications it has left
         # Held until the command is done: a bare lock is the cheapest thing a thread can wait on.
         self._pending = threading.Lock()
         self._pending.acquire()
@@ -186,7 +187,7 @@ class Engine:
 
     def tell(self, apply: Callable[[Core, Now], Any]) -> None:
         """Apply `apply` on the engine's thread without waiting for it."""
-        self._inbox.put(Command(apply, told=True))
+        self._inbox.put(Command(apply, told=TOLD_TRIES))
 
     def close(self) -> None:
         """Stop `run` (Stopping closes the engine this way)."""
@@ -348,9 +349,11 @@ class Engine:
 
     def _refuse(self, turn: Turn, message: str) -> None:
         """The turn's callers are answered UNAVAILABLE; what was told (a session closed, a stream ended)
-        has no caller to try again, so it is applied again, to the Core rebuilt after the reload."""
+        has no caller to try again, so it is applied again to the Core rebuilt after the reload (TOLD_TRIES
+        times in all; then it goes, refused like the rest)."""
         for command in turn.commands:
-            if command.told:
+            if command.told > 1:
+                command.told -= 1
                 self._inbox.put(command)
                 continue
             command.error = unavailable(message)
