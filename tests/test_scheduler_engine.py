@@ -16,8 +16,8 @@ from baaaht.bus.errors import BusError
 from baaaht.bus.testing import wait_for
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.tasks import TaskComplete, TaskState, TaskSubmit, TaskWork
-from baaaht.services.scheduler.engine import TOLD_TRIES, Engine
+from baaaht.schemas.tasks import TaskComplete, TaskScheduleAdd, TaskState, TaskSubmit, TaskWork
+from baaaht.services.scheduler.engine import RELOAD_PAUSE, TOLD_TRIES, Engine
 from baaaht.services.scheduler.store import SchedulerStore
 
 WAIT = 10.0
@@ -199,39 +199,58 @@ def test_what_is_told_in_a_turn_a_failed_commit_undoes_is_applied_to_the_rebuilt
     wait_for(lambda: store.get(task.id).state is TaskState.CANCELLED, WAIT, what="the task cancelled")
 
 
-def test_a_told_change_whose_commit_fails_every_time_is_given_up_after_a_few_tries(tmp_path):
-    """A commit failing every time (disk full): the told change and the reload it causes went round
-    and round, thousands of reloads of the whole store a second."""
+class AlwaysFailing(GatedStore):
+    """Once `failing`, every commit fails (a full disk); counts the Core's rebuilds."""
 
-    class AlwaysFailing(GatedStore):
-        failing = False
-        reloads = 0
+    failing = False
+    reloads = 0
 
-        @contextlib.contextmanager
-        def batch(self):
-            with super().batch() as batch:
-                yield batch
-                if self.failing:
-                    raise sqlite3.OperationalError("database or disk is full")
+    @contextlib.contextmanager
+    def batch(self):
+        with super().batch() as batch:
+            yield batch
+            if self.failing:
+                raise sqlite3.OperationalError("database or disk is full")
 
-        def live_tasks(self):
-            self.reloads += 1
-            return super().live_tasks()
+    def live_tasks(self):
+        self.reloads += 1
+        return super().live_tasks()
 
+
+@pytest.fixture
+def failing_engine(tmp_path):
     store = AlwaysFailing(str(tmp_path / "tasks.db"))
     engine = Engine(store, SchedulerConfig(), Events())
     engine.load()
     stopping = Stopping()
     thread = threading.Thread(target=engine.run, args=(stopping,), daemon=True)
     thread.start()
-    try:
-        engine.call(lambda core, now: core.submit(TaskSubmit(queue="q", task_type="t"), "s1", now))
-        store.failing = True
-        engine.tell(lambda core, now: core.session_closed("s1", now))
-        wait_for(lambda: store.reloads >= 1 + TOLD_TRIES, WAIT, what="the told change's tries")
-        time.sleep(0.5)  # a window for more: none come
-        assert store.reloads == 1 + TOLD_TRIES
-    finally:
-        stopping.set()
-        thread.join(WAIT)
-        store.close()
+    yield engine, store
+    stopping.set()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    store.close()
+
+
+def test_a_told_change_whose_commit_fails_every_time_is_given_up_after_a_few_tries(failing_engine):
+    """A commit failing every time (disk full): the told change and the reload it causes went round
+    and round, thousands of reloads of the whole store a second."""
+    engine, store = failing_engine
+    engine.call(lambda core, now: core.submit(TaskSubmit(queue="q", task_type="t"), "s1", now))
+    store.failing = True
+    engine.tell(lambda core, now: core.session_closed("s1", now))
+    wait_for(lambda: store.reloads >= 1 + TOLD_TRIES, WAIT, what="the told change's tries")
+    time.sleep(2.5 * RELOAD_PAUSE)  # a window for more: none come
+    assert store.reloads == 1 + TOLD_TRIES
+
+
+def test_the_core_is_rebuilt_at_most_once_a_reload_pause_while_every_commit_fails(failing_engine):
+    """A schedule's run is due again as soon as the Core is rebuilt from a store that cannot take it:
+    fail, rebuild, fire, fail... 2921 rebuilds (and logged tracebacks) a second on a full disk."""
+    engine, store = failing_engine
+    schedule = TaskScheduleAdd(queue="q", task_type="t", every=0.05)
+    engine.call(lambda core, now: core.add_schedule(schedule, "", now))
+    store.failing = True
+    wait_for(lambda: store.reloads >= 2, WAIT, what="a first rebuild")
+    time.sleep(2.5 * RELOAD_PAUSE)
+    assert store.reloads <= 2 + 3

@@ -52,6 +52,7 @@ IDLE_WAIT = 3600.0  # seconds the thread sleeps with no timer due (a command wak
 # Applications of a told command whose turns failed to commit: again after a failed commit, but not
 # forever (a commit failing every time, disk full, made a told change and a reload a hot loop).
 TOLD_TRIES = 3
+RELOAD_PAUSE = 0.5  # seconds between two rebuilds of the Core after failed commits, at least
 MIN_WAIT = 0.01  # seconds a caller is given even when its deadline is nearly gone
 
 
@@ -135,6 +136,7 @@ class Engine:
         # still has them unfinished; the Core, which no longer holds them, asks for them here first.
         self._unwritten: dict[str, tuple[int, TaskInfo]] = {}
         self._turn_seq = 0
+        self._last_reload = -RELOAD_PAUSE  # time.monotonic() of the last rebuild after a failed commit
         self._written_through = 0  # the last turn committed (set by the writer)
 
     def now(self) -> Now:
@@ -209,18 +211,23 @@ class Engine:
                                 command.done()
                         return
                     if _RELOAD in commands:
-                        self._reload()
+                        self._reload(stopping)
                         commands = [command for command in commands if command is not _RELOAD]
                     self.turn(commands)  # with none: the timers that are due
         finally:
             self._turns.put(_WRITER_STOP)  # the turns handed over are still committed and answered
             writer.join()
 
-    def _reload(self) -> None:
+    def _reload(self, stopping: Stopping) -> None:
         """A commit failed: the Core is rebuilt from the store (the commands not applied yet are applied
-        to the new one; those of turns made on the old one, ahead of the store, are refused by the writer)."""
+        to the new one; those of turns made on the old one, ahead of the store, are refused by the writer).
+        Not sooner than RELOAD_PAUSE after the last rebuild: with a commit failing every time (disk
+        full), a change the rebuilt Core makes at once (a schedule's run that is due) failed again, round
+        and round."""
         log.warning("a scheduler commit failed: reloading from the store")
+        stopping.wait(self._last_reload + RELOAD_PAUSE - time.monotonic())
         self.load()
+        self._last_reload = time.monotonic()
         self._generation += 1
 
     def _next_commands(self) -> list[Command]:
