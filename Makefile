@@ -15,15 +15,21 @@ run: $(STAMP) docker image images
 	$(VENV)/bin/baaaht-orchestrator $(ARGS)
 
 # Every test; test-unit is the pure-logic part (seconds, no engine, no process: tests/conftest.py lists
-# its files), test-integration the rest (real processes and the Docker engine).
+# its files), test-integration the rest (real processes and the Docker engine). TEST_WORKERS pytest-xdist
+# processes share the files (each file whole on one worker: a module's shared host stays one); the
+# integration tests mostly wait on processes and containers, so two workers pay even on two cores.
+# TEST_WORKERS=0 runs in this process alone.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP) docker images
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m unit $(XDIST) $(PYTEST_ARGS)
 
 test-integration: $(STAMP) docker
-	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m integration $(XDIST) $(PYTEST_ARGS)
 
 # The ruff configuration is pyproject's [tool.ruff].
 lint: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from baaaht.bus.testing import FakeBus
+from baaaht.bus.testing import FakeBus, short_run_dir
 from baaaht.bus.testing.fake_llm import FakeLLM
 from baaaht.common.identity import AgentIdentity, IdentityStore
 from baaaht.schemas.config import BusConfig, Config, EgressConfig, EgressRoute
@@ -108,6 +109,7 @@ class Egress:
     callers: OwnPid
     socket_path: str
     data_dir: Path
+    run_dir: Path
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(
@@ -145,38 +147,44 @@ def running_egress(
     """With `agent_gid`, the agents' directory is of that group and callers are found the real way
     (peer pid -> /proc cgroup -> identity file), as for containers; else this process is the caller.
     `secrets` (holding ANTHROPIC_KEY and OPENAI_KEY under those names) replaces the FakeSecrets."""
-    run_dir = tmp_path / "run"
-    (run_dir / "agent").mkdir(parents=True, exist_ok=True)  # a second run on the same tmp_path: a restart
-    if agent_gid is not None:
-        for directory in (run_dir, run_dir / "agent"):
-            os.chown(directory, -1, agent_gid)
-            directory.chmod(0o750)
-    store = identify(run_dir, role)
-    with FakeLLM(tmp_path / "upstream") as upstream:
-        settings = {"routes": routes_for(upstream.url), "ca_file": upstream.ca_file, **egress_settings}
-        config = Config(
-            data_dir=str(tmp_path / "data"),
-            bus=BusConfig(run_dir=str(run_dir)),
-            egress=EgressConfig(**settings),
-        )
-        fakes = FakeSecrets({"anthropic": ("api_key", ANTHROPIC_KEY), "openai": ("api_key", OPENAI_KEY)})
-        fakes.expired.add("old")
-        secrets = secrets or fakes
-        events = FakeBus()
-        callers = OwnPid(store)
-        server = EgressServer.for_config(
-            config, secrets, events, callers=None if agent_gid is not None else callers
-        )
-        server.start()
-        try:
-            yield Egress(
-                upstream,
-                server,
-                events,
-                secrets,
-                callers,
-                str(run_dir / "agent" / "egress.sock"),
-                tmp_path / "data",
+    # Short, for the AF_UNIX path limit; a new one on each run (a second run on the same tmp_path is a
+    # restart: what lasts is in the data directory).
+    run_dir = Path(short_run_dir("be-"))
+    try:
+        (run_dir / "agent").mkdir()
+        if agent_gid is not None:
+            for directory in (run_dir, run_dir / "agent"):
+                os.chown(directory, -1, agent_gid)
+                directory.chmod(0o750)
+        store = identify(run_dir, role)
+        with FakeLLM(tmp_path / "upstream") as upstream:
+            settings = {"routes": routes_for(upstream.url), "ca_file": upstream.ca_file, **egress_settings}
+            config = Config(
+                data_dir=str(tmp_path / "data"),
+                bus=BusConfig(run_dir=str(run_dir)),
+                egress=EgressConfig(**settings),
             )
-        finally:
-            server.stop()
+            fakes = FakeSecrets({"anthropic": ("api_key", ANTHROPIC_KEY), "openai": ("api_key", OPENAI_KEY)})
+            fakes.expired.add("old")
+            secrets = secrets or fakes
+            events = FakeBus()
+            callers = OwnPid(store)
+            server = EgressServer.for_config(
+                config, secrets, events, callers=None if agent_gid is not None else callers
+            )
+            server.start()
+            try:
+                yield Egress(
+                    upstream,
+                    server,
+                    events,
+                    secrets,
+                    callers,
+                    str(run_dir / "agent" / "egress.sock"),
+                    tmp_path / "data",
+                    run_dir,
+                )
+            finally:
+                server.stop()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

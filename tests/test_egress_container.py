@@ -118,7 +118,7 @@ def test_the_sdks_in_an_agent_container_reach_the_upstream_and_the_key_is_found_
     forms = secret_forms([ANTHROPIC_KEY, OPENAI_KEY])
     gid = socket_group.ensure_gid(socket_group.DEFAULT_SOCKET_GROUP)
     with running_egress(tmp_path, agent_gid=gid, secrets=store) as egress:
-        run_dir = tmp_path / "run"
+        run_dir = egress.run_dir
         container = agent_container(docker_client, agent_image, run_dir, gid, test_label)
         IdentityStore(str(run_dir)).put(  # as the container manager does, before the start
             AgentIdentity(
