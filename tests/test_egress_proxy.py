@@ -6,6 +6,7 @@ lookup runs from a real agent container in tests/test_egress_container.py.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -285,7 +286,8 @@ def test_usage_of_a_session_deleted_while_the_service_was_down_is_pruned_once_se
 
 
 # Run in a child process: a proxy that makes CALLS calls to itself (OwnPid: its own pid is the agent),
-# waits until they are saved, says so and waits to be killed.
+# waits until they are saved, says so (and where its run directory is, for the parent to remove) and waits
+# to be killed.
 _CALLS_THEN_WAIT = """
 import sys, time
 from pathlib import Path
@@ -299,7 +301,7 @@ with running_egress(tmp_path) as egress, egress.client() as client:
     for _ in range(calls):
         assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
     wait_for(lambda: [u.requests for u in saved_usage(usage_path(egress.data_dir))] == [calls], timeout=10)
-    print("saved", flush=True)
+    print("saved", egress.run_dir, flush=True)
     time.sleep(600)
 """
 
@@ -312,12 +314,16 @@ def test_a_kill_9_after_a_save_loses_no_counted_call(tmp_path):
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
+    said = []
     try:
-        assert child.stdout.readline().strip() == "saved"
+        said = child.stdout.readline().split()
+        assert said[:1] == ["saved"]
     finally:
         child.kill()  # SIGKILL: no stop, no last save
         child.wait(30)
         child.stdout.close()
+        if len(said) == 2:
+            shutil.rmtree(said[1], ignore_errors=True)
     with running_egress(tmp_path) as egress:
         (usage,) = egress.server.usage(CredentialUsage(session_id=SESSION)).sessions
         assert usage.requests == calls and usage.output_tokens == calls * len(egress.upstream.reply.split())
