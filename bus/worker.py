@@ -8,11 +8,11 @@
         await Worker(bus, queues=["images"], slots=4, handlers={"resize": resize}).run()
 
 Workers never register as services: a worker opens the streaming call `task.work`, on which the
-scheduler pushes the tasks it leases to it (at most `slots` at once) and cancels. A lease is the start
-of the task (nothing to acknowledge); the worker heartbeats it while the handler runs
-(`task.heartbeat`, every third of the task's heartbeat timeout) and reports its outcome once
-(`task.complete`): a no-op task costs two calls, its submit and its outcome, and the outcomes of
-tasks that end while one is being reported share the next call.
+scheduler pushes the tasks it leases to it (at most `slots` at once; those of one scheduler turn in one
+message) and cancels. A lease is the start of the task (nothing to acknowledge); the worker heartbeats
+it while the handler runs (`task.heartbeat`, every third of the task's heartbeat timeout) and reports
+its outcome once (`task.complete`): a no-op task costs two calls, its submit and its outcome, and the
+outcomes of tasks that end while one is being reported share the next call.
 
 A handler streams output with `task.progress(data)` (bytes, opaque to the scheduler: a waiter and the
 `task.progress` events get each chunk as it was given): it returns at once; the chunks go out in order,
@@ -260,6 +260,8 @@ class Worker:
                     async for assignment in self.bus.stream(request, timeout=self.stream_timeout):
                         pause = RETRY_FIRST
                         self._take(assignment)
+                        for lease in assignment.more:  # the others the scheduler leased in one turn
+                            self._take(lease)
                     pause = RETRY_FIRST  # the stream ended (the scheduler restarted): open another
                 except BusError as exc:
                     if exc.code is ErrorCode.TIMEOUT:

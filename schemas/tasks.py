@@ -43,6 +43,7 @@ MAX_PROGRESS_CHUNK = 256 * 1024  # bytes of one chunk of streamed output
 MAX_PROGRESS_CHUNKS = 64  # chunks in one task.progress call
 MAX_OUTCOMES = 256  # outcomes in the `more` of one task.complete call
 MAX_SUBMITS = 256  # tasks in the `more` of one task.submit call
+LEASE_BATCH_BYTES = 256 * 1024  # of payloads in one task.work partial (a larger lease goes alone)
 ProgressChunk = Annotated[bytes, Meta(max_length=MAX_PROGRESS_CHUNK)]
 Cursor = Annotated[int, Meta(ge=0)]
 
@@ -199,7 +200,9 @@ class TaskRequeue(Request, tag="task.requeue", kw_only=True):
 
 
 class TaskAssignment(Response, kw_only=True):
-    """One partial of `task.work`: a task leased to this worker, or a cancel of one it holds."""
+    """One partial of `task.work`: a task leased to this worker, or a cancel of one it holds. The leases
+    one scheduler turn gives a worker come in one partial: the first, the others in its `more` (each with
+    no `more` of its own; a batch holds at most LEASE_BATCH_BYTES of payloads, beyond one lease's)."""
 
     kind: Literal["lease", "cancel"]
     task_id: str
@@ -212,6 +215,7 @@ class TaskAssignment(Response, kw_only=True):
     heartbeat_timeout: float = 0.0  # heartbeat well within this (the library: every third of it)
     start_to_close: float = 0.0
     reason: str = ""  # of a cancel
+    more: list[TaskAssignment] = []  # leases given with this one (only on a lease)
 
 
 class TaskWork(Request, tag="task.work", kw_only=True):

@@ -5,17 +5,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import msgspec
 
 from baaaht.bus.testing import Host, next_event, wait_for
 from baaaht.bus.testing.host import deep_merge
-from baaaht.schemas.tasks import TERMINAL, TaskGet, TaskInfo, TaskState, TaskSubmit, TaskWorkers
+from baaaht.schemas.tasks import (
+    TERMINAL,
+    TaskAssignment,
+    TaskGet,
+    TaskInfo,
+    TaskState,
+    TaskSubmit,
+    TaskWorkers,
+)
 
 SCHEDULER = "baaaht.services.scheduler"
 WORKER = str(Path(__file__).parent / "services" / "task_worker.py")
 # Short leases and graces, so that a lost worker or an unanswered cancel is noticed within a test's patience.
 FAST = {"scheduler": {"lease_timeout": "1s", "cancel_grace": "2s"}}
+
+
+def leases_of(work) -> Iterator[TaskAssignment]:
+    """The partials of a raw task.work stream one lease at a time (a scheduler turn's leases for one
+    worker come in one partial, the others in its `more`)."""
+    for partial in work:
+        yield partial
+        yield from partial.more
 
 
 def payload(value) -> bytes:

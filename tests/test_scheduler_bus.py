@@ -59,6 +59,17 @@ def test_a_task_runs_on_a_worker_and_its_result_is_kept(scheduler):
     assert len(done.attempts) == 1 and done.attempts[0].started_at >= done.created_at
 
 
+def test_the_tasks_leased_to_a_worker_in_one_turn_all_run(scheduler):
+    """One submit of 4 is one engine turn: the 4 leases reach the worker in one partial."""
+    scheduler.start_worker("q", slots=4)
+    first, *rest = (TaskSubmit(queue="q", task_type="echo", payload=payload(n)) for n in range(4))
+    answer = scheduler.client.call(msgspec.structs.replace(first, more=rest))
+    done = [scheduler.wait_state(t.id) for t in [answer.task, *(m.task for m in answer.more)]]
+    assert [(t.state, msgspec.msgpack.decode(t.result), len(t.attempts)) for t in done] == [
+        (S.SUCCEEDED, n, 1) for n in range(4)
+    ]  # each on its first lease: none was dropped to run again after its lease expired
+
+
 def test_higher_priority_first_then_older_first(scheduler):
     submitted = [
         scheduler.submit("prio", "noop", priority=p).id for p in (0, 5, 0, 10, -3)

@@ -15,8 +15,10 @@ from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.sessions import SessionInfo, SessionState
 from baaaht.schemas.tasks import (
+    LEASE_BATCH_BYTES,
     RetryPolicy,
     ScheduleInfo,
+    TaskAssignment,
     TaskComplete,
     TaskInfo,
     TaskScheduleAdd,
@@ -25,7 +27,7 @@ from baaaht.schemas.tasks import (
     TaskWork,
 )
 from baaaht.services.scheduler import retry, schedules
-from baaaht.services.scheduler.core import Core, Now
+from baaaht.services.scheduler.core import Core, Now, lease_batches
 from baaaht.services.scheduler.ids import BATCH, ID_BYTES, RandomIds
 from baaaht.services.scheduler.limits import Limit, TokenBucket
 from baaaht.services.scheduler.scope import check_submit_queue, scope_of, session_for
@@ -426,3 +428,34 @@ def test_an_outcome_ending_while_another_waits_for_its_answer_goes_out_without_w
         assert sender.in_flight == 0 and sender.flushing is None and not sender.calls
 
     asyncio.run(scenario())
+
+
+def test_the_leases_of_one_turn_go_to_each_worker_in_one_partial_of_bounded_size():
+    def lease(n: int, size: int = 0) -> TaskAssignment:
+        return TaskAssignment(kind="lease", task_id=f"t{n}", lease_id=f"l{n}", payload=b"x" * size)
+
+    a, b = [], []
+    leases = [(a.append, lease(0)), (b.append, lease(1)), (a.append, lease(2)), (a.append, lease(3))]
+    for push, partial in lease_batches(leases):
+        push(partial)
+    assert [(p.task_id, [m.task_id for m in p.more]) for p in a] == [("t0", ["t2", "t3"])]
+    assert [(p.task_id, p.more) for p in b] == [("t1", [])]
+
+    big = LEASE_BATCH_BYTES // 2 + 1
+    sized = [(a.append, lease(4, big)), (a.append, lease(5, big)), (a.append, lease(6, 10))]
+    assert [(p.task_id, [m.task_id for m in p.more]) for _push, p in lease_batches(sized)] == [
+        ("t4", []),
+        ("t5", ["t6"]),
+    ]
+
+
+def test_the_leases_a_dispatch_gives_a_worker_come_out_as_one_partial():
+    clock = Clock()
+    core, pushed = core_with_worker(clock, slots=3)
+    tasks = [core.submit(TaskSubmit(queue="q", task_type="t"), "", clock.now())[0] for _ in range(3)]
+    core.dispatch(clock.now())
+    for push, partial in lease_batches(core.take_effects().leases):
+        push(partial)
+    assert [(p.task_id, [m.task_id for m in p.more]) for p in pushed] == [
+        (tasks[0].id, [tasks[1].id, tasks[2].id])
+    ]

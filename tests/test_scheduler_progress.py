@@ -30,7 +30,7 @@ from baaaht.schemas.tasks import (
     TaskWait,
     TaskWork,
 )
-from tests.scheduler_doubles import payload, start_scheduler
+from tests.scheduler_doubles import leases_of, payload, start_scheduler
 
 
 @pytest.fixture
@@ -266,7 +266,8 @@ def test_hostile_sessions_opening_task_work_by_the_hundred_leave_another_session
 def test_outcomes_reported_together_are_each_recorded_once_or_refused_alone(scheduler):
     work = scheduler.client.stream(TaskWork(worker_id="batch", queues=["pair"], slots=2), timeout=30.0)
     tasks = [scheduler.submit("pair", "noop") for _ in range(2)]
-    leases = {lease.task_id: lease.lease_id for lease in (next(work), next(work))}
+    given = leases_of(work)
+    leases = {lease.task_id: lease.lease_id for lease in (next(given), next(given))}
     first, second = (
         TaskComplete(task_id=t.id, lease_id=leases[t.id], outcome="succeeded", result=payload(n))
         for n, t in enumerate(tasks)

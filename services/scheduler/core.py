@@ -31,6 +31,7 @@ from baaaht.schemas.base import Event
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.tasks import (
     HEARTBEAT_TIMEOUT,
+    LEASE_BATCH_BYTES,
     MAX_ERROR_TEXT,
     SCHEDULE_TO_START_TIMEOUT,
     START_TO_CLOSE_TIMEOUT,
@@ -127,6 +128,23 @@ class Effects:
     # (a stream's outbox, what to send; None ends a worker's stream): after the commit
     pushes: list[tuple[Push, Any]] = field(default_factory=list)
     leases: list[tuple[Push, TaskAssignment]] = field(default_factory=list)  # new leases: before it
+
+
+def lease_batches(leases: list[tuple[Push, TaskAssignment]]) -> Iterator[tuple[Push, TaskAssignment]]:
+    """A turn's new leases as the partials that carry them: those of one worker in one (the first, the
+    others in its `more`, in their order), one message and one stream hand-off instead of one each;
+    a batch holds at most LEASE_BATCH_BYTES of payloads (a larger lease goes alone)."""
+    by_worker: dict[Push, list[list[TaskAssignment]]] = {}
+    for push, lease in leases:
+        batches = by_worker.setdefault(push, [[]])
+        batch = batches[-1]
+        if batch and sum(len(held.payload) for held in batch) + len(lease.payload) > LEASE_BATCH_BYTES:
+            batch = []
+            batches.append(batch)
+        batch.append(lease)
+    for push, batches in by_worker.items():
+        for first, *rest in batches:
+            yield push, msgspec.structs.replace(first, more=rest) if rest else first
 
 
 def finished(task: TaskInfo) -> TaskFinished:

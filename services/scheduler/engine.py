@@ -42,7 +42,7 @@ from baaaht.bus.service import CallContext, Deferred, Publisher
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import TERMINAL, TaskInfo
-from baaaht.services.scheduler.core import Core, Effects, Now
+from baaaht.services.scheduler.core import Core, Effects, Now, lease_batches
 from baaaht.services.scheduler.store import Batch, SchedulerStore, schedule_row, task_row
 
 log = logging.getLogger("baaaht.scheduler")
@@ -260,8 +260,8 @@ class Engine:
         core.fire_timers(now)
         core.dispatch(now)
         effects = core.take_effects()
-        for push, lease in effects.leases:
-            push(lease)
+        for push, batch in lease_batches(effects.leases):
+            push(batch)
         self._turn_seq += 1
         self._remember_finished(effects, self._turn_seq)
         self._turns.put(
