@@ -66,6 +66,11 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
 
+def heartbeat_every(timeout: float) -> float:
+    """Seconds between a running task's heartbeats: a third of its heartbeat timeout."""
+    return max(0.01, timeout / 3)
+
+
 class NonRetryableError(Exception):
     """Raise from a handler to fail the task without retrying it; `error_type` names the failure (the
     class name when empty)."""
@@ -309,7 +314,15 @@ class Worker:
         try:
             handler = self.handlers.get(task.type)
             handler_task = asyncio.current_task()
-            beat = asyncio.create_task(self._heartbeat(task, heartbeat_timeout, handler_task))
+            # A timer, not a task, until the first heartbeat is due: most tasks end before it (a task
+            # made and cancelled for each was a good part of a short task's cost on the worker).
+            beating: list[asyncio.Task] = []
+            first_beat = asyncio.get_running_loop().call_later(
+                heartbeat_every(heartbeat_timeout),
+                lambda: beating.append(
+                    asyncio.create_task(self._heartbeat(task, heartbeat_timeout, handler_task))
+                ),
+            )
             try:
                 if handler is None:
                     raise NonRetryableError(f"this worker has no handler for task type {task.type!r}")
@@ -337,7 +350,9 @@ class Worker:
                     non_retryable=isinstance(exc, NonRetryableError),
                 )
             finally:
-                beat.cancel()
+                first_beat.cancel()
+                for beat in beating:
+                    beat.cancel()
             await task.sender.flush()  # the output before the outcome: a waiter gets it all
             await self.outcomes.send(outcome, time.monotonic() + heartbeat_timeout)
         except LeaseLost:
@@ -348,9 +363,8 @@ class Worker:
                 task.sender.sending.cancel()
 
     async def _heartbeat(self, task: WorkerTask, timeout: float, handler_task: asyncio.Task) -> None:
-        every = max(0.01, timeout / 3)
+        """Started when the first heartbeat is due: one now, then one every third of the timeout."""
         while True:
-            await asyncio.sleep(every)
             try:
                 answer = await self._report(
                     TaskHeartbeat(task_id=task.id, lease_id=task.lease_id), time.monotonic() + timeout
@@ -361,6 +375,7 @@ class Worker:
             if answer.cancel_requested and not task.cancelled.is_set():
                 task.cancelled.set()
                 handler_task.cancel()
+            await asyncio.sleep(heartbeat_every(timeout))
 
     async def _report(self, request, until: float) -> Any:
         """Call the scheduler until it answers or the lease is surely gone (`until`, monotonic)."""

@@ -128,6 +128,13 @@ def test_heartbeat_timeout_ends_an_attempt_whose_worker_went_silent(scheduler):
     assert done.finished_at - done.attempts[0].leased_at < 2.5  # before the frozen handler came back
 
 
+def test_heartbeats_keep_a_task_that_runs_past_its_heartbeat_timeout_leased(scheduler):
+    scheduler.start_worker("hb-ok")
+    task = scheduler.submit("hb-ok", "sleep", {"seconds": 1.5}, timeouts=Timeouts(heartbeat=0.4), retry=ONCE)
+    done = scheduler.wait_state(task.id)
+    assert done.state is S.SUCCEEDED and len(done.attempts) == 1
+
+
 def test_retries_follow_the_backoff(scheduler):
     scheduler.start_worker("r")
     policy = RetryPolicy(initial_interval=0.3, backoff_coefficient=2.0, maximum_attempts=5, jitter="none")
