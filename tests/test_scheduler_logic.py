@@ -25,6 +25,7 @@ from baaaht.schemas.tasks import (
     TaskState,
     TaskSubmit,
     TaskWork,
+    Timeouts,
 )
 from baaaht.services.scheduler import retry, schedules
 from baaaht.services.scheduler.core import Core, Now, lease_batches
@@ -459,3 +460,23 @@ def test_the_leases_a_dispatch_gives_a_worker_come_out_as_one_partial():
     assert [(p.task_id, [m.task_id for m in p.more]) for p in pushed] == [
         (tasks[0].id, [tasks[1].id, tasks[2].id])
     ]
+
+
+def test_a_queued_tasks_schedule_to_start_deadline_holds_across_a_restart():
+    """The deadline's timer was armed only at the submit: a task queued when the scheduler restarted (or
+    rebuilt its Core after a failed commit) and never taken stayed queued forever."""
+    clock = Clock()
+    core = Core(SchedulerConfig(), lambda _id: None)
+    core.load([], [], [], clock.now())
+    req = TaskSubmit(queue="q", task_type="t", timeouts=Timeouts(schedule_to_start=10.0))
+    task, _ = core.submit(req, "", clock.now())
+    clock.advance(4.0)
+    restarted = Core(SchedulerConfig(), lambda _id: None)
+    restarted.load([(msgspec.structs.replace(task), "", "")], [], [], clock.now())
+    clock.advance(5.0)
+    restarted.fire_timers(clock.now())
+    assert restarted.tasks[task.id].state is TaskState.QUEUED  # 9 s of its 10
+    clock.advance(1.5)
+    restarted.fire_timers(clock.now())
+    failed = restarted.take_effects().tasks[task.id]
+    assert failed.state is TaskState.FAILED and failed.error_type == "ScheduleToStartTimeout"

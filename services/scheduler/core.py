@@ -229,6 +229,8 @@ class Core:
             self.tasks[task.id] = task
             if task.state is QUEUED:
                 self._enqueue(task, now)
+                if not task.attempts:  # its schedule_to_start deadline still runs
+                    self._arm_start_deadline(task, task.created_at, now)
                 continue
             worker = self.workers.get(worker_key)
             if worker is None:
@@ -370,11 +372,15 @@ class Core:
     def _add(self, task: TaskInfo, now: Now) -> None:
         self.tasks[task.id] = task
         self._enqueue(task, now)
-        if task.timeouts.schedule_to_start:
-            due = max(task.not_before, now.wall) + task.timeouts.schedule_to_start
-            self._timer(now.mono_of(due), START_DEADLINE, task.id)
+        self._arm_start_deadline(task, now.wall, now)
         self._save(task)
         self._event(TaskQueued, task, not_before=task.not_before)
+
+    def _arm_start_deadline(self, task: TaskInfo, queued_at: float, now: Now) -> None:
+        """The schedule_to_start deadline of a task queued at `queued_at` (counted once it is due)."""
+        if task.timeouts.schedule_to_start:
+            due = max(task.not_before, queued_at) + task.timeouts.schedule_to_start
+            self._timer(now.mono_of(due), START_DEADLINE, task.id)
 
     def _check_payload(self, payload: bytes, what: str, cap: int | None = None) -> None:
         cap = self.max_payload if cap is None else cap
