@@ -208,11 +208,12 @@ class SchedulerStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield Batch(self._db)
+            self._db.execute("COMMIT")
         except BaseException:
+            # A failed COMMIT too: SQLite may leave the transaction open (SQLITE_FULL, SQLITE_IOERR).
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     # -- what the engine loads at start (writer connection, before it serves) ----------------------
 
