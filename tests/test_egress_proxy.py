@@ -31,6 +31,7 @@ from baaaht.services.credentials.service import CredentialService
 from baaaht.services.credentials.store import CredentialStore
 from tests.egress_agent_client import run as run_sdks
 from tests.egress_support import ANTHROPIC_KEY, CONTAINER, OPENAI_KEY, SESSION, running_egress
+from tests.sqlite_faults import FailingCommit
 
 MESSAGE = {"model": "claude-fake", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 CHAT = {"model": "gpt-fake", "messages": [{"role": "user", "content": "hi"}]}
@@ -204,6 +205,23 @@ def saved_usage(path) -> list:
         return store.load()
     finally:
         store.close()
+
+
+def test_a_usage_save_whose_commit_fails_with_its_transaction_left_open_does_not_stop_the_next(tmp_path):
+    """Left open, every later save failed (BEGIN within a transaction) and no total was kept again."""
+    from baaaht.schemas.egress import SessionUsage
+
+    path = usage_path(tmp_path)
+    store = UsageStore(path)
+    try:
+        db = store._db = FailingCommit(store._db)
+        db.fail_next = True
+        with pytest.raises(Exception, match="full"):
+            store.save([SessionUsage(session_id="s1", requests=1)])
+        store.save([SessionUsage(session_id="s1", requests=2)])
+    finally:
+        store.close()
+    assert [(u.session_id, u.requests) for u in saved_usage(path)] == [("s1", 2)]
 
 
 def test_budgets_survive_a_restart_of_the_proxy(tmp_path):

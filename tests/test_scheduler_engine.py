@@ -19,6 +19,7 @@ from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import TaskComplete, TaskScheduleAdd, TaskState, TaskSubmit, TaskWork
 from baaaht.services.scheduler.engine import RELOAD_PAUSE, TOLD_TRIES, Engine
 from baaaht.services.scheduler.store import SchedulerStore
+from tests.sqlite_faults import FailingCommit
 
 WAIT = 10.0
 
@@ -254,24 +255,6 @@ def test_the_core_is_rebuilt_at_most_once_a_reload_pause_while_every_commit_fail
     wait_for(lambda: store.reloads >= 2, WAIT, what="a first rebuild")
     time.sleep(2.5 * RELOAD_PAUSE)
     assert store.reloads <= 2 + 3
-
-
-class FailingCommit:
-    """A connection whose next COMMIT fails and leaves the transaction open, as SQLite may after
-    SQLITE_FULL or SQLITE_IOERR ("may or may not be rolled back automatically")."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
-        self.fail_next = False
-
-    def execute(self, sql: str, *args):
-        if sql == "COMMIT" and self.fail_next:
-            self.fail_next = False
-            raise sqlite3.OperationalError("database or disk is full")
-        return self._db.execute(sql, *args)
-
-    def __getattr__(self, name: str):
-        return getattr(self._db, name)
 
 
 def test_a_commit_that_fails_with_its_transaction_left_open_is_rolled_back(engine):

@@ -78,10 +78,12 @@ class UsageStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(_UPSERT, rows)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT too: SQLite may leave the transaction open (SQLITE_FULL, SQLITE_IOERR).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def delete(self, session_id: str) -> None:
         with self._lock:
