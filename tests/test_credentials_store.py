@@ -449,3 +449,17 @@ def test_a_passphrase_from_the_environment_and_an_empty_one(open_store, monkeypa
 
 def test_the_default_scrypt_cost_is_memory_hard():
     assert 128 * master.SCRYPT_N * master.SCRYPT_R >= 64 * 1024 * 1024
+
+
+def test_a_write_whose_commit_fails_with_its_transaction_left_open_does_not_stop_the_next(open_store):
+    """Left open (SQLite may, after SQLITE_FULL or SQLITE_IOERR), every later write failed: BEGIN within
+    a transaction."""
+    from tests.sqlite_faults import FailingCommit
+
+    store = open_store()
+    db = store._db = FailingCommit(store._db)
+    db.fail_next = True
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.put("lost", "api_key", VALUE, "", 0.0)
+    store.put("anthropic", "api_key", VALUE, "", 0.0)
+    assert [info.name for info in store.list(10, 0)[0]] == ["anthropic"]

@@ -241,10 +241,12 @@ class CredentialStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT too: SQLite may leave the transaction open (SQLITE_FULL, SQLITE_IOERR).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -421,10 +423,11 @@ class CredentialStore:
                             (crypto.wrap(new_key, data_key, secret_id, name, version), secret_id, version),
                         )
                     _write_meta(self._db, new_key, kdf)
+                    self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # a failed COMMIT may leave it open
+                        self._db.execute("ROLLBACK")
                     raise
-                self._db.execute("COMMIT")
             except BaseException:
                 self.master.abort_rotation()
                 raise
