@@ -101,6 +101,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     },
     "limits.agent_events_per_second": (_is_positive, "is out of range (expected a rate above zero)"),
     "scheduler.session_max_running": (lambda n: n >= 0, "is out of range (expected 0, none, or more)"),
+    "scheduler.session_max_unfinished": (lambda n: n >= 0, "is out of range (expected 0, none, or more)"),
     "scheduler.session_rate": (lambda rate: rate >= 0, "is out of range (expected 0, none, or more)"),
     "scheduler.queue_max_running": (
         lambda limits: all(n >= 0 for n in limits.values()),

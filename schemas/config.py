@@ -156,6 +156,9 @@ class SchedulerConfig(Section, kw_only=True):
     queue_rate: dict[str, float] = {}
     session_max_running: int = 0
     session_rate: float = 0.0
+    # Tasks not finished (queued, leased, running) a session may hold; a submit past it is refused
+    # RESOURCE_EXHAUSTED. 0 is none. Host submits without a session are not counted.
+    session_max_unfinished: int = 10000
 
 
 EGRESS_INJECTIONS = ("bearer", "x-api-key", "header", "basic")

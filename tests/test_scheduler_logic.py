@@ -401,6 +401,28 @@ def test_a_batch_submit_is_accepted_whole_in_order_or_refused_whole_naming_the_b
     assert set(core.take_effects().tasks) == {task.id for task, _ in accepted}
 
 
+def test_a_session_holds_at_most_its_cap_of_unfinished_tasks_and_a_finished_one_makes_room():
+    clock = Clock()
+    core, _pushed = core_with_worker(clock, slots=0, session_max_unfinished=2)
+    submit = TaskSubmit(queue="q", task_type="t")
+    first, _ = core.submit(submit, "s", clock.now())
+    core.submit(TaskSubmit(queue="q", task_type="t", key="k"), "s", clock.now())
+    with pytest.raises(BusError) as caught:
+        core.submit(submit, "s", clock.now())
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert caught.value.details == {"session_id": "s", "limit": 2}
+    assert "session_max_unfinished" in caught.value.message
+    # a submit its key answers adds nothing: it is answered; another session and the host are not held
+    assert core.submit(TaskSubmit(queue="q", task_type="t", key="k"), "s", clock.now())[1] is True
+    core.submit(submit, "other", clock.now())
+    core.submit_batch([submit] * 5, [""] * 5, clock.now())
+    with pytest.raises(BusError) as caught:  # a batch is refused whole, before anything changes
+        core.submit_batch([submit, submit], ["other", "other"], clock.now())
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED and core.unfinished["other"] == 1
+    core.cancel(first.id, None, "not needed", clock.now())
+    assert core.submit(submit, "s", clock.now())[0].session_id == "s"
+
+
 def test_an_outcome_ending_while_another_waits_for_its_answer_goes_out_without_waiting_for_it():
     from baaaht.bus.worker import OutcomeSender
     from baaaht.schemas.tasks import TaskCompleteResult

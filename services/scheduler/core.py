@@ -21,12 +21,13 @@ import contextlib
 import heapq
 import itertools
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import msgspec
 
-from baaaht.bus.errors import BusError, invalid, not_found, precondition
+from baaaht.bus.errors import BusError, exhausted, invalid, not_found, precondition
 from baaaht.schemas.base import Event
 from baaaht.schemas.config import SchedulerConfig
 from baaaht.schemas.tasks import (
@@ -185,6 +186,7 @@ class Core:
         self.task_retention = float(config.task_retention)
         self.max_payload = int(config.max_payload)
         self.max_result = int(config.max_result)
+        self.session_max_unfinished = config.session_max_unfinished
         self._stored = lookup  # a finished task, from the store (what is committed)
         self.uniform = uniform
         self.new_id = new_id or RandomIds()
@@ -192,6 +194,7 @@ class Core:
             config.queue_max_running, config.queue_rate, config.session_max_running, config.session_rate
         )
         self.tasks: dict[str, TaskInfo] = {}  # not finished
+        self.unfinished: Counter[str] = Counter()  # session id -> how many of self.tasks are its
         self.leases: dict[str, Lease] = {}  # by task id
         self.workers: dict[str, Worker] = {}
         self.schedules: dict[str, ScheduleInfo] = {}
@@ -227,6 +230,7 @@ class Core:
             self.keys[(session_id, key)] = (task_id, created_at)
         for task, lease_id, worker_key in tasks:
             self.tasks[task.id] = task
+            self.unfinished[task.session_id] += 1
             if task.state is QUEUED:
                 self._enqueue(task, now)
                 if not task.attempts:  # its schedule_to_start deadline still runs
@@ -320,17 +324,44 @@ class Core:
         for n, item in enumerate(items):
             with named_item(n):
                 self._check_payload(item.payload, "payload")
+        new: Counter[str] = Counter()
+        keys = set()
+        for item, session_id in zip(items, session_ids, strict=True):
+            if self._known(item, session_id, now) is None and (session_id, item.key) not in keys:
+                new[session_id] += 1
+                if item.key:  # a key twice in one call makes one task
+                    keys.add((session_id, item.key))
+        for session_id, count in new.items():
+            self._check_room(session_id, count)
         return [
             self._accept(item, session_id, now) for item, session_id in zip(items, session_ids, strict=True)
         ]
 
-    def _accept(self, req: TaskSubmit, session_id: str, now: Now) -> tuple[TaskInfo, bool]:
+    def _known(self, req: TaskSubmit, session_id: str, now: Now) -> TaskInfo | None:
+        """The task a submit's idempotency key still answers with, if any."""
         if req.key:
             found = self.keys.get((session_id, req.key))
             if found is not None and found[1] >= now.wall - self.key_retention:
-                task = self.tasks.get(found[0]) or self.lookup(found[0])
-                if task is not None:
-                    return task, True
+                return self.tasks.get(found[0]) or self.lookup(found[0])
+        return None
+
+    def _check_room(self, session_id: str, count: int = 1) -> None:
+        """A session holds at most session_max_unfinished tasks not finished: a hostile assistant
+        submitting without end fills the queue (and the disk), not the scheduler's memory for ever."""
+        cap = self.session_max_unfinished
+        if session_id and cap and self.unfinished[session_id] + count > cap:
+            raise exhausted(
+                f"session {session_id} has {self.unfinished[session_id]} tasks not finished; "
+                f"{count} more would pass scheduler.session_max_unfinished ({cap})",
+                session_id=session_id,
+                limit=cap,
+            )
+
+    def _accept(self, req: TaskSubmit, session_id: str, now: Now) -> tuple[TaskInfo, bool]:
+        known = self._known(req, session_id, now)
+        if known is not None:
+            return known, True
+        self._check_room(session_id)
         not_before = max(req.not_before, now.wall + req.delay) if (req.delay or req.not_before) else 0.0
         task = self._new_task(
             req, session_id, now, key=req.key, not_before=not_before if not_before > now.wall else 0.0
@@ -371,6 +402,7 @@ class Core:
 
     def _add(self, task: TaskInfo, now: Now) -> None:
         self.tasks[task.id] = task
+        self.unfinished[task.session_id] += 1
         self._enqueue(task, now)
         self._arm_start_deadline(task, now.wall, now)
         self._save(task)
@@ -653,6 +685,9 @@ class Core:
         if error_type:
             self._set_error(task, error_type, reason or error_type)
         del self.tasks[task.id]
+        self.unfinished[task.session_id] -= 1
+        if not self.unfinished[task.session_id]:
+            del self.unfinished[task.session_id]
         self._save(task)
         waiting = self.waiters.pop(task.id, ())
         if waiting:
