@@ -95,6 +95,7 @@ class ServiceRunner:
         for handler in self.handlers:
             handler.start()
         self.streaming: set[bytes] = set()  # tokens of the active calls that are streams
+        self.deferred: dict[bytes, tuple[Deferred, CallContext]] = {}  # calls a Deferred answers later
         self.service: Service | None = None
         self.background: Background | None = None
         self.starting = True
@@ -249,6 +250,7 @@ class ServiceRunner:
                 result = handler(*args)
                 if isinstance(result, Deferred):
                     deferred = True
+                    self.deferred[token] = (result, context)
                     result.on_settled(
                         lambda answer: self._answer_later(answer, caller, target, token, context)
                     )
@@ -274,8 +276,21 @@ class ServiceRunner:
         except Exception as exc:  # the result would not encode
             self._reply_error(exc, target, token, context)
         finally:
+            self.deferred.pop(token, None)
             self.active.pop(token, None)
             self.queue.done(caller)
+
+    def _expire_overdue(self) -> None:
+        """Answer TIMEOUT for a Deferred still unsettled past its call's deadline (what should settle it
+        failed): otherwise its caller's share and place among the active calls were held for ever."""
+        for token, (answer, context) in list(self.deferred.items()):
+            if context.remaining() <= 0 and answer.expire(
+                BusError(ErrorCode.TIMEOUT, "the call was not answered by its deadline")
+            ):
+                log.error(
+                    "a deferred answer was not settled by its call's deadline",
+                    extra={"token": token.hex(), "correlation": context.correlation_id},
+                )
 
     def _reply_error(self, exc: BaseException, target: str, token: bytes, context: CallContext) -> None:
         if not isinstance(exc, BusError):
@@ -384,6 +399,7 @@ class ServiceRunner:
                 context.cancelled.set()
         deadline = time.monotonic() + self.drain_timeout
         while self.active and time.monotonic() < deadline:
+            self._expire_overdue()
             time.sleep(0.05)
         for context in list(self.active.values()):  # handlers still finishing remove themselves
             context.cancelled.set()
@@ -420,6 +436,7 @@ class ServiceRunner:
         while not self.stopped.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
+            self._expire_overdue()
             if self._reload_requested and not self.stopped.is_set():
                 self._reload_requested = False
                 self._reload()

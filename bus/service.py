@@ -72,14 +72,17 @@ class CallContext:
 class Deferred:
     """An answer that comes later, from another thread. A handler whose result is made elsewhere (the
     session store's committer thread) returns one; the runner answers the call once it is settled,
-    and the handler's thread serves other calls meanwhile. `wait` is for direct callers (unit tests)."""
+    and the handler's thread serves other calls meanwhile. `wait` is for direct callers (unit tests).
+    One never settled by its call's deadline is expired by the runner: the caller is answered TIMEOUT
+    and its share freed, and the late settle is dropped."""
 
-    __slots__ = ("result", "error", "_done", "_callback", "_lock", "_settled")
+    __slots__ = ("result", "error", "_done", "_expired", "_callback", "_lock", "_settled")
 
     def __init__(self) -> None:
         self.result: object = None
         self.error: BaseException | None = None
         self._done = False
+        self._expired = False
         self._callback: Callable[[Deferred], None] | None = None
         self._lock = threading.Lock()
         self._settled = threading.Lock()  # held until settled: a lock is cheaper than an Event
@@ -87,14 +90,24 @@ class Deferred:
 
     def settle(self, result: object = None, error: BaseException | None = None) -> None:
         """The answer: `result`, or `error` (a BusError crosses the wire with its code)."""
+        self._finish(result, error, expired=False)
+
+    def expire(self, error: BaseException) -> bool:
+        """Settle it with `error` unless it is settled already; False if it was."""
+        return self._finish(None, error, expired=True)
+
+    def _finish(self, result: object, error: BaseException | None, expired: bool) -> bool:
         with self._lock:
             if self._done:
+                if self._expired or expired:  # an answer after the deadline's, or a deadline after one
+                    return False
                 raise RuntimeError("a Deferred is settled once")
-            self.result, self.error, self._done = result, error, True
+            self.result, self.error, self._done, self._expired = result, error, True, expired
             callback = self._callback
         self._settled.release()
         if callback is not None:
             callback(self)
+        return True
 
     def on_settled(self, callback: Callable[[Deferred], None]) -> None:
         """Call `callback(self)` once settled: at once if it is, else on the thread that settles it."""

@@ -110,3 +110,37 @@ def test_a_deferred_is_settled_once_and_waited_for_with_a_bound():
     late: list[object] = []
     refused.on_settled(lambda settled: late.append(settled.error.code))  # settled already: called at once
     assert late == [ErrorCode.FAILED_PRECONDITION]
+
+
+def test_a_deferred_never_settled_is_answered_timeout_at_its_deadline_and_frees_its_callers_share(host):
+    probe = host.client()
+    runner = ServiceRunner(Later, Endpoints.for_config(host.config.bus), heartbeat_interval=0.2)
+    service = Later()
+    thread = serve_in_thread(runner, service)
+    try:
+        wait_for(lambda: instance_state(probe, "later") == (True, ""), what="the service to be healthy")
+        caller = host.client(timeout=0.5)
+        with pytest.raises(BusError) as caught:
+            caller.call(Hold(text="forgotten"))  # what should settle it never does
+        assert caught.value.code is ErrorCode.TIMEOUT
+        [(_, forgotten)] = service.held
+        # The held call had the caller's one share of the one handler thread: this call of the same
+        # caller is served only once the overdue answer is expired and the share freed. Its late
+        # settle of the forgotten answer is dropped, not raised (the call was answered).
+        caller.call(Release(), timeout=10)
+        assert forgotten.error.code is ErrorCode.TIMEOUT
+        wait_for(lambda: not runner.deferred and not runner.active, what="the calls to be done")
+    finally:
+        runner.stop()
+        thread.join(30)
+
+
+def test_a_deferred_expires_only_while_unsettled():
+    answer = Deferred()
+    answer.settle("done")
+    assert answer.expire(BusError(ErrorCode.TIMEOUT, "late")) is False and answer.wait(0) == "done"
+    expired = Deferred()
+    assert expired.expire(BusError(ErrorCode.TIMEOUT, "late")) is True
+    expired.settle("after")  # dropped
+    with pytest.raises(BusError):
+        expired.wait(0)
