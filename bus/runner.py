@@ -52,6 +52,7 @@ def caller_key(caller: Caller) -> tuple[str, str]:
     return (caller.socket, caller.peer)
 
 
+ROUTED_WAIT = 1.0  # seconds a draining service waits for the broker's word that nothing more is on its way
 CONTAINER = "container"
 AGENT_KEYS = (CONTAINER, "agents")  # caller_key()[0] of an agent's call
 
@@ -394,6 +395,7 @@ class ServiceRunner:
         self._serve_until_stopped()
         self.draining = True
         self._report_health()  # unhealthy from now on: the broker routes nothing new here
+        self._await_routed()
         for token in list(self.streaming):  # a stream (a follow, a worker's task.work) never ends by itself
             if (context := self.active.get(token)) is not None:
                 context.cancelled.set()
@@ -428,6 +430,18 @@ class ServiceRunner:
         if self.connection.refused is not None:  # the refusal arrives before the Pong: do not start
             self.close()
             raise self._refusal()
+
+    def _await_routed(self) -> None:
+        """Once unhealthy, wait for what the broker routed here before it knew: a request on its way
+        when the stop came is not in `active` yet, and would be dropped unanswered by the drain. The
+        broker handles one connection's messages in order, so its answer to a BusPing sent after the
+        unhealthy heartbeat comes behind every request it routed here before it."""
+        if not self.connection.core.connected:  # the broker is away (stopping too): nothing is on its way
+            return
+        try:  # a broker answers a ping within milliseconds; one lost meanwhile fails it at once
+            self.bus.call(BusPing(), timeout=min(ROUTED_WAIT, self.connection.core.silence_limit))
+        except BusError as exc:
+            log.warning("draining without the broker's word", extra={"reason": exc.message})
 
     def _refusal(self) -> SystemExit:
         return SystemExit(f"{self.name}: registration refused: {self.connection.refused.message}")

@@ -164,3 +164,47 @@ def test_sighup_reloads_and_sigterm_or_sigint_stop_the_process(echo):
     again = echo.start_service(ECHO_SERVICE, "echo")
     again.send_signal(signal.SIGTERM)
     assert again.wait(20) == 0
+
+
+def test_a_request_on_its_way_when_the_stop_comes_is_answered_not_dropped(host):
+    from tests.services.echo import EchoService
+
+    probe = host.client()
+    # liveness as the test kit's: the I/O thread is held here for a second, which is no broker's silence
+    runner = ServiceRunner(
+        EchoService, Endpoints.for_config(host.config.bus), heartbeat_interval=0.2, liveness=25
+    )
+    arrived, let_in = threading.Event(), threading.Event()
+    deliver = runner._on_message
+
+    def held_in_transit(kind: bytes, envelope: bytes, extra: list[bytes]) -> None:
+        if extra and not arrived.is_set():  # the first request: routed by the broker, not seen here yet
+            arrived.set()
+            let_in.wait(10)
+        deliver(kind, envelope, extra)
+
+    runner.connection.core._on_message = held_in_transit
+    closed, close = threading.Event(), runner.queue.close
+
+    def closing() -> None:  # the drain is over: the handlers stop taking calls
+        closed.set()
+        close()
+
+    runner.queue.close = closing
+    thread = serve_in_thread(runner, EchoService(events=runner.bus))
+    try:
+        wait_for(lambda: instance_state(probe, "echo") == (True, ""), what="the service to be healthy")
+        results: list[object] = []
+        caller = threading.Thread(target=lambda: results.append(host.client(timeout=10).call(Say(text="hi"))))
+        caller.start()
+        assert arrived.wait(10)
+        runner.stop()  # the drain starts while the request is still in the I/O thread's hands
+        # A drain that does not wait for it is over at once; one that does is still waiting at 0.5 s.
+        closed.wait(0.5)
+        let_in.set()
+        caller.join(15)
+        assert [getattr(r, "text", r) for r in results] == ["hi"]
+    finally:
+        let_in.set()
+        runner.stop()
+        thread.join(30)
