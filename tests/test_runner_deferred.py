@@ -3,11 +3,13 @@ handler's thread serves other calls meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import pytest
 
+from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, precondition
 from baaaht.bus.runner import ServiceRunner
 from baaaht.bus.service import Deferred, Service, rpc
@@ -64,13 +66,23 @@ class Later(Service):
         return Empty()
 
 
-def test_a_deferred_answer_comes_when_settled_and_frees_the_handler_thread_meanwhile(host):
+@contextlib.contextmanager
+def serving_later(host) -> Iterator[tuple[BusClient, ServiceRunner, Later]]:
+    """(a probe, the runner, the service) of a healthy Later served in a thread, stopped afterwards."""
     probe = host.client()
     runner = ServiceRunner(Later, Endpoints.for_config(host.config.bus), heartbeat_interval=0.2)
     service = Later()
     thread = serve_in_thread(runner, service)
     try:
         wait_for(lambda: instance_state(probe, "later") == (True, ""), what="the service to be healthy")
+        yield probe, runner, service
+    finally:
+        runner.stop()
+        thread.join(30)
+
+
+def test_a_deferred_answer_comes_when_settled_and_frees_the_handler_thread_meanwhile(host):
+    with serving_later(host) as (probe, _runner, service):
         outcomes: dict[str, object] = {}
 
         def call(text: str) -> None:
@@ -88,9 +100,6 @@ def test_a_deferred_answer_comes_when_settled_and_frees_the_handler_thread_meanw
         for caller in callers:
             caller.join(10)
         assert outcomes == {"one": "ONE", "two": "TWO", "refuse": ErrorCode.FAILED_PRECONDITION}
-    finally:
-        runner.stop()
-        thread.join(30)
 
 
 def test_a_deferred_is_settled_once_and_waited_for_with_a_bound():
@@ -113,12 +122,7 @@ def test_a_deferred_is_settled_once_and_waited_for_with_a_bound():
 
 
 def test_a_deferred_never_settled_is_answered_timeout_at_its_deadline_and_frees_its_callers_share(host):
-    probe = host.client()
-    runner = ServiceRunner(Later, Endpoints.for_config(host.config.bus), heartbeat_interval=0.2)
-    service = Later()
-    thread = serve_in_thread(runner, service)
-    try:
-        wait_for(lambda: instance_state(probe, "later") == (True, ""), what="the service to be healthy")
+    with serving_later(host) as (_probe, runner, service):
         caller = host.client(timeout=0.5)
         with pytest.raises(BusError) as caught:
             caller.call(Hold(text="forgotten"))  # what should settle it never does
@@ -130,9 +134,6 @@ def test_a_deferred_never_settled_is_answered_timeout_at_its_deadline_and_frees_
         caller.call(Release(), timeout=10)
         assert forgotten.error.code is ErrorCode.TIMEOUT
         wait_for(lambda: not runner.deferred and not runner.active, what="the calls to be done")
-    finally:
-        runner.stop()
-        thread.join(30)
 
 
 def test_a_deferred_expires_only_while_unsettled():
