@@ -32,6 +32,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgspec
@@ -82,21 +83,17 @@ _STOP = Command(lambda core, now: None)
 _RELOAD = Command(lambda core, now: None)  # from the writer: a commit failed, rebuild the Core
 
 
+@dataclass(slots=True, eq=False)  # the writer's stop is told apart by identity
 class Turn:
     """What one engine turn hands the writer: its commands (answered after the commit), its writes
     (encoded on the engine's thread: the rows as the turn left them), its events and pushes."""
 
-    __slots__ = ("seq", "generation", "commands", "writes", "events", "pushes")
-
-    def __init__(
-        self, seq: int, generation: int, commands: list[Command], writes: list, events: list, pushes: list
-    ):
-        self.seq = seq
-        self.generation = generation
-        self.commands = commands
-        self.writes = writes
-        self.events = events
-        self.pushes = pushes
+    seq: int
+    generation: int
+    commands: list[Command]
+    writes: list
+    events: list
+    pushes: list
 
 
 _WRITER_STOP = Turn(-1, -1, [], [], [], [])
