@@ -21,7 +21,7 @@ import orjson
 
 from baaaht.schemas.config import LogConfig
 
-_HANDLER_NAME = "baaaht.structured"
+HANDLER_NAME = "baaaht.structured"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn", logging.ERROR: "error"}
 # Attributes every LogRecord has: anything else on a record came from `extra`.
@@ -82,9 +82,9 @@ def setup_logging(log_config: LogConfig, process: str, stream: TextIO | None = N
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(StructuredFormatter(process, as_json=log_config.format == "json"))
-    handler.set_name(_HANDLER_NAME)
+    handler.set_name(HANDLER_NAME)
     root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+    for old in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS[log_config.level])

@@ -1,9 +1,12 @@
+import logging
 import os
 import subprocess
 from pathlib import Path
 
 import docker.api.client
 import pytest
+
+from baaaht.common.logs import HANDLER_NAME
 
 # host, make_host from the test kit; pytester: tests/test_dev_targets.py and tests/test_leftover_mounts.py
 # run pytest on made-up test files; tests.leftover_mounts fails a module that leaves a mount or a loop
@@ -80,6 +83,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         marker = "unit" if item.path.name in UNIT_TEST_FILES else "integration"
         item.add_marker(marker)
+
+
+@pytest.fixture(autouse=True)
+def logging_put_back():
+    """Handlers a test added to the root logger go with it (an entry point's `main` run in process sets
+    up logging on the test's captured stderr, closed after the test: a later test's thread logging into
+    it printed '--- Logging error ---'), and the root's level is put back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler.get_name() == HANDLER_NAME and handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 class UnitBoundaryCrossed(Exception):

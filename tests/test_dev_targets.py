@@ -48,6 +48,25 @@ def test_a_file_not_listed_as_unit_is_an_integration_test_and_may_start_processe
     result.assert_outcomes(passed=1)
 
 
+def test_a_handler_a_test_set_up_on_its_captured_stream_is_gone_before_the_next_test(pytester):
+    pytester.makeconftest("from tests.conftest import logging_put_back  # noqa: F401\n")
+    pytester.makepyfile(
+        test_later="""
+import logging
+from baaaht.common.logs import setup_logging
+from baaaht.schemas.config import LogConfig
+
+def test_sets_up_logging_on_captured_stderr(capsys):
+    setup_logging(LogConfig(), "test")
+
+def test_a_later_test_logs_into_no_closed_stream():
+    streams = [getattr(h, "stream", None) for h in logging.getLogger().handlers]
+    assert not [s for s in streams if getattr(s, "closed", False)]
+"""
+    )
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
 @pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]])
 def test_the_tree_passes_make_lint(command):
     pytest.importorskip("ruff", reason="ruff is in the test extra: pip install -e '.[test]'")

@@ -14,15 +14,8 @@ from baaaht.schemas.config import LogConfig
 
 @pytest.fixture
 def captured():
-    """A stream our handler writes to; the root logger is put back as it was afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    stream = io.StringIO()
-    yield stream
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
+    """A stream our handler writes to (tests/conftest.py's logging_put_back removes the handler after)."""
+    return io.StringIO()
 
 
 def test_json_lines_carry_the_standard_fields_and_extras(captured):
