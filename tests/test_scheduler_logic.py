@@ -470,6 +470,12 @@ def test_the_leases_of_one_turn_go_to_each_worker_in_one_partial_of_bounded_size
         ("t4", []),
         ("t5", ["t6"]),
     ]
+    # each worker's batch counts its own payloads: b's lease between a's fills none of a's
+    mixed = [(a.append, lease(7, big)), (b.append, lease(8, big)), (a.append, lease(9, 10))]
+    assert [(p.task_id, [m.task_id for m in p.more]) for _push, p in lease_batches(mixed)] == [
+        ("t7", ["t9"]),
+        ("t8", []),
+    ]
 
 
 def test_the_leases_a_dispatch_gives_a_worker_come_out_as_one_partial():

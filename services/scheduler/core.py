@@ -136,13 +136,15 @@ def lease_batches(leases: list[tuple[Push, TaskAssignment]]) -> Iterator[tuple[P
     others in its `more`, in their order), one message and one stream hand-off instead of one each;
     a batch holds at most LEASE_BATCH_BYTES of payloads (a larger lease goes alone)."""
     by_worker: dict[Push, list[list[TaskAssignment]]] = {}
+    filled: dict[Push, int] = {}  # payload bytes in each worker's last batch
     for push, lease in leases:
         batches = by_worker.setdefault(push, [[]])
-        batch = batches[-1]
-        if batch and sum(len(held.payload) for held in batch) + len(lease.payload) > LEASE_BATCH_BYTES:
-            batch = []
+        batch, size = batches[-1], filled.get(push, 0)
+        if batch and size + len(lease.payload) > LEASE_BATCH_BYTES:
+            batch, size = [], 0
             batches.append(batch)
         batch.append(lease)
+        filled[push] = size + len(lease.payload)
     for push, batches in by_worker.items():
         for first, *rest in batches:
             yield push, msgspec.structs.replace(first, more=rest) if rest else first
