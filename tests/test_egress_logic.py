@@ -298,6 +298,23 @@ def test_a_session_past_its_token_cap_is_refused_from_its_next_call():
     assert budgets.sessions("nobody") == [] and [u.session_id for u in budgets.sessions()] == ["s1"]
 
 
+def test_a_call_that_ends_after_its_session_was_deleted_brings_no_totals_back():
+    budgets = Budgets(request_cap=10, token_cap=0)
+    budgets.admit("s1")
+    budgets.forget("s1")  # session.deleted while the call ran
+    after = budgets.record("s1", Usage(5, 6), bytes_out=1, bytes_in=2)
+    assert (after.requests, after.input_tokens, after.output_tokens) == (
+        0,
+        5,
+        6,
+    )  # the call's own, for its journal
+    budgets.refused("s1")
+    assert budgets.sessions() == [] and budgets.take_changes() == []
+    found = refusal(lambda: budgets.admit("s1"))
+    assert (found.status, found.refused) == (403, "session") and "was deleted" in found.message
+    budgets.admit("s2")  # the others go on
+
+
 def test_budgets_hand_out_each_change_once_and_take_back_what_was_not_saved():
     budgets = Budgets(request_cap=10, token_cap=0)
     budgets.restore([SessionUsage(session_id="old", requests=4, request_cap=99, token_cap=7)])

@@ -22,6 +22,8 @@ from baaaht.schemas.egress import SessionUsage
 from .refusals import Refused
 from .usage import Usage
 
+FORGOTTEN_KEPT = 10_000  # deleted sessions remembered (oldest first out)
+
 
 class Budgets:
     def __init__(self, request_cap: int, token_cap: int):
@@ -30,6 +32,9 @@ class Budgets:
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionUsage] = {}
         self._changed: set[str] = set()
+        # Sessions deleted since the start: a call still running at the deletion, or one of its agent's
+        # last, must not bring the totals back (dict: insertion order, the oldest forgotten first).
+        self._forgotten: dict[str, None] = {}
 
     def restore(self, known: Iterable[SessionUsage]) -> None:
         """Start from saved totals (before serving); the caps are today's configuration."""
@@ -39,7 +44,10 @@ class Budgets:
                     usage, request_cap=self.request_cap, token_cap=self.token_cap
                 )
 
-    def _of(self, session_id: str) -> SessionUsage:
+    def _of(self, session_id: str) -> SessionUsage | None:
+        """The session's totals, made at its first call; None for a session deleted (it counts no more)."""
+        if session_id in self._forgotten:
+            return None
         self._changed.add(session_id)  # every caller is about to change it
         usage = self._sessions.get(session_id)
         if usage is None:
@@ -61,15 +69,20 @@ class Budgets:
             self._changed.update(usage.session_id for usage in changes)
 
     def forget(self, session_id: str) -> None:
-        """The session was deleted: its totals go (a later call of it would start from nothing)."""
+        """The session was deleted: its totals go, and a call of it that ends later does not count."""
         with self._lock:
             self._sessions.pop(session_id, None)
             self._changed.discard(session_id)
+            self._forgotten[session_id] = None
+            if len(self._forgotten) > FORGOTTEN_KEPT:
+                del self._forgotten[next(iter(self._forgotten))]
 
     def admit(self, session_id: str) -> None:
         """Count one call of the session, or Refused (429) naming the budget it is past."""
         with self._lock:
             usage = self._of(session_id)
+            if usage is None:
+                raise Refused(403, "session", f"session {session_id!r} was deleted")
             if self.request_cap and usage.requests >= self.request_cap:
                 raise Refused(
                     429,
@@ -89,12 +102,17 @@ class Budgets:
 
     def refused(self, session_id: str) -> None:
         with self._lock:
-            self._of(session_id).refused += 1
+            usage = self._of(session_id)
+            if usage is not None:
+                usage.refused += 1
 
     def record(self, session_id: str, used: Usage, bytes_out: int, bytes_in: int) -> SessionUsage:
-        """Add a finished call's usage; the session's totals after it."""
+        """Add a finished call's usage; the session's totals after it (of that call alone when the session
+        was deleted while it ran: kept for its journal line, not stored)."""
         with self._lock:
-            usage = self._of(session_id)
+            usage = self._of(session_id) or SessionUsage(
+                session_id=session_id, request_cap=self.request_cap, token_cap=self.token_cap
+            )
             usage.input_tokens += used.input_tokens
             usage.output_tokens += used.output_tokens
             usage.bytes_out += bytes_out
