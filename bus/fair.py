@@ -51,6 +51,19 @@ class FairQueue(Generic[Item]):
                 self._wake_one()
             return True
 
+    def start_now(self, caller: Hashable, max_running: int) -> bool:
+        """Count a call of `caller` as running at once, without queueing it (bus/runner.py serves it
+        on the spot), when the caller has none waiting and runs fewer than `max_running`; until
+        `done(caller)` it holds its share as a taken call does. False (nothing counted) otherwise:
+        the call queues behind the caller's earlier ones, or waits for its share, as any other."""
+        with self._ready:
+            running = self._running.get(caller, 0)
+            if self._closed or caller in self._queues or running >= max(1, max_running):
+                return False
+            self._running[caller] = running + 1
+            self._max_running[caller] = max(1, max_running)
+            return True
+
     def _wake_one(self) -> None:
         """Under the lock: wake one waiting taker, if one waits and none was woken already."""
         if self._idle > self._woken:

@@ -3,11 +3,12 @@ concurrency, streaming, cancellation, event handlers, background work and gracef
 
 Handlers run on threads rather than an event loop: the docker SDK, sqlite3 and
 file I/O all block, and a fixed set of handler threads bounds how many run at once
-(the `concurrency` the service registers with). The connection's I/O thread never
-runs handler code. Calls wait for a thread in a fair queue (bus/fair.py): round-robin
-over callers, each with at most `limits.queued_per_caller` waiting and, for agents,
-at most `limits.agent_running_per_caller` running, so one caller's flood delays
-only its own calls.
+(the `concurrency` the service registers with). The connection's I/O thread runs only
+the handlers declared inline (bus/service.py rpc: they never wait), and those only for a
+caller with no call waiting and below its share. Calls wait for a thread in a fair queue
+(bus/fair.py): round-robin over callers, each with at most `limits.queued_per_caller`
+waiting and, for agents, at most `limits.agent_running_per_caller` running (an inline
+call counts as running), so one caller's flood delays only its own calls.
 """
 
 from __future__ import annotations
@@ -195,6 +196,13 @@ class ServiceRunner:
         self.active[token] = context  # before it is queued: a handler thread may take it at once
         caller = caller_key(context.caller)
         share = self.agent_running_per_caller if caller[0] in AGENT_KEYS else self.concurrency
+        spec = self.rpcs.get(header.target)
+        if spec is not None and spec.inline and self.queue.start_now(caller, share):
+            # Its turn and its share allow it now: served here, as a handler thread would, without the
+            # hand-offs to one and back (a caller with calls waiting queues behind them instead).
+            if self._serve(caller, header.target, body, token, context):
+                self.queue.done(caller)
+            return
         if not self.queue.put(caller, (header.target, body, token, context), share):
             del self.active[token]
             refused = exhausted(

@@ -24,7 +24,8 @@ The bus target of an RPC is the tag of its request type (`session.create`), so
 the schema, the handler and every client agree on one name, and a method may be
 called what it does (`start`, `list`). Handlers run on a thread pool (see
 docs/PROTOCOL.md, "Threads"): they may block, or return a `Deferred` that another
-thread settles with the answer.
+thread settles with the answer. One that never waits may say so (`@rpc(inline=True)`)
+and is then mostly served on the connection's I/O thread.
 
 The life cycle is a separate set of hooks (`on_start`, `on_stop`, `on_reload`,
 `health_report`) that the runner calls; none of them can be an RPC, an event
@@ -134,6 +135,7 @@ class RpcSpec:
     request_type: type[Request]
     stream: bool
     wants_context: bool
+    inline: bool = False  # served on the connection's I/O thread when the caller's turn allows (rpc())
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,18 @@ class Publisher(typing.Protocol):
     def publish(self, event: Event, subtopic: str = "") -> None: ...
 
 
-def rpc(fn: Callable | None = None, *, stream: bool = False):
+def rpc(fn: Callable | None = None, *, stream: bool = False, inline: bool = False):
+    """Mark a method as an RPC. `inline=True` declares that its handler never waits: it validates,
+    reads memory (or one row by its key) and answers at once, or hands the work to another thread and
+    returns a Deferred. The runner then serves it on the connection's I/O thread, without the hand-offs
+    to and from a handler thread, whenever the caller has no call waiting and is below its share of the
+    handler threads (bus/runner.py). Such a handler must not call the bus: the I/O thread would wait
+    for a reply only it can receive."""
+    if stream and inline:
+        raise TypeError("a stream cannot be inline: it waits for what it sends")
+
     def mark(f: Callable) -> Callable:
-        f.__baaaht_rpc__ = {"stream": stream}
+        f.__baaaht_rpc__ = {"stream": stream, "inline": inline}
         return f
 
     return mark(fn) if fn is not None else mark
@@ -221,7 +232,9 @@ class Service:
             target = target_of(argument_type)
             if not target.startswith(cls.name + "."):
                 raise TypeError(f"{cls.__name__}.{method_name}: {target} is not in service {cls.name!r}")
-            found[target] = RpcSpec(target, method_name, argument_type, marker["stream"], arity > 1)
+            found[target] = RpcSpec(
+                target, method_name, argument_type, marker["stream"], arity > 1, marker["inline"]
+            )
         return found
 
     @classmethod

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from baaaht.bus.background import Background, Stopping, Task, background, backoff
-from baaaht.bus.service import Service
+from baaaht.bus.service import Service, rpc
 from baaaht.bus.testing import Recorded, wait_for
 
 
@@ -151,6 +151,11 @@ def test_a_service_declares_its_background_work_with_the_decorator():
         assert service.followed.wait(10)
     finally:
         work.stop(timeout=10)
+
+
+def test_a_stream_cannot_be_inline():
+    with pytest.raises(TypeError, match="a stream cannot be inline"):
+        rpc(stream=True, inline=True)
 
 
 def test_a_lifecycle_hook_cannot_be_bus_work():

@@ -97,6 +97,23 @@ def test_a_caller_at_its_running_share_is_passed_over_until_one_of_its_calls_is_
     assert queue.take(timeout=0) == ("agent", "a2")
 
 
+def test_a_call_started_at_once_counts_against_its_callers_share_and_never_passes_its_backlog():
+    queue = FairQueue(per_caller=10)
+    assert queue.start_now("agent", 2) and queue.start_now("agent", 2)
+    assert not queue.start_now("agent", 2)  # both shares held by calls started at once
+    queue.put("agent", "a0", 2)
+    assert queue.take(timeout=0) is None  # a queued call waits for the share too
+    queue.done("agent")
+    assert not queue.start_now("agent", 2)  # below its share, but a0 waits: it goes first
+    assert queue.take(timeout=0) == ("agent", "a0")
+    queue.done("agent")
+    queue.done("agent")
+    assert queue.start_now("agent", 0)  # a share below 1 counts as 1
+    queue.done("agent")
+    queue.close()
+    assert not queue.start_now("other", ANY)  # closed: nothing starts
+
+
 def test_a_waiting_handler_wakes_for_a_put_and_for_close():
     queue = FairQueue(per_caller=10)
     taken = []

@@ -1,6 +1,7 @@
 """The runner's fair queue, driven as the connection's I/O thread drives it (no broker: requests
 are handed to the runner as they arrive from one, replies recorded): callers take turns, an agent
-runs at most its share of calls at once, a stream holds no share, and a caller's backlog is bounded."""
+runs at most its share of calls at once, a stream holds no share, and a caller's backlog is bounded.
+An inline call is served where it arrives only when the fair queue would have let it run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from baaaht.bus import wire
 from baaaht.bus.runner import ServiceRunner
-from baaaht.bus.service import Service, rpc
+from baaaht.bus.service import Deferred, Service, rpc
 from baaaht.bus.testing import Recorded
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty, Request
@@ -37,8 +38,19 @@ class Follow(Request, tag="paced.follow", kw_only=True):
     name: str
 
 
+class Note(Request, tag="paced.note", kw_only=True):
+    response: ClassVar[type] = Empty
+    name: str
+
+
+class Promise(Request, tag="paced.promise", kw_only=True):
+    response: ClassVar[type] = Empty
+    name: str
+
+
 class Paced(Service):
-    """Each call runs until the test releases it by name."""
+    """Each call runs until the test releases it by name; `note` and `promise` are inline: a note is
+    answered at once, a promise when the test settles the Deferred it returned."""
 
     name = "paced"
     concurrency = 4
@@ -47,6 +59,8 @@ class Paced(Service):
         self.started: Recorded[str] = Recorded()
         self.releases: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
+        self.threads: dict[str, threading.Thread] = {}  # where each note and promise ran
+        self.promised: dict[str, Deferred] = {}
 
     def release(self, name: str) -> None:
         self._gate(name).set()
@@ -60,6 +74,19 @@ class Paced(Service):
         self.started.append(request.name)
         self._gate(request.name).wait(10)
         return Empty()
+
+    @rpc(inline=True)
+    def note(self, request: Note) -> Empty:
+        self.threads[request.name] = threading.current_thread()
+        self.started.append(request.name)
+        return Empty()
+
+    @rpc(inline=True)
+    def promise(self, request: Promise) -> Deferred:
+        self.threads[request.name] = threading.current_thread()
+        self.promised[request.name] = Deferred()
+        self.started.append(request.name)
+        return self.promised[request.name]
 
     @rpc(stream=True)
     def follow(self, request: Follow) -> Iterator[Empty]:
@@ -82,12 +109,13 @@ class Driven:
         if kind == wire.REPLY:
             self.replies.append((context.request_id, error))
 
-    def send(self, caller: Caller, request: Request, stream: bool = False) -> None:
+    def send(self, caller: Caller, request: Request, stream: bool = False, timeout: float = 30) -> None:
         """`request` as the broker hands it over: the envelope, then the token and the caller's stamp."""
         self.tokens += 1
         name = request.name
         target = type(request).__struct_config__.tag
-        envelope = wire.request(name, target, time.time() + 30, "", stream, msgspec.msgpack.encode(request))
+        deadline = time.time() + timeout
+        envelope = wire.request(name, target, deadline, "", stream, msgspec.msgpack.encode(request))
         token = self.tokens.to_bytes(wire.TOKEN_SIZE, "big")
         self.runner._on_message(wire.REQUEST, envelope, [token + wire.encode(caller)])
 
@@ -153,3 +181,63 @@ def test_a_callers_backlog_past_its_bound_is_refused_naming_the_limit(driven):
     paced.send(AGENT_B, Hold(name="b1"))  # the bound is each caller's own
     paced.started("b1")
     assert len(refusals) == 1
+
+
+# -- inline calls ----------------------------------------------------------------------------------
+
+HOST_PEER = Caller(socket="services", peer="h1", role="service")
+
+
+def test_an_inline_call_of_a_caller_with_nothing_waiting_is_answered_where_it_arrives(driven):
+    paced = driven(agent_running_per_caller=1)
+    paced.send(AGENT_A, Note(name="n1"))  # as the I/O thread hands it over: answered before it returns
+    assert paced.service.threads["n1"] is threading.current_thread()
+    assert paced.replies.snapshot() == [("n1", "")]
+
+
+def test_an_inline_call_of_a_caller_at_its_share_waits_for_a_handler_thread(driven):
+    paced = driven(agent_running_per_caller=1)
+    paced.send(AGENT_A, Hold(name="a1"))
+    paced.started("a1")
+    paced.send(AGENT_A_AGAIN, Note(name="n1"))  # the caller's one share is a1's
+    assert "n1" not in paced.service.started
+    paced.send(AGENT_B, Note(name="b1"))  # another caller's is free
+    assert paced.service.threads["b1"] is threading.current_thread()
+    paced.service.release("a1")
+    paced.started("n1")
+    assert paced.service.threads["n1"].name.startswith("paced-rpc-")
+
+
+def test_an_inline_call_queues_behind_its_callers_waiting_calls(driven):
+    paced = driven()
+    for name in ("o1", "o2", "o3"):
+        paced.send(OPERATOR, Hold(name=name))
+    paced.send(HOST_PEER, Hold(name="h1"))
+    paced.started("o1", "o2", "o3", "h1")  # every handler thread is busy
+    paced.send(OPERATOR, Hold(name="o4"))  # below the operator's share, waiting for a thread
+    paced.send(OPERATOR, Note(name="n1"))
+    assert "n1" not in paced.service.started  # it comes after o4, as it was sent
+    paced.service.release("h1")
+    paced.started("o4")
+    paced.service.release("o1")
+    paced.started("n1")
+    started = paced.service.started.snapshot()
+    assert started.index("o4") < started.index("n1")
+
+
+def test_an_inline_deferred_holds_its_callers_share_until_it_is_settled(driven):
+    paced = driven(agent_running_per_caller=1)
+    paced.send(AGENT_A, Promise(name="p1"))
+    assert paced.service.threads["p1"] is threading.current_thread() and paced.replies.snapshot() == []
+    paced.send(AGENT_A, Note(name="n1"))
+    assert "n1" not in paced.service.started  # p1 still holds the share
+    paced.service.promised["p1"].settle(Empty())  # from the thread that made the answer, as a committer
+    paced.replies.wait_until(lambda r: ("p1", "") in r and ("n1", "") in r, what="p1 then n1 answered")
+    assert paced.service.threads["n1"].name.startswith("paced-rpc-")
+
+
+def test_an_inline_call_past_its_deadline_is_answered_timeout_without_running(driven):
+    paced = driven()
+    paced.send(OPERATOR, Note(name="late"), timeout=-1)
+    assert paced.replies.snapshot() == [("late", ErrorCode.TIMEOUT.value)]
+    assert "late" not in paced.service.started

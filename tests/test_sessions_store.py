@@ -268,6 +268,17 @@ def test_reads_see_only_committed_changes(store):
     assert store.get("s1").id == "s1"
 
 
+def test_a_lookup_by_id_does_not_wait_behind_a_page_read(store):
+    """session.get is served on the bus I/O thread: a long page read must not hold it up."""
+    store.write(lambda tx: tx.insert(session("s1")))
+    with store._read_lock:  # as a page of list or messages being read on a handler thread
+        found: list[SessionInfo | None] = []
+        lookup = threading.Thread(target=lambda: found.append(store.get("s1")))
+        lookup.start()
+        lookup.join(5)
+        assert [one.id for one in found] == ["s1"]
+
+
 def test_a_change_may_not_wait_for_another_change(store):
     def nested(tx: Transaction) -> None:
         store.write(lambda inner: inner.insert(session("inner")))

@@ -119,7 +119,7 @@ class SchedulerService(Service):
 
     # -- tasks --------------------------------------------------------------------------------------
 
-    @rpc
+    @rpc(inline=True)
     def submit(self, req: TaskSubmit, ctx: CallContext) -> Deferred:
         if not req.more:
             session_id = session_for(ctx.caller, req.session_id, "submit")
@@ -230,12 +230,12 @@ class SchedulerService(Service):
             finally:
                 self.engine.tell(lambda core, now: core.work_closed(key, stream))
 
-    @rpc
+    @rpc(inline=True)
     def ack(self, req: TaskAck, ctx: CallContext) -> Deferred:
         scope = scope_of(ctx.caller, "work")
         return self.engine.defer(lambda core, now: core.ack(req.task_id, req.lease_id, scope, now) or Empty())
 
-    @rpc
+    @rpc(inline=True)
     def heartbeat(self, req: TaskHeartbeat, ctx: CallContext) -> Deferred:
         scope = scope_of(ctx.caller, "work")
 
@@ -244,12 +244,12 @@ class SchedulerService(Service):
 
         return self.engine.defer(apply)
 
-    @rpc
+    @rpc(inline=True)
     def progress(self, req: TaskProgress, ctx: CallContext) -> Deferred:
         scope = scope_of(ctx.caller, "work")
         return self.engine.defer(lambda core, now: core.progress(req, scope, now) or Empty())
 
-    @rpc
+    @rpc(inline=True)
     def complete(self, req: TaskComplete, ctx: CallContext) -> Deferred:
         scope = scope_of(ctx.caller, "work")
         if req.more:

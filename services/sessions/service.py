@@ -208,7 +208,7 @@ class SessionService(Service):
                 errors=[{"path": error.path, "message": error.message} for error in result.errors],
             )
 
-    @rpc
+    @rpc(inline=True)
     def get(self, req: SessionGet, ctx: CallContext) -> SessionInfo:
         require_session(ctx.caller, req.session_id, "read")
         return self._existing(req.session_id)
@@ -285,7 +285,7 @@ class SessionService(Service):
 
     # -- conversation -------------------------------------------------------------------------
 
-    @rpc
+    @rpc(inline=True)
     def send_message(self, req: SessionSendMessage, ctx: CallContext) -> Deferred:
         """Answered with the stored Message once it is committed: the store's committer settles the
         answer, so this handler thread does not wait for the commit."""

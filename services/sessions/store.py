@@ -154,12 +154,15 @@ class SessionStore:
         try:
             self._configure()
             self._migrate()
-            self._reader = self._connect()
-            self._reader.execute("PRAGMA query_only = ON")
+            self._reader = self._reader_connection()
+            # Lookups by id have their own: session.get is served on the bus I/O thread
+            # (bus/service.py rpc inline), which must not wait behind a page of list or messages.
+            self._id_reader = self._reader_connection()
         except BaseException:
             self._db.close()
             raise
         self._read_lock = threading.Lock()
+        self._id_read_lock = threading.Lock()
         self._pending: queue.SimpleQueue[_Change | None] = queue.SimpleQueue()  # None: stop
         self._state_lock = threading.Lock()  # a change is started by the committer or abandoned by its writer
         self._closed = False
@@ -170,6 +173,12 @@ class SessionStore:
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT)
+
+    def _reader_connection(self) -> sqlite3.Connection:
+        """A connection that only reads: in WAL mode it sees the last commit, never waiting for the writer."""
+        reader = self._connect()
+        reader.execute("PRAGMA query_only = ON")
+        return reader
 
     @classmethod
     def in_data_dir(cls, data_dir: str) -> "SessionStore":
@@ -207,8 +216,9 @@ class SessionStore:
                 break
             if change is not None:
                 self._finish(change, StoreError(f"{self.path}: the store is closed"))
-        with self._read_lock:
+        with self._read_lock, self._id_read_lock:
             self._reader.close()
+            self._id_reader.close()
             self._db.close()
 
     @property
@@ -392,8 +402,8 @@ class SessionStore:
                 log.exception("after-commit action failed")
 
     def get(self, session_id: str) -> SessionInfo | None:
-        with self._read_lock:
-            return Transaction(self._reader).get(session_id)
+        with self._id_read_lock:
+            return Transaction(self._id_reader).get(session_id)
 
     def in_states(self, states: Iterable[SessionState]) -> list[SessionInfo]:
         values = [state.value for state in states]
