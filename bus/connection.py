@@ -134,6 +134,11 @@ class Connection:
         return self._connected.wait(timeout)
 
     def send(self, envelope: bytes) -> None:
+        if self._outbox.empty() and threading.current_thread() is self._thread:
+            # From the I/O thread itself (a reply to a call served inline there) with nothing queued
+            # before it: straight to the DEALER, without the outbox and a wake-up of this same thread.
+            self._send_one(envelope)
+            return
         self._put(envelope)
 
     def start(self, call: Call) -> None:

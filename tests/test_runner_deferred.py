@@ -9,6 +9,7 @@ from typing import ClassVar, Iterator
 
 import pytest
 
+from baaaht.bus import wire
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError, precondition
 from baaaht.bus.runner import ServiceRunner
@@ -33,6 +34,10 @@ class Release(Request, tag="later.release", kw_only=True):
     response: ClassVar[type] = Empty
 
 
+class Peek(Request, tag="later.peek", kw_only=True):
+    response: ClassVar[type] = Held
+
+
 class Later(Service):
     """One handler thread; `hold` answers only when `release` settles what it returned."""
 
@@ -42,6 +47,11 @@ class Later(Service):
     def __init__(self) -> None:
         self.held: list[tuple[str, Deferred]] = []
         self.lock = threading.Lock()
+
+    @rpc(inline=True)
+    def peek(self, request: Peek) -> Held:
+        """How many answers are held, and on which thread that was asked."""
+        return Held(text=f"{len(self.held)} on {threading.current_thread().name}")
 
     @rpc
     def hold(self, request: Hold) -> Deferred:
@@ -145,3 +155,24 @@ def test_a_deferred_expires_only_while_unsettled():
     expired.settle("after")  # dropped
     with pytest.raises(BusError):
         expired.wait(0)
+
+
+def test_an_inline_call_is_answered_from_the_io_thread_straight_to_the_socket(host):
+    with serving_later(host) as (probe, runner, _service):
+        queued: list[bytes] = []
+        put = runner.connection._put
+        runner.connection._put = lambda item: (queued.append(item), put(item))
+        assert probe.call(Peek()).text == "0 on baaaht-bus-io"
+        assert not [item for item in queued if isinstance(item, bytes) and item.startswith(wire.REPLY)]
+
+
+def test_a_reply_from_the_io_thread_still_goes_out_behind_what_was_queued_before_it(host):
+    with serving_later(host) as (probe, runner, _service):
+        queued: list[bytes] = []
+        put = runner.connection._put
+        runner.connection._put = lambda item: (queued.append(item), put(item))
+        # Queued without a wake-up (as by another thread an instant before), so still in the outbox when
+        # the call is served: the reply joins the outbox behind it rather than overtake it.
+        runner.connection._outbox.put(wire.pack(wire.HEARTBEAT, body=runner._health()))
+        assert probe.call(Peek()).text == "0 on baaaht-bus-io"
+        assert [item for item in queued if item.startswith(wire.REPLY)]
