@@ -7,10 +7,10 @@
         async for delivery in bus.subscribe(["session.message"]):
             ...
 
-The connection is the blocking client's (bus/connection.py: an I/O thread driving
-bus/protocol.py's ClientCore), so reconnecting, heartbeats, liveness and the
-bookkeeping of calls exist once; this face only hands replies over to the event loop.
-Calls, cancels and events never block the loop: they are queued for the I/O thread.
+The connection is bus/protocol.py's ClientCore driven on the event loop itself
+(bus/aio_connection.py), so reconnecting, heartbeats, liveness and the bookkeeping of
+calls exist once, shared with the blocking client; replies are handed to their awaiting
+coroutines on the loop, and calls, cancels and events never block it (non-blocking sends).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import msgspec
 import zmq.asyncio
 
 from baaaht.bus import wire
+from baaaht.bus.aio_connection import LoopConnection
 from baaaht.bus.client import ClientFace, PendingCall, decoder_for, response_type_of
 from baaaht.bus.protocol import Reply
 from baaaht.bus.subscription import Delivery, EventOrder, sub_socket
@@ -33,6 +34,8 @@ _encode = msgspec.msgpack.Encoder().encode
 
 
 class AsyncBusClient(ClientFace):
+    connection_class = LoopConnection
+
     def __init__(self, endpoint: str, **settings: Any):
         super().__init__(endpoint, **settings)
         self.context = zmq.asyncio.Context.instance()  # for the subscriptions' SUB sockets
@@ -43,6 +46,7 @@ class AsyncBusClient(ClientFace):
         return self.connection.core.connected
 
     async def __aenter__(self) -> "AsyncBusClient":
+        self.connection.bind()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -50,7 +54,7 @@ class AsyncBusClient(ClientFace):
 
     async def close(self) -> None:
         """DISCONNECT from the broker; calls still open get CANCELLED."""
-        await asyncio.to_thread(self.connection.close)
+        self.connection.close()
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -81,9 +85,14 @@ class AsyncBusClient(ClientFace):
     def _open(self, target: str, body: bytes, timeout: float | None, correlation_id: str, stream: bool):
         timeout = self.timeout if timeout is None else timeout
         replies: asyncio.Queue[Reply] = asyncio.Queue()
-        deliver = _handed_to(asyncio.get_running_loop(), replies)
         call = self.connection.core.new_call(
-            target, body, timeout, correlation_id or uuid.uuid4().hex, stream, deliver, time.monotonic()
+            target,
+            body,
+            timeout,
+            correlation_id or uuid.uuid4().hex,
+            stream,
+            replies.put_nowait,
+            time.monotonic(),
         )
         return PendingCall(self.connection, call), replies
 
@@ -106,9 +115,8 @@ class AsyncBusClient(ClientFace):
             receive, close = sub.recv_multipart, lambda: sub.close(linger=0)
         else:
             delivered: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
-            loop = asyncio.get_running_loop()
             subscription_id = self.connection.subscribe(
-                topics or [], lambda *item: _put_threadsafe(loop, delivered, item)
+                topics or [], lambda *item: delivered.put_nowait(item)
             )
             receive, close = delivered.get, lambda: self.connection.unsubscribe(subscription_id)
         try:
@@ -129,16 +137,3 @@ async def _next_reply(call: PendingCall, replies: asyncio.Queue) -> Reply:
     except TimeoutError:
         raise call.expired() from None
     return call.take(reply)
-
-
-def _put_threadsafe(loop: asyncio.AbstractEventLoop, into: asyncio.Queue, item) -> None:
-    """From the I/O thread onto the loop's queue."""
-    try:
-        loop.call_soon_threadsafe(into.put_nowait, item)
-    except RuntimeError:
-        pass  # the loop is closed: nobody is waiting any more
-
-
-def _handed_to(loop: asyncio.AbstractEventLoop, replies: asyncio.Queue) -> Callable[[Reply], None]:
-    """A delivery from the I/O thread onto the loop's queue."""
-    return lambda reply: _put_threadsafe(loop, replies, reply)

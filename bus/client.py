@@ -75,6 +75,8 @@ class ClientFace:
     bus/aio.py): the services endpoint or a connection to share, the event stream's endpoint and
     the default timeout of a call."""
 
+    connection_class: type = Connection  # the driver of a connection of the face's own
+
     def __init__(
         self,
         endpoint: str,
@@ -90,7 +92,7 @@ class ClientFace:
         self.events_endpoint = events_endpoint
         self.timeout = timeout
         self.curve = connection.curve if connection is not None else curve
-        self.connection = connection or Connection(
+        self.connection = connection or self.connection_class(
             endpoint, heartbeat_interval=heartbeat_interval, liveness=liveness, curve=curve
         )
 

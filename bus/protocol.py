@@ -1,12 +1,13 @@
 """The peer side of the bus protocol, without sockets: one state machine for every client.
 
 The I/O driver (bus/connection.py: a thread owning the DEALER and its socket monitor,
-under both the blocking and the asyncio face) tells this core what happened: a
+under the blocking face; bus/aio_connection.py: the event loop, under the asyncio face)
+tells this core what happened: a
 message from the broker, the socket connected or disconnected, time passed (`now` is
 always `time.monotonic()`). The core answers with the envelopes to send and delivers
 replies to the calls in flight, so heartbeats, liveness, re-registration and the
 bookkeeping of calls are written once. Everything that changes the core runs on the
-I/O thread; only `new_call` and `give_up` may run on a caller's thread (they read).
+driver's thread; only `new_call` and `give_up` may run on a caller's thread (they read).
 
 Failure, as docs/PROTOCOL.md describes it:
 - the socket disconnects (the broker died: on ipc the kernel tells at once): calls in

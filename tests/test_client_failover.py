@@ -28,7 +28,7 @@ from baaaht.bus.testing import run_async, short_run_dir, wait_for
 from baaaht.schemas.bus import BusPeers, BusPing, BusServices, BusStats
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
-from tests.services.echo import Count, Say, SeenQuery
+from tests.services.echo import Count, Say, SeenQuery, Shout
 
 CLIENTS = 8
 CTL = str(Path(sys.executable).parent / "baaaht-ctl")
@@ -358,3 +358,70 @@ def test_closed_clients_leave_the_broker_at_once_and_count_no_errors(make_host):
     # Well before the 3 s in which a silent peer would expire (and its heartbeats be counted unroutable).
     wait_for(closed_ones_gone, timeout=1.5, interval=0.02, what="the closed clients to leave")
     assert "unroutable" not in probe.call(BusStats()).errors
+
+
+# -- the asyncio face's own driver (bus/aio_connection.py) -----------------------------------------
+
+
+def test_async_replies_that_arrive_while_calls_are_sent_are_read_at_once(make_host):
+    """ZeroMQ's FD says only that something changed, and a send can take that signal: a reply that came
+    in meanwhile must still be read, not left until the next heartbeat (30 s here, past every deadline)."""
+    host = make_host({"bus": {"heartbeat_interval": "30s"}})
+
+    async def scenario():
+        async with AsyncBusClient.for_config(host.config) as bus:
+
+            async def caller() -> None:
+                for _ in range(40):
+                    await bus.call(BusPing(), timeout=2)
+
+            await asyncio.gather(*(caller() for _ in range(CLIENTS * 8)))
+
+    run_async(scenario(), timeout=120)
+
+
+def test_events_published_in_one_turn_of_the_loop_go_out_as_one_message_before_what_follows(silent_broker):
+    _run_dir, endpoint, router = silent_broker
+
+    async def scenario():
+        async with AsyncBusClient(endpoint, timeout=0.3) as bus:
+            while not bus.connected:
+                await asyncio.sleep(0.01)
+            for n in range(3):
+                await bus.publish(Shout(text=str(n)))
+            with pytest.raises(BusError):
+                await bus.call(BusPing())
+
+    run_async(scenario(), timeout=10)
+    kinds = [kind for kind in received_kinds(router, until=wire.REQUEST) if kind != wire.HEARTBEAT]
+    assert kinds == [wire.EVENTS, wire.REQUEST]
+
+
+def test_a_call_on_a_closed_async_client_is_cancelled_at_once(silent_broker):
+    _run_dir, endpoint, _router = silent_broker
+
+    async def scenario():
+        bus = AsyncBusClient(endpoint, timeout=5)
+        await bus.close()
+        with pytest.raises(BusError) as caught:
+            await bus.call(BusPing())
+        return caught.value
+
+    error = run_async(scenario(), timeout=30)
+    assert error.code == ErrorCode.CANCELLED, error
+
+
+def test_an_async_client_belongs_to_the_event_loop_it_was_first_used_on(silent_broker):
+    _run_dir, endpoint, _router = silent_broker
+
+    async def made() -> AsyncBusClient:
+        return AsyncBusClient(endpoint, timeout=0.3)
+
+    bus = run_async(made())
+
+    async def used_elsewhere():
+        with pytest.raises(RuntimeError, match="another event loop"):
+            await bus.call(BusPing())
+        await bus.close()
+
+    run_async(used_elsewhere(), timeout=10)

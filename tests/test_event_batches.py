@@ -7,7 +7,7 @@ import pytest
 import zmq
 
 from baaaht.bus import wire
-from baaaht.bus.connection import _EventBatch
+from baaaht.bus.driver import EventBatch
 from baaaht.bus.subscription import sub_socket
 from baaaht.bus.testing import wait_for
 from baaaht.schemas.bus import BusEventsReplay, BusStats
@@ -42,7 +42,7 @@ def test_a_batch_that_is_not_whole_events_is_refused_whole(body):
 
 
 def test_the_outbox_batches_only_events_and_only_up_to_the_batch_size():
-    batch = _EventBatch()
+    batch = EventBatch()
     assert batch.take() is None
     assert not batch.add(wire.pack(wire.HEARTBEAT))
     one = event("a.one", b"\x01")
