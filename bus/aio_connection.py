@@ -18,14 +18,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-import zmq
-
 from baaaht.bus.driver import DealerDriver, EventBatch
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import Call, EventSink, error_reply
 from baaaht.schemas.errors import ErrorCode
-
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class LoopConnection(DealerDriver):
@@ -141,7 +137,7 @@ class LoopConnection(DealerDriver):
 
     def _look_for_replies(self) -> None:
         """After a send: ZeroMQ may have taken the FD's signal of a message waiting to be read."""
-        if not self._read_soon and self._dealer.getsockopt(_EVENTS) & _POLLIN:
+        if not self._read_soon and self._readable():
             self._read_soon = True
             self._loop.call_soon(self._read)
 

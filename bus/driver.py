@@ -26,10 +26,10 @@ from baaaht.schemas.errors import ErrorBody, ErrorCode
 
 log = logging.getLogger("baaaht.bus")
 BATCH = 256  # messages read per wake-up before looking at other work again
-# The backend's send with int flags: pyzmq's Python-level wrapper and its flag enums cost
-# more per call than the send itself (bench/profile_fanout.py).
-_send = zmq.backend.Socket.send
-NOBLOCK = int(zmq.NOBLOCK)
+# The backend's send, recv and get with int flags: pyzmq's Python-level wrappers and their flag enums
+# cost more per call than the send itself (bench/profile_fanout.py).
+_send, _recv, _get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
+NOBLOCK, _EVENTS, _POLLIN, _RCVMORE = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
 BACKED_UP = "the connection to the broker is backed up"
 
 
@@ -161,16 +161,25 @@ class DealerDriver:
             log.warning("dropped a message: %s", BACKED_UP)
 
     def _receive(self) -> bool:
-        """Handle what the broker sent, at most BATCH messages; whether more may be waiting."""
-        core, recv = self.core, self._dealer.recv_multipart
+        """Handle what the broker sent, at most BATCH messages; whether more may be waiting.
+
+        The socket's EVENTS says whether a message is waiting, where a recv that finds none raises
+        zmq.Again (an exception made for every drain: dearer than the look), and the backend's recv
+        skips pyzmq's Python-level recv_multipart."""
+        core, dealer = self.core, self._dealer
         now = time.monotonic()
         for _ in range(BATCH):
-            try:
-                frames = recv(NOBLOCK)
-            except zmq.Again:
+            if not self._readable():
                 return False
+            frames = [_recv(dealer, NOBLOCK)]
+            while _get(dealer, _RCVMORE):
+                frames.append(_recv(dealer, NOBLOCK))
             self._send_all(core.receive(frames, now))
         return True
+
+    def _readable(self) -> bool:
+        """Whether a message waits to be read (this also clears the FD's signal: look again after)."""
+        return bool(_get(self._dealer, _EVENTS) & _POLLIN)
 
     def _send_all(self, envelopes) -> None:
         for envelope in envelopes:
