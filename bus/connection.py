@@ -68,6 +68,10 @@ class Connection(DealerDriver):
         self._put(envelope)
 
     def start(self, call: Call) -> None:
+        if threading.current_thread() is self._thread:
+            # Only this thread receives the reply, and it would be waiting for it: no heartbeats, no
+            # replies, until the call's deadline. An inline handler (bus/service.py rpc) must not call.
+            raise RuntimeError("a call from the connection's own I/O thread would wait for itself")
         self._put(call)
 
     def abandon(self, call: Call) -> None:

@@ -17,6 +17,7 @@ from baaaht.bus.service import Deferred, Service, rpc
 from baaaht.bus.testing import wait_for
 from baaaht.common.endpoints import Endpoints
 from baaaht.schemas.base import Empty, Request, Response
+from baaaht.schemas.bus import BusPing
 from baaaht.schemas.errors import ErrorCode
 from tests.test_runner import instance_state, serve_in_thread
 
@@ -38,6 +39,10 @@ class Peek(Request, tag="later.peek", kw_only=True):
     response: ClassVar[type] = Held
 
 
+class Ask(Request, tag="later.ask", kw_only=True):
+    response: ClassVar[type] = Empty
+
+
 class Later(Service):
     """One handler thread; `hold` answers only when `release` settles what it returned."""
 
@@ -47,6 +52,12 @@ class Later(Service):
     def __init__(self) -> None:
         self.held: list[tuple[str, Deferred]] = []
         self.lock = threading.Lock()
+
+    @rpc(inline=True)
+    def ask(self, request: Ask) -> Empty:
+        """What an inline handler must not do: call the bus (set by the test)."""
+        self.bus.call(BusPing(), timeout=10)
+        return Empty()
 
     @rpc(inline=True)
     def peek(self, request: Peek) -> Held:
@@ -176,3 +187,12 @@ def test_a_reply_from_the_io_thread_still_goes_out_behind_what_was_queued_before
         runner.connection._outbox.put(wire.pack(wire.HEARTBEAT, body=runner._health()))
         assert probe.call(Peek()).text == "0 on baaaht-bus-io"
         assert [item for item in queued if item.startswith(wire.REPLY)]
+
+
+def test_an_inline_handler_that_calls_the_bus_fails_at_once_instead_of_stalling_its_connection(host):
+    with serving_later(host) as (probe, runner, service):
+        service.bus = runner.bus
+        with pytest.raises(BusError) as caught:
+            probe.call(Ask(), timeout=5)
+        assert caught.value.code is ErrorCode.INTERNAL and "would wait for itself" in caught.value.message
+        assert probe.call(Peek()).text == "0 on baaaht-bus-io"  # the connection still serves
