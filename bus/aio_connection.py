@@ -9,6 +9,9 @@ other driver's (bus/protocol.py, bus/driver.py); only the waiting differs:
 - ZeroMQ's FD only says that something may have changed: on it, or after a send (which can take the
   signal of a message that has arrived meanwhile), the socket is read until it has nothing more;
 - heartbeats and liveness run on a loop timer armed for when the core next has something to do;
+  while the loop is held up (a handler doing blocking work on it), a keep-alive thread sends the
+  heartbeats instead, so the broker does not drop us (failing our calls in flight, forgetting an
+  agent's subscription) for what is only a busy loop; the DEALER is used under a lock for that;
 - events published in one turn of the loop go out as one message (as those waiting in the other
   driver's outbox), and before anything sent after them.
 """
@@ -16,12 +19,28 @@ other driver's (bus/protocol.py, bus/driver.py); only the waiting differs:
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from baaaht.bus.driver import DealerDriver, EventBatch
 from baaaht.bus.errors import BusError
-from baaaht.bus.protocol import Call, EventSink, error_reply
+from baaaht.bus.protocol import HEARTBEAT, Call, EventSink, error_reply
 from baaaht.schemas.errors import ErrorCode
+
+# The keep-alive thread looks this often (in heartbeat intervals), and sends a heartbeat when the loop's
+# own timer is this late: the broker then hears from us at least every 1.75 intervals.
+KEEP_ALIVE_LOOK = 0.5
+KEEP_ALIVE_LATE = 1.25
+
+
+def _locked(method):
+    """`method` of the DEALER, under the lock the keep-alive thread takes too."""
+
+    def locked(self, *args):
+        with self._socket_lock:
+            return method(self, *args)
+
+    return locked
 
 
 class LoopConnection(DealerDriver):
@@ -36,6 +55,10 @@ class LoopConnection(DealerDriver):
         self._read_soon = False  # a read of the DEALER is scheduled
         self._events = EventBatch()  # published this turn of the loop, not sent yet
         self._closed = False
+        self._socket_lock = threading.RLock()  # the loop's uses of the DEALER, and the keep-alive's
+        self._ticked = time.monotonic()  # when the loop last ran its timer (heartbeats, liveness)
+        self._keeping_alive = threading.Event()  # set: the keep-alive thread stops
+        threading.Thread(target=self._keep_alive, name="baaaht-bus-keepalive", daemon=True).start()
         try:
             self.bind()
         except RuntimeError:
@@ -108,13 +131,23 @@ class LoopConnection(DealerDriver):
         self._flush_events()
         self._send_all(self.core.close())
         self._closed = True
+        self._keeping_alive.set()
         self._unwatch()
         self._close_dealer()
 
     # -- the loop's side ----------------------------------------------------------------------
 
+    _send_one = _locked(DealerDriver._send_one)
+    _send_all = _locked(DealerDriver._send_all)
+    _start_call = _locked(DealerDriver._start_call)
+    _receive = _locked(DealerDriver._receive)
+    _readable = _locked(DealerDriver._readable)
+    _replace_dealer = _locked(DealerDriver._replace_dealer)
+    _close_dealer = _locked(DealerDriver._close_dealer)
+
     def _watch(self) -> None:
-        self._watched = (self._dealer.FD, self._monitor.FD)
+        with self._socket_lock:
+            self._watched = (self._dealer.FD, self._monitor.FD)
         self._loop.add_reader(self._watched[0], self._read)
         self._loop.add_reader(self._watched[1], self._on_monitor_signal)
         self._read()  # what arrived before the loop watched
@@ -150,6 +183,10 @@ class LoopConnection(DealerDriver):
             self._timer.cancel()
         if self._closed:
             return
+        self._ticked = time.monotonic()
+        # What came while the loop was held up first: the broker's word may be waiting there, unread,
+        # when the liveness below would find it silent.
+        self._read()
         beats, replace = self.core.tick(time.monotonic())
         self._send_all(beats)
         if replace:
@@ -165,3 +202,25 @@ class LoopConnection(DealerDriver):
         if envelope is not None:
             self._send_one(envelope)
             self._look_for_replies()
+
+    # -- the keep-alive thread ----------------------------------------------------------------
+
+    def _keep_alive(self) -> None:
+        """Heartbeats while the loop is held up: its timer would send them, were it running."""
+        interval = self.heartbeat_interval
+        while not self._keeping_alive.wait(interval * KEEP_ALIVE_LOOK):
+            loop = self._loop
+            if (
+                loop is None
+                or not self.core.connected
+                or time.monotonic() - self._ticked < interval * KEEP_ALIVE_LATE
+            ):
+                continue
+            with self._socket_lock:
+                if self._closed:
+                    return
+                self._send_all((HEARTBEAT,))
+            try:  # the send may have taken the FD's signal of a message come meanwhile
+                loop.call_soon_threadsafe(self._look_for_replies)
+            except RuntimeError:
+                return  # the loop is closed: nobody uses this connection any more
