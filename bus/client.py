@@ -12,10 +12,11 @@ Agents use the same client on the agent endpoint.
 
 from __future__ import annotations
 
+import functools
 import queue
 import time
 import uuid
-from typing import Any, Iterator, Self
+from typing import Any, Callable, Iterator, Self
 
 import msgspec
 
@@ -75,7 +76,7 @@ class ClientFace:
     bus/aio.py): the services endpoint or a connection to share, the event stream's endpoint and
     the default timeout of a call."""
 
-    connection_class: type = Connection  # the driver of a connection of the face's own
+    connection_class: Callable[..., Any] = Connection  # the driver of a connection of the face's own
 
     def __init__(
         self,
@@ -102,6 +103,9 @@ class ClientFace:
 
 
 class BusClient(ClientFace):
+    # Its callers wait on threads of their own, so they may drive the connection while they wait.
+    connection_class = functools.partial(Connection, callers_lead=True)
+
     def __enter__(self) -> "BusClient":
         return self
 
@@ -146,7 +150,7 @@ class BusClient(ClientFace):
         call = self.connection.core.new_call(
             target, body, timeout, correlation_id or uuid.uuid4().hex, stream, replies.put, time.monotonic()
         )
-        return PendingCall(self.connection, call), replies
+        return PendingCall(self.connection, call, replies), replies
 
     # -- events -------------------------------------------------------------------------------
 
@@ -165,21 +169,25 @@ class BusClient(ClientFace):
 
 
 def _next_reply(call: PendingCall, replies: queue.SimpleQueue) -> Reply:
-    try:
-        return call.take(replies.get(timeout=call.wait_time()))
-    except queue.Empty:
-        raise call.expired() from None
+    reply = call.connection.wait_reply(call.call, replies)
+    if reply is None:
+        raise call.expired()
+    return call.take(reply)
 
 
 class PendingCall:
     """One request's life on a connection, for both faces: send it, take its replies (which
     the call's `deliver` hands to the waiting face), cancel it if abandoned."""
 
-    def __init__(self, connection: Connection, call: Call):
+    def __init__(self, connection: Connection, call: Call, replies: queue.SimpleQueue | None = None):
+        """`replies`: a blocking caller's, who waits with `connection.wait_reply`."""
         self.connection = connection
         self.call = call
         self.finished = False
-        connection.start(call)
+        if replies is None:
+            connection.start(call)
+        else:
+            connection.start_waited(call, replies)
 
     def __enter__(self) -> "PendingCall":
         return self

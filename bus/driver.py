@@ -111,7 +111,7 @@ class DealerDriver:
         close_dealer(self._dealer, self._monitor, linger_ms=500)
 
     def _on_monitor(self, now: float) -> None:
-        while self._monitor.poll(0):
+        while _get(self._monitor, _EVENTS) & _POLLIN:  # not poll(0): that builds a Poller each time
             event, value = monitor_event(self._monitor.recv_multipart())
             if event == self._ready_event:
                 self._send_all(self.core.on_connected(now))

@@ -1,13 +1,14 @@
 """The peer side of the bus protocol, without sockets: one state machine for every client.
 
-The I/O driver (bus/connection.py: a thread owning the DEALER and its socket monitor,
-under the blocking face; bus/aio_connection.py: the event loop, under the asyncio face)
-tells this core what happened: a
+The I/O driver (bus/connection.py: the DEALER and its socket monitor, driven by one thread
+at a time, under the blocking face; bus/aio_connection.py: the event loop, under the asyncio
+face) tells this core what happened: a
 message from the broker, the socket connected or disconnected, time passed (`now` is
 always `time.monotonic()`). The core answers with the envelopes to send and delivers
 replies to the calls in flight, so heartbeats, liveness, re-registration and the
 bookkeeping of calls are written once. Everything that changes the core runs on the
-driver's thread; only `new_call` and `give_up` may run on a caller's thread (they read).
+driver's thread (bus/connection.py: the one leading the connection); only `new_call` and
+`give_up` may run on a caller's thread (they read).
 
 Failure, as docs/PROTOCOL.md describes it:
 - the socket disconnects (the broker died: on ipc the kernel tells at once): calls in
@@ -152,6 +153,13 @@ class ClientCore:
         """Answer one call with an error of the face's own (its send failed)."""
         if self._calls.pop(call.id, None) is not None:
             call.deliver(error_reply(call.id, error))
+
+    def busy(self, waited: Call | None = None) -> bool:
+        """Whether something needs the connection read now: a call in flight other than `waited`
+        (its caller reads for itself when it waits again), an event subscription, a service's
+        requests, or no broker connected yet (the connect is to be seen)."""
+        others = len(self._calls) - (waited is not None and waited.id in self._calls)
+        return others > 0 or bool(self._subscriptions) or self._on_message is not None or not self.connected
 
     def _fail_all(self, error: BusError) -> None:
         calls, self._calls = self._calls, {}
