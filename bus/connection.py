@@ -88,23 +88,21 @@ class Connection(DealerDriver):
     # -- caller side (any thread) -------------------------------------------------------------
 
     def send(self, envelope: bytes) -> None:
-        if self._outbox.empty() and threading.current_thread() is self._thread:
-            # From the I/O thread itself (a reply to a call served inline there) with nothing queued
-            # before it: straight to the DEALER, without the outbox and a wake-up of this same thread.
+        if self._outbox.empty() and self._leader is IO_THREAD and threading.current_thread() is self._thread:
+            # From the I/O thread itself while it leads (a reply to a call served inline there) with nothing
+            # queued before it: straight to the DEALER, without the outbox and a wake-up of this same thread.
             self._send_one(envelope)
             return
         self._put(envelope)
 
     def start(self, call: Call) -> None:
-        if threading.current_thread() is self._thread:
-            # Only this thread receives the reply, and it would be waiting for it: no heartbeats, no
-            # replies, until the call's deadline. An inline handler (bus/service.py rpc) must not call.
-            raise RuntimeError("a call from the connection's own I/O thread would wait for itself")
+        self._refuse_from_io_thread()
         self._put(call)
 
     def start_waited(self, call: Call, replies: Replies) -> None:
         """Send a call whose caller waits for it in `wait_reply` (its replies are delivered to
         `replies`): it sends it itself when the connection is free for it to lead."""
+        self._refuse_from_io_thread()
         if self._lead_or_follow(replies, follow=False):
             self._outbox.put(call)  # forwarded by the caller, after everything queued before it
         else:
@@ -129,6 +127,12 @@ class Connection(DealerDriver):
                 self._step_back(call)
             if reply is not LEAD:  # else one left over from an earlier hand-over: not ours any more
                 return reply
+
+    def _refuse_from_io_thread(self) -> None:
+        if threading.current_thread() is self._thread:
+            # Only this thread receives the reply, and it would be waiting for it: no heartbeats, no
+            # replies, until the call's deadline. An inline handler (bus/service.py rpc) must not call.
+            raise RuntimeError("a call from the connection's own I/O thread would wait for itself")
 
     def abandon(self, call: Call) -> None:
         self._put(_Abandon(call))
