@@ -84,6 +84,35 @@ class AsyncBusClient(ClientFace):
                     return
                 yield decode(partial_body)
 
+    async def stream_to(
+        self,
+        request: Request,
+        each: Callable[[Any], None],
+        timeout: float | None = None,
+        correlation_id: str = "",
+    ) -> None:
+        """A streaming call whose partial results go to `each` as they are read, on the loop: no queue
+        and no wake-up of this coroutine per result (a worker's leases: one fewer loop turn between a
+        lease and its handler). Returns when the stream ends; raises as `stream` does, and with what
+        `each` raised (the call is then cancelled)."""
+        decode = decoder_for(response_type_of(request)).decode
+        ended = asyncio.get_running_loop().create_future()
+
+        def deliver(reply: Reply) -> None:
+            if ended.done():
+                return
+            if reply[0] == wire.REPLY:
+                ended.set_result(reply)
+                return
+            try:
+                each(decode(reply[2]))
+            except BaseException as exc:  # not into the connection's read: to the awaiting caller
+                ended.set_exception(exc)
+
+        target, body = target_of(type(request)), _encode(request)
+        with self._open(target, body, timeout, correlation_id, True, deliver) as call:
+            call.take(await _answer(call, ended))
+
     def _open(
         self,
         target: str,
@@ -145,8 +174,8 @@ async def _next_reply(call: PendingCall, replies: asyncio.Queue) -> Reply:
 
 
 async def _answer(call: PendingCall, answered: asyncio.Future) -> Reply:
-    """A call's one reply, or its expiry: a future and a timer, not a queue and a timeout scope (most
-    calls are these: their cost is every call's)."""
+    """A call's (last) reply, or its expiry: a future and a timer, not a queue and a timeout scope
+    (most calls are these: their cost is every call's)."""
     expiry = asyncio.get_running_loop().call_later(call.wait_time(), _settle, answered, None)
     try:
         reply = await answered

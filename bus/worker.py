@@ -250,11 +250,11 @@ class Worker:
         self.stream_timeout = stream_timeout
         self.running: dict[str, tuple[WorkerTask, asyncio.Task]] = {}  # by lease id
         self.streams_opened = 0  # how many task.work streams this worker has opened (1 + reconnects)
+        self.retry_pause = RETRY_FIRST  # before opening task.work again after a failure
         self.outcomes = OutcomeSender(self._report)
 
     async def run(self) -> None:
         """Take work until cancelled; the tasks still running are cancelled (and reported) on the way out."""
-        pause = RETRY_FIRST
         try:
             while True:
                 request = TaskWork(
@@ -262,20 +262,19 @@ class Worker:
                 )
                 try:
                     self.streams_opened += 1
-                    async for assignment in self.bus.stream(request, timeout=self.stream_timeout):
-                        pause = RETRY_FIRST
-                        self._take(assignment)
-                        for lease in assignment.more:  # the others the scheduler leased in one turn
-                            self._take(lease)
-                    pause = RETRY_FIRST  # the stream ended (the scheduler restarted): open another
+                    # Each partial is taken as it is read: its handlers start on the next turn of the loop.
+                    await self.bus.stream_to(request, self._take_all, timeout=self.stream_timeout)
+                    self.retry_pause = RETRY_FIRST  # the stream ended (the scheduler restarted): open another
                 except BusError as exc:
                     if exc.code is ErrorCode.TIMEOUT:
                         continue  # its deadline came: open the next at once
                     if exc.code is ErrorCode.PERMISSION_DENIED or exc.code is ErrorCode.INVALID_ARGUMENT:
                         raise
-                    log.info("task.work interrupted", extra={"reason": exc.message, "retry_in": pause})
-                    await asyncio.sleep(pause)
-                    pause = min(RETRY_MOST, pause * 2)
+                    log.info(
+                        "task.work interrupted", extra={"reason": exc.message, "retry_in": self.retry_pause}
+                    )
+                    await asyncio.sleep(self.retry_pause)
+                    self.retry_pause = min(RETRY_MOST, self.retry_pause * 2)
         finally:
             for _task, runner in list(self.running.values()):
                 runner.cancel()
@@ -284,6 +283,12 @@ class Worker:
                     *(runner for _t, runner in self.running.values()), return_exceptions=True
                 )
             self.outcomes.cancel()
+
+    def _take_all(self, assignment: TaskAssignment) -> None:
+        self.retry_pause = RETRY_FIRST  # the stream serves: a failure after it is the first in a row
+        self._take(assignment)
+        for lease in assignment.more:  # the others the scheduler leased in one turn
+            self._take(lease)
 
     def _take(self, assignment: TaskAssignment) -> None:
         if assignment.kind == "cancel":

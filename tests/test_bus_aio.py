@@ -66,3 +66,33 @@ def test_unreachable_broker_is_unavailable_at_the_deadline(tmp_path):
             assert is_broker_unreachable(caught.value)
 
     run_async(scenario(), timeout=30)
+
+
+def test_stream_to_hands_each_partial_over_as_it_is_read(echo):
+    async def scenario():
+        async with AsyncBusClient.for_config(echo.config) as bus:
+            got = []
+            await bus.stream_to(Count(to=4), lambda tick: got.append(tick.n))
+            assert got == [0, 1, 2, 3]
+            with pytest.raises(BusError) as caught:
+                await bus.stream_to(Count(to=1000, interval=0.05), got.append, timeout=0.3)
+            assert caught.value.code == ErrorCode.TIMEOUT
+
+    run_async(scenario(), timeout=30)
+
+
+def test_what_the_taker_of_a_stream_to_raises_reaches_its_caller_and_cancels_the_call(echo):
+    def refuse(tick) -> None:
+        raise ValueError(f"not {tick.n}")
+
+    async def scenario():
+        async with AsyncBusClient.for_config(echo.config) as bus:
+            with pytest.raises(ValueError, match="not 0"):
+                await bus.stream_to(Count(to=1000, interval=0.01), refuse)
+            assert (await bus.call(BusPing())).caller.socket == "services"  # the connection reads on
+
+    run_async(scenario(), timeout=30)
+    client = echo.client()
+    wait_for(
+        lambda: client.call(SeenQuery()).cancelled_streams == 1, what="the handler to see the cancellation"
+    )

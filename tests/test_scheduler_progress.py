@@ -305,8 +305,8 @@ class CountingBus:
     def __init__(self, bus: AsyncBusClient):
         self.bus, self.completes = bus, []
 
-    def stream(self, request, **kwargs):
-        return self.bus.stream(request, **kwargs)
+    async def stream_to(self, request, each, **kwargs):
+        await self.bus.stream_to(request, each, **kwargs)
 
     async def call(self, request, **kwargs):
         if isinstance(request, TaskComplete):
