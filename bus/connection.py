@@ -111,6 +111,17 @@ class Connection(DealerDriver):
     def wait_reply(self, call: Call, replies: Replies):
         """The next reply delivered to `replies` (a blocking caller's for `call`), or None when none
         came by the call's expiry; the caller leads the connection meanwhile whenever it may."""
+        try:
+            return self._wait_reply(call, replies)
+        except BaseException:
+            # An exception from a signal handler (Ctrl-C's KeyboardInterrupt) ended the wait: the
+            # connection must be neither left led by this caller nor handed to it later, or nobody
+            # would lead it again (no heartbeats, no replies read, every later call timing out).
+            if self._stop_following(replies):
+                self._step_back(call)
+            raise
+
+    def _wait_reply(self, call: Call, replies: Replies):
         while True:
             if self._lead_or_follow(replies):
                 reply = self._lead(call, replies)
