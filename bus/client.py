@@ -13,9 +13,9 @@ Agents use the same client on the agent endpoint.
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import time
-import uuid
 from typing import Any, Callable, Iterator, Self
 
 import msgspec
@@ -148,7 +148,13 @@ class BusClient(ClientFace):
         timeout = self.timeout if timeout is None else timeout
         replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
         call = self.connection.core.new_call(
-            target, body, timeout, correlation_id or uuid.uuid4().hex, stream, replies.put, time.monotonic()
+            target,
+            body,
+            timeout,
+            correlation_id or os.urandom(16).hex(),
+            stream,
+            replies.put,
+            time.monotonic(),
         )
         return PendingCall(self.connection, call, replies), replies
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import os
 import queue
+import select
 import threading
 import time
 
@@ -34,8 +35,6 @@ import zmq
 from baaaht.bus.driver import DealerDriver, EventBatch
 from baaaht.bus.protocol import Call, EventSink
 
-_poll = zmq.zmq_poll  # pyzmq's Poller wraps this with a dict and a list per call
-POLLIN = int(zmq.POLLIN)
 # A blocking caller's queue: its call's replies, and LEAD when the connection is handed to it.
 Replies = queue.SimpleQueue
 # Put in a waiting caller's replies: the connection is its to lead now (one that finds it led by
@@ -80,7 +79,7 @@ class Connection(DealerDriver):
         self._leader: object = IO_THREAD  # the I/O thread first: it sees the socket connect
         self._followers: collections.deque[Replies] = collections.deque()  # callers waiting, oldest first
         self._io_turn = threading.Event()  # set when the connection is handed to the parked I/O thread
-        self._poll_list = self._polled()
+        self._watch()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="baaaht-bus-io", daemon=True)
         self._thread.start()
@@ -310,23 +309,36 @@ class Connection(DealerDriver):
 
     def _turn(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for the socket, its monitor or a wake-up and handle what
-        comes; then heartbeats and liveness."""
-        for sock, _ in _poll(self._poll_list, int(timeout * 1000)):
-            if sock == self._wake_read:
+        comes; then heartbeats and liveness.
+
+        One poll(2) of the sockets' FDs: zmq_poll on the sockets themselves looks at each one's
+        EVENTS before and after, a poll(2) and a getpid(2) each, the most of a call's system calls.
+        An FD only signals a change, and a send or a read can take the signal of a message that
+        arrived meanwhile: hence the look at the DEALER before sleeping; the monitor is read to
+        the end whenever it is looked at, so its signal is never taken without its messages."""
+        read = self._readable()
+        for fd, _ in self._poller.poll(0 if read else timeout * 1000):
+            if fd == self._wake_read:
                 self._take_wakeups()
                 self._forward_outgoing()
-            elif sock is self._monitor:
+            elif fd == self._monitor_fd:
                 self._on_monitor(time.monotonic())
-            else:
-                self._receive()
+            read = True  # the DEALER's FD; or sends, which may have taken its signal
+        if read:
+            self._receive()
         beats, replace = self.core.tick(time.monotonic())
         self._send_all(beats)
         if replace:
             self._replace_dealer()
-            self._poll_list = self._polled()
+            self._watch()
+            self._on_monitor(time.monotonic())  # what it said before it was watched: its FD may not tell
 
-    def _polled(self) -> list[tuple]:
-        return [(self._dealer, POLLIN), (self._monitor, POLLIN), (self._wake_read, POLLIN)]
+    def _watch(self) -> None:
+        """Poll the DEALER's FD, its monitor's and the wake pipe."""
+        self._monitor_fd = self._monitor.get(zmq.FD)
+        self._poller = select.poll()
+        for fd in (self._dealer.get(zmq.FD), self._monitor_fd, self._wake_read):
+            self._poller.register(fd, select.POLLIN)
 
     def _take_wakeups(self) -> None:
         try:
@@ -340,10 +352,9 @@ class Connection(DealerDriver):
         events = EventBatch()  # consecutive events go out as one message, in their order
         try:
             for _ in range(1024):
-                try:
-                    item = self._outbox.get_nowait()
-                except queue.Empty:
+                if self._outbox.empty():  # only the leader takes: not empty, so get_nowait has one
                     return
+                item = self._outbox.get_nowait()
                 if type(item) is bytes and events.add(item):
                     continue
                 self._send_one(events.take())
