@@ -16,9 +16,10 @@ from baaaht.bus.testing import run_async
 from baaaht.schemas.sessions import SessionCreate, SessionSendMessage
 from tests.services.echo import Say
 
-# The broker forgets a silent peer after 5 x 200 ms: the loop below is blocked for twice that.
-QUICK_EXPIRY = {"bus": {"heartbeat_interval": "200ms", "heartbeat_liveness": 5}}
-BLOCKED = 2.0
+# The broker forgets a silent peer after 12 x 200 ms: the loop below is blocked well past that (and the
+# expiry is long enough that a loaded machine's stalls of the keep-alive thread do not reach it).
+QUICK_EXPIRY = {"bus": {"heartbeat_interval": "200ms", "heartbeat_liveness": 12}}
+BLOCKED = 4.0
 
 
 @pytest.fixture
