@@ -61,7 +61,7 @@ class Agent:
         deadline = time.monotonic() + self.settings.bus_loss_limit
         while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
             if not self.bus.connected:
-                await asyncio.sleep(CONNECT_POLL)  # the connection's I/O thread connects on its own
+                await asyncio.sleep(CONNECT_POLL)  # the connection connects by itself
                 continue
             try:
                 await self.bus.call(BusPing(), timeout=min(left, self.settings.call_timeout))
