@@ -4,17 +4,19 @@ when callers lead (ordering, many threads on one client, deadlines, close, heart
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 
 import pytest
+import zmq
 
 from baaaht.bus import wire
 from baaaht.bus.client import BusClient, PendingCall
 from baaaht.bus.connection import Connection
 from baaaht.bus.errors import BusError
-from baaaht.bus.testing import wait_for
+from baaaht.bus.testing import short_run_dir, wait_for
 from baaaht.schemas.bus import BusEventsReplay, BusPing, BusServices, Register
 from baaaht.schemas.errors import ErrorCode
 from tests.services.echo import Say, Shout
@@ -159,3 +161,48 @@ def test_the_io_thread_sleeps_while_its_caller_leads_and_while_the_client_is_idl
     # It wakes for heartbeats (and a call that finds it busy with one), never for each call or in a spin.
     cpu_after, wakeups_after = io_thread_use(client)
     assert wakeups_after - wakeups < 50 and cpu_after - cpu < 0.1
+
+
+def test_a_reply_queued_behind_a_message_whose_signal_the_calls_send_took_is_read_at_once():
+    run_dir = short_run_dir()
+    endpoint = f"ipc://{run_dir}/bus.sock"
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    # Heartbeats far apart: nobody but the caller reads the connection during the test.
+    client = BusClient(endpoint, timeout=5, heartbeat_interval=30)
+    answered: list[bytes] = []
+
+    def call() -> None:
+        answered.append(client.call_raw("kit.echo", b"\x80"))
+
+    def answer() -> bytes:
+        envelope = b""
+        while wire.kind_of(envelope) != wire.REQUEST:  # the client's heartbeats aside
+            assert router.poll(5000)
+            route, envelope = router.recv_multipart()
+        request = wire.request_header.decode(wire.header_of(envelope))
+        router.send_multipart([route, wire.reply(wire.REPLY, request.id, b"\xc0")])
+        return route
+
+    try:
+        first = threading.Thread(target=call)
+        first.start()
+        route = answer()
+        first.join(5)
+        wait_for(lambda: client.connection._leader is None, what="the connection to be free")
+        # A message nobody reads: its FD signal is pending when the next call's send takes it.
+        router.send_multipart([route, wire.pack(wire.HEARTBEAT)])
+        time.sleep(0.2)  # on its way into the client's queue (no event to wait on there)
+        started = time.monotonic()
+        second = threading.Thread(target=call)
+        second.start()
+        answer()
+        second.join(5)
+        # Behind the unread heartbeat the reply brings no new signal: only a look before sleeping finds it.
+        assert answered == [b"\xc0", b"\xc0"] and time.monotonic() - started < 2
+    finally:
+        client.close()
+        router.close(linger=0)
+        os.unlink(f"{run_dir}/bus.sock")
+        os.rmdir(run_dir)
