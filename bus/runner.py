@@ -5,10 +5,11 @@ Handlers run on threads rather than an event loop: the docker SDK, sqlite3 and
 file I/O all block, and a fixed set of handler threads bounds how many run at once
 (the `concurrency` the service registers with). The connection's I/O thread runs only
 the handlers declared inline (bus/service.py rpc: they never wait), and those only for a
-caller with no call waiting and below its share. Calls wait for a thread in a fair queue
-(bus/fair.py): round-robin over callers, each with at most `limits.queued_per_caller`
-waiting and, for agents, at most `limits.agent_running_per_caller` running (an inline
-call counts as running), so one caller's flood delays only its own calls.
+host caller with no call waiting and below its share (an agent's calls always take turns).
+Calls wait for a thread in a fair queue (bus/fair.py): round-robin over callers, each with
+at most `limits.queued_per_caller` waiting and, for agents, at most
+`limits.agent_running_per_caller` running (an inline call counts as running), so one
+caller's flood delays only its own calls.
 """
 
 from __future__ import annotations
@@ -195,9 +196,12 @@ class ServiceRunner:
         )
         self.active[token] = context  # before it is queued: a handler thread may take it at once
         caller = caller_key(context.caller)
-        share = self.agent_running_per_caller if caller[0] in AGENT_KEYS else self.concurrency
+        agent = caller[0] in AGENT_KEYS
+        share = self.agent_running_per_caller if agent else self.concurrency
         spec = self.rpcs.get(header.target)
-        if spec is not None and spec.inline and self.queue.start_now(caller, share):
+        # An agent's calls always take turns in the fair queue: served here, they would go in the
+        # order they reach the socket, and a flooding agent's would go ahead of everyone else's.
+        if spec is not None and spec.inline and not agent and self.queue.start_now(caller, share):
             # Its turn and its share allow it now: served here, as a handler thread would, without the
             # hand-offs to one and back (a caller with calls waiting queues behind them instead).
             if self._serve(caller, header.target, body, token, context):

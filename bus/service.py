@@ -155,9 +155,10 @@ def rpc(fn: Callable | None = None, *, stream: bool = False, inline: bool = Fals
     """Mark a method as an RPC. `inline=True` declares that its handler never waits: it validates,
     reads memory (or one row by its key) and answers at once, or hands the work to another thread and
     returns a Deferred. The runner then serves it on the connection's I/O thread, without the hand-offs
-    to and from a handler thread, whenever the caller has no call waiting and is below its share of the
-    handler threads (bus/runner.py). Such a handler must not call the bus: the I/O thread would wait
-    for a reply only it can receive."""
+    to and from a handler thread, whenever the caller (a host peer: an agent's calls always take turns
+    in the fair queue) has no call waiting and is below its share of the handler threads
+    (bus/runner.py). Such a handler must not call the bus: the I/O thread would wait for a reply only
+    it can receive."""
     if stream and inline:
         raise TypeError("a stream cannot be inline: it waits for what it sends")
 

@@ -189,22 +189,33 @@ HOST_PEER = Caller(socket="services", peer="h1", role="service")
 
 
 def test_an_inline_call_of_a_caller_with_nothing_waiting_is_answered_where_it_arrives(driven):
-    paced = driven(agent_running_per_caller=1)
-    paced.send(AGENT_A, Note(name="n1"))  # as the I/O thread hands it over: answered before it returns
+    paced = driven()
+    paced.send(OPERATOR, Note(name="n1"))  # as the I/O thread hands it over: answered before it returns
     assert paced.service.threads["n1"] is threading.current_thread()
     assert paced.replies.snapshot() == [("n1", "")]
 
 
+def test_an_agents_inline_call_takes_its_turn_in_the_fair_queue(driven):
+    """Served where they arrive, an agent's calls would go in socket order: a flooding agent's ahead of
+    everyone else's."""
+    paced = driven()
+    paced.send(AGENT_A, Note(name="n1"))
+    paced.replies.wait_until(lambda r: ("n1", "") in r, what="n1 answered")
+    assert paced.service.threads["n1"].name.startswith("paced-rpc-")
+
+
 def test_an_inline_call_of_a_caller_at_its_share_waits_for_a_handler_thread(driven):
-    paced = driven(agent_running_per_caller=1)
-    paced.send(AGENT_A, Hold(name="a1"))
-    paced.started("a1")
-    paced.send(AGENT_A_AGAIN, Note(name="n1"))  # the caller's one share is a1's
-    assert "n1" not in paced.service.started
-    paced.send(AGENT_B, Note(name="b1"))  # another caller's is free
-    assert paced.service.threads["b1"] is threading.current_thread()
-    paced.service.release("a1")
-    paced.started("n1")
+    paced = driven()
+    held = [f"o{n}" for n in range(Paced.concurrency)]
+    for name in held:
+        paced.send(OPERATOR, Hold(name=name))
+    paced.started(*held)
+    paced.send(OPERATOR, Note(name="n1"))  # every one of the operator's shares is held
+    assert "n1" not in paced.service.threads
+    paced.send(HOST_PEER, Note(name="h1"))  # another caller's is free
+    assert paced.service.threads["h1"] is threading.current_thread()
+    paced.service.release("o0")
+    paced.replies.wait_until(lambda r: ("n1", "") in r, what="n1 answered")
     assert paced.service.threads["n1"].name.startswith("paced-rpc-")
 
 
@@ -226,13 +237,16 @@ def test_an_inline_call_queues_behind_its_callers_waiting_calls(driven):
 
 
 def test_an_inline_deferred_holds_its_callers_share_until_it_is_settled(driven):
-    paced = driven(agent_running_per_caller=1)
-    paced.send(AGENT_A, Promise(name="p1"))
-    assert paced.service.threads["p1"] is threading.current_thread() and paced.replies.snapshot() == []
-    paced.send(AGENT_A, Note(name="n1"))
-    assert "n1" not in paced.service.started  # p1 still holds the share
-    paced.service.promised["p1"].settle(Empty())  # from the thread that made the answer, as a committer
-    paced.replies.wait_until(lambda r: ("p1", "") in r and ("n1", "") in r, what="p1 then n1 answered")
+    paced = driven()
+    promises = [f"p{n}" for n in range(Paced.concurrency)]
+    for name in promises:
+        paced.send(OPERATOR, Promise(name=name))
+        assert paced.service.threads[name] is threading.current_thread()
+    assert paced.replies.snapshot() == []
+    paced.send(OPERATOR, Note(name="n1"))
+    assert "n1" not in paced.service.threads  # the promises still hold every share
+    paced.service.promised["p0"].settle(Empty())  # from the thread that made the answer, as a committer
+    paced.replies.wait_until(lambda r: ("p0", "") in r and ("n1", "") in r, what="p0 then n1 answered")
     assert paced.service.threads["n1"].name.startswith("paced-rpc-")
 
 
