@@ -5,7 +5,9 @@ from pathlib import Path
 
 import docker.api.client
 import pytest
+import zmq
 
+from baaaht.bus.testing import short_run_dir
 from baaaht.common.logs import HANDLER_NAME
 
 # host, make_host from the test kit; pytester: tests/test_dev_targets.py and tests/test_leftover_mounts.py
@@ -97,6 +99,21 @@ def logging_put_back():
         if handler.get_name() == HANDLER_NAME and handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture
+def silent_broker():
+    """A ROUTER on a run directory's services socket that answers nothing (unless the test does):
+    the run dir, its endpoint and the ROUTER."""
+    run_dir = short_run_dir()
+    endpoint = f"ipc://{run_dir}/bus.sock"
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    yield run_dir, endpoint, router
+    router.close(linger=0)
+    os.unlink(f"{run_dir}/bus.sock")
+    os.rmdir(run_dir)
 
 
 class UnitBoundaryCrossed(Exception):

@@ -24,7 +24,7 @@ from baaaht.bus.aio import AsyncBusClient
 from baaaht.bus.client import BusClient
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import DEADLINE_GRACE, is_broker_unreachable
-from baaaht.bus.testing import run_async, short_run_dir, wait_for
+from baaaht.bus.testing import run_async, wait_for
 from baaaht.schemas.bus import BusPeers, BusPing, BusServices, BusStats
 from baaaht.schemas.errors import ErrorCode
 from tests.conftest import ECHO_SERVICE
@@ -271,20 +271,6 @@ def test_async_stream_of_a_killed_broker_ends_with_unavailable(echo):
 
 
 # -- a connected broker that never answers --------------------------------------------------------
-
-
-@pytest.fixture
-def silent_broker():
-    """A ROUTER on a run directory's services socket that reads everything and answers nothing."""
-    run_dir = short_run_dir()
-    endpoint = f"ipc://{run_dir}/bus.sock"
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(endpoint)
-    yield run_dir, endpoint, router
-    router.close(linger=0)
-    os.unlink(f"{run_dir}/bus.sock")
-    os.rmdir(run_dir)
 
 
 def received_kinds(router: zmq.Socket, until: bytes, timeout: float = 5.0) -> list[bytes]:

@@ -4,19 +4,17 @@ when callers lead (ordering, many threads on one client, deadlines, close, heart
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
 
 import pytest
-import zmq
 
 from baaaht.bus import wire
 from baaaht.bus.client import BusClient, PendingCall
 from baaaht.bus.connection import Connection
 from baaaht.bus.errors import BusError
-from baaaht.bus.testing import short_run_dir, wait_for
+from baaaht.bus.testing import wait_for
 from baaaht.schemas.bus import BusEventsReplay, BusPing, BusServices, Register
 from baaaht.schemas.errors import ErrorCode
 from tests.services.echo import Say, Shout
@@ -163,12 +161,8 @@ def test_the_io_thread_sleeps_while_its_caller_leads_and_while_the_client_is_idl
     assert wakeups_after - wakeups < 50 and cpu_after - cpu < 0.1
 
 
-def test_a_reply_queued_behind_a_message_whose_signal_the_calls_send_took_is_read_at_once():
-    run_dir = short_run_dir()
-    endpoint = f"ipc://{run_dir}/bus.sock"
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(endpoint)
+def test_a_reply_queued_behind_a_message_whose_signal_the_calls_send_took_is_read_at_once(silent_broker):
+    _run_dir, endpoint, router = silent_broker
     # Heartbeats far apart: nobody but the caller reads the connection during the test.
     client = BusClient(endpoint, timeout=5, heartbeat_interval=30)
     answered: list[bytes] = []
@@ -203,6 +197,3 @@ def test_a_reply_queued_behind_a_message_whose_signal_the_calls_send_took_is_rea
         assert answered == [b"\xc0", b"\xc0"] and time.monotonic() - started < 2
     finally:
         client.close()
-        router.close(linger=0)
-        os.unlink(f"{run_dir}/bus.sock")
-        os.rmdir(run_dir)
