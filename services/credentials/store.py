@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import orjson
 
+from baaaht.common.sqlite_write import write_transaction
 from baaaht.schemas.credentials import CredentialInfo, CredentialVersion
 from baaaht.services.credentials import crypto
 from baaaht.services.credentials.master import Kdf, MasterKeyError, MasterSource, fsync_directory
@@ -237,16 +238,8 @@ class CredentialStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One transaction, committed (durably) when the block ends, rolled back if it raises."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT too: SQLite may leave the transaction open (SQLITE_FULL, SQLITE_IOERR).
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db) as db:
+            yield db
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -410,8 +403,7 @@ class CredentialStore:
         with self._lock:
             new_key, kdf = self.master.begin_rotation(self._key)
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with write_transaction(self._db):
                     rows = self._db.execute(
                         "SELECT v.secret_id, s.name, v.version, v.wrapped_key FROM versions v"
                         " JOIN secrets s ON s.id = v.secret_id"
@@ -423,11 +415,6 @@ class CredentialStore:
                             (crypto.wrap(new_key, data_key, secret_id, name, version), secret_id, version),
                         )
                     _write_meta(self._db, new_key, kdf)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:  # a failed COMMIT may leave it open
-                        self._db.execute("ROLLBACK")
-                    raise
             except BaseException:
                 self.master.abort_rotation()
                 raise

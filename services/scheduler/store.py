@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import msgspec
 
 from baaaht.common.sqlite_pages import Filters, page
+from baaaht.common.sqlite_write import write_transaction
 from baaaht.schemas.tasks import TERMINAL, ScheduleInfo, TaskInfo, TaskState
 
 SCHEMA_VERSION = 2
@@ -168,9 +169,7 @@ class SchedulerStore:
 
     def _migrate_from_1(self) -> None:
         """Version 1 had no finished_at column: add it, filled from the finished tasks' bodies."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self._db) as db:
             db.execute("ALTER TABLE tasks ADD COLUMN finished_at REAL NOT NULL DEFAULT 0")
             db.execute("CREATE INDEX tasks_by_finish ON tasks (finished_at) WHERE finished_at > 0")
             finished = [state.value for state in TERMINAL]
@@ -182,11 +181,6 @@ class SchedulerStore:
                 [(_task.decode(body).finished_at, seq) for seq, body in rows],
             )
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     @classmethod
     def in_data_dir(cls, data_dir: str) -> "SchedulerStore":
@@ -205,15 +199,8 @@ class SchedulerStore:
     def batch(self) -> Iterator[Batch]:
         """One transaction on the writer connection (the engine's thread only): durable when the block
         ends, rolled back whole if it raises."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield Batch(self._db)
-            self._db.execute("COMMIT")
-        except BaseException:
-            # A failed COMMIT too: SQLite may leave the transaction open (SQLITE_FULL, SQLITE_IOERR).
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+        with write_transaction(self._db) as db:
+            yield Batch(db)
 
     # -- what the engine loads at start (writer connection, before it serves) ----------------------
 

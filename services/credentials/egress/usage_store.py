@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from baaaht.common.sqlite_write import write_transaction
 from baaaht.schemas.egress import SessionUsage
 
 from .budgets import Budgets
@@ -74,16 +75,8 @@ class UsageStore:
         if not sessions:
             return
         rows = [(usage.session_id, *(getattr(usage, name) for name in _COUNTERS)) for usage in sessions]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(_UPSERT, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT too: SQLite may leave the transaction open (SQLITE_FULL, SQLITE_IOERR).
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db) as db:
+            db.executemany(_UPSERT, rows)
 
     def delete(self, session_id: str) -> None:
         with self._lock:
