@@ -214,53 +214,92 @@ def test_one_sessions_agents_hold_at_most_their_share_of_the_schedulers_streams(
     assert finished == [TaskState.CANCELLED] * SESSION_STREAMS
 
 
-def test_hostile_sessions_opening_task_work_by_the_hundred_leave_another_sessions_worker_a_stream(scheduler):
-    """Four sessions' workers each open task.work streams under new worker ids until refused (their cap
-    of SESSION_STREAMS leaves the total to four of them): another session's worker still takes its task."""
+@contextlib.asynccontextmanager
+async def four_hostile_sessions_at_their_cap(scheduler, role: str, streams_of):
+    """Four sessions' agents of `role` each open SESSION_STREAMS + 1 streams (`await streams_of(bus,
+    session)`: async iterators) until the scheduler refuses one RESOURCE_EXHAUSTED (their caps leave the
+    total to four of them); the streams stay open while the block runs."""
     from baaaht.services.scheduler.service import SESSION_STREAMS
 
-    host = scheduler.host
     refused: collections.Counter[str] = collections.Counter()
 
-    async def work_until_refused(bus: AsyncBusClient, session: str, n: int) -> None:
+    async def hold(stream, session: str) -> None:
         try:
-            async for _ in bus.stream(TaskWork(worker_id=f"{session}-{n}", queues=["hog"]), timeout=60.0):
+            async for _ in stream:
                 pass
         except Exception as error:  # noqa: BLE001 - the refusal is what is counted
             assert getattr(error, "code", error) is ErrorCode.RESOURCE_EXHAUSTED, error
             refused[session] += 1
 
-    async def storm() -> TaskAssignment:
-        streams: list[asyncio.Task] = []
-        async with contextlib.AsyncExitStack() as clients:
-            try:
-                for session in (f"sess-hostile-{n}" for n in range(4)):
-                    host.identify(session, role="worker")
-                    bus = await clients.enter_async_context(
-                        AsyncBusClient(host.endpoints.agents, timeout=60.0)
-                    )
-                    opening = [work_until_refused(bus, session, n) for n in range(SESSION_STREAMS + 1)]
-                    streams += [asyncio.create_task(stream) for stream in opening]
-                    deadline = time.monotonic() + 30
-                    while not refused[session] and time.monotonic() < deadline:
-                        await asyncio.sleep(0.05)
-                    assert refused[session], f"{session} was never refused"
-                host.identify("sess-victim", role="worker")
-                victim = await clients.enter_async_context(
-                    AsyncBusClient(host.endpoints.agents, timeout=30.0)
+    held: list[asyncio.Task] = []
+    async with contextlib.AsyncExitStack() as clients:
+        try:
+            for session in (f"sess-hostile-{n}" for n in range(4)):
+                scheduler.host.identify(session, role=role)
+                bus = await clients.enter_async_context(
+                    AsyncBusClient(scheduler.host.endpoints.agents, timeout=60.0)
                 )
+                streams = await streams_of(bus, session)
+                assert len(streams) == SESSION_STREAMS + 1
+                held += [asyncio.create_task(hold(stream, session)) for stream in streams]
+                deadline = time.monotonic() + 30
+                while not refused[session] and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert refused[session], f"{session} was never refused"
+            yield
+        finally:
+            for stream in held:
+                stream.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+
+
+def test_hostile_sessions_opening_task_work_by_the_hundred_leave_another_sessions_worker_a_stream(scheduler):
+    """Four sessions' workers each open task.work streams under new worker ids until refused: another
+    session's worker still takes its task."""
+    from baaaht.services.scheduler.service import SESSION_STREAMS
+
+    async def work_streams(bus: AsyncBusClient, session: str) -> list:
+        return [
+            bus.stream(TaskWork(worker_id=f"{session}-{n}", queues=["hog"]), timeout=60.0)
+            for n in range(SESSION_STREAMS + 1)
+        ]
+
+    async def storm() -> TaskAssignment:
+        async with four_hostile_sessions_at_their_cap(scheduler, "worker", work_streams):
+            scheduler.host.identify("sess-victim", role="worker")
+            async with AsyncBusClient(scheduler.host.endpoints.agents, timeout=30.0) as victim:
                 work = victim.stream(TaskWork(worker_id="victim", queues=["tools"]), timeout=30.0)
                 await asyncio.to_thread(scheduler.submit, "tools", "noop", session_id="sess-victim")
                 lease = await anext(aiter(work))
                 await work.aclose()
                 return lease
-            finally:
-                for stream in streams:
-                    stream.cancel()
-                await asyncio.gather(*streams, return_exceptions=True)
 
     lease = run_async(storm(), 120, "a storm of task.work streams")
     assert isinstance(lease, TaskAssignment) and lease.task_type == "noop"
+
+
+def test_hostile_sessions_waiting_by_the_hundred_leave_another_sessions_assistant_a_wait(scheduler):
+    """Four sessions' assistants each open task.wait streams on their own task until refused: another
+    session's assistant still waits for its tool's task and hears how it ended."""
+    from baaaht.services.scheduler.service import SESSION_STREAMS
+
+    async def wait_streams(bus: AsyncBusClient, session: str) -> list:
+        task = await asyncio.to_thread(scheduler.submit, "nobody", "noop", session_id=session)
+        return [bus.stream(TaskWait(id=task.id), timeout=60.0) for _ in range(SESSION_STREAMS + 1)]
+
+    async def storm() -> TaskFinished:
+        async with four_hostile_sessions_at_their_cap(scheduler, "assistant", wait_streams):
+            scheduler.host.identify("sess-victim", role="assistant")
+            async with AsyncBusClient(scheduler.host.endpoints.agents, timeout=30.0) as victim:
+                mine = await asyncio.to_thread(scheduler.submit, "nobody", "noop", session_id="sess-victim")
+                # Refused, the wait would raise RESOURCE_EXHAUSTED (opened before or after the cancel:
+                # a wait on a finished task takes a stream too, and answers how it ended).
+                waiting = asyncio.create_task(anext(aiter(victim.stream(TaskWait(id=mine.id), timeout=30.0))))
+                await asyncio.to_thread(scheduler.client.call, TaskCancel(id=mine.id))
+                return await waiting
+
+    final = run_async(storm(), 120, "a storm of task.wait streams from four sessions")
+    assert isinstance(final, TaskFinished) and final.state is TaskState.CANCELLED
 
 
 def test_outcomes_reported_together_are_each_recorded_once_or_refused_alone(scheduler):

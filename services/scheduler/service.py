@@ -65,9 +65,11 @@ MAX_STREAMS = CONCURRENCY - 32  # the rest stay free for submits and reports
 # task.work): a hostile agent opening waits or worker ids by the hundred must not take every stream and
 # leave the other sessions' workers no task.work.
 SESSION_STREAMS = 64
-# Streams only task.work may take once the others hold the rest: one per session, and host workers'
-# (streams.py): a few hostile sessions at their SESSION_STREAMS each still leave every worker a stream.
+# Streams only task.work (WORK_STREAMS), and only task.wait (WAIT_STREAMS), may take once the others
+# hold the rest: one of each per session, and host callers' (streams.py): a few hostile sessions at their
+# SESSION_STREAMS each still leave every session's worker its task.work and its assistant a task.wait.
 WORK_STREAMS = 64
+WAIT_STREAMS = 32
 STREAM_CHECK = 0.5  # seconds between looks at whether a stream's caller left (items go out at once)
 KEY_SWEEP = 600.0  # seconds between purges of idempotency keys past their retention
 
@@ -82,7 +84,7 @@ class SchedulerService(Service):
         self.engine = Engine(store, self.config, events)
         self.sessions = sessions
         self._sessions_at_start: set[str] = set()
-        self.streams = StreamSlots(MAX_STREAMS, SESSION_STREAMS, WORK_STREAMS)
+        self.streams = StreamSlots(MAX_STREAMS, SESSION_STREAMS, {"work": WORK_STREAMS, "wait": WAIT_STREAMS})
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "SchedulerService":
@@ -169,7 +171,7 @@ class SchedulerService(Service):
     @rpc(stream=True)
     def wait(self, req: TaskWait, ctx: CallContext) -> Iterator[TaskProgressReport | TaskFinished]:
         scope = scope_of(ctx.caller, "read")
-        with self.streams.hold("wait for tasks", scope, work=False):
+        with self.streams.hold("wait for tasks", scope, "wait"):
             outbox: queue.SimpleQueue[TaskProgressReport | TaskFinished] = queue.SimpleQueue()
             push = outbox.put
             finished = self.engine.call(lambda core, now: core.wait_open(req.id, scope, push), ctx)
@@ -218,7 +220,7 @@ class SchedulerService(Service):
     @rpc(stream=True)
     def work(self, req: TaskWork, ctx: CallContext) -> Iterator[TaskAssignment]:
         scope = scope_of(ctx.caller, "work")
-        with self.streams.hold("take work", scope, work=True):
+        with self.streams.hold("take work", scope, "work"):
             outbox: queue.SimpleQueue[TaskAssignment | None] = queue.SimpleQueue()
             stream = object()
             key = self.engine.call(lambda core, now: core.work_open(req, scope, outbox.put, stream, now), ctx)
