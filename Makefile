@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test test-unit test-integration lint fmt bench bench-bus docs docker image images shell clean
+.PHONY: run test test-unit test-integration lint fmt bench bench-bus bench-slow-disk docs docker image images shell clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -56,6 +56,13 @@ bench: bench-bus
 	$(PY) bench/egress.py
 	$(PY) bench/tools.py
 	$(PY) bench/assistant.py
+
+# The session and scheduler benchmarks as on an ordinary disk: every fsync/fdatasync of their processes
+# waits FSYNC_DELAY_US first (bench/slow_disk.py; results in bench/results/<name>-fsync-<delay>us.json).
+FSYNC_DELAY_US ?= 1000
+bench-slow-disk: $(BENCH_STAMP)
+	BENCH_FSYNC_DELAY_US=$(FSYNC_DELAY_US) $(PY) bench/sessions.py
+	BENCH_FSYNC_DELAY_US=$(FSYNC_DELAY_US) $(PY) bench/scheduler.py
 
 docs: $(STAMP)
 	$(PY) -m baaaht.bus.reference docs/WIRE-TYPES.md

@@ -12,11 +12,18 @@ import sys
 import time
 from pathlib import Path
 
+import slow_disk  # bench/slow_disk.py, beside this script
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load_before() -> dict:
-    """Call first thing, before the benchmark starts anything."""
+def load_before(fsync_delay: bool = False) -> dict:
+    """Call first thing, before the benchmark starts anything. `fsync_delay`: the benchmark runs under
+    BENCH_FSYNC_DELAY_US (bench/slow_disk.py re-executes it with the shim); the others refuse it."""
+    if fsync_delay:
+        slow_disk.run_under_delay()
+    elif slow_disk.delay_us():
+        raise SystemExit(f"{slow_disk.SETTING}: only bench/sessions.py and bench/scheduler.py run under it")
     return {"cpus": os.cpu_count(), "load_before": os.getloadavg()}
 
 
@@ -34,7 +41,13 @@ def finish(machine: dict) -> dict:
 
 
 def save(name: str, machine: dict, figures: dict) -> None:
-    """bench/results/<name>.json: when, the figures, and the load around the run (`finish`)."""
+    """bench/results/<name>.json (<name>-fsync-<delay>us.json under a delay): when, the fsync delay, the
+    figures, and the load around the run (`finish`)."""
     RESULTS.mkdir(exist_ok=True)
-    result = {"when": time.time(), **figures, "machine": finish(machine)}
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {
+        "when": time.time(),
+        "fsync_delay_us": slow_disk.delay_us(),
+        **figures,
+        "machine": finish(machine),
+    }
+    (RESULTS / f"{slow_disk.results_name(name)}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import slow_disk  # bench/slow_disk.py, beside this script
 from machine import load_before, save  # bench/machine.py, beside this script
 
 from baaaht.bus.aio import AsyncBusClient
@@ -290,7 +291,7 @@ def huey_enqueue_rate(huey) -> float:
 
 
 def main() -> None:
-    machine = load_before()
+    machine = load_before(fsync_delay=True)
     work = Path(tempfile.mkdtemp(prefix="bench-scheduler-"))
     host = Host(work, {"log": {"level": "warn"}})
     try:
@@ -344,6 +345,7 @@ def main() -> None:
             result = result[part]
         return result
 
+    print(slow_disk.heading())
     print(f"{'':<42} {'baaaht':>10} {'huey 10ms':>10} {'huey dflt':>10}")
     for name, mine, them, key, their_key, shape in rows:
         tuned = f"{theirs(them, their_key):>10.{shape}}" if them else f"{'-':>10}"

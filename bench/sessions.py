@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import slow_disk  # bench/slow_disk.py, beside this script
 from machine import load_before, save  # bench/machine.py, beside this script
 
 from baaaht.bus.testing import Host
@@ -98,7 +99,7 @@ def raw_commit_rate(directory: str, synchronous: str) -> float:
 
 
 def main() -> None:
-    machine = load_before()
+    machine = load_before(fsync_delay=True)
     work = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
     host = Host(work, {"log": {"level": "warn"}, "session": {"max_sessions": 100}})
     rows = {}
@@ -115,6 +116,7 @@ def main() -> None:
     finally:
         host.stop()
         shutil.rmtree(work, ignore_errors=True)
+    print(slow_disk.heading())
     print(f"{'case':<24} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8}")
     for name, row in rows.items():
         print(f"{name:<24} {row['round_trips_per_s']:>14.0f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}")
