@@ -447,7 +447,7 @@ class Broker:
         deadline = header.deadline - self._clock_offset  # the caller's Unix time on our monotonic clock
         while True:
             try:
-                request = self.registry.route(peer, header.id, header.target, deadline, now)
+                request = self.registry.route(peer, header.id, header.target, deadline, now, size)
             except BusError as exc:
                 self._reply_error(peer.key, header.id, exc)
                 return

@@ -107,6 +107,7 @@ class InFlight:
     deadline: float
     instance: Instance
     holder: Hashable  # whose in-flight cap it counts against (quota_holder)
+    size: int  # its body's bytes, counted against the holder's byte budget while it is in flight
 
 
 def quota_holder(peer: Peer) -> Hashable:
@@ -115,38 +116,62 @@ def quota_holder(peer: Peer) -> Hashable:
     return peer.caller.container or peer.key
 
 
+@dataclass(slots=True)
+class Held:
+    """What one holder has in flight through the broker: requests, and their bodies' bytes."""
+
+    requests: int = 0
+    bytes: int = 0
+
+
 class InFlightCaps:
-    """Requests each peer (an agent: its container) may have in flight through the broker at once:
-    past its cap a request is refused RESOURCE_EXHAUSTED before it reaches a service, so one caller
-    cannot take every service's queue. Agents and host peers have separate caps."""
+    """Requests each peer (an agent: its container) may have in flight through the broker at once,
+    and for agents the bytes of their bodies: past either a request is refused RESOURCE_EXHAUSTED
+    before it reaches a service, so one caller cannot take every service's queue, nor keep a service
+    receiving and decoding huge bodies. Agents and host peers have separate caps; host peers (trusted,
+    and the ones that move big payloads) have no byte budget."""
 
     def __init__(self, limits: LimitsConfig):
         self.caps = {AGENTS_SOCKET: limits.agent_in_flight, SERVICES_SOCKET: limits.host_in_flight}
         self._keys = {AGENTS_SOCKET: "limits.agent_in_flight", SERVICES_SOCKET: "limits.host_in_flight"}
-        self.counts: dict[Hashable, int] = {}
+        self.byte_caps = {AGENTS_SOCKET: int(limits.agent_bytes_in_flight)}
+        self.held: dict[Hashable, Held] = {}
 
-    def admit(self, peer: Peer, target: str) -> Hashable:
-        """Count one more request of `peer`; its holder, to release it with."""
+    def admit(self, peer: Peer, target: str, size: int) -> Hashable:
+        """Count one more request of `peer`, whose body is `size` bytes; its holder, to release it with."""
         holder = quota_holder(peer)
-        count = self.counts.get(holder, 0)
+        held = self.held.get(holder) or Held()
         cap = self.caps[peer.socket]
-        if count >= cap:
+        if held.requests >= cap:
             raise BusError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"{target} refused: this caller has {count} requests in flight, the limit"
+                f"{target} refused: this caller has {held.requests} requests in flight, the limit"
                 f" {self._keys[peer.socket]} is {cap}: wait for answers before sending more",
-                {"limit": cap, "in_flight": count},
+                {"limit": cap, "in_flight": held.requests},
             )
-        self.counts[holder] = count + 1
+        byte_cap = self.byte_caps.get(peer.socket)
+        if byte_cap is not None and held.bytes + size > byte_cap:
+            raise BusError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{target} refused: this caller has {held.bytes} bytes in flight and this request is"
+                f" {size} bytes, the limit limits.agent_bytes_in_flight is {byte_cap} bytes: wait for"
+                " answers before sending more",
+                {"limit": byte_cap, "bytes_in_flight": held.bytes, "size": size},
+            )
+        held.requests += 1
+        held.bytes += size
+        self.held[holder] = held
         return holder
 
-    def release(self, holder: Hashable) -> None:
-        left = self.counts.pop(holder) - 1
-        if left:
-            self.counts[holder] = left
+    def release(self, holder: Hashable, size: int) -> None:
+        held = self.held[holder]
+        held.requests -= 1
+        held.bytes -= size
+        if not held.requests:
+            del self.held[holder]
 
-    def of(self, peer: Peer) -> int:
-        return self.counts.get(quota_holder(peer), 0)
+    def of(self, peer: Peer) -> Held:
+        return self.held.get(quota_holder(peer)) or Held()
 
 
 class EventQuotas:
@@ -372,17 +397,20 @@ class Registry:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def route(self, client: Peer, request_id: str, target: str, deadline: float, now: float) -> InFlight:
-        """Pick the least loaded healthy instance for `target` and record the request in flight."""
+    def route(
+        self, client: Peer, request_id: str, target: str, deadline: float, now: float, size: int = 0
+    ) -> InFlight:
+        """Pick the least loaded healthy instance for `target` and record the request (whose body is
+        `size` bytes) in flight."""
         instances = self._routes.get(target) or self._find_route(target)
         check_deadline(target, deadline, now)
         key = (client.key, request_id)
         if key in self._by_request:
             raise BusError(ErrorCode.ALREADY_EXISTS, f"request id {request_id!r} is already in flight")
-        holder = self.caps.admit(client, target)
+        holder = self.caps.admit(client, target, size)
         instance = instances[0] if len(instances) == 1 else min(instances, key=Instance.load)
         token = next(self._tokens).to_bytes(TOKEN_SIZE, "big")
-        request = InFlight(token, client.key, request_id, target, deadline, instance, holder)
+        request = InFlight(token, client.key, request_id, target, deadline, instance, holder, size)
         self.in_flight[token] = request
         self._by_request[key] = token
         heapq.heappush(self._deadlines, (deadline, token))
@@ -438,7 +466,7 @@ class Registry:
             return None
         self._by_request.pop((request.client, request.request_id), None)
         request.instance.in_flight -= 1
-        self.caps.release(request.holder)
+        self.caps.release(request.holder, request.size)
         return request
 
     # -- time ---------------------------------------------------------------------------------

@@ -134,6 +134,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# An agent's byte budgets and the largest message each must let through: (budget, size, what fails below it).
+_AGENT_BYTE_FLOORS = (
+    ("limits.agent_event_burst_bytes", "bus.max_event_size", "publish an event that large"),
+    ("limits.agent_bytes_in_flight", "bus.max_message_size", "send a message that large"),
+)
+
+
 def problems_in(values: Mapping[str, Any], types: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(key, problem) for every value that is not allowed; `types` gives each key's type."""
     failed: list[tuple[str, str]] = []
@@ -159,15 +166,10 @@ def problems_in(values: Mapping[str, Any], types: Mapping[str, Any]) -> list[tup
         )
     if "bus.socket_group" in values and (problem := socket_group.problem_with(values["bus.socket_group"])):
         failed.append(("bus.socket_group", problem))
-    burst, largest = values.get("limits.agent_event_burst_bytes"), values.get("bus.max_event_size")
-    if burst is not None and largest is not None and burst < largest:
-        failed.append(
-            (
-                "limits.agent_event_burst_bytes",
-                f"is below bus.max_event_size ({largest} bytes): an agent could never publish"
-                " an event that large",
-            )
-        )
+    for key, largest_key, never in _AGENT_BYTE_FLOORS:
+        budget, largest = values.get(key), values.get(largest_key)
+        if budget is not None and largest is not None and budget < largest:
+            failed.append((key, f"is below {largest_key} ({largest} bytes): an agent could never {never}"))
     size, most = values.get("pool.size"), values.get("pool.max")
     if size is not None and most is not None and size > most:
         failed.append(("pool.size", f"is above pool.max ({most}): the pool's quota would refuse its size"))

@@ -114,6 +114,11 @@ class LimitsConfig(Section, kw_only=True):
     # Requests a peer may have in flight through the broker at once (RESOURCE_EXHAUSTED beyond).
     agent_in_flight: int = 128
     host_in_flight: int = 4096
+    # The bytes of an agent's request bodies in flight at once (its container's, all its connections
+    # together). At least bus.max_message_size, so one message of the largest size always gets through;
+    # two of them, not dozens: a service then receives and decodes at most that much of one agent's at
+    # once, and its heartbeats and other callers' calls do not wait behind them. Host peers have none.
+    agent_bytes_in_flight: Size = Size(32 * 1024 * 1024)
     # Calls from one caller a service holds queued, waiting for a handler thread; and how many of
     # one agent's calls a service runs at once (its share of the service's handler threads).
     queued_per_caller: int = 256

@@ -8,7 +8,7 @@ import pytest
 
 from baaaht.bus.errors import BusError
 from baaaht.bus.fair import FairQueue
-from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Registry
+from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Held, Registry
 from baaaht.bus.runner import caller_key
 from baaaht.bus.testing import wait_for
 from baaaht.common.rate import TokenBucket
@@ -242,19 +242,63 @@ def test_a_peer_past_its_in_flight_cap_is_refused_naming_the_cap_and_others_are_
     assert "limits.host_in_flight is 3" in caught.value.message
 
 
-def test_every_way_a_request_ends_gives_its_place_back():
-    registry = registry_with(agent_in_flight=5)
+def test_every_way_a_request_ends_gives_its_place_and_its_bytes_back():
+    registry = registry_with(agent_in_flight=5, agent_bytes_in_flight=Size(500))
     agent = peer(registry, b"a", AGENTS_SOCKET)
-    registry.route(agent, "cancelled", "echo.say", 10, 0)
-    registry.route(agent, "timed out", "echo.say", 1, 0)
-    withdrawn = registry.route(agent, "withdrawn", "echo.say", 10, 0)
+    answered = registry.route(agent, "answered", "echo.say", 10, 0, size=100)
+    registry.route(agent, "cancelled", "echo.say", 10, 0, size=100)
+    registry.route(agent, "timed out", "echo.say", 1, 0, size=100)
+    withdrawn = registry.route(agent, "withdrawn", "echo.say", 10, 0, size=100)
+    assert registry.caps.of(agent) == Held(requests=4, bytes=400)
+    registry.complete(answered.instance.peer, answered.token, final=True)
+    assert registry.caps.of(agent) == Held(requests=3, bytes=300)
     registry.cancel(agent.key, "cancelled")
+    assert registry.caps.of(agent) == Held(requests=2, bytes=200)
     registry.expire_deadlines(now=2)
+    assert registry.caps.of(agent) == Held(requests=1, bytes=100)
     registry.withdraw(withdrawn.token)
-    assert registry.caps.of(agent) == 0 and registry.caps.counts == {}
-    registry.route(agent, "abandoned", "echo.say", 10, 0)
+    assert registry.caps.of(agent) == Held() and registry.caps.held == {}
+    registry.route(agent, "abandoned", "echo.say", 10, 0, size=500)
     registry.drop_peer(agent.key, "gone")
-    assert registry.caps.counts == {}
+    assert registry.caps.held == {}
+    agent = peer(registry, b"a", AGENTS_SOCKET)
+    served = registry.route(agent, "served by a gone instance", "echo.say", 10, 0, size=500)
+    registry.drop_instance(served.instance.peer, "missed its heartbeats")
+    assert registry.caps.held == {}
+
+
+def test_an_agent_past_its_byte_budget_is_refused_naming_the_limit_its_bytes_and_the_size():
+    registry = registry_with(agent_bytes_in_flight=Size(100))
+    agent, other = peer(registry, b"a", AGENTS_SOCKET), peer(registry, b"b", AGENTS_SOCKET)
+    registry.route(agent, "1", "echo.say", 10, 0, size=60)
+    with pytest.raises(BusError) as caught:
+        registry.route(agent, "2", "echo.say", 10, 0, size=50)
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert caught.value.message == (
+        "echo.say refused: this caller has 60 bytes in flight and this request is 50 bytes, the limit"
+        " limits.agent_bytes_in_flight is 100 bytes: wait for answers before sending more"
+    )
+    assert caught.value.details == {"limit": 100, "bytes_in_flight": 60, "size": 50}
+    assert registry.caps.of(agent) == Held(requests=1, bytes=60)  # the refused one was never counted
+    registry.route(agent, "2", "echo.say", 10, 0, size=40)  # exactly the budget
+    registry.route(agent, "3", "echo.say", 10, 0, size=0)
+    registry.route(other, "1", "echo.say", 10, 0, size=100)  # each agent has its own
+    operator = peer(registry, b"op", SERVICES_SOCKET)
+    registry.route(operator, "1", "echo.say", 10, 0, size=10**9)  # host peers have no byte budget
+
+
+def test_an_agent_containers_connections_share_one_byte_budget():
+    registry = registry_with(agent_bytes_in_flight=Size(100))
+    container = "c" * 64
+    one, two = peer(registry, b"a", AGENTS_SOCKET, container), peer(registry, b"b", AGENTS_SOCKET, container)
+    first = registry.route(one, "1", "echo.say", 10, 0, size=70)
+    with pytest.raises(BusError) as caught:
+        registry.route(two, "1", "echo.say", 10, 0, size=70)
+    assert caught.value.details == {"limit": 100, "bytes_in_flight": 70, "size": 70}
+    registry.drop_peer(one.key, "gone")  # its connection's request is released with it
+    assert registry.caps.held == {}
+    registry.route(two, "1", "echo.say", 10, 0, size=100)
+    assert first.token not in registry.in_flight
 
 
 def test_an_agent_containers_connections_share_one_cap():

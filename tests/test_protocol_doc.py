@@ -104,6 +104,7 @@ def test_the_fairness_limits_are_the_config_defaults():
     expected = {
         "`limits.agent_in_flight`": f"{limits.agent_in_flight:,}",
         "`limits.host_in_flight`": f"{limits.host_in_flight:,}",
+        "`limits.agent_bytes_in_flight`": size(int(limits.agent_bytes_in_flight)),
         "`limits.queued_per_caller`": f"{limits.queued_per_caller:,}",
         "`limits.agent_running_per_caller`": f"{limits.agent_running_per_caller:,}",
         "`limits.agent_events_per_second`, `limits.agent_event_burst`": (
