@@ -93,13 +93,14 @@ def test_sub_paths_of_an_allowed_prefix_pass():
     assert table().target(who(), "POST", "/llm/v1/messages/batches", "").path == "/v1/messages/batches"
 
 
-@pytest.mark.parametrize("path", ["/a/b", "/a/b/", "/a/b.c", "/a/%41", "/a/b;c=d"])
+@pytest.mark.parametrize("path", ["/a/b", "/a/b/", "/a/b.c", "/a/b;c=d"])
 def test_ordinary_paths_have_no_problem(path):
     assert path_problem(path) == ""
 
 
 @pytest.mark.parametrize(
-    "path", ["a/b", "/a//b", "/a/./b", "/a/..", "/a/%2f", "/a/%5C", "/a/%zz", "/a b", "/a/%00"]
+    "path",
+    ["a/b", "/a//b", "/a/./b", "/a/..", "/a/%2f", "/a/%5C", "/a/%zz", "/a b", "/a/\x00", "/a/b\\c", "/a/%41"],
 )
 def test_ambiguous_paths_have_a_problem(path):
     assert path_problem(path) != ""

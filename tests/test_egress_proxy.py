@@ -7,6 +7,7 @@ lookup runs from a real agent container in tests/test_egress_container.py.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -129,6 +130,33 @@ def test_each_refusal_has_a_clear_body_and_nothing_reaches_the_upstream(
         assert reply.status_code in (403, 404, 405) and refused_as(reply) == refused
         assert egress.upstream.requests == []
         assert [r.refused for r in audit_records(egress)] == [refused]
+
+
+def raw_post(socket_path: str, target: str) -> tuple[int, bytes]:
+    """A POST whose request target goes out byte for byte (an HTTP client may normalize its escapes)."""
+    body = b"{}"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(socket_path)
+        sock.sendall(
+            f"POST {target} HTTP/1.1\r\nHost: egress\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, content = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), content
+
+
+def test_a_double_encoded_character_does_not_take_a_call_past_the_deny_paths(tmp_path):
+    # The route allows /v1/messages and below. The server decodes %2561 to %61, which the upstream
+    # client would send as `a`: the upstream would read the denied /v1/messages/batches.
+    with running_egress(tmp_path, deny_paths=["/v1/messages/batches"]) as egress:
+        status, content = raw_post(egress.socket_path, "/anthropic/v1/messages/b%2561tches")
+        assert (status, msgspec.json.decode(content)["error"]["refused"]) == (400, "path")
+        assert egress.upstream.requests == []
 
 
 def test_a_connection_without_an_identity_is_refused_and_so_is_one_whose_identity_was_revoked(tmp_path):

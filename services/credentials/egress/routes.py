@@ -1,9 +1,10 @@
 """Which route a proxied call takes, and whether its caller may take it (pure).
 
 An agent calls `http://egress/<route>/<path>`; the route's upstream base URL replaces
-`/<route>`. The path is checked before anything else: percent-encoded '/', '\\' or '.', empty,
-'.' and '..' segments are refused, so a prefix check on the raw path means the same thing the
-upstream will read. Prefixes match whole segments (`/v1/messages` allows `/v1/messages/batches`,
+`/<route>`. The path is checked as the server decoded it, before anything else: a '%' left in it
+(a double-encoded character, which the client sending it upstream would decode once more), '\\',
+empty, '.' and '..' segments are refused, so a prefix check means the same thing the upstream will
+read. Prefixes match whole segments (`/v1/messages` allows `/v1/messages/batches`,
 not `/v1/messagesx`); the key-management denylist (`egress.deny_paths`) is matched without regard
 to case and wins over a route's own prefixes.
 """
@@ -19,10 +20,9 @@ from baaaht.schemas.config import EgressConfig, EgressRoute
 
 from .refusals import Refused
 
-# RFC 3986 pchar plus '/': unreserved, sub-delims, ':', '@' and %XX escapes.
-_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+# RFC 3986 pchar plus '/', decoded: unreserved, sub-delims, ':' and '@'.
+_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 _QUERY_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
-_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|%(?:2[fFeE]|5[cC]|00)")
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,13 @@ def _open_to(route: EgressRoute, identity: AgentIdentity) -> bool:
 
 
 def path_problem(path: str) -> str:
-    """Why a request path cannot be matched safely, or ""."""
+    """Why a request path, as the server decoded it, cannot be matched safely, or ""."""
     if not path.startswith("/"):
         return "the path must start with '/'"
+    if "%" in path:  # `%2561` decodes to `%61`, which the upstream client sends as `a`
+        return "the path holds a double-encoded character (a '%' once decoded)"
     if not _PATH_CHARS.fullmatch(path):
         return "the path holds characters that are not allowed in a URL path"
-    if _ESCAPE.search(path):
-        return "the path holds an encoded '/', '\\', '.' or NUL, or a broken %-escape"
     segments = path[1:].split("/")
     if any(segment in ("", ".", "..") for segment in segments[:-1]) or segments[-1] in (".", ".."):
         return "the path holds an empty, '.' or '..' segment"
