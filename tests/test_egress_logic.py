@@ -341,9 +341,23 @@ def test_an_overlong_line_or_body_is_skipped_and_reading_goes_on_after_it(monkey
     reader.feed(b'data: {"usage": {"output_tokens": 99}, "pad": "' + b"x" * 100)
     reader.feed(b'"}\ndata: {"usage": {"output_tokens": 4}}\n')
     assert reader.usage() == Usage(0, 4)
-    body = UsageReader("application/json")
-    body.feed(b'{"usage": {"output_tokens": 5}, "pad": "' + b"x" * 100 + b'"}')
-    assert body.usage() == Usage(0, 0)
+
+
+def test_the_usage_at_the_end_of_a_json_body_over_the_cap_is_read_from_that_end(monkeypatch):
+    from baaaht.services.credentials.egress import usage as usage_module
+
+    monkeypatch.setattr(usage_module, "MAX_KEPT", 64)
+    monkeypatch.setattr(usage_module, "TAIL_KEPT", 80)
+    quoted = b'\\"usage\\": {\\"output_tokens\\": 1}'  # a model's answer quoting a usage key
+    answer = b'{"text": "' + quoted + b"x" * 200 + b'", "usage": {"output_tokens": 5, "d": {"c": 1}}, "z": 1}'
+    for size in (1, 7, len(answer)):
+        reader = UsageReader("application/json")
+        for start in range(0, len(answer), size):
+            reader.feed(answer[start : start + size])
+        assert reader.usage() == Usage(0, 5), size
+    only_at_the_start = UsageReader("application/json")  # past the end kept: not read
+    only_at_the_start.feed(b'{"usage": {"output_tokens": 5}, "pad": "' + b"x" * 100 + b'"}')
+    assert only_at_the_start.usage() == Usage(0, 0)
 
 
 @pytest.mark.parametrize(

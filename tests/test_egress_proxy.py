@@ -226,6 +226,18 @@ def test_budgets_refuse_429_naming_the_budget(tmp_path):
         assert egress.server.usage(CredentialUsage(session_id="s9")).sessions == []
 
 
+def test_the_tokens_of_a_json_answer_too_big_to_keep_whole_count_against_the_budget(tmp_path):
+    # Over usage.MAX_KEPT (4 MiB; an agent asks for logprobs or many choices): its usage, the last key,
+    # was never read, and the session's calls passed egress.session_tokens without end.
+    with running_egress(tmp_path, session_tokens=30) as egress, egress.client(timeout=30) as client:
+        egress.upstream.reply = "word " * (1024 * 1024)
+        assert client.post("/anthropic/v1/messages", json=MESSAGE).status_code == 200
+        (usage,) = egress.server.usage(CredentialUsage()).sessions
+        assert usage.output_tokens > 1_000_000
+        reply = client.post("/anthropic/v1/messages", json=MESSAGE)
+        assert reply.status_code == 429 and "token budget" in reply.json()["error"]["message"]
+
+
 def saved_usage(path) -> list:
     """The totals on disk, read by another connection (as the next process would)."""
     store = UsageStore(path)

@@ -5,16 +5,22 @@ Anthropic Messages report `usage` in the JSON body, or in a stream in `message_s
 so far); OpenAI chat completions report `usage` in the body, or in a stream's last chunk when the
 request asked for it (`stream_options.include_usage`, which the proxy adds on `usage: openai`
 routes); the Responses API in `response.usage`. Counts in a stream are cumulative, so each field
-keeps the largest value seen. Only a bounded prefix of a JSON body and bounded SSE lines are kept.
+keeps the largest value seen. Only bounded SSE lines are kept, and a JSON body whole up to a bound;
+past it only its end, where `usage` is (the last key of either API's answer): an agent asking for a
+huge answer (OpenAI's logprobs, n choices) must not make its tokens uncounted.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import msgspec
 
 MAX_KEPT = 4 * 1024 * 1024  # bytes of a JSON body, or of one SSE line, kept for reading usage
+TAIL_KEPT = 64 * 1024  # bytes of the end of a JSON body over MAX_KEPT, kept for its usage
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
+_BRACES = {ord("{"): 1, ord("}"): -1}
 _INPUT_FIELDS = ("input_tokens", "prompt_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 _OUTPUT_FIELDS = ("output_tokens", "completion_tokens")
 _decode = msgspec.json.decode
@@ -61,7 +67,7 @@ class UsageReader:
 
     def feed(self, chunk: bytes) -> None:
         if not self.streamed:
-            self._keep(chunk)
+            self._keep_json(chunk)
             return
         first = chunk.find(b"\n")
         if first < 0:
@@ -75,6 +81,13 @@ class UsageReader:
             for line in chunk[first + 1 : last].split(b"\n"):
                 self._line(line)
         self._keep(chunk[last + 1 :])
+
+    def _keep_json(self, chunk: bytes) -> None:
+        """The body whole while it fits MAX_KEPT; past it, its last TAIL_KEPT bytes."""
+        self._kept += chunk
+        if len(self._kept) > MAX_KEPT or (self._too_long and len(self._kept) > 2 * TAIL_KEPT):
+            self._too_long = True
+            del self._kept[:-TAIL_KEPT]
 
     def _keep(self, part: bytes) -> None:
         if self._too_long:
@@ -101,20 +114,49 @@ class UsageReader:
         except msgspec.DecodeError:
             return
         for usage in _usage_objects(document):
-            for name, value in usage.items():
-                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    self._largest[name] = max(self._largest.get(name, 0), value)
+            self._count(usage)
+
+    def _take_trailing(self, tail: bytes) -> None:
+        usage = trailing_usage(tail)
+        if usage is not None:
+            self._count(usage)
+
+    def _count(self, usage: dict) -> None:
+        for name, value in usage.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                self._largest[name] = max(self._largest.get(name, 0), value)
 
     def usage(self) -> Usage:
         if self.streamed:
             self._end_line()
         elif not self._too_long:
             self._take(bytes(self._kept))
+        else:
+            self._take_trailing(bytes(self._kept))
         self._kept.clear()
         return Usage(
             input_tokens=sum(self._largest.get(name, 0) for name in _INPUT_FIELDS),
             output_tokens=sum(self._largest.get(name, 0) for name in _OUTPUT_FIELDS),
         )
+
+
+def trailing_usage(tail: bytes) -> dict | None:
+    """The last `"usage": {...}` object in the end of a JSON body, or None. That key never occurs inside
+    a string (a quote there is escaped), and the object holds only numbers and objects: its braces match."""
+    key = tail.rfind(b'"usage"')
+    found = _USAGE_KEY.match(tail, key) if key >= 0 else None
+    if found is None or tail[found.end() : found.end() + 1] != b"{":
+        return None
+    start, depth = found.end(), 0
+    for end in range(start, len(tail)):
+        depth += _BRACES.get(tail[end], 0)
+        if depth == 0:
+            try:
+                usage = _decode(tail[start : end + 1])
+            except msgspec.DecodeError:
+                return None
+            return usage if isinstance(usage, dict) else None
+    return None
 
 
 def with_usage_requested(body: bytes) -> bytes:
