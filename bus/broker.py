@@ -197,6 +197,9 @@ class Broker:
             os.chown(directory, -1, gid)
         self._take_lock(run_dir)
         self.services = self._router()
+        # The agents' socket has the same frame limit: limits.agent_bytes_in_flight bounds what an agent's
+        # big requests cost the services, and a smaller frame limit would not bound the bytes a hostile agent
+        # makes the broker read (refused or not), only each message's share of them.
         self.agents = self._router()
         self.pub = self.context.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
