@@ -6,6 +6,7 @@ lookup runs from a real agent container in tests/test_egress_container.py.
 
 from __future__ import annotations
 
+import array
 import shutil
 import socket
 import subprocess
@@ -170,6 +171,46 @@ def test_a_connection_without_an_identity_is_refused_and_so_is_one_whose_identit
         with egress.client() as client:
             assert refused_as(client.post("/anthropic/v1/messages", json=MESSAGE)) == "identity"
         assert len(egress.upstream.requests) == 1
+
+
+CONNECT_AND_HAND_OVER = """
+import array, socket, sys
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(sys.argv[1])
+back = socket.socket(fileno=int(sys.argv[2]))
+back.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))])
+"""
+
+
+def connection_of_a_process_that_exited(socket_path: str) -> socket.socket:
+    """A connection to `socket_path` made by a child process, handed over to this one; the child is gone."""
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        child = subprocess.run(
+            [sys.executable, "-c", CONNECT_AND_HAND_OVER, socket_path, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            timeout=30,
+        )
+        assert child.returncode == 0
+        fds = array.array("i")
+        _, ancillary, _, _ = mine.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
+        fds.frombytes(ancillary[0][2][: fds.itemsize])
+    return socket.socket(fileno=fds[0])
+
+
+def test_a_connection_whose_process_exited_is_not_taken_for_whoever_has_its_pid_now(tmp_path):
+    # Its pid may be another container's process by now (pid_max can be 32768): the calls on it would be
+    # that container's, its session's routes and budget.
+    with running_egress(tmp_path) as egress:
+        egress.callers.container_of = lambda pid: CONTAINER  # every pid: a process of that container now
+        with connection_of_a_process_that_exited(egress.socket_path) as conn:
+            conn.settimeout(10)
+            conn.sendall(b"GET /anthropic/v1/models HTTP/1.1\r\nHost: egress\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.split()[1] == b"403" and b'"identity"' in answer
+        assert egress.upstream.requests == []
 
 
 def test_the_container_is_looked_up_once_per_connection_not_per_call(tmp_path):

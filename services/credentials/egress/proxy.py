@@ -25,7 +25,7 @@ from baaaht.schemas.config import EgressConfig
 from baaaht.services.credentials.source import SecretError, SecretExpired, SecretSource
 
 from .budgets import Budgets
-from .callers import Callers, peer_pid
+from .callers import Callers, container_of_peer
 from .headers import agent_headers, injected, upstream_headers
 from .journal import Call, Journal
 from .refusals import Refused
@@ -154,7 +154,7 @@ class EgressProxy:
             return ""
         if transport not in self._containers:
             sock = transport.get_extra_info("socket")
-            self._containers[transport] = self.callers.container_of(peer_pid(sock)) if sock else None
+            self._containers[transport] = container_of_peer(self.callers, sock) if sock else None
         return self._containers[transport] or ""
 
     async def _body(self, request: web.Request) -> bytes:
