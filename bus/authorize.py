@@ -60,6 +60,11 @@ DOMAINS: dict[str, tuple[str, ...]] = {
     "task": ("task.*", "schedule.*"),
 }
 
+# Event tags whose bodies an agent wrote though a service publishes them (a worker's task output, which the
+# scheduler passes on as it comes): kept in the agents' share of the event history, so that no agent can
+# evict the host's history through a service (bus/registry.py EventLog).
+AGENT_WRITTEN: frozenset[str] = frozenset({"task.progress"})
+
 # What every agent role may call: its own session's conversation (the session service checks the
 # session against the stamped Caller) and the broker's ping and replay (filtered to what it may receive).
 _SESSION_CALLS: Rules = (
@@ -171,6 +176,11 @@ def publish_topic(role: str, session: str, topic: str, service: str = "") -> tup
     if topic_session and topic_session != session:
         return topic, Denial(f"{role} peers publish only in their own session, not {topic_session!r}")
     return f"{tag}{SESSION_SEPARATOR}{session}", None
+
+
+def kept_as_agents(topic: str, from_agent: bool) -> bool:
+    """Whether an event published on `topic` is kept in the agents' share of the event history."""
+    return from_agent or split_topic(topic)[0] in AGENT_WRITTEN
 
 
 def may_receive(role: str, session: str, topic: str) -> bool:

@@ -32,7 +32,16 @@ from zmq.utils.monitor import parse_monitor_message
 from baaaht.bus import authorize as auth
 from baaaht.bus import curve, wire
 from baaaht.bus.auth_failures import AuthFailures
-from baaaht.bus.authorize import ANSWER, CALL, REGISTER, SERVICE, authorize, may_receive, publish_topic
+from baaaht.bus.authorize import (
+    ANSWER,
+    CALL,
+    REGISTER,
+    SERVICE,
+    authorize,
+    kept_as_agents,
+    may_receive,
+    publish_topic,
+)
 from baaaht.bus.bad_input import BadInput
 from baaaht.bus.connections import UNKNOWN, Connection, Connections, agent_role, host_role
 from baaaht.bus.errors import BusError, validation_error
@@ -541,12 +550,15 @@ class Broker:
         else:
             source = caller.service or f"{peer.socket}:{caller.peer}"
         wall = now + self._clock_offset
-        judged: tuple[bytes, str, auth.Denial | None] = (b"", "", None)  # a batch's topics mostly repeat
+        # a batch's topics mostly repeat: each is judged once
+        judged: tuple[bytes, str, auth.Denial | None, bool] = (b"", "", None, from_agent)
         for topic_bytes, body in events:
             if topic_bytes != judged[0]:
-                topic = topic_bytes.decode(errors="replace")
-                judged = (topic_bytes, *publish_topic(role, caller.session, topic, caller.service))
-            _, topic, denial = judged
+                topic, denial = publish_topic(
+                    role, caller.session, topic_bytes.decode(errors="replace"), caller.service
+                )
+                judged = (topic_bytes, topic, denial, kept_as_agents(topic, from_agent))
+            _, topic, denial, agents_share = judged
             if denial is not None:
                 self._refuse(peer, "", denial)
                 continue
@@ -560,7 +572,7 @@ class Broker:
                     self._reply_error(peer.key, "", BusError(ErrorCode.RESOURCE_EXHAUSTED, refusal))
                     continue
             try:
-                self._publish(topic, source, body, wall, from_agent)
+                self._publish(topic, source, body, wall, agents_share)
             except BusError as exc:  # not one msgpack value: never kept, never republished
                 self._malformed(peer.key, "event_body", exc.message, now, exc.details)
 

@@ -12,9 +12,9 @@ import msgspec
 import pytest
 
 from baaaht.bus.aio import AsyncBusClient
-from baaaht.bus.testing import error_of, next_event, run_async
+from baaaht.bus.testing import error_of, next_event, run_async, wait_for
 from baaaht.bus.worker import Worker
-from baaaht.schemas.bus import BusPing
+from baaaht.schemas.bus import BusEventsReplay, BusPing
 from baaaht.schemas.errors import ErrorCode
 from baaaht.schemas.tasks import (
     TaskAssignment,
@@ -112,6 +112,32 @@ def test_a_worker_of_one_session_cannot_report_progress_on_anothers_task(schedul
     not_yours = error_of(lambda: list(worker_a.stream(TaskWait(id=task.id), timeout=5.0)))
     assert not_yours.code is ErrorCode.PERMISSION_DENIED  # a worker may not wait on tasks at all
     work.close()
+
+
+def test_a_workers_progress_does_not_evict_the_hosts_event_history(scheduler):
+    """The scheduler publishes a worker's output: kept as the host's, 5 calls of 64 x 200 KiB evicted the
+    host's whole history (64 MiB: every session's and service's events)."""
+    host, operator = scheduler.host, scheduler.client
+    scheduler.submit("q", "other", session_id="sess-other")  # a host event of another session
+    host.identify("sess-a", role="worker")
+    worker = host.agent_client(timeout=30.0)
+    task = scheduler.submit("tools", "exec", session_id="sess-a")
+    work = worker.stream(TaskWork(worker_id="w", queues=["tools"]), timeout=60.0)
+    lease = next(leases_of(work))
+    assert lease.task_id == task.id
+    chunk, calls = b"x" * (200 * 1024), 6  # 6 x 12.8 MiB: past the host's 64 MiB history
+    before = operator.call(BusEventsReplay(limit=0)).last_seq
+    for call in range(calls):
+        chunks = [chunk] * 64
+        worker.call(TaskProgress(task_id=task.id, lease_id=lease.lease_id, seq=1 + 64 * call, chunks=chunks))
+    wait_for(
+        lambda: operator.call(BusEventsReplay(limit=0)).last_seq >= before + calls * 64,
+        timeout=30.0,
+        what="the progress events published",
+    )
+    work.close()
+    kept = operator.call(BusEventsReplay(since=0, topics=["task.queued/sess-other"], limit=10)).events
+    assert [e.topic for e in kept] == ["task.queued/sess-other"]
 
 
 async def work_until_finished(worker: Worker, scheduler, task_ids: list[str]) -> None:
