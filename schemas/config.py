@@ -168,9 +168,20 @@ class SchedulerConfig(Section, kw_only=True):
 
 EGRESS_INJECTIONS = ("bearer", "x-api-key", "header", "basic")
 # Paths that mint or manage keys, users or organisations at Anthropic (/v1/organizations/...: admin API
-# keys, workspaces, invites) and OpenAI (/v1/organization/...: admin keys, projects' api_keys, users):
-# an agent holding a route to the API never reaches them, whatever the route's own prefixes say.
-DEFAULT_EGRESS_DENY_PATHS = ["/v1/organizations", "/v1/organization", "/v1/api_keys", "/v1/admin"]
+# keys, workspaces, invites) and OpenAI (/v1/organization/...: admin keys, projects' api_keys, users),
+# and work billed to the key whose tokens no answer reports, so that egress.session_tokens cannot count
+# them: message batches (Anthropic /v1/messages/batches, OpenAI /v1/batches: one call starts up to 100k
+# model calls) and OpenAI's fine-tuning jobs. An agent holding a route to the API never reaches them,
+# whatever the route's own prefixes say.
+DEFAULT_EGRESS_DENY_PATHS = [
+    "/v1/organizations",
+    "/v1/organization",
+    "/v1/api_keys",
+    "/v1/admin",
+    "/v1/messages/batches",
+    "/v1/batches",
+    "/v1/fine_tuning",
+]
 
 
 class EgressRoute(Section, kw_only=True):
@@ -228,7 +239,7 @@ class EgressConfig(Section, kw_only=True):
     ca_file: str = ""  # extra CA bundle trusted for upstreams (tests: the fake upstream's CA)
     deny_paths: list[str] = msgspec.field(
         default_factory=lambda: list(DEFAULT_EGRESS_DENY_PATHS)
-    )  # refused on every route (key management)
+    )  # refused on every route (key management; batches and fine-tuning, which no budget counts)
     max_request_size: Size = Size(32 * 1024 * 1024)
     max_response_size: Size = Size(256 * 1024 * 1024)
     upstream_timeout: Duration = Duration(600.0)  # a whole upstream call, streamed or not

@@ -90,7 +90,26 @@ def test_an_unknown_route_names_only_the_routes_open_to_the_caller():
 
 
 def test_sub_paths_of_an_allowed_prefix_pass():
-    assert table().target(who(), "POST", "/llm/v1/messages/batches", "").path == "/v1/messages/batches"
+    assert (
+        table().target(who(), "POST", "/llm/v1/messages/count_tokens", "").path == "/v1/messages/count_tokens"
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/llm/v1/messages/batches",
+        "/llm/v1/Messages/Batches/b1/results",
+        "/llm/v1/batches",
+        "/llm/v1/fine_tuning/jobs",
+    ],
+)
+def test_work_no_token_budget_can_count_is_refused_though_a_route_allows_its_prefix(path):
+    """A message batch or a fine-tuning job bills the key for tokens that no answer reports: one call of
+    a session's budget would start up to 100k model calls that egress.session_tokens never sees."""
+    routes = table(route(paths=["/v1"]))
+    found = refusal(lambda: routes.target(who(), "POST", path, ""))
+    assert (found.refused, found.status) == ("path", 403)
 
 
 @pytest.mark.parametrize("path", ["/a/b", "/a/b/", "/a/b.c", "/a/b;c=d"])

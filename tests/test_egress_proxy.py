@@ -117,6 +117,7 @@ def test_calls_are_audited_in_a_verifiable_chain_and_published_without_any_secre
         ("DELETE", "/anthropic/v1/messages", "agent", None, "method"),
         ("POST", "/anthropic/v1/complete", "agent", MESSAGE, "path"),
         ("POST", "/anthropic/v1/organizations/api_keys", "agent", MESSAGE, "path"),
+        ("POST", "/anthropic/v1/messages/batches", "agent", {"requests": [{"custom_id": "1"}]}, "path"),
         ("POST", "/other-session/v1/messages", "agent", MESSAGE, "session"),
         ("POST", "/workers/v1/messages", "agent", MESSAGE, "role"),
         ("POST", "/anthropic/v1/messages", "worker", MESSAGE, "role"),
