@@ -97,6 +97,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
             ("agent_event_burst", "event"),
             ("agent_event_history", "event"),
             ("session_messages_per_minute", "message"),
+            ("session_cancels_per_minute", "cancel"),
         )
     },
     "limits.agent_events_per_second": (_is_positive, "is out of range (expected a rate above zero)"),

@@ -7,6 +7,7 @@ service calls it under its own lock.
 
 Kinds and their limits (the `limits` config section):
 - `messages`: session messages an agent adds (session service, `limits.session_messages_per_minute`).
+- `cancels`: turn cancels an agent asks for (session service, `limits.session_cancels_per_minute`).
 - The scheduler charges the tasks an agent submits, and the tool-call path each tool call, the
   same way: a kind of their own with a `limits.session_<kind>_per_minute` key added beside these.
 Callers charge only what an agent causes: the operator and host services are not limited here.
@@ -34,7 +35,10 @@ class SessionQuotas:
     @classmethod
     def for_limits(cls, limits: LimitsConfig) -> "SessionQuotas":
         return cls(
-            {"messages": Quota(limits.session_messages_per_minute, "limits.session_messages_per_minute")}
+            {
+                "messages": Quota(limits.session_messages_per_minute, "limits.session_messages_per_minute"),
+                "cancels": Quota(limits.session_cancels_per_minute, "limits.session_cancels_per_minute"),
+            }
         )
 
     def refusal(self, session_id: str, kind: str, now: float, amount: int = 1) -> str | None:

@@ -133,6 +133,7 @@ class LimitsConfig(Section, kw_only=True):
     agent_event_history_bytes: Size = Size(16 * 1024 * 1024)
     # What the agents of one session may cause, per minute (baaaht.common.session_quotas).
     session_messages_per_minute: int = 600
+    session_cancels_per_minute: int = 60  # each publishes an event: a loop of them must not evict the history
 
 
 class CredentialsConfig(Section, kw_only=True):

@@ -370,6 +370,8 @@ class SessionService(Service):
         validation.text("reason", req.reason, validation.MAX_DESCRIPTION, prose=True)
         session = self._existing(req.session_id)
         require_live(session, "cancel the turn of")
+        if not is_host(ctx.caller):  # each is an event and a log line: an agent's loop of them is bounded
+            self._charge(req.session_id, "cancels")
         requested_by = name_of(ctx.caller)
         self.events.publish(
             SessionCancelled(session_id=session.id, requested_by=requested_by, reason=req.reason)
