@@ -14,7 +14,9 @@ Submits are measured two ways, each row saying which: one task per task.submit c
 for throughput.
 
 Targets (issue 12): enqueue-to-start p50 under 2 ms; at least 2x Huey's throughput and a lower latency.
-Prints a table, the load around the run, and writes bench/results/scheduler.json.
+Prints a table, the load around the run, and writes bench/results/scheduler.json. BENCH_FSYNC_DELAY_US=N
+runs it as on a disk whose flush takes N us more (bench/slow_disk.py; make bench-slow-disk), into
+bench/results/scheduler-fsync-Nus.json.
 """
 
 from __future__ import annotations

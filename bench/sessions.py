@@ -9,7 +9,8 @@ processes. In the same run, the same disk's raw SQLite commit rate (one row per 
 synchronous=FULL and NORMAL is measured in process: 16 writers should acknowledge at least as many
 messages per second as raw FULL commits, since a group commit pays one fsync for many messages.
 Prints a table, the load average around the run (the machine is shared: compare within one run),
-and writes bench/results/sessions.json.
+and writes bench/results/sessions.json. BENCH_FSYNC_DELAY_US=N runs it as on a disk whose flush takes N us
+more (bench/slow_disk.py; make bench-slow-disk), into bench/results/sessions-fsync-Nus.json.
 """
 
 from __future__ import annotations
