@@ -8,8 +8,8 @@ service calls it under its own lock.
 Kinds and their limits (the `limits` config section):
 - `messages`: session messages an agent adds (session service, `limits.session_messages_per_minute`).
 - `cancels`: turn cancels an agent asks for (session service, `limits.session_cancels_per_minute`).
-- The scheduler charges the tasks an agent submits, and the tool-call path each tool call, the
-  same way: a kind of their own with a `limits.session_<kind>_per_minute` key added beside these.
+- `tasks`: tasks an agent submits (scheduler, `limits.session_tasks_per_minute`): cancelled at once they
+  never reach scheduler.session_max_unfinished, yet each is a row kept for scheduler.task_retention.
 Callers charge only what an agent causes: the operator and host services are not limited here.
 """
 
@@ -38,6 +38,7 @@ class SessionQuotas:
             {
                 "messages": Quota(limits.session_messages_per_minute, "limits.session_messages_per_minute"),
                 "cancels": Quota(limits.session_cancels_per_minute, "limits.session_cancels_per_minute"),
+                "tasks": Quota(limits.session_tasks_per_minute, "limits.session_tasks_per_minute"),
             }
         )
 

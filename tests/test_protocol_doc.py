@@ -119,6 +119,7 @@ def test_the_fairness_limits_are_the_config_defaults():
         ),
         "`limits.session_messages_per_minute`": f"{limits.session_messages_per_minute:,}",
         "`limits.session_cancels_per_minute`": f"{limits.session_cancels_per_minute:,}",
+        "`limits.session_tasks_per_minute`": f"{limits.session_tasks_per_minute:,}",
     }
     rows = {row[1]: row[2] for row in section("limits") if row[1].startswith("`limits.")}
     assert rows == expected

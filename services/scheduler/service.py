@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
+import time
 from typing import Any, Iterator
 
 from baaaht.bus.background import Stopping, background
+from baaaht.bus.callers import is_host
 from baaaht.bus.client import BusClient
-from baaaht.bus.errors import BusError, invalid, not_found
+from baaaht.bus.errors import BusError, exhausted, invalid, not_found
 from baaaht.bus.peers import Peer
 from baaaht.bus.service import CallContext, Deferred, Publisher, Service, on_event, rpc
+from baaaht.common.session_quotas import SessionQuotas
 from baaaht.schemas.base import Empty
 from baaaht.schemas.config import Config
 from baaaht.schemas.errors import ErrorCode
@@ -72,6 +76,7 @@ WORK_STREAMS = 64
 WAIT_STREAMS = 32
 STREAM_CHECK = 0.5  # seconds between looks at whether a stream's caller left (items go out at once)
 KEY_SWEEP = 600.0  # seconds between purges of idempotency keys past their retention
+QUOTA_SWEEP = 60.0  # seconds between purges of the sessions' task quotas that are full again
 
 
 class SchedulerService(Service):
@@ -85,6 +90,8 @@ class SchedulerService(Service):
         self.sessions = sessions
         self._sessions_at_start: set[str] = set()
         self.streams = StreamSlots(MAX_STREAMS, SESSION_STREAMS, {"work": WORK_STREAMS, "wait": WAIT_STREAMS})
+        self.quotas = SessionQuotas.for_limits(config.limits)  # what agents may cause, per session
+        self._quotas_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "SchedulerService":
@@ -115,6 +122,11 @@ class SchedulerService(Service):
     def forget_old_keys(self) -> None:
         self.engine.tell(lambda core, now: core.forget_keys(now))
 
+    @background(every=QUOTA_SWEEP)
+    def forget_full_quotas(self) -> None:
+        with self._quotas_lock:
+            self.quotas.prune(time.monotonic())
+
     @background(every=lambda self: float(self.config.prune_interval))
     def prune_finished(self) -> None:
         self.engine.tell(lambda core, now: core.prune(now))
@@ -126,6 +138,7 @@ class SchedulerService(Service):
         if not req.more:
             session_id = session_for(ctx.caller, req.session_id, "submit")
             check_submit_queue(ctx.caller, req.queue)
+            self._charge_tasks(ctx, session_id, 1)
 
             def apply(core, now):
                 task, duplicate = core.submit(req, session_id, now)
@@ -140,6 +153,7 @@ class SchedulerService(Service):
                     raise invalid("a task in a task.submit's more has a more of its own", field="more")
                 session_ids.append(session_for(ctx.caller, item.session_id, "submit"))
                 check_submit_queue(ctx.caller, item.queue)
+        self._charge_tasks(ctx, session_ids[0], len(items))  # an agent's are all its own session's
 
         def apply_batch(core, now):
             first, *rest = [
@@ -150,6 +164,15 @@ class SchedulerService(Service):
             return first
 
         return self.engine.defer(apply_batch)
+
+    def _charge_tasks(self, ctx: CallContext, session_id: str, count: int) -> None:
+        """Count an agent's submitted tasks against its session's quota (host callers have none)."""
+        if is_host(ctx.caller):
+            return
+        with self._quotas_lock:
+            refusal = self.quotas.refusal(session_id, "tasks", time.monotonic(), count)
+        if refusal is not None:
+            raise exhausted(refusal, session_id=session_id, kind="tasks")
 
     @rpc
     def get(self, req: TaskGet, ctx: CallContext) -> TaskInfo:
