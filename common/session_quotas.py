@@ -8,8 +8,10 @@ service calls it under its own lock.
 Kinds and their limits (the `limits` config section):
 - `messages`: session messages an agent adds (session service, `limits.session_messages_per_minute`).
 - `cancels`: turn cancels an agent asks for (session service, `limits.session_cancels_per_minute`).
-- `tasks`: tasks an agent submits (scheduler, `limits.session_tasks_per_minute`): cancelled at once they
-  never reach scheduler.session_max_unfinished, yet each is a row kept for scheduler.task_retention.
+- `tasks`: tasks an agent submits, each counted as the attempts its retry policy allows (scheduler,
+  `limits.session_tasks_per_minute`): cancelled at once they never reach
+  scheduler.session_max_unfinished, yet each is a row kept for scheduler.task_retention; failed at once
+  by the session's worker, each attempt is events and a rewrite of its row.
 Callers charge only what an agent causes: the operator and host services are not limited here.
 """
 
@@ -45,6 +47,8 @@ class SessionQuotas:
     def refusal(self, session_id: str, kind: str, now: float, amount: int = 1) -> str | None:
         """None when the session may cause `amount` more of `kind` now (and it is counted), else why not."""
         quota = self.quotas[kind]
+        if amount > quota.per_minute:
+            return f"{amount} {kind} at once are more than {quota.key} ({quota.per_minute} a minute) allows"
         bucket = self.buckets.get((session_id, kind))
         if bucket is None:
             bucket = self.buckets[(session_id, kind)] = TokenBucket(quota.per_minute / 60.0, quota.per_minute)

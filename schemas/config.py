@@ -134,7 +134,8 @@ class LimitsConfig(Section, kw_only=True):
     # What the agents of one session may cause, per minute (baaaht.common.session_quotas).
     session_messages_per_minute: int = 600
     session_cancels_per_minute: int = 60  # each publishes an event: a loop of them must not evict the history
-    session_tasks_per_minute: int = 600  # tasks an assistant submits (each a row kept task_retention)
+    # Attempts the tasks an assistant submits may run (each task counts its retry.maximum_attempts)
+    session_tasks_per_minute: int = 600
 
 
 class CredentialsConfig(Section, kw_only=True):

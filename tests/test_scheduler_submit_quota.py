@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 
 from baaaht.bus.errors import BusError
+from baaaht.bus.testing import error_of
 from baaaht.schemas.errors import ErrorCode
-from baaaht.schemas.tasks import TaskCancel, TaskSubmit
+from baaaht.schemas.tasks import RetryPolicy, TaskCancel, TaskSubmit
 from baaaht.schemas.tools import TOOLS_QUEUE
 from tests.scheduler_doubles import start_scheduler
 
@@ -26,7 +27,7 @@ def test_an_assistants_submits_count_against_its_sessions_quota_and_the_hosts_do
         queue=TOOLS_QUEUE, task_type="exec", more=[TaskSubmit(queue=TOOLS_QUEUE, task_type="exec")] * 99
     )
     refused = None
-    for _ in range(7):  # 700 tasks: past limits.session_tasks_per_minute (600)
+    for _ in range(7):  # 100 tasks of 5 attempts (the default retry) a batch: past the 600 a minute
         try:
             submitted = assistant.call(batch)
         except BusError as error:
@@ -39,3 +40,21 @@ def test_an_assistants_submits_count_against_its_sessions_quota_and_the_hosts_do
     assert (
         scheduler.submit("q", "t", session_id="sess-loop").session_id == "sess-loop"
     )  # the host's: no quota
+
+
+def test_an_assistants_task_counts_as_every_attempt_its_retry_policy_allows(scheduler):
+    # A worker of the same session failing each attempt at once makes it run them all at once: events,
+    # and a rewrite of its row (with every attempt before) each time.
+    scheduler.host.identify("sess-retries", role="assistant")
+    assistant = scheduler.host.agent_client(timeout=30.0)
+    many = RetryPolicy(maximum_attempts=1000, initial_interval=0.001, backoff_coefficient=1)
+    refused = error_of(lambda: assistant.call(TaskSubmit(queue=TOOLS_QUEUE, task_type="exec", retry=many)))
+    assert (
+        refused.code is ErrorCode.RESOURCE_EXHAUSTED and "limits.session_tasks_per_minute" in refused.message
+    )
+    for _ in range(2):  # 2 x 300 attempts: the session's minute
+        assistant.call(
+            TaskSubmit(queue=TOOLS_QUEUE, task_type="exec", retry=RetryPolicy(maximum_attempts=300))
+        )
+    again = error_of(lambda: assistant.call(TaskSubmit(queue=TOOLS_QUEUE, task_type="exec")))
+    assert again.code is ErrorCode.RESOURCE_EXHAUSTED and "try again in" in again.message

@@ -138,7 +138,7 @@ class SchedulerService(Service):
         if not req.more:
             session_id = session_for(ctx.caller, req.session_id, "submit")
             check_submit_queue(ctx.caller, req.queue)
-            self._charge_tasks(ctx, session_id, 1)
+            self._charge_tasks(ctx, session_id, req.retry.maximum_attempts)
 
             def apply(core, now):
                 task, duplicate = core.submit(req, session_id, now)
@@ -153,7 +153,8 @@ class SchedulerService(Service):
                     raise invalid("a task in a task.submit's more has a more of its own", field="more")
                 session_ids.append(session_for(ctx.caller, item.session_id, "submit"))
                 check_submit_queue(ctx.caller, item.queue)
-        self._charge_tasks(ctx, session_ids[0], len(items))  # an agent's are all its own session's
+        attempts = sum(item.retry.maximum_attempts for item in items)
+        self._charge_tasks(ctx, session_ids[0], attempts)  # an agent's are all its own session's
 
         def apply_batch(core, now):
             first, *rest = [
@@ -165,12 +166,14 @@ class SchedulerService(Service):
 
         return self.engine.defer(apply_batch)
 
-    def _charge_tasks(self, ctx: CallContext, session_id: str, count: int) -> None:
-        """Count an agent's submitted tasks against its session's quota (host callers have none)."""
+    def _charge_tasks(self, ctx: CallContext, session_id: str, attempts: int) -> None:
+        """Count the attempts an agent's submitted tasks may run against its session's quota (host callers
+        have none): a task failed at once by a worker of the same session retries at once, up to
+        retry.maximum_attempts (1000), each attempt events and a rewrite of its row."""
         if is_host(ctx.caller):
             return
         with self._quotas_lock:
-            refusal = self.quotas.refusal(session_id, "tasks", time.monotonic(), count)
+            refusal = self.quotas.refusal(session_id, "tasks", time.monotonic(), attempts)
         if refusal is not None:
             raise exhausted(refusal, session_id=session_id, kind="tasks")
 
