@@ -27,9 +27,11 @@ import zmq.asyncio
 from baaaht.bus import wire
 from baaaht.bus.aio_connection import LoopConnection
 from baaaht.bus.client import ClientFace, PendingCall, decoder_for, response_type_of
+from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import Reply
-from baaaht.bus.subscription import Delivery, EventOrder, sub_socket
+from baaaht.bus.subscription import REPLAY_RETRY, Delivery, EventOrder, replay_refused_for_now, sub_socket
 from baaaht.schemas.base import Event, Request, target_of, topic_for
+from baaaht.schemas.bus import BusEventsReplay, ReplayResult
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -156,12 +158,22 @@ class AsyncBusClient(ClientFace):
         try:
             while True:
                 while (replay := order.next_replay()) is not None:
-                    order.take_replay(await self.call(replay))
+                    order.take_replay(await self._replayed(replay))
                 while order.backlog:
                     yield order.backlog.popleft()
                 order.take_live(*await receive())
         finally:
             close()
+
+    async def _replayed(self, request: BusEventsReplay) -> ReplayResult:
+        """The replay, asked again after a while as long as it is refused for now (subscription.py)."""
+        while True:
+            try:
+                return await self.call(request)
+            except BusError as error:
+                if not replay_refused_for_now(error):
+                    raise
+            await asyncio.sleep(REPLAY_RETRY)
 
 
 async def _next_reply(call: PendingCall, replies: asyncio.Queue) -> Reply:

@@ -713,19 +713,26 @@ class Broker:
         if isinstance(request, BusAuthRules):
             return rules_result()
         assert isinstance(request, BusEventsReplay)  # the last of BUILTINS
-        return self._replay(peer, request)
+        return self._replay(peer, request, now)
 
-    def _replay(self, peer: Peer, request: BusEventsReplay) -> ReplayResult:
+    def _replay(self, peer: Peer, request: BusEventsReplay, now: float) -> ReplayResult:
         """Kept events; an agent's only of its own session and of tags its role may receive."""
         visible = None
-        if peer.socket == AGENTS_SOCKET:
+        from_agent = peer.socket == AGENTS_SOCKET
+        if from_agent:
             denial = self._foreign_prefixes(peer, request.topics)
             if denial is not None:
                 raise BusError(ErrorCode.PERMISSION_DENIED, denial.message)
+            refusal = self.registry.event_quotas.replay_refusal(peer, now)
+            if refusal is not None:
+                raise BusError(ErrorCode.RESOURCE_EXHAUSTED, refusal)
             role, session = peer.role, peer.caller.session
             visible = lambda topic: may_receive(role, session, topic)  # noqa: E731
         limit = min(request.limit, REPLAY_LIMIT_MAX)
         events = self.events.replay(request.since, request.topics, limit, visible)
+        if from_agent:
+            sent = sum(len(event.topic) + len(event.body) for event in events)
+            self.registry.event_quotas.charge_replay(peer, sent, now)
         return ReplayResult(
             events=events, first_seq=self.events.first_seq, last_seq=self.events.last_seq, epoch=self.epoch
         )

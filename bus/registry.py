@@ -176,11 +176,33 @@ class InFlightCaps:
 
 class EventQuotas:
     """What each agent (its container; its connection without one) may publish: a token bucket of
-    events and one of bytes. Host peers are not limited here (their topics are their own domain's)."""
+    events and one of bytes; and the bytes of events it may be sent by bus.events.replay, which the
+    broker builds on its loop (an agent replaying its session's history in a loop held every caller's
+    calls up). Host peers are not limited here (their topics are their own domain's)."""
 
     def __init__(self, limits: LimitsConfig):
         self.limits = limits
         self.buckets: dict[Hashable, tuple[TokenBucket, TokenBucket]] = {}
+        self.replays: dict[Hashable, TokenBucket] = {}
+
+    def replay_refusal(self, peer: Peer, now: float) -> str | None:
+        """None when the agent may be sent a replay now (charge_replay counts it once built), else why not."""
+        bucket = self.replays.get(quota_holder(peer))
+        if bucket is None or bucket.holds(0, now):
+            return None
+        rate = int(self.limits.agent_replay_bytes_per_second)
+        return (
+            f"bus.events.replay refused: this agent is sent more than limits.agent_replay_bytes_per_second"
+            f" ({rate} bytes of events): try again in {-bucket.tokens / rate:.1f}s"
+        )
+
+    def charge_replay(self, peer: Peer, size: int, now: float) -> None:
+        holder = quota_holder(peer)
+        bucket = self.replays.get(holder)
+        if bucket is None:
+            rate = float(self.limits.agent_replay_bytes_per_second)
+            bucket = self.replays[holder] = TokenBucket(rate, rate)
+        bucket.charge(size, now)
 
     def refusal(self, peer: Peer, size: int, now: float) -> str | None:
         """None when the agent may publish an event of `size` bytes now (and it is counted), else why not."""
@@ -218,6 +240,8 @@ class EventQuotas:
             h for h, (events, sizes) in self.buckets.items() if events.full(now) and sizes.full(now)
         ]:
             del self.buckets[holder]
+        for holder in [h for h, bucket in self.replays.items() if bucket.full(now)]:
+            del self.replays[holder]
 
 
 def check_deadline(target: str, deadline: float, now: float) -> None:

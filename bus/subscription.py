@@ -23,10 +23,15 @@ import zmq
 
 from baaaht.bus import wire
 from baaaht.bus.curve import ClientCurve
+from baaaht.bus.errors import BusError
 from baaaht.schemas.base import Event, all_subclasses
 from baaaht.schemas.bus import BusEventsReplay, ReplayResult, StampedEvent
+from baaaht.schemas.errors import ErrorCode
 
 REPLAY_PAGE = 1000
+# Seconds a catch-up waits before asking again when its replay is refused RESOURCE_EXHAUSTED: an agent
+# past limits.agent_replay_bytes_per_second is refused until its budget has refilled.
+REPLAY_RETRY = 0.5
 # "From now" is the broker's last seq when the subscription starts: the SUB socket connects
 # asynchronously, so events published before it is connected would otherwise be lost.
 NOW = BusEventsReplay(limit=0)
@@ -172,6 +177,11 @@ class EventOrder:
             self.last_seq = until - 1 if until is not None else max(since, result.last_seq)
             return None
         return since
+
+
+def replay_refused_for_now(error: BusError) -> bool:
+    """A refusal of a replay that the same replay asked again later gets past (a budget refilled)."""
+    return error.code is ErrorCode.RESOURCE_EXHAUSTED
 
 
 def _delivery_of(event: StampedEvent) -> Delivery:
@@ -331,4 +341,13 @@ class Subscription:
 
     def _catch_up(self) -> None:
         while (request := self.order.next_replay()) is not None:
-            self.order.take_replay(self.client.call(request))
+            self.order.take_replay(self._replayed(request))
+
+    def _replayed(self, request: BusEventsReplay) -> ReplayResult:
+        while True:
+            try:
+                return self.client.call(request)
+            except BusError as error:
+                if not replay_refused_for_now(error):
+                    raise
+            time.sleep(REPLAY_RETRY)

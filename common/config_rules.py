@@ -99,6 +99,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
             ("session_messages_per_minute", "message"),
             ("session_cancels_per_minute", "cancel"),
             ("session_tasks_per_minute", "task"),
+            ("agent_replay_bytes_per_second", "byte"),
         )
     },
     "limits.agent_events_per_second": (_is_positive, "is out of range (expected a rate above zero)"),

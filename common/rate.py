@@ -27,6 +27,12 @@ class TokenBucket:
         self.tokens -= amount
         return True
 
+    def charge(self, amount: float, now: float) -> None:
+        """Take `amount` tokens whatever the bucket holds: what is missing is a debt the refill pays
+        back first (for a cost known only once it is paid)."""
+        self._refill(now)
+        self.tokens -= amount
+
     def holds(self, amount: float, now: float) -> bool:
         """Whether a take of `amount` would succeed now (nothing is taken)."""
         self._refill(now)

@@ -128,6 +128,9 @@ class LimitsConfig(Section, kw_only=True):
     agent_event_burst: int = 400
     agent_event_bytes_per_second: Size = Size(4 * 1024 * 1024)
     agent_event_burst_bytes: Size = Size(8 * 1024 * 1024)  # at least bus.max_event_size
+    # Bytes of events an agent is sent by bus.events.replay, which the broker builds on its loop: one goes
+    # out while the agent has any left, then it is refused until the refill has paid it back.
+    agent_replay_bytes_per_second: Size = Size(16 * 1024 * 1024)
     # Agents' events are kept for replay in their own budget: they never evict the host's.
     agent_event_history: int = 1000
     agent_event_history_bytes: Size = Size(16 * 1024 * 1024)
