@@ -253,6 +253,10 @@ class EgressConfig(Section, kw_only=True):
     # Per session, across routes; 0 is no cap.
     session_requests: int = 0
     session_tokens: int = 0
+    # Refused calls (nothing forwarded) of one session (of one container without an identity) written
+    # and published one by one per minute; past it they are counted and summed up once a minute (0: only
+    # the summaries). Calls that reach an upstream are always recorded one by one.
+    refusals_per_minute: int = 60
 
 
 class AssistantConfig(Section, kw_only=True):

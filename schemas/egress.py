@@ -78,6 +78,22 @@ class EgressRefused(Event, tag="egress.refused", kw_only=True):
     message: str
 
 
+class EgressRefusalsSuppressed(Event, tag="egress.refusals_suppressed", kw_only=True):
+    """Refused calls of one caller and kind past `egress.refusals_per_minute`: answered as always, but
+    neither written nor published one by one; this sums them up (the fields name the last of them)."""
+
+    session_id: str = ""  # empty when the caller has no identity
+    container_id: str = ""
+    role: str = ""
+    refused: str  # what was refused; empty: the agent went away before its call was forwarded
+    count: int  # refused calls not recorded one by one since `since`
+    since: float  # Unix time the first of them arrived
+    route: str = ""
+    method: str
+    path: str
+    message: str = ""
+
+
 class EgressAuditRecord(msgspec.Struct, kw_only=True):
     """One line of the egress audit log (hash-chained like the policy's; `hash` stays last)."""
 
@@ -97,5 +113,8 @@ class EgressAuditRecord(msgspec.Struct, kw_only=True):
     input_tokens: int = 0
     output_tokens: int = 0
     duration: float = 0.0
+    # >0: a summary line for this many refused calls of this caller and kind not written one by one
+    # (past egress.refusals_per_minute); its other fields are the last one's
+    suppressed: int = 0
     prev: str = ""
     hash: str = ""

@@ -47,6 +47,7 @@ UNIT_TEST_FILES = frozenset(
         "test_credentials_service.py",
         "test_credentials_store.py",
         "test_egress_logic.py",
+        "test_egress_refusal_limit.py",
         "test_event_order.py",
         "test_fairness.py",
         "test_identity.py",

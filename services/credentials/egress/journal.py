@@ -4,6 +4,7 @@ Both are written on one worker thread, in the order calls end, off the proxy's e
 fsync per line would stall every stream in flight). The calls that end while the worker writes are
 written next as one batch: one write, one fsync and one head file for all of them, so a busy proxy
 costs the disk (and the event loop, which shares the GIL with the worker) per batch, not per call.
+Refused calls past `egress.refusals_per_minute` come as summaries instead (refusal_limit.py).
 Neither ever holds a header value, a body or a secret: names, sizes, counts and times only.
 """
 
@@ -16,10 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import msgspec
+
 from baaaht.bus.service import Publisher
 from baaaht.common.audit_chain import AuditLog
 from baaaht.common.identity import AgentIdentity
-from baaaht.schemas.egress import EgressAuditRecord, EgressProxied, EgressRefused, SessionUsage
+from baaaht.schemas.egress import (
+    EgressAuditRecord,
+    EgressProxied,
+    EgressRefusalsSuppressed,
+    EgressRefused,
+    SessionUsage,
+)
 
 from .routes import Target
 from .usage import Usage
@@ -67,18 +76,28 @@ class Call:
         )
 
 
+@dataclass
+class Suppressed:
+    """Refused calls of one caller, container and kind not recorded one by one (refusal_limit.py)."""
+
+    last: Call  # the latest of them, which the summary describes
+    count: int
+    since: float  # Unix time the first of them arrived
+
+
 class Journal:
     def __init__(self, audit: AuditLog, events: Publisher):
         self.audit = audit
         self.events = events
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="egress-journal")
         self._lock = threading.Lock()
-        self._pending: list[Call] = []  # recorded, not yet taken by the worker
+        self._pending: list[Call | Suppressed] = []  # recorded, not yet taken by the worker
 
-    def record(self, call: Call) -> None:
+    def record(self, *entries: Call | Suppressed) -> None:
         with self._lock:
-            self._pending.append(call)
-            if len(self._pending) > 1:  # a write that takes this call too is already queued
+            already_queued = bool(self._pending)  # a write that takes these too
+            self._pending.extend(entries)
+            if already_queued or not self._pending:
                 return
         self._writer.submit(self._write_pending_logging_failures)
 
@@ -94,17 +113,17 @@ class Journal:
         """Wait until every recorded call is written."""
         self._writer.shutdown(wait=True)
 
-    def _write(self, calls: list[Call]) -> None:
+    def _write(self, entries: list[Call | Suppressed]) -> None:
         try:
-            self.audit.append_all([_audit_record(call) for call in calls])
+            self.audit.append_all([_audit_record(entry) for entry in entries])
         except OSError as error:
             log.error(
                 "egress audit lines not written",
-                extra={"path": str(self.audit.path), "error": str(error), "calls": len(calls)},
+                extra={"path": str(self.audit.path), "error": str(error), "entries": len(entries)},
             )
-        for call in calls:
+        for entry in entries:
             try:
-                self.events.publish(_event(call))
+                self.events.publish(_event(entry))
             except Exception as error:  # the bus being down must not stop the proxy; the audit line stands
                 log.warning("egress event not published", extra={"error": str(error)})
 
@@ -113,7 +132,10 @@ def _tokens(call: Call) -> dict[str, int]:
     return dict(input_tokens=call.usage.input_tokens, output_tokens=call.usage.output_tokens)
 
 
-def _audit_record(call: Call) -> EgressAuditRecord:
+def _audit_record(entry: Call | Suppressed) -> EgressAuditRecord:
+    if isinstance(entry, Suppressed):
+        return msgspec.structs.replace(_audit_record(entry.last), suppressed=entry.count)
+    call = entry
     return EgressAuditRecord(
         seq=0,
         time=call.started_at,
@@ -128,7 +150,13 @@ def _audit_record(call: Call) -> EgressAuditRecord:
     )
 
 
-def _event(call: Call) -> EgressRefused | EgressProxied:
+def _event(entry: Call | Suppressed) -> EgressRefused | EgressProxied | EgressRefusalsSuppressed:
+    if isinstance(entry, Suppressed):
+        last = entry.last
+        return EgressRefusalsSuppressed(
+            refused=last.refused, count=entry.count, since=entry.since, message=last.message, **last.who()
+        )
+    call = entry
     if call.usage_after is None:  # it never went upstream
         return EgressRefused(refused=call.refused, message=call.message, **call.who())
     return EgressProxied(

@@ -11,6 +11,7 @@ the time the proxy adds small.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -28,6 +29,7 @@ from .budgets import Budgets
 from .callers import Callers, container_of_peer
 from .headers import agent_headers, injected, upstream_headers
 from .journal import Call, Journal
+from .refusal_limit import RefusalLimit
 from .refusals import Refused
 from .routes import RouteTable, Target, redirect_location
 from .scrub import echo_forms, scrub, scrub_headers
@@ -38,6 +40,7 @@ SHUTDOWN_TIMEOUT = 5.0  # seconds calls in flight get when the proxy stops
 CLIENT_GONE = 499  # the status recorded when the agent went away before the response ended
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 ERROR_STATUS = 400  # from here on a body is read whole and scrubbed of the key before the agent sees it
+REFUSALS_SUMMED_EVERY = 60.0  # seconds: the refusals past egress.refusals_per_minute are summed up this often
 MAX_ERROR_BODY = 1 << 20  # bytes of an error body handed on; the rest is cut
 WITHHELD = (
     b"the upstream's error body was %s-encoded and is withheld by the egress proxy: it could quote the key"
@@ -68,6 +71,8 @@ class EgressProxy:
         self.secrets = secrets
         self.journal = journal
         self.budgets = budgets
+        self.refusals = RefusalLimit(config.refusals_per_minute)
+        self._summing: asyncio.Task | None = None
         self._containers: weakref.WeakKeyDictionary[asyncio.BaseTransport, str | None] = (
             weakref.WeakKeyDictionary()
         )
@@ -96,12 +101,26 @@ class EgressProxy:
         except BaseException:
             await self.close()
             raise
+        self._summing = asyncio.create_task(self._sum_up_refusals_every(REFUSALS_SUMMED_EVERY))
 
     async def close(self) -> None:
+        if self._summing is not None:
+            self._summing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._summing
         if self._runner is not None:
             await self._runner.cleanup()
         if self._client is not None:
             await self._client.close()
+        self._sum_up_refusals()  # after the last call: none is left uncounted
+
+    async def _sum_up_refusals_every(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            self._sum_up_refusals()
+
+    def _sum_up_refusals(self) -> None:
+        self.journal.record(*self.refusals.summaries(time.monotonic()))
 
     # -- one call ---------------------------------------------------------------------------------
 
@@ -255,9 +274,12 @@ class EgressProxy:
         call.duration = time.monotonic() - call.started
         if call.forwarded:
             self._account(call)
-        elif call.identity is not None:
+            self.journal.record(call)
+            return
+        if call.identity is not None:
             self.budgets.refused(call.identity.session_id)
-        self.journal.record(call)
+        if self.refusals.records(call, time.monotonic()):
+            self.journal.record(call)
 
 
 def _why(error: BaseException) -> str:
