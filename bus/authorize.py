@@ -61,10 +61,13 @@ DOMAINS: dict[str, tuple[str, ...]] = {
 }
 
 # Event tags whose bodies an agent wrote, or whose number it sets, though a service publishes them (a
-# worker's task output, which the scheduler passes on as it comes; the egress proxy's refusals of an
-# agent's calls, which reach no upstream and spend no budget): kept in the agents' share of the event
-# history, so that no agent can evict the host's history through a service (bus/registry.py EventLog).
-AGENT_WRITTEN: frozenset[str] = frozenset({"task.progress", "egress.refused", "egress.refusals_suppressed"})
+# worker's task output, which the scheduler passes on as it comes; the egress proxy's record of each
+# call an agent makes, refused or proxied: a cheap upstream call in a loop is one event each, and the
+# session budgets are off by default): kept in the agents' share of the event history, so that no agent
+# can evict the host's history through a service (bus/registry.py EventLog).
+AGENT_WRITTEN: frozenset[str] = frozenset(
+    {"task.progress", "egress.proxied", "egress.refused", "egress.refusals_suppressed"}
+)
 
 # What every agent role may call: its own session's conversation (the session service checks the
 # session against the stamped Caller) and the broker's ping and replay (filtered to what it may receive).

@@ -17,6 +17,7 @@ from baaaht.bus.authorize import (
     UNIDENTIFIED,
     WORKER,
     authorize,
+    kept_as_agents,
     may_receive,
     publish_topic,
     rules_table,
@@ -213,3 +214,20 @@ def test_the_served_table_is_every_role_and_action():
         (r, a) for r in RULES for a in (CALL, ANSWER, PUBLISH, REGISTER, RECEIVE)
     }
     assert (WORKER, CALL, list(RULES[WORKER][CALL])) in table
+
+
+@pytest.mark.parametrize(
+    "topic, from_agent, agents_share",
+    [
+        ("agent.note/sess-a", True, True),  # published by an agent itself
+        ("task.progress/sess-a", False, True),  # a worker's output, passed on by the scheduler
+        ("egress.proxied/sess-a", False, True),  # each call an agent makes through the proxy
+        ("egress.refused/sess-a", False, True),
+        ("egress.refusals_suppressed/sess-a", False, True),
+        ("task.succeeded/sess-a", False, False),  # the host's own record of the task
+        ("session.closed/sess-a", False, False),
+        ("container.died", False, False),
+    ],
+)
+def test_events_an_agent_sets_the_number_of_are_kept_in_the_agents_share(topic, from_agent, agents_share):
+    assert kept_as_agents(topic, from_agent) is agents_share
