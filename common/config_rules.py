@@ -141,6 +141,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _AGENT_BYTE_FLOORS = (
     ("limits.agent_event_burst_bytes", "bus.max_event_size", "publish an event that large"),
     ("limits.agent_bytes_in_flight", "bus.max_message_size", "send a message that large"),
+    ("limits.session_message_bytes_per_minute", "session.max_message_size", "add a message that large"),
 )
 
 

@@ -7,6 +7,8 @@ service calls it under its own lock.
 
 Kinds and their limits (the `limits` config section):
 - `messages`: session messages an agent adds (session service, `limits.session_messages_per_minute`).
+- `message_bytes`: their bytes, content and metadata (session service,
+  `limits.session_message_bytes_per_minute`): each is a host event kept for replay with its content.
 - `cancels`: turn cancels an agent asks for (session service, `limits.session_cancels_per_minute`).
 - `tasks`: tasks an agent submits, each counted as the attempts its retry policy allows (scheduler,
   `limits.session_tasks_per_minute`): cancelled at once they never reach
@@ -39,6 +41,9 @@ class SessionQuotas:
         return cls(
             {
                 "messages": Quota(limits.session_messages_per_minute, "limits.session_messages_per_minute"),
+                "message_bytes": Quota(
+                    int(limits.session_message_bytes_per_minute), "limits.session_message_bytes_per_minute"
+                ),
                 "cancels": Quota(limits.session_cancels_per_minute, "limits.session_cancels_per_minute"),
                 "tasks": Quota(limits.session_tasks_per_minute, "limits.session_tasks_per_minute"),
             }

@@ -136,6 +136,10 @@ class LimitsConfig(Section, kw_only=True):
     agent_event_history_bytes: Size = Size(16 * 1024 * 1024)
     # What the agents of one session may cause, per minute (baaaht.common.session_quotas).
     session_messages_per_minute: int = 600
+    # Their bytes (content and metadata): each message is a host event kept for replay with its content
+    # (the broker's 64 MiB host history), and 600 of session.max_message_size a minute evicted it all in
+    # seconds. At least session.max_message_size, so one message of the largest size always gets in.
+    session_message_bytes_per_minute: Size = Size(8 * 1024 * 1024)
     session_cancels_per_minute: int = 60  # each publishes an event: a loop of them must not evict the history
     # Attempts the tasks an assistant submits may run (each task counts its retry.maximum_attempts)
     session_tasks_per_minute: int = 600

@@ -234,6 +234,11 @@ BAD_VALUES = [
     ("limits.agent_events_per_second", "0", "expected a rate above zero"),
     ("limits.agent_event_burst_bytes", "1MiB", "is below bus.max_event_size (2097152 bytes)"),
     ("limits.agent_bytes_in_flight", "8MiB", "is below bus.max_message_size (16777216 bytes)"),
+    (
+        "limits.session_message_bytes_per_minute",
+        "512KiB",
+        "is below session.max_message_size (1048576 bytes)",
+    ),
 ]
 
 

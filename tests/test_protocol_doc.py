@@ -119,6 +119,7 @@ def test_the_fairness_limits_are_the_config_defaults():
         ),
         "`limits.agent_replay_bytes_per_second`": size(int(limits.agent_replay_bytes_per_second)),
         "`limits.session_messages_per_minute`": f"{limits.session_messages_per_minute:,}",
+        "`limits.session_message_bytes_per_minute`": size(int(limits.session_message_bytes_per_minute)),
         "`limits.session_cancels_per_minute`": f"{limits.session_cancels_per_minute:,}",
         "`limits.session_tasks_per_minute`": f"{limits.session_tasks_per_minute:,}",
     }

@@ -795,6 +795,24 @@ def test_agents_add_at_most_the_sessions_messages_per_minute_and_others_are_unto
     ]
 
 
+def test_agents_add_at_most_the_sessions_message_bytes_per_minute_and_a_refused_one_is_not_stored(world):
+    """Each message is a host event kept for replay with its content: by count alone, 600 messages of
+    session.max_message_size a minute evicted the broker's whole host history in seconds."""
+    world.config.limits = LimitsConfig(session_message_bytes_per_minute=Size(2500))  # MAX_MESSAGE: 1000
+    world.restart()
+    busy, quiet = world.create(), world.create()
+    agent = agent_caller(busy, "assistant", "a" * 64)
+    world.send(busy, "x" * 900, role="assistant", caller=agent)
+    world.send(busy, "y" * 900, role="assistant", caller=agent)
+    refused = error_of(lambda: world.send(busy, "z" * 900, role="assistant", caller=agent))
+    assert refused.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert "limits.session_message_bytes_per_minute" in refused.message and busy in refused.message
+    assert refused.details == {"session_id": busy, "kind": "message_bytes"}
+    world.send(quiet, "w" * 900, role="assistant", caller=agent_caller(quiet, "agent", "c" * 64))
+    world.send(busy, "v" * 900, caller=operator_caller())  # host callers are not counted
+    assert [m.content[0] for m in world.all_messages(busy)] == ["x", "y", "v"]
+
+
 # -- cancelling a turn -------------------------------------------------------------------------------
 
 

@@ -291,10 +291,11 @@ class SessionService(Service):
         answer, so this handler thread does not wait for the commit."""
         require_session(ctx.caller, req.session_id, "write messages to")
         req = authored(req, ctx)
-        validation.message_size(req.content, req.metadata, int(self.limits.max_message_size))
+        size = validation.message_size(req.content, req.metadata, int(self.limits.max_message_size))
         for field in ("tool_name", "tool_call_id", "container_id"):
             validation.text(f"metadata.{field}", getattr(req.metadata, field), MAX_ID)
         if not is_host(ctx.caller):
+            self._charge(req.session_id, "message_bytes", size)
             self._charge(req.session_id, "messages")
         now = self.clock()
         sender = name_of(ctx.caller)
@@ -332,10 +333,10 @@ class SessionService(Service):
         self.store.submit(append, settle)
         return answer
 
-    def _charge(self, session_id: str, kind: str) -> None:
+    def _charge(self, session_id: str, kind: str, amount: int = 1) -> None:
         """Count what an agent causes in a session against the session's quota (common/session_quotas.py)."""
         with self._quotas_lock:
-            refusal = self.quotas.refusal(session_id, kind, time.monotonic())
+            refusal = self.quotas.refusal(session_id, kind, time.monotonic(), amount)
         if refusal is not None:
             raise exhausted(refusal, session_id=session_id, kind=kind)
 
