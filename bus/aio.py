@@ -29,7 +29,7 @@ from baaaht.bus.aio_connection import LoopConnection
 from baaaht.bus.client import ClientFace, PendingCall, decoder_for, response_type_of
 from baaaht.bus.errors import BusError
 from baaaht.bus.protocol import Reply
-from baaaht.bus.subscription import REPLAY_RETRY, Delivery, EventOrder, replay_refused_for_now, sub_socket
+from baaaht.bus.subscription import Delivery, EventOrder, ReplayRetry, sub_socket
 from baaaht.schemas.base import Event, Request, target_of, topic_for
 from baaaht.schemas.bus import BusEventsReplay, ReplayResult
 
@@ -166,14 +166,13 @@ class AsyncBusClient(ClientFace):
             close()
 
     async def _replayed(self, request: BusEventsReplay) -> ReplayResult:
-        """The replay, asked again after a while as long as it is refused for now (subscription.py)."""
+        """The replay, asked again while the replay budget refuses it (subscription.py ReplayRetry)."""
+        retry = ReplayRetry(self.timeout)
         while True:
             try:
                 return await self.call(request)
             except BusError as error:
-                if not replay_refused_for_now(error):
-                    raise
-            await asyncio.sleep(REPLAY_RETRY)
+                await asyncio.sleep(retry.wait(error, time.monotonic()))
 
 
 async def _next_reply(call: PendingCall, replies: asyncio.Queue) -> Reply:

@@ -716,19 +716,20 @@ class Broker:
         return self._replay(peer, request, now)
 
     def _replay(self, peer: Peer, request: BusEventsReplay, now: float) -> ReplayResult:
-        """Kept events; an agent's only of its own session and of tags its role may receive."""
+        """Kept events; an agent's only of its own session and of tags its role may receive, within its
+        replay budget (a replay with `limit` 0, just the numbers, costs nothing and is never refused:
+        a subscription "from now" starts with one)."""
         visible = None
+        limit = min(request.limit, REPLAY_LIMIT_MAX)
         from_agent = peer.socket == AGENTS_SOCKET
         if from_agent:
             denial = self._foreign_prefixes(peer, request.topics)
             if denial is not None:
                 raise BusError(ErrorCode.PERMISSION_DENIED, denial.message)
-            refusal = self.registry.event_quotas.replay_refusal(peer, now)
-            if refusal is not None:
-                raise BusError(ErrorCode.RESOURCE_EXHAUSTED, refusal)
+            if limit > 0:
+                self.registry.event_quotas.check_replay(peer, now)
             role, session = peer.role, peer.caller.session
             visible = lambda topic: may_receive(role, session, topic)  # noqa: E731
-        limit = min(request.limit, REPLAY_LIMIT_MAX)
         events = self.events.replay(request.since, request.topics, limit, visible)
         if from_agent:
             sent = sum(len(event.topic) + len(event.body) for event in events)

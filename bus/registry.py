@@ -185,15 +185,19 @@ class EventQuotas:
         self.buckets: dict[Hashable, tuple[TokenBucket, TokenBucket]] = {}
         self.replays: dict[Hashable, TokenBucket] = {}
 
-    def replay_refusal(self, peer: Peer, now: float) -> str | None:
-        """None when the agent may be sent a replay now (charge_replay counts it once built), else why not."""
+    def check_replay(self, peer: Peer, now: float) -> None:
+        """Pass when the agent may be sent a replay now (charge_replay counts it once built), else
+        RESOURCE_EXHAUSTED with `retry_after`: the seconds until the refill has paid its debt back."""
         bucket = self.replays.get(quota_holder(peer))
         if bucket is None or bucket.holds(0, now):
-            return None
+            return
         rate = int(self.limits.agent_replay_bytes_per_second)
-        return (
+        retry_after = -bucket.tokens / rate
+        raise BusError(
+            ErrorCode.RESOURCE_EXHAUSTED,
             f"bus.events.replay refused: this agent is sent more than limits.agent_replay_bytes_per_second"
-            f" ({rate} bytes of events): try again in {-bucket.tokens / rate:.1f}s"
+            f" ({rate} bytes of events): try again in {retry_after:.1f}s",
+            {"limit": "limits.agent_replay_bytes_per_second", "retry_after": retry_after},
         )
 
     def charge_replay(self, peer: Peer, size: int, now: float) -> None:

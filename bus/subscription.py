@@ -29,9 +29,9 @@ from baaaht.schemas.bus import BusEventsReplay, ReplayResult, StampedEvent
 from baaaht.schemas.errors import ErrorCode
 
 REPLAY_PAGE = 1000
-# Seconds a catch-up waits before asking again when its replay is refused RESOURCE_EXHAUSTED: an agent
-# past limits.agent_replay_bytes_per_second is refused until its budget has refilled.
-REPLAY_RETRY = 0.5
+# The longest a catch-up waits before asking again when its replay is refused for the agent's replay
+# budget (limits.agent_replay_bytes_per_second; the broker says when in `retry_after`).
+REPLAY_RETRY_MAX = 1.0
 # "From now" is the broker's last seq when the subscription starts: the SUB socket connects
 # asynchronously, so events published before it is connected would otherwise be lost.
 NOW = BusEventsReplay(limit=0)
@@ -179,9 +179,27 @@ class EventOrder:
         return since
 
 
-def replay_refused_for_now(error: BusError) -> bool:
-    """A refusal of a replay that the same replay asked again later gets past (a budget refilled)."""
-    return error.code is ErrorCode.RESOURCE_EXHAUSTED
+class ReplayRetry:
+    """When to ask again for a page of history the broker refused for the agent's replay budget: after
+    the `retry_after` it gives (at most REPLAY_RETRY_MAX), for at most `timeout` seconds (the client's
+    call timeout) from the first refusal: a big catch-up is slowed, not lost, and no wait is unbounded.
+    Any other error, or one past that time, is raised."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.give_up_at: float | None = None
+
+    def wait(self, error: BusError, now: float) -> float:
+        """The seconds to wait before asking again after `error`; raises it when there is no retrying."""
+        retry_after = error.details.get("retry_after")
+        if error.code is not ErrorCode.RESOURCE_EXHAUSTED or not isinstance(retry_after, (int, float)):
+            raise error
+        if self.give_up_at is None:
+            self.give_up_at = now + self.timeout
+        left = self.give_up_at - now
+        if left <= 0:
+            raise error
+        return max(0.0, min(retry_after, REPLAY_RETRY_MAX, left))
 
 
 def _delivery_of(event: StampedEvent) -> Delivery:
@@ -344,10 +362,9 @@ class Subscription:
             self.order.take_replay(self._replayed(request))
 
     def _replayed(self, request: BusEventsReplay) -> ReplayResult:
+        retry = ReplayRetry(self.client.timeout)
         while True:
             try:
                 return self.client.call(request)
             except BusError as error:
-                if not replay_refused_for_now(error):
-                    raise
-            time.sleep(REPLAY_RETRY)
+                time.sleep(retry.wait(error, time.monotonic()))

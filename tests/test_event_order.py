@@ -1,13 +1,17 @@
 """EventOrder, the sequencing both subscription faces share, on a filtered stream (an agent's): a gap is
-seen by the `prev` each delivery carries, not by the global numbering."""
+seen by the `prev` each delivery carries, not by the global numbering; and when a page the broker
+refused for an agent's replay budget is asked again (ReplayRetry)."""
 
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from baaaht.bus import wire
-from baaaht.bus.subscription import EventOrder
+from baaaht.bus.errors import BusError
+from baaaht.bus.subscription import REPLAY_RETRY_MAX, EventOrder, ReplayRetry
 from baaaht.schemas.bus import BusEventsReplay, ReplayResult, StampedEvent
+from baaaht.schemas.errors import ErrorCode
 
 EPOCH = 7
 
@@ -68,3 +72,30 @@ def test_the_same_stream_read_as_unfiltered_would_see_gaps_everywhere():
     order = started(filtered=False)
     order.take_live(*live(14, 10))
     assert order.gaps == 1
+
+
+def exhausted(retry_after: float) -> BusError:
+    return BusError(ErrorCode.RESOURCE_EXHAUSTED, "replay budget", {"retry_after": retry_after})
+
+
+def test_a_refused_page_is_asked_again_after_the_brokers_retry_after_capped_and_within_the_timeout():
+    retry = ReplayRetry(timeout=2.5)
+    assert retry.wait(exhausted(0.25), now=100.0) == 0.25
+    assert retry.wait(exhausted(30.0), now=100.0) == REPLAY_RETRY_MAX
+    assert retry.wait(exhausted(30.0), now=102.0) == pytest.approx(0.5)  # what is left of the timeout
+    with pytest.raises(BusError) as caught:
+        retry.wait(exhausted(0.1), now=102.5)
+    assert caught.value.details == {"retry_after": 0.1}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        BusError(ErrorCode.RESOURCE_EXHAUSTED, "in flight", {"limit": 128, "in_flight": 128}),
+        BusError(ErrorCode.PERMISSION_DENIED, "not yours", {"retry_after": 0.1}),
+    ],
+)
+def test_other_errors_of_a_replay_are_raised_at_once(error):
+    with pytest.raises(BusError) as caught:
+        ReplayRetry(timeout=10.0).wait(error, now=0.0)
+    assert caught.value is error

@@ -5,13 +5,15 @@ kept events (16 MiB, published within its quotas) took the operator's bus.ping f
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
 from baaaht.bus.aio import AsyncBusClient
+from baaaht.bus.errors import BusError
 from baaaht.bus.subscription import REPLAY_PAGE
-from baaaht.bus.testing import error_of, run_async
+from baaaht.bus.testing import error_of, run_async, wait_for
 from baaaht.schemas.base import Event
 from baaaht.schemas.bus import BusEventsReplay
 from baaaht.schemas.errors import ErrorCode
@@ -40,6 +42,8 @@ def test_an_agent_is_refused_replays_past_its_byte_budget_and_the_operator_is_no
     refused = error_of(lambda: agent.call(whole))
     assert refused.code is ErrorCode.RESOURCE_EXHAUSTED
     assert "limits.agent_replay_bytes_per_second" in refused.message and "try again in" in refused.message
+    assert refused.details["limit"] == "limits.agent_replay_bytes_per_second"
+    assert 0 < refused.details["retry_after"] <= 200_000 / BUDGET  # its debt at the refill's rate
     operator = host.client(timeout=10.0)
     assert len(operator.call(BusEventsReplay(since=0, topics=["agent."], limit=100)).events) == 4
 
@@ -74,3 +78,65 @@ def test_so_does_the_asyncio_faces(host):
         return seqs
 
     assert len(set(run_async(take_all(), 60, "every event through a refused replay"))) == sent
+
+
+def put_in_debt(host, agent) -> None:
+    """About 3 s of the budget's debt: 200 kB kept in its session, replayed once."""
+    for _ in range(4):
+        agent.publish(Blob(data=b"x" * 50_000))
+    whole = BusEventsReplay(since=0, topics=["agent."], limit=100)
+    operator = host.client()
+    wait_for(lambda: len(operator.call(whole).events) == 4, timeout=5, what="the 4 blobs to be kept")
+    assert len(agent.call(whole).events) == 4
+
+
+def test_an_agent_in_debt_is_still_told_the_numbers_and_may_subscribe_from_now(host):
+    """A replay with limit 0 sends no event: refusing it only held up a subscription "from now"."""
+    agent = host.agent_client(timeout=10.0)
+    put_in_debt(host, agent)
+    assert (
+        error_of(lambda: agent.call(BusEventsReplay(topics=["agent."]))).code is ErrorCode.RESOURCE_EXHAUSTED
+    )
+    started = time.monotonic()
+    assert agent.call(BusEventsReplay(limit=0)).last_seq >= 4
+    with agent.subscribe(["agent."]) as events:
+        agent.publish(Blob(data=b"now"))
+        assert events.next(timeout=5.0).event == Blob(data=b"now")
+    assert time.monotonic() - started < 2.0  # well inside the 3 s of debt: nothing waited it out
+
+
+def test_a_catch_up_refused_for_longer_than_the_call_timeout_fails_instead_of_waiting_on(host):
+    """Every wait has a timeout: a catch-up refused past the client's call timeout raises the refusal."""
+    put_in_debt(host, host.agent_client(timeout=10.0))
+    agent = host.agent_client(timeout=0.5)  # the same container: the same debt
+    outcome: list = []
+
+    def subscribe() -> None:
+        try:
+            agent.subscribe(["agent."], since=0).close()
+            outcome.append("subscribed")
+        except BusError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=subscribe)
+    thread.start()
+    thread.join(10)
+    [error] = outcome
+    assert isinstance(error, BusError) and error.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert error.details["retry_after"] > 0
+
+
+def test_so_does_an_asyncio_catch_up(host):
+    put_in_debt(host, host.agent_client(timeout=10.0))
+
+    async def subscribe() -> None:
+        async with AsyncBusClient(host.endpoints.agents, timeout=0.5) as bus:
+            events = bus.subscribe(["agent."], since=0)
+            try:
+                await events.__anext__()
+            finally:
+                await events.aclose()
+
+    with pytest.raises(BusError) as caught:
+        run_async(subscribe(), 10, "the refused asyncio catch-up")
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
