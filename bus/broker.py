@@ -716,10 +716,11 @@ class Broker:
         return self._replay(peer, request, now)
 
     def _replay(self, peer: Peer, request: BusEventsReplay, now: float) -> ReplayResult:
-        """Kept events; an agent's only of its own session and of tags its role may receive, within its
-        replay budget (a replay with `limit` 0, just the numbers, costs nothing and is never refused:
-        a subscription "from now" starts with one)."""
-        visible = None
+        """Kept events; an agent's only of its own session and of tags its role may receive, the page cut
+        at what its replay budget holds (one reply of its whole history held the loop ~100 ms); a replay
+        with `limit` 0, just the numbers, costs nothing and is never refused: a subscription "from now"
+        starts with one."""
+        visible, allowance = None, None
         limit = min(request.limit, REPLAY_LIMIT_MAX)
         from_agent = peer.socket == AGENTS_SOCKET
         if from_agent:
@@ -727,15 +728,19 @@ class Broker:
             if denial is not None:
                 raise BusError(ErrorCode.PERMISSION_DENIED, denial.message)
             if limit > 0:
-                self.registry.event_quotas.check_replay(peer, now)
+                allowance = self.registry.event_quotas.replay_allowance(peer, now)
             role, session = peer.role, peer.caller.session
             visible = lambda topic: may_receive(role, session, topic)  # noqa: E731
-        events = self.events.replay(request.since, request.topics, limit, visible)
+        events, more = self.events.replay(request.since, request.topics, limit, visible, allowance)
         if from_agent:
             sent = sum(len(event.topic) + len(event.body) for event in events)
             self.registry.event_quotas.charge_replay(peer, sent, now)
         return ReplayResult(
-            events=events, first_seq=self.events.first_seq, last_seq=self.events.last_seq, epoch=self.epoch
+            events=events,
+            first_seq=self.events.first_seq,
+            last_seq=self.events.last_seq,
+            epoch=self.epoch,
+            more=more,
         )
 
     # -- time ---------------------------------------------------------------------------------

@@ -185,18 +185,23 @@ class EventQuotas:
         self.buckets: dict[Hashable, tuple[TokenBucket, TokenBucket]] = {}
         self.replays: dict[Hashable, TokenBucket] = {}
 
-    def check_replay(self, peer: Peer, now: float) -> None:
-        """Pass when the agent may be sent a replay now (charge_replay counts it once built), else
-        RESOURCE_EXHAUSTED with `retry_after`: the seconds until the refill has paid its debt back."""
+    def replay_allowance(self, peer: Peer, now: float) -> float:
+        """The bytes of events the agent may be sent by a replay now: its page is cut there (one event
+        at least; charge_replay counts what was sent). With none left, RESOURCE_EXHAUSTED with
+        `retry_after`: the seconds until its debt is paid back and a tenth of a second's refill is there
+        (a page then is worth its round trip, where "just above zero" would be one event a call)."""
+        rate = float(self.limits.agent_replay_bytes_per_second)
         bucket = self.replays.get(quota_holder(peer))
-        if bucket is None or bucket.holds(0, now):
-            return
-        rate = int(self.limits.agent_replay_bytes_per_second)
-        retry_after = -bucket.tokens / rate
+        if bucket is None:
+            return rate  # a new bucket's burst
+        left = bucket.available(now)
+        if left > 0:
+            return left
+        retry_after = (rate / 10 - left) / rate
         raise BusError(
             ErrorCode.RESOURCE_EXHAUSTED,
             f"bus.events.replay refused: this agent is sent more than limits.agent_replay_bytes_per_second"
-            f" ({rate} bytes of events): try again in {retry_after:.1f}s",
+            f" ({int(rate)} bytes of events): try again in {retry_after:.1f}s",
             {"limit": "limits.agent_replay_bytes_per_second", "retry_after": retry_after},
         )
 
@@ -717,20 +722,34 @@ class EventLog:
         return min(firsts) if firsts else self.last_seq + 1
 
     def replay(
-        self, since: int, topics: list[str], limit: int, visible: Callable[[str], bool] | None = None
-    ) -> list[StampedEvent]:
-        """Kept events after `since` whose topic starts with one of `topics` (and is `visible`)."""
+        self,
+        since: int,
+        topics: list[str],
+        limit: int,
+        visible: Callable[[str], bool] | None = None,
+        max_bytes: float | None = None,
+    ) -> tuple[list[StampedEvent], bool]:
+        """Kept events after `since` whose topic starts with one of `topics` (and is `visible`): at
+        most `limit` of them, and of `max_bytes` (topics and bodies; the first whatever its size);
+        and whether more of them are kept than that page holds."""
         if limit <= 0:
-            return []
-        found = []
-        prefixes = tuple(topics)
+            return [], False
+        found: list[StampedEvent] = []
+        size = 0
+        for event in self._matching(since, tuple(topics), visible):
+            size += _kept_size(event)
+            if len(found) >= limit or (found and max_bytes is not None and size > max_bytes):
+                return found, True
+            found.append(event)
+        return found, False
+
+    def _matching(
+        self, since: int, prefixes: tuple[str, ...], visible: Callable[[str], bool] | None
+    ) -> Iterator[StampedEvent]:
         for event in heapq.merge(self.host.after(since), self.agents.after(since), key=_seq_of):
             if (
                 (not prefixes or event.topic.startswith(prefixes))
                 and (visible is None or visible(event.topic))
                 and is_one_msgpack_value(event.body)
             ):
-                found.append(event)
-                if len(found) >= limit:
-                    break
-        return found
+                yield event

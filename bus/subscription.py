@@ -172,7 +172,9 @@ class EventOrder:
                 break
             self.backlog.append(_delivery_of(event))
         since = result.events[-1].seq if result.events else result.last_seq
-        if len(result.events) < REPLAY_PAGE or (until is not None and since >= until - 1):
+        # A short page ends the history, unless the broker says it cut it (an agent's replay budget).
+        ended = len(result.events) < REPLAY_PAGE and not result.more
+        if ended or (until is not None and since >= until - 1):
             # What the broker no longer keeps is gone for good; carry on after it.
             self.last_seq = until - 1 if until is not None else max(since, result.last_seq)
             return None

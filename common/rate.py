@@ -27,6 +27,11 @@ class TokenBucket:
         self.tokens -= amount
         return True
 
+    def available(self, now: float) -> float:
+        """What it holds now: below zero while it is in debt."""
+        self._refill(now)
+        return self.tokens
+
     def charge(self, amount: float, now: float) -> None:
         """Take `amount` tokens whatever the bucket holds: what is missing is a debt the refill pays
         back first (for a cost known only once it is paid)."""

@@ -156,6 +156,9 @@ class ReplayResult(Response, kw_only=True):
     first_seq: int
     last_seq: int
     epoch: int = 0  # as in every EventStamp: which broker's numbering these are
+    # The page was cut before the matching events ran out (by `limit`, or an agent's replay budget):
+    # ask again from the last event's seq.
+    more: bool = False
 
 
 class BusEventsReplay(Request, tag="bus.events.replay", kw_only=True):

@@ -1,6 +1,6 @@
 """EventOrder, the sequencing both subscription faces share, on a filtered stream (an agent's): a gap is
-seen by the `prev` each delivery carries, not by the global numbering; and when a page the broker
-refused for an agent's replay budget is asked again (ReplayRetry)."""
+seen by the `prev` each delivery carries, not by the global numbering; pages the broker cut for an
+agent's replay budget (`more`), and when a page it refused is asked again (ReplayRetry)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,27 @@ def test_the_same_stream_read_as_unfiltered_would_see_gaps_everywhere():
     order = started(filtered=False)
     order.take_live(*live(14, 10))
     assert order.gaps == 1
+
+
+def test_a_short_page_the_broker_cut_is_followed_by_the_next_one():
+    """An agent's replay budget cuts pages short; only `more` tells such a page from the history's end."""
+    order = EventOrder(["session."], since=10, epoch=EPOCH, filtered=True)
+    assert order.next_replay() == BusEventsReplay(since=10, topics=["session."], limit=1000)
+    order.take_replay(msgspec.structs.replace(kept(11, 12), more=True))
+    assert order.next_replay() == BusEventsReplay(since=12, topics=["session."], limit=1000)
+    order.take_replay(kept(13))
+    assert order.next_replay() is None
+    assert [d.seq for d in order.backlog] == [11, 12, 13] and order.last_seq == 13
+
+
+def test_a_gap_filled_in_pages_the_broker_cut_delivers_the_held_event_after_them():
+    order = started()
+    order.take_live(*live(30, 20))  # 15 and 20 matched too, and never came
+    order.take_replay(msgspec.structs.replace(kept(15), more=True))
+    assert order.next_replay().since == 15
+    order.take_replay(kept(20))
+    assert order.next_replay() is None
+    assert [d.seq for d in order.backlog] == [15, 20, 30]
 
 
 def exhausted(retry_after: float) -> BusError:

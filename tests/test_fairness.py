@@ -31,6 +31,14 @@ def test_a_bucket_bursts_then_refills_at_its_rate_and_a_refusal_costs_nothing():
     assert bucket.full(102.0)
 
 
+def test_a_charge_past_what_a_bucket_holds_is_a_debt_the_refill_pays_off_first():
+    bucket = TokenBucket(rate=10.0, burst=100)
+    bucket.charge(150, now=0.0)
+    assert bucket.available(0.0) == -50
+    assert not bucket.take(1, now=4.0) and bucket.available(4.0) == -10
+    assert bucket.available(6.0) == 10 and bucket.take(10, now=6.0)
+
+
 def test_a_clock_going_back_never_adds_tokens():
     bucket = TokenBucket(rate=1.0, burst=1)
     assert bucket.take(1, now=10.0)
@@ -347,10 +355,10 @@ def test_agent_events_never_evict_the_hosts_history():
     for n in range(40):  # what evicted everything before: 40 agent events of 2 MiB
         log.append("agent.blob", "agents:a", big, now=10 + n, from_agent=True)
     log.append("session.created", "session", msgspec.msgpack.encode(3), now=99)
-    assert [e.seq for e in log.replay(0, ["session."], 100)] == [1, 2, 3, 44]
+    assert [e.seq for e in log.replay(0, ["session."], 100)[0]] == [1, 2, 3, 44]
     assert [e.seq for e in log.agents.events] == [42, 43]  # their own 5 MiB budget
-    assert [e.seq for e in log.replay(0, [], 100)] == [1, 2, 3, 42, 43, 44]  # one history, in order
-    assert [e.seq for e in log.replay(2, [], 3)] == [3, 42, 43]
+    assert [e.seq for e in log.replay(0, [], 100)[0]] == [1, 2, 3, 42, 43, 44]  # one history, in order
+    assert [e.seq for e in log.replay(2, [], 3)[0]] == [3, 42, 43]
     assert log.first_seq == 1 and log.last_seq == 44
 
 
@@ -360,4 +368,52 @@ def test_the_first_kept_event_is_the_older_of_the_two_budgets():
     log.append("session.a", "session", b"\x01", now=1)
     log.append("session.b", "session", b"\x01", now=2)
     assert log.first_seq == 1
-    assert [e.topic for e in log.replay(0, [], 10)] == ["agent.x", "session.b"]
+    assert [e.topic for e in log.replay(0, [], 10)[0]] == ["agent.x", "session.b"]
+
+
+# -- the agents' replay budget --------------------------------------------------------------------
+
+
+def blobs(sizes: list[int]) -> EventLog:
+    """A log of agent.b events whose kept sizes (topic and body: a str8 of 2 bytes' header) are `sizes`."""
+    log = EventLog(capacity=100, max_bytes=100_000)
+    for n, size in enumerate(sizes):
+        log.append("agent.b", "a", msgspec.msgpack.encode("x" * (size - len("agent.b") - 2)), now=n)
+    assert [len(e.topic) + len(e.body) for e in log.host.events] == sizes
+    return log
+
+
+def test_a_replay_page_is_cut_at_its_bytes_and_says_whether_more_is_kept():
+    log = blobs([50, 50, 50, 200])
+    page, more = log.replay(0, [], 10, max_bytes=120)
+    assert [e.seq for e in page] == [1, 2] and more is True
+    assert log.replay(0, [], 10, max_bytes=150) == (log.replay(0, [], 3)[0], True)  # the 200 does not fit
+    assert log.replay(0, [], 10, max_bytes=350) == (log.replay(0, [], 10)[0], False)
+    first, more = log.replay(3, [], 10, max_bytes=1)
+    assert [e.seq for e in first] == [4] and more is False  # one event at least, whatever its size
+    assert log.replay(0, [], 4)[1] is False and log.replay(0, [], 3)[1] is True  # cut by the count
+    assert log.replay(0, ["session."], 10, max_bytes=1) == ([], False)
+
+
+def test_an_agents_replay_allowance_is_its_containers_and_refused_when_spent_with_when_to_ask_again():
+    registry = registry_with(agent_replay_bytes_per_second=Size(1000))
+    quotas = registry.event_quotas
+    agent = peer(registry, b"a1", AGENTS_SOCKET, container="c1")
+    other_connection = peer(registry, b"a2", AGENTS_SOCKET, container="c1")
+    other_agent = peer(registry, b"b", AGENTS_SOCKET, container="c2")
+    assert quotas.replay_allowance(agent, 0.0) == 1000  # a second of the rate
+    quotas.charge_replay(agent, 600, 0.0)
+    assert quotas.replay_allowance(other_connection, 0.0) == 400  # one container's connections share it
+    quotas.charge_replay(other_connection, 900, 0.0)  # a page's first event is sent whatever its size
+    with pytest.raises(BusError) as caught:
+        quotas.replay_allowance(agent, 0.3)  # 300 bytes back of a 500 byte debt
+    assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert "limits.agent_replay_bytes_per_second (1000 bytes of events)" in caught.value.message
+    retry_after = caught.value.details["retry_after"]
+    assert retry_after == pytest.approx(
+        (200 + 100) / 1000
+    )  # the debt left, then a tenth of a second's refill
+    assert quotas.replay_allowance(other_agent, 0.3) == 1000
+    assert quotas.replay_allowance(agent, 0.3 + retry_after) == pytest.approx(100)
+    quotas.prune(10.0)
+    assert quotas.replays == {}
