@@ -550,8 +550,9 @@ class Broker:
         else:
             source = caller.service or f"{peer.socket}:{caller.peer}"
         wall = now + self._clock_offset
-        # a batch's topics mostly repeat: each is judged once
-        judged: tuple[bytes, str, auth.Denial | None, bool] = (b"", "", None, from_agent)
+        # a batch's topics mostly repeat: each is judged once (None: nothing judged yet, so that an
+        # empty topic is judged too, not taken for the last one and published unchecked)
+        judged: tuple[bytes | None, str, auth.Denial | None, bool] = (None, "", None, from_agent)
         for topic_bytes, body in events:
             if topic_bytes != judged[0]:
                 topic, denial = publish_topic(

@@ -377,6 +377,12 @@ def test_the_usage_at_the_end_of_a_json_body_over_the_cap_is_read_from_that_end(
     only_at_the_start = UsageReader("application/json")  # past the end kept: not read
     only_at_the_start.feed(b'{"usage": {"output_tokens": 5}, "pad": "' + b"x" * 100 + b'"}')
     assert only_at_the_start.usage() == Usage(0, 0)
+    # What the answer echoes after its usage (the agent's own metadata) does not hide the real one.
+    monkeypatch.setattr(usage_module, "TAIL_KEPT", 160)
+    echoed = answer[:-1] + b', "metadata": {"usage": "x", "n": {"usage": {"output_tokens": 2}}}}'
+    reader = UsageReader("application/json")
+    reader.feed(echoed)
+    assert reader.usage() == Usage(0, 5)
 
 
 @pytest.mark.parametrize(

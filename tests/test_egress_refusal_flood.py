@@ -12,12 +12,12 @@ import time
 from baaaht.bus.testing import wait_for
 from baaaht.common import audit_chain
 from baaaht.schemas.bus import BusEventsReplay
+from baaaht.schemas.credentials import CredentialChanged
 from baaaht.schemas.egress import (
     EgressAuditRecord,
     EgressProxied,
     EgressRefusalsSuppressed,
     EgressRefused,
-    SessionUsage,
 )
 from baaaht.services.credentials.egress import proxy
 from baaaht.services.credentials.egress.journal import audit_path
@@ -96,17 +96,8 @@ def test_the_proxys_refusals_do_not_evict_the_hosts_event_history(make_host):
     host = make_host({"bus": {"event_history": 20}})
     credentials = host.service_client("credential")
     credentials.publish(
-        EgressProxied(  # a host event of another session
-            session_id="other",
-            container_id="c2",
-            role="agent",
-            route="anthropic",
-            method="POST",
-            path="/anthropic/v1/messages",
-            status=200,
-            usage=SessionUsage(session_id="other"),
-        )
-    )
+        CredentialChanged(id="k1", name="anthropic", change="rotated", version=2)
+    )  # the host's
     refusal = dict(session_id=SESSION, container_id=CONTAINER, role="agent", method="GET", path="/nothing/x")
     for _ in range(30):
         credentials.publish(EgressRefused(refused="route", message="no route", **refusal))
@@ -115,5 +106,5 @@ def test_the_proxys_refusals_do_not_evict_the_hosts_event_history(make_host):
         )
     operator = host.client()
     wait_for(lambda: operator.call(BusEventsReplay(limit=0)).last_seq >= 61, what="the events published")
-    kept = operator.call(BusEventsReplay(since=0, topics=["egress.proxied"], limit=10)).events
-    assert [event.topic for event in kept] == ["egress.proxied/other"]
+    kept = operator.call(BusEventsReplay(since=0, topics=["credential.changed"], limit=10)).events
+    assert [event.topic for event in kept] == ["credential.changed"]

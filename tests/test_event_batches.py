@@ -126,3 +126,19 @@ def test_a_burst_goes_out_on_pub_in_batches_and_each_event_arrives_once_in_order
         sub.close(0)
     assert batches >= 1  # the broker sent what one round of its loop stamped together
     assert [s for s, _ in seqs] == list(range(seqs[0][0], seqs[0][0] + len(seqs)))  # none lost, in order
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "first of a batch"])
+def test_an_event_with_an_empty_topic_is_judged_as_any_other(echo, agent, batched):
+    """An empty topic was taken for the one judged before (none) and published on topic "", outside the
+    agent's session and its role's rules, to every host subscriber of all topics."""
+    client = echo.client()
+    before = client.call(BusEventsReplay(limit=0)).last_seq
+    body = msgspec.msgpack.encode({"n": 1})
+    sent = [event("", body), event("agent.progress", body)]
+    agent.send(wire.batch_of_events(sent) if batched else sent[0])
+    assert next_reply(agent, "")[0].error == "PERMISSION_DENIED"
+    if batched:
+        wait_for(lambda: client.call(BusEventsReplay(limit=0)).last_seq == before + 1)
+    replayed = client.call(BusEventsReplay(since=before)).events
+    assert [e.topic for e in replayed] == (["agent.progress/s1"] if batched else [])

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import msgspec
 
 MAX_KEPT = 4 * 1024 * 1024  # bytes of a JSON body, or of one SSE line, kept for reading usage
-TAIL_KEPT = 64 * 1024  # bytes of the end of a JSON body over MAX_KEPT, kept for its usage
+TAIL_KEPT = (
+    256 * 1024
+)  # bytes of the end of a JSON body over MAX_KEPT, kept for its usage (and what follows it)
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
 _BRACES = {ord("{"): 1, ord("}"): -1}
 _INPUT_FIELDS = ("input_tokens", "prompt_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -117,8 +119,7 @@ class UsageReader:
             self._count(usage)
 
     def _take_trailing(self, tail: bytes) -> None:
-        usage = trailing_usage(tail)
-        if usage is not None:
+        for usage in trailing_usages(tail):
             self._count(usage)
 
     def _count(self, usage: dict) -> None:
@@ -140,23 +141,28 @@ class UsageReader:
         )
 
 
-def trailing_usage(tail: bytes) -> dict | None:
-    """The last `"usage": {...}` object in the end of a JSON body, or None. That key never occurs inside
-    a string (a quote there is escaped), and the object holds only numbers and objects: its braces match."""
-    key = tail.rfind(b'"usage"')
-    found = _USAGE_KEY.match(tail, key) if key >= 0 else None
-    if found is None or tail[found.end() : found.end() + 1] != b"{":
-        return None
-    start, depth = found.end(), 0
-    for end in range(start, len(tail)):
-        depth += _BRACES.get(tail[end], 0)
-        if depth == 0:
-            try:
-                usage = _decode(tail[start : end + 1])
-            except msgspec.DecodeError:
-                return None
-            return usage if isinstance(usage, dict) else None
-    return None
+def trailing_usages(tail: bytes) -> list[dict]:
+    """Every `"usage": {...}` object in the end of a JSON body. That key never occurs inside a string (a
+    quote there is escaped), and the object holds only numbers and objects: its braces match. All of
+    them, not the last: an answer may echo after its usage what the agent sent (the Responses API's
+    `metadata`, `user`), and a `"usage"` key there must not hide the real one (each field counts its
+    largest value, so a made-up one can only add to the agent's own count)."""
+    found = []
+    for key in _USAGE_KEY.finditer(tail):
+        start, depth = key.end(), 0
+        if tail[start : start + 1] != b"{":
+            continue
+        for end in range(start, len(tail)):
+            depth += _BRACES.get(tail[end], 0)
+            if depth == 0:
+                try:
+                    usage = _decode(tail[start : end + 1])
+                except msgspec.DecodeError:
+                    break
+                if isinstance(usage, dict):
+                    found.append(usage)
+                break
+    return found
 
 
 def with_usage_requested(body: bytes) -> bytes:
