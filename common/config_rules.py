@@ -134,6 +134,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     },
     "egress.session_requests": (lambda cap: cap >= 0, "is out of range (expected 0, no cap, or more)"),
     "egress.session_tokens": (lambda cap: cap >= 0, "is out of range (expected 0, no cap, or more)"),
+    "egress.refusals_per_minute": (
+        lambda rate: rate >= 0,
+        "is out of range (expected 0, only summed up, or more)",
+    ),
 }
 
 

@@ -234,6 +234,7 @@ BAD_VALUES = [
     ("limits.agent_events_per_second", "0", "expected a rate above zero"),
     ("limits.agent_event_burst_bytes", "1MiB", "is below bus.max_event_size (2097152 bytes)"),
     ("limits.agent_bytes_in_flight", "8MiB", "is below bus.max_message_size (16777216 bytes)"),
+    ("egress.refusals_per_minute", "-1", "expected 0, only summed up, or more"),
     (
         "limits.session_message_bytes_per_minute",
         "512KiB",

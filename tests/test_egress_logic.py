@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import errno
+import logging
+import socket
 
 import msgspec
 import pytest
@@ -10,8 +14,10 @@ import pytest
 from baaaht.common.identity import AgentIdentity
 from baaaht.schemas.config import EgressConfig, EgressRoute
 from baaaht.schemas.egress import SessionUsage
+from baaaht.services.credentials.egress import callers as egress_callers
 from baaaht.services.credentials.egress.budgets import Budgets
 from baaaht.services.credentials.egress.headers import agent_headers, injected, upstream_headers
+from baaaht.services.credentials.egress.proxy import EgressProxy
 from baaaht.services.credentials.egress.refusals import Refused
 from baaaht.services.credentials.egress.routes import RouteTable, path_problem, redirect_location
 from baaaht.services.credentials.egress.scrub import REDACTED, echo_forms, scrub, scrub_headers
@@ -110,6 +116,7 @@ def test_work_no_token_budget_can_count_is_refused_though_a_route_allows_its_pre
     routes = table(route(paths=["/v1"]))
     found = refusal(lambda: routes.target(who(), "POST", path, ""))
     assert (found.refused, found.status) == ("path", 403)
+    assert "egress.deny_paths refuses on every route" in found.message
 
 
 @pytest.mark.parametrize("path", ["/a/b", "/a/b/", "/a/b.c", "/a/b;c=d"])
@@ -475,3 +482,55 @@ def test_an_identity_is_read_again_only_when_its_file_changed_and_a_revoked_one_
     store.remove(container)
     assert callers.identity(container) is None
     assert callers.identity("../" + "a" * 61) is None
+
+
+class NoPidfd(socket.socket):
+    """A socket of a kernel before 6.5: SO_PEERPIDFD is unknown to it."""
+
+    def getsockopt(self, level, option, *size):
+        if option == egress_callers.SO_PEERPIDFD:
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        return super().getsockopt(level, option, *size)
+
+
+class OneCaller:
+    def container_of(self, pid: int) -> str | None:
+        return "c1"
+
+    def identity(self, container_id: str):
+        return None
+
+
+def test_without_pidfds_a_caller_is_judged_by_its_pid_and_the_operator_is_warned_once(caplog):
+    egress_callers._warn_pid_alone.cache_clear()
+    left, right = socket.socketpair()
+    sock = NoPidfd(fileno=left.detach())
+    try:
+        with caplog.at_level(logging.WARNING, logger="baaaht.egress"):
+            assert [egress_callers.container_of_peer(OneCaller(), sock) for _ in range(2)] == ["c1", "c1"]
+        assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+        assert "SO_PEERPIDFD" in caplog.records[0].message
+    finally:
+        sock.close()
+        right.close()
+
+
+def test_a_failed_summing_up_of_refusals_is_logged_and_the_next_period_sums_up_again(caplog):
+    class Proxy:
+        calls = 0
+
+        def _sum_up_refusals(self):
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError("the journal is closed")
+
+    async def three_periods(proxy):
+        summing = asyncio.ensure_future(EgressProxy._sum_up_refusals_every(proxy, 0.001))
+        while proxy.calls < 3:
+            await asyncio.sleep(0.001)
+        summing.cancel()
+
+    proxy = Proxy()
+    with caplog.at_level(logging.ERROR, logger="baaaht.egress"):
+        asyncio.run(asyncio.wait_for(three_periods(proxy), 10))
+    assert proxy.calls >= 3 and "summing up the refused calls failed" in caplog.text

@@ -70,8 +70,9 @@ MAX_STREAMS = CONCURRENCY - 32  # the rest stay free for submits and reports
 # leave the other sessions' workers no task.work.
 SESSION_STREAMS = 64
 # Streams only task.work (WORK_STREAMS), and only task.wait (WAIT_STREAMS), may take once the others
-# hold the rest: one of each per session, and host callers' (streams.py): a few hostile sessions at their
-# SESSION_STREAMS each still leave every session's worker its task.work and its assistant a task.wait.
+# hold the rest: one of each per session, and host callers' (streams.py): hostile sessions at their
+# SESSION_STREAMS each still leave the workers of up to 64 other sessions a task.work, and the assistants
+# of up to 32 a task.wait (past those, a session's waits are refused until one ends).
 WORK_STREAMS = 64
 WAIT_STREAMS = 32
 STREAM_CHECK = 0.5  # seconds between looks at whether a stream's caller left (items go out at once)

@@ -15,6 +15,8 @@ read and decode (~40 us) on the path of every call.
 from __future__ import annotations
 
 import errno
+import functools
+import logging
 import os
 import signal
 import socket
@@ -22,6 +24,8 @@ import struct
 from typing import Protocol
 
 from baaaht.common.identity import AgentIdentity, IdentityStore, container_of_pid
+
+log = logging.getLogger("baaaht.egress")
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux's number; Python 3.11 does not name it
@@ -45,6 +49,7 @@ def container_of_peer(callers: Callers, sock: socket.socket) -> str | None:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as error:
         if error.errno == errno.ENOPROTOOPT:  # a kernel before 6.5: the pid alone
+            _warn_pid_alone()
             return callers.container_of(pid)
         return None
     try:
@@ -52,6 +57,15 @@ def container_of_peer(callers: Callers, sock: socket.socket) -> str | None:
         return container if _running(pidfd) else None  # asked after the read: it was that process's pid
     finally:
         os.close(pidfd)
+
+
+@functools.cache
+def _warn_pid_alone() -> None:
+    """Once: the operator should know that a connection may outlive its process and its pid be reused."""
+    log.warning(
+        "this kernel has no SO_PEERPIDFD (Linux 6.5+): an agent connection is judged by its process's pid"
+        " alone, which another process may have taken once that one exited"
+    )
 
 
 def _running(pidfd: int) -> bool:

@@ -117,7 +117,10 @@ class EgressProxy:
     async def _sum_up_refusals_every(self, period: float) -> None:
         while True:
             await asyncio.sleep(period)
-            self._sum_up_refusals()
+            try:
+                self._sum_up_refusals()
+            except Exception:  # the next period sums up what this one could not: the loop must go on
+                log.exception("summing up the refused calls failed")
 
     def _sum_up_refusals(self) -> None:
         self.journal.record(*self.refusals.summaries(time.monotonic()))

@@ -87,7 +87,7 @@ class RouteTable:
         for denied in self.deny_paths:
             if _under(rest, denied, fold_case=True):
                 raise Refused(
-                    403, "path", f"{rest} is under {denied}, which manages credentials: never proxied"
+                    403, "path", f"{rest} is under {denied}, which egress.deny_paths refuses on every route"
                 )
         if not any(_under(rest, allowed) for allowed in route.paths):
             raise Refused(
