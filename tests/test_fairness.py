@@ -188,24 +188,54 @@ def test_callers_are_their_container_or_else_their_connection():
 # -- per-session quotas ---------------------------------------------------------------------------
 
 
+ONE = {"messages": 1}
+
+
 def test_each_session_has_its_own_quota_per_minute():
     quotas = SessionQuotas.for_limits(LimitsConfig(session_messages_per_minute=2))
-    assert quotas.refusal("s1", "messages", 0.0) is None and quotas.refusal("s1", "messages", 0.0) is None
-    refusal = quotas.refusal("s1", "messages", 1.0)
-    assert refusal is not None and "limits.session_messages_per_minute" in refusal and "s1" in refusal
-    assert "try again in 29.0s" in refusal
-    assert quotas.refusal("s2", "messages", 1.0) is None
-    assert quotas.refusal("s1", "messages", 30.0) is None  # 2 a minute: one more each 30 s
+    assert quotas.refusal("s1", ONE, 0.0) is None and quotas.refusal("s1", ONE, 0.0) is None
+    refusal = quotas.refusal("s1", ONE, 1.0)
+    assert refusal is not None and refusal.kind == "messages"
+    assert refusal.message == (
+        "session s1 has had its 2 messages a minute (limits.session_messages_per_minute):"
+        " try again in 29.0s (this asks for 1)"
+    )
+    assert quotas.refusal("s2", ONE, 1.0) is None
+    assert quotas.refusal("s1", ONE, 30.0) is None  # 2 a minute: one more each 30 s
+
+
+def test_a_refused_call_takes_none_of_its_kinds():
+    # A message refused for its count had already spent its bytes: each refused retry of a 1 MiB
+    # message used an eighth of the session's minute.
+    limits = LimitsConfig(session_messages_per_minute=2, session_message_bytes_per_minute=Size(1000))
+    quotas = SessionQuotas.for_limits(limits)
+    message = {"message_bytes": 400, "messages": 1}
+    assert quotas.refusal("s", message, 0.0) is None and quotas.refusal("s", message, 0.0) is None
+    for _ in range(3):
+        refused = quotas.refusal("s", {"message_bytes": 100, "messages": 1}, 0.0)
+        assert refused is not None and refused.kind == "messages"
+    assert quotas.buckets[("s", "message_bytes")].available(0.0) == 200
+    refused = quotas.refusal("s", {"messages": 1, "message_bytes": 800}, 30.0)  # a message back: 700 bytes
+    assert refused is not None and refused.kind == "message_bytes" and "bytes of messages" in refused.message
+    assert quotas.buckets[("s", "messages")].available(30.0) == 1
+
+
+def test_an_amount_past_a_whole_minute_of_its_quota_is_named_in_its_unit():
+    quotas = SessionQuotas.for_limits(LimitsConfig(session_tasks_per_minute=600))
+    assert quotas.oversized("tasks", 600) is None
+    assert quotas.oversized("tasks", 601) == (
+        "601 task attempts at once are more than limits.session_tasks_per_minute allows in a minute (600)"
+    )
 
 
 def test_session_quotas_are_forgotten_once_full_again():
     quotas = SessionQuotas.for_limits(LimitsConfig(session_messages_per_minute=2))
-    quotas.refusal("s1", "messages", 0.0)
-    quotas.refusal("s2", "messages", 50.0)
+    quotas.refusal("s1", ONE, 0.0)
+    quotas.refusal("s2", ONE, 50.0)
     quotas.prune(60.0)
     assert list(quotas.buckets) == [("s2", "messages")]
-    assert quotas.refusal("s2", "messages", 60.0) is None  # what it had taken is still counted
-    assert quotas.refusal("s2", "messages", 60.0) is not None
+    assert quotas.refusal("s2", ONE, 60.0) is None  # what it had taken is still counted
+    assert quotas.refusal("s2", ONE, 60.0) is not None
 
 
 # -- the broker's in-flight caps ------------------------------------------------------------------

@@ -423,6 +423,38 @@ def test_a_session_holds_at_most_its_cap_of_unfinished_tasks_and_a_finished_one_
     assert core.submit(submit, "s", clock.now())[0].session_id == "s"
 
 
+def test_a_submits_charge_counts_only_the_tasks_it_creates_once_nothing_else_refuses_them():
+    """The service's per-session task quota is charged here: a submit refused for its payload or the
+    session's room, or a retry its key answers, spent the session's attempts though no task was made."""
+    clock = Clock()
+    core, _pushed = core_with_worker(clock, slots=0, session_max_unfinished=3)
+    charged: list[int] = []
+    three = TaskSubmit(queue="q", task_type="t", key="k", retry=RetryPolicy(maximum_attempts=3))
+    core.submit(three, "s", clock.now(), charged.append)
+    assert core.submit(three, "s", clock.now(), charged.append)[1] is True  # a client's retry
+    with pytest.raises(BusError):
+        core.submit(TaskSubmit(queue="q", task_type="t", payload=b"\xc1"), "s", clock.now(), charged.append)
+    two = TaskSubmit(queue="q", task_type="t", retry=RetryPolicy(maximum_attempts=2))
+    core.submit_batch([two, three, two], ["s", "s", "s"], clock.now(), charged.append)  # the key's is known
+    with pytest.raises(BusError) as caught:  # past session_max_unfinished
+        core.submit_batch([two], ["s"], clock.now(), charged.append)
+    assert "session_max_unfinished" in caught.value.message
+    with pytest.raises(BusError):
+        core.submit(two, "s", clock.now(), charged.append)
+    assert charged == [3, 4]
+
+    def refuse(attempts: int) -> None:
+        raise BusError(ErrorCode.RESOURCE_EXHAUSTED, "no more")
+
+    core.take_effects()
+    with pytest.raises(BusError) as caught:  # the charge refuses too, before anything changes
+        core.submit(two, "other", clock.now(), refuse)
+    assert caught.value.message == "no more" and core.unfinished["other"] == 0
+    with pytest.raises(BusError):
+        core.submit_batch([two, two], ["other", "other"], clock.now(), refuse)
+    assert core.unfinished["other"] == 0 and core.take_effects().tasks == {}
+
+
 def test_an_outcome_ending_while_another_waits_for_its_answer_goes_out_without_waiting_for_it():
     from baaaht.bus.worker import OutcomeSender
     from baaaht.schemas.tasks import TaskCompleteResult

@@ -813,6 +813,23 @@ def test_agents_add_at_most_the_sessions_message_bytes_per_minute_and_a_refused_
     assert [m.content[0] for m in world.all_messages(busy)] == ["x", "y", "v"]
 
 
+def test_a_message_refused_for_its_count_spends_none_of_its_bytes(world):
+    """The bytes were taken, then the count refused: each refused retry of a large message spent its bytes
+    for a message never added, until the bytes' quota refused too."""
+    world.config.limits = LimitsConfig(
+        session_messages_per_minute=2, session_message_bytes_per_minute=Size(2000)
+    )
+    world.restart()
+    busy = world.create()
+    agent = agent_caller(busy, "assistant", "a" * 64)
+    world.send(busy, "a", role="assistant", caller=agent)
+    world.send(busy, "b", role="assistant", caller=agent)
+    for _ in range(5):  # 4500 bytes asked for, of a quota of 2000
+        refused = error_of(lambda: world.send(busy, "z" * 900, role="assistant", caller=agent))
+        assert refused.details == {"session_id": busy, "kind": "messages"}, refused.message
+    assert [m.content for m in world.all_messages(busy)] == ["a", "b"]
+
+
 # -- cancelling a turn -------------------------------------------------------------------------------
 
 

@@ -77,6 +77,7 @@ _msgpack = msgspec.msgpack.Decoder()
 _finished = msgspec.msgpack.Decoder(TaskFinished)
 _encode = msgspec.msgpack.Encoder().encode
 Push = Callable[[Any], None]  # puts an item into a stream's outbox (a worker's task.work, a task.wait)
+Charge = Callable[[int], None]  # counts the attempts of tasks a submit creates against a quota; may raise
 
 
 @dataclass(frozen=True)
@@ -314,27 +315,36 @@ class Core:
 
     # -- tasks ------------------------------------------------------------------------------------
 
-    def submit(self, req: TaskSubmit, session_id: str, now: Now) -> tuple[TaskInfo, bool]:
+    def submit(
+        self, req: TaskSubmit, session_id: str, now: Now, charge: Charge | None = None
+    ) -> tuple[TaskInfo, bool]:
+        """`charge`, if any, is told the attempts of a task about to be created (none for a duplicate),
+        once nothing else refuses it: it may refuse too (raise), with nothing changed."""
         self._check_payload(req.payload, "payload")
-        return self._accept(req, session_id, now)
+        return self._accept(req, session_id, now, charge)
 
     def submit_batch(
-        self, items: list[TaskSubmit], session_ids: list[str], now: Now
+        self, items: list[TaskSubmit], session_ids: list[str], now: Now, charge: Charge | None = None
     ) -> list[tuple[TaskInfo, bool]]:
         """The tasks of one task.submit (its own, then those of its `more`): every one accepted, or none
-        when one is refused (checked before anything changes; the error names it: `named_item`)."""
+        when one is refused (checked before anything changes; the error names it: `named_item`).
+        `charge`, as for `submit`, is told the attempts of all the tasks the batch creates."""
         for n, item in enumerate(items):
             with named_item(n):
                 self._check_payload(item.payload, "payload")
         new: Counter[str] = Counter()
+        new_attempts = 0
         keys = set()
         for item, session_id in zip(items, session_ids, strict=True):
             if self._known(item, session_id, now) is None and (session_id, item.key) not in keys:
                 new[session_id] += 1
+                new_attempts += item.retry.maximum_attempts
                 if item.key:  # a key twice in one call makes one task
                     keys.add((session_id, item.key))
         for session_id, count in new.items():
             self._check_room(session_id, count)
+        if charge is not None:
+            charge(new_attempts)
         return [
             self._accept(item, session_id, now) for item, session_id in zip(items, session_ids, strict=True)
         ]
@@ -359,11 +369,15 @@ class Core:
                 limit=cap,
             )
 
-    def _accept(self, req: TaskSubmit, session_id: str, now: Now) -> tuple[TaskInfo, bool]:
+    def _accept(
+        self, req: TaskSubmit, session_id: str, now: Now, charge: Charge | None = None
+    ) -> tuple[TaskInfo, bool]:
         known = self._known(req, session_id, now)
         if known is not None:
             return known, True
         self._check_room(session_id)
+        if charge is not None:
+            charge(req.retry.maximum_attempts)
         not_before = max(req.not_before, now.wall + req.delay) if (req.delay or req.not_before) else 0.0
         task = self._new_task(
             req, session_id, now, key=req.key, not_before=not_before if not_before > now.wall else 0.0

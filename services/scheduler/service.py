@@ -54,7 +54,7 @@ from baaaht.schemas.tasks import (
     TaskWorkers,
     TaskWorkersResult,
 )
-from baaaht.services.scheduler.core import named_item, visible
+from baaaht.services.scheduler.core import Charge, named_item, visible
 from baaaht.services.scheduler.engine import Engine
 from baaaht.services.scheduler.scope import check_submit_queue, scope_of, session_for
 from baaaht.services.scheduler.sessions import catch_up, session_peer
@@ -139,10 +139,10 @@ class SchedulerService(Service):
         if not req.more:
             session_id = session_for(ctx.caller, req.session_id, "submit")
             check_submit_queue(ctx.caller, req.queue)
-            self._charge_tasks(ctx, session_id, req.retry.maximum_attempts)
+            charge = self._task_charge(ctx, session_id, req.retry.maximum_attempts, "retry.maximum_attempts")
 
             def apply(core, now):
-                task, duplicate = core.submit(req, session_id, now)
+                task, duplicate = core.submit(req, session_id, now, charge)
                 return TaskSubmitResult(task=task, duplicate=duplicate)
 
             return self.engine.defer(apply)
@@ -155,28 +155,39 @@ class SchedulerService(Service):
                 session_ids.append(session_for(ctx.caller, item.session_id, "submit"))
                 check_submit_queue(ctx.caller, item.queue)
         attempts = sum(item.retry.maximum_attempts for item in items)
-        self._charge_tasks(ctx, session_ids[0], attempts)  # an agent's are all its own session's
+        # an agent's tasks are all its own session's
+        charge = self._task_charge(ctx, session_ids[0], attempts, "more")
 
         def apply_batch(core, now):
             first, *rest = [
                 TaskSubmitResult(task=task, duplicate=duplicate)
-                for task, duplicate in core.submit_batch(items, session_ids, now)
+                for task, duplicate in core.submit_batch(items, session_ids, now, charge)
             ]
             first.more = rest
             return first
 
         return self.engine.defer(apply_batch)
 
-    def _charge_tasks(self, ctx: CallContext, session_id: str, attempts: int) -> None:
-        """Count the attempts an agent's submitted tasks may run against its session's quota (host callers
-        have none): a task failed at once by a worker of the same session retries at once, up to
-        retry.maximum_attempts (1000), each attempt events and a rewrite of its row."""
+    def _task_charge(self, ctx: CallContext, session_id: str, attempts: int, field: str) -> Charge | None:
+        """What counts the attempts of the tasks an agent's submit creates against its session's quota
+        (host callers have none): a task failed at once by a worker of the same session retries at once, up
+        to retry.maximum_attempts (1000), each attempt events and a rewrite of its row. The engine charges
+        only the tasks it creates, once nothing else refuses them: a refused submit, or a client's retry
+        that finds its key's task, spends nothing. A submit of more attempts than the quota's whole minute
+        is refused here: no wait lets it in."""
         if is_host(ctx.caller):
-            return
-        with self._quotas_lock:
-            refusal = self.quotas.refusal(session_id, "tasks", time.monotonic(), attempts)
-        if refusal is not None:
-            raise exhausted(refusal, session_id=session_id, kind="tasks")
+            return None
+        oversized = self.quotas.oversized("tasks", attempts)
+        if oversized is not None:
+            raise invalid(oversized, field=field, session_id=session_id)
+
+        def charge(created: int) -> None:
+            with self._quotas_lock:
+                refusal = self.quotas.refusal(session_id, {"tasks": created}, time.monotonic())
+            if refusal is not None:
+                raise exhausted(refusal.message, session_id=session_id, kind="tasks")
+
+        return charge
 
     @rpc
     def get(self, req: TaskGet, ctx: CallContext) -> TaskInfo:

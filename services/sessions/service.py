@@ -294,9 +294,8 @@ class SessionService(Service):
         size = validation.message_size(req.content, req.metadata, int(self.limits.max_message_size))
         for field in ("tool_name", "tool_call_id", "container_id"):
             validation.text(f"metadata.{field}", getattr(req.metadata, field), MAX_ID)
-        if not is_host(ctx.caller):
-            self._charge(req.session_id, "message_bytes", size)
-            self._charge(req.session_id, "messages")
+        if not is_host(ctx.caller):  # both or neither: a refused message spends none of its bytes
+            self._charge(req.session_id, {"messages": 1, "message_bytes": size})
         now = self.clock()
         sender = name_of(ctx.caller)
 
@@ -333,12 +332,13 @@ class SessionService(Service):
         self.store.submit(append, settle)
         return answer
 
-    def _charge(self, session_id: str, kind: str, amount: int = 1) -> None:
-        """Count what an agent causes in a session against the session's quota (common/session_quotas.py)."""
+    def _charge(self, session_id: str, amounts: dict[str, int]) -> None:
+        """Count what an agent causes in a session against the session's quotas (common/session_quotas.py):
+        each message is at most session.max_message_size, which the bytes' quota holds (config_rules)."""
         with self._quotas_lock:
-            refusal = self.quotas.refusal(session_id, kind, time.monotonic(), amount)
+            refusal = self.quotas.refusal(session_id, amounts, time.monotonic())
         if refusal is not None:
-            raise exhausted(refusal, session_id=session_id, kind=kind)
+            raise exhausted(refusal.message, session_id=session_id, kind=refusal.kind)
 
     def _append(
         self, tx: Transaction, session: SessionInfo, req: SessionSendMessage, now: float, sender: str
@@ -372,7 +372,7 @@ class SessionService(Service):
         session = self._existing(req.session_id)
         require_live(session, "cancel the turn of")
         if not is_host(ctx.caller):  # each is an event and a log line: an agent's loop of them is bounded
-            self._charge(req.session_id, "cancels")
+            self._charge(req.session_id, {"cancels": 1})
         requested_by = name_of(ctx.caller)
         self.events.publish(
             SessionCancelled(session_id=session.id, requested_by=requested_by, reason=req.reason)
