@@ -718,9 +718,9 @@ class Broker:
 
     def _replay(self, peer: Peer, request: BusEventsReplay, now: float) -> ReplayResult:
         """Kept events; an agent's only of its own session and of tags its role may receive, the page cut
-        at what its replay budget holds (one reply of its whole history held the loop ~100 ms); a replay
-        with `limit` 0, just the numbers, costs nothing and is never refused: a subscription "from now"
-        starts with one."""
+        at what its replay budget holds (one reply of its whole history held the loop ~100 ms) and charged
+        what it sent or scanned; a replay with `limit` 0, just the numbers, costs nothing and is never
+        refused: a subscription "from now" starts with one."""
         visible, allowance = None, None
         limit = min(request.limit, REPLAY_LIMIT_MAX)
         from_agent = peer.socket == AGENTS_SOCKET
@@ -732,16 +732,15 @@ class Broker:
                 allowance = self.registry.event_quotas.replay_allowance(peer, now)
             role, session = peer.role, peer.caller.session
             visible = lambda topic: may_receive(role, session, topic)  # noqa: E731
-        events, more = self.events.replay(request.since, request.topics, limit, visible, allowance)
+        page = self.events.replay(request.since, request.topics, limit, visible, allowance)
         if from_agent:
-            sent = sum(len(event.topic) + len(event.body) for event in events)
-            self.registry.event_quotas.charge_replay(peer, sent, now)
+            self.registry.event_quotas.charge_replay(peer, page, now)
         return ReplayResult(
-            events=events,
+            events=page.events,
             first_seq=self.events.first_seq,
             last_seq=self.events.last_seq,
             epoch=self.epoch,
-            more=more,
+            more=page.more,
         )
 
     # -- time ---------------------------------------------------------------------------------

@@ -174,6 +174,13 @@ class InFlightCaps:
         return self.held.get(quota_holder(peer)) or Held()
 
 
+# What a replay is charged for each kept event it looks at, sent or not: the broker's loop spends about as
+# long on the cheapest look (a topic prefix that does not match: ~280 ns; one its role may not receive costs
+# 2-4 times that) as on sending this many bytes of events (~1.2 ns a byte: built, checked, encoded, copied
+# into ZeroMQ). Measured on this 2-core VM with EventLog.replay over 11,000 kept events.
+REPLAY_SCAN_BYTES = 256
+
+
 class EventQuotas:
     """What each agent (its container; its connection without one) may publish: a token bucket of
     events and one of bytes; and the bytes of events it may be sent by bus.events.replay, which the
@@ -187,31 +194,38 @@ class EventQuotas:
 
     def replay_allowance(self, peer: Peer, now: float) -> float:
         """The bytes of events the agent may be sent by a replay now: its page is cut there (one event
-        at least; charge_replay counts what was sent). With none left, RESOURCE_EXHAUSTED with
-        `retry_after`: the seconds until its debt is paid back and a tenth of a second's refill is there
-        (a page then is worth its round trip, where "just above zero" would be one event a call)."""
-        rate = float(self.limits.agent_replay_bytes_per_second)
-        bucket = self.replays.get(quota_holder(peer))
-        if bucket is None:
-            return rate  # a new bucket's burst
+        at least; charge_replay counts what it cost). Below a tenth of a second's refill, RESOURCE_EXHAUSTED
+        with `retry_after`, the seconds until that is there: a page then is worth its round trip, where
+        "just above zero" would be one event a call to a client that asks again at once."""
+        bucket = self._replay_bucket(peer)
+        least = bucket.rate / 10
         left = bucket.available(now)
-        if left > 0:
+        if left >= least:
             return left
-        retry_after = (rate / 10 - left) / rate
+        retry_after = (least - left) / bucket.rate
         raise BusError(
             ErrorCode.RESOURCE_EXHAUSTED,
             f"bus.events.replay refused: this agent is sent more than limits.agent_replay_bytes_per_second"
-            f" ({int(rate)} bytes of events): try again in {retry_after:.1f}s",
+            f" ({int(bucket.rate)} bytes of events): try again in {retry_after:.1f}s",
             {"limit": "limits.agent_replay_bytes_per_second", "retry_after": retry_after},
         )
 
-    def charge_replay(self, peer: Peer, size: int, now: float) -> None:
+    def charge_replay(self, peer: Peer, page: ReplayPage, now: float) -> None:
+        """Charge what a replay cost the broker's loop: the bytes of events sent, or REPLAY_SCAN_BYTES for
+        each kept event it looked at when that is more (a replay matching nothing scans the whole history
+        too). A replay that looked at nothing (`limit` 0, nothing after `since`) costs nothing."""
+        cost = max(page.size, page.scanned * REPLAY_SCAN_BYTES)
+        if cost:
+            self._replay_bucket(peer).charge(cost, now)
+
+    def _replay_bucket(self, peer: Peer) -> TokenBucket:
+        """The bucket of replayed bytes of the agent's container: one second of the rate, full when new."""
         holder = quota_holder(peer)
         bucket = self.replays.get(holder)
         if bucket is None:
             rate = float(self.limits.agent_replay_bytes_per_second)
             bucket = self.replays[holder] = TokenBucket(rate, rate)
-        bucket.charge(size, now)
+        return bucket
 
     def refusal(self, peer: Peer, size: int, now: float) -> str | None:
         """None when the agent may publish an event of `size` bytes now (and it is counted), else why not."""
@@ -684,6 +698,17 @@ def _seq_of(event: StampedEvent) -> int:
     return event.seq
 
 
+@dataclass(slots=True)
+class ReplayPage:
+    """A replay's answer and its cost: the events, whether more are kept than it holds, their bytes
+    (topics and bodies) and how many kept events were looked at to find them."""
+
+    events: list[StampedEvent]
+    more: bool = False
+    size: int = 0
+    scanned: int = 0
+
+
 class EventLog:
     """Stamped events kept for replay to late or lagging subscribers, in two budgets: the host's
     (`capacity` events, `max_bytes`) and the agents' (their own `agent_capacity`, `agent_max_bytes`),
@@ -728,28 +753,30 @@ class EventLog:
         limit: int,
         visible: Callable[[str], bool] | None = None,
         max_bytes: float | None = None,
-    ) -> tuple[list[StampedEvent], bool]:
+    ) -> ReplayPage:
         """Kept events after `since` whose topic starts with one of `topics` (and is `visible`): at
         most `limit` of them, and of `max_bytes` (topics and bodies; the first whatever its size);
-        and whether more of them are kept than that page holds."""
+        whether more of them are kept than that page holds (the scan stops at the first one past it),
+        and what the page cost: its bytes and the kept events looked at."""
+        page = ReplayPage([])
         if limit <= 0:
-            return [], False
-        found: list[StampedEvent] = []
-        size = 0
-        for event in self._matching(since, tuple(topics), visible):
-            size += _kept_size(event)
-            if len(found) >= limit or (found and max_bytes is not None and size > max_bytes):
-                return found, True
-            found.append(event)
-        return found, False
-
-    def _matching(
-        self, since: int, prefixes: tuple[str, ...], visible: Callable[[str], bool] | None
-    ) -> Iterator[StampedEvent]:
+            return page
+        prefixes = tuple(topics)
         for event in heapq.merge(self.host.after(since), self.agents.after(since), key=_seq_of):
-            if (
-                (not prefixes or event.topic.startswith(prefixes))
-                and (visible is None or visible(event.topic))
-                and is_one_msgpack_value(event.body)
+            page.scanned += 1
+            if not _is_wanted(event, prefixes, visible):
+                continue
+            size = _kept_size(event)
+            if len(page.events) >= limit or (
+                page.events and max_bytes is not None and page.size + size > max_bytes
             ):
-                yield event
+                page.more = True  # its body is not checked: it is not sent
+                return page
+            if is_one_msgpack_value(event.body):
+                page.events.append(event)
+                page.size += size
+        return page
+
+
+def _is_wanted(event: StampedEvent, prefixes: tuple[str, ...], visible: Callable[[str], bool] | None) -> bool:
+    return (not prefixes or event.topic.startswith(prefixes)) and (visible is None or visible(event.topic))

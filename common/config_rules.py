@@ -146,6 +146,13 @@ _AGENT_BYTE_FLOORS = (
     ("limits.agent_event_burst_bytes", "bus.max_event_size", "publish an event that large"),
     ("limits.agent_bytes_in_flight", "bus.max_message_size", "send a message that large"),
     ("limits.session_message_bytes_per_minute", "session.max_message_size", "add a message that large"),
+    # a replay page holds one event whatever its size: below this, one kept event of the largest size
+    # left a debt longer than a second, and a subscription's catch-up waits at most its call timeout
+    (
+        "limits.agent_replay_bytes_per_second",
+        "bus.max_event_size",
+        "be replayed an event that large within a second",
+    ),
 )
 
 

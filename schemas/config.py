@@ -128,8 +128,10 @@ class LimitsConfig(Section, kw_only=True):
     agent_event_burst: int = 400
     agent_event_bytes_per_second: Size = Size(4 * 1024 * 1024)
     agent_event_burst_bytes: Size = Size(8 * 1024 * 1024)  # at least bus.max_event_size
-    # Bytes of events an agent is sent by bus.events.replay, which the broker builds on its loop: one goes
-    # out while the agent has any left, then it is refused until the refill has paid it back.
+    # Bytes of events an agent is sent by bus.events.replay, which the broker builds on its loop (or
+    # a fixed cost for each kept event a replay looks at, when that is more): a page is cut at what is
+    # left, one event at least, and refused while less than a tenth of a second's is left. At least
+    # bus.max_event_size.
     agent_replay_bytes_per_second: Size = Size(16 * 1024 * 1024)
     # Agents' events are kept for replay in their own budget: they never evict the host's.
     agent_event_history: int = 1000

@@ -240,6 +240,7 @@ BAD_VALUES = [
         "512KiB",
         "is below session.max_message_size (1048576 bytes)",
     ),
+    ("limits.agent_replay_bytes_per_second", "1MiB", "is below bus.max_event_size (2097152 bytes)"),
 ]
 
 

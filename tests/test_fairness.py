@@ -8,7 +8,15 @@ import pytest
 
 from baaaht.bus.errors import BusError
 from baaaht.bus.fair import FairQueue
-from baaaht.bus.registry import AGENTS_SOCKET, SERVICES_SOCKET, EventLog, Held, Registry
+from baaaht.bus.registry import (
+    AGENTS_SOCKET,
+    REPLAY_SCAN_BYTES,
+    SERVICES_SOCKET,
+    EventLog,
+    Held,
+    Registry,
+    ReplayPage,
+)
 from baaaht.bus.runner import caller_key
 from baaaht.bus.testing import wait_for
 from baaaht.common.rate import TokenBucket
@@ -385,10 +393,10 @@ def test_agent_events_never_evict_the_hosts_history():
     for n in range(40):  # what evicted everything before: 40 agent events of 2 MiB
         log.append("agent.blob", "agents:a", big, now=10 + n, from_agent=True)
     log.append("session.created", "session", msgspec.msgpack.encode(3), now=99)
-    assert [e.seq for e in log.replay(0, ["session."], 100)[0]] == [1, 2, 3, 44]
+    assert [e.seq for e in log.replay(0, ["session."], 100).events] == [1, 2, 3, 44]
     assert [e.seq for e in log.agents.events] == [42, 43]  # their own 5 MiB budget
-    assert [e.seq for e in log.replay(0, [], 100)[0]] == [1, 2, 3, 42, 43, 44]  # one history, in order
-    assert [e.seq for e in log.replay(2, [], 3)[0]] == [3, 42, 43]
+    assert [e.seq for e in log.replay(0, [], 100).events] == [1, 2, 3, 42, 43, 44]  # one history, in order
+    assert [e.seq for e in log.replay(2, [], 3).events] == [3, 42, 43]
     assert log.first_seq == 1 and log.last_seq == 44
 
 
@@ -398,7 +406,7 @@ def test_the_first_kept_event_is_the_older_of_the_two_budgets():
     log.append("session.a", "session", b"\x01", now=1)
     log.append("session.b", "session", b"\x01", now=2)
     assert log.first_seq == 1
-    assert [e.topic for e in log.replay(0, [], 10)[0]] == ["agent.x", "session.b"]
+    assert [e.topic for e in log.replay(0, [], 10).events] == ["agent.x", "session.b"]
 
 
 # -- the agents' replay budget --------------------------------------------------------------------
@@ -413,16 +421,40 @@ def blobs(sizes: list[int]) -> EventLog:
     return log
 
 
+def seqs(page: ReplayPage) -> list[int]:
+    return [event.seq for event in page.events]
+
+
 def test_a_replay_page_is_cut_at_its_bytes_and_says_whether_more_is_kept():
     log = blobs([50, 50, 50, 200])
-    page, more = log.replay(0, [], 10, max_bytes=120)
-    assert [e.seq for e in page] == [1, 2] and more is True
-    assert log.replay(0, [], 10, max_bytes=150) == (log.replay(0, [], 3)[0], True)  # the 200 does not fit
-    assert log.replay(0, [], 10, max_bytes=350) == (log.replay(0, [], 10)[0], False)
-    first, more = log.replay(3, [], 10, max_bytes=1)
-    assert [e.seq for e in first] == [4] and more is False  # one event at least, whatever its size
-    assert log.replay(0, [], 4)[1] is False and log.replay(0, [], 3)[1] is True  # cut by the count
-    assert log.replay(0, ["session."], 10, max_bytes=1) == ([], False)
+    page = log.replay(0, [], 10, max_bytes=120)
+    assert seqs(page) == [1, 2] and page.more is True and page.size == 100
+    assert log.replay(0, [], 10, max_bytes=150).events == log.replay(0, [], 3).events  # the 200 does not fit
+    assert log.replay(0, [], 10, max_bytes=150).more is True
+    assert log.replay(0, [], 10, max_bytes=350) == log.replay(0, [], 10)
+    assert log.replay(0, [], 10).more is False
+    first = log.replay(3, [], 10, max_bytes=1)
+    assert seqs(first) == [4] and first.more is False  # one event at least, whatever its size
+    assert log.replay(0, [], 4).more is False and log.replay(0, [], 3).more is True  # cut by the count
+    assert log.replay(0, ["session."], 10, max_bytes=1).events == []
+
+
+def test_a_replay_counts_the_kept_events_it_looked_at_and_stops_at_the_first_match_past_its_page():
+    """What a replay costs the broker's loop: a replay matching nothing scans the whole history."""
+    log = blobs([50, 50, 50, 200])
+    for n in range(6):
+        log.append("session.x", "session", b"\x01", now=10 + n)
+    nothing = log.replay(0, ["nosuch."], 10)
+    assert nothing.events == [] and nothing.size == 0 and nothing.scanned == 10
+    assert log.replay(2, ["nosuch."], 10).scanned == 8  # only what is after `since`
+    cut = log.replay(0, ["agent."], 2)
+    assert seqs(cut) == [1, 2] and cut.more is True and cut.scanned == 3  # the third says `more`
+    assert log.replay(0, ["agent."], 10).scanned == 10  # no match past the last: it looked to the end
+    assert log.replay(0, [], 0).scanned == 0  # just the numbers
+
+
+def replay_page(size: int = 0, scanned: int = 0) -> ReplayPage:
+    return ReplayPage([], size=size, scanned=scanned)
 
 
 def test_an_agents_replay_allowance_is_its_containers_and_refused_when_spent_with_when_to_ask_again():
@@ -432,9 +464,11 @@ def test_an_agents_replay_allowance_is_its_containers_and_refused_when_spent_wit
     other_connection = peer(registry, b"a2", AGENTS_SOCKET, container="c1")
     other_agent = peer(registry, b"b", AGENTS_SOCKET, container="c2")
     assert quotas.replay_allowance(agent, 0.0) == 1000  # a second of the rate
-    quotas.charge_replay(agent, 600, 0.0)
+    quotas.charge_replay(agent, replay_page(size=600), 0.0)
     assert quotas.replay_allowance(other_connection, 0.0) == 400  # one container's connections share it
-    quotas.charge_replay(other_connection, 900, 0.0)  # a page's first event is sent whatever its size
+    quotas.charge_replay(
+        other_connection, replay_page(size=900), 0.0
+    )  # a page's first event, whatever its size
     with pytest.raises(BusError) as caught:
         quotas.replay_allowance(agent, 0.3)  # 300 bytes back of a 500 byte debt
     assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
@@ -444,6 +478,41 @@ def test_an_agents_replay_allowance_is_its_containers_and_refused_when_spent_wit
         (200 + 100) / 1000
     )  # the debt left, then a tenth of a second's refill
     assert quotas.replay_allowance(other_agent, 0.3) == 1000
-    assert quotas.replay_allowance(agent, 0.3 + retry_after) == pytest.approx(100)
+    assert quotas.replay_allowance(agent, 0.301 + retry_after) == pytest.approx(101)
     quotas.prune(10.0)
+    assert quotas.replays == {}
+
+
+def test_an_agent_is_refused_a_replay_while_less_than_a_tenth_of_a_seconds_bytes_is_left():
+    """Refused only at none left, a client asking again at once got a page of one event a call."""
+    registry = registry_with(agent_replay_bytes_per_second=Size(1000))
+    quotas = registry.event_quotas
+    agent = peer(registry, b"a", AGENTS_SOCKET, container="c1")
+    quotas.charge_replay(agent, replay_page(size=950), 0.0)
+    with pytest.raises(BusError) as caught:
+        quotas.replay_allowance(agent, 0.0)  # 50 bytes left, of the 100 of a tenth of a second
+    assert caught.value.details["retry_after"] == pytest.approx(0.05)
+    assert quotas.replay_allowance(agent, 0.051) == pytest.approx(101)
+
+
+def test_a_replay_is_charged_the_kept_events_it_scanned_when_that_is_more_than_it_sent():
+    """A loop of replays matching nothing scanned the whole history on the loop, charged nothing."""
+    scan = REPLAY_SCAN_BYTES
+    registry = registry_with(agent_replay_bytes_per_second=Size(40 * scan))
+    quotas = registry.event_quotas
+    agent = peer(registry, b"a", AGENTS_SOCKET, container="c1")
+    quotas.charge_replay(agent, replay_page(size=0, scanned=10), 0.0)
+    assert quotas.replay_allowance(agent, 0.0) == 30 * scan
+    quotas.charge_replay(agent, replay_page(size=5 * scan, scanned=2), 0.0)  # the bytes sent, when more
+    assert quotas.replay_allowance(agent, 0.0) == 25 * scan
+    quotas.charge_replay(agent, replay_page(scanned=25), 0.0)
+    with pytest.raises(BusError):
+        quotas.replay_allowance(agent, 0.0)
+
+
+def test_a_replay_that_looked_at_nothing_leaves_no_bucket_behind():
+    """`limit` 0 (a subscription "from now") made a bucket for every such replay, until the next prune."""
+    registry = registry_with()
+    quotas = registry.event_quotas
+    quotas.charge_replay(peer(registry, b"a", AGENTS_SOCKET, container="c1"), replay_page(), 0.0)
     assert quotas.replays == {}

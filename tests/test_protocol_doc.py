@@ -117,7 +117,7 @@ def test_the_fairness_limits_are_the_config_defaults():
         "`limits.agent_event_history`, `limits.agent_event_history_bytes`": (
             f"{limits.agent_event_history:,}, {size(int(limits.agent_event_history_bytes))}"
         ),
-        "`limits.agent_replay_bytes_per_second`": size(int(limits.agent_replay_bytes_per_second)),
+        "`limits.agent_replay_bytes_per_second`": f"{size(int(limits.agent_replay_bytes_per_second))}/s",
         "`limits.session_messages_per_minute`": f"{limits.session_messages_per_minute:,}",
         "`limits.session_message_bytes_per_minute`": size(int(limits.session_message_bytes_per_minute)),
         "`limits.session_cancels_per_minute`": f"{limits.session_cancels_per_minute:,}",
@@ -125,6 +125,8 @@ def test_the_fairness_limits_are_the_config_defaults():
     }
     rows = {row[1]: row[2] for row in section("limits") if row[1].startswith("`limits.")}
     assert rows == expected
+    [replayed] = [row[3] for row in section("limits") if row[1] == "`limits.agent_replay_bytes_per_second`"]
+    assert f"or {registry.REPLAY_SCAN_BYTES} bytes for each kept event it looks at" in replayed
     threads = " ".join(DOC.read_text().split("## Threads", 1)[1].split())
     assert f"up to {broker.BATCH} messages from the services' socket, {broker.AGENT_BATCH}" in threads
     assert f"(or {broker.BATCH_BYTES // MiB} MiB from either)" in threads

@@ -297,10 +297,10 @@ def test_event_log_keeps_the_last_n_and_replays_by_prefix():
     for n in range(5):
         log.append("container.started" if n % 2 else "session.created", "x", msgspec.msgpack.encode(n), now=n)
     assert log.first_seq == 3 and log.last_seq == 5
-    assert [e.seq for e in log.replay(0, [], 10)[0]] == [3, 4, 5]
-    assert [e.seq for e in log.replay(3, ["container."], 10)[0]] == [4]
-    assert [e.seq for e in log.replay(0, [], 2)[0]] == [3, 4]
-    assert log.replay(5, [], 10)[0] == []
+    assert [e.seq for e in log.replay(0, [], 10).events] == [3, 4, 5]
+    assert [e.seq for e in log.replay(3, ["container."], 10).events] == [4]
+    assert [e.seq for e in log.replay(0, [], 2).events] == [3, 4]
+    assert log.replay(5, [], 10).events == []
 
 
 def test_event_log_keeps_at_most_max_bytes_of_topics_and_bodies():
@@ -349,7 +349,7 @@ def test_a_replay_reply_always_decodes_whatever_was_offered(bodies):
         StampedEvent(seq=999, time=0, topic="agent.x", source="a", body=msgspec.Raw(b"\xc1"))
     )
     result = replay_reply.decode(
-        msgspec.msgpack.encode(ReplayResult(events=log.replay(0, [], 1000)[0], first_seq=1, last_seq=999))
+        msgspec.msgpack.encode(ReplayResult(events=log.replay(0, [], 1000).events, first_seq=1, last_seq=999))
     )
     for event in result.events:
         msgspec.msgpack.decode(event.body)  # each item decodes on its own too

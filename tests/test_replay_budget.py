@@ -12,13 +12,14 @@ import pytest
 
 from baaaht.bus.aio import AsyncBusClient
 from baaaht.bus.errors import BusError
+from baaaht.bus.registry import REPLAY_SCAN_BYTES
 from baaaht.bus.subscription import REPLAY_PAGE
 from baaaht.bus.testing import error_of, run_async, wait_for
 from baaaht.schemas.base import Event
 from baaaht.schemas.bus import BusEventsReplay
 from baaaht.schemas.errors import ErrorCode
 
-BUDGET = 64 * 1024  # bytes of replayed events a second
+BUDGET = 64 * 1024  # bytes of replayed events a second, and the largest event (the budget's floor)
 
 
 class Blob(Event, tag="agent.blob", kw_only=True):
@@ -27,7 +28,12 @@ class Blob(Event, tag="agent.blob", kw_only=True):
 
 @pytest.fixture
 def host(make_host):
-    host = make_host({"limits": {"agent_replay_bytes_per_second": BUDGET, "agent_event_history": 2000}})
+    host = make_host(
+        {
+            "bus": {"max_event_size": BUDGET},
+            "limits": {"agent_replay_bytes_per_second": BUDGET, "agent_event_history": 2000},
+        }
+    )
     host.identify("sess-replay", role="agent")
     return host
 
@@ -84,34 +90,57 @@ def test_so_does_the_asyncio_faces(host):
 
 
 def put_in_debt(host, agent) -> None:
-    """About 2 s of the budget's debt: an event of 200 kB kept in its session, replayed once."""
-    for _ in range(2):
-        agent.publish(Blob(data=b"x" * 200_000))
+    """Most of a second of the budget's debt, as deep as one page goes (the budget is at least the
+    largest event): a page that leaves just over a tenth of a second's bytes, then one of 60 kB."""
+    agent.publish(Blob(data=b"x" * 57_000))
+    agent.publish(Blob(data=b"x" * 60_000))
     whole = BusEventsReplay(since=0, topics=["agent."], limit=100)
     operator = host.client()
     wait_for(lambda: len(operator.call(whole).events) == 2, timeout=5, what="the 2 blobs to be kept")
-    assert len(agent.call(whole).events) == 1
+    [first] = agent.call(BusEventsReplay(since=0, topics=["agent."], limit=1)).events
+    assert len(agent.call(BusEventsReplay(since=first.seq, topics=["agent."], limit=1)).events) == 1
+
+
+def test_an_agent_looping_replays_that_match_nothing_is_refused_for_the_events_they_scan(host):
+    """Such a replay sends nothing but looks at every kept event on the broker's loop: it was charged
+    nothing and never refused."""
+    agent = host.agent_client(timeout=10.0)
+    for _ in range(100):
+        agent.publish(Blob(data=b"x"))
+    mine = BusEventsReplay(since=0, topics=["agent."], limit=1000)
+    operator = host.client()
+    wait_for(lambda: len(operator.call(mine).events) == 100, timeout=5, what="the 100 events to be kept")
+    nothing = BusEventsReplay(since=0, topics=["agent.nosuch"], limit=1000)
+    paid_for = BUDGET // (100 * REPLAY_SCAN_BYTES)  # such replays its budget holds: each scans 100 or more
+    answered = 0
+    while answered < 100:
+        try:
+            assert agent.call(nothing).events == []
+        except BusError as refused:
+            assert refused.code is ErrorCode.RESOURCE_EXHAUSTED and refused.details["retry_after"] > 0
+            break
+        answered += 1
+    assert answered <= paid_for + 2  # and what the refill paid for while they ran
 
 
 def test_an_agent_in_debt_is_still_told_the_numbers_and_may_subscribe_from_now(host):
     """A replay with limit 0 sends no event: refusing it only held up a subscription "from now"."""
     agent = host.agent_client(timeout=10.0)
     put_in_debt(host, agent)
-    assert (
-        error_of(lambda: agent.call(BusEventsReplay(topics=["agent."]))).code is ErrorCode.RESOURCE_EXHAUSTED
-    )
+    refused = error_of(lambda: agent.call(BusEventsReplay(topics=["agent."])))
+    assert refused.code is ErrorCode.RESOURCE_EXHAUSTED
     started = time.monotonic()
     assert agent.call(BusEventsReplay(limit=0)).last_seq >= 2
     with agent.subscribe(["agent."]) as events:
         agent.publish(Blob(data=b"now"))
         assert events.next(timeout=5.0).event == Blob(data=b"now")
-    assert time.monotonic() - started < 1.5  # inside the 2 s of debt: nothing waited it out
+    assert time.monotonic() - started < refused.details["retry_after"]  # nothing waited the debt out
 
 
 def test_a_catch_up_refused_for_longer_than_the_call_timeout_fails_instead_of_waiting_on(host):
     """Every wait has a timeout: a catch-up refused past the client's call timeout raises the refusal."""
     put_in_debt(host, host.agent_client(timeout=10.0))
-    agent = host.agent_client(timeout=0.5)  # the same container: the same debt
+    agent = host.agent_client(timeout=0.3)  # the same container: the same debt, of most of a second
     outcome: list = []
 
     def subscribe() -> None:
@@ -133,7 +162,7 @@ def test_so_does_an_asyncio_catch_up(host):
     put_in_debt(host, host.agent_client(timeout=10.0))
 
     async def subscribe() -> None:
-        async with AsyncBusClient(host.endpoints.agents, timeout=0.5) as bus:
+        async with AsyncBusClient(host.endpoints.agents, timeout=0.3) as bus:
             events = bus.subscribe(["agent."], since=0)
             try:
                 await events.__anext__()
