@@ -3,7 +3,7 @@
 One token bucket per (session, kind), holding the kind's per-minute limit and refilling at that
 rate, so a session may burst up to its limit and then goes on at the limit's pace; other
 sessions are untouched. What one call causes in several kinds is taken all or none. Pure (the
-caller passes its monotonic clock) and not thread-safe: a service calls it under its own lock.
+caller passes its monotonic clock); its own lock makes it safe to share between a service's threads.
 
 Kinds and their limits (the `limits` config section):
 - `messages`: session messages an agent adds (session service, `limits.session_messages_per_minute`).
@@ -19,6 +19,7 @@ Callers charge only what an agent causes: the operator and host services are not
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class SessionQuotas:
     def __init__(self, quotas: dict[str, Quota]):
         self.quotas = quotas
         self.buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._lock = threading.Lock()  # handler threads charge while a background task prunes
 
     @classmethod
     def for_limits(cls, limits: LimitsConfig) -> "SessionQuotas":
@@ -79,19 +81,20 @@ class SessionQuotas:
         """None when the session may cause every amount of its kind now (and all are counted), else why
         not (and none is: a refused message spends neither its count nor its bytes). Each amount is at
         most its quota's minute (`oversized`)."""
-        buckets = {kind: self._bucket(session_id, kind) for kind in amounts}
-        for kind, amount in amounts.items():
-            bucket = buckets[kind]
-            if not bucket.holds(amount, now):
-                quota, wait = self.quotas[kind], (amount - bucket.tokens) / bucket.rate
-                return Refusal(
-                    kind,
-                    f"session {session_id} has had its {quota.per_minute} {quota.unit} a minute"
-                    f" ({quota.key}): try again in {wait:.1f}s (this asks for {amount})",
-                )
-        for kind, amount in amounts.items():
-            buckets[kind].take(amount, now)
-        return None
+        with self._lock:
+            buckets = {kind: self._bucket(session_id, kind) for kind in amounts}
+            for kind, amount in amounts.items():
+                bucket = buckets[kind]
+                if not bucket.holds(amount, now):
+                    quota, wait = self.quotas[kind], (amount - bucket.tokens) / bucket.rate
+                    return Refusal(
+                        kind,
+                        f"session {session_id} has had its {quota.per_minute} {quota.unit} a minute"
+                        f" ({quota.key}): try again in {wait:.1f}s (this asks for {amount})",
+                    )
+            for kind, amount in amounts.items():
+                buckets[kind].take(amount, now)
+            return None
 
     def _bucket(self, session_id: str, kind: str) -> TokenBucket:
         bucket = self.buckets.get((session_id, kind))
@@ -102,5 +105,6 @@ class SessionQuotas:
 
     def prune(self, now: float) -> None:
         """Forget the buckets that have filled up again: a new one would be the same."""
-        for key in [k for k, bucket in self.buckets.items() if bucket.full(now)]:
-            del self.buckets[key]
+        with self._lock:
+            for key in [k for k, bucket in self.buckets.items() if bucket.full(now)]:
+                del self.buckets[key]

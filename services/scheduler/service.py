@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from typing import Any, Iterator
 
@@ -92,7 +91,6 @@ class SchedulerService(Service):
         self._sessions_at_start: set[str] = set()
         self.streams = StreamSlots(MAX_STREAMS, SESSION_STREAMS, {"work": WORK_STREAMS, "wait": WAIT_STREAMS})
         self.quotas = SessionQuotas.for_limits(config.limits)  # what agents may cause, per session
-        self._quotas_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "SchedulerService":
@@ -125,8 +123,7 @@ class SchedulerService(Service):
 
     @background(every=QUOTA_SWEEP)
     def forget_full_quotas(self) -> None:
-        with self._quotas_lock:
-            self.quotas.prune(time.monotonic())
+        self.quotas.prune(time.monotonic())
 
     @background(every=lambda self: float(self.config.prune_interval))
     def prune_finished(self) -> None:
@@ -182,8 +179,7 @@ class SchedulerService(Service):
             raise invalid(oversized, field=field, session_id=session_id)
 
         def charge(created: int) -> None:
-            with self._quotas_lock:
-                refusal = self.quotas.refusal(session_id, {"tasks": created}, time.monotonic())
+            refusal = self.quotas.refusal(session_id, {"tasks": created}, time.monotonic())
             if refusal is not None:
                 raise exhausted(refusal.message, session_id=session_id, kind="tasks")
 

@@ -118,7 +118,6 @@ class SessionService(Service):
         self._closers_lock = threading.Lock()
         self._containers_reconciled = False
         self.quotas = SessionQuotas.for_limits(config.limits)  # what agents may cause, per session
-        self._quotas_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config, bus: BusClient) -> "SessionService":
@@ -335,8 +334,7 @@ class SessionService(Service):
     def _charge(self, session_id: str, amounts: dict[str, int]) -> None:
         """Count what an agent causes in a session against the session's quotas (common/session_quotas.py):
         each message is at most session.max_message_size, which the bytes' quota holds (config_rules)."""
-        with self._quotas_lock:
-            refusal = self.quotas.refusal(session_id, amounts, time.monotonic())
+        refusal = self.quotas.refusal(session_id, amounts, time.monotonic())
         if refusal is not None:
             raise exhausted(refusal.message, session_id=session_id, kind=refusal.kind)
 
@@ -485,8 +483,7 @@ class SessionService(Service):
         and (until it has worked once) containers removed while we were down are forgotten."""
         if not self._containers_reconciled:
             self._containers_reconciled = self._reconcile_containers()
-        with self._quotas_lock:
-            self.quotas.prune(time.monotonic())
+        self.quotas.prune(time.monotonic())
         now = self.clock()
         for session in self.store.in_states((ACTIVE, IDLE, CLOSING)):
             if session.state is CLOSING:

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import msgspec
 
 MAX_KEPT = 4 * 1024 * 1024  # bytes of a JSON body, or of one SSE line, kept for reading usage
-TAIL_KEPT = (
-    256 * 1024
-)  # bytes of the end of a JSON body over MAX_KEPT, kept for its usage (and what follows it)
+# Bytes of the end of a JSON body over MAX_KEPT, kept for its usage (and what the answer echoes after it).
+TAIL_KEPT = 256 * 1024
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
 _BRACES = {ord("{"): 1, ord("}"): -1}
 _INPUT_FIELDS = ("input_tokens", "prompt_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
